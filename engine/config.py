@@ -1,0 +1,567 @@
+"""The TAS configuration: pydantic schema, YAML loading with line numbers, atomic saving.
+
+Light module: the panel imports it, so it may use only stdlib, pydantic and PyYAML.
+
+The schema keeps every key of the original TAS `config.yaml` so an existing file loads unchanged.
+Two quirks of such files are handled on purpose:
+
+* PyYAML reads `1e-4` as a *string* (YAML 1.1 wants a dot); pydantic's lax mode turns it into a float.
+* `train.distillation.evaluation_strategy` is the pre-2024 transformers name of `eval_strategy`;
+  both are accepted.
+
+Sections the panel adds (`launch`, `panel`, `data`, `prompts`) and new keys inside old sections all have
+defaults, so an old file never needs them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A TAS config is a few KB; anything past this is the wrong file, not a config."""
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- device
+
+
+class DeviceConfig(Section):
+    type: Literal["auto", "cuda", "cpu"] = Field("auto", description="Device for training and inference.")
+
+
+class CudaConfig(Section):
+    cuda_alloc_conf: str = Field(
+        "expandable_segments:True", description="Value for PYTORCH_CUDA_ALLOC_CONF in stage workers."
+    )
+    allow_tf32: bool = Field(True, description="Allow TF32 matmuls on Ampere+ GPUs (faster, slightly less precise).")
+
+
+# -------------------------------------------------------------------------------------------- teacher
+
+
+class TeacherBase(Section):
+    prompt_length: int = Field(
+        17, gt=0, description="Keep only prompts of at most this many words (the TAS prompt filter)."
+    )
+    output_path: str = Field(
+        ".data/dataset/teacher/teacher.jsonl", description="Teacher responses, JSONL keyed by prompt id."
+    )
+
+
+class OpenTeacherModel(Section):
+    name: str = Field(description="Hub id, local path, or tiny:<name> of the open teacher model.")
+    save_path: str = Field(".model/teacher", description="Where a downloaded teacher is saved.")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model repository. Off unless you trust it."
+    )
+    attn_implementation: str | None = Field(
+        "sdpa", description="Attention kernel: sdpa, eager or flash_attention_2 (needs flash-attn and a GPU)."
+    )
+    bfloat16: bool = Field(True, description="Load weights in bfloat16.")
+
+
+class OpenTeacherPipeline(Section):
+    max_new_tokens: int = Field(1024, gt=0, description="Maximum tokens generated per prompt.")
+    temperature: float = Field(0.5, ge=0, description="Sampling temperature.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling threshold.")
+    top_k: int = Field(100, ge=0, description="Top-k sampling cutoff (0 disables).")
+    use_cache: bool = Field(True, description="Use the KV cache during generation (much faster).")
+    do_sample: bool = Field(True, description="Sample (true) or greedy decoding (false).")
+    batch_size: int = Field(256, gt=0, description="Prompts generated at once.")
+    resume: bool = Field(True, description="Skip prompts already answered in output_path.")
+
+
+class OpenTeacherTokenizer(Section):
+    additional_special_tokens: list[str] = Field(
+        default_factory=lambda: ["<|im_end|>"], description="Extra special tokens (end-of-message markers)."
+    )
+    padding_side: Literal["left", "right"] = Field("left", description="Padding side; generation needs left.")
+    add_generation_prompt: bool = Field(True, description="End the chat template with the assistant header.")
+    tokenize: bool = Field(False, description="Let apply_chat_template tokenize (TAS: false, tokenized later).")
+    padding: bool = Field(True, description="Pad batches to the same length.")
+    truncation: bool = Field(True, description="Truncate prompts longer than the model maximum.")
+    skip_special_tokens: bool = Field(True, description="Drop special tokens when decoding responses.")
+    clean_up_tokenization_spaces: bool = Field(True, description="Clean up spaces when decoding.")
+    use_fast: bool = Field(True, description="Use the fast (Rust) tokenizer.")
+
+
+class DownloadConfig(Section):
+    size: str = Field("64k", description="Size variant of a ready teacher dataset on the hub (e.g. 64k).")
+
+
+class TeacherDataConfig(Section):
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+
+
+class OpenTeacher(Section):
+    model: OpenTeacherModel
+    pipeline: OpenTeacherPipeline = Field(default_factory=OpenTeacherPipeline)
+    tokenizer: OpenTeacherTokenizer = Field(default_factory=OpenTeacherTokenizer)
+    data: TeacherDataConfig = Field(default_factory=TeacherDataConfig)
+
+
+class ClosedTeacherModel(Section):
+    name: str = Field(description="Model name at the OpenAI API or an OpenAI-compatible server.")
+
+
+class ClosedTeacherPipeline(Section):
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling threshold.")
+    batch_size: int = Field(1024, gt=0, description="Prompts per request wave or per Batch API job.")
+
+
+class ClosedTeacher(Section):
+    model: ClosedTeacherModel
+    pipeline: ClosedTeacherPipeline = Field(default_factory=ClosedTeacherPipeline)
+    data: TeacherDataConfig = Field(default_factory=TeacherDataConfig)
+
+
+class TeacherConfig(Section):
+    source: Literal["open", "closed", "download"] = Field(
+        "open", description="Which teacher answers the prompts: open HF model, closed API model, or download."
+    )
+    base: TeacherBase = Field(default_factory=TeacherBase)
+    open: OpenTeacher
+    closed: ClosedTeacher
+
+
+# ------------------------------------------------------------------------------------------ assistant
+
+
+class AssistantModel(Section):
+    name: str = Field(description="Hub id, local path, or tiny:<name> of the assistant model.")
+    save_path: str = Field(".model/assistant/base", description="Where the base assistant is saved.")
+    attn_implementation: str | None = Field("sdpa", description="Attention kernel: sdpa, eager, flash_attention_2.")
+    bfloat16: bool = Field(True, description="Load weights in bfloat16.")
+
+
+class AssistantTokenizer(Section):
+    padding_side: Literal["left", "right"] = Field("left", description="Padding side.")
+    skip_special_tokens: bool = Field(True, description="Drop special tokens when decoding.")
+
+
+class QuantizationConfig(Section):
+    load_in_4bit: bool = Field(True, description="Load the assistant in 4-bit (QLoRA, bitsandbytes).")
+    bfloat16: bool = Field(True, description="Compute dtype bfloat16 for 4-bit layers.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+
+
+class AssistantLora(Section):
+    lora_r: int = Field(8, gt=0, description="LoRA rank (legacy TAS section; train.sft.peft.lora is used).")
+    lora_alpha: int = Field(16, gt=0, description="LoRA scaling.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
+    task_type: str = Field("CAUSAL_LM", description="PEFT task type.")
+
+
+class AssistantInference(Section):
+    max_new_tokens: int = Field(1024, gt=0, description="Maximum tokens generated by the assistant.")
+
+
+class AssistantConfig(Section):
+    model: AssistantModel
+    tokenizer: AssistantTokenizer = Field(default_factory=AssistantTokenizer)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    lora: AssistantLora = Field(default_factory=AssistantLora)
+    inference: AssistantInference = Field(default_factory=AssistantInference)
+
+
+# -------------------------------------------------------------------------------------------- student
+
+
+class StudentConfig(Section):
+    base_model_name: str = Field(description="Model whose tokenizer and vocab the student uses (the assistant).")
+    save_path: str = Field(".model/student", description="Where the student is saved.")
+    hidden_size: int = Field(1280, gt=0, description="Hidden size of the student.")
+    intermediate_size: int = Field(5120, gt=0, description="MLP inner size of the student.")
+    num_hidden_layers: int = Field(24, gt=0, description="Transformer blocks of the student.")
+    num_attention_heads: int = Field(20, gt=0, description="Attention heads (must divide hidden_size).")
+    max_position_embeddings: int = Field(1024, gt=0, description="Longest sequence the student handles.")
+    repo: str | None = Field(None, description="Hub repository to publish the student to (optional).")
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+ReportTo = Literal["none", "mlflow", "tensorboard", "wandb", "all"]
+EvalStrategy = Literal["no", "steps", "epoch"]
+
+
+class ExperimentConfig(Section):
+    name: str = Field("Experiment", description="MLflow experiment name.")
+    path: str = Field(".logs/mlruns", description="Local MLflow store.")
+    run_name: str = Field("run", description="MLflow run name.")
+    set_tracking_uri: str = Field("file:.logs/mlruns", description="MLflow tracking URI.")
+    dataset_artifact_path: str = Field("dataset", description="Artifact path of the logged dataset.")
+    model_artifact_path: str = Field("huggingface_model", description="Artifact path of the logged model.")
+    registered_model_name: str | None = Field(None, description="Register the model under this name.")
+    dataset_tags: dict[str, str] = Field(default_factory=dict, description="Tags on the logged dataset.")
+
+
+class SftDataset(Section):
+    seed: int = Field(19, description="Seed of the train/eval split.")
+    test_size: float = Field(0.1, gt=0, lt=1, description="Fraction held out for evaluation.")
+    train_batched: bool = Field(True, description="Tokenize the train split in batches.")
+    eval_batched: bool = Field(True, description="Tokenize the eval split in batches.")
+
+
+class SftTokenizer(Section):
+    truncation: bool = Field(True, description="Truncate examples longer than max_length.")
+    max_length: int = Field(1024, gt=0, description="Maximum tokens per training example.")
+    mlm: bool = Field(False, description="Masked LM (always false for causal models).")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(32, gt=0, description="LoRA scaling (alpha / r multiplies the update).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: str | list[str] = Field("all-linear", description='"all-linear" or module names.')
+    modules_to_save: list[str] | None = Field(None, description="Modules trained fully and saved with the adapter.")
+    task_type: str = Field("CAUSAL_LM", description="PEFT task type.")
+
+
+class PeftConfig(Section):
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class SftConfig(Section):
+    model_name: str = Field("Assistant", description="Name of the fine-tuned model.")
+    save_path: str = Field(".model/assistant/Assistant", description="Where the adapter (and merged model) go.")
+    num_train_epochs: float = Field(11, gt=0, description="Training epochs.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    per_device_train_batch_size: int = Field(8, gt=0, description="Batch size per device.")
+    gradient_accumulation_steps: int = Field(2, gt=0, description="Batches per optimizer step.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    bfloat16: bool = Field(False, description="Train in bfloat16.")
+    fp16: bool = Field(True, description="Train in float16 (GPU only).")
+    eval_strategy: EvalStrategy = Field(
+        "no", validation_alias=AliasChoices("eval_strategy", "evaluation_strategy"), description="When to evaluate."
+    )
+    report_to: ReportTo | list[ReportTo] = Field("none", description="Experiment tracker.")
+    overwrite_output_dir: bool = Field(True, description="Overwrite save_path.")
+    logging_steps: int = Field(1000, gt=0, description="Log every N steps.")
+    save_steps: int = Field(10000, gt=0, description="Checkpoint every N steps.")
+    merge_adapter: bool = Field(False, description="Also save the assistant with the adapter merged in.")
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    dataset: SftDataset = Field(default_factory=SftDataset)
+    tokenizer: SftTokenizer = Field(default_factory=SftTokenizer)
+    peft: PeftConfig = Field(default_factory=PeftConfig)
+
+
+class KdLoss(Section):
+    temperature: float = Field(0.5, gt=0, description="Softmax temperature of the KD term.")
+    reduction: Literal["batchmean", "mean", "sum"] = Field("batchmean", description="Reduction of the KL term.")
+
+
+class KnowledgeDistillation(Section):
+    weight: float = Field(0.3, ge=0, le=1, description="w in (1 - w)·CE + w·T²·KL.")
+    loss: KdLoss = Field(default_factory=KdLoss)
+
+
+class DistillationConfig(Section):
+    output_dir: str = Field(".model/student/Student", description="Where the student and checkpoints go.")
+    overwrite_output_dir: bool = Field(True, description="Overwrite output_dir.")
+    num_train_epochs: float = Field(11, gt=0, description="Training epochs.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    per_device_train_batch_size: int = Field(12, gt=0, description="Batch size per device.")
+    gradient_accumulation_steps: int = Field(2, gt=0, description="Batches per optimizer step.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    bf16: bool = Field(True, description="Train in bfloat16.")
+    eval_strategy: EvalStrategy = Field(
+        "epoch",
+        validation_alias=AliasChoices("eval_strategy", "evaluation_strategy"),
+        description="When to evaluate (evaluation_strategy is accepted as the old name).",
+    )
+    save_steps: int = Field(10000, gt=0, description="Checkpoint every N steps.")
+    report_to: ReportTo | list[ReportTo] = Field("none", description="Experiment tracker.")
+    run_name: str = Field("KnowledgeDistillation", description="Run name for the tracker.")
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    knowledgedistillation: KnowledgeDistillation = Field(default_factory=KnowledgeDistillation)
+
+
+class TrainConfig(Section):
+    sft: SftConfig = Field(default_factory=SftConfig)
+    distillation: DistillationConfig = Field(default_factory=DistillationConfig)
+
+
+# ------------------------------------------------------------------------------------------- datasets
+
+
+class DatasetSource(Section):
+    name: str = Field(description="Hub dataset id, local file/folder, or tiny:<name> for a shipped prompt set.")
+    key: str = Field("instruction", description="Column holding the prompt text.")
+    subset: str | None = Field("default", description="Hub dataset configuration name.")
+    split: str = Field("train", description="Split to read from the hub.")
+    external_local_path: str | None = Field(
+        None, description="Local JSONL/Parquet/CSV file or folder used instead of the hub."
+    )
+
+
+# ------------------------------------------------------------------------------- sections of the panel
+
+
+class DataStageConfig(Section):
+    output_path: str = Field(".data/dataset/prompts.jsonl", description="Extracted prompts, JSONL with ids.")
+    dedupe: bool = Field(True, description="Drop repeated prompts (same text up to spacing and case).")
+    shuffle: bool = Field(True, description="Shuffle prompts with `seed`.")
+    seed: int = Field(19, description="Seed of the shuffle.")
+    limit: int | None = Field(None, gt=0, description="Keep at most this many prompts (after shuffling).")
+
+
+class PromptsConfig(Section):
+    path: str = Field("prompt.yaml", description="YAML file with the Teacher and Assistant system prompts.")
+
+
+class LaunchConfig(Section):
+    nproc_per_node: int = Field(1, gt=0, description="Processes (GPUs) per stage; >1 runs under torchrun.")
+    launcher: Literal["torchrun", "accelerate"] = Field("torchrun", description="Multi-process launcher.")
+    cancel_grace_s: float = Field(30.0, gt=0, description="Seconds a cancelled stage gets to save before SIGKILL.")
+    cuda_visible_devices: str | None = Field(None, description="CUDA_VISIBLE_DEVICES for stage workers.")
+
+
+class PanelConfig(Section):
+    runs_dir: str = Field("runs", description="Root of the run store (one folder per run).")
+    gpu_sample_interval_s: float = Field(1.0, ge=0.25, description="Seconds between GPU samples.")
+
+
+# -------------------------------------------------------------------------------------------- the file
+
+
+class TASConfig(Section):
+    """The whole config.yaml."""
+
+    device: DeviceConfig = Field(default_factory=DeviceConfig)
+    cuda: CudaConfig = Field(default_factory=CudaConfig)
+    teacher: TeacherConfig
+    assistant: AssistantConfig
+    student: StudentConfig
+    train: TrainConfig
+    datasets: list[DatasetSource] = Field(min_length=1)
+    data: DataStageConfig = Field(default_factory=DataStageConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    panel: PanelConfig = Field(default_factory=PanelConfig)
+
+    def to_yaml(self) -> str:
+        """Full YAML of this config, defaults included (what a run freezes)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in a config file, located by key path and line."""
+
+    path: str  # dotted key path, e.g. "train.sft.learning_rate" or "datasets[0].key"
+    message: str
+    line: int | None = None  # 1-based
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line else ""
+        key = f"{self.path}: " if self.path else ""
+        return f"{where}{key}{self.message}"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; `issues` says what and where."""
+
+    def __init__(self, source: str, issues: list[ConfigIssue]):
+        self.source = source
+        self.issues = issues
+        lines = [f"{source}: {issue}" for issue in issues]
+        super().__init__("invalid config\n" + "\n".join(lines) if len(lines) > 1 else lines[0])
+
+
+def load_config(path: str | os.PathLike[str]) -> TASConfig:
+    """Read and validate a config file; every failure is a ConfigError naming key and line."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ConfigError(str(path), [ConfigIssue("", "file not found")]) from None
+    except OSError as exc:
+        raise ConfigError(str(path), [ConfigIssue("", f"cannot read: {exc.strerror}")]) from None
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            str(path),
+            [ConfigIssue("", f"file is {size:,} bytes; a config is a few KB (limit {MAX_CONFIG_BYTES:,}): wrong file?")],
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), [ConfigIssue("", f"cannot read: {exc.strerror}")]) from None
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(text: str | bytes, source: str = "<config>") -> TASConfig:
+    """Validate YAML text (e.g. the panel's editor buffer) into a TASConfig."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = text[: exc.start].count(b"\n") + 1
+            raise ConfigError(
+                source, [ConfigIssue("", f"not UTF-8 text (byte 0x{text[exc.start]:02x}); save it as UTF-8", line)]
+            ) from None
+    if len(text.encode("utf-8", "replace")) > MAX_CONFIG_BYTES:
+        raise ConfigError(source, [ConfigIssue("", "text is larger than 1 MiB; a config is a few KB")])
+    text = text.removeprefix("\ufeff")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        message = f"YAML syntax error: {problem}" + (f" ({context})" if context else "")
+        raise ConfigError(source, [ConfigIssue("", message, mark.line + 1 if mark else None)]) from None
+    if data is None:
+        raise ConfigError(source, [ConfigIssue("", "the file is empty; start from config.yaml or configs/tiny.yaml")])
+    if not isinstance(data, dict):
+        raise ConfigError(
+            source, [ConfigIssue("", f"the top level must be a mapping of sections, not a {type(data).__name__}", 1)]
+        )
+    duplicates = list(_duplicate_keys(node))
+    if duplicates:
+        raise ConfigError(source, duplicates)
+    try:
+        return TASConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, [_issue_from_error(err, node) for err in exc.errors()]) from None
+
+
+def _issue_from_error(err: Any, root: yaml.Node | None) -> ConfigIssue:
+    loc = tuple(err["loc"])
+    path = _dotted(loc)
+    kind = err["type"]
+    if kind == "missing":
+        message = "missing (required)"
+        if len(loc) == 1:
+            message = "missing section (required)"
+    elif kind == "extra_forbidden":
+        parent = _dotted(loc[:-1]) or "the top level"
+        message = f"unknown key in {parent}; check the spelling against config.yaml"
+    else:
+        message = err["msg"]
+        if "input" in err and not isinstance(err["input"], (dict, list)):
+            message += f" (got {err['input']!r})"
+    return ConfigIssue(path, message, _line_of(root, loc))
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest node on `loc` that exists in the YAML tree."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == str(part):
+                    child = value_node
+                    line = key_node.start_mark.line + 1
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            child = node.value[part]
+            line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line
+
+
+def _duplicate_keys(node: yaml.Node | None, path: tuple[Any, ...] = ()):
+    """PyYAML keeps the last of two equal keys silently; a config with both is almost always a mistake."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                yield ConfigIssue(
+                    _dotted(path + (key,)), "duplicate key (the later one would win silently)", key_node.start_mark.line + 1
+                )
+            seen.add(key)
+            yield from _duplicate_keys(value_node, path + (key,))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            yield from _duplicate_keys(item, path + (index,))
+
+
+# -------------------------------------------------------------------------------------------- saving
+
+
+def save_config_text(path: str | os.PathLike[str], text: str) -> TASConfig:
+    """Validate `text`, then replace the file atomically, keeping the old one as `<name>.bak`.
+
+    An invalid text raises ConfigError before anything on disk is touched, so an invalid edit can never
+    be saved over a valid file.
+    """
+    config = parse_config(text, source=str(path))
+    atomic_write(Path(path), text.encode("utf-8"), backup=True)
+    return config
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, backup: bool = False) -> None:
+    """Replace `path` via temp file + fsync + rename: readers see the old file or the new one, never a mix.
+
+    With `backup`, the current file is first copied (the same way) to `<name>.bak`.
+    """
+    path = Path(path)
+    if backup and path.exists():
+        _replace_with(path.with_name(path.name + ".bak"), path.read_bytes(), mode_of=path)
+    _replace_with(path, data, mode_of=path)
+
+
+def _replace_with(path: Path, data: bytes, mode_of: Path) -> None:
+    directory = path.parent
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        if mode_of.exists():
+            os.chmod(tmp_name, mode_of.stat().st_mode & 0o7777)
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

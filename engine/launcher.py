@@ -1,0 +1,136 @@
+"""Start and cancel stages of a run. Light module: the panel and the CLI call it.
+
+`start` spawns the run's supervisor (`python -m engine.supervisor`) in a session of its own, with its
+output going to a file, never to a pipe: nothing the panel does (or fails to do) can block it, and an
+SSH hang-up or a killed panel leaves it running. The supervisor starts one worker per stage.
+
+`cancel` sends SIGTERM to that session's process group: each worker saves what it can and reports
+`cancelled`; whatever is still alive after the grace period gets SIGKILL.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+from engine.events import EventWriter
+from engine.runs import SUPERVISOR_FILE, ProcessRecord, Run
+from engine.stages import check_stage_names
+
+
+class RunBusy(RuntimeError):
+    """The run already has stages running."""
+
+
+@contextmanager
+def _run_lock(run: Run):
+    """Serialises start/cancel of one run between processes (panel, CLI); the OS drops it if we die."""
+    with open(run.path / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def start(run: Run, stages: list[str]) -> ProcessRecord:
+    """Run `stages` (in pipeline order) in the background; returns the supervisor's process record."""
+    stages = check_stage_names(stages)
+    with _run_lock(run):
+        record, planned = run.supervisor()
+        if record is not None and record.is_alive():
+            raise RunBusy(
+                f"run {run.id} is busy (stages {', '.join(planned)}; pid {record.pid}); "
+                f"wait for it or `tas cancel {run.id}`"
+            )
+        for status in run.stages():
+            if status.name in stages and status.state == "running":
+                raise RunBusy(f"stage {status.name} of run {run.id} is already running (pid {status.pid})")
+        log = open(run.path / "supervisor.log", "ab")
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-u", "-m", "engine.supervisor", "--run", str(run.path), *stages],
+                cwd=run.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own session + process group: survives the panel and SSH
+                close_fds=True,
+                env=_supervisor_env(),
+            )
+        finally:
+            log.close()
+        record = ProcessRecord(process.pid, psutil.Process(process.pid).create_time())
+        record.write(run.path / SUPERVISOR_FILE, stages=stages, started=time.time())
+        return record
+
+
+def _supervisor_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # the package must be importable from the run's workdir even when it is not installed
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def cancel(run: Run, grace_s: float | None = None, wait: bool = True) -> bool:
+    """Ask the run's stages to stop; with `wait`, SIGKILL what is left after the grace period.
+
+    Returns True when something was running.
+    """
+    if grace_s is None:
+        grace_s = run.config().launch.cancel_grace_s
+    with _run_lock(run):
+        record, _ = run.supervisor()
+        live_workers = [s for s in run.stages() if s.state == "running" and s.pid]
+        supervisor_alive = record is not None and record.is_alive()
+        if not supervisor_alive and not live_workers:
+            return False
+        groups = set()
+        if supervisor_alive:
+            groups.add(os.getpgid(record.pid))
+        for status in live_workers:
+            try:
+                groups.add(os.getpgid(status.pid))
+            except ProcessLookupError:
+                pass
+        for group in groups:
+            try:
+                os.killpg(group, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    if not wait:
+        return True
+    deadline = time.monotonic() + grace_s + 5  # the supervisor enforces grace_s; this is the backstop
+    while time.monotonic() < deadline:
+        if not _anything_alive(run):
+            return True
+        time.sleep(0.2)
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.2)
+    for status in run.stages():
+        if status.state in ("running", "died"):
+            writer = EventWriter(run.stage_dir(status.name) / "events.jsonl")
+            writer.status("cancelled", message=f"killed after the grace period of {grace_s:g}s")
+            writer.close()
+    return True
+
+
+def _anything_alive(run: Run) -> bool:
+    record, _ = run.supervisor()
+    if record is not None and record.is_alive():
+        return True
+    return any(s.state == "running" for s in run.stages())

@@ -1,0 +1,126 @@
+"""`python -m engine.worker STAGE --run DIR`: runs one stage of a run and reports it as events.
+
+The worker reads the run's frozen config, writes `status: running`, calls the stage's `run(ctx)`, and
+ends with exactly one final status: `done`, `failed` (with a message naming the cause) or `cancelled`
+(after SIGTERM). Tracebacks go to stdout, which the supervisor sends to `worker.log`.
+
+Under torchrun every rank runs this module; rank 0 owns `events.jsonl`, other ranks write their own
+`events.rank<N>.jsonl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.config import TASConfig
+from engine.events import EventWriter
+from engine.runs import Run
+from engine.stages import load_stage
+
+
+class StageCancelled(Exception):
+    """Raised by `StageContext.check_cancelled` after SIGTERM; the stage should have saved by then."""
+
+
+class StageError(Exception):
+    """An expected failure with a message for the user (bad input, missing file, ...): no traceback."""
+
+
+@dataclass
+class StageContext:
+    """What a stage gets: its config, where to write, how to report, and whether to stop."""
+
+    stage: str
+    run: Run
+    config: TASConfig
+    events: EventWriter
+    rank: int = 0
+    world_size: int = 1
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run.stage_dir(self.stage)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def check_cancelled(self) -> None:
+        """Call between units of work: raises StageCancelled once SIGTERM has arrived."""
+        if self.cancel_event.is_set():
+            raise StageCancelled("cancelled by request")
+
+
+def _load_dotenv(workdir: str) -> None:
+    """Secrets come from the environment or `.env` in the run's workdir; they are never written anywhere."""
+    try:
+        from dotenv import load_dotenv
+    except ImportError:  # pragma: no cover - python-dotenv is a dependency
+        return
+    load_dotenv(Path(workdir) / ".env", override=False)
+
+
+def run_stage(stage: str, run: Run) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    events_name = "events.jsonl" if rank == 0 else f"events.rank{rank}.jsonl"
+    events = EventWriter(run.stage_dir(stage) / events_name)
+    cancel_event = threading.Event()
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if not cancel_event.is_set():
+            cancel_event.set()
+            events.log("cancel requested (SIGTERM): stopping at the next safe point", level="warning")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, on_sigterm)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    started = time.monotonic()
+    events.status("running", pid=os.getpid(), rank=rank, world_size=world_size)
+    try:
+        config = run.config()
+        _load_dotenv(run.workdir)
+        module = load_stage(stage)
+        ctx = StageContext(stage, run, config, events, rank, world_size, cancel_event)
+        module.run(ctx)
+        ctx.check_cancelled()
+    except StageCancelled as exc:
+        events.status("cancelled", message=str(exc))
+        return 130
+    except StageError as exc:
+        events.status("failed", error=str(exc))
+        print(f"stage {stage} failed: {exc}", flush=True)
+        return 1
+    except BaseException as exc:  # noqa: BLE001 - the worker must always report its end
+        traceback.print_exc()
+        sys.stdout.flush()
+        events.status("failed", error=f"{type(exc).__name__}: {exc}")
+        return 1
+    events.status("done", seconds=round(time.monotonic() - started, 3))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.worker")
+    parser.add_argument("stage")
+    parser.add_argument("--run", required=True, help="run directory")
+    args = parser.parse_args(argv)
+    return run_stage(args.stage, Run.open(args.run))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
