@@ -11,6 +11,7 @@ SSH hang-up or a killed panel leaves it running. The supervisor starts one worke
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,8 @@ from pathlib import Path
 import psutil
 
 from engine.events import EventWriter
-from engine.runs import SUPERVISOR_FILE, ProcessRecord, Run
+from engine.config import atomic_write
+from engine.runs import CANCEL_REQUEST, SUPERVISOR_FILE, ProcessRecord, Run
 from engine.stages import check_stage_names
 
 
@@ -54,6 +56,7 @@ def start(run: Run, stages: list[str]) -> ProcessRecord:
         for status in run.stages():
             if status.name in stages and status.state == "running":
                 raise RunBusy(f"stage {status.name} of run {run.id} is already running (pid {status.pid})")
+        (run.path / CANCEL_REQUEST).unlink(missing_ok=True)  # a new start is not cancelled by an old request
         log = open(run.path / "supervisor.log", "ab")
         try:
             process = subprocess.Popen(
@@ -90,6 +93,7 @@ def cancel(run: Run, grace_s: float | None = None, wait: bool = True) -> bool:
     if grace_s is None:
         grace_s = run.config().launch.cancel_grace_s
     with _run_lock(run):
+        atomic_write(run.path / CANCEL_REQUEST, json.dumps({"grace_s": grace_s, "ts": time.time()}).encode())
         record, _ = run.supervisor()
         live_workers = [s for s in run.stages() if s.state == "running" and s.pid]
         supervisor_alive = record is not None and record.is_alive()

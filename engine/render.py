@@ -82,7 +82,7 @@ def stage_line(status: StageStatus) -> str:
     if not detail:
         detail = metrics_text(status) or progress_text(status)
     elapsed = duration(status.elapsed) if status.started_at else ""
-    room = WIDTH - 22 - len(elapsed) - 1
+    room = WIDTH - 24 - len(elapsed)  # 22 for name and state, 2 spaces
     if len(detail) > room:
         detail = detail[: max(0, room - 1)] + "…"
     line = f"{head} {escape(detail):<{room}} {elapsed}".rstrip() if (detail or elapsed) else head.rstrip()
@@ -116,6 +116,9 @@ def run_block(run: Run) -> str:
     else:
         overall = "[dim]not started[/]"
     source = run.config_source
+    room = WIDTH - len(run.id) - len(ago(run.created)) - 20
+    if len(source) > room:
+        source = "…" + source[-max(room - 1, 8) :]
     head = f"[bold]{escape(run.id)}[/]  {escape(source)}  {ago(run.created)}  {overall}"
     return "\n".join([head, *(stage_line(s) for s in stages)])
 

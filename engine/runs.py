@@ -32,6 +32,7 @@ from engine.stages import PIPELINE
 RUN_FILE = "run.json"
 SUPERVISOR_FILE = "supervisor.json"
 FROZEN_CONFIG = "config.yaml"
+CANCEL_REQUEST = "cancel_request.json"
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -63,13 +64,13 @@ class ProcessRecord:
 
     @classmethod
     def read(cls, path: Path) -> ProcessRecord | None:
-        data = _read_json(path)
+        data = read_json(path)
         if not data or "pid" not in data:
             return None
         return cls(int(data["pid"]), float(data["create_time"]))
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
@@ -150,8 +151,8 @@ def stage_status(stage_dir: Path, name: str, queued_since: float | None = None) 
             status.metrics[event["name"]] = event
     worker_alive = record is not None and record.is_alive()
     last_ts = events[-1].get("ts", 0) if events else 0
-    if worker_alive:
-        status.state = "running"
+    if worker_alive and (last_state not in FINAL_STATES or record.create_time > last_ts):
+        status.state = "running"  # a worker that has reported its end may still be exiting: the report wins
     elif queued_since is not None and (not events or last_ts < queued_since or last_state not in FINAL_STATES):
         # a live supervisor will (re)start this stage, or is about to write its final status
         status.state = "queued" if (not events or last_ts < queued_since) else "running"
@@ -177,7 +178,7 @@ class Run:
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Run:
         path = Path(path)
-        meta = _read_json(path / RUN_FILE)
+        meta = read_json(path / RUN_FILE)
         if meta is None:
             raise FileNotFoundError(f"{path} is not a run directory (no readable {RUN_FILE})")
         return cls(
@@ -195,7 +196,7 @@ class Run:
         return load_config(self.path / FROZEN_CONFIG)
 
     def supervisor(self) -> tuple[ProcessRecord | None, list[str]]:
-        data = _read_json(self.path / SUPERVISOR_FILE) or {}
+        data = read_json(self.path / SUPERVISOR_FILE) or {}
         record = ProcessRecord.read(self.path / SUPERVISOR_FILE)
         return record, list(data.get("stages", []))
 

@@ -22,7 +22,7 @@ import psutil
 
 from engine.config import TASConfig
 from engine.events import FINAL_STATES, EventWriter, read_events
-from engine.runs import ProcessRecord, Run
+from engine.runs import CANCEL_REQUEST, ProcessRecord, Run, read_json
 from engine.stages import MULTI_PROCESS_STAGES
 
 
@@ -53,11 +53,13 @@ class Supervisor:
         self.stages = stages
         self.config = run.config()
         self.cancel_requested_at: float | None = None
+        self.grace_s = self.config.launch.cancel_grace_s
         self.child: subprocess.Popen[bytes] | None = None
 
     def on_sigterm(self, signum: int, frame: object) -> None:
         if self.cancel_requested_at is None:
             self.cancel_requested_at = time.monotonic()
+            self.grace_s = cancel_grace(self.run, self.config)
         if self.child is not None and self.child.poll() is None:
             try:
                 self.child.send_signal(signal.SIGTERM)  # in case the signal was sent to us alone
@@ -93,13 +95,14 @@ class Supervisor:
                 env=worker_env(self.config),
             )
         ProcessRecord(self.child.pid, psutil.Process(self.child.pid).create_time()).write(stage_dir / "pid")
-        grace = self.config.launch.cancel_grace_s
+        killed = False
         while self.child.poll() is None:
-            if self.cancel_requested_at is not None and time.monotonic() - self.cancel_requested_at > grace:
+            if self.cancel_requested_at is not None and time.monotonic() - self.cancel_requested_at > self.grace_s:
                 _kill_tree(self.child.pid)
                 self.child.wait()
+                killed = True
                 break
-            time.sleep(0.2)
+            time.sleep(0.1)
         returncode = self.child.returncode
         self.child = None
         final = _final_state(read_events(events_path)[seen:])
@@ -108,13 +111,23 @@ class Supervisor:
         # The worker could not report: write the final status for it.
         writer = EventWriter(events_path)
         if self.cancel_requested_at is not None:
-            writer.status("cancelled", message=f"killed after the grace period of {grace:g}s")
+            how = f"killed after the grace period of {self.grace_s:g}s" if killed else _exit_reason(returncode)
+            writer.status("cancelled", message=how)
             state = "cancelled"
         else:
             writer.status("failed", error=_exit_reason(returncode) + f"; see {stage_dir / 'worker.log'}")
             state = "failed"
         writer.close()
         return state
+
+
+def cancel_grace(run: Run, config: TASConfig) -> float:
+    """The grace period of the cancel in progress: `tas cancel --grace` writes it, else the config's."""
+    request = read_json(run.path / CANCEL_REQUEST) or {}
+    try:
+        return float(request["grace_s"])
+    except (KeyError, TypeError, ValueError):
+        return config.launch.cancel_grace_s
 
 
 def _final_state(events: list[dict]) -> str | None:
@@ -126,7 +139,7 @@ def _exit_reason(returncode: int | None) -> str:
     if returncode is not None and returncode < 0:
         name = signal.Signals(-returncode).name
         hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
-        return f"the worker was killed by {name}{hint} before reporting a result"
+        return f"the worker was stopped by {name}{hint} before reporting a result"
     return f"the worker exited with code {returncode} without reporting a result"
 
 

@@ -49,7 +49,6 @@ def run(ctx: StageContext) -> None:
         where = f"datasets[{index}]"
         source_counts: Counter[str] = Counter()
         for text in _texts(source, where, ctx, source_counts):
-            source_counts["read"] += 1
             words = len(text.split())
             if words > max_words:
                 source_counts["too_long"] += 1
@@ -100,6 +99,7 @@ def _texts(source: DatasetSource, where: str, ctx: StageContext, counts: Counter
     """Prompt texts of one source, reporting progress and honouring cancel."""
     last_report = time.monotonic()
     for number, (origin, record) in enumerate(_records(source, where), start=1):
+        counts["read"] += 1
         if number == 1 and source.key not in record:
             columns = ", ".join(map(str, list(record)[:12])) or "none"
             raise StageError(f"{where}.key: column {source.key!r} is not in {origin} (columns: {columns})")

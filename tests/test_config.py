@@ -1,0 +1,223 @@
+"""Config schema: the original TAS file loads unchanged; bad files fail with key path and line; saves are atomic."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine import config as config_module
+from engine.config import ConfigError, TASConfig, load_config, parse_config, save_config_text
+
+from .conftest import ROOT, SEED_DIR
+
+
+def test_seed_copy_is_the_original():
+    original = SEED_DIR / "config.yaml"
+    if not original.exists():
+        pytest.skip("shared/seed is not beside this checkout")
+    assert (ROOT / "tests" / "data" / "seed_config.yaml").read_bytes() == original.read_bytes()
+
+
+def test_seed_config_loads_unchanged_with_correct_types(seed_config_path: Path):
+    before = hashlib.sha256(seed_config_path.read_bytes()).hexdigest()
+    cfg = load_config(seed_config_path)
+    assert hashlib.sha256(seed_config_path.read_bytes()).hexdigest() == before
+
+    # PyYAML reads 1e-4 / 5e-5 as strings; the schema makes them floats
+    assert yaml.safe_load(seed_config_path.read_text())["train"]["sft"]["learning_rate"] == "1e-4"
+    assert cfg.train.sft.learning_rate == pytest.approx(1e-4) and isinstance(cfg.train.sft.learning_rate, float)
+    assert cfg.train.distillation.learning_rate == pytest.approx(5e-5)
+    # the pre-2024 key name is accepted
+    assert cfg.train.distillation.eval_strategy == "epoch"
+    assert cfg.train.sft.eval_strategy == "no"
+    # a sample of every section, with the types the code relies on
+    assert cfg.device.type == "auto"
+    assert cfg.cuda.allow_tf32 is True
+    assert cfg.teacher.base.prompt_length == 17
+    assert cfg.teacher.open.model.trust_remote_code is True  # the seed says so, and that is honoured
+    assert cfg.teacher.open.pipeline.use_cache is False
+    assert cfg.teacher.open.pipeline.batch_size == 256
+    assert cfg.teacher.open.tokenizer.additional_special_tokens == ["<|im_end|>"]
+    assert cfg.teacher.open.data.download.size == "64k"
+    assert cfg.teacher.closed.model.name == "gpt-3.5-turbo"
+    assert cfg.assistant.quantization.bnb_4bit_quant_type == "nf4"
+    assert cfg.assistant.lora.lora_r == 8
+    assert cfg.student.hidden_size == 1280 and cfg.student.num_attention_heads == 20
+    assert cfg.train.sft.peft.lora.target_modules == "all-linear"
+    assert cfg.train.sft.peft.lora.modules_to_save == ["lm_head", "embed_token"]
+    assert cfg.train.sft.experiment.dataset_tags == {"version": "v1", "source": "prompts"}
+    assert cfg.train.distillation.knowledgedistillation.weight == pytest.approx(0.3)
+    assert cfg.train.distillation.knowledgedistillation.loss.reduction == "batchmean"
+    assert [d.name for d in cfg.datasets] == [
+        "nikhiljatiwal/Llama-3.2-Python-Alpaca-143k",
+        "jtatman/python-code-dataset-500k",
+    ]
+    assert cfg.datasets[0].external_local_path is None
+    # sections the panel added get defaults
+    assert cfg.launch.nproc_per_node == 1
+    assert cfg.panel.runs_dir == "runs"
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "configs/tiny.yaml"])
+def test_project_configs_load(name: str):
+    cfg = load_config(ROOT / name)
+    assert cfg.teacher.open.pipeline.use_cache is True
+
+
+def test_frozen_yaml_round_trips(seed_config_path: Path):
+    cfg = load_config(seed_config_path)
+    again = parse_config(cfg.to_yaml())
+    assert again == cfg
+    assert isinstance(again, TASConfig)
+
+
+# ------------------------------------------------------------------------------------- bad configs
+
+
+def _edit(seed_text: str, old: str, new: str) -> str:
+    assert old in seed_text, old
+    return seed_text.replace(old, new, 1)
+
+
+def _line_of(text: str, needle: str) -> int:
+    return text[: text.index(needle)].count("\n") + 1
+
+
+BAD_CONFIGS = [
+    # (id, old, new, key path expected in the message, needle whose line the message names)
+    ("wrong type float", "learning_rate: 1e-4", "learning_rate: fast", "train.sft.learning_rate", "learning_rate: fast"),
+    ("wrong type int", "batch_size: 256", "batch_size: lots", "teacher.open.pipeline.batch_size", "batch_size: lots"),
+    ("wrong type bool", "use_cache: False", "use_cache: maybe", "teacher.open.pipeline.use_cache", "use_cache: maybe"),
+    ("unknown key", "top_k: 100", "top_k: 100\n      top_kk: 5", "teacher.open.pipeline.top_kk", "top_kk"),
+    ("negative size", "hidden_size: 1280", "hidden_size: -1280", "student.hidden_size", "hidden_size: -1280"),
+    ("bad enum", 'padding_side: "left"\n    skip', 'padding_side: "middle"\n    skip', "assistant.tokenizer.padding_side", '"middle"'),
+    ("bad quant type", 'bnb_4bit_quant_type: "nf4"', 'bnb_4bit_quant_type: "int3"', "assistant.quantization.bnb_4bit_quant_type", "int3"),
+    ("weight out of range", "weight: 0.3", "weight: 1.5", "train.distillation.knowledgedistillation.weight", "weight: 1.5"),
+    ("list expected", 'modules_to_save: [ "lm_head", "embed_token" ]', "modules_to_save: 7", "train.sft.peft.lora.modules_to_save", "modules_to_save: 7"),
+    ("dataset entry", 'key: "instruction"\n    subset: "default"\n    external_local_path: null\n  - name: "jtatman', 'kye: "instruction"\n    subset: "default"\n    external_local_path: null\n  - name: "jtatman', "datasets[0].kye", "kye"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_value_names_key_and_line(seed_config_path: Path, case):
+    _, old, new, key, needle = case
+    text = _edit(seed_config_path.read_text(), old, new)
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, source="cfg.yaml")
+    message = str(info.value)
+    assert key in message
+    assert f"line {_line_of(text, needle)}" in message
+    assert message.startswith("cfg.yaml")
+
+
+def test_missing_section_is_named(seed_config_path: Path):
+    data = yaml.safe_load(seed_config_path.read_text())
+    del data["student"]
+    with pytest.raises(ConfigError, match=r"student: missing section"):
+        parse_config(yaml.safe_dump(data))
+
+
+def test_missing_required_key_is_named(seed_config_path: Path):
+    text = _edit(seed_config_path.read_text(), '    name: "Qwen/Qwen2.5-Coder-1.5B-Instruct"\n    save_path: ".model/assistant/base"\n', '    save_path: ".model/assistant/base"\n')
+    with pytest.raises(ConfigError, match=r"assistant\.model\.name: missing"):
+        parse_config(text)
+
+
+def test_yaml_syntax_error_names_line(seed_config_path: Path):
+    text = _edit(seed_config_path.read_text(), "top_p: 0.95", "top_p: [0.95")
+    with pytest.raises(ConfigError, match=r"YAML syntax error") as info:
+        parse_config(text)
+    assert "line " in str(info.value)
+
+
+def test_duplicate_key_is_an_error(seed_config_path: Path):
+    text = _edit(seed_config_path.read_text(), "top_k: 100", "top_k: 100\n      top_k: 5")
+    with pytest.raises(ConfigError, match=r"teacher\.open\.pipeline\.top_k: duplicate key") as info:
+        parse_config(text)
+    assert f"line {_line_of(text, 'top_k: 5')}" in str(info.value)
+
+
+def test_non_utf8_bytes(tmp_path: Path, seed_config_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(seed_config_path.read_bytes().replace(b"gpt-3.5-turbo", b"gpt-\xff-turbo"))
+    with pytest.raises(ConfigError, match=r"not UTF-8.*0xff") as info:
+        load_config(path)
+    expected = seed_config_path.read_bytes().split(b"gpt-3.5-turbo")[0].count(b"\n") + 1
+    assert f"line {expected}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [("", "empty"), ("- a\n- b\n", "top level must be a mapping"), ("just a string", "top level must be a mapping")],
+)
+def test_degenerate_files(text: str, fragment: str):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_config(text)
+
+
+def test_huge_file_is_refused_before_parsing(tmp_path: Path):
+    path = tmp_path / "big.yaml"
+    path.write_bytes(b"# x\n" * 400_000)
+    with pytest.raises(ConfigError, match=r"wrong file"):
+        load_config(path)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config("/nonexistent/config.yaml")
+
+
+# ------------------------------------------------------------------------------------------ saving
+
+
+def test_save_is_atomic_and_keeps_a_backup(tmp_path: Path, seed_config_path: Path):
+    path = tmp_path / "config.yaml"
+    original = seed_config_path.read_text()
+    path.write_text(original)
+    edited = original.replace("top_k: 100", "top_k: 40")
+    cfg = save_config_text(path, edited)
+    assert cfg.teacher.open.pipeline.top_k == 40
+    assert path.read_text() == edited
+    assert (tmp_path / "config.yaml.bak").read_text() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "config.yaml.bak"]
+
+
+def test_invalid_edit_never_replaces_a_valid_file(tmp_path: Path, seed_config_path: Path):
+    path = tmp_path / "config.yaml"
+    original = seed_config_path.read_text()
+    path.write_text(original)
+    with pytest.raises(ConfigError, match="top_k"):
+        save_config_text(path, original.replace("top_k: 100", "top_k: many"))
+    assert path.read_text() == original
+    assert not (tmp_path / "config.yaml.bak").exists()
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_failure_mid_save_leaves_old_file_intact(tmp_path: Path, seed_config_path: Path, monkeypatch, failing: str):
+    path = tmp_path / "config.yaml"
+    original = seed_config_path.read_text()
+    path.write_text(original)
+    real_replace = os.replace
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    if failing == "fsync":
+        monkeypatch.setattr(config_module.os, "fsync", boom)
+    else:
+        # the backup rename succeeds, the rename of the new file fails
+        def replace_second(src, dst):
+            if str(dst).endswith("config.yaml"):
+                boom()
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(config_module.os, "replace", replace_second)
+    with pytest.raises(OSError, match="No space left"):
+        save_config_text(path, original.replace("top_k: 100", "top_k: 40"))
+    assert path.read_text() == original
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []

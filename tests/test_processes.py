@@ -1,0 +1,197 @@
+"""Real processes: `tas run` end to end, detached workers, cancel, hard kills, busy runs.
+
+These spawn the CLI, the supervisor and workers as a user would; the data stage keeps them light.
+A big local dataset makes the stage run for a few seconds so there is time to act on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine import launcher
+from engine.config import load_config
+from engine.events import read_events
+from engine.runs import RunStore
+
+pytestmark = pytest.mark.e2e
+
+
+def tas(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out waiting")
+
+
+@pytest.fixture(scope="module")
+def big_dataset(tmp_path_factory) -> Path:
+    """1M records, 1% short enough to keep: the data stage needs a few seconds for it."""
+    path = tmp_path_factory.mktemp("big") / "big.jsonl"
+    long_line = json.dumps({"instruction": "word " * 50}) + "\n"
+    with open(path, "w") as f:
+        for i in range(1_000_000):
+            f.write(long_line if i % 100 else json.dumps({"instruction": f"Write function {i}"}) + "\n")
+    return path
+
+
+@pytest.fixture
+def slow_config(project: Path, big_dataset: Path) -> Path:
+    data = yaml.safe_load((project / "configs" / "tiny.yaml").read_text())
+    data["datasets"][0]["external_local_path"] = str(big_dataset)
+    data["launch"]["cancel_grace_s"] = 5
+    path = project / "configs" / "slow.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def stage_events(project: Path, stage: str = "data") -> list[dict]:
+    paths = list((project / "runs").glob(f"*/{stage}/events.jsonl"))
+    assert len(paths) == 1
+    return read_events(paths[0])
+
+
+def test_tas_run_data_on_the_tiny_profile(project: Path):
+    result = tas("run", "data", "--config", "configs/tiny.yaml", cwd=project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "✓ done" in result.stdout
+    prompts = (project / ".data" / "tiny" / "prompts.jsonl").read_text().splitlines()
+    assert len(prompts) > 250 and all(json.loads(p)["id"] for p in prompts)
+    events = stage_events(project)
+    assert events[0]["kind"] == "status" and events[0]["state"] == "running"
+    assert events[-1]["kind"] == "status" and events[-1]["state"] == "done"
+
+    status = tas("status", "--config", "configs/tiny.yaml", cwd=project)
+    assert status.returncode == 0
+    lines = status.stdout.splitlines()
+    assert lines[0].split()[1] == "configs/tiny.yaml" and "finished" in lines[0]
+    data_line = next(line for line in lines if line.strip().startswith("data"))
+    assert "done" in data_line and f"prompts={len(prompts)}" in data_line
+    assert all(len(line) <= 80 for line in lines)
+    assert [line.split()[0] for line in lines[1:]] == ["data", "teacher", "sft", "distill", "eval"]
+
+    logs = tas("logs", "last", "data", "--events", cwd=project)
+    assert "done" in logs.stdout and "kept" in logs.stdout
+
+
+def test_worker_keeps_running_after_its_starter_exits(project: Path, slow_config: Path):
+    starter = tas("run", "data", "--config", str(slow_config), "--detach", cwd=project)
+    assert starter.returncode == 0, starter.stderr
+    run = RunStore(project / "runs").get("last")
+    # the process that started it is gone; the stage still runs and then finishes on its own
+    assert wait_for(lambda: run.stages()[0].state == "running", timeout=10)
+    assert run.is_live()
+    wait_for(lambda: not run.is_live(), timeout=120)
+    assert run.stages()[0].state == "done"
+    assert stage_events(project)[-1]["state"] == "done"
+
+
+def test_cancel_ends_a_running_stage_with_cancelled(project: Path, slow_config: Path):
+    starter = tas("run", "data", "--config", str(slow_config), "--detach", cwd=project)
+    assert starter.returncode == 0, starter.stderr
+    run = RunStore(project / "runs").get("last")
+    events_path = run.stage_dir("data") / "events.jsonl"
+    wait_for(lambda: any(e["kind"] == "progress" for e in read_events(events_path)), timeout=30)
+    result = tas("cancel", run.id, cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert not run.is_live()
+    status = run.stages()[0]
+    assert status.state == "cancelled"
+    events = stage_events(project)
+    assert [e["state"] for e in events if e["kind"] == "status"] == ["running", "cancelled"]
+    assert not (project / ".data" / "tiny" / "prompts.jsonl").exists()  # nothing half-written
+
+
+def test_stuck_worker_is_killed_after_the_grace_period(project: Path, slow_config: Path):
+    config = load_config(slow_config)
+    run = RunStore(project / "runs").create(config, str(slow_config))
+    launcher.start(run, ["data"])
+    events_path = run.stage_dir("data") / "events.jsonl"
+    wait_for(lambda: any(e["kind"] == "progress" for e in read_events(events_path)), timeout=30)
+    worker = run.stages()[0].pid
+    os.kill(worker, signal.SIGSTOP)  # a worker that cannot react to SIGTERM
+    try:
+        started = time.monotonic()
+        assert launcher.cancel(run, grace_s=1.0)
+        assert time.monotonic() - started < 15
+    finally:
+        try:
+            os.kill(worker, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    status = run.stages()[0]
+    assert status.state == "cancelled"
+    assert "killed after the grace period of 1s" in status.message
+
+
+def test_a_hard_killed_worker_is_reported_failed(project: Path, slow_config: Path):
+    config = load_config(slow_config)
+    run = RunStore(project / "runs").create(config, str(slow_config))
+    launcher.start(run, ["data"])
+    wait_for(lambda: run.stages()[0].state == "running" and run.stages()[0].pid, timeout=10)
+    os.kill(run.stages()[0].pid, signal.SIGKILL)
+    wait_for(lambda: not run.is_live(), timeout=20)
+    status = run.stages()[0]
+    assert status.state == "failed"
+    assert "stopped by SIGKILL" in status.error
+
+
+def test_starting_a_running_stage_again_is_refused(project: Path, slow_config: Path):
+    config = load_config(slow_config)
+    run = RunStore(project / "runs").create(config, str(slow_config))
+    launcher.start(run, ["data"])
+    try:
+        with pytest.raises(launcher.RunBusy, match=f"run {run.id} is busy"):
+            launcher.start(run, ["data"])
+        result = tas("run", "data", "--run", run.id, cwd=project)
+        assert result.returncode == 2 and "is busy" in result.stderr
+    finally:
+        launcher.cancel(run, grace_s=5)
+
+
+def test_bad_config_is_refused_before_anything_starts(project: Path):
+    (project / "configs" / "bad.yaml").write_text(
+        (project / "configs" / "tiny.yaml").read_text().replace("batch_size: 32", "batch_size: -3")
+    )
+    result = tas("run", "data", "--config", "configs/bad.yaml", cwd=project)
+    assert result.returncode == 2
+    assert "teacher.open.pipeline.batch_size" in result.stderr and "line " in result.stderr
+    assert not (project / "runs").exists()
+
+
+def test_unknown_stage_is_refused(project: Path):
+    result = tas("run", "trian", "--config", "configs/tiny.yaml", cwd=project)
+    assert result.returncode == 2 and "unknown stage 'trian'" in result.stderr
+
+
+def test_panel_and_cli_never_import_the_ml_stack():
+    code = (
+        "import sys, tui.app, engine.cli, engine.launcher, engine.runs, engine.render\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets', 'bitsandbytes', 'accelerate')"
+        " if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stderr
