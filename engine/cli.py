@@ -94,7 +94,7 @@ def follow_run(run: Run, stages: list[str], tails: dict[str, EventTail]) -> int:
             alive = run.is_live()
             for stage, tail in tails.items():
                 for event in tail.poll():
-                    if event.get("kind") == "progress" and not _progress_worth_a_line(stage, event):
+                    if not _worth_a_line(stage, event):
                         continue
                     line = event_line(stage, event)
                     if line:
@@ -109,15 +109,20 @@ def follow_run(run: Run, stages: list[str], tails: dict[str, EventTail]) -> int:
     return 0 if all(states[s] == "done" for s in stages) else 1
 
 
-_last_progress: dict[str, float] = {}
+_last_printed: dict[tuple[str, str], float] = {}
 
 
-def _progress_worth_a_line(stage: str, event: dict) -> bool:
-    """At most one progress line per stage every 5 s, plus the last one."""
+def _worth_a_line(stage: str, event: dict) -> bool:
+    """Status, log and artifact events always; progress, each metric and memory at most every 5 s."""
+    kind = event.get("kind")
+    if kind not in ("progress", "metric", "memory"):
+        return True
+    if kind == "progress" and event.get("total") and event.get("done") == event.get("total"):
+        return True
+    key = (stage, f"{kind}:{event.get('name', '')}")
     now = time.monotonic()
-    final = event.get("total") and event.get("done") == event.get("total")
-    if final or now - _last_progress.get(stage, 0) > 5:
-        _last_progress[stage] = now
+    if now - _last_printed.get(key, 0) > 5:
+        _last_printed[key] = now
         return True
     return False
 

@@ -98,7 +98,8 @@ class OpenTeacherTokenizer(Section):
 
 
 class DownloadConfig(Section):
-    size: str = Field("64k", description="Size variant of a ready teacher dataset on the hub (e.g. 64k).")
+    size: str = Field("64k", description="Size variant of a ready teacher dataset on the hub (its revision).")
+    repo: str | None = Field(None, description="Hub dataset with ready teacher answers (teacher.source: download).")
 
 
 class TeacherDataConfig(Section):
@@ -120,9 +121,18 @@ class ClosedTeacherPipeline(Section):
     temperature: float = Field(0.7, ge=0, description="Sampling temperature.")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling threshold.")
     batch_size: int = Field(1024, gt=0, description="Prompts per request wave or per Batch API job.")
+    max_tokens: int | None = Field(1024, gt=0, description="Longest answer in tokens (null: the server's limit).")
+    max_concurrency: int = Field(8, gt=0, description="Requests in flight at once.")
+    max_retries: int = Field(5, ge=0, description="Retries of a request on 429 / 5xx / timeout, with backoff.")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds before a request counts as timed out.")
+    use_batch_api: bool = Field(False, description="Use the Batch API (cheaper, asynchronous) instead of chat calls.")
+    batch_poll_interval_s: float = Field(30.0, gt=0, description="Seconds between Batch API status polls.")
 
 
 class ClosedTeacher(Section):
+    base_url: str | None = Field(
+        None, description="OpenAI-compatible endpoint (e.g. a vllm serve URL); else $OPENAI_BASE_URL or OpenAI."
+    )
     model: ClosedTeacherModel
     pipeline: ClosedTeacherPipeline = Field(default_factory=ClosedTeacherPipeline)
     data: TeacherDataConfig = Field(default_factory=TeacherDataConfig)

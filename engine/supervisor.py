@@ -30,6 +30,8 @@ def worker_command(stage: str, run: Run, config: TASConfig) -> list[str]:
     worker = ["-m", "engine.worker", stage, "--run", str(run.path)]
     nproc = config.launch.nproc_per_node
     if nproc > 1 and stage in MULTI_PROCESS_STAGES:
+        # torchrun's own parser would take `--run` for an abbreviation of its `--run-path`
+        worker = ["-m", "engine.worker", stage, "--run-dir", str(run.path)]
         if config.launch.launcher == "accelerate":
             return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), *worker]
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker]

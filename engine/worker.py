@@ -117,7 +117,7 @@ def run_stage(stage: str, run: Run) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.worker")
     parser.add_argument("stage")
-    parser.add_argument("--run", required=True, help="run directory")
+    parser.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory")
     args = parser.parse_args(argv)
     return run_stage(args.stage, Run.open(args.run))
 

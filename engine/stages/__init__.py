@@ -10,10 +10,11 @@ PIPELINE = ("data", "teacher", "sft", "distill", "eval")
 
 STAGE_MODULES = {
     "data": "engine.stages.data",
+    "teacher": "engine.stages.teacher",
 }
 """The stages that can run. Each module has `run(ctx: StageContext) -> None`."""
 
-MULTI_PROCESS_STAGES: frozenset[str] = frozenset()
+MULTI_PROCESS_STAGES: frozenset[str] = frozenset({"teacher"})
 """Stages that run under torchrun when launch.nproc_per_node > 1."""
 
 

@@ -1,0 +1,151 @@
+"""Stage `teacher`: one answer per prompt, from the open (HF) teacher, the closed (API) teacher, or a
+ready dataset downloaded from the hub (`teacher.source`).
+
+Input: the prompts of the `data` stage (`data.output_path`). Output: `teacher.base.output_path`, an
+append-only JSONL keyed by prompt id (see engine/teacher_output.py). Re-running the stage resumes: ids
+already answered are skipped, a torn last line is cut and regenerated. `teacher.open.pipeline.resume:
+false` starts over, keeping the old file as a timestamped backup.
+
+Under torchrun (launch.nproc_per_node > 1) every rank answers a shard into `<output>.rank<N>`; after
+a barrier rank 0 appends the shards to the output and removes them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.datafiles import DataFileError, iter_records
+from engine.teacher_output import TeacherOutput, load_system_prompts
+from engine.worker import StageContext, StageError
+
+
+def shard_path(output: Path, rank: int) -> Path:
+    return output.with_name(f"{output.name}.rank{rank}")
+
+
+def read_prompts(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        raise StageError(f"data.output_path: {path} does not exist; run the data stage first (tas run data)")
+    try:
+        prompts = [record for _, record in iter_records(path)]
+    except DataFileError as exc:
+        raise StageError(f"data.output_path: {exc}") from None
+    bad = [i for i, p in enumerate(prompts, 1) if not p.get("id") or not p.get("instruction")]
+    if bad:
+        raise StageError(f"data.output_path: {path}:{bad[0]}: record without id or instruction; re-run the data stage")
+    if not prompts:
+        raise StageError(f"data.output_path: {path} has no prompts; re-run the data stage")
+    return prompts
+
+
+def answered_ids(output: TeacherOutput) -> set[str]:
+    """Ids answered in the output and in any shard left by an interrupted multi-GPU run."""
+    ids = output.done_ids()
+    for shard in output.path.parent.glob(output.path.name + ".rank*"):
+        ids |= TeacherOutput(shard).done_ids()
+    return ids
+
+
+def merge_shards(output: TeacherOutput) -> int:
+    """Append shard records whose id is not in the output yet, then delete the shards."""
+    present = output.done_ids()
+    merged = 0
+    for shard_file in sorted(output.path.parent.glob(output.path.name + ".rank*")):
+        shard = TeacherOutput(shard_file)
+        shard.repair()
+        fresh = [r for r in shard.records() if r["id"] not in present]
+        merged += output.append(fresh)
+        present |= {r["id"] for r in fresh}
+        shard_file.unlink()
+    return merged
+
+
+def run(ctx: StageContext) -> None:
+    from engine.runtime import barrier, init_distributed
+
+    config = ctx.config
+    rank, world = init_distributed()
+    ctx.rank, ctx.world_size = rank, world
+    output_path = Path(config.teacher.base.output_path)
+    output = TeacherOutput(output_path)
+    if config.teacher.source == "download":
+        from engine.teacher_download import download_answers
+
+        download_answers(ctx, output)
+        return
+    prompts = read_prompts(Path(config.data.output_path))
+
+    if ctx.is_main:
+        if not config.teacher.open.pipeline.resume and output_path.exists():
+            backup = output_path.with_name(f"{output_path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
+            output_path.rename(backup)
+            ctx.events.log(f"resume is off: previous answers moved to {backup}")
+        removed = output.repair()
+        if removed:
+            ctx.events.log(f"cut a torn last line ({removed} bytes) from {output_path}; it will be regenerated")
+        merged = merge_shards(output)
+        if merged:
+            ctx.events.log(f"merged {merged} answers left in shard files by an interrupted run")
+    barrier()
+
+    done = answered_ids(output)
+    todo = [p for p in prompts if p["id"] not in done]
+    if ctx.is_main:
+        ctx.events.log(f"{len(prompts)} prompts: {len(prompts) - len(todo)} already answered, {len(todo)} to go")
+    total, answered = len(prompts), len(prompts) - len(todo)
+    if ctx.is_main:
+        ctx.events.progress(answered, total, "prompts")
+
+    mine = todo[rank::world] if world > 1 else todo
+    target = TeacherOutput(shard_path(output_path, rank)) if world > 1 else output
+
+    def progress(count: int) -> None:
+        nonlocal answered
+        answered += count
+        if ctx.is_main:
+            # other ranks' shards grow too: count the files rather than only our own share
+            current = len(answered_ids(output)) if world > 1 else answered
+            ctx.events.progress(min(current, total), total, "prompts")
+
+    system_prompt = _system_prompt(ctx)
+    source = config.teacher.source
+    if not mine:
+        summary: dict[str, Any] = {"answered": 0, "failed": 0}
+    elif source == "open":
+        from engine.teacher_open import answer_open
+
+        summary = answer_open(ctx, mine, target, system_prompt, progress)
+    else:
+        from engine.teacher_closed import answer_closed
+
+        summary = answer_closed(ctx, mine, target, system_prompt)
+        progress(0)
+
+    barrier()
+    if not ctx.is_main:
+        return
+    merge_shards(output)
+    done = answered_ids(output)
+    missing = [p["id"] for p in prompts if p["id"] not in done]
+    ctx.events.progress(total - len(missing), total, "prompts")
+    ctx.events.artifact(output_path, "teacher answers")
+    ctx.events.log(f"answered {summary.get('answered', 0)} prompts in this run; {total - len(missing)}/{total} in total")
+    if missing:
+        raise StageError(
+            f"{len(missing)} of {total} prompts have no answer (see failures in the log"
+            f"{' and ' + str(ctx.stage_dir / 'failures.jsonl') if (ctx.stage_dir / 'failures.jsonl').exists() else ''}); "
+            f"run the stage again to retry only those"
+        )
+
+
+def _system_prompt(ctx: StageContext) -> str | None:
+    path = Path(ctx.config.prompts.path)
+    if not path.exists():
+        ctx.events.log(f"prompts.path: {path} not found; the teacher gets no system prompt", level="warning")
+        return None
+    try:
+        return load_system_prompts(path).get("Teacher")
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
