@@ -299,11 +299,24 @@ class DistillationConfig(Section):
     run_name: str = Field("KnowledgeDistillation", description="Run name for the tracker.")
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     knowledgedistillation: KnowledgeDistillation = Field(default_factory=KnowledgeDistillation)
+    student_init: Literal["random", "assistant_layers"] = Field(
+        "random", description="Start the student from random weights or from a subset of the assistant's layers."
+    )
+    ce_only_control: bool = Field(
+        False, description="Also train the same student with CE only (no KD) into <output_dir>_ce, for comparison."
+    )
+    loss_chunk_size: int = Field(1024, gt=0, description="Response tokens per chunk of the KD loss (memory bound).")
+    max_length: int = Field(1024, gt=0, description="Maximum tokens per training example.")
 
 
 class TrainConfig(Section):
     sft: SftConfig = Field(default_factory=SftConfig)
     distillation: DistillationConfig = Field(default_factory=DistillationConfig)
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(8, gt=0, description="Examples per forward pass when scoring held-out answers.")
+    max_examples: int | None = Field(None, gt=0, description="Score at most this many held-out answers.")
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -360,6 +373,7 @@ class TASConfig(Section):
     train: TrainConfig
     datasets: list[DatasetSource] = Field(min_length=1)
     data: DataStageConfig = Field(default_factory=DataStageConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     panel: PanelConfig = Field(default_factory=PanelConfig)

@@ -11,6 +11,9 @@ PIPELINE = ("data", "teacher", "sft", "distill", "eval")
 STAGE_MODULES = {
     "data": "engine.stages.data",
     "teacher": "engine.stages.teacher",
+    "sft": "engine.stages.sft",
+    "distill": "engine.stages.distill",
+    "eval": "engine.stages.eval",
 }
 """The stages that can run. Each module has `run(ctx: StageContext) -> None`."""
 

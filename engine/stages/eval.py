@@ -1,0 +1,113 @@
+"""Stage `eval`: how well each model predicts the held-out teacher answers, and how close the students
+are to the assistant they were distilled from.
+
+The held-out answers are the `train.sft.dataset` split that neither `sft` nor `distill` trained on.
+For each model that exists (the fine-tuned assistant, the KD student in `train.distillation.output_dir`,
+the CE-only control in `<output_dir>_ce`), over answer tokens only:
+
+* loss: mean cross-entropy per answer token, and perplexity = exp(loss);
+* kl_to_assistant: mean KL(assistant ‖ model) per answer token at temperature 1 (0 for the assistant).
+
+Writes `runs/<run>/eval/report.json`, which the panel shows, and one metric event per number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.chat_data import ChatDataError, load_pairs, split_pairs, tokenize_pair
+from engine.kd_loss import chunked_kd_loss
+from engine.models import load_causal_lm
+from engine.runtime import peak_memory, pick_device
+from engine.stages.distill import KDCollator, load_kd_teacher
+from engine.teacher_output import load_system_prompts
+from engine.worker import StageContext, StageError
+
+
+def students(ctx: StageContext) -> dict[str, Path]:
+    out = Path(ctx.config.train.distillation.output_dir)
+    found = {name: path for name, path in (("student_kd", out), ("student_ce", Path(f"{out}_ce")))
+             if (path / "config.json").exists()}
+    if not found:
+        ctx.events.log(f"no trained student in {out} (train.distillation.output_dir); scoring the assistant only",
+                       level="warning")
+    return found
+
+
+@torch.no_grad()
+def score(ctx: StageContext, model, assistant, batches: list[dict[str, torch.Tensor]], vocab: int) -> dict[str, float]:
+    """Token-weighted CE and KL to the assistant over all batches."""
+    ce_sum = kl_sum = 0.0
+    tokens = 0
+    for batch in batches:
+        ctx.check_cancelled()
+        inputs = {k: v.to(model.device) for k, v in batch.items()}
+        hidden = model.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+        teacher_hidden = teacher_head = None
+        weight = 0.0
+        if assistant is not None and assistant is not model:
+            teacher_hidden = assistant.model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            ).last_hidden_state
+            teacher_head = assistant.get_output_embeddings().weight
+            weight = 1.0
+        out = chunked_kd_loss(hidden, model.get_output_embeddings().weight, teacher_hidden, teacher_head,
+                              inputs["labels"], weight=weight, temperature=1.0, reduction="sum", vocab_size=vocab)
+        ce_sum += float(out.ce_loss)
+        kl_sum += float(out.kd_loss)
+        tokens += out.tokens
+    if tokens == 0:
+        raise StageError("the held-out answers have no answer tokens left after truncation; raise train.distillation.max_length")
+    loss = ce_sum / tokens
+    return {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50)), 3),
+            "kl_to_assistant": round(kl_sum / tokens, 5), "tokens": tokens}
+
+
+def run(ctx: StageContext) -> None:
+    config = ctx.config
+    device = pick_device(config)
+    try:
+        pairs = load_pairs(config.teacher.base.output_path)
+    except ChatDataError as exc:
+        raise StageError(str(exc)) from None
+    split = config.train.sft.dataset
+    _, held_out = split_pairs(pairs, split.test_size, split.seed)
+    if config.eval.max_examples:
+        held_out = held_out[: config.eval.max_examples]
+
+    assistant, tokenizer = load_kd_teacher(ctx, device)
+    system = load_system_prompts(config.prompts.path).get("Assistant") if Path(config.prompts.path).exists() else None
+    max_length = min(config.train.distillation.max_length, config.student.max_position_embeddings)
+    examples = [tokenize_pair(tokenizer, p, system, max_length) for p in held_out]
+    collate = KDCollator(tokenizer.pad_token_id)
+    size = config.eval.batch_size
+    batches = [collate(examples[i : i + size]) for i in range(0, len(examples), size)]
+    vocab = assistant.config.vocab_size
+    ctx.events.log(f"scoring {len(examples)} held-out answers (split seed {split.seed}, test_size {split.test_size})")
+
+    results: dict[str, Any] = {}
+    candidates = {"assistant": None, **students(ctx)}
+    for done, (name, path) in enumerate(candidates.items()):
+        started = time.perf_counter()
+        model = assistant if path is None else load_causal_lm(str(path), key=name, dtype=torch.float32).to(device).eval()
+        results[name] = score(ctx, model, assistant, batches, vocab)
+        results[name]["path"] = str(path) if path else config.train.sft.save_path
+        results[name]["seconds"] = round(time.perf_counter() - started, 2)
+        for metric in ("loss", "perplexity", "kl_to_assistant"):
+            ctx.events.metric(f"{name}/{metric}", results[name][metric])
+        ctx.events.log(f"{name:<11} loss {results[name]['loss']:.4f}  ppl {results[name]['perplexity']:.2f}  "
+                       f"KL to assistant {results[name]['kl_to_assistant']:.4f}")
+        ctx.events.progress(done + 1, len(candidates), "models")
+    ctx.events.memory(peak_memory())
+
+    report = {"examples": len(examples), "split": {"seed": split.seed, "test_size": split.test_size},
+              "models": results, "created": time.time()}
+    path = ctx.stage_dir / "report.json"
+    path.write_text(json.dumps(report, indent=2))
+    ctx.events.artifact(path, "eval report")

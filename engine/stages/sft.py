@@ -1,0 +1,184 @@
+"""Stage `sft`: QLoRA fine-tune of the assistant on the teacher's answers.
+
+Recipe, top to bottom:
+1. teacher answers (`teacher.base.output_path`) → conversational prompt/completion records with the
+   Assistant system prompt; split train/eval with `train.sft.dataset.{seed,test_size}`;
+2. the assistant (`assistant.model.name`) in 4-bit NF4 when `assistant.quantization.load_in_4bit`
+   (bitsandbytes; works on CPU too), prepared for k-bit training;
+3. a LoRA adapter from `train.sft.peft.lora`;
+4. TRL's SFTTrainer, loss on the completion (the answer) only — the original trained on prompt + answer;
+5. save the adapter (+ tokenizer) to `train.sft.save_path`, and the merged model to `<save_path>/merged`
+   when `train.sft.merge_adapter`.
+
+Checkpoints go to `<save_path>/checkpoints`; a re-run resumes from the newest one. SIGTERM saves a
+checkpoint at the end of the current step and ends the stage `cancelled`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engine.chat_data import ChatDataError, load_pairs, split_pairs, to_prompt_completion
+from engine.models import load_causal_lm, load_tokenizer
+from engine.runtime import is_out_of_memory, peak_memory, pick_attention, pick_device, pick_dtype
+from engine.teacher_output import load_system_prompts
+from engine.training import CancelCallback, EventsCallback, last_checkpoint, precision, report_to
+from engine.worker import StageCancelled, StageContext, StageError
+
+
+def quantization_config(ctx: StageContext):
+    from transformers import BitsAndBytesConfig
+
+    q = ctx.config.assistant.quantization
+    if not q.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=torch.bfloat16 if q.bfloat16 else torch.float32,
+    )
+
+
+def lora_config(ctx: StageContext, model):
+    from peft import LoraConfig
+
+    lora = ctx.config.train.sft.peft.lora
+    modules_to_save = lora.modules_to_save
+    if modules_to_save:
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        # the TAS config says "embed_token"; Qwen's module is "embed_tokens": PEFT would silently skip it
+        fixed = [m + "s" if m not in names and m + "s" in names else m for m in modules_to_save]
+        unknown = [m for m in fixed if m not in names]
+        if fixed != modules_to_save:
+            ctx.events.log(f"train.sft.peft.lora.modules_to_save: using {fixed} (the model has no {modules_to_save})",
+                           level="warning")
+        if unknown:
+            raise StageError(f"train.sft.peft.lora.modules_to_save: the model has no module named {unknown}")
+        modules_to_save = fixed
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=modules_to_save,
+        task_type=lora.task_type,
+    )
+
+
+def run(ctx: StageContext) -> None:
+    from datasets import Dataset
+    from peft import prepare_model_for_kbit_training
+    from trl import SFTConfig, SFTTrainer
+
+    config = ctx.config
+    sft = config.train.sft
+    save_path = Path(sft.save_path)
+    checkpoints = save_path / "checkpoints"
+
+    # 1. data
+    try:
+        pairs = load_pairs(config.teacher.base.output_path)
+    except ChatDataError as exc:
+        raise StageError(str(exc)) from None
+    system = load_system_prompts(config.prompts.path).get("Assistant") if Path(config.prompts.path).exists() else None
+    train_pairs, eval_pairs = split_pairs(pairs, sft.dataset.test_size, sft.dataset.seed)
+    train_set = Dataset.from_list([to_prompt_completion(p, system) for p in train_pairs])
+    eval_set = Dataset.from_list([to_prompt_completion(p, system) for p in eval_pairs])
+    ctx.events.log(f"{len(train_pairs)} training and {len(eval_pairs)} held-out answers")
+
+    # 2. model
+    device = pick_device(config)
+    model_cfg = config.assistant.model
+    attention, warning = pick_attention(model_cfg.attn_implementation, device)
+    if warning:
+        ctx.events.log(warning, level="warning")
+    tokenizer = load_tokenizer(model_cfg.name, key="assistant.model.name", padding_side="right")
+    quant = quantization_config(ctx)
+    model = load_causal_lm(
+        model_cfg.name,
+        key="assistant.model.name",
+        dtype=pick_dtype(model_cfg.bfloat16, device) if quant is None else None,
+        quantization_config=quant,
+        attn_implementation=attention,
+        device_map={"": device} if quant is not None else None,
+    )
+    if quant is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=device.type == "cuda")
+    elif model.device != device:
+        model = model.to(device)
+    ctx.events.log(f"assistant {model_cfg.name} on {device}, {'4-bit ' + quant.bnb_4bit_quant_type if quant else model.dtype}")
+
+    # 3 + 4. LoRA and trainer
+    args = SFTConfig(
+        output_dir=str(checkpoints),
+        num_train_epochs=sft.num_train_epochs,
+        max_steps=sft.max_steps,
+        per_device_train_batch_size=sft.per_device_train_batch_size,
+        per_device_eval_batch_size=sft.per_device_train_batch_size,
+        gradient_accumulation_steps=sft.gradient_accumulation_steps,
+        learning_rate=sft.learning_rate,
+        eval_strategy=sft.eval_strategy,
+        logging_steps=sft.logging_steps,
+        save_steps=sft.save_steps,
+        save_total_limit=2,
+        report_to=report_to(ctx, sft.report_to),
+        run_name=sft.experiment.run_name,
+        max_length=sft.tokenizer.max_length if sft.tokenizer.truncation else None,
+        completion_only_loss=True,
+        use_cpu=device.type == "cpu",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=sft.dataset.seed,
+        **precision(ctx, sft.bfloat16, sft.fp16, device.type),
+    )
+    cancel = CancelCallback(ctx)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set if sft.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(ctx, model),
+        callbacks=[EventsCallback(ctx), cancel],
+    )
+    resume = last_checkpoint(checkpoints)
+    if resume:
+        ctx.events.log(f"resuming from {resume}")
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise StageError(
+                f"out of memory at train.sft.per_device_train_batch_size={sft.per_device_train_batch_size}; "
+                "lower it (and raise gradient_accumulation_steps to keep the effective batch)"
+            ) from None
+        raise
+    ctx.events.memory(peak_memory())
+    if cancel.stopped:
+        raise StageCancelled(f"cancelled at step {trainer.state.global_step}; checkpoint saved, re-run to resume")
+
+    # 5. save
+    if eval_set is not None and len(eval_set):
+        metrics = trainer.evaluate(eval_set)
+        ctx.events.metric("eval_loss", float(metrics["eval_loss"]), step=trainer.state.global_step)
+    trainer.model.save_pretrained(save_path)
+    tokenizer.save_pretrained(save_path)
+    ctx.events.artifact(save_path, "assistant LoRA adapter")
+    if sft.merge_adapter:
+        merged_path = save_path / "merged"
+        merge_adapter(ctx, save_path, merged_path)
+        ctx.events.artifact(merged_path, "merged assistant")
+
+
+def merge_adapter(ctx: StageContext, adapter_path: Path, out: Path) -> None:
+    """Merge the adapter into a full-precision copy of the base model (4-bit weights cannot be merged)."""
+    from peft import PeftModel
+
+    model_cfg = ctx.config.assistant.model
+    base = load_causal_lm(model_cfg.name, key="assistant.model.name", dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
+    merged.save_pretrained(out)
+    load_tokenizer(str(adapter_path)).save_pretrained(out)
