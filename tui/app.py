@@ -1,6 +1,9 @@
-"""The TAS panel (Textual). Placeholder until the panel issue lands: it lists the run store's runs.
+"""The TAS panel: a Textual app over the engine's light half.
 
-The panel never imports the ML stack: it talks to stage workers through the run store and events.
+Tabs: Stages (runs and their stages, live), Config (edit config.yaml safely), GPU (NVML monitor) and
+Chat (talk to the student). The panel never imports the ML stack: stages run in detached worker
+processes (engine.launcher), the chat model lives in a chat worker process (engine.chat), and
+everything shown is read from the run store, NVML or those workers' JSON lines.
 """
 
 from __future__ import annotations
@@ -8,49 +11,68 @@ from __future__ import annotations
 from pathlib import Path
 
 from textual.app import App, ComposeResult
-from textual.widgets import Footer, Header, Static
+from textual.binding import Binding
+from textual.widgets import Footer, Header, TabbedContent, TabPane
 
 from engine.cli import runs_root
-from engine.render import run_block
-from engine.runs import RunStore
+from tui.chat_tab import ChatTab
+from tui.config_tab import ConfigTab
+from tui.gpu_tab import GpuTab
+from tui.stages_tab import StagesTab
 
-
-class RunsView(Static):
-    """Recent runs as `tas status` shows them, refreshed every second."""
-
-    def __init__(self, store: RunStore):
-        super().__init__()
-        self.store = store
-
-    def on_mount(self) -> None:
-        self.refresh_runs()
-        self.set_interval(1.0, self.refresh_runs)
-
-    def refresh_runs(self) -> None:
-        runs = self.store.list()[:5]
-        if not runs:
-            self.update(f"No runs in {self.store.root}/ yet.\n\nStart one from a shell: tas run data --config configs/tiny.yaml")
-        else:
-            self.update("\n\n".join(run_block(run) for run in runs))
+TABS = ("stages", "config", "gpu", "chat")
 
 
 class TASPanel(App):
     TITLE = "TAS Panel"
-    BINDINGS = [("q", "quit", "Quit")]
+    CSS_PATH = "panel.tcss"
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("f1", "show_tab('stages')", "Stages", show=False),
+        Binding("f2", "show_tab('config')", "Config", show=False),
+        Binding("f3", "show_tab('gpu')", "GPU", show=False),
+        Binding("f4", "show_tab('chat')", "Chat", show=False),
+    ]
 
-    def __init__(self, config_path: str = "config.yaml"):
+    def __init__(self, config_path: str = "config.yaml", runs_dir: str | Path | None = None,
+                 gpu_interval: float | None = None):
         super().__init__()
         self.config_path = config_path
+        self.runs_dir = Path(runs_dir) if runs_dir is not None else runs_root(config_path)
+        self.gpu_interval = gpu_interval
         self.sub_title = config_path
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield RunsView(RunStore(runs_root(self.config_path)))
+        with TabbedContent(initial="stages"):
+            with TabPane("Stages", id="stages"):
+                yield StagesTab(self.config_path, self.runs_dir)
+            with TabPane("Config", id="config"):
+                yield ConfigTab(self.config_path)
+            with TabPane("GPU", id="gpu"):
+                yield GpuTab(self.runs_dir, interval=self.gpu_interval or _gpu_interval(self.config_path))
+            with TabPane("Chat", id="chat"):
+                yield ChatTab(self.config_path)
         yield Footer()
+
+    def action_show_tab(self, tab: str) -> None:
+        """Switch tab and focus its first widget (focus left in a hidden pane would switch back)."""
+        self.query_one(TabbedContent).active = tab
+        pane = self.query_one(f"TabPane#{tab}", TabPane)
+        focusable = [w for w in pane.query("*") if w.focusable]
+        if focusable:
+            focusable[0].focus()
+
+
+def _gpu_interval(config_path: str) -> float:
+    from engine.config import ConfigError, load_config
+
+    try:
+        return load_config(config_path).panel.gpu_sample_interval_s
+    except ConfigError:
+        return 1.0
 
 
 def main(config_path: str = "config.yaml") -> int:
-    if not Path(config_path).exists():
-        print(f"note: {config_path} not found; the panel shows the run store only")
     TASPanel(config_path).run()
     return 0
