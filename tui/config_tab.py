@@ -206,6 +206,11 @@ class ConfigTab(Vertical):
             value = yaml.safe_load(event.value) if event.value.strip() else None
         except yaml.YAMLError:
             value = event.value  # not YAML: take it as a plain string
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads 1e-4 as a string; a number is meant
+            except ValueError:
+                pass
         try:
             text = set_yaml_value(self.text, self.selected, value)
         except KeyError as exc:
