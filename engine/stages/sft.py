@@ -16,7 +16,9 @@ checkpoint at the end of the current step and ends the stage `cancelled`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,7 +70,21 @@ def lora_config(ctx: StageContext, model):
     )
 
 
+@dataclass
+class SftSetup:
+    trainer: Any
+    cancel: CancelCallback
+    tokenizer: Any
+    eval_set: Any
+
+
 def run(ctx: StageContext) -> None:
+    setup = prepare(ctx)
+    train(ctx, setup)
+
+
+def prepare(ctx: StageContext) -> SftSetup:
+    """Steps 1-3: data, model, LoRA and the trainer, ready to train."""
     from datasets import Dataset
     from peft import prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
@@ -139,12 +155,20 @@ def run(ctx: StageContext) -> None:
         model=model,
         args=args,
         train_dataset=train_set,
-        eval_dataset=eval_set if sft.eval_strategy != "no" else None,
+        eval_dataset=eval_set if len(eval_set) else None,  # eval_strategy decides when; the end always
         processing_class=tokenizer,
         peft_config=lora_config(ctx, model),
         callbacks=[EventsCallback(ctx), cancel],
     )
-    resume = last_checkpoint(checkpoints)
+    return SftSetup(trainer, cancel, tokenizer, eval_set if len(eval_set) else None)
+
+
+def train(ctx: StageContext, setup: SftSetup) -> None:
+    """Steps 4-5: train (resuming from the newest checkpoint), evaluate, save."""
+    sft = ctx.config.train.sft
+    save_path = Path(sft.save_path)
+    trainer, cancel, tokenizer, eval_set = setup.trainer, setup.cancel, setup.tokenizer, setup.eval_set
+    resume = last_checkpoint(save_path / "checkpoints")
     if resume:
         ctx.events.log(f"resuming from {resume}")
     try:
@@ -161,8 +185,8 @@ def run(ctx: StageContext) -> None:
         raise StageCancelled(f"cancelled at step {trainer.state.global_step}; checkpoint saved, re-run to resume")
 
     # 5. save
-    if eval_set is not None and len(eval_set):
-        metrics = trainer.evaluate(eval_set)
+    if eval_set is not None:
+        metrics = trainer.evaluate()
         ctx.events.metric("eval_loss", float(metrics["eval_loss"]), step=trainer.state.global_step)
     trainer.model.save_pretrained(save_path)
     tokenizer.save_pretrained(save_path)

@@ -1,0 +1,151 @@
+"""Stages sft, distill and eval in-process on the tiny profile: what they train on, what they save,
+what they report, and that they resume from checkpoints and stop cleanly on cancel."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from engine.config import load_config
+from engine.events import read_events
+from engine.stages import data, distill, eval as eval_stage, sft, teacher
+from engine.worker import StageCancelled
+
+from .conftest import make_context
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """data → teacher → sft → distill → eval once, in-process, in a module-wide project folder."""
+    root = tmp_path_factory.mktemp("pipeline")
+    shutil.copy(Path(__file__).resolve().parent.parent / "prompt.yaml", root / "prompt.yaml")
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+    for section, key in ((cfg.data, "output_path"), (cfg.teacher.base, "output_path"), (cfg.train.sft, "save_path"),
+                         (cfg.train.distillation, "output_dir")):
+        setattr(section, key, str(root / getattr(section, key)))
+    cfg.prompts.path = str(root / "prompt.yaml")
+    cfg.data.limit = 48
+    cfg.teacher.open.pipeline.max_new_tokens = 24
+    contexts = {}
+    for stage, module in (("data", data), ("teacher", teacher), ("sft", sft), ("distill", distill), ("eval", eval_stage)):
+        contexts[stage] = make_context(cfg, stage, root)
+        module.run(contexts[stage])
+    return cfg, contexts, root
+
+
+class SigtermDuringTraining(threading.Event):
+    """Reads as not-cancelled at the stage's first look, cancelled afterwards: SIGTERM once training runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.looks = 0
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks > 1
+
+
+def metric_names(ctx) -> set[str]:
+    return {e["name"] for e in read_events(ctx.stage_dir / "events.jsonl") if e["kind"] == "metric"}
+
+
+def test_sft_saves_an_adapter_and_reports(trained):
+    cfg, contexts, _ = trained
+    adapter = Path(cfg.train.sft.save_path)
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    assert (adapter / "tokenizer_config.json").exists()
+    assert {"loss", "lr", "eval_loss"} <= metric_names(contexts["sft"])
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["r"] == cfg.train.sft.peft.lora.r
+
+
+def test_sft_trains_on_the_answer_only(trained):
+    """TRL's completion mask covers exactly the assistant's answer, never the system prompt or question."""
+    cfg, _, root = trained
+    setup = sft.prepare(make_context(cfg, "sft", root))
+    example = setup.trainer.train_dataset[0]
+    ids = example["input_ids"]
+    mask = [label != -100 for label in example["labels"]]
+    tokenizer = setup.tokenizer
+    answer = tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    prompt = tokenizer.decode([i for i, m in zip(ids, mask) if not m])
+    assert "<|im_start|>system" in prompt and "<|im_start|>user" in prompt and prompt.endswith("<|im_start|>assistant\n")
+    assert "<|im_start|>" not in answer and answer.rstrip().endswith("<|im_end|>")
+    assert 0 < sum(mask) < len(ids)
+
+
+def test_sft_loads_the_assistant_in_4bit(trained):
+    cfg, _, root = trained
+    setup = sft.prepare(make_context(cfg, "sft", root))
+    model = setup.trainer.model
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_distill_trains_kd_student_and_ce_control(trained):
+    cfg, contexts, _ = trained
+    out = Path(cfg.train.distillation.output_dir)
+    for folder in (out, Path(f"{out}_ce")):
+        assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+        assert json.loads((folder / "config.json").read_text())["hidden_size"] == cfg.student.hidden_size
+    events = read_events(contexts["distill"].stage_dir / "events.jsonl")
+    names = metric_names(contexts["distill"])
+    assert {"loss", "ce_loss", "kd_loss", "lr", "tokens_per_s"} <= names
+    assert {"control/loss", "control/ce_loss", "control/kd_loss"} <= names
+    assert all(e["value"] == 0 for e in events if e["kind"] == "metric" and e["name"] == "control/kd_loss")
+    assert any(e["value"] > 0 for e in events if e["kind"] == "metric" and e["name"] == "kd_loss")
+    assert any(e["kind"] == "memory" for e in events)
+
+
+def test_eval_reports_every_model(trained):
+    cfg, contexts, _ = trained
+    report = json.loads((contexts["eval"].stage_dir / "report.json").read_text())
+    assert set(report["models"]) == {"assistant", "student_kd", "student_ce"}
+    for name, numbers in report["models"].items():
+        assert math.isfinite(numbers["loss"]) and numbers["perplexity"] > 1 and numbers["tokens"] > 0
+        assert math.isclose(numbers["perplexity"], math.exp(numbers["loss"]), rel_tol=1e-3)
+    assert report["models"]["assistant"]["kl_to_assistant"] == 0
+    assert report["models"]["student_kd"]["kl_to_assistant"] > 0
+    assert report["examples"] >= 1
+
+
+def test_sft_resumes_from_its_newest_checkpoint(trained, tmp_path):
+    cfg, _, root = trained
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.sft.save_path = str(tmp_path / "adapter")
+    cfg.train.sft.save_steps = 2
+    cfg.train.sft.max_steps = 3
+    sft.run(make_context(cfg, "sft", root))
+    assert (tmp_path / "adapter" / "checkpoints" / "checkpoint-2").exists()
+    cfg.train.sft.max_steps = 5
+    ctx = make_context(cfg, "sft", root)
+    sft.run(ctx)
+    events = read_events(ctx.stage_dir / "events.jsonl")
+    steps = [e["done"] for e in events if e["kind"] == "progress"]
+    assert steps[0] == 3 and steps[-1] == 5  # continues, does not restart
+    assert any("resuming from" in e.get("msg", "") and "checkpoint-3" in e["msg"] for e in events if e["kind"] == "log")
+
+
+def test_cancel_saves_a_checkpoint_then_resume(trained, tmp_path):
+    cfg, _, root = trained
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.distillation.output_dir = str(tmp_path / "student")
+    cfg.train.distillation.ce_only_control = False
+    cfg.train.distillation.max_steps = 4
+    ctx = make_context(cfg, "distill", root)
+    ctx.cancel_event = SigtermDuringTraining()
+    with pytest.raises(StageCancelled, match="checkpoint saved"):
+        distill.run(ctx)
+    assert (tmp_path / "student" / "checkpoints" / "checkpoint-1").exists()
+    assert not (tmp_path / "student" / "model.safetensors").exists()
+    ctx = make_context(cfg, "distill", root)
+    distill.run(ctx)
+    steps = [e["done"] for e in read_events(ctx.stage_dir / "events.jsonl") if e["kind"] == "progress"]
+    assert steps[0] == 1 and steps[-1] == 4
+    assert (tmp_path / "student" / "model.safetensors").exists()
