@@ -16,19 +16,26 @@ class ModelNotFound(RuntimeError):
     """A model that is neither a local folder, a tiny model, nor loadable from the hub or its cache."""
 
 
-def resolve_model_path(name: str) -> str:
-    """A local folder for tiny and local names; hub ids pass through unchanged (the hub cache resolves them)."""
+def resolve_model_path(name: str, key: str | None = None) -> str:
+    """A local folder for tiny and local names; hub ids pass through unchanged (the hub cache resolves them).
+
+    `key` is the config key the name came from, so an error can say where to fix it.
+    """
+    where = f"{key}: " if key else ""
     if is_tiny(name):
         from engine import tiny
 
-        return str(tiny.resolve(name))
+        try:
+            return str(tiny.resolve(name))
+        except ValueError as exc:
+            raise ModelNotFound(f"{where}{exc}") from None
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists() and not (path / "tokenizer_config.json").exists():
-            raise ModelNotFound(f"{name}: folder exists but holds no Hugging Face model (no config.json)")
+            raise ModelNotFound(f"{where}{name}: folder exists but holds no Hugging Face model (no config.json)")
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelNotFound(f"{name}: no such model folder")
+        raise ModelNotFound(f"{where}{name}: no such model folder")
     return name
 
 
@@ -43,7 +50,7 @@ def _hub_error(name: str, key: str, exc: Exception) -> ModelNotFound:
 def load_tokenizer(name: str, key: str = "model", padding_side: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name)
+    path = resolve_model_path(name, key)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if padding_side:
         kwargs["padding_side"] = padding_side
@@ -60,7 +67,7 @@ def load_causal_lm(name: str, key: str = "model", **kwargs: Any):
     """`AutoModelForCausalLM.from_pretrained` with config-derived kwargs and clear offline errors."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name)
+    path = resolve_model_path(name, key)
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:

@@ -21,9 +21,9 @@ from typing import Any, Iterator
 import torch
 
 from engine.models import load_causal_lm, load_tokenizer
-from engine.runtime import peak_memory, pick_attention, pick_device, pick_dtype
+from engine.runtime import is_out_of_memory, peak_memory, pick_attention, pick_device, pick_dtype
 from engine.teacher_output import TeacherOutput
-from engine.worker import StageContext
+from engine.worker import StageContext, StageError
 
 
 @dataclass
@@ -174,6 +174,14 @@ def answer_open(ctx: StageContext, prompts: list[dict[str, Any]], output: Teache
             batch = next(batches)
         except StopIteration:
             break
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise StageError(
+                    f"out of memory generating a batch of teacher.open.pipeline.batch_size={cfg.pipeline.batch_size} "
+                    f"prompts with max_new_tokens={cfg.pipeline.max_new_tokens}; lower batch_size (answers so far "
+                    f"are kept: {totals['answered']} in this run)"
+                ) from None
+            raise
         step += 1
         records, empty = [], []
         for prompt, answer in zip(batch.prompts, batch.answers):

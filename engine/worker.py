@@ -11,6 +11,7 @@ Under torchrun every rank runs this module; rank 0 owns `events.jsonl`, other ra
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -20,8 +21,9 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.config import TASConfig
+from engine.config import ConfigError, TASConfig
 from engine.events import EventWriter
+from engine.models import ModelNotFound
 from engine.runs import Run
 from engine.stages import load_stage
 
@@ -32,6 +34,9 @@ class StageCancelled(Exception):
 
 class StageError(Exception):
     """An expected failure with a message for the user (bad input, missing file, ...): no traceback."""
+
+
+EXPECTED_FAILURES = (StageError, ConfigError, ModelNotFound)
 
 
 @dataclass
@@ -62,6 +67,16 @@ class StageContext:
         """Call between units of work: raises StageCancelled once SIGTERM has arrived."""
         if self.cancel_event.is_set():
             raise StageCancelled("cancelled by request")
+
+
+def describe_os_error(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    message = f"{exc.strerror or exc}{where}"
+    if exc.errno == errno.ENOSPC:
+        message += ": free some disk space, then run the stage again to resume"
+    elif exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        message += ": the stage cannot write there; fix the permissions or change the path in the config"
+    return message
 
 
 def _load_dotenv(workdir: str) -> None:
@@ -101,9 +116,14 @@ def run_stage(stage: str, run: Run) -> int:
     except StageCancelled as exc:
         events.status("cancelled", message=str(exc))
         return 130
-    except StageError as exc:
+    except EXPECTED_FAILURES as exc:
         events.status("failed", error=str(exc))
         print(f"stage {stage} failed: {exc}", flush=True)
+        return 1
+    except OSError as exc:  # disk full, permissions, ...: say what and where, keep the traceback in the log
+        traceback.print_exc()
+        sys.stdout.flush()
+        events.status("failed", error=describe_os_error(exc))
         return 1
     except BaseException as exc:  # noqa: BLE001 - the worker must always report its end
         traceback.print_exc()

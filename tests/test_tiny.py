@@ -107,7 +107,7 @@ def test_model_names_resolve(tmp_path: Path):
         resolve_model_path("./models/missing")
     with pytest.raises(ModelNotFound, match="holds no Hugging Face model"):
         resolve_model_path(str(tmp_path))
-    with pytest.raises(ValueError, match="unknown tiny model"):
+    with pytest.raises(ModelNotFound, match="unknown tiny model"):
         resolve_model_path("tiny:giant")
 
 
