@@ -5,6 +5,7 @@
     tas status [RUN] [--all]
     tas logs RUN [STAGE] [-f] [--events]
     tas cancel RUN [--grace S]
+    tas gpu [--watch] [--interval S]
 
 Light: argparse + the run store; never imports the ML stack, so every command answers at once.
 Stages run in the background whatever happens to this process; `tas run` only follows them, and
@@ -262,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("run", help="run id, prefix or 'last'")
     cancel.add_argument("--grace", type=float, default=None, help="seconds before SIGKILL (default: config)")
     cancel.set_defaults(func=cmd_cancel)
+
+    from engine.gpu import add_gpu_command
+
+    add_gpu_command(sub, common)
     return parser
 
 

@@ -39,7 +39,7 @@ import openai
 from engine.config import ClosedTeacher, ClosedTeacherPipeline, atomic_write
 from engine.secrets import redact
 from engine.teacher_output import TeacherOutput
-from engine.worker import StageContext, StageError
+from engine.stage import StageContext, StageError
 
 FAILURES_FILE = "failures.jsonl"
 BATCH_STATE_FILE = "batch_state.json"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from engine.stages.data import prompt_id
 from engine.teacher_output import TeacherOutput
-from engine.worker import StageContext, StageError
+from engine.stage import StageContext, StageError
 
 INSTRUCTION_COLUMNS = ("instruction", "prompt", "question")
 OUTPUT_COLUMNS = ("output", "response", "answer", "completion")

@@ -23,7 +23,7 @@ import torch
 from engine.models import load_causal_lm, load_tokenizer
 from engine.runtime import is_out_of_memory, peak_memory, pick_attention, pick_device, pick_dtype
 from engine.teacher_output import TeacherOutput
-from engine.worker import StageContext, StageError
+from engine.stage import StageContext, StageError
 
 
 @dataclass

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from engine.runtime import peak_memory
-from engine.worker import StageContext
+from engine.stage import StageContext
 
 
 class EventsCallback(TrainerCallback):

@@ -18,55 +18,12 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.config import ConfigError, TASConfig
 from engine.events import EventWriter
-from engine.models import ModelNotFound
 from engine.runs import Run
+from engine.stage import EXPECTED_FAILURES, StageCancelled, StageContext
 from engine.stages import load_stage
-
-
-class StageCancelled(Exception):
-    """Raised by `StageContext.check_cancelled` after SIGTERM; the stage should have saved by then."""
-
-
-class StageError(Exception):
-    """An expected failure with a message for the user (bad input, missing file, ...): no traceback."""
-
-
-EXPECTED_FAILURES = (StageError, ConfigError, ModelNotFound)
-
-
-@dataclass
-class StageContext:
-    """What a stage gets: its config, where to write, how to report, and whether to stop."""
-
-    stage: str
-    run: Run
-    config: TASConfig
-    events: EventWriter
-    rank: int = 0
-    world_size: int = 1
-    cancel_event: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def stage_dir(self) -> Path:
-        return self.run.stage_dir(self.stage)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self.cancel_event.is_set()
-
-    def check_cancelled(self) -> None:
-        """Call between units of work: raises StageCancelled once SIGTERM has arrived."""
-        if self.cancel_event.is_set():
-            raise StageCancelled("cancelled by request")
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -74,6 +31,8 @@ def describe_os_error(exc: OSError) -> str:
     message = f"{exc.strerror or exc}{where}"
     if exc.errno == errno.ENOSPC:
         message += ": free some disk space, then run the stage again to resume"
+    elif exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        message = f"{exc.filename or 'a path'} is a file where a folder is needed: move it or change the path in the config"
     elif exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         message += ": the stage cannot write there; fix the permissions or change the path in the config"
     return message

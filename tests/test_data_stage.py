@@ -11,7 +11,7 @@ import pytest
 from engine.config import load_config
 from engine.events import read_events
 from engine.stages import data
-from engine.worker import StageError
+from engine.stage import StageError
 
 from .conftest import make_context
 

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from textual.widgets import DataTable, Input, Tree
 
 from engine.config import load_config

@@ -13,7 +13,7 @@ from engine.config import load_config
 from engine.events import read_events
 from engine.teacher_closed import BATCH_STATE_FILE, FAILURES_FILE, answer_closed
 from engine.teacher_output import TeacherOutput
-from engine.worker import StageCancelled, StageContext, StageError
+from engine.stage import StageCancelled, StageContext, StageError
 from .conftest import make_context
 from .fake_openai import FakeOpenAI
 

@@ -12,7 +12,7 @@ from engine.events import read_events
 from engine.stages import data, teacher
 from engine.teacher_open import chat_texts, generate_batches, generation_kwargs, load_teacher
 from engine.teacher_output import TeacherOutput
-from engine.worker import StageError
+from engine.stage import StageError
 
 from .conftest import make_context
 

@@ -14,7 +14,7 @@ import pytest
 from engine.config import load_config
 from engine.events import read_events
 from engine.stages import data, distill, eval as eval_stage, sft, teacher
-from engine.worker import StageCancelled
+from engine.stage import StageCancelled
 
 from .conftest import make_context
 

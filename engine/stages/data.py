@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from engine.config import DatasetSource
 from engine.datafiles import DataFileError, dataset_files, iter_records
 from engine.shipped import is_tiny, shipped_dataset
-from engine.worker import StageContext, StageError
+from engine.stage import StageContext, StageError
 
 
 def normalise(text: str) -> str:

@@ -32,7 +32,7 @@ from engine.stages.sft import quantization_config
 from engine.student import build_student, check_vocab_compatibility
 from engine.teacher_output import load_system_prompts
 from engine.training import CancelCallback, EventsCallback, last_checkpoint, precision, report_to
-from engine.worker import StageCancelled, StageContext, StageError
+from engine.stage import StageCancelled, StageContext, StageError
 
 
 def load_kd_teacher(ctx: StageContext, device: torch.device):

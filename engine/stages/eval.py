@@ -27,7 +27,7 @@ from engine.models import load_causal_lm
 from engine.runtime import peak_memory, pick_device
 from engine.stages.distill import KDCollator, load_kd_teacher
 from engine.teacher_output import load_system_prompts
-from engine.worker import StageContext, StageError
+from engine.stage import StageContext, StageError
 
 
 def students(ctx: StageContext) -> dict[str, Path]:

@@ -27,7 +27,7 @@ from engine.models import load_causal_lm, load_tokenizer
 from engine.runtime import is_out_of_memory, peak_memory, pick_attention, pick_device, pick_dtype
 from engine.teacher_output import load_system_prompts
 from engine.training import CancelCallback, EventsCallback, last_checkpoint, precision, report_to
-from engine.worker import StageCancelled, StageContext, StageError
+from engine.stage import StageCancelled, StageContext, StageError
 
 
 def quantization_config(ctx: StageContext):

@@ -18,7 +18,7 @@ from typing import Any
 
 from engine.datafiles import DataFileError, iter_records
 from engine.teacher_output import TeacherOutput, load_system_prompts
-from engine.worker import StageContext, StageError
+from engine.stage import StageContext, StageError
 
 
 def shard_path(output: Path, rank: int) -> Path:

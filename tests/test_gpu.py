@@ -1,0 +1,455 @@
+"""GPU monitoring: fake and NVML backends, labelling our stage workers, `tas gpu`, and the GPU tab."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from engine import gpu as gpu_mod
+from engine.gpu import (
+    FAKE_ENV,
+    GIB,
+    NO_DRIVER,
+    FakeBackend,
+    GpuProcess,
+    GpuUnavailable,
+    NvmlBackend,
+    Sampler,
+    add_gpu_command,
+    cmd_gpu,
+    label_processes,
+    open_backend,
+)
+from engine.runs import ProcessRecord, RunStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _real_nvml_works() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+needs_no_driver = pytest.mark.skipif(_real_nvml_works(), reason="this machine has a working NVIDIA driver")
+
+
+# ---------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def no_fake(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(FAKE_ENV, raising=False)
+
+
+@pytest.fixture
+def worker(tmp_path: Path):
+    """A live 'stage worker' (a shell) with a child (a torchrun rank, say), recorded as run · teacher."""
+    from engine.config import load_config
+
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", "sleep 30 & echo $!; wait"], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    child_pid = int(proc.stdout.readline())
+    runs = tmp_path / "runs"
+    run = RunStore(runs).create(load_config(ROOT / "configs" / "tiny.yaml"), "configs/tiny.yaml")
+    run.stage_dir("teacher").mkdir(parents=True, exist_ok=True)
+    ProcessRecord.of(proc.pid).write(run.stage_dir("teacher") / "pid")
+    ProcessRecord.of(os.getpid()).write(run.path / "supervisor.json", stages=["teacher"])
+    try:
+        yield types.SimpleNamespace(pid=proc.pid, child=child_pid, run=run, runs=runs)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        proc.stdout.close()
+
+
+def fake_file(path: Path, processes: list[dict] | None = None, **extra) -> Path:
+    spec = {"driver_version": "550.54.15", "gpus": 2, "frozen": True, "processes": processes or [], **extra}
+    path.write_text(json.dumps(spec))
+    return path
+
+
+# ------------------------------------------------------------------------------------- fake backend
+
+
+def test_fake_backend_values_are_plausible_and_vary_slowly(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = FakeBackend(2)
+    gpus, processes, driver = backend.sample()
+    assert [g.index for g in gpus] == [0, 1] and processes == [] and driver
+    for g in gpus:
+        assert "H100" in g.name and g.uuid
+        assert 0 < g.memory_used < g.memory_total == 81559 * 1024**2
+        assert 0 <= g.utilization_gpu <= 100 and 20 < g.temperature_c < 90
+        assert 0 < g.power_w <= g.power_limit_w == 700
+    later = backend.started + 1
+    monkeypatch.setattr(gpu_mod.time, "monotonic", lambda: later)
+    moved, _, _ = backend.sample()
+    assert moved != gpus  # values drift...
+    assert all(abs(a.utilization_gpu - b.utilization_gpu) <= 20 for a, b in zip(gpus, moved))  # ...slowly
+
+
+def test_frozen_fake_and_json_description(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAKE_ENV, "3:frozen")
+    backend = open_backend()
+    first = backend.sample()
+    time.sleep(0.01)
+    assert backend.sample() == first and len(first[0]) == 3
+
+    spec = tmp_path / "fake.json"
+    spec.write_text(json.dumps({
+        "driver_version": "535.1",
+        "gpus": [{"name": "Tiny GPU", "memory_total_gib": 8, "memory_used_gib": 2, "utilization_gpu": 40}],
+        "processes": [{"gpu": 0, "pid": 4242, "used_memory_gib": 1.5, "name": "python train.py"}],
+    }))
+    monkeypatch.setenv(FAKE_ENV, str(spec))
+    gpus, processes, driver = open_backend().sample()
+    assert driver == "535.1" and gpus[0].name == "Tiny GPU" and gpus[0].memory_fraction == 0.25
+    assert gpus[0].temperature_c is None and gpus[0].power_w is None  # not described: not supported
+    assert processes == [GpuProcess(0, 4242, int(1.5 * GIB), "python train.py")]
+
+    monkeypatch.setenv(FAKE_ENV, "two")
+    with pytest.raises(GpuUnavailable, match="cannot read"):
+        open_backend()
+
+
+def test_sampler_keeps_bounded_history_and_reports_errors(tmp_path: Path) -> None:
+    sampler = Sampler(tmp_path / "runs", backend=FakeBackend(2, frozen=True), history=5)
+    for _ in range(8):
+        snapshot = sampler.sample()
+    assert snapshot.error is None and len(snapshot.gpus) == 2 and snapshot.source == "fake: 2 GPUs"
+    history = sampler.history()
+    assert set(history) == {0, 1}
+    memory, utilization = history[0]
+    assert len(memory) == len(utilization) == 5 and memory[-1] == snapshot.gpus[0].memory_used
+
+    spec = fake_file(tmp_path / "fake.json", error="GPU is lost")
+    broken = Sampler(backend=FakeBackend(spec_path=spec), retry_s=60)
+    snapshot = broken.sample()
+    assert snapshot.error == "GPU is lost" and snapshot.gpus == []
+    assert broken.sample().error == "GPU is lost"  # not retried before retry_s: still the clear message
+
+
+# ------------------------------------------------------------------------------------ NVML backend
+
+
+class _Error(Exception):
+    """Stands in for pynvml.NVMLError (value = the NVML return code)."""
+
+    def __init__(self, value: int):
+        super().__init__(value)
+        self.value = value
+
+    def __str__(self) -> str:
+        return f"NVML error {self.value}"
+
+
+class _NotSupported(_Error):
+    def __init__(self, value: int = 3):
+        super().__init__(3)
+
+
+def stub_nvml(init_error: int | None = None, count: int = 1) -> types.SimpleNamespace:
+    """A stand-in for the pynvml module: one GPU without temperature or power readings."""
+
+    def not_supported(*args):
+        raise _NotSupported()
+
+    def init():
+        if init_error is not None:
+            raise _Error(init_error)
+
+    return types.SimpleNamespace(
+        NVMLError=_Error,
+        NVMLError_NotSupported=_NotSupported,
+        NVMLLibraryMismatchError=type("NVMLLibraryMismatchError", (Exception,), {}),
+        NVML_ERROR_LIBRARY_NOT_FOUND=12,
+        NVML_ERROR_LIB_RM_VERSION_MISMATCH=18,
+        NVML_ERROR_NO_PERMISSION=4,
+        NVML_ERROR_DRIVER_NOT_LOADED=9,
+        NVML_TEMPERATURE_GPU=0,
+        shutdowns=[],
+        nvmlInit=init,
+        nvmlShutdown=lambda: None,
+        nvmlSystemGetDriverVersion=lambda: b"550.54.15",
+        nvmlDeviceGetCount=lambda: count,
+        nvmlDeviceGetHandleByIndex=lambda i: f"handle{i}",
+        nvmlDeviceGetName=lambda h: b"NVIDIA A10",
+        nvmlDeviceGetUUID=not_supported,
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=3 * GIB, total=24 * GIB, free=21 * GIB),
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=37, memory=12),
+        nvmlDeviceGetTemperature=not_supported,
+        nvmlDeviceGetPowerUsage=not_supported,
+        nvmlDeviceGetEnforcedPowerManagementLimit=not_supported,
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [
+            types.SimpleNamespace(pid=111, usedGpuMemory=2 * GIB),
+            types.SimpleNamespace(pid=222, usedGpuMemory=None),
+        ],
+        nvmlDeviceGetGraphicsRunningProcesses=not_supported,
+    )
+
+
+def test_nvml_fields_not_supported_become_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", stub_nvml())
+    backend = NvmlBackend()
+    gpus, processes, driver = backend.sample()
+    (g,) = gpus
+    assert driver == "550.54.15" and g.name == "NVIDIA A10" and g.uuid is None
+    assert (g.memory_used, g.memory_total, g.utilization_gpu) == (3 * GIB, 24 * GIB, 37)
+    assert g.temperature_c is None and g.power_w is None and g.power_limit_w is None
+    assert [(p.pid, p.used_memory) for p in processes] == [(111, 2 * GIB), (222, None)]
+    text = gpu_mod.render_snapshot(gpu_mod.GpuSnapshot(ts=0, gpus=gpus, processes=processes, driver_version=driver))
+    assert "n/a" in text and max(map(len, text.splitlines())) <= 80
+    backend.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "count", "expected"),
+    [
+        (12, 1, NO_DRIVER),
+        (18, 1, "version mismatch"),
+        (4, 1, "No permission"),
+        (9, 1, "driver is not loaded"),
+        (None, 0, "reports no GPU"),
+    ],
+)
+def test_nvml_start_problems_give_clear_messages(monkeypatch, code, count, expected) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", stub_nvml(init_error=code, count=count))
+    monkeypatch.delenv(FAKE_ENV, raising=False)
+    with pytest.raises(GpuUnavailable) as info:
+        open_backend()
+    assert expected in info.value.message
+    assert Sampler().sample().error == info.value.message
+
+
+@needs_no_driver
+def test_no_driver_on_this_machine_is_a_clear_message(no_fake) -> None:
+    with pytest.raises(GpuUnavailable) as info:
+        open_backend()
+    assert info.value.message == NO_DRIVER
+    snapshot = Sampler().sample()
+    assert snapshot.error == NO_DRIVER and snapshot.gpus == []
+
+
+# ------------------------------------------------------------------------------------- our workers
+
+
+def test_label_processes_finds_our_workers_and_their_children(worker, tmp_path: Path) -> None:
+    ours = f"run {worker.run.id} · teacher"
+    processes = [
+        GpuProcess(0, worker.pid, 10 * GIB),
+        GpuProcess(0, worker.child, 5 * GIB),
+        GpuProcess(1, os.getpid(), GIB),  # pytest itself: not ours
+        GpuProcess(1, 2**22 + 12345, None, "gone"),  # no such process
+    ]
+    labelled = label_processes(processes, worker.runs)
+    assert labelled[0].label == ours and "sh" in labelled[0].name
+    assert labelled[1].label.startswith(ours) and "sleep" in labelled[1].name
+    assert labelled[2].label is None and "py" in labelled[2].name
+    assert (labelled[3].label, labelled[3].name) == (None, "gone")
+
+    # a pid file whose start time does not match (the pid was reused by another program) is not ours
+    ProcessRecord(worker.pid, 1.0).write(worker.run.stage_dir("teacher") / "pid")
+    assert [p.label for p in label_processes(processes, worker.runs)] == [None] * 4
+    assert label_processes(processes, tmp_path / "no-runs")[0].label is None
+
+
+# ------------------------------------------------------------------------------------------ tas gpu
+
+
+def gpu_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tas")
+    parser.add_argument("--config", default="config.yaml")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS)
+    add_gpu_command(parser.add_subparsers(dest="command"), common)
+    return parser
+
+
+def test_tas_gpu_prints_an_80_column_table_with_our_label(worker, tmp_path, monkeypatch, capsys) -> None:
+    spec = fake_file(tmp_path / "fake.json", [
+        {"gpu": 0, "pid": worker.pid, "used_memory_gib": 30.5},
+        {"gpu": 1, "pid": 2**22 + 12345, "used_memory": 512 * 1024**2, "name": "python other.py"},
+    ])
+    monkeypatch.setenv(FAKE_ENV, str(spec))
+    monkeypatch.setenv("TAS_RUNS_DIR", str(worker.runs))
+    args = gpu_parser().parse_args(["gpu"])
+    assert cmd_gpu(args) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 80
+    assert "NVIDIA H100 80GB HBM3" in out and "driver 550.54.15" in out
+    assert f"run {worker.run.id} · teacher" in out and "30.5 GiB" in out
+    assert "python other.py" in out and "512 MiB" in out
+
+    args = gpu_parser().parse_args(["gpu", "--count", "2", "--interval", "0.25"])
+    assert args.watch is False and args.interval == 0.25
+    assert cmd_gpu(args) == 0
+    assert capsys.readouterr().out.count("NVIDIA H100 80GB HBM3") == 4  # two samples of two GPUs
+
+    with pytest.raises(SystemExit):
+        gpu_parser().parse_args(["gpu", "-w", "--interval", "0.1"])
+
+
+@needs_no_driver
+def test_tas_gpu_without_a_gpu_exits_1_with_the_message(no_fake, capsys) -> None:
+    assert cmd_gpu(gpu_parser().parse_args(["gpu"])) == 1
+    assert NO_DRIVER in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------------- GPU tab
+
+
+async def wait_for(pilot, condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the GPU tab")
+        await pilot.pause(0.02)
+
+
+def row_keys(table) -> list[str]:
+    return [row.key.value for row in table.ordered_rows]
+
+
+def panel(runs: Path, interval: float):
+    from tui.app import TASPanel
+
+    return TASPanel(config_path="configs/tiny.yaml", runs_dir=runs, gpu_interval=interval)
+
+
+async def test_gpu_tab_shows_fake_gpus_and_labels_our_worker(worker, tmp_path, monkeypatch) -> None:
+    from textual.widgets import DataTable, Static
+
+    from tui.gpu_tab import NO_PROCESS, GpuCard, GpuTab
+
+    monkeypatch.chdir(ROOT)
+    spec = fake_file(tmp_path / "fake.json", [{"gpu": 0, "pid": worker.pid, "used_memory_gib": 30.5}])
+    monkeypatch.setenv(FAKE_ENV, str(spec))
+    app = panel(worker.runs, 0.25)
+    async with app.run_test(size=(80, 24)) as pilot:
+        tab = app.query_one(GpuTab)
+        await wait_for(pilot, lambda: tab.snapshot is not None)
+        await pilot.press("f3")
+        table = tab.query_one(DataTable)
+        await wait_for(pilot, lambda: len(tab.query(GpuCard)) == 2 and row_keys(table) == [f"0:{worker.pid}"])
+        assert app.focused is table
+        row = [str(cell) for cell in table.get_row_at(0)]
+        assert row[:3] == ["0", str(worker.pid), "30.5 GiB"] and row[3] == f"run {worker.run.id} · teacher"
+        assert not tab.has_class("-unavailable")
+
+        await pilot.press("plus")
+        assert tab.interval == 0.5
+        await pilot.press("plus", "plus")
+        assert tab.interval == 2.0
+        assert "every 2 s" in str(tab.query_one("#gpu-status", Static).render())
+        await pilot.press("minus", "minus", "minus", "minus")
+        assert tab.interval == 0.25  # never below the minimum
+
+        # the worker's process goes away in the fake: the table follows
+        fake_file(spec, [])
+        await wait_for(pilot, lambda: row_keys(table) == [NO_PROCESS])
+        assert "no process" in str(table.get_row_at(0)[3])
+
+        # GPUs come and go (a GPU falls off the bus, MIG reconfigured): the list follows
+        fake_file(spec, [], gpus=3)
+        await wait_for(pilot, lambda: [c.index for c in tab.query(GpuCard)] == [0, 1, 2])
+        fake_file(spec, [], gpus=1)
+        await wait_for(pilot, lambda: [c.index for c in tab.query(GpuCard)] == [0])
+
+
+async def test_gpu_tab_with_many_gpus_fits_80x24_and_scrolls(tmp_path, monkeypatch) -> None:
+    from textual.widgets import DataTable
+
+    from tui.gpu_tab import GpuCard, GpuTab
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv(FAKE_ENV, "8:frozen")
+    app = panel(tmp_path / "runs", 60)
+    async with app.run_test(size=(80, 24)) as pilot:
+        tab = app.query_one(GpuTab)
+        await wait_for(pilot, lambda: tab.snapshot is not None)
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: len(tab.query(GpuCard)) == 8)
+        await pilot.pause()
+        cards = tab.query_one("#gpu-cards")
+        table = tab.query_one(DataTable)
+        assert cards.max_scroll_y > 0 and cards.outer_size.height <= 12
+        assert table.size.height >= 3 and table.region.bottom <= tab.query_one("#gpu-status").region.y
+        assert app.focused is table
+        await pilot.press("shift+tab")  # back to the GPU list above (focus follows screen order)
+        assert app.focused is cards
+        await pilot.press("end")
+        assert cards.scroll_y > 0
+
+
+async def test_gpu_tab_without_gpu_shows_the_message(tmp_path, monkeypatch) -> None:
+    from textual.widgets import Static
+
+    from tui.gpu_tab import GpuTab
+
+    monkeypatch.chdir(ROOT)
+    if _real_nvml_works():
+        monkeypatch.setenv(FAKE_ENV, str(fake_file(tmp_path / "fake.json", error=NO_DRIVER)))
+    else:
+        monkeypatch.delenv(FAKE_ENV, raising=False)  # the real thing: no driver here
+    app = panel(tmp_path / "runs", 0.25)
+    async with app.run_test(size=(80, 24)) as pilot:
+        tab = app.query_one(GpuTab)
+        await wait_for(pilot, lambda: tab.snapshot is not None)
+        await pilot.press("f3")
+        await pilot.pause()
+        message = tab.query_one("#gpu-message", Static)
+        assert tab.has_class("-unavailable") and message.display
+        assert NO_DRIVER in str(message.render())
+        await pilot.press("plus")  # the rest keeps working
+        assert tab.interval == 0.5
+
+
+# ------------------------------------------------------------------------------------------ snapshots
+
+
+def snapshot_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The whole panel on two frozen fake GPUs, with fixed processes; one sample only (interval 60 s)."""
+    monkeypatch.chdir(ROOT)
+    spec = fake_file(tmp_path / "fake_gpus.json", [
+        {"gpu": 0, "pid": 4190001, "used_memory_gib": 31.2, "name": "python -m engine.worker teacher"},
+        {"gpu": 0, "pid": 4190002, "used_memory": 734 * 1024**2, "name": "python notebook.py"},
+        {"gpu": 1, "pid": 4190003, "used_memory_gib": 52.9, "name": "vllm serve Qwen/Qwen2.5-7B"},
+    ])
+    monkeypatch.setenv(FAKE_ENV, str(spec))
+    return panel(tmp_path / "runs", 60)
+
+
+async def _sampled(pilot) -> None:
+    from tui.gpu_tab import GpuTab
+
+    tab = pilot.app.query_one(GpuTab)
+    await wait_for(pilot, lambda: tab.snapshot is not None)
+
+
+def test_snapshot_gpu_tab_80x24(snap_compare, tmp_path, monkeypatch) -> None:
+    app = snapshot_app(tmp_path, monkeypatch)
+    assert snap_compare(app, terminal_size=(80, 24), press=["f3"], run_before=_sampled)
+
+
+def test_snapshot_gpu_tab_120x40(snap_compare, tmp_path, monkeypatch) -> None:
+    app = snapshot_app(tmp_path, monkeypatch)
+    assert snap_compare(app, terminal_size=(120, 40), press=["f3"], run_before=_sampled)
