@@ -447,6 +447,11 @@ def parse_config(text: str | bytes, source: str = "<config>") -> TASConfig:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        raise ConfigError(
+            source, [ConfigIssue("", f"character {exc.character!r} is not allowed in YAML; remove it", line)]
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
