@@ -78,7 +78,7 @@ def test_tas_run_data_on_the_tiny_profile(project: Path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "✓ done" in result.stdout
     prompts = (project / ".data" / "tiny" / "prompts.jsonl").read_text().splitlines()
-    assert len(prompts) > 250 and all(json.loads(p)["id"] for p in prompts)
+    assert len(prompts) == 160 and all(json.loads(p)["id"] for p in prompts)
     events = stage_events(project)
     assert events[0]["kind"] == "status" and events[0]["state"] == "running"
     assert events[-1]["kind"] == "status" and events[-1]["state"] == "done"

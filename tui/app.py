@@ -25,7 +25,6 @@ TABS = ("stages", "config", "gpu", "chat")
 
 class TASPanel(App):
     TITLE = "TAS Panel"
-    CSS_PATH = "panel.tcss"
     BINDINGS = [
         Binding("q", "quit", "Quit"),
         Binding("f1", "show_tab('stages')", "Stages", show=False),
