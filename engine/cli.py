@@ -6,6 +6,7 @@
     tas logs RUN [STAGE] [-f] [--events]
     tas cancel RUN [--grace S]
     tas gpu [--watch] [--interval S]
+    tas chat [--target kd|ce|assistant|base] [--model NAME]
 
 Light: argparse + the run store; never imports the ML stack, so every command answers at once.
 Stages run in the background whatever happens to this process; `tas run` only follows them, and
@@ -264,9 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--grace", type=float, default=None, help="seconds before SIGKILL (default: config)")
     cancel.set_defaults(func=cmd_cancel)
 
+    from engine.chat_client import add_chat_command
     from engine.gpu import add_gpu_command
 
     add_gpu_command(sub, common)
+    add_chat_command(sub, common)
     return parser
 
 
