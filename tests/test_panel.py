@@ -220,3 +220,34 @@ def test_panel_never_imports_the_ml_stack(project: Path):
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=project, capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.e2e
+async def test_runs_started_elsewhere_appear_and_update_live(project: Path):
+    """Reattach: a run started by the CLI while the panel is open shows up and follows to done."""
+    from engine import launcher
+
+    app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause(0.5)
+        store = RunStore(project / "runs")
+        run = store.create(load_config(project / "configs" / "tiny.yaml"), "configs/tiny.yaml")
+        launcher.start(run, ["data"])
+        for _ in range(100):
+            await pilot.pause(0.3)
+            options = [o.id for o in app.query_one("#runs").options]
+            table = app.query_one("#pipeline", DataTable)
+            if run.id in options and table.row_count and "done" in str(table.get_row("data")[1]):
+                break
+        else:
+            raise AssertionError("the CLI's run never showed up as done in the panel")
+
+
+async def test_trust_remote_code_is_flagged(project: Path):
+    path = project / "configs" / "tiny.yaml"
+    path.write_text(path.read_text().replace("trust_remote_code: false", "trust_remote_code: true"))
+    app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("f2")
+        await pilot.pause()
+        assert "trust_remote_code is on" in str(app.query_one("#state").render())

@@ -149,3 +149,42 @@ def test_cancel_saves_a_checkpoint_then_resume(trained, tmp_path):
     steps = [e["done"] for e in read_events(ctx.stage_dir / "events.jsonl") if e["kind"] == "progress"]
     assert steps[0] == 1 and steps[-1] == 4
     assert (tmp_path / "student" / "model.safetensors").exists()
+
+
+def test_merged_adapter_matches_base_plus_adapter(trained, tmp_path):
+    import torch
+    from peft import PeftModel
+
+    from engine.models import load_causal_lm, load_tokenizer
+
+    cfg, _, root = trained
+    adapter = Path(cfg.train.sft.save_path)
+    sft.merge_adapter(make_context(cfg, "sft", root), adapter, tmp_path / "merged")
+    tokenizer = load_tokenizer(str(tmp_path / "merged"))
+    batch = tokenizer(["def add(a, b):", "Reverse a list in place"], return_tensors="pt", padding=True)
+    merged = load_causal_lm(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    with_adapter = PeftModel.from_pretrained(load_causal_lm(cfg.assistant.model.name, dtype=torch.float32), adapter).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, with_adapter(**batch).logits, atol=1e-4)
+
+
+def test_trust_remote_code_stays_off_unless_configured(trained, monkeypatch):
+    from engine import teacher_open
+
+    cfg, _, root = trained
+    seen = []
+
+    def fake_load(name, key="model", **kwargs):
+        seen.append(kwargs["trust_remote_code"])
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(teacher_open, "load_causal_lm", fake_load)
+    for flag in (False, True):
+        cfg = cfg.model_copy(deep=True)
+        cfg.teacher.open.model.trust_remote_code = flag
+        ctx = make_context(cfg, "teacher", root)
+        with pytest.raises(RuntimeError, match="stop here"):
+            teacher_open.load_teacher(ctx)
+        warned = any("trust_remote_code is on" in e.get("msg", "") for e in read_events(ctx.stage_dir / "events.jsonl"))
+        assert warned is flag
+    assert seen == [False, True]
