@@ -349,7 +349,7 @@ class PromptsConfig(Section):
 
 class LaunchConfig(Section):
     nproc_per_node: int = Field(1, gt=0, description="Processes (GPUs) for the teacher stage; >1 runs it under torchrun, one shard per GPU.")
-    launcher: Literal["torchrun", "accelerate"] = Field("torchrun", description="Multi-process launcher.")
+    launcher: Literal["torchrun"] = Field("torchrun", description="Multi-process launcher (torchrun).")
     cancel_grace_s: float = Field(30.0, gt=0, description="Seconds a cancelled stage gets to save before SIGKILL.")
     cuda_visible_devices: str | None = Field(None, description="CUDA_VISIBLE_DEVICES for stage workers.")
 

@@ -32,8 +32,6 @@ def worker_command(stage: str, run: Run, config: TASConfig) -> list[str]:
     if nproc > 1 and stage in MULTI_PROCESS_STAGES:
         # torchrun's own parser would take `--run` for an abbreviation of its `--run-path`
         worker = ["-m", "engine.worker", stage, "--run-dir", str(run.path)]
-        if config.launch.launcher == "accelerate":
-            return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc), *worker]
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker]
     return [sys.executable, "-u", *worker]
 
