@@ -59,29 +59,16 @@ def runs_root(config_path: str | None) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        stages = check_stage_names(args.stages)
-    except UnknownStage as exc:
-        return fail(str(exc))
+    stages = check_stage_names(args.stages)
     store = RunStore(runs_root(args.config))
     if args.run:
-        try:
-            run = store.get(args.run)
-        except RunNotFound as exc:
-            return fail(str(exc))
+        run = store.get(args.run)
     else:
-        try:
-            config = load_config(args.config)
-        except ConfigError as exc:
-            return fail(str(exc))
-        run = store.create(config, args.config)
+        run = store.create(load_config(args.config), args.config)
     tails = {stage: EventTail(run.stage_dir(stage) / "events.jsonl") for stage in stages}
     for tail in tails.values():
         tail.poll()  # skip events of earlier attempts: follow only this one
-    try:
-        launcher.start(run, stages)
-    except launcher.RunBusy as exc:
-        return fail(str(exc))
+    launcher.start(run, stages)
     console.print(f"run [bold]{run.id}[/]: {', '.join(stages)}  (dir {run.path})")
     if args.detach:
         console.print(f"running in the background; follow with `tas logs {run.id} -f`, see `tas status`")
@@ -132,10 +119,7 @@ def _worth_a_line(stage: str, event: dict) -> bool:
 def cmd_status(args: argparse.Namespace) -> int:
     store = RunStore(runs_root(args.config))
     if args.run:
-        try:
-            runs = [store.get(args.run)]
-        except RunNotFound as exc:
-            return fail(str(exc))
+        runs = [store.get(args.run)]
     else:
         runs = store.list()
         if not runs:
@@ -159,11 +143,7 @@ def _default_stage(run: Run) -> str:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    store = RunStore(runs_root(args.config))
-    try:
-        run = store.get(args.run)
-    except RunNotFound as exc:
-        return fail(str(exc))
+    run = RunStore(runs_root(args.config)).get(args.run)
     stage = args.stage or _default_stage(run)
     if stage not in PIPELINE:
         return fail(f"unknown stage {stage!r}; stages are: {', '.join(PIPELINE)}")
@@ -210,11 +190,7 @@ class _LogTail:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    store = RunStore(runs_root(args.config))
-    try:
-        run = store.get(args.run)
-    except RunNotFound as exc:
-        return fail(str(exc))
+    run = RunStore(runs_root(args.config)).get(args.run)
     console.print(f"cancelling run {run.id} (stages save and stop; grace period applies)…")
     if not launcher.cancel(run, grace_s=args.grace):
         console.print("nothing was running")
@@ -280,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         args.config = DEFAULT_CONFIG
     if args.command is None:
         return cmd_panel(args)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ConfigError, RunNotFound, UnknownStage, launcher.RunBusy) as exc:
+        return fail(str(exc))  # the user's input is wrong: say so, no traceback
 
 
 if __name__ == "__main__":

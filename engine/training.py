@@ -111,3 +111,27 @@ def precision(ctx: StageContext, bf16: bool, fp16: bool, device_type: str) -> di
         ctx.events.log("this GPU has no bfloat16; using fp16", level="warning")
         return {"bf16": False, "fp16": True}
     return {"bf16": bool(bf16), "fp16": bool(fp16 and not bf16)}
+
+
+def train_resumable(ctx: StageContext, trainer, cancel: CancelCallback, checkpoints: Path, batch_key: str,
+                    batch_size: int, label: str = "") -> None:
+    """Train from the newest checkpoint in `checkpoints`; OOM and cancel become the stage's own endings."""
+    from engine.runtime import is_out_of_memory
+    from engine.stage import StageCancelled, StageError
+
+    prefix = f"{label}: " if label else ""
+    resume = last_checkpoint(checkpoints)
+    if resume:
+        ctx.events.log(f"{prefix}resuming from {resume}")
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise StageError(
+                f"out of memory at {batch_key}={batch_size}; lower it "
+                "(and raise gradient_accumulation_steps to keep the effective batch)"
+            ) from None
+        raise
+    ctx.events.memory(peak_memory())
+    if cancel.stopped:
+        raise StageCancelled(f"{prefix}cancelled at step {trainer.state.global_step}; checkpoint saved, re-run to resume")

@@ -27,12 +27,12 @@ from transformers import Trainer, TrainingArguments
 from engine.chat_data import ChatDataError, load_pairs, split_pairs, tokenize_pair
 from engine.kd_loss import chunked_kd_loss
 from engine.models import load_causal_lm, load_tokenizer
-from engine.runtime import is_out_of_memory, peak_memory, pick_device
+from engine.runtime import pick_device
 from engine.stages.sft import quantization_config
 from engine.student import build_student, check_vocab_compatibility
 from engine.teacher_output import load_system_prompts
-from engine.training import CancelCallback, EventsCallback, last_checkpoint, precision, report_to
-from engine.stage import StageCancelled, StageContext, StageError
+from engine.training import CancelCallback, EventsCallback, precision, report_to, train_resumable
+from engine.stage import StageContext, StageError
 
 
 def load_kd_teacher(ctx: StageContext, device: torch.device):
@@ -211,21 +211,8 @@ def train_one(ctx: StageContext, label: str, student, teacher, tokenizer, train_
         chunk_size=kd.loss_chunk_size,
         vocab_size=vocab,
     )
-    resume = last_checkpoint(checkpoints)
-    if resume:
-        ctx.events.log(f"{label}: resuming from {resume}")
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    except Exception as exc:
-        if is_out_of_memory(exc):
-            raise StageError(
-                f"out of memory at train.distillation.per_device_train_batch_size={kd.per_device_train_batch_size}; "
-                "lower it (and raise gradient_accumulation_steps to keep the effective batch)"
-            ) from None
-        raise
-    ctx.events.memory(peak_memory())
-    if cancel.stopped:
-        raise StageCancelled(f"{label}: cancelled at step {trainer.state.global_step}; checkpoint saved, re-run to resume")
+    train_resumable(ctx, trainer, cancel, checkpoints, "train.distillation.per_device_train_batch_size",
+                    kd.per_device_train_batch_size, label)
     student.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     ctx.events.artifact(output_dir, label)

@@ -24,10 +24,10 @@ import torch
 
 from engine.chat_data import ChatDataError, load_pairs, split_pairs, to_prompt_completion
 from engine.models import load_causal_lm, load_tokenizer
-from engine.runtime import is_out_of_memory, peak_memory, pick_attention, pick_device, pick_dtype
+from engine.runtime import pick_attention, pick_device, pick_dtype
 from engine.teacher_output import load_system_prompts
-from engine.training import CancelCallback, EventsCallback, last_checkpoint, precision, report_to
-from engine.stage import StageCancelled, StageContext, StageError
+from engine.training import CancelCallback, EventsCallback, precision, report_to, train_resumable
+from engine.stage import StageContext, StageError
 
 
 def quantization_config(ctx: StageContext):
@@ -168,21 +168,8 @@ def train(ctx: StageContext, setup: SftSetup) -> None:
     sft = ctx.config.train.sft
     save_path = Path(sft.save_path)
     trainer, cancel, tokenizer, eval_set = setup.trainer, setup.cancel, setup.tokenizer, setup.eval_set
-    resume = last_checkpoint(save_path / "checkpoints")
-    if resume:
-        ctx.events.log(f"resuming from {resume}")
-    try:
-        trainer.train(resume_from_checkpoint=resume)
-    except Exception as exc:
-        if is_out_of_memory(exc):
-            raise StageError(
-                f"out of memory at train.sft.per_device_train_batch_size={sft.per_device_train_batch_size}; "
-                "lower it (and raise gradient_accumulation_steps to keep the effective batch)"
-            ) from None
-        raise
-    ctx.events.memory(peak_memory())
-    if cancel.stopped:
-        raise StageCancelled(f"cancelled at step {trainer.state.global_step}; checkpoint saved, re-run to resume")
+    train_resumable(ctx, trainer, cancel, save_path / "checkpoints", "train.sft.per_device_train_batch_size",
+                    sft.per_device_train_batch_size)
 
     # 5. save
     if eval_set is not None:
