@@ -8,7 +8,7 @@ engine.chat_client.ChatClient (the panel's Chat tab and `tas chat`).
 `NAME` is a hub id, a local model folder or `tiny:<name>`; `--adapter` puts a PEFT (LoRA) adapter folder
 on top of it. The model is loaded once, then the worker prints
 
-    {"kind": "ready", "model", "adapter", "device", "dtype", "context", "template", "load_s", "pid"}
+    {"kind": "ready", "model", "adapter", "device", "dtype", "context", "template", "load_s", "threads", "pid"}
 
 and serves requests, one JSON object per stdin line:
 
@@ -34,8 +34,9 @@ Times: `ttft_s` runs from the moment the worker starts the request (chat templat
 first generated token; `tokens_per_s` is the decode rate after it, (tokens - 1) / (last - first token);
 `elapsed_s` is the whole request.
 
-`params`: temperature (0 means greedy), top_p, top_k, max_new_tokens, do_sample. max_new_tokens is
-capped to what fits in the model's context after the prompt.
+`params` (all optional): temperature (0 means greedy), top_p, top_k, max_new_tokens, min_new_tokens (no
+EOS before), do_sample, repetition_penalty, seed (reproducible sampling). max_new_tokens is capped to
+what fits in the model's context after the prompt.
 
 Every failure is an `error` line with a sentence a person can act on: an unloadable model at startup
 is a fatal error followed by exit code 2; a bad request, an out-of-memory or a failed `load` (the old
@@ -59,7 +60,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 EXIT_BAD_MODEL = 2
-PARAM_KEYS = {"temperature", "top_p", "top_k", "max_new_tokens", "do_sample", "repetition_penalty"}
+PARAM_KEYS = {"temperature", "top_p", "top_k", "max_new_tokens", "min_new_tokens", "do_sample",
+              "repetition_penalty", "seed"}
 DEFAULT_MAX_NEW_TOKENS = 512
 
 
@@ -120,8 +122,25 @@ class Loaded:
             "context": self.context,
             "template": self.template,
             "load_s": round(self.load_s, 3),
+            "threads": _torch_threads(),
             "pid": os.getpid(),
         }
+
+
+def cpu_threads() -> int:
+    """Torch threads for CPU generation: $OMP_NUM_THREADS when set, else every usable core but one.
+
+    The panel (or terminal) that renders the stream runs beside the worker; with every core taken, torch's
+    spinning OpenMP threads and the renderer fight over the CPU, and a small model decodes 10x slower on a
+    2-core machine (bench/chat_stream.py).
+    """
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def pick_device(wanted: str):
@@ -151,6 +170,8 @@ def load_model(name: str, adapter: str | None, device_name: str) -> Loaded:
     from engine.models import load_causal_lm, load_tokenizer
 
     device = pick_device(device_name)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads())
     # the checkpoint's own dtype on a GPU (bf16 / fp16 for most hub models); fp16 on a CPU is slow: fp32
     model = load_causal_lm(name, key="model", dtype="auto")
     if device.type == "cpu" and model.dtype == torch.float16:
@@ -265,6 +286,8 @@ def check_params(params: Any) -> dict[str, Any]:
         "top_p": number("top_p", 0.0, 1.0),
         "top_k": number("top_k", 0, None, integer=True),
         "max_new_tokens": number("max_new_tokens", 1, None, integer=True),
+        "min_new_tokens": number("min_new_tokens", 0, None, integer=True),
+        "seed": number("seed", 0, 2**63 - 1, integer=True),
         "repetition_penalty": number("repetition_penalty", 0.01, 100.0),
     }
     if out["top_p"] == 0.0:
@@ -292,6 +315,8 @@ def generation_kwargs(params: dict[str, Any], max_new_tokens: int) -> dict[str, 
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if "repetition_penalty" in params:
         kwargs["repetition_penalty"] = params["repetition_penalty"]
+    if params.get("min_new_tokens"):
+        kwargs["min_new_tokens"] = min(params["min_new_tokens"], max_new_tokens)
     return kwargs
 
 
@@ -420,6 +445,8 @@ class ChatServer:
         inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
         streamer = make_streamer(loaded.tokenizer, job, self.channel)
         kwargs = generation_kwargs(job.params, max_new)
+        if "seed" in job.params:
+            torch.manual_seed(job.params["seed"])
         with torch.inference_mode():
             out = loaded.model.generate(**inputs, **kwargs, streamer=streamer, stopping_criteria=make_stop_criteria(job),
                                         pad_token_id=_pad_id(loaded))
@@ -452,6 +479,12 @@ class ChatServer:
         del old
         free_cuda_cache()
         self.channel.send("ready", **({"id": job.id} if job.id else {}), **loaded.ready_fields())
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _pad_id(loaded: Loaded):

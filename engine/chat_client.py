@@ -373,6 +373,16 @@ def system_prompt(config) -> str | None:
         return None
 
 
+_CONTROL = {c: None for c in [*range(0, 9), 11, 12, *range(14, 32), 127, *range(0x80, 0xA0)]}
+_CONTROL[13] = None
+
+
+def printable(text: str) -> str:
+    """Model text safe for a terminal: control characters (ESC sequences, BEL, CR, ...) removed; newlines and
+    tabs kept. A small or broken model can emit any byte, and a raw ESC could rewrite the user's screen."""
+    return text.translate(_CONTROL)
+
+
 def build_messages(system: str | None, history: list[dict[str, str]]) -> list[dict[str, str]]:
     return ([{"role": "system", "content": system}] if system else []) + list(history)
 
@@ -529,7 +539,7 @@ def _one_reply(client: ChatClient, messages: list[dict[str, str]], params: dict[
             kind = reply.get("kind")
             if kind == "token" and reply.get("id") == rid:
                 pieces.append(reply["text"])
-                sys.stdout.write(reply["text"])
+                sys.stdout.write(printable(reply["text"]))
                 sys.stdout.flush()
             elif kind == "end" and reply.get("id") == rid:
                 sys.stdout.write("\n")

@@ -25,7 +25,7 @@ from rich.console import Console
 
 from engine import launcher
 from engine.config import ConfigError, load_config
-from engine.events import EventTail
+from engine.events import FINAL_STATES, EventTail
 from engine.render import event_line, run_block
 from engine.runs import Run, RunNotFound, RunStore
 from engine.secrets import redact
@@ -77,12 +77,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def follow_run(run: Run, stages: list[str], tails: dict[str, EventTail]) -> int:
-    """Print the events of `stages` as they come, until the run's supervisor has ended."""
+    """Print the events of `stages` as they come, until the supervisor has ended and no stage runs."""
+    finals: dict[str, str] = {}
     try:
         while True:
-            alive = run.is_live()
+            alive = run.is_live() or any(s.state == "running" for s in run.stages() if s.name in stages)
             for stage, tail in tails.items():
                 for event in tail.poll():
+                    if event.get("kind") == "status" and event.get("state") in FINAL_STATES:
+                        finals[stage] = event["state"]
                     if not _worth_a_line(stage, event):
                         continue
                     line = event_line(stage, event)
@@ -94,8 +97,11 @@ def follow_run(run: Run, stages: list[str], tails: dict[str, EventTail]) -> int:
     except KeyboardInterrupt:
         console.print(f"\ndetached: run {run.id} goes on in the background. Stop it with `tas cancel {run.id}`.")
         return 0
-    states = {s.name: s.state for s in run.stages()}
-    return 0 if all(states[s] == "done" for s in stages) else 1
+    missing = [s for s in stages if s not in finals]
+    if missing and all(state == "done" for state in finals.values()):
+        errors.print(f"[red]the run ended before {', '.join(missing)} reported a result[/]; "
+                     f"see {run.path / 'supervisor.log'}")
+    return 0 if not missing and all(state == "done" for state in finals.values()) else 1
 
 
 _last_printed: dict[tuple[str, str], float] = {}
@@ -163,7 +169,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         while True:
             status = next(s for s in run.stages() if s.name == stage)
             show()
-            if status.is_final and not run.is_live():
+            if status.is_final or (status.state == "pending" and not run.is_live()):
                 show()
                 return 0
             time.sleep(0.3)
@@ -258,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_panel(args)
     try:
         return args.func(args)
-    except (ConfigError, RunNotFound, UnknownStage, launcher.RunBusy) as exc:
+    except (ConfigError, RunNotFound, UnknownStage, launcher.CannotStart) as exc:
         return fail(str(exc))  # the user's input is wrong: say so, no traceback
 
 

@@ -557,7 +557,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, backup: bool = False
 
     With `backup`, the current file is first copied (the same way) to `<name>.bak`.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))  # a symlinked config: write the file it points to, keep the link
     if backup and path.exists():
         _replace_with(path.with_name(path.name + ".bak"), path.read_bytes(), mode_of=path)
     _replace_with(path, data, mode_of=path)

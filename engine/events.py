@@ -37,6 +37,9 @@ class EventWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
         self._lock = threading.Lock()
+        if _ends_mid_line(self.path):  # a writer killed mid-line: start ours on a line of its own
+            self._file.write("\n")
+            self._file.flush()
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
         if kind not in KINDS:
@@ -73,6 +76,18 @@ class EventWriter:
     def close(self) -> None:
         with self._lock:
             self._file.close()
+
+
+def _ends_mid_line(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:
+        return False
 
 
 def _redacted(value: Any) -> Any:

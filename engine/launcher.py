@@ -20,7 +20,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import psutil
 
 from engine.events import EventWriter
 from engine.config import atomic_write
@@ -28,7 +27,11 @@ from engine.runs import CANCEL_REQUEST, SUPERVISOR_FILE, ProcessRecord, Run
 from engine.stages import check_stage_names
 
 
-class RunBusy(RuntimeError):
+class CannotStart(RuntimeError):
+    """Stages of a run cannot be started; the message says why and what to do."""
+
+
+class RunBusy(CannotStart):
     """The run already has stages running."""
 
 
@@ -54,8 +57,12 @@ def start(run: Run, stages: list[str]) -> ProcessRecord:
                 f"wait for it or `tas cancel {run.id}`"
             )
         for status in run.stages():
-            if status.name in stages and status.state == "running":
-                raise RunBusy(f"stage {status.name} of run {run.id} is already running (pid {status.pid})")
+            if status.state == "running":  # also a worker whose supervisor was killed: it still writes
+                raise RunBusy(f"stage {status.name} of run {run.id} is still running (pid {status.pid}); "
+                              f"wait for it or `tas cancel {run.id}`")
+        if not Path(run.workdir).is_dir():
+            raise CannotStart(f"run {run.id} was started in {run.workdir}, which no longer exists; start a new run")
+        run.config()  # a frozen config that no longer validates fails here, with its message
         (run.path / CANCEL_REQUEST).unlink(missing_ok=True)  # a new start is not cancelled by an old request
         log = open(run.path / "supervisor.log", "ab")
         try:
@@ -71,7 +78,7 @@ def start(run: Run, stages: list[str]) -> ProcessRecord:
             )
         finally:
             log.close()
-        record = ProcessRecord(process.pid, psutil.Process(process.pid).create_time())
+        record = ProcessRecord.of(process.pid)
         record.write(run.path / SUPERVISOR_FILE, stages=stages, started=time.time())
         return record
 
@@ -94,47 +101,49 @@ def cancel(run: Run, grace_s: float | None = None, wait: bool = True) -> bool:
         grace_s = run.config().launch.cancel_grace_s
     with _run_lock(run):
         atomic_write(run.path / CANCEL_REQUEST, json.dumps({"grace_s": grace_s, "ts": time.time()}).encode())
-        record, _ = run.supervisor()
-        live_workers = [s for s in run.stages() if s.state == "running" and s.pid]
-        supervisor_alive = record is not None and record.is_alive()
-        if not supervisor_alive and not live_workers:
+        supervisor, _ = run.supervisor()
+        targets = [supervisor] if supervisor is not None and supervisor.is_alive() else []
+        workers = {}  # stage -> the worker record we signal
+        for status in run.stages():
+            record = ProcessRecord.read(run.stage_dir(status.name) / "pid")
+            if status.state == "running" and record is not None and record.is_alive():
+                workers[status.name] = record
+        targets += list(workers.values())
+        if not targets:
             return False
         groups = set()
-        if supervisor_alive:
-            groups.add(os.getpgid(record.pid))
-        for status in live_workers:
+        for record in targets:
             try:
-                groups.add(os.getpgid(status.pid))
+                groups.add(os.getpgid(record.pid))
             except ProcessLookupError:
                 pass
-        for group in groups:
-            try:
-                os.killpg(group, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        _signal_groups(groups, signal.SIGTERM)
     if not wait:
         return True
-    deadline = time.monotonic() + grace_s + 5  # the supervisor enforces grace_s; this is the backstop
+    # The supervisor enforces grace_s itself; this is the backstop for when it cannot. Wait only on the
+    # processes signalled here: a run started again meanwhile is not ours to kill or mark.
+    deadline = time.monotonic() + grace_s + 5
     while time.monotonic() < deadline:
-        if not _anything_alive(run):
+        if not any(record.is_alive() for record in targets):
             return True
         time.sleep(0.2)
-    for group in groups:
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    _signal_groups(groups, signal.SIGKILL)
     time.sleep(0.2)
-    for status in run.stages():
-        if status.state in ("running", "died"):
-            writer = EventWriter(run.stage_dir(status.name) / "events.jsonl")
+    for stage, record in workers.items():
+        if ProcessRecord.read(run.stage_dir(stage) / "pid") == record and run_stage_state(run, stage) == "died":
+            writer = EventWriter(run.stage_dir(stage) / "events.jsonl")
             writer.status("cancelled", message=f"killed after the grace period of {grace_s:g}s")
             writer.close()
     return True
 
 
-def _anything_alive(run: Run) -> bool:
-    record, _ = run.supervisor()
-    if record is not None and record.is_alive():
-        return True
-    return any(s.state == "running" for s in run.stages())
+def run_stage_state(run: Run, stage: str) -> str:
+    return next(s.state for s in run.stages() if s.name == stage)
+
+
+def _signal_groups(groups: set[int], sig: int) -> None:
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            pass

@@ -40,26 +40,41 @@ CANCEL_REQUEST = "cancel_request.json"
 
 @dataclass(frozen=True)
 class ProcessRecord:
-    """A pid plus its start time: a pid reused by another program after ours died is not mistaken for it."""
+    """A pid plus its start time: a pid reused by another program after ours died is not mistaken for it.
+
+    Identity uses the kernel's start tick count (/proc/<pid>/stat), which a wall-clock step (NTP, VM
+    resume) does not move; `create_time` (wall clock) is kept to compare with event timestamps.
+    """
 
     pid: int
     create_time: float
+    start_ticks: int | None = None
+    recorded_at: float | None = None  # time.time() when recorded: comparable with event timestamps
 
     @classmethod
     def of(cls, pid: int) -> ProcessRecord:
-        return cls(pid, psutil.Process(pid).create_time())
+        return cls(pid, psutil.Process(pid).create_time(), _start_ticks(pid), time.time())
+
+    @property
+    def started(self) -> float:
+        """Wall-clock start, to compare with event `ts` (psutil's create_time can be off by up to 1 s)."""
+        return self.recorded_at if self.recorded_at is not None else self.create_time
 
     def is_alive(self) -> bool:
         try:
             process = psutil.Process(self.pid)
-            if abs(process.create_time() - self.create_time) > 0.05:
-                return False
-            return process.status() != psutil.STATUS_ZOMBIE
+            ticks = _start_ticks(self.pid)
+            if self.start_ticks is not None and ticks is not None:
+                same = ticks == self.start_ticks
+            else:
+                same = abs(process.create_time() - self.create_time) <= 0.05
+            return same and process.status() != psutil.STATUS_ZOMBIE
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             return False
 
     def write(self, path: Path, **extra: Any) -> None:
-        data = {"pid": self.pid, "create_time": self.create_time, **extra}
+        data = {"pid": self.pid, "create_time": self.create_time, "start_ticks": self.start_ticks,
+                "recorded_at": self.recorded_at, **extra}
         atomic_write(path, json.dumps(data).encode())
 
     @classmethod
@@ -67,7 +82,21 @@ class ProcessRecord:
         data = read_json(path)
         if not data or "pid" not in data:
             return None
-        return cls(int(data["pid"]), float(data["create_time"]))
+        ticks, recorded = data.get("start_ticks"), data.get("recorded_at")
+        return cls(int(data["pid"]), float(data["create_time"]), int(ticks) if ticks is not None else None,
+                   float(recorded) if recorded is not None else None)
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat: start time in clock ticks after boot (Linux); None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # the command name (field 2) may contain spaces and parentheses: split after its closing one
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return int(fields[19])
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -151,15 +180,19 @@ def stage_status(stage_dir: Path, name: str, queued_since: float | None = None) 
             status.metrics[event["name"]] = event
     worker_alive = record is not None and record.is_alive()
     last_ts = events[-1].get("ts", 0) if events else 0
-    if worker_alive and (last_state not in FINAL_STATES or record.create_time > last_ts):
+    if worker_alive and (last_state not in FINAL_STATES or record.started > last_ts):
         status.state = "running"  # a worker that has reported its end may still be exiting: the report wins
     elif queued_since is not None and (not events or last_ts < queued_since or last_state not in FINAL_STATES):
         # a live supervisor will (re)start this stage, or is about to write its final status
         status.state = "queued" if (not events or last_ts < queued_since) else "running"
+        if status.state == "queued":  # what is shown belongs to the earlier attempt
+            status.error = status.message = status.progress = status.started_at = status.ended_at = None
+            status.metrics = {}
     elif last_state in FINAL_STATES:
         status.state = last_state
     elif events:
         status.state = "died"
+        status.ended_at = last_ts
         status.error = "the worker stopped without reporting a result (killed?); run the stage again to resume"
     return status
 
@@ -202,7 +235,7 @@ class Run:
 
     def stages(self) -> list[StageStatus]:
         record, planned = self.supervisor()
-        since = record.create_time if record is not None and record.is_alive() else None
+        since = record.started if record is not None and record.is_alive() else None
         return [
             stage_status(self.stage_dir(name), name, since if name in planned else None) for name in PIPELINE
         ]

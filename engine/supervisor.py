@@ -94,7 +94,9 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 env=worker_env(self.config),
             )
-        ProcessRecord(self.child.pid, psutil.Process(self.child.pid).create_time()).write(stage_dir / "pid")
+        ProcessRecord.of(self.child.pid).write(stage_dir / "pid")
+        if self.cancel_requested_at is not None:  # SIGTERM arrived while we were starting it
+            self.child.send_signal(signal.SIGTERM)
         killed = False
         while self.child.poll() is None:
             if self.cancel_requested_at is not None and time.monotonic() - self.cancel_requested_at > self.grace_s:
@@ -137,7 +139,10 @@ def _final_state(events: list[dict]) -> str | None:
 
 def _exit_reason(returncode: int | None) -> str:
     if returncode is not None and returncode < 0:
-        name = signal.Signals(-returncode).name
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:  # real-time signals have no name
+            name = f"signal {-returncode}"
         hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
         return f"the worker was stopped by {name}{hint} before reporting a result"
     return f"the worker exited with code {returncode} without reporting a result"

@@ -47,21 +47,31 @@ def _load_dotenv(workdir: str) -> None:
     load_dotenv(Path(workdir) / ".env", override=False)
 
 
+def install_cancel_handler(events: EventWriter, cancel_event: threading.Event) -> None:
+    """SIGTERM / SIGINT set `cancel_event` (stages stop at their next safe point); SIGHUP is ignored."""
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        # Only set the flag: the handler runs in the main thread, which may be inside EventWriter.emit
+        # holding its lock; logging from here would wait on that lock forever.
+        if not cancel_event.is_set():
+            cancel_event.set()
+            threading.Thread(
+                target=events.log, args=("cancel requested (SIGTERM): stopping at the next safe point", "warning"),
+                daemon=True,
+            ).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, on_sigterm)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def run_stage(stage: str, run: Run) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     events_name = "events.jsonl" if rank == 0 else f"events.rank{rank}.jsonl"
     events = EventWriter(run.stage_dir(stage) / events_name)
     cancel_event = threading.Event()
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        if not cancel_event.is_set():
-            cancel_event.set()
-            events.log("cancel requested (SIGTERM): stopping at the next safe point", level="warning")
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, on_sigterm)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    install_cancel_handler(events, cancel_event)
 
     started = time.monotonic()
     events.status("running", pid=os.getpid(), rank=rank, world_size=world_size)

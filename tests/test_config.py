@@ -312,3 +312,14 @@ def test_malformed_config_gets_a_clear_message_and_disk_is_unchanged(tmp_path: P
 
 def test_the_table_has_at_least_30_cases():
     assert len(MALFORMED) >= 30
+
+
+def test_saving_through_a_symlink_keeps_the_link(tmp_path: Path):
+    real = tmp_path / "real.yaml"
+    real.write_text(_seed_text())
+    link = tmp_path / "config.yaml"
+    link.symlink_to(real)
+    save_config_text(link, _seed_text().replace("top_k: 100", "top_k: 7"))
+    assert link.is_symlink()
+    assert "top_k: 7" in real.read_text()
+    assert (tmp_path / "real.yaml.bak").read_text() == _seed_text()

@@ -195,3 +195,20 @@ def test_panel_and_cli_never_import_the_ml_stack():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_logs_follow_of_a_stage_that_never_started_returns(project: Path):
+    config = load_config(project / "configs" / "tiny.yaml")
+    RunStore(project / "runs").create(config, "configs/tiny.yaml")
+    result = tas("logs", "last", "sft", "-f", cwd=project, timeout=20)
+    assert result.returncode == 0
+
+
+def test_a_frozen_config_that_no_longer_validates_is_refused(project: Path):
+    config = load_config(project / "configs" / "tiny.yaml")
+    run = RunStore(project / "runs").create(config, "configs/tiny.yaml")
+    frozen = run.path / "config.yaml"
+    frozen.write_text(frozen.read_text() + "\nobsolete_section: {}\n")
+    result = tas("run", "data", "--run", run.id, cwd=project)
+    assert result.returncode == 2
+    assert "obsolete_section" in result.stderr and "unknown key" in result.stderr

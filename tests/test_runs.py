@@ -113,3 +113,61 @@ def test_secrets_never_reach_the_event_stream(run, monkeypatch):
     text = path.read_text()
     assert secret not in text and "hf_a1b2" not in text and "sk-abcdefghij" not in text
     assert "***" in json.loads(text.splitlines()[0])["error"]
+
+
+def test_sigterm_while_writing_events_never_deadlocks(tmp_path: Path):
+    """The cancel handler runs in the main thread, possibly inside EventWriter.emit: it must not wait
+    on the writer's lock. A child process writes events in a tight loop while SIGTERMs rain on it."""
+    script = (
+        "import os, signal, threading, time\n"
+        "from engine.events import EventWriter\n"
+        "from engine.worker import install_cancel_handler\n"
+        f"events = EventWriter({str(tmp_path / 'events.jsonl')!r})\n"
+        "cancel = threading.Event()\n"
+        "install_cancel_handler(events, cancel)\n"
+        "def rain():\n"
+        "    for _ in range(200):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(0.002)\n"
+        "threading.Thread(target=rain).start()\n"
+        "end = time.monotonic() + 1.5\n"
+        "while time.monotonic() < end:\n"
+        "    events.metric('loss', 1.0, step=1)\n"
+        "print('FINISHED', cancel.is_set(), flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "FINISHED True" in result.stdout, result.stderr
+    logs = [e for e in read_events(tmp_path / "events.jsonl") if e["kind"] == "log"]
+    assert len(logs) == 1 and "cancel requested" in logs[0]["msg"]
+
+
+def test_a_new_writer_starts_after_a_torn_line(run):
+    path = run.stage_dir("data") / "events.jsonl"
+    writer = EventWriter(path)
+    writer.status("failed", error="old")
+    writer.close()
+    with open(path, "a") as f:
+        f.write('{"ts": 1, "kind": "log", "msg": "to')  # a writer killed mid-line
+    writer = EventWriter(path)
+    writer.status("running")
+    writer.close()
+    events = read_events(path)
+    assert [e.get("state") for e in events] == ["failed", "running"]
+    status = stage_status(run.stage_dir("data"), "data")
+    assert status.state == "died" and status.error != "old"  # the new attempt, not the old failure
+
+
+def test_a_queued_stage_does_not_show_the_last_attempts_error(run):
+    writer = EventWriter(run.stage_dir("data") / "events.jsonl")
+    writer.status("running")
+    writer.progress(3, 10, "records")
+    writer.status("failed", error="boom")
+    writer.close()
+    supervisor = subprocess.Popen(["sleep", "30"])  # started after the failure, like a new attempt's
+    try:
+        ProcessRecord.of(supervisor.pid).write(run.path / "supervisor.json", stages=["data"])
+        status = next(s for s in run.stages() if s.name == "data")
+        assert status.state == "queued" and status.error is None and status.progress is None
+    finally:
+        supervisor.kill()
+        supervisor.wait()

@@ -113,3 +113,14 @@ def test_output_store_never_stores_empty_answers(tmp_path: Path):
     with pytest.raises(ValueError, match="empty answer"):
         store.append([{"id": "a", "output": "  "}])
     assert not store.path.exists()
+
+
+def test_resume_off_does_not_merge_old_shards(config, project: Path):
+    output = Path(config.teacher.base.output_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    stale = {"id": "p-stale", "instruction": "old", "output": "old answer", "model": "x"}
+    Path(f"{output}.rank1").write_text(json.dumps(stale) + "\n")
+    config.teacher.open.pipeline.resume = False
+    teacher.run(make_context(config, "teacher", project))
+    assert "p-stale" not in {r["id"] for r in answers(config)}
+    assert list(output.parent.glob("teacher.jsonl.rank1.*.bak"))

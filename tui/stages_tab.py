@@ -294,7 +294,7 @@ class StagesTab(Vertical):
             else:
                 run = self.store.get(self.run_id)
             launcher.start(run, stages)
-        except (ConfigError, launcher.RunBusy, ValueError, LookupError) as exc:
+        except (ConfigError, launcher.CannotStart, ValueError, LookupError, OSError) as exc:
             self.app.call_from_thread(self.notify, str(exc), title="cannot start", severity="error", timeout=8)
             return
         self.run_id = run.id

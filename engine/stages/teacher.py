@@ -12,6 +12,7 @@ a barrier rank 0 appends the shards to the output and removes them.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,12 @@ from engine.stage import StageContext, StageError
 
 def shard_path(output: Path, rank: int) -> Path:
     return output.with_name(f"{output.name}.rank{rank}")
+
+
+def shard_files(output: Path) -> list[Path]:
+    """`<output>.rank<N>` files, and nothing else (not their `.bak` copies)."""
+    pattern = re.compile(re.escape(output.name) + r"\.rank\d+")
+    return sorted(p for p in output.parent.glob(output.name + ".rank*") if pattern.fullmatch(p.name))
 
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
@@ -43,7 +50,7 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
 def answered_ids(output: TeacherOutput) -> set[str]:
     """Ids answered in the output and in any shard left by an interrupted multi-GPU run."""
     ids = output.done_ids()
-    for shard in output.path.parent.glob(output.path.name + ".rank*"):
+    for shard in shard_files(output.path):
         ids |= TeacherOutput(shard).done_ids()
     return ids
 
@@ -52,7 +59,7 @@ def merge_shards(output: TeacherOutput) -> int:
     """Append shard records whose id is not in the output yet, then delete the shards."""
     present = output.done_ids()
     merged = 0
-    for shard_file in sorted(output.path.parent.glob(output.path.name + ".rank*")):
+    for shard_file in shard_files(output.path):
         shard = TeacherOutput(shard_file)
         shard.repair()
         fresh = [r for r in shard.records() if r["id"] not in present]
@@ -73,15 +80,20 @@ def run(ctx: StageContext) -> None:
     if config.teacher.source == "download":
         from engine.teacher_download import download_answers
 
-        download_answers(ctx, output)
+        if ctx.is_main:  # one writer, or every rank would append every answer
+            download_answers(ctx, output)
+        barrier()
         return
     prompts = read_prompts(Path(config.data.output_path))
 
     if ctx.is_main:
-        if not config.teacher.open.pipeline.resume and output_path.exists():
-            backup = output_path.with_name(f"{output_path.name}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
-            output_path.rename(backup)
-            ctx.events.log(f"resume is off: previous answers moved to {backup}")
+        if not config.teacher.open.pipeline.resume:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for old in [output_path, *shard_files(output_path)]:
+                if old.exists():  # shards of an interrupted multi-GPU run are old answers too
+                    backup = old.with_name(f"{old.name}.{stamp}.bak")
+                    old.rename(backup)
+                    ctx.events.log(f"resume is off: previous answers moved to {backup}")
         removed = output.repair()
         if removed:
             ctx.events.log(f"cut a torn last line ({removed} bytes) from {output_path}; it will be regenerated")
@@ -90,11 +102,12 @@ def run(ctx: StageContext) -> None:
             ctx.events.log(f"merged {merged} answers left in shard files by an interrupted run")
     barrier()
 
-    done = answered_ids(output)
+    done = output.done_ids()  # shards were merged before the barrier: every rank sees the same set
     todo = [p for p in prompts if p["id"] not in done]
     if ctx.is_main:
         ctx.events.log(f"{len(prompts)} prompts: {len(prompts) - len(todo)} already answered, {len(todo)} to go")
     total, answered = len(prompts), len(prompts) - len(todo)
+    prompt_ids = {p["id"] for p in prompts}
     if ctx.is_main:
         ctx.events.progress(answered, total, "prompts")
 
@@ -106,7 +119,7 @@ def run(ctx: StageContext) -> None:
         answered += count
         if ctx.is_main:
             # other ranks' shards grow too: count the files rather than only our own share
-            current = len(answered_ids(output)) if world > 1 else answered
+            current = len(answered_ids(output) & prompt_ids) if world > 1 else answered
             ctx.events.progress(min(current, total), total, "prompts")
 
     system_prompt = _system_prompt(ctx)
