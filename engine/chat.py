@@ -172,8 +172,9 @@ def load_model(name: str, adapter: str | None, device_name: str) -> Loaded:
     device = pick_device(device_name)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads())
-    # the checkpoint's own dtype on a GPU (bf16 / fp16 for most hub models); fp16 on a CPU is slow: fp32
-    model = load_causal_lm(name, key="model", dtype="auto")
+    # the checkpoint's own dtype (bf16 / fp16 for most hub models; fp16 on a CPU is slow: fp32), weights
+    # loaded straight onto the GPU rather than through host memory
+    model = load_causal_lm(name, key="model", dtype="auto", device_map={"": device} if device.type == "cuda" else None)
     if device.type == "cpu" and model.dtype == torch.float16:
         model = model.float()
     tokenizer = None
@@ -218,6 +219,7 @@ class Job:
     model: str | None = None
     adapter: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    cut: bool = False  # the stop flag actually ended the generation (not a stop that came after the end)
 
 
 def parse_request(line: str) -> Job:
@@ -357,7 +359,9 @@ def make_stop_criteria(job: Job):
 
     class StopFlag(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), job.stop.is_set(), dtype=torch.bool, device=input_ids.device)
+            stop = job.stop.is_set()
+            job.cut = job.cut or stop
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([StopFlag()])
 
@@ -439,7 +443,7 @@ class ChatServer:
             if room < 1:
                 raise RequestError(
                     f"the conversation is {prompt_tokens} tokens, the model's context is {loaded.context}: "
-                    "start a new conversation (/reset) or shorten the system prompt"
+                    "start a new conversation (ctrl+n in the panel, /reset in tas chat) or shorten the system prompt"
                 )
             max_new = min(max_new, room)
         inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
@@ -452,7 +456,7 @@ class ChatServer:
                                         pad_token_id=_pad_id(loaded))
         end = time.perf_counter()
         tokens = int(out.shape[1]) - prompt_tokens
-        stopped = job.stop.is_set()
+        stopped = job.cut
         eos = _eos_ids(loaded)
         if stopped:
             finish = "stopped"
@@ -524,7 +528,13 @@ def describe_failure(exc: BaseException, loaded: Loaded | None) -> str:
     text = str(exc).strip() or type(exc).__name__
     if isinstance(exc, RequestError):
         return text
-    if "out of memory" in text.lower() or type(exc).__name__ == "OutOfMemoryError":
+    if "torch" in sys.modules:  # the project's own test (needs torch, which a bad path never imports)
+        from engine.runtime import is_out_of_memory
+
+        oom = is_out_of_memory(exc)
+    else:
+        oom = False
+    if oom:
         where = f" on {loaded.device}" if loaded else ""
         return (f"out of memory{where}: lower max_new_tokens, start a new conversation, or chat with a smaller "
                 f"model ({text.splitlines()[0][:200]})")

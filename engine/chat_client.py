@@ -25,8 +25,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 Reply = dict[str, Any]
 
@@ -81,9 +82,10 @@ class ChatClient:
         self._closing = False
         self._broken = False
         self._fatal_seen = False
+        self._own_log = False  # a temp log we made: removed after a clean exit, kept after a failure
 
     # ---- lifecycle
-    def start(self) -> "ChatClient":
+    def start(self) -> ChatClient:
         """Spawn the worker; returns at once (the model loads in the worker, then a `ready` reply comes)."""
         if self.process is not None:
             raise RuntimeError("this ChatClient was already started; make a new one")
@@ -91,6 +93,7 @@ class ChatClient:
             fd, name = tempfile.mkstemp(prefix="tas-chat-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
+            self._own_log = True
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [self.python, "-u", "-m", "engine.chat", "--model", self.model, "--device", self.device]
         if self.adapter:
@@ -111,6 +114,9 @@ class ChatClient:
         self._reader.start()
         self._writer = threading.Thread(target=self._write_loop, name="chat-client-writer", daemon=True)
         self._writer.start()
+        if self._closing:  # closed while we were spawning (a panel leaving at once): do not leave it behind
+            self._closing = False
+            self.close()
         return self
 
     @property
@@ -120,9 +126,11 @@ class ChatClient:
     def close(self, timeout: float = 5.0) -> None:
         """End the worker: EOF on its stdin (it stops any generation and exits), then TERM, then KILL."""
         process = self.process
-        if process is None or self._closing:
+        if self._closing:
             return
         self._closing = True
+        if process is None:  # not started (yet): start() sees the flag
+            return
         self._outbox.put(None)
         if self._writer is not None:
             self._writer.join(timeout=1)
@@ -142,8 +150,10 @@ class ChatClient:
         self.returncode = process.returncode
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout=2)
+        if self._own_log and self.returncode == 0 and not self._fatal_seen and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ChatClient":
+    def __enter__(self) -> ChatClient:
         if self.process is None:
             self.start()
         return self
@@ -281,7 +291,7 @@ class ChatClient:
                        + (f"; last lines of {self.log_path}:\n{tail}" if tail else f"; log: {self.log_path}"),
         }
         if self.pending:
-            reply["id"] = sorted(self.pending)[0]
+            reply["id"] = min(self.pending)
             self.pending.clear()
         self._deliver(reply)
 
@@ -300,10 +310,11 @@ def _exit_text(code: int | None) -> str:
 
 
 def _worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)  # engine must import from any working directory
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
+    from engine.launcher import (
+        _supervisor_env,  # PYTHONPATH (engine importable from any cwd), unbuffered
+    )
+
+    env = _supervisor_env()
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
@@ -373,7 +384,7 @@ def system_prompt(config) -> str | None:
         return None
 
 
-_CONTROL = {c: None for c in [*range(0, 9), 11, 12, *range(14, 32), 127, *range(0x80, 0xA0)]}
+_CONTROL = {c: None for c in [*range(9), 11, 12, *range(14, 32), 127, *range(0x80, 0xA0)]}
 _CONTROL[13] = None
 
 
@@ -483,7 +494,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         client.close()
         return 130
-    _say(f"{target.label} ({ready.get('model')}) on {ready.get('device')}, ready. "
+    name = target.label if target.label == ready.get("model") else f"{target.label} ({ready.get('model')})"
+    _say(f"{name} on {ready.get('device')}, ready. "
          f"Ctrl-C stops a reply, /reset clears the conversation, /quit exits.")
     if system:
         _say(f"system: {system}")

@@ -11,6 +11,7 @@ import io
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from engine.chat_client import (
     chat_targets,
     cmd_chat,
     format_stats,
+    printable,
 )
 from engine.config import load_config
 
@@ -64,8 +66,8 @@ def next_of(client: ChatClient, kind: str, timeout: float = 60.0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_cache):
-    client = ChatClient("tiny:student", device="cpu")
+def worker(tiny_cache, tmp_path_factory):
+    client = ChatClient("tiny:student", device="cpu", log_path=tmp_path_factory.mktemp("chat") / "worker.log")
     client.start()
     ready = client.wait_ready(timeout=120)
     assert ready["model"] == "tiny:student" and ready["device"] == "cpu" and ready["template"] == "chat"
@@ -95,7 +97,7 @@ def test_multi_turn_history(worker):
     _, end1 = collect(worker, worker.generate(first, {"max_new_tokens": 6, "temperature": 0.8, "top_p": 0.9,
                                                         "top_k": 20}))
     history = first + [{"role": "assistant", "content": "Hi! What code?"}, {"role": "user", "content": "a sort"}]
-    tokens, end2 = collect(worker, worker.generate(history, {"max_new_tokens": 6, "do_sample": False}))
+    _, end2 = collect(worker, worker.generate(history, {"max_new_tokens": 6, "do_sample": False}))
     assert end1["kind"] == end2["kind"] == "end"
     assert end2["prompt_tokens"] > end1["prompt_tokens"] + 5  # the whole history went into the prompt
     assert end2["tokens"] == 6
@@ -103,7 +105,8 @@ def test_multi_turn_history(worker):
 
 def test_stop_mid_generation(worker):
     rid = worker.generate([{"role": "user", "content": "Write a long story."}],
-                          {"max_new_tokens": 100_000, "temperature": 1.0})  # capped to the context (1024)
+                          {"max_new_tokens": 100_000, "min_new_tokens": 100_000,  # capped to the context (1024)
+                           "temperature": 1.0, "seed": 7})
     stopped_at = time.monotonic()
 
     def stop_after_three(count: int) -> None:
@@ -112,7 +115,7 @@ def test_stop_mid_generation(worker):
             worker.stop(rid)
             stopped_at = time.monotonic()
 
-    tokens, end = collect(worker, rid, on_token=stop_after_three)
+    _, end = collect(worker, rid, on_token=stop_after_three)
     assert end["kind"] == "end" and end["stopped"] is True and end["finish"] == "stopped"
     assert 3 <= end["tokens"] < 900
     assert time.monotonic() - stopped_at < 5
@@ -133,18 +136,46 @@ def test_bad_requests_get_an_error_and_the_worker_keeps_serving(worker):
                     ' "params": {"temperature": "hot"}}')
     error = next_of(worker, "error")
     assert error["id"] == "bad2" and "temperature" in error["message"]
+    long = [{"role": "user", "content": "def f(x): return x " * 400}]  # past the tiny model's 1024 positions
+    _, error = collect(worker, worker.generate(long, GREEDY))
+    assert error["kind"] == "error" and "context is 1024" in error["message"] and not error.get("fatal")
     worker.send_raw('{"op": "fly"}')
     assert "unknown op" in next_of(worker, "error")["message"]
     _, end = collect(worker, worker.generate([{"role": "user", "content": "hi"}], GREEDY))
     assert end["kind"] == "end" and end["tokens"] == 12
 
 
-def test_load_switches_model_and_a_bad_load_keeps_the_old_one(worker):
+def _lora_adapter(base: str, out: Path) -> Path:
+    """A LoRA adapter for `base`, saved the way the sft stage saves one (adapter + tokenizer)."""
+    from peft import LoraConfig, get_peft_model
+
+    from engine.models import load_causal_lm, load_tokenizer
+
+    model = get_peft_model(load_causal_lm(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                            task_type="CAUSAL_LM"))
+    model.save_pretrained(out)
+    load_tokenizer(base).save_pretrained(out)
+    return out
+
+
+def test_load_with_a_lora_adapter(worker, tmp_path):
+    adapter = _lora_adapter("tiny:assistant", tmp_path / "Assistant")
+    worker.load("tiny:assistant", adapter=str(adapter))
+    ready = next_of(worker, "ready")
+    assert ready["model"] == "tiny:assistant" and ready["adapter"] == str(adapter)
+    _, end = collect(worker, worker.generate([SYSTEM, {"role": "user", "content": "hi"}], GREEDY))
+    assert end["kind"] == "end" and end["tokens"] == 12
+
+
+def test_load_switches_model_and_a_bad_load_keeps_the_old_one(worker, tmp_path):
     worker.load("tiny:assistant")
     ready = next_of(worker, "ready")
     assert ready["model"] == "tiny:assistant" and worker.model == "tiny:assistant"
     _, end = collect(worker, worker.generate([{"role": "user", "content": "hi"}], GREEDY))
     assert end["kind"] == "end" and end["tokens"] == 12
+    worker.load("tiny:assistant", adapter=str(tmp_path / "missing"))
+    error = next_of(worker, "error")
+    assert error["op"] == "load" and "no PEFT adapter" in error["message"]
     worker.load("/nonexistent/model")
     error = next_of(worker, "error")
     assert error["op"] == "load" and "no such model folder" in error["message"] and "tiny:assistant" in error["message"]
@@ -152,9 +183,18 @@ def test_load_switches_model_and_a_bad_load_keeps_the_old_one(worker):
     assert next_of(worker, "ready")["model"] == "tiny:student"
 
 
+def test_seed_makes_sampling_reproducible(worker):
+    params = {"temperature": 1.0, "max_new_tokens": 40, "min_new_tokens": 40, "seed": 123}
+    messages = [{"role": "user", "content": "Write a sort."}]
+    first, end1 = collect(worker, worker.generate(messages, params))
+    second, end2 = collect(worker, worker.generate(messages, params))
+    assert "".join(first) == "".join(second) and end1["tokens"] == end2["tokens"] == 40
+
+
 def test_client_reports_a_killed_worker(worker):
     """Last of the module: it kills the shared worker."""
-    rid = worker.generate([{"role": "user", "content": "Write a long story."}], {"max_new_tokens": 1000})
+    rid = worker.generate([{"role": "user", "content": "Write a long story."}],
+                          {"max_new_tokens": 1000, "min_new_tokens": 1000})
     collect_first = next_of(worker, "token")
     assert collect_first["id"] == rid
     os.kill(worker.process.pid, signal.SIGKILL)
@@ -208,6 +248,10 @@ def test_chat_targets(project):
     assert [t.key for t in chat_targets(config, root=project / "elsewhere")] == ["base"]
 
 
+def test_printable_drops_terminal_controls():
+    assert printable("a\x1b[2Jb\x07c\rd\n\te\x9bf") == "a[2Jbcd\n\tef"
+
+
 def test_format_stats():
     assert format_stats({"tokens": 64, "ttft_s": 0.0512, "tokens_per_s": 512.34, "finish": "length"}) == \
         "64 tokens · ttft 0.05 s · 512.3 tok/s · max tokens"
@@ -257,16 +301,23 @@ def _set_assistant(config_path: Path, name: str) -> None:
     config_path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-async def _until(pilot, predicate, timeout: float = 60.0, step: float = 0.05) -> None:
+async def _until(pilot, predicate, timeout: float = 60.0, step: float = 0.05, drain: bool = True) -> None:
+    """Poll `predicate`. With drain=False, poll between messages instead of after the app has handled every
+    queued one (pilot.pause), so intermediate states of a stream can be seen."""
+    import asyncio
+
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        await pilot.pause(step)
+            raise AssertionError(f"timed out waiting: {getattr(predicate, 'debug', lambda: '')()}")
+        if drain:
+            await pilot.pause(step)
+        else:
+            await asyncio.sleep(step)
 
 
 async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
-    from textual.widgets import Button, Input, Markdown
+    from textual.widgets import Button, Input, Markdown, Select
 
     from tui.app import TASPanel
     from tui.chat_tab import ChatTab
@@ -288,19 +339,28 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
         assert tab.query_one("#chat-retry", Button).display
         assert tab.history == []  # the failed question is not kept
 
-        # fix the config, retry with ctrl+r: the tab re-reads its targets and starts the worker
-        _set_assistant(config_path, "tiny:student")
+        # fix the config and "distill" a student; ctrl+r re-reads the targets and starts the worker with the
+        # first one, the KD student
+        _set_assistant(config_path, "tiny:assistant")
+        from engine import tiny
+
+        shutil.copytree(tiny.resolve("tiny:student"), project / ".model/tiny/student/Student")
         app.query_one("#chat-input", Input).focus()
         await pilot.press("ctrl+r")
+        assert [t.label for t in tab.targets] == ["KD student", "Base assistant"]
         await _until(pilot, lambda: tab.state == "ready", timeout=120)
         assert not tab.query_one("#chat-retry", Button).display
-        assert "tiny:student on cpu" in tab.status
+        assert ".model/tiny/student/Student on cpu" in tab.status
 
         # a long reply streams into the Markdown widget token by token
         max_input = app.query_one("#chat-max-new-tokens", Input)
         max_input.value = "1000"
-        app.query_one("#chat-input", Input).focus()
-        await pilot.press(*"Write a function", "enter")
+        tab.extra_params = {"min_new_tokens": 1000}  # a random tiny model may say EOS at any point
+        message_box = app.query_one("#chat-input", Input)
+        message_box.focus()
+        await pilot.press(*"Write a function")
+        # Enter, without pilot.press: it waits for an idle event loop, which comes only once the stream ends
+        await message_box.action_submit()
         states: list[str] = []
 
         def seen_states() -> bool:
@@ -310,7 +370,8 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
                 states.append(source)
             return len(states) >= 4
 
-        await _until(pilot, seen_states, step=0.01)
+        seen_states.debug = lambda: (len(states), tab.status, tab.current_id)
+        await _until(pilot, seen_states, step=0.005, drain=False)
         assert all(later.startswith(earlier) for earlier, later in zip(states, states[1:]))
         assert tab.current_id is not None  # still streaming
         box = tab.current_box
@@ -323,7 +384,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
         tokens = int(re.search(r"(\d+) tokens", tab.status).group(1))
         assert 1 <= tokens < 1000
         assert [m["role"] for m in tab.history] == ["user", "assistant"]
-        assert tab.history[1]["content"] == box.source  # what was shown is what the next turn sends
+        assert printable(tab.history[1]["content"]) == box.source  # what was shown is what the next turn sends
 
         # a worker that dies between turns: said so, with a retry
         os.kill(tab.client.process.pid, signal.SIGKILL)
@@ -332,11 +393,18 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
         assert tab.query_one("#chat-retry", Button).display
         assert tab.client is None
 
-        # Retry (the button) starts a fresh worker; the conversation goes on with its history
+        # Retry (the button) starts a fresh worker
         await pilot.click("#chat-retry")
         await _until(pilot, lambda: tab.state == "ready", timeout=120)
         client = tab.client
+
+        # another target: the running worker switches models (op load); the history goes on
+        tab.query_one("#chat-target", Select).value = 1
+        await _until(pilot, lambda: tab.state == "ready" and "tiny:assistant on cpu" in tab.status, timeout=60)
+        assert tab.client is client and tab.client_target.label == "Base assistant"
+        assert "now chatting with Base assistant" in str(app.query(".chat-note").last().render())
         max_input.value = "5"
+        tab.extra_params = {"min_new_tokens": 5}
         app.query_one("#chat-input", Input).focus()
         await pilot.press(*"and now?", "enter")
         await _until(pilot, lambda: tab.current_id is None and len(tab.history) == 4, timeout=30)
