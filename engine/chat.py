@@ -143,16 +143,6 @@ def cpu_threads() -> int:
     return max(1, cores - 1)
 
 
-def pick_device(wanted: str):
-    import torch
-
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES / drivers)")
-    if wanted == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
-
-
 def load_model(name: str, adapter: str | None, device_name: str) -> Loaded:
     """The model (+ adapter) on its device, in eval mode, with a tokenizer that can render a chat."""
     from engine.models import ModelNotFound, resolve_model_path
@@ -168,8 +158,9 @@ def load_model(name: str, adapter: str | None, device_name: str) -> Loaded:
     import torch
 
     from engine.models import load_causal_lm, load_tokenizer
+    from engine.runtime import select_device
 
-    device = pick_device(device_name)
+    device = select_device(device_name)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads())
     # the checkpoint's own dtype (bf16 / fp16 for most hub models; fp16 on a CPU is slow: fp32), weights

@@ -311,10 +311,10 @@ def _exit_text(code: int | None) -> str:
 
 def _worker_env() -> dict[str, str]:
     from engine.launcher import (
-        _supervisor_env,  # PYTHONPATH (engine importable from any cwd), unbuffered
+        python_env,  # PYTHONPATH (engine importable from any cwd), unbuffered
     )
 
-    env = _supervisor_env()
+    env = python_env()
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

@@ -74,7 +74,7 @@ def start(run: Run, stages: list[str]) -> ProcessRecord:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # own session + process group: survives the panel and SSH
                 close_fds=True,
-                env=_supervisor_env(),
+                env=python_env(),
             )
         finally:
             log.close()
@@ -83,7 +83,8 @@ def start(run: Run, stages: list[str]) -> ProcessRecord:
         return record
 
 
-def _supervisor_env() -> dict[str, str]:
+def python_env() -> dict[str, str]:
+    """Environment for our Python child processes (supervisor, chat worker)."""
     env = dict(os.environ)
     # the package must be importable from the run's workdir even when it is not installed
     root = str(Path(__file__).resolve().parent.parent)

@@ -16,15 +16,19 @@ from engine.config import TASConfig
 
 
 def pick_device(config: TASConfig) -> torch.device:
-    """`device.type`: cuda (must exist), cpu, or auto (cuda when present). Under torchrun: cuda:LOCAL_RANK."""
-    wanted = config.device.type
+    """The stage's device from `device.type` and `cuda.allow_tf32`."""
+    return select_device(config.device.type, config.cuda.allow_tf32)
+
+
+def select_device(wanted: str, allow_tf32: bool = True) -> torch.device:
+    """cuda (must exist), cpu, or auto (cuda when present). Under torchrun: cuda:LOCAL_RANK."""
     if wanted == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device.type is cuda but no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES / drivers)")
+        raise RuntimeError("device cuda was asked for but no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES / drivers)")
     if wanted == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank)
-    if config.cuda.allow_tf32:
+    if allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return torch.device("cuda", local_rank)
