@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from engine import launcher
 from engine.config import ConfigError, load_config
 from engine.events import FINAL_STATES, EventTail
-from engine.render import event_line, run_block
+from engine.render import event_line, number, run_block
 from engine.runs import Run, RunNotFound, RunStore
 from engine.secrets import redact
 from engine.stages import PIPELINE, UnknownStage, check_stage_names
@@ -79,6 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def follow_run(run: Run, stages: list[str], tails: dict[str, EventTail]) -> int:
     """Print the events of `stages` as they come, until the supervisor has ended and no stage runs."""
     finals: dict[str, str] = {}
+    printer = FollowPrinter()
     try:
         while True:
             alive = run.is_live() or any(s.state == "running" for s in run.stages() if s.name in stages)
@@ -86,11 +88,8 @@ def follow_run(run: Run, stages: list[str], tails: dict[str, EventTail]) -> int:
                 for event in tail.poll():
                     if event.get("kind") == "status" and event.get("state") in FINAL_STATES:
                         finals[stage] = event["state"]
-                    if not _worth_a_line(stage, event):
-                        continue
-                    line = event_line(stage, event)
-                    if line:
-                        console.print(line)
+                    printer.show(stage, event)
+            printer.flush_due()
             if not alive:
                 break
             time.sleep(0.25)
@@ -104,22 +103,53 @@ def follow_run(run: Run, stages: list[str], tails: dict[str, EventTail]) -> int:
     return 0 if not missing and all(state == "done" for state in finals.values()) else 1
 
 
-_last_printed: dict[tuple[str, str], float] = {}
+class FollowPrinter:
+    """What `tas run` prints while following: every status, log and artifact event at once; progress,
+    metrics and memory folded into one line per stage at most every few seconds (a training stage
+    logs a dozen metrics per step, which would scroll everything else away)."""
+
+    EVERY_S = 5.0
+
+    def __init__(self):
+        self.latest: dict[str, dict[str, dict]] = {}  # stage -> kind/name -> latest event
+        self.last_flush: dict[str, float] = {}
+
+    def show(self, stage: str, event: dict) -> None:
+        kind = event.get("kind")
+        if kind in ("progress", "metric", "memory"):
+            key = f"metric:{event.get('name')}" if kind == "metric" else kind
+            self.latest.setdefault(stage, {})[key] = event
+            return
+        if kind == "status" and event.get("state") in FINAL_STATES:
+            self.flush(stage)  # the last figures before the final word
+        line = event_line(stage, event)
+        if line:
+            console.print(line)
+
+    def flush_due(self) -> None:
+        now = time.monotonic()
+        for stage in list(self.latest):
+            if now - self.last_flush.get(stage, 0) >= self.EVERY_S:
+                self.flush(stage)
+
+    def flush(self, stage: str) -> None:
+        pending = self.latest.pop(stage, {})
+        self.last_flush[stage] = time.monotonic()
+        if not pending:
+            return
+        parts = []
+        progress = pending.get("progress")
+        if progress:
+            total = f"/{number(progress.get('total'))}" if progress.get("total") else ""
+            parts.append(f"{number(progress.get('done'))}{total} {progress.get('unit', '')}".strip())
+        metrics = [e for k, e in pending.items() if k.startswith("metric:")]
+        metrics.sort(key=lambda e: (KEY_METRICS.index(e["name"]) if e["name"] in KEY_METRICS else 99, e["name"]))
+        parts += [f"{e['name']}={number(e.get('value'))}" for e in metrics[:6]]
+        stamp = time.strftime("%H:%M:%S")
+        console.print(f"[dim]{stamp}[/] [bold]{stage:<7}[/] " + escape("  ".join(parts)))
 
 
-def _worth_a_line(stage: str, event: dict) -> bool:
-    """Status, log and artifact events always; progress, each metric and memory at most every 5 s."""
-    kind = event.get("kind")
-    if kind not in ("progress", "metric", "memory"):
-        return True
-    if kind == "progress" and event.get("total") and event.get("done") == event.get("total"):
-        return True
-    key = (stage, f"{kind}:{event.get('name', '')}")
-    now = time.monotonic()
-    if now - _last_printed.get(key, 0) > 5:
-        _last_printed[key] = now
-        return True
-    return False
+KEY_METRICS = ("loss", "eval_loss", "ce_loss", "kd_loss", "lr", "tokens_per_s", "control/loss", "prompts", "tokens")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -113,13 +113,35 @@ def precision(ctx: StageContext, bf16: bool, fp16: bool, device_type: str) -> di
     return {"bf16": bool(bf16), "fp16": bool(fp16 and not bf16)}
 
 
+COMPLETED = "COMPLETED"
+
+
+def mark_completed(checkpoints: Path) -> None:
+    """Written after the final model is saved: the next run trains anew instead of resuming."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / COMPLETED).write_text("the model in the parent folder was trained to the end\n")
+
+
 def train_resumable(ctx: StageContext, trainer, cancel: CancelCallback, checkpoints: Path, batch_key: str,
-                    batch_size: int, label: str = "") -> None:
-    """Train from the newest checkpoint in `checkpoints`; OOM and cancel become the stage's own endings."""
+                    batch_size: int, overwrite: bool, overwrite_key: str, label: str = "") -> None:
+    """Train from the newest checkpoint in `checkpoints`; OOM and cancel become the stage's own endings.
+
+    Checkpoints of an interrupted run are resumed. After a run that finished, running the stage again
+    means training again: with `overwrite_output_dir` the old checkpoints are removed, without it the
+    stage refuses rather than overwrite a finished model.
+    """
+    import shutil
+
     from engine.runtime import is_out_of_memory
     from engine.stage import StageCancelled, StageError
 
     prefix = f"{label}: " if label else ""
+    if (checkpoints / COMPLETED).exists():
+        if not overwrite:
+            raise StageError(f"{prefix}already trained to the end in {checkpoints.parent}; set {overwrite_key}: true "
+                             "to train again, or change the output path")
+        shutil.rmtree(checkpoints)
+        ctx.events.log(f"{prefix}the previous training finished; training again ({overwrite_key})")
     resume = last_checkpoint(checkpoints)
     if resume:
         ctx.events.log(f"{prefix}resuming from {resume}")

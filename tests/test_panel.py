@@ -251,3 +251,17 @@ async def test_trust_remote_code_is_flagged(project: Path):
         await pilot.press("f2")
         await pilot.pause()
         assert "trust_remote_code is on" in str(app.query_one("#state").render())
+
+
+async def test_new_runs_use_the_config_file_chosen_in_the_config_tab(project: Path):
+    from textual.widgets import Select
+
+    from tui.stages_tab import StagesTab
+
+    app = TASPanel(config_path="config.yaml", runs_dir=project / "runs", gpu_interval=3600)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("f2")
+        app.query_one("#file", Select).value = "configs/tiny.yaml"
+        await pilot.pause()
+        assert app.query_one(StagesTab).config_path == "configs/tiny.yaml"
+        assert app.sub_title == "configs/tiny.yaml"

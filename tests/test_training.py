@@ -14,7 +14,7 @@ import pytest
 from engine.config import load_config
 from engine.events import read_events
 from engine.stages import data, distill, eval as eval_stage, sft, teacher
-from engine.stage import StageCancelled
+from engine.stage import StageCancelled, StageError
 
 from .conftest import make_context
 
@@ -115,21 +115,39 @@ def test_eval_reports_every_model(trained):
     assert report["examples"] >= 1
 
 
-def test_sft_resumes_from_its_newest_checkpoint(trained, tmp_path):
+def test_sft_resumes_from_its_newest_checkpoint(trained, tmp_path, monkeypatch):
+    """A crash after checkpoint-2 (the process dies: no final save); the re-run continues from step 2."""
+    from engine import training
+
     cfg, _, root = trained
     cfg = cfg.model_copy(deep=True)
     cfg.train.sft.save_path = str(tmp_path / "adapter")
     cfg.train.sft.save_steps = 2
-    cfg.train.sft.max_steps = 3
-    sft.run(make_context(cfg, "sft", root))
-    assert (tmp_path / "adapter" / "checkpoints" / "checkpoint-2").exists()
     cfg.train.sft.max_steps = 5
+
+    class Crash(Exception):
+        pass
+
+    real_step_end = training.EventsCallback.on_step_end
+
+    def crash_at_step_3(self, args, state, control, **kwargs):
+        real_step_end(self, args, state, control, **kwargs)
+        if state.global_step == 3:
+            raise Crash("the machine went away")
+
+    monkeypatch.setattr(training.EventsCallback, "on_step_end", crash_at_step_3)
+    with pytest.raises(Crash):
+        sft.run(make_context(cfg, "sft", root))
+    assert (tmp_path / "adapter" / "checkpoints" / "checkpoint-2").exists()
+    assert not (tmp_path / "adapter" / "adapter_config.json").exists()
+    monkeypatch.setattr(training.EventsCallback, "on_step_end", real_step_end)
     ctx = make_context(cfg, "sft", root)
     sft.run(ctx)
     events = read_events(ctx.stage_dir / "events.jsonl")
     steps = [e["done"] for e in events if e["kind"] == "progress"]
-    assert steps[0] == 3 and steps[-1] == 5  # continues, does not restart
-    assert any("resuming from" in e.get("msg", "") and "checkpoint-3" in e["msg"] for e in events if e["kind"] == "log")
+    assert steps[0] == 2 and steps[-1] == 5  # continues, does not restart
+    assert any("resuming from" in e.get("msg", "") and "checkpoint-2" in e["msg"] for e in events if e["kind"] == "log")
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
 
 
 def test_cancel_saves_a_checkpoint_then_resume(trained, tmp_path):
@@ -188,3 +206,19 @@ def test_trust_remote_code_stays_off_unless_configured(trained, monkeypatch):
         warned = any("trust_remote_code is on" in e.get("msg", "") for e in read_events(ctx.stage_dir / "events.jsonl"))
         assert warned is flag
     assert seen == [False, True]
+
+
+def test_a_finished_training_run_again_trains_anew(trained, tmp_path):
+    cfg, _, root = trained
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.sft.save_path = str(tmp_path / "adapter")
+    cfg.train.sft.max_steps = 2
+    sft.run(make_context(cfg, "sft", root))
+    ctx = make_context(cfg, "sft", root)
+    sft.run(ctx)
+    events = read_events(ctx.stage_dir / "events.jsonl")
+    assert [e["done"] for e in events if e["kind"] == "progress"][0] == 0  # from step 0, not resumed
+    assert any("training again" in e.get("msg", "") for e in events if e["kind"] == "log")
+    cfg.train.sft.overwrite_output_dir = False
+    with pytest.raises(StageError, match=r"already trained to the end .* train\.sft\.overwrite_output_dir: true"):
+        sft.run(make_context(cfg, "sft", root))

@@ -16,7 +16,7 @@ from textual.widgets import Footer, Header, TabbedContent, TabPane
 
 from engine.cli import runs_root
 from tui.chat_tab import ChatTab
-from tui.config_tab import ConfigTab
+from tui.config_tab import ConfigFileChosen, ConfigTab
 from tui.gpu_tab import GpuTab
 from tui.stages_tab import StagesTab
 
@@ -53,6 +53,10 @@ class TASPanel(App):
             with TabPane("Chat", id="chat"):
                 yield ChatTab(self.config_path)
         yield Footer()
+
+    def on_config_file_chosen(self, message: ConfigFileChosen) -> None:
+        self.config_path = message.path
+        self.query_one(StagesTab).config_path = message.path
 
     def action_show_tab(self, tab: str) -> None:
         """Switch tab and focus its first widget (focus left in a hidden pane would switch back)."""

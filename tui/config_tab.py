@@ -10,6 +10,7 @@ atomically with a `.bak`: an invalid edit can never be saved over a valid file.
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import ContentSwitcher, Input, Label, Select, Static, TextArea, Tree
 
@@ -35,6 +37,13 @@ def config_files(current: str) -> list[str]:
         if candidate.exists() and str(candidate) not in found:
             found.append(str(candidate))
     return found
+
+
+@dataclass
+class ConfigFileChosen(Message):
+    """The user switched config files: new runs started from the panel use this one."""
+
+    path: str
 
 
 class DiffScreen(ModalScreen[bool]):
@@ -233,6 +242,7 @@ class ConfigTab(Vertical):
             self.notify(f"unsaved changes to {self.path} were discarded", severity="warning")
         self.load(str(event.value))
         self.app.sub_title = self.path
+        self.post_message(ConfigFileChosen(self.path))
 
     def action_toggle_raw(self) -> None:
         switcher = self.query_one("#views", ContentSwitcher)

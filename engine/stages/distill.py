@@ -31,7 +31,7 @@ from engine.runtime import pick_device
 from engine.stages.sft import quantization_config
 from engine.student import build_student, check_vocab_compatibility
 from engine.teacher_output import load_system_prompts
-from engine.training import CancelCallback, EventsCallback, precision, report_to, train_resumable
+from engine.training import CancelCallback, EventsCallback, mark_completed, precision, report_to, train_resumable
 from engine.stage import StageContext, StageError
 
 
@@ -212,7 +212,9 @@ def train_one(ctx: StageContext, label: str, student, teacher, tokenizer, train_
         vocab_size=vocab,
     )
     train_resumable(ctx, trainer, cancel, checkpoints, "train.distillation.per_device_train_batch_size",
-                    kd.per_device_train_batch_size, label)
+                    kd.per_device_train_batch_size, kd.overwrite_output_dir, "train.distillation.overwrite_output_dir",
+                    label)
     student.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
+    mark_completed(checkpoints)
     ctx.events.artifact(output_dir, label)

@@ -26,7 +26,7 @@ from engine.chat_data import ChatDataError, load_pairs, split_pairs, to_prompt_c
 from engine.models import load_causal_lm, load_tokenizer
 from engine.runtime import pick_attention, pick_device, pick_dtype
 from engine.teacher_output import load_system_prompts
-from engine.training import CancelCallback, EventsCallback, precision, report_to, train_resumable
+from engine.training import CancelCallback, EventsCallback, mark_completed, precision, report_to, train_resumable
 from engine.stage import StageContext, StageError
 
 
@@ -169,7 +169,7 @@ def train(ctx: StageContext, setup: SftSetup) -> None:
     save_path = Path(sft.save_path)
     trainer, cancel, tokenizer, eval_set = setup.trainer, setup.cancel, setup.tokenizer, setup.eval_set
     train_resumable(ctx, trainer, cancel, save_path / "checkpoints", "train.sft.per_device_train_batch_size",
-                    sft.per_device_train_batch_size)
+                    sft.per_device_train_batch_size, sft.overwrite_output_dir, "train.sft.overwrite_output_dir")
 
     # 5. save
     if eval_set is not None:
@@ -177,6 +177,7 @@ def train(ctx: StageContext, setup: SftSetup) -> None:
         ctx.events.metric("eval_loss", float(metrics["eval_loss"]), step=trainer.state.global_step)
     trainer.model.save_pretrained(save_path)
     tokenizer.save_pretrained(save_path)
+    mark_completed(save_path / "checkpoints")
     ctx.events.artifact(save_path, "assistant LoRA adapter")
     if sft.merge_adapter:
         merged_path = save_path / "merged"
