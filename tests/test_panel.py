@@ -265,3 +265,24 @@ async def test_new_runs_use_the_config_file_chosen_in_the_config_tab(project: Pa
         await pilot.pause()
         assert app.query_one(StagesTab).config_path == "configs/tiny.yaml"
         assert app.sub_title == "configs/tiny.yaml"
+
+
+async def test_eval_stage_shows_the_report(project: Path):
+    write_finished_run(project / "runs")
+    run_dir = project / "runs" / "20261125-080000-tiny"
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval" / "events.jsonl").write_text(
+        json.dumps({"ts": 1795600900.0, "kind": "status", "state": "running"}) + "\n"
+        + json.dumps({"ts": 1795600905.0, "kind": "status", "state": "done"}) + "\n"
+    )
+    numbers = lambda loss, kl: {"loss": loss, "perplexity": 2.718281828 ** loss, "kl_to_assistant": kl, "tokens": 90}  # noqa: E731
+    (run_dir / "eval" / "report.json").write_text(json.dumps({
+        "examples": 16, "models": {"assistant": numbers(2.0, 0.0), "student_kd": numbers(2.5, 0.1), "student_ce": numbers(2.6, 0.2)},
+    }))
+    app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause(0.5)
+        await pilot.press("down", "down", "down", "down")
+        await pilot.pause(1.2)
+        shown = str(app.query_one("#metrics").render())
+    assert "KD student" in shown and "2.50" in shown and "0.100" in shown and "CE student" in shown

@@ -26,7 +26,7 @@ from engine import launcher
 from engine.config import ConfigError, load_config
 from engine.events import EventTail
 from engine.render import STATE_STYLE, bar, duration, event_line, metrics_text, number
-from engine.runs import Run, RunStore, StageStatus
+from engine.runs import Run, RunStore, StageStatus, read_json
 from engine.stages import PIPELINE, STAGE_MODULES
 
 LOSS_METRICS = ("loss", "eval_loss", "control/loss", "control/eval_loss")
@@ -48,6 +48,7 @@ class StoreSnapshot(Message):
     new_events: list[tuple[str, dict]]  # (stage, event) appended since the last read
     reset_log: bool
     losses: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    report: dict | None = None  # the eval stage's report.json, when the eval stage is selected
 
 
 def summarise(run: Run, stages: list[StageStatus]) -> str:
@@ -138,7 +139,8 @@ class StagesTab(Vertical):
             self._tails = {self.stage: EventTail(run.stage_dir(self.stage) / "events.jsonl")}
             self._tails_key = key
         new_events = [(stage, e) for stage, tail in self._tails.items() for e in tail.poll()]
-        self.post_message(StoreSnapshot(summaries, run.id, stages, new_events, reset, self._losses(run)))
+        report = read_json(run.stage_dir("eval") / "report.json") if self.stage == "eval" else None
+        self.post_message(StoreSnapshot(summaries, run.id, stages, new_events, reset, self._losses(run), report))
 
     def _losses(self, run: Run) -> dict[str, list[tuple[int, float]]]:
         """Loss curves of the selected stage, or of the last training stage that has some."""
@@ -163,7 +165,7 @@ class StagesTab(Vertical):
         self._show_runs(message.runs)
         self._show_pipeline(message.stages)
         self._show_losses(message.losses)
-        self._show_metrics()
+        self._show_metrics(message.report)
         log = self.query_one("#log", RichLog)
         if message.reset_log:
             log.clear()
@@ -230,11 +232,14 @@ class StagesTab(Vertical):
             plt.plot(list(steps), list(values), label=name.split(" ", 1)[1], marker="braille")
         plot.refresh()
 
-    def _show_metrics(self) -> None:
+    def _show_metrics(self, report: dict | None = None) -> None:
         status = next((s for s in self._stages if s.name == self.stage), None)
         panel = self.query_one("#metrics", Static)
         if status is None:
             panel.update("")
+            return
+        if report and isinstance(report.get("models"), dict):
+            panel.update(eval_table(report))
             return
         lines = [f"[b]{status.name}[/b]  {status.state}"]
         if status.elapsed is not None:
@@ -307,3 +312,21 @@ class StagesTab(Vertical):
         self.app.call_from_thread(self.notify, f"cancelling run {run_id}…")
         stopped = launcher.cancel(run)
         self.app.call_from_thread(self.notify, f"run {run_id}: {'cancelled' if stopped else 'nothing was running'}")
+
+
+EVAL_LABELS = {"assistant": "assistant", "student_kd": "KD student", "student_ce": "CE student"}
+
+
+def eval_table(report: dict) -> Text:
+    """The eval report as a few aligned lines: lower loss / KL is better."""
+    text = Text()
+    text.append(f"{'held-out':<10}{'loss':>6}{'ppl':>6}{'KL':>6}\n", style="bold")  # 28 columns
+    for name, numbers in report["models"].items():
+        try:
+            row = f"{EVAL_LABELS.get(name, name)[:10]:<10}{numbers['loss']:>6.2f}{numbers['perplexity']:>6.0f}" \
+                  f"{numbers['kl_to_assistant']:>6.3f}\n"
+        except (KeyError, TypeError, ValueError):
+            continue
+        text.append(row)
+    text.append(f"{report.get('examples', '?')} answers; KL to assistant", style="dim")
+    return text
