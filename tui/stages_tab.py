@@ -172,7 +172,7 @@ class StagesTab(Vertical):
             log.border_title = f"{self.stage} events"
         for stage, event in message.new_events:
             line = event_line(stage, event)
-            if line and event.get("kind") not in ("progress", "memory"):
+            if line and event.get("kind") not in ("progress", "memory", "metric"):  # those have their own panes
                 log.write(Text.from_markup(line))
 
     def _show_runs(self, runs: list[RunSummary]) -> None:
