@@ -52,6 +52,19 @@ class StageContext:
     def cancel_requested(self) -> bool:
         return self.cancel_event.is_set()
 
+    def system_prompt(self, role: str) -> str | None:
+        """The `role` ("Teacher" / "Assistant") system prompt of prompts.path; None (with a warning) if absent."""
+        from engine.teacher_output import load_system_prompts
+
+        path = Path(self.config.prompts.path)
+        if not path.exists():
+            self.events.log(f"prompts.path: {path} not found; no {role} system prompt", level="warning")
+            return None
+        try:
+            return load_system_prompts(path).get(role)
+        except ValueError as exc:
+            raise StageError(str(exc)) from None
+
     def check_cancelled(self) -> None:
         """Call between units of work: raises StageCancelled once SIGTERM has arrived."""
         if self.cancel_event.is_set():

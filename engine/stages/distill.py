@@ -30,7 +30,6 @@ from engine.models import load_causal_lm, load_tokenizer
 from engine.runtime import pick_device
 from engine.stages.sft import quantization_config
 from engine.student import build_student, check_vocab_compatibility
-from engine.teacher_output import load_system_prompts
 from engine.training import CancelCallback, EventsCallback, mark_completed, precision, report_to, train_resumable
 from engine.stage import StageContext, StageError
 
@@ -142,7 +141,7 @@ def run(ctx: StageContext) -> None:
         pairs = load_pairs(config.teacher.base.output_path)
     except ChatDataError as exc:
         raise StageError(str(exc)) from None
-    system = load_system_prompts(config.prompts.path).get("Assistant") if Path(config.prompts.path).exists() else None
+    system = ctx.system_prompt("Assistant")
     split = config.train.sft.dataset
     train_pairs, eval_pairs = split_pairs(pairs, split.test_size, split.seed)
     max_length = min(kd.max_length, config.student.max_position_embeddings)

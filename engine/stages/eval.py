@@ -26,7 +26,6 @@ from engine.kd_loss import chunked_kd_loss
 from engine.models import load_causal_lm
 from engine.runtime import peak_memory, pick_device
 from engine.stages.distill import KDCollator, load_kd_teacher
-from engine.teacher_output import load_system_prompts
 from engine.stage import StageContext, StageError
 
 
@@ -82,7 +81,7 @@ def run(ctx: StageContext) -> None:
         held_out = held_out[: config.eval.max_examples]
 
     assistant, tokenizer = load_kd_teacher(ctx, device)
-    system = load_system_prompts(config.prompts.path).get("Assistant") if Path(config.prompts.path).exists() else None
+    system = ctx.system_prompt("Assistant")
     max_length = min(config.train.distillation.max_length, config.student.max_position_embeddings)
     examples = [tokenize_pair(tokenizer, p, system, max_length) for p in held_out]
     collate = KDCollator(tokenizer.pad_token_id)

@@ -25,7 +25,6 @@ import torch
 from engine.chat_data import ChatDataError, load_pairs, split_pairs, to_prompt_completion
 from engine.models import load_causal_lm, load_tokenizer
 from engine.runtime import pick_attention, pick_device, pick_dtype
-from engine.teacher_output import load_system_prompts
 from engine.training import CancelCallback, EventsCallback, mark_completed, precision, report_to, train_resumable
 from engine.stage import StageContext, StageError
 
@@ -99,7 +98,7 @@ def prepare(ctx: StageContext) -> SftSetup:
         pairs = load_pairs(config.teacher.base.output_path)
     except ChatDataError as exc:
         raise StageError(str(exc)) from None
-    system = load_system_prompts(config.prompts.path).get("Assistant") if Path(config.prompts.path).exists() else None
+    system = ctx.system_prompt("Assistant")
     train_pairs, eval_pairs = split_pairs(pairs, sft.dataset.test_size, sft.dataset.seed)
     train_set = Dataset.from_list([to_prompt_completion(p, system) for p in train_pairs])
     eval_set = Dataset.from_list([to_prompt_completion(p, system) for p in eval_pairs])

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.datafiles import DataFileError, iter_records
-from engine.teacher_output import TeacherOutput, load_system_prompts
+from engine.teacher_output import TeacherOutput
 from engine.stage import StageContext, StageError
 
 
@@ -122,7 +122,7 @@ def run(ctx: StageContext) -> None:
             current = len(answered_ids(output) & prompt_ids) if world > 1 else answered
             ctx.events.progress(min(current, total), total, "prompts")
 
-    system_prompt = _system_prompt(ctx)
+    system_prompt = ctx.system_prompt("Teacher")
     source = config.teacher.source
     if not mine:
         summary: dict[str, Any] = {"answered": 0, "failed": 0}
@@ -151,14 +151,3 @@ def run(ctx: StageContext) -> None:
             f"{' and ' + str(ctx.stage_dir / 'failures.jsonl') if (ctx.stage_dir / 'failures.jsonl').exists() else ''}); "
             f"run the stage again to retry only those"
         )
-
-
-def _system_prompt(ctx: StageContext) -> str | None:
-    path = Path(ctx.config.prompts.path)
-    if not path.exists():
-        ctx.events.log(f"prompts.path: {path} not found; the teacher gets no system prompt", level="warning")
-        return None
-    try:
-        return load_system_prompts(path).get("Teacher")
-    except ValueError as exc:
-        raise StageError(str(exc)) from None
