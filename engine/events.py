@@ -112,13 +112,35 @@ def parse_line(line: str) -> dict[str, Any] | None:
     return event if isinstance(event, dict) and "kind" in event else None
 
 
+_PARSED: dict[str, tuple[int, int, list[dict[str, Any]]]] = {}
+_PARSED_MAX = 1024
+
+
 def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All complete events of a stream; a missing file is an empty stream."""
+    """All complete events of a stream; a missing file is an empty stream.
+
+    The panel and `tas status` derive every stage's state from its whole stream, every second, for every
+    run listed: a stream whose size and mtime have not changed since the last read is not parsed again
+    (finished runs never change). Callers get their own list; the event dicts are shared, read-only.
+    """
+    key = str(path)
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return [e for e in map(parse_line, f) if e is not None]
+        stat = os.stat(key)
+    except FileNotFoundError:
+        _PARSED.pop(key, None)
+        return []
+    cached = _PARSED.get(key)
+    if cached is not None and cached[:2] == (stat.st_size, stat.st_mtime_ns):
+        return list(cached[2])
+    try:
+        with open(key, encoding="utf-8", errors="replace") as f:
+            events = [e for e in map(parse_line, f) if e is not None]
     except FileNotFoundError:
         return []
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.pop(next(iter(_PARSED)))  # the oldest entry
+    _PARSED[key] = (stat.st_size, stat.st_mtime_ns, events)
+    return list(events)
 
 
 class EventTail:

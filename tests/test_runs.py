@@ -171,3 +171,17 @@ def test_a_queued_stage_does_not_show_the_last_attempts_error(run):
     finally:
         supervisor.kill()
         supervisor.wait()
+
+
+def test_read_events_sees_every_append_and_hands_out_its_own_list(run):
+    path = run.stage_dir("data") / "events.jsonl"
+    writer = EventWriter(path)
+    writer.status("running")
+    first = read_events(path)
+    first.append({"kind": "log", "msg": "caller's own"})
+    assert [e["kind"] for e in read_events(path)] == ["status"]  # the cache is not the caller's list
+    writer.log("more")
+    writer.close()
+    assert [e["kind"] for e in read_events(path)] == ["status", "log"]
+    path.unlink()
+    assert read_events(path) == []
