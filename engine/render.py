@@ -21,6 +21,8 @@ STATE_STYLE = {
     "cancelled": ("■", "magenta"),
     "died": ("†", "bold red"),
 }
+RUN_STYLE = {"live": "bold yellow", "finished": "green", "stopped": "yellow", "new": "dim"}
+"""Colour of a run's overall state (Run.overall_state); failed / cancelled / died are red."""
 WIDTH = 80
 
 
@@ -105,16 +107,9 @@ def _indent_wrapped(text: str, open_tag: str, close_tag: str, indent: int = 13) 
 
 def run_block(run: Run) -> str:
     stages = run.stages()
-    live = run.is_live() or any(s.state == "running" for s in stages)
-    started = [s for s in stages if s.state != "pending"]
-    if live:
-        overall = "[bold yellow]live[/]"
-    elif started and all(s.state == "done" for s in started):
-        overall = "[green]finished[/]"
-    elif started:
-        overall = f"[red]{started[-1].state}[/]" if started[-1].state != "done" else "[yellow]stopped[/]"
-    else:
-        overall = "[dim]not started[/]"
+    state = run.overall_state(stages)
+    label = "not started" if state == "new" else state
+    overall = f"[{RUN_STYLE.get(state, 'red')}]{label}[/]"
     source = run.config_source
     room = WIDTH - len(run.id) - len(ago(run.created)) - 20
     if len(source) > room:

@@ -240,6 +240,20 @@ class Run:
             stage_status(self.stage_dir(name), name, since if name in planned else None) for name in PIPELINE
         ]
 
+    def overall_state(self, stages: list[StageStatus] | None = None) -> str:
+        """One word for the whole run: live, new, finished, stopped, or the failed / cancelled / died
+        state of the stage that ran last."""
+        stages = self.stages() if stages is None else stages
+        if self.is_live() or any(s.state == "running" for s in stages):
+            return "live"
+        started = [s for s in stages if s.state != "pending"]
+        if not started:
+            return "new"
+        if all(s.state == "done" for s in started):
+            return "finished"
+        last = max(started, key=lambda s: s.started_at or 0)
+        return last.state if last.state in ("failed", "cancelled", "died") else "stopped"
+
     def is_live(self) -> bool:
         record, _ = self.supervisor()
         return record is not None and record.is_alive()

@@ -51,18 +51,6 @@ class StoreSnapshot(Message):
     report: dict | None = None  # the eval stage's report.json, when the eval stage is selected
 
 
-def summarise(run: Run, stages: list[StageStatus]) -> str:
-    if run.is_live() or any(s.state == "running" for s in stages):
-        return "live"
-    started = [s for s in stages if s.state != "pending"]
-    if not started:
-        return "new"
-    if all(s.state == "done" for s in started):
-        return "finished"
-    last = max(started, key=lambda s: s.started_at or 0)
-    return last.state if last.state in ("failed", "cancelled", "died") else "stopped"
-
-
 RUN_GLYPH = {"live": ("▶", "bold yellow"), "finished": ("✓", "green"), "failed": ("✗", "red"),
              "died": ("†", "red"), "cancelled": ("■", "magenta"), "stopped": ("‖", "yellow"), "new": ("·", "dim")}
 
@@ -124,7 +112,7 @@ class StagesTab(Vertical):
         summaries, selected = [], None
         for run in runs[:50]:
             stages = run.stages()
-            summaries.append(RunSummary(run.id, summarise(run, stages)))
+            summaries.append(RunSummary(run.id, run.overall_state(stages)))
             if run.id == self.run_id:
                 selected = (run, stages)
         if selected is None and runs:
