@@ -7,7 +7,7 @@
 Same model, prompt (system + user, chat template), greedy decoding and exactly max_new_tokens new tokens
 (min_new_tokens = max_new_tokens, so an early EOS cannot make one path look faster) on every path:
 
-* "panel": ChatClient.generate → engine.chat worker → token replies read back by the client. Times are
+* "panel": ChatClient.generate → engine.chat.worker worker → token replies read back by the client. Times are
   taken in this process, as the panel sees them: ttft = generate() call → first token reply;
   decode tokens/s = (tokens - 1) / (last token reply - first token reply); total tokens/s = tokens /
   (generate() → end reply). The worker's own figures (its `end` reply) are reported alongside.
@@ -16,7 +16,7 @@ Same model, prompt (system + user, chat template), greedy decoding and exactly m
 * "inprocess_streamer": model.generate in a thread with a TextIteratorStreamer, read in this thread
   (the transformers streaming recipe); timed like the panel path.
 
-Both copies use the same number of torch CPU threads (engine.chat.cpu_threads(): all cores but one
+Both copies use the same number of torch CPU threads (engine.chat.worker.cpu_threads(): all cores but one
 unless $OMP_NUM_THREADS says otherwise). Both copies of the model stay loaded; each repetition runs the three paths one after the other (only
 one computes at a time), so a slow patch of a shared machine hits all alike. Medians over --reps
 rounds after one warm-up round. Prints one JSON object; asserts nothing.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.chat_client import ChatClient  # noqa: E402  (light: no torch yet)
+from engine.chat.client import ChatClient  # noqa: E402  (light: no torch yet)
 
 MESSAGES = [
     {"role": "system", "content": "You are a senior Python developer."},
@@ -53,7 +53,7 @@ def medians(runs: list[dict], keys: tuple[str, ...]) -> dict:
 
 
 class PanelPath:
-    """ChatClient → engine.chat worker subprocess → token replies, timed in this process."""
+    """ChatClient → engine.chat.worker worker subprocess → token replies, timed in this process."""
 
     def __init__(self, model: str, device: str, max_new: int):
         self.client = ChatClient(model, device=device)
@@ -99,7 +99,7 @@ class InProcess:
     def __init__(self, model_name: str, device: str, max_new: int):
         import torch
 
-        from engine.chat import load_model, render_prompt
+        from engine.chat.worker import load_model, render_prompt
 
         self.torch = torch
         self.loaded = load_model(model_name, None, device)

@@ -1,4 +1,4 @@
-"""Peak memory and time of the KD loss: chunked (engine.kd_loss) vs the naive full-softmax computation.
+"""Peak memory and time of the KD loss: chunked (engine.train.kd_loss) vs the naive full-softmax computation.
 
     python bench/kd_loss_memory.py                  # every variant, each in a fresh process; prints JSON
     python bench/kd_loss_memory.py --variant naive  # one measurement (what the first form runs)
@@ -82,7 +82,7 @@ def make_inputs(args, torch, device, dtype):
 def run_variant(args) -> dict:
     import torch
 
-    from engine import kd_loss
+    from engine.train import kd_loss
 
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device

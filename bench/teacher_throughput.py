@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from engine.models import load_causal_lm, load_tokenizer  # noqa: E402
-from engine.shipped import SHIPPED_DATASETS  # noqa: E402
-from engine.teacher_open import chat_texts, generate_batches, stop_token_ids  # noqa: E402
+from engine.models.loading import load_causal_lm, load_tokenizer  # noqa: E402
+from engine.models.shipped import SHIPPED_DATASETS  # noqa: E402
+from engine.teacher.open import chat_texts, generate_batches, stop_token_ids  # noqa: E402
 
 
 def measure(model, tokenizer, prompts, texts, batch_size, kwargs, sort_by_length) -> dict:

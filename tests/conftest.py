@@ -40,9 +40,9 @@ def seed_config_path() -> Path:
 
 def make_context(config, stage: str, root: Path):
     """An in-process StageContext over a fresh run: stages are tested without spawning workers."""
-    from engine.events import EventWriter
-    from engine.runs import RunStore
-    from engine.stage import StageContext
+    from engine.core.events import EventWriter
+    from engine.core.runs import RunStore
+    from engine.runner.context import StageContext
 
     run = RunStore(root / "runs").create(config, "test.yaml", workdir=str(root))
     return StageContext(stage, run, config, EventWriter(run.stage_dir(stage) / "events.jsonl"))

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.chat_client import (
+from engine.chat.client import (
     ChatClient,
     ChatTarget,
     ChatWorkerGone,
@@ -32,7 +32,7 @@ from engine.chat_client import (
     format_stats,
     printable,
 )
-from engine.config import load_config
+from engine.core.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
@@ -149,7 +149,7 @@ def _lora_adapter(base: str, out: Path) -> Path:
     """A LoRA adapter for `base`, saved the way the sft stage saves one (adapter + tokenizer)."""
     from peft import LoraConfig, get_peft_model
 
-    from engine.models import load_causal_lm, load_tokenizer
+    from engine.models.loading import load_causal_lm, load_tokenizer
 
     model = get_peft_model(load_causal_lm(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                             task_type="CAUSAL_LM"))
@@ -218,7 +218,7 @@ def test_bad_model_path_is_a_fatal_error_and_exit_code_2(tiny_cache, tmp_path):
         client.next_reply(timeout=0.3)
     client.close()
     # the raw process: exactly one JSON line on stdout, then exit code 2
-    done = subprocess.run([sys.executable, "-u", "-m", "engine.chat", "--model", "tiny:nope"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-u", "-m", "engine.chat.worker", "--model", "tiny:nope"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     lines = done.stdout.strip().splitlines()
@@ -320,7 +320,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
     from textual.widgets import Button, Input, Markdown, Select
 
     from tui.app import TASPanel
-    from tui.chat_tab import ChatTab
+    from tui.tabs.chat import ChatTab
 
     config_path = project / "configs" / "tiny.yaml"
     _set_assistant(config_path, "/nonexistent/model")
@@ -342,7 +342,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
         # fix the config and "distill" a student; ctrl+r re-reads the targets and starts the worker with the
         # first one, the KD student
         _set_assistant(config_path, "tiny:assistant")
-        from engine import tiny
+        from engine.models import tiny
 
         shutil.copytree(tiny.resolve("tiny:student"), project / ".model/tiny/student/Student")
         app.query_one("#chat-input", Input).focus()

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine import config as config_module
-from engine.config import ConfigError, TASConfig, load_config, parse_config, save_config_text
+from engine.core import config as config_module
+from engine.core.config import ConfigError, TASConfig, load_config, parse_config, save_config_text
 
 from .conftest import ROOT, SEED_DIR
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import load_config
-from engine.events import read_events
+from engine.core.config import load_config
+from engine.core.events import read_events
 from engine.stages import data
-from engine.stage import StageError
+from engine.runner.context import StageError
 
 from .conftest import make_context
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import gpu as gpu_mod
-from engine.gpu import (
+from engine.gpu import monitor as gpu_mod
+from engine.gpu.monitor import (
     FAKE_ENV,
     GIB,
     NO_DRIVER,
@@ -29,7 +29,7 @@ from engine.gpu import (
     label_processes,
     open_backend,
 )
-from engine.runs import ProcessRecord, RunStore
+from engine.core.runs import ProcessRecord, RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +59,7 @@ def no_fake(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def worker(tmp_path: Path):
     """A live 'stage worker' (a shell) with a child (a torchrun rank, say), recorded as run · teacher."""
-    from engine.config import load_config
+    from engine.core.config import load_config
 
     proc = subprocess.Popen(
         ["/bin/sh", "-c", "sleep 30 & echo $!; wait"], stdout=subprocess.PIPE, text=True, start_new_session=True
@@ -338,7 +338,7 @@ def panel(runs: Path, interval: float):
 async def test_gpu_tab_shows_fake_gpus_and_labels_our_worker(worker, tmp_path, monkeypatch) -> None:
     from textual.widgets import DataTable, Static
 
-    from tui.gpu_tab import NO_PROCESS, GpuCard, GpuTab
+    from tui.tabs.gpu import NO_PROCESS, GpuCard, GpuTab
 
     monkeypatch.chdir(ROOT)
     spec = fake_file(tmp_path / "fake.json", [{"gpu": 0, "pid": worker.pid, "used_memory_gib": 30.5}])
@@ -378,7 +378,7 @@ async def test_gpu_tab_shows_fake_gpus_and_labels_our_worker(worker, tmp_path, m
 async def test_gpu_tab_with_many_gpus_fits_80x24_and_scrolls(tmp_path, monkeypatch) -> None:
     from textual.widgets import DataTable
 
-    from tui.gpu_tab import GpuCard, GpuTab
+    from tui.tabs.gpu import GpuCard, GpuTab
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv(FAKE_ENV, "8:frozen")
@@ -403,7 +403,7 @@ async def test_gpu_tab_with_many_gpus_fits_80x24_and_scrolls(tmp_path, monkeypat
 async def test_gpu_tab_without_gpu_shows_the_message(tmp_path, monkeypatch) -> None:
     from textual.widgets import Static
 
-    from tui.gpu_tab import GpuTab
+    from tui.tabs.gpu import GpuTab
 
     monkeypatch.chdir(ROOT)
     if _real_nvml_works():
@@ -430,7 +430,7 @@ def snapshot_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The whole panel on two frozen fake GPUs, with fixed processes; one sample only (interval 60 s)."""
     monkeypatch.chdir(ROOT)
     spec = fake_file(tmp_path / "fake_gpus.json", [
-        {"gpu": 0, "pid": 4190001, "used_memory_gib": 31.2, "name": "python -m engine.worker teacher"},
+        {"gpu": 0, "pid": 4190001, "used_memory_gib": 31.2, "name": "python -m engine.runner.worker teacher"},
         {"gpu": 0, "pid": 4190002, "used_memory": 734 * 1024**2, "name": "python notebook.py"},
         {"gpu": 1, "pid": 4190003, "used_memory_gib": 52.9, "name": "vllm serve Qwen/Qwen2.5-7B"},
     ])
@@ -439,7 +439,7 @@ def snapshot_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 async def _sampled(pilot) -> None:
-    from tui.gpu_tab import GpuTab
+    from tui.tabs.gpu import GpuTab
 
     tab = pilot.app.query_one(GpuTab)
     await wait_for(pilot, lambda: tab.snapshot is not None)

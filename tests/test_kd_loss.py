@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.kd_loss import (
+from engine.train.kd_loss import (
     IGNORE_INDEX,
     chunked_kd_loss,
     chunked_kd_loss_from_logits,

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from textual.widgets import DataTable, Input, Tree
 
-from engine.config import load_config
-from engine.runs import RunStore
+from engine.core.config import load_config
+from engine.core.runs import RunStore
 from tui.app import TASPanel
-from tui.config_tab import ConfigTab, DiffScreen
+from tui.tabs.config import ConfigTab, DiffScreen
 
 from .conftest import ROOT
 from .test_processes import wait_for
@@ -225,7 +225,7 @@ def test_panel_never_imports_the_ml_stack(project: Path):
 @pytest.mark.e2e
 async def test_runs_started_elsewhere_appear_and_update_live(project: Path):
     """Reattach: a run started by the CLI while the panel is open shows up and follows to done."""
-    from engine import launcher
+    from engine.core import launcher
 
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
     async with app.run_test(size=(120, 40)) as pilot:
@@ -256,7 +256,7 @@ async def test_trust_remote_code_is_flagged(project: Path):
 async def test_new_runs_use_the_config_file_chosen_in_the_config_tab(project: Path):
     from textual.widgets import Select
 
-    from tui.stages_tab import StagesTab
+    from tui.tabs.stages import StagesTab
 
     app = TASPanel(config_path="config.yaml", runs_dir=project / "runs", gpu_interval=3600)
     async with app.run_test(size=(120, 40)) as pilot:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.runs import RunStore
+from engine.core.runs import RunStore
 
 from .test_processes import tas
 

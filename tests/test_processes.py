@@ -17,17 +17,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine import launcher
-from engine.config import load_config
-from engine.events import read_events
-from engine.runs import RunStore
+from engine.core import launcher
+from engine.core.config import load_config
+from engine.core.events import read_events
+from engine.core.runs import RunStore
 
 pytestmark = pytest.mark.e2e
 
 
 def tas(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args],
+        [sys.executable, "-m", "engine.cli.main", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -188,7 +188,7 @@ def test_unknown_stage_is_refused(project: Path):
 
 def test_panel_and_cli_never_import_the_ml_stack():
     code = (
-        "import sys, tui.app, engine.cli, engine.launcher, engine.runs, engine.render\n"
+        "import sys, tui.app, engine.cli.main, engine.core.launcher, engine.core.runs, engine.core.render\n"
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets', 'bitsandbytes', 'accelerate')"
         " if m in sys.modules]\n"
         "print(heavy)\n"

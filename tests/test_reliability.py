@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine import launcher
-from engine.config import load_config
-from engine.events import read_events
-from engine.runs import RunStore
+from engine.core import launcher
+from engine.core.config import load_config
+from engine.core.events import read_events
+from engine.core.runs import RunStore
 from engine.stages import data
-from engine.teacher_output import TeacherOutput
-from engine.worker import run_stage
+from engine.teacher.output import TeacherOutput
+from engine.runner.worker import run_stage
 
 from .conftest import make_context
 from .fake_openai import FakeOpenAI

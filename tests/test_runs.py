@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import load_config
-from engine.events import EventTail, EventWriter, read_events
-from engine.runs import ProcessRecord, RunNotFound, RunStore, stage_status
+from engine.core.config import load_config
+from engine.core.events import EventTail, EventWriter, read_events
+from engine.core.runs import ProcessRecord, RunNotFound, RunStore, stage_status
 
 
 @pytest.fixture
@@ -120,8 +120,8 @@ def test_sigterm_while_writing_events_never_deadlocks(tmp_path: Path):
     on the writer's lock. A child process writes events in a tight loop while SIGTERMs rain on it."""
     script = (
         "import os, signal, threading, time\n"
-        "from engine.events import EventWriter\n"
-        "from engine.worker import install_cancel_handler\n"
+        "from engine.core.events import EventWriter\n"
+        "from engine.runner.worker import install_cancel_handler\n"
         f"events = EventWriter({str(tmp_path / 'events.jsonl')!r})\n"
         "cancel = threading.Event()\n"
         "install_cancel_handler(events, cancel)\n"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.config import load_config
-from engine.models import load_causal_lm, load_tokenizer
-from engine.student import (
+from engine.core.config import load_config
+from engine.models.loading import load_causal_lm, load_tokenizer
+from engine.train.student import (
     build_student,
     check_vocab_compatibility,
     layer_subset,

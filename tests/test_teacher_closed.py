@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import load_config
-from engine.events import read_events
-from engine.teacher_closed import BATCH_STATE_FILE, FAILURES_FILE, answer_closed
-from engine.teacher_output import TeacherOutput
-from engine.stage import StageCancelled, StageContext, StageError
+from engine.core.config import load_config
+from engine.core.events import read_events
+from engine.teacher.closed import BATCH_STATE_FILE, FAILURES_FILE, answer_closed
+from engine.teacher.output import TeacherOutput
+from engine.runner.context import StageCancelled, StageContext, StageError
 from .conftest import make_context
 from .fake_openai import FakeOpenAI
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import load_config
-from engine.events import read_events
+from engine.core.config import load_config
+from engine.core.events import read_events
 from engine.stages import data, teacher
-from engine.teacher_open import chat_texts, generate_batches, generation_kwargs, load_teacher
-from engine.teacher_output import TeacherOutput
-from engine.stage import StageError
+from engine.teacher.open import chat_texts, generate_batches, generation_kwargs, load_teacher
+from engine.teacher.output import TeacherOutput
+from engine.runner.context import StageError
 
 from .conftest import make_context
 

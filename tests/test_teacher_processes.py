@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import launcher
-from engine.config import load_config
-from engine.runs import RunStore
+from engine.core import launcher
+from engine.core.config import load_config
+from engine.core.runs import RunStore
 from engine.stages import data
 
 from .conftest import make_context

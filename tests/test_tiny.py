@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine import tiny
-from engine.models import ModelNotFound, load_tokenizer, resolve_model_path
+from engine.models import tiny
+from engine.models.loading import ModelNotFound, load_tokenizer, resolve_model_path
 
 SAMPLES = [
     "Write a function that returns the n-th Fibonacci number.",

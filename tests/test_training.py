@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import load_config
-from engine.events import read_events
+from engine.core.config import load_config
+from engine.core.events import read_events
 from engine.stages import data, distill, eval as eval_stage, sft, teacher
-from engine.stage import StageCancelled, StageError
+from engine.runner.context import StageCancelled, StageError
 
 from .conftest import make_context
 
@@ -117,7 +117,7 @@ def test_eval_reports_every_model(trained):
 
 def test_sft_resumes_from_its_newest_checkpoint(trained, tmp_path, monkeypatch):
     """A crash after checkpoint-2 (the process dies: no final save); the re-run continues from step 2."""
-    from engine import training
+    from engine.train import callbacks as training
 
     cfg, _, root = trained
     cfg = cfg.model_copy(deep=True)
@@ -173,7 +173,7 @@ def test_merged_adapter_matches_base_plus_adapter(trained, tmp_path):
     import torch
     from peft import PeftModel
 
-    from engine.models import load_causal_lm, load_tokenizer
+    from engine.models.loading import load_causal_lm, load_tokenizer
 
     cfg, _, root = trained
     adapter = Path(cfg.train.sft.save_path)
@@ -187,7 +187,7 @@ def test_merged_adapter_matches_base_plus_adapter(trained, tmp_path):
 
 
 def test_trust_remote_code_stays_off_unless_configured(trained, monkeypatch):
-    from engine import teacher_open
+    from engine.teacher import open as teacher_open
 
     cfg, _, root = trained
     seen = []

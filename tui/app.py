@@ -2,7 +2,7 @@
 
 Tabs: Stages (runs and their stages, live), Config (edit config.yaml safely), GPU (NVML monitor) and
 Chat (talk to the student). The panel never imports the ML stack: stages run in detached worker
-processes (engine.launcher), the chat model lives in a chat worker process (engine.chat), and
+processes (engine.core.launcher), the chat model lives in a chat worker process (engine.chat.worker), and
 everything shown is read from the run store, NVML or those workers' JSON lines.
 """
 
@@ -14,11 +14,11 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
-from engine.cli import runs_root
-from tui.chat_tab import ChatTab
-from tui.config_tab import ConfigFileChosen, ConfigTab
-from tui.gpu_tab import GpuTab
-from tui.stages_tab import StagesTab
+from engine.cli.main import runs_root
+from tui.tabs.chat import ChatTab
+from tui.tabs.config import ConfigFileChosen, ConfigTab
+from tui.tabs.gpu import GpuTab
+from tui.tabs.stages import StagesTab
 
 TABS = ("stages", "config", "gpu", "chat")
 
@@ -68,7 +68,7 @@ class TASPanel(App):
 
 
 def _gpu_interval(config_path: str) -> float:
-    from engine.config import ConfigError, load_config
+    from engine.core.config import ConfigError, load_config
 
     try:
         return load_config(config_path).panel.gpu_sample_interval_s

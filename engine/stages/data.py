@@ -22,10 +22,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
-from engine.config import DatasetSource
-from engine.datafiles import DataFileError, dataset_files, iter_records
-from engine.shipped import is_tiny, shipped_dataset
-from engine.stage import StageContext, StageError
+from engine.core.config import DatasetSource
+from engine.core.datafiles import DataFileError, dataset_files, iter_records
+from engine.models.shipped import is_tiny, shipped_dataset
+from engine.runner.context import StageContext, StageError
 
 
 def normalise(text: str) -> str:

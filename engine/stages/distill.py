@@ -24,14 +24,14 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
-from engine.chat_data import ChatDataError, load_pairs, split_pairs, tokenize_pair
-from engine.kd_loss import chunked_kd_loss
-from engine.models import load_causal_lm, load_tokenizer
-from engine.runtime import pick_device
+from engine.train.pairs import ChatDataError, load_pairs, split_pairs, tokenize_pair
+from engine.train.kd_loss import chunked_kd_loss
+from engine.models.loading import load_causal_lm, load_tokenizer
+from engine.models.device import pick_device
 from engine.stages.sft import quantization_config
-from engine.student import build_student, check_vocab_compatibility
-from engine.training import CancelCallback, EventsCallback, mark_completed, precision, report_to, train_resumable
-from engine.stage import StageContext, StageError
+from engine.train.student import build_student, check_vocab_compatibility
+from engine.train.callbacks import CancelCallback, EventsCallback, mark_completed, precision, report_to, train_resumable
+from engine.runner.context import StageContext, StageError
 
 
 def load_kd_teacher(ctx: StageContext, device: torch.device):

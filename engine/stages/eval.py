@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from engine.chat_data import ChatDataError, load_pairs, split_pairs, tokenize_pair
-from engine.kd_loss import chunked_kd_loss
-from engine.models import load_causal_lm
-from engine.runtime import peak_memory, pick_device
+from engine.train.pairs import ChatDataError, load_pairs, split_pairs, tokenize_pair
+from engine.train.kd_loss import chunked_kd_loss
+from engine.models.loading import load_causal_lm
+from engine.models.device import peak_memory, pick_device
 from engine.stages.distill import KDCollator, load_kd_teacher
-from engine.stage import StageContext, StageError
+from engine.runner.context import StageContext, StageError
 
 
 def students(ctx: StageContext) -> dict[str, Path]:

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from engine.chat_data import ChatDataError, load_pairs, split_pairs, to_prompt_completion
-from engine.models import load_causal_lm, load_tokenizer
-from engine.runtime import pick_attention, pick_device, pick_dtype
-from engine.training import CancelCallback, EventsCallback, mark_completed, precision, report_to, train_resumable
-from engine.stage import StageContext, StageError
+from engine.train.pairs import ChatDataError, load_pairs, split_pairs, to_prompt_completion
+from engine.models.loading import load_causal_lm, load_tokenizer
+from engine.models.device import pick_attention, pick_device, pick_dtype
+from engine.train.callbacks import CancelCallback, EventsCallback, mark_completed, precision, report_to, train_resumable
+from engine.runner.context import StageContext, StageError
 
 
 def quantization_config(ctx: StageContext):

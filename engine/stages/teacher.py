@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.datafiles import DataFileError, iter_records
-from engine.teacher_output import TeacherOutput
-from engine.stage import StageContext, StageError
+from engine.core.datafiles import DataFileError, iter_records
+from engine.teacher.output import TeacherOutput
+from engine.runner.context import StageContext, StageError
 
 
 def shard_path(output: Path, rank: int) -> Path:
@@ -70,7 +70,7 @@ def merge_shards(output: TeacherOutput) -> int:
 
 
 def run(ctx: StageContext) -> None:
-    from engine.runtime import barrier, init_distributed
+    from engine.models.device import barrier, init_distributed
 
     config = ctx.config
     rank, world = init_distributed()
@@ -78,7 +78,7 @@ def run(ctx: StageContext) -> None:
     output_path = Path(config.teacher.base.output_path)
     output = TeacherOutput(output_path)
     if config.teacher.source == "download":
-        from engine.teacher_download import download_answers
+        from engine.teacher.download import download_answers
 
         if ctx.is_main:  # one writer, or every rank would append every answer
             download_answers(ctx, output)
@@ -127,11 +127,11 @@ def run(ctx: StageContext) -> None:
     if not mine:
         summary: dict[str, Any] = {"answered": 0, "failed": 0}
     elif source == "open":
-        from engine.teacher_open import answer_open
+        from engine.teacher.open import answer_open
 
         summary = answer_open(ctx, mine, target, system_prompt, progress)
     else:
-        from engine.teacher_closed import answer_closed
+        from engine.teacher.closed import answer_closed
 
         summary = answer_closed(ctx, mine, target, system_prompt)
         progress(0)

@@ -1,0 +1,150 @@
+"""Start and cancel stages of a run. Light module: the panel and the CLI call it.
+
+`start` spawns the run's supervisor (`python -m engine.runner.supervisor`) in a session of its own, with its
+output going to a file, never to a pipe: nothing the panel does (or fails to do) can block it, and an
+SSH hang-up or a killed panel leaves it running. The supervisor starts one worker per stage.
+
+`cancel` sends SIGTERM to that session's process group: each worker saves what it can and reports
+`cancelled`; whatever is still alive after the grace period gets SIGKILL.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+from engine.core.events import EventWriter
+from engine.core.config import atomic_write
+from engine.core.runs import CANCEL_REQUEST, SUPERVISOR_FILE, ProcessRecord, Run
+from engine.stages import check_stage_names
+
+
+class CannotStart(RuntimeError):
+    """Stages of a run cannot be started; the message says why and what to do."""
+
+
+class RunBusy(CannotStart):
+    """The run already has stages running."""
+
+
+@contextmanager
+def _run_lock(run: Run):
+    """Serialises start/cancel of one run between processes (panel, CLI); the OS drops it if we die."""
+    with open(run.path / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def start(run: Run, stages: list[str]) -> ProcessRecord:
+    """Run `stages` (in pipeline order) in the background; returns the supervisor's process record."""
+    stages = check_stage_names(stages)
+    with _run_lock(run):
+        record, planned = run.supervisor()
+        if record is not None and record.is_alive():
+            raise RunBusy(
+                f"run {run.id} is busy (stages {', '.join(planned)}; pid {record.pid}); "
+                f"wait for it or `tas cancel {run.id}`"
+            )
+        for status in run.stages():
+            if status.state == "running":  # also a worker whose supervisor was killed: it still writes
+                raise RunBusy(f"stage {status.name} of run {run.id} is still running (pid {status.pid}); "
+                              f"wait for it or `tas cancel {run.id}`")
+        if not Path(run.workdir).is_dir():
+            raise CannotStart(f"run {run.id} was started in {run.workdir}, which no longer exists; start a new run")
+        run.config()  # a frozen config that no longer validates fails here, with its message
+        (run.path / CANCEL_REQUEST).unlink(missing_ok=True)  # a new start is not cancelled by an old request
+        log = open(run.path / "supervisor.log", "ab")
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-u", "-m", "engine.runner.supervisor", "--run", str(run.path), *stages],
+                cwd=run.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own session + process group: survives the panel and SSH
+                close_fds=True,
+                env=python_env(),
+            )
+        finally:
+            log.close()
+        record = ProcessRecord.of(process.pid)
+        record.write(run.path / SUPERVISOR_FILE, stages=stages, started=time.time())
+        return record
+
+
+def python_env() -> dict[str, str]:
+    """Environment for our Python child processes (supervisor, chat worker)."""
+    env = dict(os.environ)
+    # the package must be importable from the run's workdir even when it is not installed
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def cancel(run: Run, grace_s: float | None = None, wait: bool = True) -> bool:
+    """Ask the run's stages to stop; with `wait`, SIGKILL what is left after the grace period.
+
+    Returns True when something was running.
+    """
+    if grace_s is None:
+        grace_s = run.config().launch.cancel_grace_s
+    with _run_lock(run):
+        atomic_write(run.path / CANCEL_REQUEST, json.dumps({"grace_s": grace_s, "ts": time.time()}).encode())
+        supervisor, _ = run.supervisor()
+        targets = [supervisor] if supervisor is not None and supervisor.is_alive() else []
+        workers = {}  # stage -> the worker record we signal
+        for status in run.stages():
+            record = ProcessRecord.read(run.stage_dir(status.name) / "pid")
+            if status.state == "running" and record is not None and record.is_alive():
+                workers[status.name] = record
+        targets += list(workers.values())
+        if not targets:
+            return False
+        groups = set()
+        for record in targets:
+            try:
+                groups.add(os.getpgid(record.pid))
+            except ProcessLookupError:
+                pass
+        _signal_groups(groups, signal.SIGTERM)
+    if not wait:
+        return True
+    # The supervisor enforces grace_s itself; this is the backstop for when it cannot. Wait only on the
+    # processes signalled here: a run started again meanwhile is not ours to kill or mark.
+    deadline = time.monotonic() + grace_s + 5
+    while time.monotonic() < deadline:
+        if not any(record.is_alive() for record in targets):
+            return True
+        time.sleep(0.2)
+    _signal_groups(groups, signal.SIGKILL)
+    time.sleep(0.2)
+    for stage, record in workers.items():
+        if ProcessRecord.read(run.stage_dir(stage) / "pid") == record and run_stage_state(run, stage) == "died":
+            writer = EventWriter(run.stage_dir(stage) / "events.jsonl")
+            writer.status("cancelled", message=f"killed after the grace period of {grace_s:g}s")
+            writer.close()
+    return True
+
+
+def run_stage_state(run: Run, stage: str) -> str:
+    return next(s.state for s in run.stages() if s.name == stage)
+
+
+def _signal_groups(groups: set[int], sig: int) -> None:
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            pass

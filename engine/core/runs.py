@@ -1,0 +1,326 @@
+"""The run store: one directory per run, and what state each stage of a run is in.
+
+Light module (stdlib, psutil, PyYAML, pydantic). Layout (see DESIGN.md):
+
+    runs/<run-id>/run.json               id, created, workdir, config source
+    runs/<run-id>/config.yaml            frozen copy of the validated config
+    runs/<run-id>/supervisor.json        pid + start time + stages of the process running the stages
+    runs/<run-id>/<stage>/events.jsonl   the stage's event stream
+    runs/<run-id>/<stage>/worker.log     the worker's stdout + stderr
+    runs/<run-id>/<stage>/pid            pid + start time of the stage's worker
+
+State is never kept in memory only: everything the panel or `tas status` shows is derived from these
+files, so a panel started later (or `tas status` over another SSH session) sees exactly the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from engine.core.config import TASConfig, atomic_write, load_config
+from engine.core.events import FINAL_STATES, read_events
+from engine.stages import PIPELINE
+
+RUN_FILE = "run.json"
+SUPERVISOR_FILE = "supervisor.json"
+FROZEN_CONFIG = "config.yaml"
+CANCEL_REQUEST = "cancel_request.json"
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """A pid plus its start time: a pid reused by another program after ours died is not mistaken for it.
+
+    Identity uses the kernel's start tick count (/proc/<pid>/stat), which a wall-clock step (NTP, VM
+    resume) does not move; `create_time` (wall clock) is kept to compare with event timestamps.
+    """
+
+    pid: int
+    create_time: float
+    start_ticks: int | None = None
+    recorded_at: float | None = None  # time.time() when recorded: comparable with event timestamps
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessRecord:
+        return cls(pid, psutil.Process(pid).create_time(), _start_ticks(pid), time.time())
+
+    @property
+    def started(self) -> float:
+        """Wall-clock start, to compare with event `ts` (psutil's create_time can be off by up to 1 s)."""
+        return self.recorded_at if self.recorded_at is not None else self.create_time
+
+    def is_alive(self) -> bool:
+        try:
+            process = psutil.Process(self.pid)
+            ticks = _start_ticks(self.pid)
+            if self.start_ticks is not None and ticks is not None:
+                same = ticks == self.start_ticks
+            else:
+                same = abs(process.create_time() - self.create_time) <= 0.05
+            return same and process.status() != psutil.STATUS_ZOMBIE
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return False
+
+    def write(self, path: Path, **extra: Any) -> None:
+        data = {"pid": self.pid, "create_time": self.create_time, "start_ticks": self.start_ticks,
+                "recorded_at": self.recorded_at, **extra}
+        atomic_write(path, json.dumps(data).encode())
+
+    @classmethod
+    def read(cls, path: Path) -> ProcessRecord | None:
+        data = read_json(path)
+        if not data or "pid" not in data:
+            return None
+        ticks, recorded = data.get("start_ticks"), data.get("recorded_at")
+        return cls(int(data["pid"]), float(data["create_time"]), int(ticks) if ticks is not None else None,
+                   float(recorded) if recorded is not None else None)
+
+
+def _start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat: start time in clock ticks after boot (Linux); None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # the command name (field 2) may contain spaces and parentheses: split after its closing one
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return int(fields[19])
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# ---------------------------------------------------------------------------------------- stage state
+
+
+@dataclass
+class StageStatus:
+    """What one stage of a run is doing, derived from its events and its pid."""
+
+    name: str
+    state: str  # pending | queued | running | done | failed | cancelled | died
+    progress: dict[str, Any] | None = None  # last progress event
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # latest metric event per name
+    error: str | None = None
+    message: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    pid: int | None = None
+    events: int = 0
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES or self.state == "died"
+
+    @property
+    def elapsed(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.ended_at or time.time()) - self.started_at
+
+    @property
+    def fraction(self) -> float | None:
+        p = self.progress
+        if not p or not p.get("total"):
+            return None
+        return min(1.0, float(p["done"]) / float(p["total"]))
+
+    @property
+    def eta_s(self) -> float | None:
+        """Remaining seconds at the average rate so far (running stages only)."""
+        fraction, elapsed = self.fraction, self.elapsed
+        if self.state != "running" or not fraction or not elapsed or fraction >= 1:
+            return None
+        return elapsed * (1 - fraction) / fraction
+
+
+def stage_status(stage_dir: Path, name: str, queued_since: float | None = None) -> StageStatus:
+    """Derive a stage's state from its events and pid.
+
+    `queued_since` is the start time of a live supervisor that will run this stage: events older than
+    that belong to an earlier attempt, so until the new attempt starts the stage shows as queued.
+    """
+    events = read_events(stage_dir / "events.jsonl")
+    status = StageStatus(name=name, state="pending", events=len(events))
+    record = ProcessRecord.read(stage_dir / "pid")
+    status.pid = record.pid if record else None
+    last_state = None
+    for event in events:
+        kind = event.get("kind")
+        if kind == "status":
+            last_state = event.get("state")
+            if last_state == "running":
+                status.started_at = event.get("ts")
+                status.ended_at = status.error = status.message = None
+                status.progress, status.metrics = None, {}
+            elif last_state in FINAL_STATES:
+                status.ended_at = event.get("ts")
+                status.error = event.get("error")
+                status.message = event.get("message")
+        elif kind == "progress":
+            status.progress = event
+        elif kind == "metric" and "name" in event:
+            status.metrics[event["name"]] = event
+    worker_alive = record is not None and record.is_alive()
+    last_ts = events[-1].get("ts", 0) if events else 0
+    if worker_alive and (last_state not in FINAL_STATES or record.started > last_ts):
+        status.state = "running"  # a worker that has reported its end may still be exiting: the report wins
+    elif queued_since is not None and (not events or last_ts < queued_since or last_state not in FINAL_STATES):
+        # a live supervisor will (re)start this stage, or is about to write its final status
+        status.state = "queued" if (not events or last_ts < queued_since) else "running"
+        if status.state == "queued":  # what is shown belongs to the earlier attempt
+            status.error = status.message = status.progress = status.started_at = status.ended_at = None
+            status.metrics = {}
+    elif last_state in FINAL_STATES:
+        status.state = last_state
+    elif events:
+        status.state = "died"
+        status.ended_at = last_ts
+        status.error = "the worker stopped without reporting a result (killed?); run the stage again to resume"
+    return status
+
+
+# ----------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    id: str
+    path: Path
+    created: float
+    workdir: str
+    config_source: str
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Run:
+        path = Path(path)
+        meta = read_json(path / RUN_FILE)
+        if meta is None:
+            raise FileNotFoundError(f"{path} is not a run directory (no readable {RUN_FILE})")
+        return cls(
+            id=meta["id"],
+            path=path,
+            created=float(meta["created"]),
+            workdir=meta["workdir"],
+            config_source=meta.get("config_source", ""),
+        )
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.path / stage
+
+    def config(self) -> TASConfig:
+        return load_config(self.path / FROZEN_CONFIG)
+
+    def supervisor(self) -> tuple[ProcessRecord | None, list[str]]:
+        data = read_json(self.path / SUPERVISOR_FILE) or {}
+        record = ProcessRecord.read(self.path / SUPERVISOR_FILE)
+        return record, list(data.get("stages", []))
+
+    def stages(self) -> list[StageStatus]:
+        record, planned = self.supervisor()
+        since = record.started if record is not None and record.is_alive() else None
+        return [
+            stage_status(self.stage_dir(name), name, since if name in planned else None) for name in PIPELINE
+        ]
+
+    def overall_state(self, stages: list[StageStatus] | None = None) -> str:
+        """One word for the whole run: live, new, finished, stopped, or the failed / cancelled / died
+        state of the stage that ran last."""
+        stages = self.stages() if stages is None else stages
+        if self.is_live() or any(s.state == "running" for s in stages):
+            return "live"
+        started = [s for s in stages if s.state != "pending"]
+        if not started:
+            return "new"
+        if all(s.state == "done" for s in started):
+            return "finished"
+        last = max(started, key=lambda s: s.started_at or 0)
+        return last.state if last.state in ("failed", "cancelled", "died") else "stopped"
+
+    def is_live(self) -> bool:
+        record, _ = self.supervisor()
+        return record is not None and record.is_alive()
+
+
+class RunNotFound(LookupError):
+    pass
+
+
+class RunStore:
+    """All runs under one root directory (config key panel.runs_dir)."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+
+    def create(self, config: TASConfig, config_source: str, workdir: str | None = None) -> Run:
+        """A new run directory with the frozen config; the name comes from the config file's name."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        label = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(config_source).stem)[:24] or "run"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for attempt in range(1, 1000):
+            run_id = f"{stamp}-{label}" + (f"-{attempt}" if attempt > 1 else "")
+            path = self.root / run_id
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - a thousand runs in one second
+            raise RuntimeError("could not allocate a run id")
+        atomic_write(path / FROZEN_CONFIG, config.to_yaml().encode("utf-8"))
+        meta = {
+            "id": run_id,
+            "created": time.time(),
+            "workdir": str(Path(workdir or os.getcwd()).resolve()),
+            "config_source": str(config_source),
+        }
+        atomic_write(path / RUN_FILE, json.dumps(meta, indent=2).encode())
+        return Run.open(path)
+
+    def list(self) -> list[Run]:
+        """Every readable run, newest first; folders that are not runs are skipped."""
+        if not self.root.is_dir():
+            return []
+        runs = []
+        for child in self.root.iterdir():
+            if child.is_dir() and (child / RUN_FILE).is_file():
+                try:
+                    runs.append(Run.open(child))
+                except (FileNotFoundError, KeyError, ValueError):
+                    continue
+        return sorted(runs, key=lambda r: (r.created, r.id), reverse=True)
+
+    def get(self, ref: str | None) -> Run:
+        """A run by id, unique id prefix, or `last`/`latest`/None for the newest."""
+        runs = self.list()
+        if not runs:
+            raise RunNotFound(f"no runs in {self.root}/ yet; start one with `tas run data`")
+        if ref in (None, "", "last", "latest"):
+            return runs[0]
+        exact = [r for r in runs if r.id == ref]
+        if exact:
+            return exact[0]
+        matches = [r for r in runs if r.id.startswith(ref) or r.id.endswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise RunNotFound(f"no run {ref!r} in {self.root}/; `tas status` lists them")
+        names = ", ".join(r.id for r in matches[:5])
+        raise RunNotFound(f"{ref!r} matches {len(matches)} runs ({names}); give more of the id")

@@ -1,0 +1,91 @@
+"""Where a stage runs: device, dtype, attention kernel, torch.distributed, peak memory.
+
+Heavy module (torch). Shared by the stages so that every one picks devices and reports memory alike.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from engine.core.config import TASConfig
+
+
+def pick_device(config: TASConfig) -> torch.device:
+    """The stage's device from `device.type` and `cuda.allow_tf32`."""
+    return select_device(config.device.type, config.cuda.allow_tf32)
+
+
+def select_device(wanted: str, allow_tf32: bool = True) -> torch.device:
+    """cuda (must exist), cpu, or auto (cuda when present). Under torchrun: cuda:LOCAL_RANK."""
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda was asked for but no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES / drivers)")
+    if wanted == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    if allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda", local_rank)
+
+
+def pick_dtype(bfloat16: bool, device: torch.device) -> torch.dtype:
+    """bfloat16 when the config asks and the device does it; float32 otherwise."""
+    if bfloat16 and (device.type == "cpu" or torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def pick_attention(wanted: str | None, device: torch.device) -> tuple[str | None, str | None]:
+    """The attention kernel to use, and a warning when the configured one cannot run here.
+
+    TAS configs ask for flash_attention_2, which needs the flash-attn package and a CUDA GPU; on any
+    other machine we fall back to PyTorch's SDPA instead of failing the stage.
+    """
+    if wanted != "flash_attention_2":
+        return wanted, None
+    if device.type != "cuda":
+        return "sdpa", "flash_attention_2 needs a CUDA GPU; using sdpa on this device"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "sdpa", "flash_attention_2 needs the flash-attn package (pip install flash-attn); using sdpa"
+    return wanted, None
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun process group when there is one; returns (rank, world_size)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(hours=12))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def peak_memory() -> dict[str, Any]:
+    """Peak bytes per device: CUDA allocator peaks, and the process's peak RSS for the CPU."""
+    devices: dict[str, Any] = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            devices[f"cuda:{index}"] = torch.cuda.max_memory_allocated(index)
+    return devices
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()

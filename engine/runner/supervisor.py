@@ -1,0 +1,173 @@
+"""`python -m engine.runner.supervisor --run DIR STAGE...`: runs the stages of one run, one worker each.
+
+Light process, started by `engine.core.launcher.start` in a session of its own. It exists so that
+
+* several stages run back to back (`tas run all`) without anyone watching,
+* every stage ends with a final status even when its worker dies hard (SIGKILL, OOM killer, segfault):
+  the supervisor writes `failed` with the exit code the worker could not report itself,
+* a cancel is enforced: SIGTERM is passed on, and a worker still alive after `launch.cancel_grace_s`
+  is killed and marked `cancelled`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from engine.core.config import TASConfig
+from engine.core.events import FINAL_STATES, EventWriter, read_events
+from engine.core.runs import CANCEL_REQUEST, ProcessRecord, Run, read_json
+from engine.stages import MULTI_PROCESS_STAGES
+
+
+def worker_command(stage: str, run: Run, config: TASConfig) -> list[str]:
+    worker = ["-m", "engine.runner.worker", stage, "--run", str(run.path)]
+    nproc = config.launch.nproc_per_node
+    if nproc > 1 and stage in MULTI_PROCESS_STAGES:
+        # torchrun's own parser would take `--run` for an abbreviation of its `--run-path`
+        worker = ["-m", "engine.runner.worker", stage, "--run-dir", str(run.path)]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *worker]
+    return [sys.executable, "-u", *worker]
+
+
+def worker_env(config: TASConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if config.cuda.cuda_alloc_conf:
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", config.cuda.cuda_alloc_conf)
+    if config.launch.cuda_visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = config.launch.cuda_visible_devices
+    return env
+
+
+class Supervisor:
+    def __init__(self, run: Run, stages: list[str]):
+        self.run = run
+        self.stages = stages
+        self.config = run.config()
+        self.cancel_requested_at: float | None = None
+        self.grace_s = self.config.launch.cancel_grace_s
+        self.child: subprocess.Popen[bytes] | None = None
+
+    def on_sigterm(self, signum: int, frame: object) -> None:
+        if self.cancel_requested_at is None:
+            self.cancel_requested_at = time.monotonic()
+            self.grace_s = cancel_grace(self.run, self.config)
+        if self.child is not None and self.child.poll() is None:
+            try:
+                self.child.send_signal(signal.SIGTERM)  # in case the signal was sent to us alone
+            except ProcessLookupError:
+                pass
+
+    def main(self) -> int:
+        signal.signal(signal.SIGTERM, self.on_sigterm)
+        signal.signal(signal.SIGINT, self.on_sigterm)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        for stage in self.stages:
+            if self.cancel_requested_at is not None:
+                break
+            state = self.run_stage(stage)
+            if state != "done":
+                return 1
+        return 0 if self.cancel_requested_at is None else 1
+
+    def run_stage(self, stage: str) -> str:
+        stage_dir = self.run.stage_dir(stage)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        events_path = stage_dir / "events.jsonl"
+        seen = len(read_events(events_path))
+        with open(stage_dir / "worker.log", "ab") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start {stage}\n".encode())
+            log.flush()
+            self.child = subprocess.Popen(
+                worker_command(stage, self.run, self.config),
+                cwd=self.run.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=worker_env(self.config),
+            )
+        ProcessRecord.of(self.child.pid).write(stage_dir / "pid")
+        if self.cancel_requested_at is not None:  # SIGTERM arrived while we were starting it
+            self.child.send_signal(signal.SIGTERM)
+        killed = False
+        while self.child.poll() is None:
+            if self.cancel_requested_at is not None and time.monotonic() - self.cancel_requested_at > self.grace_s:
+                _kill_tree(self.child.pid)
+                self.child.wait()
+                killed = True
+                break
+            time.sleep(0.1)
+        returncode = self.child.returncode
+        self.child = None
+        final = _final_state(read_events(events_path)[seen:])
+        if final is not None:
+            return final
+        # The worker could not report: write the final status for it.
+        writer = EventWriter(events_path)
+        if self.cancel_requested_at is not None:
+            how = f"killed after the grace period of {self.grace_s:g}s" if killed else _exit_reason(returncode)
+            writer.status("cancelled", message=how)
+            state = "cancelled"
+        else:
+            writer.status("failed", error=_exit_reason(returncode) + f"; see {stage_dir / 'worker.log'}")
+            state = "failed"
+        writer.close()
+        return state
+
+
+def cancel_grace(run: Run, config: TASConfig) -> float:
+    """The grace period of the cancel in progress: `tas cancel --grace` writes it, else the config's."""
+    request = read_json(run.path / CANCEL_REQUEST) or {}
+    try:
+        return float(request["grace_s"])
+    except (KeyError, TypeError, ValueError):
+        return config.launch.cancel_grace_s
+
+
+def _final_state(events: list[dict]) -> str | None:
+    states = [e.get("state") for e in events if e.get("kind") == "status"]
+    return states[-1] if states and states[-1] in FINAL_STATES else None
+
+
+def _exit_reason(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:  # real-time signals have no name
+            name = f"signal {-returncode}"
+        hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
+        return f"the worker was stopped by {name}{hint} before reporting a result"
+    return f"the worker exited with code {returncode} without reporting a result"
+
+
+def _kill_tree(pid: int) -> None:
+    try:
+        parent = psutil.Process(pid)
+        processes = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.runner.supervisor")
+    parser.add_argument("--run", required=True)
+    parser.add_argument("stages", nargs="+")
+    args = parser.parse_args(argv)
+    return Supervisor(Run.open(args.run), args.stages).main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""`python -m engine.runner.worker STAGE --run DIR`: runs one stage of a run and reports it as events.
+
+The worker reads the run's frozen config, writes `status: running`, calls the stage's `run(ctx)`, and
+ends with exactly one final status: `done`, `failed` (with a message naming the cause) or `cancelled`
+(after SIGTERM). Tracebacks go to stdout, which the supervisor sends to `worker.log`.
+
+Under torchrun every rank runs this module; rank 0 owns `events.jsonl`, other ranks write their own
+`events.rank<N>.jsonl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from engine.core.events import EventWriter
+from engine.core.runs import Run
+from engine.runner.context import EXPECTED_FAILURES, StageCancelled, StageContext
+from engine.stages import load_stage
+
+
+def describe_os_error(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    message = f"{exc.strerror or exc}{where}"
+    if exc.errno == errno.ENOSPC:
+        message += ": free some disk space, then run the stage again to resume"
+    elif exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        message = f"{exc.filename or 'a path'} is a file where a folder is needed: move it or change the path in the config"
+    elif exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        message += ": the stage cannot write there; fix the permissions or change the path in the config"
+    return message
+
+
+def _load_dotenv(workdir: str) -> None:
+    """Secrets come from the environment or `.env` in the run's workdir; they are never written anywhere."""
+    try:
+        from dotenv import load_dotenv
+    except ImportError:  # pragma: no cover - python-dotenv is a dependency
+        return
+    load_dotenv(Path(workdir) / ".env", override=False)
+
+
+def install_cancel_handler(events: EventWriter, cancel_event: threading.Event) -> None:
+    """SIGTERM / SIGINT set `cancel_event` (stages stop at their next safe point); SIGHUP is ignored."""
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        # Only set the flag: the handler runs in the main thread, which may be inside EventWriter.emit
+        # holding its lock; logging from here would wait on that lock forever.
+        if not cancel_event.is_set():
+            cancel_event.set()
+            threading.Thread(
+                target=events.log, args=("cancel requested (SIGTERM): stopping at the next safe point", "warning"),
+                daemon=True,
+            ).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, on_sigterm)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def run_stage(stage: str, run: Run) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    events_name = "events.jsonl" if rank == 0 else f"events.rank{rank}.jsonl"
+    events = EventWriter(run.stage_dir(stage) / events_name)
+    cancel_event = threading.Event()
+    install_cancel_handler(events, cancel_event)
+
+    started = time.monotonic()
+    events.status("running", pid=os.getpid(), rank=rank, world_size=world_size)
+    try:
+        config = run.config()
+        _load_dotenv(run.workdir)
+        module = load_stage(stage)
+        ctx = StageContext(stage, run, config, events, rank, world_size, cancel_event)
+        module.run(ctx)
+        ctx.check_cancelled()
+    except StageCancelled as exc:
+        events.status("cancelled", message=str(exc))
+        return 130
+    except EXPECTED_FAILURES as exc:
+        events.status("failed", error=str(exc))
+        print(f"stage {stage} failed: {exc}", flush=True)
+        return 1
+    except OSError as exc:  # disk full, permissions, ...: say what and where, keep the traceback in the log
+        traceback.print_exc()
+        sys.stdout.flush()
+        events.status("failed", error=describe_os_error(exc))
+        return 1
+    except BaseException as exc:  # noqa: BLE001 - the worker must always report its end
+        traceback.print_exc()
+        sys.stdout.flush()
+        events.status("failed", error=f"{type(exc).__name__}: {exc}")
+        return 1
+    events.status("done", seconds=round(time.monotonic() - started, 3))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.runner.worker")
+    parser.add_argument("stage")
+    parser.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory")
+    args = parser.parse_args(argv)
+    return run_stage(args.stage, Run.open(args.run))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""What the training stages (`sft`, `distill`) share: HF Trainer callbacks that report events and
+honour cancel, checkpoint discovery for resume, and precision / tracker settings that fit the machine.
+
+Heavy module (transformers).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from engine.models.device import peak_memory
+from engine.runner.context import StageContext
+
+
+class EventsCallback(TrainerCallback):
+    """Trainer logs → `metric` events, steps → `progress`, and peak memory now and then."""
+
+    def __init__(self, ctx: StageContext, tokens_per_step: float | None = None, prefix: str = ""):
+        self.ctx = ctx
+        self.tokens_per_step = tokens_per_step
+        self.prefix = prefix  # tells apart the metrics of two trainings in one stage (e.g. "control/")
+        self._last_step_time: float | None = None
+        self._last_memory = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.ctx.events.progress(state.global_step, state.max_steps, "steps")
+        self._last_step_time = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self.ctx.is_main:
+            self.ctx.events.progress(state.global_step, state.max_steps, "steps")
+            if self.tokens_per_step and self._last_step_time is not None:
+                rate = self.tokens_per_step / max(now - self._last_step_time, 1e-9)
+                if state.global_step % max(1, args.logging_steps) == 0:
+                    self.ctx.events.metric(self.prefix + "tokens_per_s", round(rate, 1), step=state.global_step)
+            if now - self._last_memory > 10:
+                self.ctx.events.memory(peak_memory())
+                self._last_memory = now
+        self._last_step_time = now
+
+    def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
+        if not self.ctx.is_main or not logs:
+            return
+        for name, value in logs.items():
+            if name in ("epoch", "total_flos") or name.endswith(("_runtime", "_per_second")):
+                continue  # bookkeeping, not a metric anyone plots
+            if isinstance(value, (int, float)):
+                metric = {"learning_rate": "lr", "train_loss": "train_loss_avg"}.get(name, name)
+                self.ctx.events.metric(self.prefix + metric, float(value), step=state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.ctx.is_main:
+            self.ctx.events.log(f"checkpoint saved at step {state.global_step}")
+
+
+class CancelCallback(TrainerCallback):
+    """After SIGTERM: save a checkpoint at the end of the current step, then stop training."""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+        self.stopped = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.ctx.cancel_requested:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped = True
+        return control
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """Newest `checkpoint-N` folder in output_dir, or None."""
+    path = Path(output_dir)
+    if not path.is_dir():
+        return None
+    return get_last_checkpoint(str(path))
+
+
+def report_to(ctx: StageContext, wanted: str | list[str]) -> list[str]:
+    """The configured trackers that are installed; a missing one is a warning, not a failed stage."""
+    names = [wanted] if isinstance(wanted, str) else list(wanted)
+    usable = []
+    for name in names:
+        if name == "none":
+            continue
+        module = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}.get(name, name)
+        if name == "all" or importlib.util.find_spec(module) is not None:
+            usable.append(name)
+        else:
+            ctx.events.log(f"report_to: {name} is not installed (pip install {module}); not reporting to it",
+                           level="warning")
+    return usable or ["none"]
+
+
+def precision(ctx: StageContext, bf16: bool, fp16: bool, device_type: str) -> dict[str, bool]:
+    """bf16 / fp16 flags the device supports; TAS configs ask for fp16, which CPUs cannot train in."""
+    import torch
+
+    if device_type != "cuda":
+        if fp16:
+            ctx.events.log("fp16 training needs a GPU; training in float32 on CPU", level="warning")
+        return {"bf16": bool(bf16), "fp16": False}
+    if bf16 and not torch.cuda.is_bf16_supported():
+        ctx.events.log("this GPU has no bfloat16; using fp16", level="warning")
+        return {"bf16": False, "fp16": True}
+    return {"bf16": bool(bf16), "fp16": bool(fp16 and not bf16)}
+
+
+COMPLETED = "COMPLETED"
+
+
+def mark_completed(checkpoints: Path) -> None:
+    """Written after the final model is saved: the next run trains anew instead of resuming."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    (checkpoints / COMPLETED).write_text("the model in the parent folder was trained to the end\n")
+
+
+def train_resumable(ctx: StageContext, trainer, cancel: CancelCallback, checkpoints: Path, batch_key: str,
+                    batch_size: int, overwrite: bool, overwrite_key: str, label: str = "") -> None:
+    """Train from the newest checkpoint in `checkpoints`; OOM and cancel become the stage's own endings.
+
+    Checkpoints of an interrupted run are resumed. After a run that finished, running the stage again
+    means training again: with `overwrite_output_dir` the old checkpoints are removed, without it the
+    stage refuses rather than overwrite a finished model.
+    """
+    import shutil
+
+    from engine.models.device import is_out_of_memory
+    from engine.runner.context import StageCancelled, StageError
+
+    prefix = f"{label}: " if label else ""
+    if (checkpoints / COMPLETED).exists():
+        if not overwrite:
+            raise StageError(f"{prefix}already trained to the end in {checkpoints.parent}; set {overwrite_key}: true "
+                             "to train again, or change the output path")
+        shutil.rmtree(checkpoints)
+        ctx.events.log(f"{prefix}the previous training finished; training again ({overwrite_key})")
+    resume = last_checkpoint(checkpoints)
+    if resume:
+        ctx.events.log(f"{prefix}resuming from {resume}")
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise StageError(
+                f"out of memory at {batch_key}={batch_size}; lower it "
+                "(and raise gradient_accumulation_steps to keep the effective batch)"
+            ) from None
+        raise
+    ctx.events.memory(peak_memory())
+    if cancel.stopped:
+        raise StageCancelled(f"{prefix}cancelled at step {trainer.state.global_step}; checkpoint saved, re-run to resume")

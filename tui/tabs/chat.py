@@ -1,0 +1,489 @@
+"""The Chat tab: talk to the freshly distilled student (or the assistant) and watch it stream.
+
+Light: the model lives in a chat worker process (engine.chat.worker) behind engine.chat.client.ChatClient;
+this tab only sends JSON lines and renders replies. The worker starts on the first message (or ctrl+r),
+so opening the tab costs nothing; its replies arrive on the client's reader thread and are posted to
+this widget as messages, so every widget is touched on the event loop only.
+
+Keys: Enter sends, Esc stops the reply, ctrl+r reloads the targets and restarts the model (also the
+way out of a failed start), ctrl+n starts a new conversation. The target list comes from the config:
+KD student, CE-only student, assistant + LoRA adapter, base assistant (those that exist).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import Button, Input, Label, Markdown, Select, Static
+
+from engine.chat.client import (
+    DEFAULT_PARAMS,
+    ChatClient,
+    ChatTarget,
+    ChatWorkerGone,
+    build_messages,
+    chat_targets,
+    format_stats,
+    printable,
+    system_prompt,
+)
+
+_request_ids = itertools.count(1)
+
+
+class ChatReply(Message):
+    """A reply of a chat worker, posted from the client's reader thread."""
+
+    def __init__(self, client: ChatClient, reply: dict[str, Any]):
+        super().__init__()
+        self.client = client
+        self.reply = reply
+
+
+class ChatStartFailed(Message):
+    """The worker process could not even be spawned."""
+
+    def __init__(self, client: ChatClient, error: str):
+        super().__init__()
+        self.client = client
+        self.error = error
+
+
+class ChatTab(Vertical):
+    DEFAULT_CSS = """
+    ChatTab {
+        height: 1fr;
+        min-height: 12;
+        padding: 0 1;
+    }
+    ChatTab #chat-bar, ChatTab #chat-system-row, ChatTab #chat-status-row, ChatTab #chat-input-row {
+        height: 1;
+        width: 1fr;
+    }
+    ChatTab #chat-bar { margin-bottom: 0; }
+    ChatTab #chat-target { width: 1fr; min-width: 20; max-width: 64; }
+    ChatTab .chat-param-label { width: auto; padding: 0 1; color: $text-muted; }
+    ChatTab .chat-param { width: 6; }
+    ChatTab #chat-max-new-tokens { width: 7; }
+    ChatTab #chat-system-label, ChatTab #chat-you-label { width: 8; color: $text-muted; }
+    ChatTab #chat-system { width: 1fr; }
+    ChatTab #chat-log {
+        height: 1fr;
+        border: round $panel-lighten-2;
+        border-title-color: $text-muted;
+        padding: 0 1;
+        margin: 0;
+    }
+    ChatTab #chat-hint { color: $text-muted; }
+    ChatTab .chat-user {
+        border-left: thick $accent;
+        padding: 0 1;
+        margin: 0 0 1 0;
+        height: auto;
+    }
+    ChatTab .chat-assistant {
+        border-left: thick $success;
+        padding: 0 1;
+        margin: 0 0 1 0;
+    }
+    ChatTab .chat-assistant > MarkdownParagraph:last-child { margin: 0; }
+    ChatTab .chat-assistant.-error { border-left: thick $error; }
+    ChatTab .chat-note { color: $text-muted; text-style: italic; margin: 0 0 1 0; }
+    ChatTab .chat-error { color: $text-error; margin: 0 0 1 0; }
+    ChatTab #chat-status { width: 1fr; color: $text-muted; }
+    ChatTab #chat-status.-error { color: $text-error; }
+    ChatTab #chat-status.-busy { color: $text-warning; }
+    ChatTab #chat-retry { display: none; min-width: 0; width: auto; height: 1; border: none; padding: 0 1; }
+    ChatTab.-failed #chat-retry { display: block; }
+    ChatTab #chat-input { width: 1fr; }
+    """
+
+    BINDINGS = [
+        Binding("escape", "stop", "Stop reply"),
+        Binding("ctrl+r", "restart", "Reload model"),
+        Binding("ctrl+n", "new_chat", "New chat"),
+    ]
+
+    def __init__(self, config_path: str, *, name: str | None = None, id: str | None = None,
+                 classes: str | None = None):
+        super().__init__(name=name, id=id, classes=classes)
+        self.config_path = config_path
+        self.targets: list[ChatTarget] = []
+        self.config_error: str | None = None
+        self.system = ""
+        self.device = "auto"
+        self.max_new_tokens = DEFAULT_PARAMS["max_new_tokens"]
+        self._read_config()
+        self.client: ChatClient | None = None
+        self.client_target: ChatTarget | None = None  # what the worker holds (or is loading)
+        self.state = "idle"  # idle / loading / ready / failed
+        self.history: list[dict[str, str]] = []
+        self.current_id: str | None = None
+        self.current_box: Markdown | None = None
+        self.current_stream = None
+        self.current_text: list[str] = []
+        self.last_stats: str | None = None
+        self.ready_line = ""
+        self.status = self._idle_status()  # the status line's text
+        self.extra_params: dict[str, Any] = {}  # more generation params (seed, min_new_tokens, ...) sent as is
+
+    # ------------------------------------------------------------------------------------------ config
+    def _read_config(self) -> None:
+        from engine.core.config import ConfigError, load_config
+
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            self.config_error = str(exc).splitlines()[0]
+            self.targets = []
+            return
+        self.config_error = None
+        self.targets = chat_targets(config)
+        self.system = system_prompt(config) or ""
+        self.device = config.device.type
+        self.max_new_tokens = config.assistant.inference.max_new_tokens
+
+    def _target_options(self) -> list[tuple[str, int]]:
+        return [(f"{t.label} · {_short(t.adapter or t.model)}", i) for i, t in enumerate(self.targets)]
+
+    # ----------------------------------------------------------------------------------------- compose
+    def compose(self) -> ComposeResult:
+        options = self._target_options()
+        with Horizontal(id="chat-bar"):
+            yield Select(options, id="chat-target", compact=True, allow_blank=not options,
+                         value=0 if options else Select.NULL, prompt="no model (config error)")
+            yield Label("temp", classes="chat-param-label")
+            yield Input(str(DEFAULT_PARAMS["temperature"]), id="chat-temperature", type="number", compact=True,
+                        classes="chat-param", tooltip="temperature (0 = greedy)")
+            yield Label("top-p", classes="chat-param-label")
+            yield Input(str(DEFAULT_PARAMS["top_p"]), id="chat-top-p", type="number", compact=True,
+                        classes="chat-param", tooltip="nucleus sampling threshold")
+            yield Label("max", classes="chat-param-label")
+            yield Input(str(self.max_new_tokens), id="chat-max-new-tokens", type="integer", compact=True,
+                        classes="chat-param", tooltip="max new tokens per reply")
+        with Horizontal(id="chat-system-row"):
+            yield Label("system", id="chat-system-label")
+            yield Input(self.system, id="chat-system", compact=True, placeholder="(no system prompt)")
+        log = VerticalScroll(id="chat-log")
+        log.border_title = "conversation"
+        log.can_focus = False
+        with log:
+            yield Static(self._hint(), id="chat-hint")
+        with Horizontal(id="chat-status-row"):
+            yield Static(self._idle_status(), id="chat-status")
+            yield Button("Retry (ctrl+r)", id="chat-retry", compact=True, variant="warning")
+        with Horizontal(id="chat-input-row"):
+            yield Label("you ›", id="chat-you-label")
+            yield Input(id="chat-input", compact=True,
+                        placeholder="message · Enter sends · Esc stops · ctrl+n new chat")
+
+    def _hint(self) -> str:
+        if self.config_error:
+            return f"Cannot read the config: {self.config_error}\nFix it (Config tab), then ctrl+r."
+        return ("Ask the model something. The reply streams as Markdown; the model loads in its own "
+                "process on the first message (or ctrl+r).")
+
+    def _idle_status(self) -> str:
+        return "model not loaded · it starts with the first message"
+
+    def on_mount(self) -> None:
+        self.query_one("#chat-log", VerticalScroll).anchor()
+        if self.config_error:
+            self._set_status(f"config error: {self.config_error}", "error")
+            self.add_class("-failed")
+
+    def on_show(self) -> None:
+        """Shown (tab switched to): typing goes to the message box."""
+        self.query_one("#chat-input", Input).focus()
+
+    def on_unmount(self) -> None:
+        self._drop_client()
+
+    # -------------------------------------------------------------------------------------------- send
+    @on(Input.Submitted, "#chat-input")
+    async def send_message(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text:
+            return
+        if self.current_id is not None:
+            self._set_status("a reply is still streaming: wait, or Esc to stop it", "busy")
+            return
+        target = self._selected_target()
+        if target is None:
+            self._set_status("no model to chat with: fix the config, then ctrl+r", "error")
+            return
+        try:
+            params = self._params()
+        except ValueError as exc:
+            self._set_status(str(exc), "error")
+            return
+        event.input.value = ""
+        system = self.query_one("#chat-system", Input).value.strip() or None
+        self.history.append({"role": "user", "content": text})
+        messages = build_messages(system, self.history)
+        await self._mount_turn(text)
+        rid = f"chat{next(_request_ids)}"
+        self.current_id = rid
+        self.refresh_bindings()
+        if self.client is None:
+            self._start_client(target)
+            self._set_status(f"loading {target.label} ({_short(target.model)}) … the reply follows", "busy")
+        elif self.client_target != target:
+            self._switch_to(target)
+        else:
+            self._set_status("generating …  (Esc stops)", "busy")
+        try:
+            self.client.generate(messages, params, request_id=rid)  # queued: the worker runs it once loaded
+        except ChatWorkerGone as exc:
+            await self._finish_failed(str(exc))
+            self._failed(str(exc))
+
+    async def _mount_turn(self, text: str) -> None:
+        log = self.query_one("#chat-log", VerticalScroll)
+        hint = self.query("#chat-hint")
+        if hint:
+            await hint.remove()
+        box = Markdown("", classes="chat-assistant")
+        await log.mount_all([Static(Text(text), classes="chat-user"), box])
+        self.current_box = box
+        self.current_stream = Markdown.get_stream(box)
+        self.current_text = []
+
+    def _params(self) -> dict[str, Any]:
+        def read(widget_id: str, cast, name: str, low: float, high: float | None):
+            raw = self.query_one(widget_id, Input).value.strip()
+            try:
+                value = cast(raw)
+            except ValueError:
+                raise ValueError(f"{name}: {raw!r} is not a number") from None
+            if value < low or (high is not None and value > high):
+                raise ValueError(f"{name} must be between {low} and {high if high is not None else '∞'}")
+            return value
+
+        temperature = read("#chat-temperature", float, "temperature", 0.0, 10.0)
+        top_p = read("#chat-top-p", float, "top-p", 0.01, 1.0)
+        max_new = read("#chat-max-new-tokens", int, "max", 1, None)
+        return {"temperature": temperature, "top_p": top_p, "top_k": DEFAULT_PARAMS["top_k"],
+                "max_new_tokens": max_new, **self.extra_params}
+
+    def _selected_target(self) -> ChatTarget | None:
+        value = self.query_one("#chat-target", Select).value
+        if isinstance(value, int) and 0 <= value < len(self.targets):
+            return self.targets[value]
+        return None
+
+    # ------------------------------------------------------------------------------------------ worker
+    def _start_client(self, target: ChatTarget) -> None:
+        client = ChatClient(target.model, target.adapter, device=self.device,
+                            on_reply=lambda reply: self.post_message(ChatReply(client, reply)))
+        self.client = client
+        self.client_target = target
+        self.state = "loading"
+        self.remove_class("-failed")
+        self._spawn(client)
+
+    @work(thread=True, group="chat-spawn")
+    def _spawn(self, client: ChatClient) -> None:
+        try:
+            client.start()
+        except Exception as exc:  # noqa: BLE001 - e.g. no python, fork failed
+            self.post_message(ChatStartFailed(client, f"cannot start the chat worker: {exc}"))
+
+    def _switch_to(self, target: ChatTarget) -> None:
+        assert self.client is not None
+        try:
+            self.client.load(target.model, target.adapter)
+        except ChatWorkerGone:
+            self._drop_client()
+            self._start_client(target)
+            return
+        self.client_target = target
+        self.state = "loading"
+        self._set_status(f"switching to {target.label} ({_short(target.model)}) …", "busy")
+
+    def _drop_client(self) -> None:
+        client, self.client = self.client, None
+        self.client_target = None
+        if client is not None:
+            threading.Thread(target=client.close, name="chat-client-close", daemon=True).start()
+
+    @on(Select.Changed, "#chat-target")
+    async def target_changed(self, event: Select.Changed) -> None:
+        target = self._selected_target()
+        if target is None or self.client is None or target == self.client_target:
+            return
+        self._switch_to(target)
+        await self._note(f"— now chatting with {target.label} ({_short(target.adapter or target.model)}) —")
+
+    async def _note(self, text: str, error: bool = False) -> None:
+        log = self.query_one("#chat-log", VerticalScroll)
+        await log.mount(Static(Text(text), classes="chat-error" if error else "chat-note"))
+
+    # ----------------------------------------------------------------------------------------- replies
+    async def on_chat_reply(self, message: ChatReply) -> None:
+        if message.client is not self.client:
+            return  # a reply of a worker we already dropped
+        reply = message.reply
+        kind = reply.get("kind")
+        rid = reply.get("id")
+        if kind == "token":
+            if rid == self.current_id and self.current_stream is not None:
+                self.current_text.append(reply["text"])
+                await self.current_stream.write(printable(reply["text"]))
+        elif kind == "ready":
+            self.state = "ready"
+            where = f"{_short(reply.get('model', '?'))}" + (" + LoRA" if reply.get("adapter") else "")
+            self.ready_line = f"{where} on {reply.get('device')}"
+            if self.current_id is not None:
+                self._set_status(f"{self.ready_line} · generating …  (Esc stops)", "busy")
+            else:
+                self._set_status(f"{self.ready_line} · ready (loaded in {reply.get('load_s', 0):.1f} s)")
+        elif kind == "end":
+            if rid == self.current_id:
+                await self._finish_reply(reply)
+        elif kind == "error":
+            await self._on_error(reply)
+
+    async def _finish_reply(self, end: dict[str, Any]) -> None:
+        text = "".join(self.current_text)
+        if self.current_stream is not None:
+            await self.current_stream.stop()
+        if not text.strip() and self.current_box is not None:
+            await self.current_box.update("*(empty reply)*")
+        self.history.append({"role": "assistant", "content": text})
+        self.last_stats = format_stats(end)
+        self._clear_current()
+        self._set_status(f"{self.ready_line} │ {self.last_stats}")
+
+    async def _finish_failed(self, error: str) -> None:
+        """The request in flight failed: say so in its bubble and forget the question."""
+        if self.current_stream is not None:
+            await self.current_stream.stop()
+        if self.current_box is not None:
+            self.current_box.add_class("-error")
+            await self.current_box.append(f"\n\n**error:** {error}")
+        if self.history and self.history[-1]["role"] == "user":
+            self.history.pop()
+        self._clear_current()
+
+    def _clear_current(self) -> None:
+        self.current_id = None
+        self.current_box = None
+        self.current_stream = None
+        self.current_text = []
+        self.refresh_bindings()
+
+    async def _on_error(self, reply: dict[str, Any]) -> None:
+        message = reply.get("message", "unknown error")
+        if reply.get("fatal"):
+            first, _, rest = message.partition("\n")
+            if self.current_id is not None:  # its bubble says what happened; the log tail goes below
+                await self._finish_failed(first)
+                if rest.strip():
+                    await self._note(rest, error=True)
+            else:
+                await self._note(message, error=True)
+            self._failed(message)
+            return
+        if reply.get("id") is not None and reply.get("id") == self.current_id:
+            await self._finish_failed(message)
+            self._set_status(f"error: {message.splitlines()[0]}", "error")
+        elif reply.get("op") == "load":  # the old model is still served: show it as selected again
+            if self.client is not None:
+                self.client_target = next((t for t in self.targets if t.model == self.client.model
+                                           and t.adapter == self.client.adapter), None)
+                if self.client_target is not None:
+                    self.query_one("#chat-target", Select).value = self.targets.index(self.client_target)
+            self.state = "ready"
+            self._set_status(f"error: {message.splitlines()[0]}", "error")
+            await self._note(message, error=True)
+        else:
+            self._set_status(f"error: {message.splitlines()[0]}", "error")
+
+    def _failed(self, message: str) -> None:
+        self.state = "failed"
+        client, self.client = self.client, None
+        self.client_target = None
+        if client is not None:
+            threading.Thread(target=client.close, daemon=True).start()
+        self.add_class("-failed")
+        self._set_status(f"✗ {message.splitlines()[0]}", "error")
+
+    async def on_chat_start_failed(self, message: ChatStartFailed) -> None:
+        if message.client is not self.client:
+            return
+        if self.current_id is not None:
+            await self._finish_failed(message.error)
+        self._failed(message.error)
+
+    # ----------------------------------------------------------------------------------------- actions
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "stop":  # Esc means "stop" only while a reply streams; otherwise it passes on
+            return self.current_id is not None
+        return True
+
+    def action_stop(self) -> None:
+        if self.current_id is None or self.client is None:
+            return
+        self.client.stop(self.current_id)
+        self._set_status("stopping …", "busy")
+
+    @on(Button.Pressed, "#chat-retry")
+    async def retry_pressed(self) -> None:
+        await self.action_restart()
+
+    async def action_restart(self) -> None:
+        """Reload the config's targets and (re)start the worker with the selected one."""
+        old = self._selected_target()
+        self._read_config()
+        for hint in self.query("#chat-hint").results(Static):
+            hint.update(self._hint())
+        if self.config_error:  # keep what runs (if anything): only the config is broken
+            self.add_class("-failed")
+            self._set_status(f"config error: {self.config_error}", "error")
+            return
+        select = self.query_one("#chat-target", Select)
+        select.set_options(self._target_options())
+        select.value = self.targets.index(old) if old in self.targets else 0
+        if self.current_id is not None:  # its reply will never come from the new worker
+            await self._finish_failed("restarted")
+        self._drop_client()
+        target = self._selected_target()
+        if target is not None:
+            self._start_client(target)
+            self._set_status(f"loading {target.label} ({_short(target.model)}) …", "busy")
+
+    async def action_new_chat(self) -> None:
+        if self.current_id is not None and self.client is not None:
+            self.client.stop(self.current_id)
+            await self._finish_failed("stopped: new chat")
+        self.history.clear()
+        log = self.query_one("#chat-log", VerticalScroll)
+        await log.remove_children()
+        await log.mount(Static("New conversation.", id="chat-hint"))
+        self.query_one("#chat-input", Input).focus()
+
+    # ------------------------------------------------------------------------------------------ status
+    def _set_status(self, text: str, tone: str = "") -> None:
+        self.status = text
+        status = self.query_one("#chat-status", Static)
+        status.update(Text(text))
+        status.set_class(tone == "error", "-error")
+        status.set_class(tone == "busy", "-busy")
+
+
+def _short(path: str, width: int = 34) -> str:
+    """A model name or path cut to fit a narrow line, keeping its end (the part that differs)."""
+    text = str(path)
+    if len(text) <= width:
+        return text
+    return "…" + text[-(width - 1):]
+

@@ -1,0 +1,322 @@
+"""The Config tab: browse and edit a config file as a tree of sections, or as raw YAML.
+
+The text of the file is the single source of truth: a form edit replaces one scalar in the text (so
+comments and layout survive), the raw view edits the text directly, and after every change the text is
+validated against the schema, with each error's key path and line listed below. Saving shows the diff
+against the file first and goes through `save_config_text`, which refuses invalid text and writes
+atomically with a `.bak`: an invalid edit can never be saved over a valid file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.syntax import Syntax
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import ModalScreen
+from textual.widgets import ContentSwitcher, Input, Label, Select, Static, TextArea, Tree
+
+from engine.core.config import ConfigError, field_help, parse_config, save_config_text, set_yaml_value
+
+SECTION_ORDER = ("teacher", "assistant", "student", "train", "datasets")
+
+
+def config_files(current: str) -> list[str]:
+    """config.yaml, configs/*.yaml and the current file, without repeats."""
+    found = [current]
+    for candidate in [Path("config.yaml"), *sorted(Path("configs").glob("*.yaml"))]:
+        if candidate.exists() and str(candidate) not in found:
+            found.append(str(candidate))
+    return found
+
+
+@dataclass
+class ConfigFileChosen(Message):
+    """The user switched config files: new runs started from the panel use this one."""
+
+    path: str
+
+
+class DiffScreen(ModalScreen[bool]):
+    """The unified diff of file → buffer; y saves, n / Esc goes back."""
+
+    DEFAULT_CSS = """
+    DiffScreen { align: center middle; }
+    DiffScreen > Vertical { width: 90%; height: 85%; border: thick $primary; background: $surface; }
+    DiffScreen #diff { height: 1fr; }
+    DiffScreen #hint { height: 1; background: $primary 20%; }
+    """
+    BINDINGS = [Binding("y", "save", "Save"), Binding("n,escape", "back", "Back")]
+
+    def __init__(self, path: str, diff: str):
+        super().__init__()
+        self.path = path
+        self.diff = diff
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            with VerticalScroll(id="diff"):
+                yield Static(Syntax(self.diff, "diff", theme="ansi_dark", word_wrap=True))
+            yield Label(f" save {self.path}?  y: save (old file kept as .bak)   n / Esc: back", id="hint")
+
+    def action_save(self) -> None:
+        self.dismiss(True)
+
+    def action_back(self) -> None:
+        self.dismiss(False)
+
+
+class ConfigTab(Vertical):
+    DEFAULT_CSS = """
+    ConfigTab { height: 1fr; }
+    ConfigTab #bar { height: 3; }
+    ConfigTab #file { width: 36; }
+    ConfigTab #state { width: 1fr; padding: 1 1 0 1; }
+    ConfigTab #form { height: 1fr; }
+    ConfigTab #tree { width: 1fr; min-width: 30; }
+    ConfigTab #editor { width: 38; padding: 0 1; border-left: solid $primary 40%; }
+    ConfigTab #help { height: auto; color: $text-muted; }
+    ConfigTab #raw { height: 1fr; }
+    ConfigTab #errors { height: auto; max-height: 6; color: $error; padding: 0 1; }
+    """
+
+    BINDINGS = [
+        Binding("ctrl+s", "save", "Save"),
+        Binding("ctrl+r", "toggle_raw", "Form/YAML"),
+        Binding("ctrl+z", "revert", "Revert", show=False),
+    ]
+
+    def __init__(self, config_path: str):
+        super().__init__()
+        self.path = config_path
+        self.saved_text = ""
+        self.text = ""
+        self.issues: list[str] = []
+        self.selected: tuple[str | int, ...] | None = None
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="bar"):
+            files = config_files(self.path)
+            yield Select([(f, f) for f in files], value=self.path, allow_blank=False, id="file")
+            yield Static(id="state")
+        with ContentSwitcher(initial="form", id="views"):
+            with Horizontal(id="form"):
+                yield Tree("config", id="tree")
+                with Vertical(id="editor"):
+                    yield Label("select a key", id="key")
+                    yield Static(id="help")
+                    yield Input(placeholder="value (YAML)", id="value")
+            yield TextArea(id="raw", language="yaml", show_line_numbers=True)
+        yield Static(id="errors")
+
+    def on_mount(self) -> None:
+        self.load(self.path)
+
+    # ----------------------------------------------------------------------------------- loading
+
+    def load(self, path: str) -> None:
+        self.path = path
+        try:
+            self.saved_text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            self.saved_text = ""
+            self.notify(f"{path}: cannot read ({exc})", severity="error")
+        self.set_text(self.saved_text, from_raw=False)
+
+    def set_text(self, text: str, from_raw: bool) -> None:
+        """New buffer text: validate it, refresh the tree, and (unless it came from there) the raw view."""
+        self.text = text
+        try:
+            parse_config(text, source=self.path)
+            self.issues = []
+        except ConfigError as exc:
+            self.issues = [str(issue) for issue in exc.issues]
+        if not from_raw:
+            raw = self.query_one("#raw", TextArea)
+            with raw.prevent(TextArea.Changed):
+                raw.load_text(text)
+        self.rebuild_tree()
+        self.show_state()
+
+    def show_state(self) -> None:
+        modified = self.text != self.saved_text
+        state = Text()
+        if self.issues:
+            state.append(f"✗ {len(self.issues)} error{'s' * (len(self.issues) > 1)}", style="bold red")
+        else:
+            state.append("✓ valid", style="green")
+        if modified:
+            state.append("  ● modified (ctrl+s: diff + save)", style="yellow")
+        if self._trust_remote_code():
+            state.append("  ⚠ trust_remote_code is on", style="bold yellow")
+        self.query_one("#state", Static).update(state)
+        self.query_one("#errors", Static).update(Text("\n".join(self.issues[:6])))
+
+    def _trust_remote_code(self) -> bool:
+        try:
+            data = yaml.safe_load(self.text) or {}
+            return bool(data["teacher"]["open"]["model"].get("trust_remote_code"))
+        except Exception:  # noqa: BLE001 - any shape of invalid text: simply no warning
+            return False
+
+    def rebuild_tree(self) -> None:
+        tree = self.query_one("#tree", Tree)
+        try:
+            data = yaml.safe_load(self.text)
+        except yaml.YAMLError:
+            return  # keep the last good tree while the raw text is mid-edit
+        if not isinstance(data, dict):
+            return
+        expanded = {node.data for node in _walk(tree.root) if node.is_expanded and node.data is not None}
+        tree.clear()
+        tree.root.label = self.path
+        ordered = sorted(data.items(), key=lambda kv: (SECTION_ORDER.index(kv[0]) if kv[0] in SECTION_ORDER else 99))
+        for key, value in ordered:
+            _add_node(tree.root, (key,), key, value, expanded)
+        tree.root.expand()
+
+    # ----------------------------------------------------------------------------------- editing
+
+    @on(Tree.NodeHighlighted, "#tree")
+    def select_key(self, event: Tree.NodeHighlighted) -> None:
+        path = event.node.data
+        if path is None:
+            return
+        self.selected = path
+        help_ = field_help(path)
+        self.query_one("#key", Label).update(Text(help_.path if help_ else ".".join(map(str, path)), style="bold"))
+        lines = []
+        if help_:
+            lines.append(help_.description)
+            lines.append(f"type: {help_.type}" + (f"   default: {help_.default}" if help_.default else ""))
+        value_input = self.query_one("#value", Input)
+        value = _get(yaml.safe_load(self.text), path)
+        editable = not isinstance(value, dict) and not (isinstance(value, list) and value and isinstance(value[0], dict))
+        value_input.disabled = not editable
+        value_input.value = _render(value) if editable else ""
+        if not editable:
+            lines.append("a section: pick one of its keys")
+        self.query_one("#help", Static).update("\n".join(lines))
+
+    @on(Input.Submitted, "#value")
+    def apply_value(self, event: Input.Submitted) -> None:
+        if self.selected is None:
+            return
+        try:
+            value = yaml.safe_load(event.value) if event.value.strip() else None
+        except yaml.YAMLError:
+            value = event.value  # not YAML: take it as a plain string
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads 1e-4 as a string; a number is meant
+            except ValueError:
+                pass
+        try:
+            text = set_yaml_value(self.text, self.selected, value)
+        except KeyError as exc:
+            self.notify(f"{exc.args[0]}; add it in the YAML view (ctrl+r)", severity="warning")
+            return
+        self.set_text(text, from_raw=False)
+        problems = [i for i in self.issues if ".".join(map(str, self.selected)) in i.replace("[", ".").replace("]", "")]
+        if problems:
+            self.notify(problems[0], title="invalid value", severity="error")
+
+    @on(TextArea.Changed, "#raw")
+    def raw_changed(self, event: TextArea.Changed) -> None:
+        self.set_text(event.text_area.text, from_raw=True)
+
+    @on(Select.Changed, "#file")
+    def switch_file(self, event: Select.Changed) -> None:
+        if event.value == self.path:
+            return
+        if self.text != self.saved_text:
+            self.notify(f"unsaved changes to {self.path} were discarded", severity="warning")
+        self.load(str(event.value))
+        self.app.sub_title = self.path
+        self.post_message(ConfigFileChosen(self.path))
+
+    def action_toggle_raw(self) -> None:
+        switcher = self.query_one("#views", ContentSwitcher)
+        switcher.current = "raw" if switcher.current == "form" else "form"
+        self.query_one("#raw" if switcher.current == "raw" else "#tree").focus()
+
+    def action_revert(self) -> None:
+        self.set_text(self.saved_text, from_raw=False)
+        self.notify("reverted to the file on disk")
+
+    def action_save(self) -> None:
+        if self.issues:
+            self.notify(f"not saved: {self.issues[0]}", title=f"{len(self.issues)} errors", severity="error", timeout=8)
+            return
+        if self.text == self.saved_text:
+            self.notify("no changes to save")
+            return
+        diff = "".join(difflib.unified_diff(
+            self.saved_text.splitlines(keepends=True), self.text.splitlines(keepends=True),
+            fromfile=f"{self.path} (on disk)", tofile=f"{self.path} (edited)",
+        ))
+        self.app.push_screen(DiffScreen(self.path, diff), self._save_confirmed)
+
+    def _save_confirmed(self, confirmed: bool | None) -> None:
+        if not confirmed:
+            return
+        try:
+            save_config_text(self.path, self.text)
+        except ConfigError as exc:
+            self.notify(str(exc), title="not saved", severity="error", timeout=8)
+            return
+        except OSError as exc:
+            self.notify(f"{self.path}: {exc.strerror}; the file on disk is unchanged", title="not saved",
+                        severity="error", timeout=8)
+            return
+        self.saved_text = self.text
+        self.show_state()
+        self.notify(f"saved {self.path} (previous version in {Path(self.path).name}.bak)")
+
+
+def _walk(node):
+    yield node
+    for child in node.children:
+        yield from _walk(child)
+
+
+def _add_node(parent, path: tuple[Any, ...], key: Any, value: Any, expanded: set) -> None:
+    label = f"[{key}]" if isinstance(key, int) else str(key)
+    if isinstance(value, dict):
+        node = parent.add(Text(label, style="bold"), data=path, expand=path in expanded)
+        for child_key, child_value in value.items():
+            _add_node(node, path + (child_key,), child_key, child_value, expanded)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        node = parent.add(Text(label, style="bold"), data=path, expand=path in expanded)
+        for index, item in enumerate(value):
+            _add_node(node, path + (index,), index, item, expanded)
+    else:
+        parent.add_leaf(Text.assemble((label, ""), (": ", "dim"), (_render(value), "cyan")), data=path)
+
+
+def _render(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+    return str(value)
+
+
+def _get(data: Any, path: tuple[Any, ...]) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data

@@ -1,0 +1,391 @@
+"""The GPU tab: per-GPU memory, utilization, temperature, power and history; the processes on the GPUs with
+our stage workers labelled "run <id> · <stage>"; a clear message when there is no GPU or driver.
+
+Sampling (NVML, or fake GPUs with TAS_FAKE_GPUS) runs in a thread worker of this widget, which posts a
+`GpuTab.Sampled` message per sample; widgets are only touched on the event loop. Keys: `+` samples less
+often, `-` more often (0.25 s to 30 s).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import ClassVar
+
+from rich.style import Style
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import DataTable, Sparkline, Static
+from textual.worker import get_current_worker
+
+from engine.gpu.monitor import (
+    MIN_INTERVAL_S,
+    GpuInfo,
+    GpuSnapshot,
+    Sampler,
+    bar,
+    fmt_bytes,
+    fmt_memory,
+    fmt_power,
+    fmt_temp,
+    fmt_util,
+)
+
+INTERVAL_STEPS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+BAR_WIDTH = 16
+NO_PROCESS = "-"  # the key of the placeholder row of an empty process table
+
+
+def _level(fraction: float | None, warn: float = 0.75, high: float = 0.9) -> str:
+    if fraction is None:
+        return "$text-muted"
+    if fraction >= high:
+        return "$error"
+    if fraction >= warn:
+        return "$warning"
+    return "$success"
+
+
+def _fmt_interval(seconds: float) -> str:
+    return f"{seconds:g} s"
+
+
+class HistorySparkline(Sparkline):
+    """A Sparkline on a fixed scale (0 to `maximum`), newest sample on the right.
+
+    Textual's Sparkline scales between the data's own min and max, which turns a 1% wobble of memory
+    into a full-height saw; a monitor wants an absolute scale, and stable output while few samples exist.
+    """
+
+    BARS: ClassVar[str] = "▁▂▃▄▅▆▇█"
+
+    def __init__(self, maximum: float | None = None, *, id: str | None = None, classes: str | None = None):
+        super().__init__([], id=id, classes=classes)
+        self.maximum = maximum
+
+    def set_history(self, values: list[float | None], maximum: float | None) -> None:
+        self.maximum = maximum
+        self.data = list(values)
+
+    def render(self) -> Text:
+        width = max(0, self.size.width)
+        values = list(self.data or [])[-width:] if width else []
+        values = [None] * (width - len(values)) + values
+        _, base = self.background_colors
+        low = base + self.get_component_styles("sparkline--min-color").color
+        high = base + self.get_component_styles("sparkline--max-color").color
+        text = Text(no_wrap=True, overflow="crop")
+        top = self.maximum or max((v for v in values if v is not None), default=0) or 1
+        for value in values:
+            if value is None:
+                text.append(" ")
+                continue
+            fraction = max(0.0, min(1.0, value / top))
+            index = min(len(self.BARS) - 1, int(round(fraction * (len(self.BARS) - 1))))
+            text.append(self.BARS[index], style=Style(color=low.blend(high, fraction).rich_color))
+        return text
+
+
+class GpuCard(Vertical):
+    """One GPU in three lines: name + temperature + power; memory bar + history; utilization bar + history."""
+
+    DEFAULT_CSS = """
+    GpuCard {
+        height: auto;
+        padding: 0 1;
+    }
+    GpuCard.-odd {
+        background: $boost;
+    }
+    GpuCard Horizontal {
+        height: 1;
+    }
+    GpuCard .gpu-title {
+        width: 1fr;
+        text-style: bold;
+        text-wrap: nowrap;
+        text-overflow: ellipsis;
+    }
+    GpuCard .gpu-vitals {
+        width: auto;
+        text-wrap: nowrap;
+    }
+    GpuCard .gpu-meter {
+        width: 37;
+        text-wrap: nowrap;
+    }
+    GpuCard HistorySparkline {
+        width: 1fr;
+        margin-left: 1;
+    }
+    GpuCard HistorySparkline > .sparkline--min-color {
+        color: $success 60%;
+    }
+    GpuCard HistorySparkline > .sparkline--max-color {
+        color: $error;
+    }
+    GpuCard HistorySparkline.-util > .sparkline--min-color {
+        color: $accent 50%;
+    }
+    GpuCard HistorySparkline.-util > .sparkline--max-color {
+        color: $accent;
+    }
+    """
+
+    def __init__(self, index: int):
+        super().__init__(id=f"gpu-card-{index}", classes="-odd" if index % 2 else "")
+        self.index = index
+
+    def compose(self) -> ComposeResult:
+        with Horizontal():
+            yield Static("", classes="gpu-title")
+            yield Static("", classes="gpu-vitals")
+        with Horizontal():
+            yield Static("", classes="gpu-meter gpu-mem")
+            yield HistorySparkline(classes="-mem")
+        with Horizontal():
+            yield Static("", classes="gpu-meter gpu-util")
+            yield HistorySparkline(100.0, classes="-util")
+
+    def show(self, gpu: GpuInfo, memory: list, utilization: list) -> None:
+        title = Text(f"GPU {gpu.index} · {gpu.name}")
+        self.query_one(".gpu-title", Static).update(title)
+        temp = gpu.temperature_c
+        temp_style = "" if temp is None else ("$error" if temp >= 85 else "$warning" if temp >= 75 else "")
+        temp_text = "temp n/a" if temp is None else fmt_temp(temp)
+        power = fmt_power(gpu.power_w, gpu.power_limit_w)
+        power_text = "power n/a" if power == "n/a" else power
+        vitals = (f"[{temp_style}]{temp_text}[/]" if temp_style else temp_text) + "  " + _escape(power_text)
+        self.query_one(".gpu-vitals", Static).update(vitals)
+        frac = gpu.memory_fraction
+        self.query_one(".gpu-mem", Static).update(
+            f"mem  {_bar(frac, _level(frac))} {fmt_memory(gpu.memory_used, gpu.memory_total):>15}"
+        )
+        util = gpu.utilization_gpu
+        ufrac = None if util is None else util / 100
+        self.query_one(".gpu-util", Static).update(
+            f"util {_bar(ufrac, '$accent')} {fmt_util(util):>15}"
+        )
+        self.query_one(".-mem", HistorySparkline).set_history(memory, gpu.memory_total)
+        self.query_one(".-util", HistorySparkline).set_history(utilization, 100.0)
+
+
+def _bar(fraction: float | None, color: str, width: int = BAR_WIDTH) -> str:
+    """A meter in Textual markup: the filled part in `color`, the rest as a muted track."""
+    text = bar(fraction, width)
+    filled = text.count("█")
+    return f"[{color}]{text[:filled]}[/][$text-disabled]{text[filled:]}[/]"
+
+
+def _escape(text: str) -> str:
+    return text.replace("[", r"\[")
+
+
+class GpuTab(Vertical):
+    """The GPU tab. `runs_dir` is the run store (to label our workers); `interval` seconds between samples."""
+
+    DEFAULT_CSS = """
+    GpuTab {
+        height: 1fr;
+    }
+    GpuTab #gpu-message {
+        width: 1fr;
+        padding: 1 2;
+        background: $error 15%;
+        color: $text;
+        border-left: thick $error;
+        display: none;
+    }
+    GpuTab.-unavailable #gpu-message {
+        display: block;
+    }
+    GpuTab.-unavailable #gpu-cards {
+        display: none;
+    }
+    GpuTab #gpu-cards {
+        dock: top;
+        height: auto;
+        max-height: 60%;
+        scrollbar-size-vertical: 1;
+    }
+    GpuTab #gpu-cards:focus {
+        background-tint: $foreground 5%;
+    }
+    GpuTab #gpu-procs {
+        height: 1fr;
+        margin-top: 1;
+        min-height: 3;
+    }
+    GpuTab #gpu-status {
+        dock: bottom;
+        height: 1;
+        padding: 0 1;
+        color: $text-muted;
+        text-wrap: nowrap;
+        text-overflow: ellipsis;
+    }
+    """
+
+    BINDINGS = [
+        Binding("plus", "slower", "Slower", tooltip="Sample less often"),
+        Binding("equals_sign", "slower", "Slower", show=False),
+        Binding("minus", "faster", "Faster", tooltip="Sample more often"),
+    ]
+
+    class Sampled(Message):
+        """One GPU sample, posted by the sampling thread."""
+
+        def __init__(self, snapshot: GpuSnapshot, history: dict[int, tuple[list, list]]):
+            super().__init__()
+            self.snapshot = snapshot
+            self.history = history
+
+    def __init__(self, runs_dir: Path, interval: float = 1.0, *, id: str | None = None,
+                 classes: str | None = None):
+        super().__init__(id=id, classes=classes)
+        self.runs_dir = Path(runs_dir)
+        self.interval = max(MIN_INTERVAL_S, float(interval))
+        self.snapshot: GpuSnapshot | None = None
+        self.samples = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._row_keys: list[str] = []
+
+    # ----------------------------------------------------------------------------------------- layout
+
+    def compose(self) -> ComposeResult:
+        # The process table comes before the GPU list in the DOM (the list is docked on top) so that it is
+        # the first focusable widget of the tab; Shift+Tab reaches the GPU list (it scrolls with many GPUs).
+        yield Static("", id="gpu-message")
+        yield Static(self._status_text(), id="gpu-status")
+        table: DataTable = DataTable(id="gpu-procs", cursor_type="row", zebra_stripes=True)
+        table.add_column("GPU", key="gpu")
+        table.add_column("PID", key="pid")
+        table.add_column("VRAM", key="vram")
+        table.add_column("Process", key="process")
+        yield table
+        yield VerticalScroll(id="gpu-cards")
+
+    def on_mount(self) -> None:
+        self._sample_loop()
+
+    def on_unmount(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def on_show(self) -> None:
+        """Coming into view (e.g. F3): take the focus, so the table and the +/- keys work at once."""
+        focused = self.app.focused
+        if focused is None or self not in focused.ancestors:
+            self.query_one("#gpu-procs", DataTable).focus()
+
+    # ---------------------------------------------------------------------------------------- sampling
+
+    @work(thread=True, exclusive=True, group="gpu-sampler", exit_on_error=False)
+    def _sample_loop(self) -> None:
+        worker = get_current_worker()
+        sampler = Sampler(self.runs_dir)
+        try:
+            while not worker.is_cancelled and not self._stop.is_set():
+                snapshot = sampler.sample()
+                self.post_message(self.Sampled(snapshot, sampler.history()))
+                self._wake.wait(self.interval)
+                self._wake.clear()
+        finally:
+            sampler.close()
+
+    @on(Sampled)
+    async def _on_sampled(self, message: Sampled) -> None:
+        self.snapshot = message.snapshot
+        self.samples += 1
+        snapshot = message.snapshot
+        unavailable = snapshot.error is not None
+        self.set_class(unavailable, "-unavailable")
+        if unavailable:
+            self.query_one("#gpu-message", Static).update(
+                Text.assemble(
+                    ("No GPU to show\n", "bold"),
+                    snapshot.error or "",
+                    ("\nChecked again every few seconds. TAS_FAKE_GPUS=2 shows fake GPUs (for trying the panel).",
+                     "dim"),
+                )
+            )
+        else:
+            await self._show_cards(snapshot, message.history)
+        self._show_processes(snapshot)
+        self.query_one("#gpu-status", Static).update(self._status_text())
+
+    async def _show_cards(self, snapshot: GpuSnapshot, history: dict[int, tuple[list, list]]) -> None:
+        box = self.query_one("#gpu-cards", VerticalScroll)
+        cards = list(box.query_children(GpuCard))
+        if [card.index for card in cards] != [gpu.index for gpu in snapshot.gpus]:
+            await box.remove_children()
+            cards = [GpuCard(gpu.index) for gpu in snapshot.gpus]
+            await box.mount_all(cards)
+        for card, gpu in zip(cards, snapshot.gpus):
+            memory, utilization = history.get(gpu.index, ([], []))
+            card.show(gpu, memory, utilization)
+
+    def _show_processes(self, snapshot: GpuSnapshot) -> None:
+        table = self.query_one("#gpu-procs", DataTable)
+        rows = {}
+        for p in snapshot.processes:
+            who = (Text(p.label, style="bold green") if p.label else Text(p.name or "?", style="dim"))
+            rows[f"{p.gpu_index}:{p.pid}"] = (
+                Text(str(p.gpu_index), justify="right"),
+                Text(str(p.pid), justify="right"),
+                Text(fmt_bytes(p.used_memory), justify="right"),
+                who,
+            )
+        if not rows and snapshot.error is None:
+            rows[NO_PROCESS] = (Text(""), Text(""), Text(""), Text("no process is using a GPU", style="dim italic"))
+        table.show_cursor = NO_PROCESS not in rows
+        keys = list(rows)
+        if keys == self._row_keys:
+            for key, cells in rows.items():
+                for column, value in zip(("gpu", "pid", "vram", "process"), cells):
+                    table.update_cell(key, column, value)
+            return
+        selected = None
+        if table.row_count and 0 <= table.cursor_row < len(self._row_keys):
+            selected = self._row_keys[table.cursor_row]
+        table.clear()
+        for key, cells in rows.items():
+            table.add_row(*cells, key=key)
+        self._row_keys = keys
+        if selected in rows:
+            table.move_cursor(row=keys.index(selected))
+
+    def _status_text(self) -> str:
+        snap = self.snapshot
+        parts = [f"every {_fmt_interval(self.interval)}"]
+        if snap is None:
+            parts.append("sampling…")
+        elif snap.error:
+            parts.append("no GPU (checked again every few seconds)")
+        else:
+            parts.append(f"{len(snap.gpus)} GPU{'s' if len(snap.gpus) != 1 else ''}")
+            if snap.driver_version:
+                parts.append(f"driver {snap.driver_version}")
+            if snap.source.startswith("fake"):
+                parts.append("fake GPUs (TAS_FAKE_GPUS)")
+        return " · ".join(parts)
+
+    # ----------------------------------------------------------------------------------------- actions
+
+    def set_interval(self, seconds: float) -> None:
+        self.interval = max(MIN_INTERVAL_S, float(seconds))
+        self._wake.set()  # the sampling thread picks the new interval up at once
+        self.query_one("#gpu-status", Static).update(self._status_text())
+
+    def action_slower(self) -> None:
+        bigger = [s for s in INTERVAL_STEPS if s > self.interval + 1e-9]
+        self.set_interval(bigger[0] if bigger else INTERVAL_STEPS[-1])
+
+    def action_faster(self) -> None:
+        smaller = [s for s in INTERVAL_STEPS if s < self.interval - 1e-9]
+        self.set_interval(smaller[-1] if smaller else INTERVAL_STEPS[0])
