@@ -18,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from engine.models.loading import load_causal_lm, load_tokenizer  # noqa: E402
-from engine.models.shipped import SHIPPED_DATASETS  # noqa: E402
-from engine.teacher.open import chat_texts, generate_batches, stop_token_ids  # noqa: E402
+from engine.models.loading import load_causal_lm, load_tokenizer
+from engine.models.shipped import SHIPPED_DATASETS
+from engine.teacher.open import chat_texts, generate_batches, stop_token_ids
 
 
 def measure(model, tokenizer, prompts, texts, batch_size, kwargs, sort_by_length) -> dict:

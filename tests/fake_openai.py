@@ -36,8 +36,9 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 _COUNTED_FAULT = re.compile(r"\[\[(429|500)x(\d+)\]\]")
 
@@ -262,7 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
     fake: FakeOpenAI
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # keep test output clean
 
     # ------------------------------------------------------------------------------------ plumbing
@@ -303,7 +304,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------------------------- routes
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+    def do_GET(self) -> None:
         if not self._record("GET"):
             return
         fake = self.fake
@@ -321,7 +322,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, fake.batch_object(batch))
         self._send(404, {"error": {"message": f"no route GET {self.path}"}})
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib name
+    def do_POST(self) -> None:
         if not self._record("POST"):
             return
         fake = self.fake

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.core import config as config_module
-from engine.core.config import ConfigError, TASConfig, load_config, parse_config, save_config_text
+from engine.core import fsio as config_module
+from engine.core.config import ConfigError, TASConfig, load_config, parse_config
+from engine.core.config_edit import save_config_text
 
 from .conftest import ROOT, SEED_DIR
 

@@ -10,8 +10,9 @@ import pytest
 
 from engine.core.config import load_config
 from engine.core.events import read_events
-from engine.stages import data
+from engine.core.fsio import FileWriteError
 from engine.runner.context import StageError
+from engine.stages import data
 
 from .conftest import make_context
 
@@ -117,9 +118,9 @@ def test_local_file_given_as_name(tiny_config, project: Path):
 @pytest.mark.parametrize(
     "content, expected",
     [
-        ('{"instruction": "ok"}\n{"instruction": "also ok"}\n{"instruction": broken}\n', r"in\.jsonl:3: bad JSON line 3"),
+        ('{"instruction": "ok"}\n{"instruction": "also ok"}\n{"instruction": broken}\n', r"in\.jsonl:3: bad JSON: Expecting value"),
         ("", r"has no records \(empty file\)"),
-        ('{"instruction": "ok"}\n[1, 2]\n', r"in\.jsonl:2: line 2 is a JSON list, not an object"),
+        ('{"instruction": "ok"}\n[1, 2]\n', r"in\.jsonl:2: a JSON list, not an object"),
         (b'{"instruction": "ok"}\n{"instruction": "caf\xe9"}\n', r"in\.jsonl:2: not UTF-8"),
     ],
     ids=["malformed line", "empty", "not an object", "not utf-8"],
@@ -156,7 +157,7 @@ def test_unwritable_output_keeps_old_file(tiny_config, project: Path):
     before = Path(tiny_config.data.output_path).read_bytes()
     tiny_config.data.output_path = str(project / "in.jsonl" / "sub" / "prompts.jsonl")
     (project / "in.jsonl").write_text("not a folder")
-    with pytest.raises(StageError, match=r"data\.output_path: cannot write"):
+    with pytest.raises(FileWriteError, match=r"data\.output_path: .*in\.jsonl is a file where a folder is needed"):
         data.run(make_context(tiny_config, "data", project))
     assert Path(project / ".data/tiny/prompts.jsonl").read_bytes() == before
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import signal
@@ -14,22 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from engine.gpu import monitor as gpu_mod
-from engine.gpu.monitor import (
-    FAKE_ENV,
-    GIB,
-    NO_DRIVER,
-    FakeBackend,
-    GpuProcess,
-    GpuUnavailable,
-    NvmlBackend,
-    Sampler,
-    add_gpu_command,
-    cmd_gpu,
-    label_processes,
-    open_backend,
-)
+from engine.cli.gpu import add_parser as add_gpu_command
+from engine.cli.gpu import cmd_gpu
 from engine.core.runs import ProcessRecord, RunStore
+from engine.gpu import fake as fake_mod
+from engine.gpu.fake import FAKE_ENV, FakeBackend
+from engine.gpu.format import render_snapshot
+from engine.gpu.labels import label_processes
+from engine.gpu.model import GIB, GpuProcess, GpuSnapshot, GpuUnavailable
+from engine.gpu.nvml import NO_DRIVER, NvmlBackend
+from engine.gpu.sampler import Sampler, open_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +36,7 @@ def _real_nvml_works() -> bool:
         pynvml.nvmlInit()
         pynvml.nvmlShutdown()
         return True
-    except Exception:  # noqa: BLE001
+    except Exception:  # any failure: no usable driver here
         return False
 
 
@@ -100,7 +95,7 @@ def test_fake_backend_values_are_plausible_and_vary_slowly(monkeypatch: pytest.M
         assert 0 <= g.utilization_gpu <= 100 and 20 < g.temperature_c < 90
         assert 0 < g.power_w <= g.power_limit_w == 700
     later = backend.started + 1
-    monkeypatch.setattr(gpu_mod.time, "monotonic", lambda: later)
+    monkeypatch.setattr(fake_mod.time, "monotonic", lambda: later)
     moved, _, _ = backend.sample()
     assert moved != gpus  # values drift...
     assert all(abs(a.utilization_gpu - b.utilization_gpu) <= 20 for a, b in zip(gpus, moved))  # ...slowly
@@ -166,8 +161,15 @@ class _NotSupported(_Error):
         super().__init__(3)
 
 
-def stub_nvml(init_error: int | None = None, count: int = 1) -> types.SimpleNamespace:
-    """A stand-in for the pynvml module: one GPU without temperature or power readings."""
+class _Mismatch(Exception):
+    """Stands in for pynvml.NVMLLibraryMismatchError (not an NVMLError): nvidia-ml-py newer than the driver."""
+
+
+def stub_nvml(init_error: int | None = None, count: int = 1, **overrides) -> types.SimpleNamespace:
+    """A stand-in for the pynvml module: GPUs without UUID, temperature or power readings.
+
+    Every NVML function counts its calls in `calls` (by name); `overrides` replaces functions by name.
+    """
 
     def not_supported(*args):
         raise _NotSupported()
@@ -176,33 +178,49 @@ def stub_nvml(init_error: int | None = None, count: int = 1) -> types.SimpleName
         if init_error is not None:
             raise _Error(init_error)
 
+    functions = {
+        "nvmlInit": init,
+        "nvmlShutdown": lambda: None,
+        "nvmlSystemGetDriverVersion": lambda: b"550.54.15",
+        "nvmlDeviceGetCount": lambda: count,
+        "nvmlDeviceGetHandleByIndex": lambda i: f"handle{i}",
+        "nvmlDeviceGetName": lambda h: b"NVIDIA A10",
+        "nvmlDeviceGetUUID": not_supported,
+        "nvmlDeviceGetMemoryInfo": lambda h: types.SimpleNamespace(used=3 * GIB, total=24 * GIB, free=21 * GIB),
+        "nvmlDeviceGetUtilizationRates": lambda h: types.SimpleNamespace(gpu=37, memory=12),
+        "nvmlDeviceGetTemperature": not_supported,
+        "nvmlDeviceGetPowerUsage": not_supported,
+        "nvmlDeviceGetEnforcedPowerManagementLimit": not_supported,
+        "nvmlDeviceGetComputeRunningProcesses": lambda h: [
+            types.SimpleNamespace(pid=111, usedGpuMemory=2 * GIB),
+            types.SimpleNamespace(pid=222, usedGpuMemory=None),
+        ],
+        "nvmlDeviceGetGraphicsRunningProcesses": not_supported,
+        **overrides,
+    }
+    calls: collections.Counter[str] = collections.Counter()
+
+    def counted(name, function):
+        def call(*args):
+            calls[name] += 1
+            return function(*args)
+
+        return call
+
     return types.SimpleNamespace(
         NVMLError=_Error,
         NVMLError_NotSupported=_NotSupported,
-        NVMLLibraryMismatchError=type("NVMLLibraryMismatchError", (Exception,), {}),
+        NVMLLibraryMismatchError=_Mismatch,
         NVML_ERROR_LIBRARY_NOT_FOUND=12,
         NVML_ERROR_LIB_RM_VERSION_MISMATCH=18,
         NVML_ERROR_NO_PERMISSION=4,
         NVML_ERROR_DRIVER_NOT_LOADED=9,
+        NVML_ERROR_NOT_SUPPORTED=3,
+        NVML_ERROR_FUNCTION_NOT_FOUND=13,
+        NVML_ERROR_UNKNOWN=999,
         NVML_TEMPERATURE_GPU=0,
-        shutdowns=[],
-        nvmlInit=init,
-        nvmlShutdown=lambda: None,
-        nvmlSystemGetDriverVersion=lambda: b"550.54.15",
-        nvmlDeviceGetCount=lambda: count,
-        nvmlDeviceGetHandleByIndex=lambda i: f"handle{i}",
-        nvmlDeviceGetName=lambda h: b"NVIDIA A10",
-        nvmlDeviceGetUUID=not_supported,
-        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=3 * GIB, total=24 * GIB, free=21 * GIB),
-        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=37, memory=12),
-        nvmlDeviceGetTemperature=not_supported,
-        nvmlDeviceGetPowerUsage=not_supported,
-        nvmlDeviceGetEnforcedPowerManagementLimit=not_supported,
-        nvmlDeviceGetComputeRunningProcesses=lambda h: [
-            types.SimpleNamespace(pid=111, usedGpuMemory=2 * GIB),
-            types.SimpleNamespace(pid=222, usedGpuMemory=None),
-        ],
-        nvmlDeviceGetGraphicsRunningProcesses=not_supported,
+        calls=calls,
+        **{name: counted(name, function) for name, function in functions.items()},
     )
 
 
@@ -215,9 +233,73 @@ def test_nvml_fields_not_supported_become_none(monkeypatch: pytest.MonkeyPatch) 
     assert (g.memory_used, g.memory_total, g.utilization_gpu) == (3 * GIB, 24 * GIB, 37)
     assert g.temperature_c is None and g.power_w is None and g.power_limit_w is None
     assert [(p.pid, p.used_memory) for p in processes] == [(111, 2 * GIB), (222, None)]
-    text = gpu_mod.render_snapshot(gpu_mod.GpuSnapshot(ts=0, gpus=gpus, processes=processes, driver_version=driver))
+    text = render_snapshot(GpuSnapshot(ts=0, gpus=gpus, processes=processes, driver_version=driver))
     assert "n/a" in text and max(map(len, text.splitlines())) <= 80
     backend.close()
+
+
+def test_nvml_unsupported_fields_are_asked_once_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unknown(h):
+        raise _Error(999)  # NVML_ERROR_UNKNOWN: remembered like NotSupported
+
+    def function_not_found(h):
+        raise _Error(13)
+
+    nvml = stub_nvml(count=2, nvmlDeviceGetPowerUsage=unknown, nvmlDeviceGetEnforcedPowerManagementLimit=function_not_found)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    backend = NvmlBackend()
+    for _ in range(4):
+        gpus, processes, _ = backend.sample()
+        assert [(g.temperature_c, g.power_w, g.power_limit_w, g.uuid) for g in gpus] == [(None,) * 4] * 2
+        assert [g.memory_used for g in gpus] == [3 * GIB] * 2 and len(processes) == 4
+    for name in ("nvmlDeviceGetTemperature", "nvmlDeviceGetPowerUsage", "nvmlDeviceGetEnforcedPowerManagementLimit",
+                 "nvmlDeviceGetUUID", "nvmlDeviceGetGraphicsRunningProcesses"):
+        assert nvml.calls[name] == 2, name  # once per device, not once per sample
+    assert nvml.calls["nvmlDeviceGetMemoryInfo"] == nvml.calls["nvmlDeviceGetComputeRunningProcesses"] == 8
+    backend.close()
+
+
+def test_nvml_transient_errors_are_retried_and_bugs_are_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = iter([_Error(10), types.SimpleNamespace(gpu=55, memory=1)])  # NVML_ERROR_TIMEOUT, then a value
+
+    def flaky(h):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    nvml = stub_nvml(nvmlDeviceGetUtilizationRates=flaky)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    backend = NvmlBackend()
+    assert backend.sample()[0][0].utilization_gpu is None  # a timeout: n/a this time...
+    assert backend.sample()[0][0].utilization_gpu == 55  # ...and asked again next time
+
+    def bug(*args):
+        raise TypeError("a bug, not the driver")
+
+    nvml = stub_nvml(nvmlDeviceGetTemperature=bug)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    with pytest.raises(TypeError, match="a bug"):
+        NvmlBackend().sample()
+    # the sampler still never raises into a UI, but says what happened instead of showing n/a
+    snapshot = Sampler(backend=NvmlBackend(nvml)).sample()
+    assert snapshot.gpus == [] and "TypeError" in snapshot.error and "a bug" in snapshot.error
+
+
+def test_nvml_library_newer_than_driver_falls_back_to_v2(monkeypatch: pytest.MonkeyPatch) -> None:
+    def mismatch(h):
+        raise _Mismatch("Unversioned function called and the pyNVML version does not match the NVML lib version")
+
+    nvml = stub_nvml(
+        nvmlDeviceGetComputeRunningProcesses=mismatch,
+        nvmlDeviceGetComputeRunningProcesses_v2=lambda h: [types.SimpleNamespace(pid=333, usedGpuMemory=GIB)],
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    backend = NvmlBackend()
+    for _ in range(3):
+        assert [(p.pid, p.used_memory) for p in backend.sample()[1]] == [(333, GIB)]
+    assert nvml.calls["nvmlDeviceGetComputeRunningProcesses"] == 1
+    assert nvml.calls["nvmlDeviceGetComputeRunningProcesses_v2"] == 3
 
 
 @pytest.mark.parametrize(

@@ -27,13 +27,13 @@ from engine.core import launcher
 from engine.core.config import load_config
 from engine.core.events import read_events
 from engine.core.runs import RunStore
+from engine.runner.worker import run_stage
 from engine.stages import data
 from engine.teacher.output import TeacherOutput
-from engine.runner.worker import run_stage
 
 from .conftest import make_context
 from .fake_openai import FakeOpenAI
-from .test_processes import slow_config, big_dataset, tas, wait_for  # noqa: F401 - fixtures
+from .test_processes import big_dataset, slow_config, tas, wait_for  # noqa: F401 - fixtures
 
 KILL_ROUNDS = int(os.environ.get("TAS_KILL_ROUNDS", "8"))
 
@@ -114,12 +114,12 @@ def test_teacher_killed_again_and_again_loses_and_duplicates_nothing(project: Pa
     for _ in range(KILL_ROUNDS):
         before = len(lines_of(output))
         launcher.start(run, ["teacher"])
-        worker = wait_for(lambda: (s := run.stages()[1]).state == "running" and s.pid != previous_worker and s.pid,
+        worker = wait_for(lambda previous=previous_worker: (s := run.stages()[1]).state == "running" and s.pid != previous and s.pid,
                           timeout=30, interval=0.02)
         previous_worker = worker
         # kill at a different point each round: after 0-3 new answers, plus up to 0.3 s
         wanted = rng.randint(0, 3)
-        wait_for(lambda: len(lines_of(output)) >= before + wanted or not run.is_live(), timeout=120, interval=0.02)
+        wait_for(lambda goal=before + wanted: len(lines_of(output)) >= goal or not run.is_live(), timeout=120, interval=0.02)
         time.sleep(rng.uniform(0, 0.3))
         try:
             os.kill(worker, signal.SIGKILL)

@@ -11,9 +11,10 @@ import pytest
 
 from engine.core.config import load_config
 from engine.core.events import read_events
+from engine.runner.context import StageCancelled, StageContext, StageError
 from engine.teacher.closed import BATCH_STATE_FILE, FAILURES_FILE, answer_closed
 from engine.teacher.output import TeacherOutput
-from engine.runner.context import StageCancelled, StageContext, StageError
+
 from .conftest import make_context
 from .fake_openai import FakeOpenAI
 

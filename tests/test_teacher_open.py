@@ -9,10 +9,10 @@ import pytest
 
 from engine.core.config import load_config
 from engine.core.events import read_events
+from engine.runner.context import StageError
 from engine.stages import data, teacher
 from engine.teacher.open import chat_texts, generate_batches, generation_kwargs, load_teacher
 from engine.teacher.output import TeacherOutput
-from engine.runner.context import StageError
 
 from .conftest import make_context
 

@@ -13,8 +13,9 @@ import pytest
 
 from engine.core.config import load_config
 from engine.core.events import read_events
-from engine.stages import data, distill, eval as eval_stage, sft, teacher
 from engine.runner.context import StageCancelled, StageError
+from engine.stages import data, distill, sft, teacher
+from engine.stages import eval as eval_stage
 
 from .conftest import make_context
 
@@ -107,7 +108,7 @@ def test_eval_reports_every_model(trained):
     cfg, contexts, _ = trained
     report = json.loads((contexts["eval"].stage_dir / "report.json").read_text())
     assert set(report["models"]) == {"assistant", "student_kd", "student_ce"}
-    for name, numbers in report["models"].items():
+    for _name, numbers in report["models"].items():
         assert math.isfinite(numbers["loss"]) and numbers["perplexity"] > 1 and numbers["tokens"] > 0
         assert math.isclose(numbers["perplexity"], math.exp(numbers["loss"]), rel_tol=1e-3)
     assert report["models"]["assistant"]["kl_to_assistant"] == 0

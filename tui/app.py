@@ -14,7 +14,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
-from engine.cli.main import runs_root
+from engine.core.runs import runs_root
 from tui.tabs.chat import ChatTab
 from tui.tabs.config import ConfigFileChosen, ConfigTab
 from tui.tabs.gpu import GpuTab

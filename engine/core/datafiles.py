@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from engine.core.fsio import CorruptLine, iter_jsonl
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 
@@ -54,21 +57,11 @@ def _open_text(path: Path):
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataFileError(f"{path}:{number}: not UTF-8 (byte 0x{raw[exc.start]:02x})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFileError(f"{path}:{number}: bad JSON line {number}: {exc.msg} (column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise DataFileError(f"{path}:{number}: line {number} is a JSON {type(record).__name__}, not an object")
-            yield number, record
+    # a user's file need not end with a newline; a corrupt line is an error naming file and line
+    try:
+        yield from iter_jsonl(path, final_line_may_lack_newline=True)
+    except CorruptLine as exc:
+        raise DataFileError(str(exc)) from None
 
 
 def _iter_json(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -16,13 +16,12 @@ Kinds (every event has `ts` and `kind`):
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from engine.core.fsio import JsonlTail, JsonlWriter, parse_line
 from engine.core.secrets import redact
 
 FINAL_STATES = ("done", "failed", "cancelled")
@@ -30,27 +29,22 @@ KINDS = ("status", "progress", "metric", "memory", "log", "artifact")
 
 
 class EventWriter:
-    """Appends events to a stage's stream. Thread-safe; every string passes through `redact`."""
+    """Appends events to a stage's stream. Thread-safe; every string passes through `redact`.
+
+    Lines follow engine.core.fsio's rules: whole lines, flushed; a torn line left by a killed writer is
+    cut off when the stream is opened again.
+    """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")
-        self._lock = threading.Lock()
-        if _ends_mid_line(self.path):  # a writer killed mid-line: start ours on a line of its own
-            self._file.write("\n")
-            self._file.flush()
+        self._writer = JsonlWriter(self.path)
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
         if kind not in KINDS:
             raise ValueError(f"unknown event kind {kind!r}")
         event = {"ts": round(time.time(), 3), "kind": kind, **_redacted(fields)}
-        line = json.dumps(event, ensure_ascii=False, default=str) + "\n"
-        with self._lock:
-            self._file.write(line)
-            self._file.flush()
-            if kind == "status":
-                os.fsync(self._file.fileno())  # final states must survive a power cut
+        # final states must survive a power cut
+        self._writer.write(event, sync=kind == "status")
         return event
 
     def status(self, state: str, error: str | None = None, **fields: Any) -> None:
@@ -74,20 +68,7 @@ class EventWriter:
         self.emit("memory", devices=devices)
 
     def close(self) -> None:
-        with self._lock:
-            self._file.close()
-
-
-def _ends_mid_line(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() == 0:
-                return False
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) != b"\n"
-    except OSError:
-        return False
+        self._writer.close()
 
 
 def _redacted(value: Any) -> Any:
@@ -100,16 +81,10 @@ def _redacted(value: Any) -> Any:
     return value
 
 
-def parse_line(line: str) -> dict[str, Any] | None:
-    """One event, or None for a torn or foreign line (never raises)."""
-    line = line.strip()
-    if not line:
-        return None
-    try:
-        event = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return event if isinstance(event, dict) and "kind" in event else None
+def parse_event(line: str | bytes) -> dict[str, Any] | None:
+    """One event, or None for a blank or foreign line (never raises)."""
+    record = parse_line(line)
+    return record if record is not None and "kind" in record else None
 
 
 _PARSED: dict[str, tuple[int, int, list[dict[str, Any]]]] = {}
@@ -132,43 +107,19 @@ def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     cached = _PARSED.get(key)
     if cached is not None and cached[:2] == (stat.st_size, stat.st_mtime_ns):
         return list(cached[2])
-    try:
-        with open(key, encoding="utf-8", errors="replace") as f:
-            events = [e for e in map(parse_line, f) if e is not None]
-    except FileNotFoundError:
-        return []
+    tail = EventTail(key)
+    events = tail.poll()
     if len(_PARSED) >= _PARSED_MAX:
         _PARSED.pop(next(iter(_PARSED)))  # the oldest entry
     _PARSED[key] = (stat.st_size, stat.st_mtime_ns, events)
     return list(events)
 
 
-class EventTail:
+class EventTail(JsonlTail):
     """Incremental reader: each `poll()` returns the events appended since the last call.
 
-    Keeps a partial last line until its newline arrives, so a line being written is never half-read.
+    A line being written is never half-read (see engine.core.fsio.LineTail). One reader, one thread.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        self._offset = 0
-        self._pending = b""
-
     def poll(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return []
-        self._offset += len(chunk)
-        data = self._pending + chunk
-        lines = data.split(b"\n")
-        self._pending = lines.pop()  # b"" when data ended with a newline
-        events = []
-        for raw in lines:
-            event = parse_line(raw.decode("utf-8", errors="replace"))
-            if event is not None:
-                events.append(event)
-        return events
-
+        return [event for event in map(parse_event, self.poll_bytes()) if event is not None]

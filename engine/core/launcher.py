@@ -10,21 +10,18 @@ SSH hang-up or a killed panel leaves it running. The supervisor starts one worke
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-
 from engine.core.events import EventWriter
-from engine.core.config import atomic_write
+from engine.core.fsio import atomic_write, file_lock
+from engine.core.pipeline import check_stage_names
 from engine.core.runs import CANCEL_REQUEST, SUPERVISOR_FILE, ProcessRecord, Run
-from engine.stages import check_stage_names
 
 
 class CannotStart(RuntimeError):
@@ -35,15 +32,9 @@ class RunBusy(CannotStart):
     """The run already has stages running."""
 
 
-@contextmanager
 def _run_lock(run: Run):
     """Serialises start/cancel of one run between processes (panel, CLI); the OS drops it if we die."""
-    with open(run.path / ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return file_lock(run.path / ".lock")
 
 
 def start(run: Run, stages: list[str]) -> ProcessRecord:

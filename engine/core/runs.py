@@ -25,14 +25,17 @@ from typing import Any
 
 import psutil
 
-from engine.core.config import TASConfig, atomic_write, load_config
+from engine.core.config import ConfigError, TASConfig, load_config
 from engine.core.events import FINAL_STATES, read_events
-from engine.stages import PIPELINE
+from engine.core.fsio import atomic_write, read_json
+from engine.core.pipeline import PIPELINE
 
 RUN_FILE = "run.json"
 SUPERVISOR_FILE = "supervisor.json"
 FROZEN_CONFIG = "config.yaml"
 CANCEL_REQUEST = "cancel_request.json"
+DEFAULT_CONFIG = "config.yaml"
+"""The config file every command uses unless told otherwise."""
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -97,14 +100,6 @@ def _start_ticks(pid: int) -> int | None:
     # the command name (field 2) may contain spaces and parentheses: split after its closing one
     fields = stat[stat.rfind(b")") + 2 :].split()
     return int(fields[19])
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 # ---------------------------------------------------------------------------------------- stage state
@@ -324,3 +319,16 @@ class RunStore:
             raise RunNotFound(f"no run {ref!r} in {self.root}/; `tas status` lists them")
         names = ", ".join(r.id for r in matches[:5])
         raise RunNotFound(f"{ref!r} matches {len(matches)} runs ({names}); give more of the id")
+
+
+def runs_root(config_path: str | None) -> Path:
+    """The run store: $TAS_RUNS_DIR, else panel.runs_dir of the config, else ./runs."""
+    if os.environ.get("TAS_RUNS_DIR"):
+        return Path(os.environ["TAS_RUNS_DIR"])
+    path = Path(config_path or DEFAULT_CONFIG)
+    if path.exists():
+        try:
+            return Path(load_config(path).panel.runs_dir)
+        except ConfigError:
+            pass
+    return Path("runs")

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.models.shipped import is_tiny
+from engine.runner.context import StageError
 
 
-class ModelNotFound(RuntimeError):
+class ModelNotFound(StageError):
     """A model that is neither a local folder, a tiny model, nor loadable from the hub or its cache."""
 
 

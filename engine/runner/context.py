@@ -13,7 +13,8 @@ from pathlib import Path
 
 from engine.core.config import ConfigError, TASConfig
 from engine.core.events import EventWriter
-from engine.models.loading import ModelNotFound
+from engine.core.fsio import FileWriteError
+from engine.core.prompts import load_system_prompts
 from engine.core.runs import Run
 
 
@@ -25,7 +26,8 @@ class StageError(Exception):
     """An expected failure with a message for the user (bad input, missing file, ...): no traceback."""
 
 
-EXPECTED_FAILURES = (StageError, ConfigError, ModelNotFound)
+EXPECTED_FAILURES = (StageError, ConfigError, FileWriteError)
+"""Failures the user can fix: reported as a message, no traceback (ModelNotFound is a StageError; FileWriteError names path, key and what to do)."""
 
 
 @dataclass
@@ -54,8 +56,6 @@ class StageContext:
 
     def system_prompt(self, role: str) -> str | None:
         """The `role` ("Teacher" / "Assistant") system prompt of prompts.path; None (with a warning) if absent."""
-        from engine.teacher.output import load_system_prompts
-
         path = Path(self.config.prompts.path)
         if not path.exists():
             self.events.log(f"prompts.path: {path} not found; no {role} system prompt", level="warning")

@@ -22,8 +22,8 @@ import psutil
 
 from engine.core.config import TASConfig
 from engine.core.events import FINAL_STATES, EventWriter, read_events
+from engine.core.pipeline import MULTI_PROCESS_STAGES
 from engine.core.runs import CANCEL_REQUEST, ProcessRecord, Run, read_json
-from engine.stages import MULTI_PROCESS_STAGES
 
 
 def worker_command(stage: str, run: Run, config: TASConfig) -> list[str]:

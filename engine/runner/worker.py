@@ -11,7 +11,7 @@ Under torchrun every rank runs this module; rank 0 owns `events.jsonl`, other ra
 from __future__ import annotations
 
 import argparse
-import errno
+import importlib
 import os
 import signal
 import sys
@@ -21,21 +21,10 @@ import traceback
 from pathlib import Path
 
 from engine.core.events import EventWriter
+from engine.core.fsio import describe_os_error
+from engine.core.pipeline import stage_module
 from engine.core.runs import Run
 from engine.runner.context import EXPECTED_FAILURES, StageCancelled, StageContext
-from engine.stages import load_stage
-
-
-def describe_os_error(exc: OSError) -> str:
-    where = f" ({exc.filename})" if exc.filename else ""
-    message = f"{exc.strerror or exc}{where}"
-    if exc.errno == errno.ENOSPC:
-        message += ": free some disk space, then run the stage again to resume"
-    elif exc.errno in (errno.EEXIST, errno.ENOTDIR):
-        message = f"{exc.filename or 'a path'} is a file where a folder is needed: move it or change the path in the config"
-    elif exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        message += ": the stage cannot write there; fix the permissions or change the path in the config"
-    return message
 
 
 def _load_dotenv(workdir: str) -> None:
@@ -78,7 +67,7 @@ def run_stage(stage: str, run: Run) -> int:
     try:
         config = run.config()
         _load_dotenv(run.workdir)
-        module = load_stage(stage)
+        module = importlib.import_module(stage_module(stage))
         ctx = StageContext(stage, run, config, events, rank, world_size, cancel_event)
         module.run(ctx)
         ctx.check_cancelled()
@@ -92,9 +81,9 @@ def run_stage(stage: str, run: Run) -> int:
     except OSError as exc:  # disk full, permissions, ...: say what and where, keep the traceback in the log
         traceback.print_exc()
         sys.stdout.flush()
-        events.status("failed", error=describe_os_error(exc))
+        events.status("failed", error=str(describe_os_error(exc)))
         return 1
-    except BaseException as exc:  # noqa: BLE001 - the worker must always report its end
+    except BaseException as exc:
         traceback.print_exc()
         sys.stdout.flush()
         events.status("failed", error=f"{type(exc).__name__}: {exc}")

@@ -12,29 +12,19 @@ so the same prompt gets the same id in every run and the teacher can resume by i
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import random
-import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from engine.core.config import DatasetSource
 from engine.core.datafiles import DataFileError, dataset_files, iter_records
+from engine.core.fsio import atomic_write_jsonl
+from engine.core.prompts import normalise, prompt_id
 from engine.models.shipped import is_tiny, shipped_dataset
 from engine.runner.context import StageContext, StageError
-
-
-def normalise(text: str) -> str:
-    """Spacing and case do not make a different prompt."""
-    return " ".join(text.split()).casefold()
-
-
-def prompt_id(text: str) -> str:
-    return "p" + hashlib.sha1(normalise(text).encode("utf-8")).hexdigest()[:12]
 
 
 def run(ctx: StageContext) -> None:
@@ -75,7 +65,7 @@ def run(ctx: StageContext) -> None:
         kept = kept[: options.limit]
 
     output = Path(options.output_path)
-    _write_jsonl_atomically(output, kept)
+    atomic_write_jsonl(output, kept, key="data.output_path")
     ctx.events.progress(counts["read"], counts["read"], "records")
     ctx.events.metric("prompts", len(kept))
     ctx.events.log(f"kept {len(kept)} prompts of {counts['read']} records ({_summary(counts)})")
@@ -158,21 +148,3 @@ def _hub_records(source: DatasetSource, where: str) -> Iterator[tuple[str, dict[
         ) from None
     for row, record in enumerate(dataset, start=1):
         yield f"{source.name}[{source.split}] row {row}", record
-
-
-def _write_jsonl_atomically(path: Path, records: list[dict[str, Any]]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise StageError(f"data.output_path: cannot write {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise StageError(f"data.output_path: cannot write {path}: {exc.strerror}") from None

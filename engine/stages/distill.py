@@ -22,105 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
-from engine.train.pairs import ChatDataError, load_pairs, split_pairs, tokenize_pair
-from engine.train.kd_loss import chunked_kd_loss
-from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.models.device import pick_device
-from engine.stages.sft import quantization_config
-from engine.train.student import build_student, check_vocab_compatibility
-from engine.train.callbacks import CancelCallback, EventsCallback, mark_completed, precision, report_to, train_resumable
+from engine.models.loading import load_tokenizer
 from engine.runner.context import StageContext, StageError
-
-
-def load_kd_teacher(ctx: StageContext, device: torch.device):
-    """The assistant with its SFT adapter, frozen, in eval mode; plus its tokenizer."""
-    config = ctx.config
-    name = config.assistant.model.name
-    quant = quantization_config(ctx)
-    model = load_causal_lm(
-        name,
-        key="assistant.model.name",
-        quantization_config=quant,
-        dtype=None if quant else torch.float32,
-        device_map={"": device} if quant else None,
-    )
-    adapter = Path(config.train.sft.save_path)
-    if (adapter / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).get_base_model()  # LoRA layers stay injected
-        ctx.events.log(f"KD teacher: {name} + SFT adapter {adapter}")
-    else:
-        ctx.events.log(f"no SFT adapter in {adapter} (train.sft.save_path): distilling from the base assistant",
-                       level="warning")
-    if not quant:
-        model = model.to(device)
-    model.eval().requires_grad_(False)
-    return model, load_tokenizer(name, key="assistant.model.name", padding_side="right")
-
-
-class KDCollator:
-    """Right-pads input_ids, masks padding in labels (-100) and attention."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad = pad_token_id
-
-    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), width), self.pad, dtype=torch.long)
-        labels = torch.full((len(examples), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, example in enumerate(examples):
-            n = len(example["input_ids"])
-            ids[row, :n] = torch.tensor(example["input_ids"])
-            labels[row, :n] = torch.tensor(example["labels"])
-            mask[row, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-class KDTrainer(Trainer):
-    """Trainer whose loss is the chunked, answer-only KD loss; logs ce_loss and kd_loss beside loss."""
-
-    def __init__(self, *args, kd_teacher, kd_weight: float, temperature: float, reduction: str,
-                 chunk_size: int, vocab_size: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.kd_teacher = kd_teacher
-        self.kd_weight = kd_weight
-        self.temperature = temperature
-        self.reduction = reduction
-        self.chunk_size = chunk_size
-        self.vocab_size = vocab_size
-        self._sums = {"ce_loss": 0.0, "kd_loss": 0.0, "n": 0}
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        student_hidden = model.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
-        teacher_hidden = teacher_head = None
-        if self.kd_weight > 0:
-            with torch.no_grad():
-                teacher_hidden = self.kd_teacher.model(
-                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-                ).last_hidden_state
-            teacher_head = self.kd_teacher.get_output_embeddings().weight
-        out = chunked_kd_loss(
-            student_hidden, model.lm_head.weight, teacher_hidden, teacher_head, labels,
-            weight=self.kd_weight, temperature=self.temperature, reduction=self.reduction,
-            chunk_size=self.chunk_size, vocab_size=self.vocab_size,
-        )
-        if model.training:
-            self._sums["ce_loss"] += float(out.ce_loss.detach())
-            self._sums["kd_loss"] += float(out.kd_loss.detach())
-            self._sums["n"] += 1
-        return (out.loss, {"loss": out.loss}) if return_outputs else out.loss
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._sums["n"]:
-            logs["ce_loss"] = round(self._sums["ce_loss"] / self._sums["n"], 6)
-            logs["kd_loss"] = round(self._sums["kd_loss"] / self._sums["n"], 6)
-            self._sums = {"ce_loss": 0.0, "kd_loss": 0.0, "n": 0}
-        super().log(logs, *args, **kwargs)
+from engine.train.assistant import load_tuned_assistant
+from engine.train.callbacks import CancelCallback, EventsCallback, mark_completed, precision, report_to, train_resumable
+from engine.train.kd_trainer import KDCollator, KDTrainer
+from engine.train.pairs import load_split_pairs, tokenize_pair
+from engine.train.student import build_student, check_vocab_compatibility
 
 
 def run(ctx: StageContext) -> None:
@@ -129,21 +40,11 @@ def run(ctx: StageContext) -> None:
     device = pick_device(config)
 
     # 1. KD teacher (the fine-tuned assistant) and the tokenizer check
-    teacher, tokenizer = load_kd_teacher(ctx, device)
+    teacher, tokenizer = load_tuned_assistant(ctx, device)
     student_tokenizer = load_tokenizer(config.student.base_model_name, key="student.base_model_name")
-    try:
-        vocab = check_vocab_compatibility(tokenizer, student_tokenizer, teacher.config.vocab_size, teacher.config.vocab_size)
-    except ValueError as exc:
-        raise StageError(str(exc)) from None
 
     # 3. data, split as sft split it
-    try:
-        pairs = load_pairs(config.teacher.base.output_path)
-    except ChatDataError as exc:
-        raise StageError(str(exc)) from None
-    system = ctx.system_prompt("Assistant")
-    split = config.train.sft.dataset
-    train_pairs, eval_pairs = split_pairs(pairs, split.test_size, split.seed)
+    train_pairs, eval_pairs, system = load_split_pairs(ctx)
     max_length = min(kd.max_length, config.student.max_position_embeddings)
     train_set = [tokenize_pair(tokenizer, p, system, max_length) for p in train_pairs]
     eval_set = [tokenize_pair(tokenizer, p, system, max_length) for p in eval_pairs]
@@ -158,6 +59,11 @@ def run(ctx: StageContext) -> None:
         # 2. a fresh student, the same one for both runs
         try:
             student = build_student(config.student, teacher, tokenizer, init=kd.student_init)
+        except ValueError as exc:
+            raise StageError(str(exc)) from None
+        try:  # each model's own embedding size: padded vocabularies differ across model sizes
+            vocab = check_vocab_compatibility(tokenizer, student_tokenizer, teacher.config.vocab_size,
+                                              student.get_input_embeddings().num_embeddings)
         except ValueError as exc:
             raise StageError(str(exc)) from None
         student.to(device)

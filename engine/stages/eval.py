@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 
-from engine.train.pairs import ChatDataError, load_pairs, split_pairs, tokenize_pair
-from engine.train.kd_loss import chunked_kd_loss
-from engine.models.loading import load_causal_lm
 from engine.models.device import peak_memory, pick_device
-from engine.stages.distill import KDCollator, load_kd_teacher
+from engine.models.loading import load_causal_lm
 from engine.runner.context import StageContext, StageError
+from engine.train.assistant import load_tuned_assistant
+from engine.train.kd_loss import chunked_kd_loss
+from engine.train.kd_trainer import KDCollator
+from engine.train.pairs import load_split_pairs, tokenize_pair
 
 
 def students(ctx: StageContext) -> dict[str, Path]:
@@ -71,17 +72,12 @@ def score(ctx: StageContext, model, assistant, batches: list[dict[str, torch.Ten
 def run(ctx: StageContext) -> None:
     config = ctx.config
     device = pick_device(config)
-    try:
-        pairs = load_pairs(config.teacher.base.output_path)
-    except ChatDataError as exc:
-        raise StageError(str(exc)) from None
     split = config.train.sft.dataset
-    _, held_out = split_pairs(pairs, split.test_size, split.seed)
+    _, held_out, system = load_split_pairs(ctx)
     if config.eval.max_examples:
         held_out = held_out[: config.eval.max_examples]
 
-    assistant, tokenizer = load_kd_teacher(ctx, device)
-    system = ctx.system_prompt("Assistant")
+    assistant, tokenizer = load_tuned_assistant(ctx, device)
     max_length = min(config.train.distillation.max_length, config.student.max_position_embeddings)
     examples = [tokenize_pair(tokenizer, p, system, max_length) for p in held_out]
     collate = KDCollator(tokenizer.pad_token_id)

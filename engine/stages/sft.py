@@ -22,25 +22,12 @@ from typing import Any
 
 import torch
 
-from engine.train.pairs import ChatDataError, load_pairs, split_pairs, to_prompt_completion
-from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.models.device import pick_attention, pick_device, pick_dtype
-from engine.train.callbacks import CancelCallback, EventsCallback, mark_completed, precision, report_to, train_resumable
+from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.runner.context import StageContext, StageError
-
-
-def quantization_config(ctx: StageContext):
-    from transformers import BitsAndBytesConfig
-
-    q = ctx.config.assistant.quantization
-    if not q.load_in_4bit:
-        return None
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
-        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=torch.bfloat16 if q.bfloat16 else torch.float32,
-    )
+from engine.train.assistant import quantization_config
+from engine.train.callbacks import CancelCallback, EventsCallback, mark_completed, precision, report_to, train_resumable
+from engine.train.pairs import load_split_pairs, to_prompt_completion
 
 
 def lora_config(ctx: StageContext, model):
@@ -94,12 +81,7 @@ def prepare(ctx: StageContext) -> SftSetup:
     checkpoints = save_path / "checkpoints"
 
     # 1. data
-    try:
-        pairs = load_pairs(config.teacher.base.output_path)
-    except ChatDataError as exc:
-        raise StageError(str(exc)) from None
-    system = ctx.system_prompt("Assistant")
-    train_pairs, eval_pairs = split_pairs(pairs, sft.dataset.test_size, sft.dataset.seed)
+    train_pairs, eval_pairs, system = load_split_pairs(ctx)
     train_set = Dataset.from_list([to_prompt_completion(p, system) for p in train_pairs])
     eval_set = Dataset.from_list([to_prompt_completion(p, system) for p in eval_pairs])
     ctx.events.log(f"{len(train_pairs)} training and {len(eval_pairs)} held-out answers")
@@ -111,7 +93,7 @@ def prepare(ctx: StageContext) -> SftSetup:
     if warning:
         ctx.events.log(warning, level="warning")
     tokenizer = load_tokenizer(model_cfg.name, key="assistant.model.name", padding_side="right")
-    quant = quantization_config(ctx)
+    quant = quantization_config(config)
     model = load_causal_lm(
         model_cfg.name,
         key="assistant.model.name",

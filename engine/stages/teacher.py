@@ -2,7 +2,7 @@
 ready dataset downloaded from the hub (`teacher.source`).
 
 Input: the prompts of the `data` stage (`data.output_path`). Output: `teacher.base.output_path`, an
-append-only JSONL keyed by prompt id (see engine/teacher_output.py). Re-running the stage resumes: ids
+append-only JSONL keyed by prompt id (see engine/teacher/output.py). Re-running the stage resumes: ids
 already answered are skipped, a torn last line is cut and regenerated. `teacher.open.pipeline.resume:
 false` starts over, keeping the old file as a timestamped backup.
 
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.datafiles import DataFileError, iter_records
-from engine.teacher.output import TeacherOutput
 from engine.runner.context import StageContext, StageError
+from engine.teacher.output import TeacherOutput
 
 
 def shard_path(output: Path, rank: int) -> Path:
@@ -94,9 +94,11 @@ def run(ctx: StageContext) -> None:
                     backup = old.with_name(f"{old.name}.{stamp}.bak")
                     old.rename(backup)
                     ctx.events.log(f"resume is off: previous answers moved to {backup}")
-        removed = output.repair()
-        if removed:
-            ctx.events.log(f"cut a torn last line ({removed} bytes) from {output_path}; it will be regenerated")
+        repaired = output.repair()
+        if repaired.torn_bytes:
+            ctx.events.log(f"cut a torn last line ({repaired.torn_bytes} bytes) from {output_path}; it will be regenerated")
+        for problem in repaired.corrupt:
+            ctx.events.log(f"{problem}: moved to {repaired.quarantine}; its prompt will be answered again", level="warning")
         merged = merge_shards(output)
         if merged:
             ctx.events.log(f"merged {merged} answers left in shard files by an interrupted run")

@@ -30,16 +30,18 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any
 
 import openai
 
-from engine.core.config import ClosedTeacher, ClosedTeacherPipeline, atomic_write
+from engine.core.config import ClosedTeacher, ClosedTeacherPipeline
+from engine.core.fsio import append_jsonl, atomic_write, dumps_line, parse_line
 from engine.core.secrets import redact
-from engine.teacher.output import TeacherOutput
 from engine.runner.context import StageContext, StageError
+from engine.teacher.output import TeacherOutput
 
 FAILURES_FILE = "failures.jsonl"
 BATCH_STATE_FILE = "batch_state.json"
@@ -271,9 +273,7 @@ class _Ledger:
             self._records = []
         if self._failures:
             first = not self.failures_path.exists()
-            self.failures_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.failures_path, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in self._failures))
+            append_jsonl(self.failures_path, self._failures, durable=False)
             self._failures = []
             if first:
                 self.ctx.events.artifact(self.failures_path, "prompts the teacher failed to answer")
@@ -474,7 +474,7 @@ def _submit_batch(
         }
         for p in chunk
     ]
-    data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
+    data = "".join(dumps_line(line) for line in lines).encode("utf-8")
     upload = client.files.create(file=("tas-teacher-batch.jsonl", data, "application/jsonl"), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint=BATCH_ENDPOINT, completion_window="24h")
     state = {
@@ -583,11 +583,11 @@ def _download_results(ctx: StageContext, client: openai.OpenAI, file_id: str) ->
     for raw in text.splitlines():
         if not raw.strip():
             continue
-        try:
-            line = json.loads(raw)
-            results[str(line["custom_id"])] = line
-        except (json.JSONDecodeError, KeyError, TypeError):
+        line = parse_line(raw)
+        if line is None or "custom_id" not in line:
             unreadable += 1
+            continue
+        results[str(line["custom_id"])] = line
     if unreadable:
         ctx.events.log(f"{unreadable} unreadable lines in batch result file {file_id}", level="warning")
     return results

@@ -8,9 +8,9 @@ prompt ids the data stage would give.
 
 from __future__ import annotations
 
-from engine.stages.data import prompt_id
-from engine.teacher.output import TeacherOutput
+from engine.core.prompts import prompt_id
 from engine.runner.context import StageContext, StageError
+from engine.teacher.output import TeacherOutput
 
 INSTRUCTION_COLUMNS = ("instruction", "prompt", "question")
 OUTPUT_COLUMNS = ("output", "response", "answer", "completion")

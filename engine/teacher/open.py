@@ -15,15 +15,16 @@ own shard file; the stage merges the shards when every rank is done.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.models.device import is_out_of_memory, peak_memory, pick_attention, pick_device, pick_dtype
-from engine.teacher.output import TeacherOutput
+from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.runner.context import StageContext, StageError
+from engine.teacher.output import TeacherOutput
 
 
 @dataclass

@@ -4,106 +4,83 @@ Light module (stdlib). One record per line:
 
     {"id": "p3fa2c9e1b0aa", "instruction": "...", "output": "...", "model": "...", ...}
 
-* Records are appended and flushed + fsynced per batch, so a killed teacher loses at most the batch
-  in flight.
-* A torn last line (killed mid-write) is cut off when the file is opened again; it is regenerated, never
-  duplicated, and a completed record is never dropped.
-* An id already present is skipped on resume, so a re-run only answers what is missing.
-* Answers that failed (API errors, empty outputs) are never written here: they are logged as failures
-  and retried by the next run, so they can never become training data.
+The line rules are engine.core.fsio's:
+* records are appended and fsynced per batch, so a killed teacher loses at most the batch in flight;
+* a torn last line (killed mid-write) is cut off when the stage starts again; it is regenerated, never
+  duplicated, and a completed record is never dropped;
+* a complete line that is not a usable record (edited by hand, damaged disk) is reported with its
+  file:line and moved to `<output>.corrupt.jsonl` by `repair()`, so the prompt is answered again and
+  the line never reaches sft.
+
+An id already present is skipped on resume. Answers that failed (API errors, empty outputs) are never
+written here: they are logged as failures and retried by the next run.
 """
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+
+from engine.core.fsio import CorruptLine, append_jsonl, atomic_write, cut_torn_tail, iter_jsonl
+
+KEY = "teacher.base.output_path"
+
+
+@dataclass
+class Repair:
+    """What `TeacherOutput.repair` changed: bytes of a torn tail cut, and corrupt lines set aside."""
+
+    torn_bytes: int = 0
+    corrupt: list[str] = field(default_factory=list)  # "file:line: reason", one per quarantined line
+    quarantine: Path | None = None
 
 
 class TeacherOutput:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
 
-    def repair(self) -> int:
-        """Cut a torn last line off the file; returns the number of bytes removed."""
-        if not self.path.exists():
-            return 0
-        with open(self.path, "rb+") as f:
-            data = f.read()
-            end = len(data)
-            good = end
-            if data and not data.endswith(b"\n"):
-                good = data.rfind(b"\n") + 1  # 0 when the only line is torn
-            else:
-                # a complete-looking last line can still be garbage (e.g. zero bytes after a crash)
-                last_start = data.rfind(b"\n", 0, max(0, end - 1)) + 1
-                if data and not _is_record(data[last_start:end]):
-                    good = last_start
-            if good < end:
-                f.truncate(good)
-                f.flush()
-                os.fsync(f.fileno())
-            return end - good
+    @property
+    def quarantine_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".corrupt.jsonl")
+
+    def repair(self) -> Repair:
+        """Cut a torn tail, and move complete-but-unusable lines to the quarantine file."""
+        result = Repair(torn_bytes=cut_torn_tail(self.path) if self.path.exists() else 0)
+        bad: list[CorruptLine] = []
+        for number, record in iter_jsonl(self.path, on_corrupt=bad.append):
+            if not _usable(record):
+                bad.append(CorruptLine(self.path, number, "no string id or no non-empty output"))
+        if not bad:
+            return result
+        lines = self.path.read_bytes().split(b"\n")
+        bad_numbers = {error.line for error in bad}
+        kept = [line for number, line in enumerate(lines, start=1) if number not in bad_numbers]
+        quarantined = [{"line": error.line, "reason": str(error), "raw": lines[error.line - 1].decode("utf-8", "replace")}
+                       for error in bad]
+        append_jsonl(self.quarantine_path, quarantined, key=KEY)
+        atomic_write(self.path, b"\n".join(kept), key=KEY)
+        result.corrupt = [str(error) for error in bad]
+        result.quarantine = self.quarantine_path
+        return result
 
     def records(self) -> list[dict[str, Any]]:
-        """Every complete record (unreadable lines are skipped)."""
-        if not self.path.exists():
-            return []
-        out = []
-        with open(self.path, "rb") as f:
-            for raw in f:
-                record = _parse(raw)
-                if record is not None:
-                    out.append(record)
-        return out
+        """Every complete, usable record (torn tails and corrupt lines are left out: `repair` reports them)."""
+        return [record for _, record in iter_jsonl(self.path, on_corrupt=lambda error: None) if _usable(record)]
 
     def done_ids(self) -> set[str]:
         return {r["id"] for r in self.records()}
 
     def append(self, records: Iterable[dict[str, Any]]) -> int:
         """Append complete records (non-empty `output` only) durably; returns how many were written."""
-        lines = []
+        records = list(records)
         for record in records:
             if not str(record.get("output", "")).strip():
                 raise ValueError(f"refusing to store an empty answer for prompt {record.get('id')}")
-            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-        if not lines:
-            return 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
-        return len(lines)
+        return append_jsonl(self.path, records, durable=True, key=KEY) if records else 0
 
 
-def _parse(raw: bytes) -> dict[str, Any] | None:
-    try:
-        record = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if isinstance(record, dict) and isinstance(record.get("id"), str) and str(record.get("output", "")).strip():
-        return record
-    return None
-
-
-def _is_record(raw: bytes) -> bool:
-    return _parse(raw.strip()) is not None
-
-
-def load_system_prompts(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The TAS prompt.yaml: {"Teacher": {"system": ...}, "Assistant": {"system": ...}} → {"Teacher": "...", ...}."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"prompts.path: {path} not found (the system prompts file, like prompt.yaml)") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"prompts.path: {path} is not valid YAML: {exc}") from None
-    prompts = {}
-    for role, value in data.items() if isinstance(data, dict) else []:
-        if isinstance(value, dict) and isinstance(value.get("system"), str):
-            prompts[role] = value["system"].strip()
-    return prompts
+def _usable(record: dict[str, Any]) -> bool:
+    return isinstance(record.get("id"), str) and bool(str(record.get("output", "")).strip())

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.datafiles import DataFileError, iter_records
+from engine.runner.context import StageContext, StageError
 
 
 class ChatDataError(ValueError):
@@ -47,6 +48,21 @@ def split_pairs(pairs: list[dict[str, Any]], test_size: float, seed: int) -> tup
     ordered = sorted(pairs, key=rank)
     n_eval = min(len(ordered) - 1, max(1, math.ceil(len(ordered) * test_size)))
     return ordered[n_eval:], ordered[:n_eval]
+
+
+def load_split_pairs(ctx: StageContext) -> tuple[list[dict], list[dict], str | None]:
+    """The prologue of every stage that trains or scores: (train pairs, held-out pairs, Assistant system prompt).
+
+    The split is `train.sft.dataset.{seed,test_size}` for all of them, so `eval` never scores an
+    answer that `sft` or `distill` trained on.
+    """
+    split = ctx.config.train.sft.dataset
+    try:
+        pairs = load_pairs(ctx.config.teacher.base.output_path)
+    except ChatDataError as exc:
+        raise StageError(str(exc)) from None
+    train_pairs, held_out = split_pairs(pairs, split.test_size, split.seed)
+    return train_pairs, held_out, ctx.system_prompt("Assistant")
 
 
 def prompt_messages(instruction: str, system: str | None) -> list[dict[str, str]]:

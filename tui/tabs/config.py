@@ -25,7 +25,8 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import ContentSwitcher, Input, Label, Select, Static, TextArea, Tree
 
-from engine.core.config import ConfigError, field_help, parse_config, save_config_text, set_yaml_value
+from engine.core.config import ConfigError, parse_config
+from engine.core.config_edit import field_help, save_config_text, set_yaml_value
 
 SECTION_ORDER = ("teacher", "assistant", "student", "train", "datasets")
 
@@ -165,7 +166,7 @@ class ConfigTab(Vertical):
         try:
             data = yaml.safe_load(self.text) or {}
             return bool(data["teacher"]["open"]["model"].get("trust_remote_code"))
-        except Exception:  # noqa: BLE001 - any shape of invalid text: simply no warning
+        except Exception:
             return False
 
     def rebuild_tree(self) -> None:

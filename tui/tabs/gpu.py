@@ -22,18 +22,9 @@ from textual.message import Message
 from textual.widgets import DataTable, Sparkline, Static
 from textual.worker import get_current_worker
 
-from engine.gpu.monitor import (
-    MIN_INTERVAL_S,
-    GpuInfo,
-    GpuSnapshot,
-    Sampler,
-    bar,
-    fmt_bytes,
-    fmt_memory,
-    fmt_power,
-    fmt_temp,
-    fmt_util,
-)
+from engine.gpu.format import bar, fmt_bytes, fmt_memory, fmt_power, fmt_temp, fmt_util
+from engine.gpu.model import GpuInfo, GpuSnapshot
+from engine.gpu.sampler import MIN_INTERVAL_S, Sampler
 
 INTERVAL_STEPS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 BAR_WIDTH = 16
@@ -377,15 +368,16 @@ class GpuTab(Vertical):
 
     # ----------------------------------------------------------------------------------------- actions
 
-    def set_interval(self, seconds: float) -> None:
+    def change_sample_interval(self, seconds: float) -> None:
+        """Sample every `seconds` from now on (not `set_interval`: that is Textual's timer method)."""
         self.interval = max(MIN_INTERVAL_S, float(seconds))
         self._wake.set()  # the sampling thread picks the new interval up at once
         self.query_one("#gpu-status", Static).update(self._status_text())
 
     def action_slower(self) -> None:
         bigger = [s for s in INTERVAL_STEPS if s > self.interval + 1e-9]
-        self.set_interval(bigger[0] if bigger else INTERVAL_STEPS[-1])
+        self.change_sample_interval(bigger[0] if bigger else INTERVAL_STEPS[-1])
 
     def action_faster(self) -> None:
         smaller = [s for s in INTERVAL_STEPS if s < self.interval - 1e-9]
-        self.set_interval(smaller[-1] if smaller else INTERVAL_STEPS[0])
+        self.change_sample_interval(smaller[-1] if smaller else INTERVAL_STEPS[0])

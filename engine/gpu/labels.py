@@ -1,0 +1,133 @@
+"""Which GPU processes are ours: our stage workers (and their children) labelled "run <id> · <stage>".
+
+Kept apart from the backends because it is about the run store and the process tree, not the GPU: it reads
+the pid files the supervisor writes (runs/<run>/<stage>/pid) and walks process ancestry with psutil.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import psutil
+
+from engine.gpu.model import GpuProcess
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A live stage worker, from its pid file."""
+
+    run_id: str
+    stage: str
+    create_time: float
+
+
+def live_workers(runs_root: str | os.PathLike[str] | None) -> dict[int, Worker]:
+    """pid -> (run, stage) of every stage worker alive now, from runs/<run>/<stage>/pid.
+
+    Only a pid file whose process is alive with the recorded start time counts (a reused pid does not).
+    Every run's pid files are looked at, not only runs whose supervisor is alive: a worker that outlived
+    a killed supervisor still holds its GPU memory and is still ours. Only pid files are read (no events).
+    """
+    if runs_root is None:
+        return {}
+    from engine.core.pipeline import PIPELINE
+    from engine.core.runs import ProcessRecord, RunStore
+
+    workers: dict[int, Worker] = {}
+    for run in RunStore(runs_root).list():
+        for stage in PIPELINE:
+            record = ProcessRecord.read(run.stage_dir(stage) / "pid")
+            if record is not None and record.is_alive():
+                workers[record.pid] = Worker(run.id, stage, record.create_time)
+    return workers
+
+
+_names: dict[tuple[int, float], str] = {}
+
+
+def short_command(process: psutil.Process, width: int = 48) -> str:
+    """`python -m engine.runner.worker teacher --run …`: the command line, shortened; else the process name."""
+    try:
+        key = (process.pid, process.create_time())
+    except (psutil.Error, OSError):
+        return "?"
+    if key in _names:
+        return _names[key]
+    try:
+        argv = process.cmdline()
+    except (psutil.Error, OSError):
+        argv = []
+    if argv:
+        text = " ".join([os.path.basename(argv[0]), *argv[1:]])
+    else:
+        try:
+            text = process.name()
+        except (psutil.Error, OSError):
+            text = "?"
+    text = text if len(text) <= width else text[: width - 1] + "…"
+    if len(_names) > 2000:
+        _names.clear()
+    _names[key] = text
+    return text
+
+
+def label_processes(
+    processes: list[GpuProcess],
+    runs_root: str | os.PathLike[str] | None,
+    workers: dict[int, Worker] | None = None,
+) -> list[GpuProcess]:
+    """The processes with `label` set for our stage workers (and their children: torchrun ranks, dataloader
+    workers) and `name` filled in from the command line. The run store is scanned once per call."""
+    if not processes:
+        return []
+    if workers is None:
+        workers = live_workers(runs_root)
+    labelled = []
+    for gp in processes:
+        label, name = None, gp.name
+        try:
+            process = psutil.Process(gp.pid)
+        except (psutil.Error, OSError):
+            process = None
+        if process is not None:
+            if name is None:
+                name = short_command(process)
+            label = _label(process, workers)
+        labelled.append(replace(gp, label=label, name=name or "?"))
+    return labelled
+
+
+def _label(process: psutil.Process, workers: dict[int, Worker]) -> str | None:
+    if not workers:
+        return None
+    worker = workers.get(process.pid)
+    if worker is not None and _same_start(process, worker):
+        return f"run {worker.run_id} · {worker.stage}"
+    try:
+        ancestors = process.parents()
+    except (psutil.Error, OSError):
+        return None
+    for ancestor in ancestors:
+        worker = workers.get(ancestor.pid)
+        if worker is not None and _same_start(ancestor, worker):
+            rank = process_rank(process)
+            return f"run {worker.run_id} · {worker.stage}" + (f" · rank {rank}" if rank is not None else "")
+    return None
+
+
+def _same_start(process: psutil.Process, worker: Worker) -> bool:
+    try:
+        return abs(process.create_time() - worker.create_time) <= 0.05
+    except (psutil.Error, OSError):
+        return False
+
+
+def process_rank(process: psutil.Process) -> str | None:
+    """The distributed rank of a worker's child (torchrun sets RANK/LOCAL_RANK), when it can be read."""
+    try:
+        env = process.environ()
+    except (psutil.Error, OSError):
+        return None
+    return env.get("RANK") or env.get("LOCAL_RANK")
