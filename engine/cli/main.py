@@ -5,6 +5,8 @@
     tas status [RUN] [--all]
     tas logs RUN [STAGE] [-f] [--events]
     tas cancel RUN [--grace S]
+    tas compare RUN RUN...
+    tas note RUN [TEXT] [--name N] / tas rm RUN... [--archive] [--yes]
     tas gpu [--watch] [--interval S]
     tas chat [--target kd|ce|assistant|base] [--model NAME]
 
@@ -16,14 +18,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli import cancel, chat, gpu, logs, run, status
+from engine.cli import cancel, chat, compare, gpu, logs, manage, run, status
 from engine.cli.common import fail
 from engine.core import launcher
 from engine.core.config import ConfigError
+from engine.core.lineage import ReuseRefused
 from engine.core.pipeline import UnknownStage
-from engine.core.runs import DEFAULT_CONFIG, RunNotFound
+from engine.core.runs import DEFAULT_CONFIG, RunIsLive, RunNotFound
 
-COMMANDS = (run, status, logs, cancel, gpu, chat)
+COMMANDS = (run, status, logs, cancel, compare, manage, gpu, chat)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return open_panel(args.config)
     try:
         return args.func(args)
-    except (ConfigError, RunNotFound, UnknownStage, launcher.CannotStart) as exc:
+    except (ConfigError, RunNotFound, UnknownStage, launcher.CannotStart, ReuseRefused, RunIsLive) as exc:
         return fail(str(exc))  # the user's input is wrong: say so, no traceback
 
 

@@ -15,9 +15,10 @@ from engine.cli.common import console, errors
 from engine.core import launcher
 from engine.core.config import load_config
 from engine.core.events import FINAL_STATES, EventTail
+from engine.core.lineage import REUSABLE_STAGES, ReuseRefused, reuse_teacher
 from engine.core.pipeline import PIPELINE, check_stage_names
 from engine.core.render import event_line, number
-from engine.core.runs import Run, RunStore, runs_root
+from engine.core.runs import Run, RunStore, remove_run, runs_root
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -25,25 +26,52 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     run.add_argument("stages", nargs="+", metavar="STAGE", help=f"{', '.join(PIPELINE)} or all")
     run.add_argument("--run", help="add the stages to (or resume them in) an existing run")
     run.add_argument("-d", "--detach", action="store_true", help="start and return at once")
+    run.add_argument("--name", default="", help="a name for the new run (shown everywhere; `tas status NAME`)")
+    run.add_argument("--note", default="", help="a note for the new run (change it later with `tas note`)")
+    run.add_argument("--reuse", action="append", default=[], metavar="STAGE=RUN",
+                     help="reuse another run's outputs of STAGE (teacher) when they were made the same way")
     run.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     stages = check_stage_names(args.stages)
     store = RunStore(runs_root(args.config))
+    reuse = parse_reuse(args.reuse)
     if args.run:
         run = store.get(args.run)
+        if reuse:
+            raise ReuseRefused("--reuse applies to a new run only; start one without --run")
     else:
-        run = store.create(load_config(args.config), args.config)
+        run = store.create(load_config(args.config), args.config, name=args.name, note=args.note)
+        for stage, source_ref in reuse.items():
+            source = store.get(source_ref)
+            try:
+                summary = reuse_teacher(run.config(), run.path, run.workdir, source.config(), source.path, source.id)
+            except ReuseRefused:
+                remove_run(run)  # nothing was started: leave no empty run behind
+                raise
+            run.update_meta(reused={**run.reused, stage: source.id})
+            console.print(summary)
     tails = {stage: EventTail(run.stage_dir(stage) / "events.jsonl") for stage in stages}
     for tail in tails.values():
         tail.poll()  # skip events of earlier attempts: follow only this one
     launcher.start(run, stages)
-    console.print(f"run [bold]{run.id}[/]: {', '.join(stages)}  (dir {run.path})")
+    console.print(f"run [bold]{escape(run.label)}[/]: {', '.join(stages)}  (dir {run.path})")
     if args.detach:
         console.print(f"running in the background; follow with `tas logs {run.id} -f`, see `tas status`")
         return 0
     return follow_run(run, stages, tails)
+
+
+def parse_reuse(values: list[str]) -> dict[str, str]:
+    """`--reuse teacher=RUN` → {"teacher": "RUN"}."""
+    reuse = {}
+    for value in values:
+        stage, _, ref = value.partition("=")
+        if stage not in REUSABLE_STAGES or not ref:
+            raise ReuseRefused(f"--reuse {value}: expected STAGE=RUN with STAGE one of {', '.join(REUSABLE_STAGES)}")
+        reuse[stage] = ref
+    return reuse
 
 
 def follow_run(run: Run, stages: list[str], tails: dict[str, EventTail]) -> int:

@@ -115,7 +115,15 @@ def run_block(run: Run) -> str:
     if len(source) > room:
         source = "…" + source[-max(room - 1, 8) :]
     head = f"[bold]{escape(run.id)}[/]  {escape(source)}  {ago(run.created)}  {overall}"
-    return "\n".join([head, *(stage_line(s) for s in stages)])
+    about = []
+    if run.name:
+        about.append(f"name: {run.name}")
+    if run.note:
+        about.append(f"note: {run.note}")
+    if run.reused:
+        about.append("reused: " + ", ".join(f"{stage} from {source_run}" for stage, source_run in run.reused.items()))
+    extra = [f"  [dim]{escape(line[: WIDTH - 2])}[/]" for line in about]
+    return "\n".join([head, *extra, *(stage_line(s) for s in stages)])
 
 
 def event_line(stage: str, event: dict[str, Any]) -> str | None:

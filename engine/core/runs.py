@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,8 @@ import psutil
 
 from engine.core.config import ConfigError, TASConfig, load_config
 from engine.core.events import FINAL_STATES, read_events
-from engine.core.fsio import atomic_write, read_json
+from engine.core.fsio import atomic_write, file_lock, read_json
+from engine.core.lineage import resolve_outputs
 from engine.core.pipeline import PIPELINE
 
 RUN_FILE = "run.json"
@@ -202,6 +204,9 @@ class Run:
     created: float
     workdir: str
     config_source: str
+    name: str = ""
+    note: str = ""
+    reused: dict[str, str] = field(default_factory=dict)  # stage -> run id whose outputs it reused
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Run:
@@ -215,13 +220,31 @@ class Run:
             created=float(meta["created"]),
             workdir=meta["workdir"],
             config_source=meta.get("config_source", ""),
+            name=str(meta.get("name") or ""),
+            note=str(meta.get("note") or ""),
+            reused=dict(meta.get("reused") or {}),
         )
+
+    @property
+    def label(self) -> str:
+        """The id, with the user's name for the run when it has one."""
+        return f"{self.id} ({self.name})" if self.name else self.id
+
+    def update_meta(self, **fields: Any) -> None:
+        """Change run.json fields (name, note, reused) atomically."""
+        with file_lock(self.path / ".lock"):
+            meta = read_json(self.path / RUN_FILE) or {}
+            meta.update(fields)
+            atomic_write(self.path / RUN_FILE, json.dumps(meta, indent=2).encode())
+        for key, value in fields.items():
+            setattr(self, key, value)
 
     def stage_dir(self, stage: str) -> Path:
         return self.path / stage
 
     def config(self) -> TASConfig:
-        return load_config(self.path / FROZEN_CONFIG)
+        """The frozen config, its relative output paths resolved inside this run (engine.core.lineage)."""
+        return resolve_outputs(load_config(self.path / FROZEN_CONFIG), self.path)
 
     def supervisor(self) -> tuple[ProcessRecord | None, list[str]]:
         data = read_json(self.path / SUPERVISOR_FILE) or {}
@@ -264,8 +287,9 @@ class RunStore:
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
 
-    def create(self, config: TASConfig, config_source: str, workdir: str | None = None) -> Run:
-        """A new run directory with the frozen config; the name comes from the config file's name."""
+    def create(self, config: TASConfig, config_source: str, workdir: str | None = None, name: str = "",
+               note: str = "") -> Run:
+        """A new run directory with the frozen config; the id ends with the config file's name."""
         self.root.mkdir(parents=True, exist_ok=True)
         label = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(config_source).stem)[:24] or "run"
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -285,6 +309,8 @@ class RunStore:
             "created": time.time(),
             "workdir": str(Path(workdir or os.getcwd()).resolve()),
             "config_source": str(config_source),
+            "name": name,
+            "note": note,
         }
         atomic_write(path / RUN_FILE, json.dumps(meta, indent=2).encode())
         return Run.open(path)
@@ -303,22 +329,39 @@ class RunStore:
         return sorted(runs, key=lambda r: (r.created, r.id), reverse=True)
 
     def get(self, ref: str | None) -> Run:
-        """A run by id, unique id prefix, or `last`/`latest`/None for the newest."""
+        """A run by id, its name, any unique part of the id, or `last`/`latest`/None for the newest."""
         runs = self.list()
         if not runs:
             raise RunNotFound(f"no runs in {self.root}/ yet; start one with `tas run data`")
         if ref in (None, "", "last", "latest"):
             return runs[0]
-        exact = [r for r in runs if r.id == ref]
-        if exact:
+        exact = [r for r in runs if r.id == ref] or [r for r in runs if r.name == ref]
+        if len(exact) == 1:
             return exact[0]
-        matches = [r for r in runs if r.id.startswith(ref) or r.id.endswith(ref)]
+        matches = exact or [r for r in runs if ref in r.id]
         if len(matches) == 1:
             return matches[0]
         if not matches:
             raise RunNotFound(f"no run {ref!r} in {self.root}/; `tas status` lists them")
         names = ", ".join(r.id for r in matches[:5])
         raise RunNotFound(f"{ref!r} matches {len(matches)} runs ({names}); give more of the id")
+
+
+class RunIsLive(RuntimeError):
+    pass
+
+
+def remove_run(run: Run, archive: bool = False) -> Path | None:
+    """Delete a run's folder, or move it to `<runs>/.archive/`; never a live run. Returns the archive path."""
+    if run.is_live() or any(s.state == "running" for s in run.stages()):
+        raise RunIsLive(f"run {run.id} is running; cancel it first (tas cancel {run.id})")
+    if archive:
+        target = run.path.parent / ".archive" / run.id
+        target.parent.mkdir(parents=True, exist_ok=True)
+        run.path.rename(target)
+        return target
+    shutil.rmtree(run.path)
+    return None
 
 
 def runs_root(config_path: str | None) -> Path:

@@ -32,6 +32,7 @@ from engine.train.callbacks import CancelCallback, EventsCallback, mark_complete
 from engine.train.kd_trainer import KDCollator, KDTrainer
 from engine.train.pairs import load_split_pairs, tokenize_pair
 from engine.train.student import build_student, check_vocab_compatibility
+from engine.train.tracking import prepare_mlflow
 
 
 def run(ctx: StageContext) -> None:
@@ -80,6 +81,8 @@ def train_one(ctx: StageContext, label: str, student, teacher, tokenizer, train_
     """4 + 5: train one student into output_dir, resuming from its newest checkpoint."""
     kd = ctx.config.train.distillation
     checkpoints = output_dir / "checkpoints"
+    trackers = report_to(ctx, kd.report_to)
+    tracking = prepare_mlflow(ctx, kd.experiment) if "mlflow" in trackers else []
     args = TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=kd.num_train_epochs,
@@ -92,8 +95,8 @@ def train_one(ctx: StageContext, label: str, student, teacher, tokenizer, train_
         logging_steps=max(1, min(ctx.config.train.sft.logging_steps, 50)),
         save_steps=kd.save_steps,
         save_total_limit=2,
-        report_to=report_to(ctx, kd.report_to),
-        run_name=kd.run_name,
+        report_to=trackers,
+        run_name=kd.run_name + ("-ce" if prefix else ""),
         use_cpu=device.type == "cpu",
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -108,7 +111,7 @@ def train_one(ctx: StageContext, label: str, student, teacher, tokenizer, train_
         train_dataset=train_set,
         eval_dataset=eval_set if kd.eval_strategy != "no" else None,
         data_collator=KDCollator(tokenizer.pad_token_id),
-        callbacks=[EventsCallback(ctx, tokens_per_step, prefix), cancel],
+        callbacks=[EventsCallback(ctx, tokens_per_step, prefix), cancel, *tracking],
         kd_teacher=teacher,
         kd_weight=weight,
         temperature=kd.knowledgedistillation.loss.temperature,

@@ -13,7 +13,6 @@ Writes `runs/<run>/eval/report.json`, which the panel shows, and one metric even
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -21,13 +20,16 @@ from typing import Any
 
 import torch
 
+from engine.core.fsio import atomic_write_json
 from engine.models.device import peak_memory, pick_device
 from engine.models.loading import load_causal_lm
 from engine.runner.context import StageContext, StageError
 from engine.train.assistant import load_tuned_assistant
+from engine.train.callbacks import report_to
 from engine.train.kd_loss import chunked_kd_loss
 from engine.train.kd_trainer import KDCollator
 from engine.train.pairs import load_split_pairs, tokenize_pair
+from engine.train.tracking import log_report
 
 
 def students(ctx: StageContext) -> dict[str, Path]:
@@ -104,5 +106,10 @@ def run(ctx: StageContext) -> None:
     report = {"examples": len(examples), "split": {"seed": split.seed, "test_size": split.test_size},
               "models": results, "created": time.time()}
     path = ctx.stage_dir / "report.json"
-    path.write_text(json.dumps(report, indent=2))
+    atomic_write_json(path, report)
     ctx.events.artifact(path, "eval report")
+    kd = config.train.distillation
+    if "mlflow" in report_to(ctx, kd.report_to):
+        log_report(ctx, kd.experiment, path, {f"{model}/{name}": value for model, numbers in results.items()
+                                               for name, value in numbers.items()
+                                               if name in ("loss", "perplexity", "kl_to_assistant")})

@@ -28,6 +28,7 @@ from engine.runner.context import StageContext, StageError
 from engine.train.assistant import quantization_config
 from engine.train.callbacks import CancelCallback, EventsCallback, mark_completed, precision, report_to, train_resumable
 from engine.train.pairs import load_split_pairs, to_prompt_completion
+from engine.train.tracking import prepare_mlflow
 
 
 def lora_config(ctx: StageContext, model):
@@ -109,6 +110,8 @@ def prepare(ctx: StageContext) -> SftSetup:
     ctx.events.log(f"assistant {model_cfg.name} on {device}, {'4-bit ' + quant.bnb_4bit_quant_type if quant else model.dtype}")
 
     # 3 + 4. LoRA and trainer
+    trackers = report_to(ctx, sft.report_to)
+    tracking = prepare_mlflow(ctx, sft.experiment) if "mlflow" in trackers else []
     args = SFTConfig(
         output_dir=str(checkpoints),
         num_train_epochs=sft.num_train_epochs,
@@ -121,7 +124,7 @@ def prepare(ctx: StageContext) -> SftSetup:
         logging_steps=sft.logging_steps,
         save_steps=sft.save_steps,
         save_total_limit=2,
-        report_to=report_to(ctx, sft.report_to),
+        report_to=trackers,
         run_name=sft.experiment.run_name,
         max_length=sft.tokenizer.max_length if sft.tokenizer.truncation else None,
         completion_only_loss=True,
@@ -139,7 +142,7 @@ def prepare(ctx: StageContext) -> SftSetup:
         eval_dataset=eval_set if len(eval_set) else None,  # eval_strategy decides when; the end always
         processing_class=tokenizer,
         peft_config=lora_config(ctx, model),
-        callbacks=[EventsCallback(ctx), cancel],
+        callbacks=[EventsCallback(ctx), cancel, *tracking],
     )
     return SftSetup(trainer, cancel, tokenizer, eval_set if len(eval_set) else None)
 

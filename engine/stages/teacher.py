@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.datafiles import DataFileError, iter_records
+from engine.core.lineage import fingerprint_id, teacher_fingerprint, write_fingerprint
 from engine.runner.context import StageContext, StageError
 from engine.teacher.output import TeacherOutput
 
@@ -51,7 +52,7 @@ def answered_ids(output: TeacherOutput) -> set[str]:
     """Ids answered in the output and in any shard left by an interrupted multi-GPU run."""
     ids = output.done_ids()
     for shard in shard_files(output.path):
-        ids |= TeacherOutput(shard).done_ids()
+        ids |= TeacherOutput(shard, output.fingerprint).done_ids()
     return ids
 
 
@@ -60,7 +61,7 @@ def merge_shards(output: TeacherOutput) -> int:
     present = output.done_ids()
     merged = 0
     for shard_file in shard_files(output.path):
-        shard = TeacherOutput(shard_file)
+        shard = TeacherOutput(shard_file, output.fingerprint)
         shard.repair()
         fresh = [r for r in shard.records() if r["id"] not in present]
         merged += output.append(fresh)
@@ -76,7 +77,11 @@ def run(ctx: StageContext) -> None:
     rank, world = init_distributed()
     ctx.rank, ctx.world_size = rank, world
     output_path = Path(config.teacher.base.output_path)
-    output = TeacherOutput(output_path)
+    parts = teacher_fingerprint(config, ctx.run.workdir)
+    fingerprint = fingerprint_id(parts)
+    if ctx.is_main:
+        write_fingerprint(ctx.stage_dir, parts)
+    output = TeacherOutput(output_path, fingerprint)
     if config.teacher.source == "download":
         from engine.teacher.download import download_answers
 
@@ -99,6 +104,9 @@ def run(ctx: StageContext) -> None:
             ctx.events.log(f"cut a torn last line ({repaired.torn_bytes} bytes) from {output_path}; it will be regenerated")
         for problem in repaired.corrupt:
             ctx.events.log(f"{problem}: moved to {repaired.quarantine}; its prompt will be answered again", level="warning")
+        if repaired.stale:
+            ctx.events.log(f"{repaired.stale} answers made with other teacher settings moved to {repaired.stale_file}; "
+                           "they will be answered again with this run's settings", level="warning")
         merged = merge_shards(output)
         if merged:
             ctx.events.log(f"merged {merged} answers left in shard files by an interrupted run")
@@ -114,7 +122,7 @@ def run(ctx: StageContext) -> None:
         ctx.events.progress(answered, total, "prompts")
 
     mine = todo[rank::world] if world > 1 else todo
-    target = TeacherOutput(shard_path(output_path, rank)) if world > 1 else output
+    target = TeacherOutput(shard_path(output_path, rank), fingerprint) if world > 1 else output
 
     def progress(count: int) -> None:
         nonlocal answered

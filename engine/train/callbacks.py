@@ -60,19 +60,46 @@ class EventsCallback(TrainerCallback):
             self.ctx.events.log(f"checkpoint saved at step {state.global_step}")
 
 
+class EvaluationAborted(Exception):
+    """Raised inside an evaluation pass when a cancel arrives: the pass is dropped, the step's checkpoint kept."""
+
+
 class CancelCallback(TrainerCallback):
-    """After SIGTERM: save a checkpoint at the end of the current step, then stop training."""
+    """After SIGTERM: save one checkpoint at the end of the current step, then stop, doing nothing else.
+
+    The Trainer would otherwise evaluate on the way out (eval_strategy steps/epoch) and save again at the
+    epoch end; with a real eval split that alone outlasts `launch.cancel_grace_s` and the stage is killed.
+    An evaluation already running when the cancel arrives is aborted between batches.
+    """
 
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
         self.stopped = False
+        self.saved_step: int | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.ctx.cancel_requested:
             control.should_save = True
             control.should_training_stop = True
+            control.should_evaluate = False
+            control.should_log = False
             self.stopped = True
         return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.stopped:
+            self.saved_step = state.global_step
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped:  # the step's checkpoint is written; no epoch-end evaluation or second save
+            control.should_evaluate = False
+            control.should_save = False
+        return control
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self.ctx.cancel_requested and state.global_step > 0:
+            self.stopped = True
+            raise EvaluationAborted()
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
@@ -147,6 +174,12 @@ def train_resumable(ctx: StageContext, trainer, cancel: CancelCallback, checkpoi
         ctx.events.log(f"{prefix}resuming from {resume}")
     try:
         trainer.train(resume_from_checkpoint=resume)
+    except EvaluationAborted:
+        # the cancel came during an evaluation pass: keep the step that was reached, then stop
+        if cancel.saved_step != trainer.state.global_step:
+            trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's own checkpoint writer
+        raise StageCancelled(f"{prefix}cancelled at step {trainer.state.global_step} during an evaluation; "
+                             "checkpoint saved, re-run to resume") from None
     except Exception as exc:
         if is_out_of_memory(exc):
             raise StageError(

@@ -61,6 +61,17 @@ def load_split_pairs(ctx: StageContext) -> tuple[list[dict], list[dict], str | N
         pairs = load_pairs(ctx.config.teacher.base.output_path)
     except ChatDataError as exc:
         raise StageError(str(exc)) from None
+    prompts = Path(ctx.config.data.output_path)
+    if prompts.exists():  # only this run's prompts, even if the answers file holds more (reused answers)
+        ids = {record.get("id") for _, record in iter_records(prompts)}
+        kept = [p for p in pairs if p.get("id") in ids]
+        if len(kept) < len(pairs):
+            ctx.events.log(f"using {len(kept)} of {len(pairs)} teacher answers: the others answer prompts that are "
+                           f"not in this run's data.output_path")
+        pairs = kept
+        if len(pairs) < 2:
+            raise StageError(f"teacher.base.output_path: only {len(pairs)} answers match the prompts of "
+                             f"data.output_path ({prompts}); run the teacher stage of this run first")
     train_pairs, held_out = split_pairs(pairs, split.test_size, split.seed)
     return train_pairs, held_out, ctx.system_prompt("Assistant")
 

@@ -1,0 +1,95 @@
+"""Experiment tracking with MLflow, as TAS did: each training stage is an MLflow run in the experiment of
+`train.<stage>.experiment.name`, with the run's frozen config as params, the Trainer's metrics, and (for
+eval) the report as an artifact.
+
+The Trainer's own MLflowCallback (report_to: mlflow) logs metrics and TrainingArguments; this module
+points it at the right store and experiment through its environment variables, and adds what it does not
+log: the frozen config and the tags that tie an MLflow run to our run and stage.
+
+Where runs are stored: `$MLFLOW_TRACKING_URI` when set, else `experiment.set_tracking_uri`. A `file:`
+folder (what TAS configs name) becomes an SQLite store inside that folder (`sqlite:///<folder>/mlflow.db`):
+MLflow 3 refuses new file stores. Relative folders are relative to the run's working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from engine.core.config import ExperimentConfig
+from engine.core.runs import FROZEN_CONFIG
+from engine.runner.context import StageContext
+
+
+def tracking_uri(experiment: ExperimentConfig, workdir: str | Path) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    uri = experiment.set_tracking_uri or experiment.path
+    if uri.startswith("file:") or "://" not in uri:
+        folder = Path(uri.removeprefix("file:"))
+        folder = folder if folder.is_absolute() else Path(workdir) / folder
+        folder.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{folder.resolve() / 'mlflow.db'}"
+    return uri
+
+
+def tags(ctx: StageContext) -> dict[str, str]:
+    return {"tas.run": ctx.run.id, "tas.stage": ctx.stage, "tas.run_name": ctx.run.name or ""}
+
+
+def prepare_mlflow(ctx: StageContext, experiment: ExperimentConfig) -> list[TrainerCallback]:
+    """Environment for the Trainer's MLflowCallback, and our callback that logs the frozen config."""
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri(experiment, ctx.run.workdir)
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment.name
+    os.environ["MLFLOW_TAGS"] = json.dumps(tags(ctx))
+    os.environ.setdefault("HF_MLFLOW_LOG_ARTIFACTS", "0")  # checkpoints stay on disk, not copied into MLflow
+    ctx.events.log(f"tracking to MLflow: experiment {experiment.name!r} at {os.environ['MLFLOW_TRACKING_URI']}")
+    return [FrozenConfigToMlflow(ctx)]
+
+
+class FrozenConfigToMlflow(TrainerCallback):
+    """Logs the run's frozen config (flattened, keys prefixed `tas.`) and the file itself to the active run."""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import mlflow
+
+        if not state.is_world_process_zero or mlflow.active_run() is None:
+            return
+        import yaml
+
+        frozen = self.ctx.run.path / FROZEN_CONFIG
+        params = {f"tas.{k}"[:250]: str(v)[:6000] for k, v in flatten(yaml.safe_load(frozen.read_text())).items()}
+        mlflow.log_params(params)
+        mlflow.log_artifact(str(frozen), artifact_path="tas")
+
+
+def log_report(ctx: StageContext, experiment: ExperimentConfig, report_path: Path, metrics: dict[str, float]) -> None:
+    """The eval stage's report as its own MLflow run (metrics + the report file)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(experiment, ctx.run.workdir))
+    mlflow.set_experiment(experiment.name)
+    with mlflow.start_run(run_name=f"{ctx.run.id}-eval", tags=tags(ctx)):
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(report_path), artifact_path="tas")
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out.update(flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, list):
+        out = {}
+        for index, inner in enumerate(value):
+            out.update(flatten(inner, f"{prefix}.{index}"))  # MLflow keys allow no brackets
+        return out or {prefix: "[]"}
+    return {prefix: value}

@@ -1,0 +1,50 @@
+"""MLflow tracking: a tiny sft run with report_to mlflow is found through mlflow.search_runs, with the
+frozen config as params, the Trainer's metrics, and the tags that name our run and stage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engine.core.config import load_config
+from engine.core.events import EventWriter
+from engine.core.runs import RunStore
+from engine.runner.context import StageContext
+from engine.stages import sft
+from tests.conftest import ROOT
+from tests.test_masking import RECORDS
+
+
+def test_sft_run_is_tracked_in_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    mlflow = pytest.importorskip("mlflow")  # an optional extra; `.ci/run` installs it
+    shutil.copy(ROOT / "prompt.yaml", tmp_path / "prompt.yaml")
+    monkeypatch.chdir(tmp_path)
+    store_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)
+    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_TAGS"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    cfg.teacher.base.output_path = str(tmp_path / "teacher.jsonl")
+    Path(cfg.teacher.base.output_path).write_text(
+        "".join(json.dumps({"id": f"p{i}", "instruction": q, "output": a}) + "\n" for i, (q, a) in enumerate(RECORDS)))
+    cfg.train.sft.report_to = "mlflow"
+    cfg.train.sft.max_steps = 3
+    cfg.train.sft.logging_steps = 1
+    cfg.train.sft.experiment.name = "tas-test-experiment"
+    run = RunStore(tmp_path / "runs").create(cfg, "tiny.yaml", workdir=str(tmp_path), name="tracked")
+    ctx = StageContext("sft", run, run.config(), EventWriter(run.stage_dir("sft") / "events.jsonl"))
+    sft.train(ctx, sft.prepare(ctx))
+
+    mlflow.set_tracking_uri(store_uri)
+    found = mlflow.search_runs(experiment_names=["tas-test-experiment"], filter_string=f"tags.`tas.run` = '{run.id}'")
+    assert len(found) == 1
+    row = found.iloc[0]
+    assert row["tags.tas.stage"] == "sft" and row["tags.tas.run_name"] == "tracked"
+    assert float(row["params.tas.train.sft.learning_rate"]) == cfg.train.sft.learning_rate
+    assert row["params.tas.teacher.open.model.name"] == "tiny:teacher"
+    assert row["metrics.loss"] > 0
+    artifacts = mlflow.artifacts.list_artifacts(run_id=row["run_id"], artifact_path="tas")
+    assert any(a.path.endswith("config.yaml") for a in artifacts)
