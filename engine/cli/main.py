@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli import cancel, chat, compare, gpu, logs, manage, run, status
+from engine.cli import cancel, chat, compare, eval_code, gpu, logs, manage, run, status
 from engine.cli.common import fail
 from engine.core import launcher
 from engine.core.config import ConfigError
@@ -26,7 +26,7 @@ from engine.core.lineage import ReuseRefused
 from engine.core.pipeline import UnknownStage
 from engine.core.runs import DEFAULT_CONFIG, RunIsLive, RunNotFound
 
-COMMANDS = (run, status, logs, cancel, compare, manage, gpu, chat)
+COMMANDS = (run, status, logs, cancel, compare, manage, gpu, chat, eval_code)
 
 
 def build_parser() -> argparse.ArgumentParser:

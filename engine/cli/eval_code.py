@@ -1,0 +1,14 @@
+"""`tas eval-code COMPLETIONS.jsonl`: score HumanEval completions made anywhere with our sandbox."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine.evals.code import add_arguments, run_from_args
+
+
+def add_parser(sub, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser("eval-code", parents=[common], help="score HumanEval completions (pass@k) in a sandbox",
+                            description="Run HumanEval completions in a sandbox and report pass@k as JSON.")
+    add_arguments(parser)
+    parser.set_defaults(func=run_from_args)
