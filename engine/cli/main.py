@@ -25,6 +25,7 @@ from engine.core.config import ConfigError
 from engine.core.lineage import ReuseRefused
 from engine.core.pipeline import UnknownStage
 from engine.core.runs import DEFAULT_CONFIG, RunIsLive, RunNotFound
+from engine.core.secrets import load_dotenv_secrets
 
 COMMANDS = (run, status, logs, cancel, compare, manage, gpu, chat, eval_code)
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.config is None:
         args.config = DEFAULT_CONFIG
+    load_dotenv_secrets()  # the keys the workers read from .env, so that output can mask them too
     if args.command is None:
         return open_panel(args.config)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from engine.core.secrets import clip
 from engine.models.shipped import is_tiny
 from engine.runner.context import StageError
 
@@ -41,7 +42,7 @@ def resolve_model_path(name: str, key: str | None = None) -> str:
 
 
 def _hub_error(name: str, key: str, exc: Exception) -> ModelNotFound:
-    reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    reason = clip(str(exc).strip().splitlines()[0], 300) if str(exc).strip() else type(exc).__name__
     return ModelNotFound(
         f"{key}: cannot load {name!r} ({reason}). If this machine is offline, copy the model folder here "
         f"and put its path in {key}, or use a tiny:<name> model."

@@ -18,22 +18,13 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 
 from engine.core.events import EventWriter
 from engine.core.fsio import describe_os_error
 from engine.core.pipeline import stage_module
 from engine.core.runs import Run
+from engine.core.secrets import RedactingStream, load_dotenv_secrets
 from engine.runner.context import EXPECTED_FAILURES, StageCancelled, StageContext
-
-
-def _load_dotenv(workdir: str) -> None:
-    """Secrets come from the environment or `.env` in the run's workdir; they are never written anywhere."""
-    try:
-        from dotenv import load_dotenv
-    except ImportError:  # pragma: no cover - python-dotenv is a dependency
-        return
-    load_dotenv(Path(workdir) / ".env", override=False)
 
 
 def install_cancel_handler(events: EventWriter, cancel_event: threading.Event) -> None:
@@ -66,7 +57,7 @@ def run_stage(stage: str, run: Run) -> int:
     events.status("running", pid=os.getpid(), rank=rank, world_size=world_size)
     try:
         config = run.config()
-        _load_dotenv(run.workdir)
+        load_dotenv_secrets(run.workdir)
         module = importlib.import_module(stage_module(stage))
         ctx = StageContext(stage, run, config, events, rank, world_size, cancel_event)
         module.run(ctx)
@@ -97,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage")
     parser.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory")
     args = parser.parse_args(argv)
+    # everything printed goes to worker.log: redacted line by line, whoever prints it
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
     return run_stage(args.stage, Run.open(args.run))
 
 

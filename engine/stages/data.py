@@ -23,6 +23,7 @@ from engine.core.config import DatasetSource
 from engine.core.datafiles import DataFileError, dataset_files, iter_records
 from engine.core.fsio import atomic_write_jsonl
 from engine.core.prompts import normalise, prompt_id
+from engine.core.secrets import clip
 from engine.models.shipped import is_tiny, shipped_dataset
 from engine.runner.context import StageContext, StageError
 
@@ -140,7 +141,7 @@ def _hub_records(source: DatasetSource, where: str) -> Iterator[tuple[str, dict[
         subset = None if source.subset in (None, "default") else source.subset
         dataset = load_dataset(source.name, subset, split=source.split)
     except Exception as exc:  # offline, unknown id, gated, bad split: all end the same way for the user
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        reason = clip(str(exc).strip().splitlines()[0], 300) if str(exc).strip() else type(exc).__name__
         raise StageError(
             f"{where}.name: cannot load {source.name!r} from the Hugging Face hub ({reason}). "
             f"If this machine is offline, download the dataset elsewhere and set {where}.external_local_path "

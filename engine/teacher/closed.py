@@ -39,7 +39,7 @@ import openai
 
 from engine.core.config import ClosedTeacher, ClosedTeacherPipeline
 from engine.core.fsio import append_jsonl, atomic_write, dumps_line, parse_line
-from engine.core.secrets import redact
+from engine.core.secrets import clip, redact
 from engine.runner.context import StageContext, StageError
 from engine.teacher.output import TeacherOutput
 
@@ -166,7 +166,7 @@ def _parse_completion(body: Any) -> _Answer:
     if not isinstance(text, str) or not text.strip():
         refusal = message.get("refusal") if isinstance(message, dict) else None
         if refusal:
-            raise _BadResponse(f"the model refused: {str(refusal)[:200]}")
+            raise _BadResponse(clip(f"the model refused: {refusal}", 200))
         raise _BadResponse(f"empty answer (finish_reason={choice.get('finish_reason')})")
     usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
     return _Answer(
@@ -186,6 +186,10 @@ def _count(value: Any) -> int:
 def _describe(exc: BaseException, pipeline: ClosedTeacherPipeline) -> str:
     """One line saying why a prompt failed (goes to failures.jsonl and the log)."""
     retries = f"after {pipeline.max_retries} retries"
+    return clip(_reason(exc, pipeline, retries), 500)
+
+
+def _reason(exc: BaseException, pipeline: ClosedTeacherPipeline, retries: str) -> str:
     if isinstance(exc, _BadResponse):
         return str(exc)
     if isinstance(exc, openai.APITimeoutError):
@@ -194,19 +198,19 @@ def _describe(exc: BaseException, pipeline: ClosedTeacherPipeline) -> str:
         return f"connection error {retries}: {exc.__cause__ or exc}"
     if isinstance(exc, openai.APIStatusError):
         retried = exc.status_code in (408, 409, 429) or exc.status_code >= 500
-        return f"HTTP {exc.status_code}{' ' + retries if retried else ''}: {exc.message}"[:500]
+        return f"HTTP {exc.status_code}{' ' + retries if retried else ''}: {exc.message}"
     if isinstance(exc, json.JSONDecodeError):
-        return f"malformed response: the body is not valid JSON ({exc})"[:300]
+        return f"malformed response: the body is not valid JSON ({exc})"
     if isinstance(exc, (openai.APIResponseValidationError, ValueError)):
-        return f"malformed response: {exc}"[:300]
-    return f"{type(exc).__name__}: {exc}"[:300]
+        return f"malformed response: {exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _fatal(exc: BaseException, endpoint: _Endpoint, model: str) -> StageError | None:
     """Errors that every prompt would hit the same way: stop the stage instead of failing each prompt."""
     if not isinstance(exc, openai.APIStatusError):
         return None
-    detail = redact(str(exc.message))[:300]
+    detail = clip(str(exc.message), 300)
     if exc.status_code == 401:
         if endpoint.key_is_placeholder:
             return StageError(
@@ -327,7 +331,7 @@ async def _answer_by_chat(
                     request = _chat_request(closed, system_prompt, prompt["instruction"])
                     response = await client.chat.completions.create(**request)
                 if not hasattr(response, "model_dump"):  # a body that is not JSON comes back as text
-                    raise _BadResponse(f"malformed response: not a chat completion: {str(response)[:100]!r}")
+                    raise _BadResponse(f"malformed response: not a chat completion: {clip(str(response), 100)!r}")
                 return _parse_completion(response.model_dump())
 
             errors = await _run_wave(ctx, closed, endpoint, wave, ask, ledger)
@@ -366,24 +370,25 @@ async def _run_wave(
     try:
         while pending and not ctx.cancel_requested:
             done, pending = await asyncio.wait(pending, timeout=CANCEL_CHECK_S, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
+            fatal = None
+            for task in done:  # every finished task is read, so none is left holding an unread exception
                 prompt = tasks[task]
                 exc = task.exception()
                 if exc is None:
                     if (answer := task.result()) is not None:
                         ledger.answer(prompt, answer, closed.model.name)
                     continue
-                fatal = _fatal(exc, endpoint, closed.model.name)
-                if fatal is not None:
-                    raise fatal from None
+                fatal = fatal or _fatal(exc, endpoint, closed.model.name)
                 errors.append(exc)
                 ledger.fail(prompt["id"], _describe(exc, closed.pipeline))
+            if fatal is not None:
+                raise fatal from None
             if time.monotonic() - ledger.last_flush >= FLUSH_EVERY_S:
                 ledger.flush()
     finally:
         for task in pending:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)  # retrieved: asyncio prints nothing
         ledger.flush()
     return errors
 
@@ -571,7 +576,7 @@ def _cancel_batch(ctx: StageContext, client: openai.OpenAI, batch_id: str) -> No
     try:
         client.batches.cancel(batch_id)
     except openai.APIError as exc:
-        ctx.events.log(f"could not cancel batch {batch_id}: {redact(str(exc))[:200]}", level="warning")
+        ctx.events.log(f"could not cancel batch {batch_id}: {clip(str(exc), 200)}", level="warning")
         return
     ctx.events.log(f"asked the API to cancel batch {batch_id}; a re-run stores what it finished", level="warning")
 
@@ -598,13 +603,13 @@ def _batch_answer(line: dict[str, Any]) -> _Answer:
     if line.get("error"):
         error = line["error"]
         detail = f"{error.get('code')}: {error.get('message')}" if isinstance(error, dict) else str(error)
-        raise _BadResponse(f"batch item error: {detail}"[:300])
+        raise _BadResponse(clip(f"batch item error: {detail}", 300))
     response = line.get("response") if isinstance(line.get("response"), dict) else {}
     status, body = response.get("status_code"), response.get("body")
     if status != 200:
         error = body.get("error") if isinstance(body, dict) else None
         message = error.get("message") if isinstance(error, dict) else body
-        raise _BadResponse(f"HTTP {status}: {message}"[:300])
+        raise _BadResponse(clip(f"HTTP {status}: {message}", 300))
     if not isinstance(body, dict):
         raise _BadResponse("malformed response: the batch result body is not a JSON object")
     return _parse_completion(body)

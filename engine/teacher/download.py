@@ -9,6 +9,7 @@ prompt ids the data stage would give.
 from __future__ import annotations
 
 from engine.core.prompts import prompt_id
+from engine.core.secrets import clip
 from engine.runner.context import StageContext, StageError
 from engine.teacher.output import TeacherOutput
 
@@ -28,7 +29,7 @@ def download_answers(ctx: StageContext, output: TeacherOutput) -> None:
 
         dataset = load_dataset(download.repo, revision=download.size, split="train")
     except Exception as exc:  # offline, unknown repo or revision
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        reason = clip(str(exc).strip().splitlines()[0], 300) if str(exc).strip() else type(exc).__name__
         raise StageError(
             f"teacher.open.data.download: cannot load {download.repo!r} at revision {download.size!r} ({reason}). "
             "Offline? Generate the answers here instead (teacher.source: open)."
