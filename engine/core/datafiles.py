@@ -92,9 +92,21 @@ def _iter_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]
             for record in reader:
                 yield reader.line_num, record
         except UnicodeDecodeError:
-            raise DataFileError(f"{path}:{reader.line_num + 1}: not UTF-8 text") from None
+            line, byte = _first_undecodable_line(path)
+            raise DataFileError(f"{path}:{line}: not UTF-8 text (byte 0x{byte:02x})") from None
         except csv.Error as exc:
             raise DataFileError(f"{path}:{reader.line_num}: bad CSV: {exc}") from None
+
+
+def _first_undecodable_line(path: Path) -> tuple[int, int]:
+    """The real line of the first non-UTF-8 byte (the text reader fails a whole buffer ahead of it)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return number, raw[exc.start]
+    return 0, 0
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

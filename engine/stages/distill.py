@@ -28,7 +28,15 @@ from engine.models.device import pick_device
 from engine.models.loading import load_tokenizer
 from engine.runner.context import StageContext, StageError
 from engine.train.assistant import load_tuned_assistant
-from engine.train.callbacks import CancelCallback, EventsCallback, mark_completed, precision, report_to, train_resumable
+from engine.train.callbacks import (
+    CancelCallback,
+    EventsCallback,
+    mark_completed,
+    precision,
+    report_to,
+    saving,
+    train_resumable,
+)
 from engine.train.kd_trainer import KDCollator, KDTrainer
 from engine.train.pairs import load_split_pairs, tokenize_pair
 from engine.train.student import build_student, check_vocab_compatibility
@@ -122,7 +130,8 @@ def train_one(ctx: StageContext, label: str, student, teacher, tokenizer, train_
     train_resumable(ctx, trainer, cancel, checkpoints, "train.distillation.per_device_train_batch_size",
                     kd.per_device_train_batch_size, kd.overwrite_output_dir, "train.distillation.overwrite_output_dir",
                     label)
-    student.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    with saving(output_dir, "train.distillation.output_dir"):
+        student.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
     mark_completed(checkpoints)
     ctx.events.artifact(output_dir, label)

@@ -26,7 +26,15 @@ from engine.models.device import pick_attention, pick_device, pick_dtype
 from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.runner.context import StageContext, StageError
 from engine.train.assistant import quantization_config
-from engine.train.callbacks import CancelCallback, EventsCallback, mark_completed, precision, report_to, train_resumable
+from engine.train.callbacks import (
+    CancelCallback,
+    EventsCallback,
+    mark_completed,
+    precision,
+    report_to,
+    saving,
+    train_resumable,
+)
 from engine.train.pairs import load_split_pairs, to_prompt_completion
 from engine.train.tracking import prepare_mlflow
 
@@ -159,8 +167,9 @@ def train(ctx: StageContext, setup: SftSetup) -> None:
     if eval_set is not None:
         metrics = trainer.evaluate()
         ctx.events.metric("eval_loss", float(metrics["eval_loss"]), step=trainer.state.global_step)
-    trainer.model.save_pretrained(save_path)
-    tokenizer.save_pretrained(save_path)
+    with saving(save_path, "train.sft.save_path"):
+        trainer.model.save_pretrained(save_path)
+        tokenizer.save_pretrained(save_path)
     mark_completed(save_path / "checkpoints")
     ctx.events.artifact(save_path, "assistant LoRA adapter")
     if sft.merge_adapter:

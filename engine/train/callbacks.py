@@ -6,14 +6,17 @@ Heavy module (transformers).
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from engine.core.fsio import describe_os_error
 from engine.models.device import peak_memory
 from engine.runner.context import StageContext
 
@@ -140,6 +143,25 @@ def precision(ctx: StageContext, bf16: bool, fp16: bool, device_type: str) -> di
     return {"bf16": bool(bf16), "fp16": bool(fp16 and not bf16)}
 
 
+@contextmanager
+def saving(path: str | Path, key: str):
+    """Turn a failed save into an error naming the path, the config key and what to do.
+
+    safetensors reports a full disk as `SafetensorError: ... (os error 28)`: no path, no key, no hint.
+    """
+    try:
+        yield
+    except OSError as exc:
+        raise describe_os_error(exc, path, key) from None
+    except Exception as exc:
+        text = str(exc)
+        if "os error 28" in text or "No space left" in text:
+            raise describe_os_error(OSError(errno.ENOSPC, "No space left on device"), path, key) from None
+        if "os error 13" in text or "Permission denied" in text:
+            raise describe_os_error(OSError(errno.EACCES, "Permission denied"), path, key) from None
+        raise
+
+
 COMPLETED = "COMPLETED"
 
 
@@ -163,6 +185,8 @@ def train_resumable(ctx: StageContext, trainer, cancel: CancelCallback, checkpoi
     from engine.runner.context import StageCancelled, StageError
 
     prefix = f"{label}: " if label else ""
+    section = overwrite_key.rsplit(".", 1)[0]
+    output_key = "train.sft.save_path" if section == "train.sft" else f"{section}.output_dir"
     if (checkpoints / COMPLETED).exists():
         if not overwrite:
             raise StageError(f"{prefix}already trained to the end in {checkpoints.parent}; set {overwrite_key}: true "
@@ -173,7 +197,8 @@ def train_resumable(ctx: StageContext, trainer, cancel: CancelCallback, checkpoi
     if resume:
         ctx.events.log(f"{prefix}resuming from {resume}")
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        with saving(checkpoints, output_key):
+            trainer.train(resume_from_checkpoint=resume)
     except EvaluationAborted:
         # the cancel came during an evaluation pass: keep the step that was reached, then stop
         if cancel.saved_step != trainer.state.global_step:
