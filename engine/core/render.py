@@ -42,6 +42,8 @@ def ago(ts: float) -> str:
 
 
 def number(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return f"{int(value):,}"  # counts logged as floats (num_tokens=12640.0) read as counts
     if isinstance(value, float):
         if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
             return f"{value:.3g}"
@@ -70,7 +72,19 @@ def progress_text(status: StageStatus) -> str:
     return text
 
 
+def kd_vs_ce(status: StageStatus) -> str:
+    """The eval stage's answer to "did KD help?": the KD student against the CE-only control."""
+    parts = []
+    for metric, label in (("pass@1", "pass@1"), ("kl_to_assistant", "KL"), ("loss", "loss")):
+        kd, ce = status.metrics.get(f"student_kd/{metric}"), status.metrics.get(f"student_ce/{metric}")
+        if kd and ce:
+            parts.append(f"{label} {number(kd.get('value'))} vs {number(ce.get('value'))}")
+    return ("KD vs CE: " + ", ".join(parts)) if parts else ""
+
+
 def metrics_text(status: StageStatus, limit: int = 3) -> str:
+    if status.name == "eval" and (summary := kd_vs_ce(status)):
+        return summary
     names = [n for n in ("loss", "eval_loss", "kd_loss", "tokens_per_s") if n in status.metrics]
     names += [n for n in status.metrics if n not in names]
     return "  ".join(f"{n}={number(status.metrics[n].get('value'))}" for n in names[:limit])

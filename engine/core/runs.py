@@ -121,6 +121,7 @@ class StageStatus:
     ended_at: float | None = None
     pid: int | None = None
     events: int = 0
+    first_progress: dict[str, Any] | None = None  # first progress event of this attempt (after loading)
 
     @property
     def is_final(self) -> bool:
@@ -141,11 +142,21 @@ class StageStatus:
 
     @property
     def eta_s(self) -> float | None:
-        """Remaining seconds at the average rate so far (running stages only)."""
-        fraction, elapsed = self.fraction, self.elapsed
-        if self.state != "running" or not fraction or not elapsed or fraction >= 1:
+        """Remaining seconds at this attempt's rate (running stages only).
+
+        The rate counts from the attempt's first progress event, so model loading is not counted as
+        work, and a resumed stage (which starts at, say, 204/400) is timed on what it did itself.
+        """
+        p, first = self.progress, self.first_progress
+        if self.state != "running" or not p or not first or not p.get("total"):
             return None
-        return elapsed * (1 - fraction) / fraction
+        done, total = float(p.get("done") or 0), float(p["total"])
+        worked = done - float(first.get("done") or 0)
+        seconds = float(p.get("ts", 0)) - float(first.get("ts", 0))
+        if worked <= 0 or seconds <= 0 or done >= total:
+            return None
+        since_last = max(0.0, time.time() - float(p.get("ts", 0)))
+        return max(0.0, (total - done) * seconds / worked - since_last)
 
 
 def stage_status(stage_dir: Path, name: str, queued_since: float | None = None) -> StageStatus:
@@ -166,13 +177,15 @@ def stage_status(stage_dir: Path, name: str, queued_since: float | None = None) 
             if last_state == "running":
                 status.started_at = event.get("ts")
                 status.ended_at = status.error = status.message = None
-                status.progress, status.metrics = None, {}
+                status.progress, status.metrics, status.first_progress = None, {}, None
             elif last_state in FINAL_STATES:
                 status.ended_at = event.get("ts")
                 status.error = event.get("error")
                 status.message = event.get("message")
         elif kind == "progress":
             status.progress = event
+            if status.first_progress is None or event.get("unit") != status.first_progress.get("unit"):
+                status.first_progress = event
         elif kind == "metric" and "name" in event:
             status.metrics[event["name"]] = event
     worker_alive = record is not None and record.is_alive()
@@ -184,7 +197,7 @@ def stage_status(stage_dir: Path, name: str, queued_since: float | None = None) 
         status.state = "queued" if (not events or last_ts < queued_since) else "running"
         if status.state == "queued":  # what is shown belongs to the earlier attempt
             status.error = status.message = status.progress = status.started_at = status.ended_at = None
-            status.metrics = {}
+            status.metrics, status.first_progress = {}, None
     elif last_state in FINAL_STATES:
         status.state = last_state
     elif events:

@@ -63,7 +63,7 @@ def run(ctx: StageContext) -> None:
     runs = [("KD student", Path(kd.output_dir), kd.knowledgedistillation.weight, "")]
     if kd.ce_only_control:
         runs.append(("CE-only control student", Path(f"{kd.output_dir}_ce"), 0.0, "control/"))
-    for label, output_dir, weight, prefix in runs:
+    for index, (label, output_dir, weight, prefix) in enumerate(runs):
         ctx.check_cancelled()
         # 2. a fresh student, the same one for both runs
         try:
@@ -80,12 +80,12 @@ def run(ctx: StageContext) -> None:
         ctx.events.log(f"{label}: {params / 1e6:.2f}M parameters, init {kd.student_init}, KD weight {weight}, "
                        f"T={kd.knowledgedistillation.loss.temperature}; {len(train_set)} train / {len(eval_set)} eval")
         train_one(ctx, label, student, teacher, tokenizer, train_set, eval_set, output_dir, weight, vocab,
-                  tokens_per_step, device, prefix)
+                  tokens_per_step, device, prefix, (index, len(runs)))
 
 
 def train_one(ctx: StageContext, label: str, student, teacher, tokenizer, train_set: list[dict[str, Any]],
               eval_set: list[dict[str, Any]], output_dir: Path, weight: float, vocab: int,
-              tokens_per_step: float, device: torch.device, prefix: str) -> None:
+              tokens_per_step: float, device: torch.device, prefix: str, part: tuple[int, int] = (0, 1)) -> None:
     """4 + 5: train one student into output_dir, resuming from its newest checkpoint."""
     kd = ctx.config.train.distillation
     checkpoints = output_dir / "checkpoints"
@@ -119,7 +119,7 @@ def train_one(ctx: StageContext, label: str, student, teacher, tokenizer, train_
         train_dataset=train_set,
         eval_dataset=eval_set if kd.eval_strategy != "no" else None,
         data_collator=KDCollator(tokenizer.pad_token_id),
-        callbacks=[EventsCallback(ctx, tokens_per_step, prefix), cancel, *tracking],
+        callbacks=[EventsCallback(ctx, tokens_per_step, prefix, part), cancel, *tracking],
         kd_teacher=teacher,
         kd_weight=weight,
         temperature=kd.knowledgedistillation.loss.temperature,

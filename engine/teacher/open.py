@@ -200,7 +200,8 @@ def answer_open(ctx: StageContext, prompts: list[dict[str, Any]], output: Teache
             ctx.events.log(f"{len(empty)} empty answers (will be retried next run): {', '.join(empty[:5])}",
                            level="warning")
         progress(len(batch.prompts))
-        ctx.events.metric("tokens_per_s", round(batch.new_tokens / max(batch.seconds, 1e-9), 2), step=step)
+        # the stage's average so far, not the last batch (the last batch is often a short tail)
+        ctx.events.metric("tokens_per_s", round(totals["tokens"] / max(totals["seconds"], 1e-9), 2), step=step)
         ctx.events.metric("tokens", totals["tokens"], step=step)
         ctx.events.memory(peak_memory())
     return totals

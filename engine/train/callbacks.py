@@ -24,21 +24,30 @@ from engine.runner.context import StageContext
 class EventsCallback(TrainerCallback):
     """Trainer logs → `metric` events, steps → `progress`, and peak memory now and then."""
 
-    def __init__(self, ctx: StageContext, tokens_per_step: float | None = None, prefix: str = ""):
+    def __init__(self, ctx: StageContext, tokens_per_step: float | None = None, prefix: str = "",
+                 part: tuple[int, int] = (0, 1)):
         self.ctx = ctx
         self.tokens_per_step = tokens_per_step
         self.prefix = prefix  # tells apart the metrics of two trainings in one stage (e.g. "control/")
+        # (index, count) of this training among the stage's trainings: distill trains the KD student,
+        # then the CE-only control; the stage's progress runs over both instead of going back to 0
+        self.part = part
+
+    def _progress(self, state) -> None:
+        index, count = self.part
+        self.ctx.events.progress(index * state.max_steps + state.global_step, count * state.max_steps, "steps")
         self._last_step_time: float | None = None
         self._last_memory = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.ctx.events.progress(state.global_step, state.max_steps, "steps")
+        if self.ctx.is_main:
+            self._progress(state)
         self._last_step_time = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.perf_counter()
         if self.ctx.is_main:
-            self.ctx.events.progress(state.global_step, state.max_steps, "steps")
+            self._progress(state)
             if self.tokens_per_step and self._last_step_time is not None:
                 rate = self.tokens_per_step / max(now - self._last_step_time, 1e-9)
                 if state.global_step % max(1, args.logging_steps) == 0:
