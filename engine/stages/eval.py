@@ -30,7 +30,7 @@ from engine.runner.context import StageContext, StageError
 from engine.train.assistant import load_tuned_assistant
 from engine.train.callbacks import report_to
 from engine.train.kd_loss import chunked_kd_loss
-from engine.train.kd_trainer import KDCollator
+from engine.train.kd_trainer import KDCollator, last_hidden_state
 from engine.train.pairs import load_split_pairs, tokenize_pair
 from engine.train.tracking import log_report
 
@@ -53,13 +53,11 @@ def score(ctx: StageContext, model, assistant, batches: list[dict[str, torch.Ten
     for batch in batches:
         ctx.check_cancelled()
         inputs = {k: v.to(model.device) for k, v in batch.items()}
-        hidden = model.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+        hidden = last_hidden_state(model, inputs)
         teacher_hidden = teacher_head = None
         weight = 0.0
         if assistant is not None and assistant is not model:
-            teacher_hidden = assistant.model(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-            ).last_hidden_state
+            teacher_hidden = last_hidden_state(assistant, inputs)
             teacher_head = assistant.get_output_embeddings().weight
             weight = 1.0
         out = chunked_kd_loss(hidden, model.get_output_embeddings().weight, teacher_hidden, teacher_head,

@@ -30,6 +30,17 @@ class KDCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def last_hidden_state(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The final (normed) hidden states from a causal LM's top-level forward, without full-vocab logits.
+
+    `logits_to_keep=1` makes the model compute the logits of the last position only; the loss computes
+    the rest in chunks from these hidden states (engine.train.kd_loss).
+    """
+    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    return out.hidden_states[-1]
+
+
 class KDTrainer(Trainer):
     """Trainer whose loss is the chunked, answer-only KD loss; logs ce_loss and kd_loss beside loss."""
 
@@ -46,16 +57,17 @@ class KDTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        student_hidden = model.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+        # through the wrapped model's own forward: DDP's gradient sync, DataParallel's scatter and the
+        # autocast of bf16/fp16 training live there, not in the inner `model.model`
+        student_hidden = last_hidden_state(model, inputs)
+        student_head = self.accelerator.unwrap_model(model).get_output_embeddings().weight
         teacher_hidden = teacher_head = None
         if self.kd_weight > 0:
             with torch.no_grad():
-                teacher_hidden = self.kd_teacher.model(
-                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-                ).last_hidden_state
+                teacher_hidden = last_hidden_state(self.kd_teacher, inputs)
             teacher_head = self.kd_teacher.get_output_embeddings().weight
         out = chunked_kd_loss(
-            student_hidden, model.lm_head.weight, teacher_hidden, teacher_head, labels,
+            student_hidden, student_head, teacher_hidden, teacher_head, labels,
             weight=self.kd_weight, temperature=self.temperature, reduction=self.reduction,
             chunk_size=self.chunk_size, vocab_size=self.vocab_size,
         )
