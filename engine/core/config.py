@@ -137,13 +137,39 @@ class ClosedTeacher(Section):
     data: TeacherDataConfig = Field(default_factory=TeacherDataConfig)
 
 
+class VllmTeacher(Section):
+    """teacher.source: vllm: the open teacher (teacher.open.model.name, teacher.open.pipeline sampling) served by vLLM."""
+
+    python: str = Field(
+        ".venv-vllm/bin/python",
+        description="Python of the vLLM venv (scripts/build-vllm-env.sh); $TAS_VLLM_PYTHON overrides it.",
+    )
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs one model copy is split across.")
+    data_parallel_size: int = Field(1, gt=0, description="Model copies serving at once (one per GPU group).")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Fraction of each GPU's memory vLLM may take (null: vLLM's 0.9)."
+    )
+    max_model_len: int | None = Field(None, gt=0, description="Longest prompt + answer in tokens (null: the model's).")
+    dtype: str = Field("auto", description="Weights dtype: auto, float32, bfloat16, float16.")
+    enforce_eager: bool = Field(False, description="No torch.compile / CUDA graphs: faster start, fewer tokens/s.")
+    extra_args: list[str] = Field(default_factory=list, description="More vLLM server flags, passed as they are.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment for the server (e.g. VLLM_CPU_KVCACHE_SPACE: '1')."
+    )
+    startup_timeout_s: float = Field(900.0, gt=0, description="Seconds the server may take to become healthy.")
+    max_concurrency: int = Field(64, gt=0, description="Requests in flight at once against the server.")
+
+
 class TeacherConfig(Section):
-    source: Literal["open", "closed", "download"] = Field(
-        "open", description="Which teacher answers the prompts: open HF model, closed API model, or download."
+    source: Literal["open", "closed", "download", "vllm"] = Field(
+        "open",
+        description="Which teacher answers the prompts: open HF model, closed API model, download, "
+        "or the open model served by vLLM.",
     )
     base: TeacherBase = Field(default_factory=TeacherBase)
     open: OpenTeacher
     closed: ClosedTeacher
+    vllm: VllmTeacher = Field(default_factory=VllmTeacher)
 
 
 # ------------------------------------------------------------------------------------------ assistant
@@ -368,7 +394,13 @@ class PromptsConfig(Section):
 
 
 class LaunchConfig(Section):
-    nproc_per_node: int = Field(1, gt=0, description="Processes (GPUs) for the teacher stage; >1 runs it under torchrun, one shard per GPU.")
+    nproc_per_node: int = Field(
+        1, gt=0, description="Processes (GPUs) per node for teacher, sft and distill; >1 runs them under torchrun "
+        "(teacher: one shard of the prompts per GPU; training: data-parallel, one GPU per process)."
+    )
+    nnodes: int = Field(1, gt=0, description="Nodes taking part (torchrun --nnodes); >1 needs rdzv_endpoint.")
+    node_rank: int = Field(0, ge=0, description="This node's rank (0 on the node that runs the panel).")
+    rdzv_endpoint: str | None = Field(None, description="host:port of node 0 for torchrun's rendezvous (several nodes).")
     launcher: Literal["torchrun"] = Field("torchrun", description="Multi-process launcher (torchrun).")
     cancel_grace_s: float = Field(30.0, gt=0, description="Seconds a cancelled stage gets to save before SIGKILL.")
     cuda_visible_devices: str | None = Field(None, description="CUDA_VISIBLE_DEVICES for stage workers.")

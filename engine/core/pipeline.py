@@ -5,8 +5,8 @@ from __future__ import annotations
 PIPELINE = ("data", "teacher", "sft", "distill", "eval")
 """Every stage in pipeline order; each is a module `engine.stages.<name>` with `run(ctx: StageContext)`."""
 
-MULTI_PROCESS_STAGES: frozenset[str] = frozenset({"teacher"})
-"""Stages that run under torchrun when launch.nproc_per_node > 1."""
+MULTI_PROCESS_STAGES: frozenset[str] = frozenset({"teacher", "sft", "distill"})
+"""Stages that run under torchrun when launch.nproc_per_node > 1 (or launch.nnodes > 1)."""
 
 
 class UnknownStage(ValueError):

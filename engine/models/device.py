@@ -78,6 +78,19 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on one (e.g. a cancel seen by one rank stops all at the same step,
+    instead of leaving the others waiting in a collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def peak_memory() -> dict[str, Any]:
     """Peak bytes per device: CUDA allocator peaks, and the process's peak RSS for the CPU."""
     devices: dict[str, Any] = {"cpu_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

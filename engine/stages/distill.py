@@ -130,6 +130,8 @@ def train_one(ctx: StageContext, label: str, student, teacher, tokenizer, train_
     train_resumable(ctx, trainer, cancel, checkpoints, "train.distillation.per_device_train_batch_size",
                     kd.per_device_train_batch_size, kd.overwrite_output_dir, "train.distillation.overwrite_output_dir",
                     label)
+    if not ctx.is_main:  # rank 0 alone writes the model
+        return
     with saving(output_dir, "train.distillation.output_dir"):
         student.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)

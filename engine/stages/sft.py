@@ -163,10 +163,11 @@ def train(ctx: StageContext, setup: SftSetup) -> None:
     train_resumable(ctx, trainer, cancel, save_path / "checkpoints", "train.sft.per_device_train_batch_size",
                     sft.per_device_train_batch_size, sft.overwrite_output_dir, "train.sft.overwrite_output_dir")
 
-    # 5. save
+    # 5. save (every rank evaluates its share; rank 0 alone writes)
     if eval_set is not None:
-        metrics = trainer.evaluate()
-        ctx.events.metric("eval_loss", float(metrics["eval_loss"]), step=trainer.state.global_step)
+        trainer.evaluate()  # eval_loss reaches the events through EventsCallback.on_log
+    if not ctx.is_main:
+        return
     with saving(save_path, "train.sft.save_path"):
         trainer.model.save_pretrained(save_path)
         tokenizer.save_pretrained(save_path)

@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from engine.core.fsio import describe_os_error
-from engine.models.device import peak_memory
+from engine.models.device import any_rank, barrier, peak_memory
 from engine.runner.context import StageContext
 
 
@@ -90,7 +90,7 @@ class CancelCallback(TrainerCallback):
         self.saved_step: int | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.ctx.cancel_requested:
+        if any_rank(self.ctx.cancel_requested):  # all ranks stop at the same step
             control.should_save = True
             control.should_training_stop = True
             control.should_evaluate = False
@@ -109,7 +109,7 @@ class CancelCallback(TrainerCallback):
         return control
 
     def on_prediction_step(self, args, state, control, **kwargs):
-        if self.ctx.cancel_requested and state.global_step > 0:
+        if state.global_step > 0 and any_rank(self.ctx.cancel_requested):
             self.stopped = True
             raise EvaluationAborted()
 
@@ -200,8 +200,10 @@ def train_resumable(ctx: StageContext, trainer, cancel: CancelCallback, checkpoi
         if not overwrite:
             raise StageError(f"{prefix}already trained to the end in {checkpoints.parent}; set {overwrite_key}: true "
                              "to train again, or change the output path")
-        shutil.rmtree(checkpoints)
-        ctx.events.log(f"{prefix}the previous training finished; training again ({overwrite_key})")
+        if ctx.is_main:
+            shutil.rmtree(checkpoints)
+            ctx.events.log(f"{prefix}the previous training finished; training again ({overwrite_key})")
+    barrier()  # under torchrun: no rank looks for checkpoints while rank 0 removes them
     resume = last_checkpoint(checkpoints)
     if resume:
         ctx.events.log(f"{prefix}resuming from {resume}")

@@ -1,0 +1,103 @@
+"""Training on several processes (CPU, gloo): sft and distill under torchrun with 2 ranks, cancel under DDP,
+and two torchrun agents on localhost joined by a rendezvous (the multi-node path)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+
+from engine.core import launcher
+from engine.core.config import load_config
+from engine.core.events import read_events
+from engine.core.runs import RunStore
+from engine.runner.supervisor import worker_command, worker_env
+
+from .helpers import wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def ddp_run(project: Path, name: str, **changes):
+    cfg = load_config(project / "configs" / "tiny.yaml")
+    cfg.data.limit = 48
+    cfg.teacher.open.pipeline.max_new_tokens = 16
+    cfg.launch.nproc_per_node = 2
+    cfg.train.distillation.ce_only_control = False
+    for key, value in changes.items():
+        target = cfg
+        *parents, last = key.split(".")
+        for part in parents:
+            target = getattr(target, part)
+        setattr(target, last, value)
+    return RunStore(project / "runs").create(cfg, "configs/tiny.yaml", workdir=str(project), name=name)
+
+
+def final(run, stage: str) -> dict:
+    return [e for e in read_events(run.stage_dir(stage) / "events.jsonl") if e["kind"] == "status"][-1]
+
+
+def test_sft_and_distill_run_data_parallel_on_two_ranks(project: Path):
+    run = ddp_run(project, "ddp", **{"train.sft.max_steps": 3, "train.distillation.max_steps": 3})
+    launcher.start(run, ["data", "teacher", "sft", "distill"])
+    wait_for(lambda: not run.is_live(), timeout=900, interval=1, what="the run to end")
+    for stage in ("teacher", "sft", "distill"):
+        assert final(run, stage)["state"] == "done", (stage, final(run, stage), (run.stage_dir(stage) / "worker.log").read_text()[-3000:])
+        running = [e for e in read_events(run.stage_dir(stage) / "events.jsonl") if e.get("state") == "running"]
+        assert running[-1]["world_size"] == 2 and running[-1]["rank"] == 0
+        rank1 = read_events(run.stage_dir(stage) / "events.rank1.jsonl")
+        assert rank1 and not any(e["kind"] in ("progress", "metric", "artifact") for e in rank1)  # rank 0 reports
+    config = run.config()
+    events = read_events(run.stage_dir("distill") / "events.jsonl")
+    progress = [e for e in events if e["kind"] == "progress"]
+    assert progress[-1]["done"] == progress[-1]["total"] == 3
+    losses = [e["value"] for e in events if e["kind"] == "metric" and e["name"] == "loss"]
+    assert losses and all(v == v and v > 0 for v in losses)
+    out = Path(config.train.distillation.output_dir)
+    assert (out / "model.safetensors").exists() and (out / "checkpoints" / "COMPLETED").exists()
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3"]
+    assert (Path(config.train.sft.save_path) / "adapter_model.safetensors").exists()
+
+
+def test_cancel_under_ddp_saves_once_and_every_rank_exits(project: Path):
+    run = ddp_run(project, "ddp-cancel", **{"train.distillation.max_steps": 400, "train.distillation.save_steps": 1000})
+    launcher.start(run, ["data", "teacher", "sft", "distill"])
+    wait_for(lambda: any(e["kind"] == "progress" and e["done"] >= 2
+                         for e in read_events(run.stage_dir("distill") / "events.jsonl")),
+             timeout=900, interval=0.5, what="distill to take two steps")
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "--run-dir" in (p.info["cmdline"] or [])
+               and str(run.path) in " ".join(p.info["cmdline"] or [])]
+    launcher.cancel(run)
+    wait_for(lambda: not run.is_live(), timeout=120, interval=0.5, what="the run to stop")
+    status = final(run, "distill")
+    assert status["state"] == "cancelled" and "checkpoint saved" in status.get("message", ""), status
+    checkpoints = list((Path(run.config().train.distillation.output_dir) / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1
+    assert not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_two_torchrun_agents_on_localhost_finish_a_distill(project: Path):
+    """The multi-node path: two agents (one process each) meet at a rendezvous on node 0's address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = ddp_run(project, "two-nodes", **{"train.distillation.max_steps": 2, "launch.nproc_per_node": 1})
+    launcher.start(run, ["data", "teacher", "sft"])
+    wait_for(lambda: not run.is_live(), timeout=900, interval=1, what="the stages before distill")
+    agents = []
+    for node_rank in (0, 1):
+        config = run.config()
+        config.launch.nnodes, config.launch.node_rank = 2, node_rank
+        config.launch.rdzv_endpoint = f"127.0.0.1:{port}"
+        command = worker_command("distill", run, config)
+        assert "--nnodes" in command and "--standalone" not in command
+        agents.append(subprocess.Popen(command, cwd=project, env=worker_env(config),
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+    assert [agent.wait(timeout=600) for agent in agents] == [0, 0]
+    assert final(run, "distill")["state"] == "done"
+    assert json.loads(json.dumps(read_events(run.stage_dir("distill") / "events.rank1.jsonl")))
+    assert (Path(run.config().train.distillation.output_dir) / "model.safetensors").exists()
