@@ -84,6 +84,10 @@ def teacher_fingerprint(config: TASConfig, workdir: str | Path) -> dict[str, Any
         parts["teacher.closed.base_url"] = teacher.closed.base_url
         for name in ("temperature", "top_p", "max_tokens"):
             parts[f"teacher.closed.pipeline.{name}"] = getattr(pipeline, name)
+    elif source == "vllm":  # the closed client sends these three sampling settings to the vLLM server
+        parts["teacher.open.model.name"] = teacher.open.model.name
+        for name in ("max_new_tokens", "temperature", "top_p"):
+            parts[f"teacher.open.pipeline.{name}"] = getattr(teacher.open.pipeline, name)
     else:  # download: the answers are whatever the hub dataset holds
         download = teacher.open.data.download
         parts["teacher.open.data.download.repo"] = download.repo

@@ -21,7 +21,9 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from engine.models.shipped import SHIPPED_DATASETS, TOKENIZER_CORPUS, is_tiny, tiny_name
@@ -71,6 +73,10 @@ def resolve(name: str) -> Path:
     if (target / "READY").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
+    if _global_rank() > 0:
+        # under torchrun only global rank 0 may build: transformers' save_pretrained writes nothing on the
+        # other ranks once the process group is up, which would publish a folder without its weights
+        return _wait_until_ready(target)
     tokenizer_dir = resolve("tiny:tokenizer") if key != "tokenizer" else None  # before taking the lock
     with _locked(root / ".build.lock"):  # two workers starting at once build it once
         if not (target / "READY").exists():
@@ -78,6 +84,22 @@ def resolve(name: str) -> Path:
                 _publish(target, lambda tmp: build_tokenizer().save_pretrained(tmp))
             else:
                 _publish(target, lambda tmp: _save_model(key, tokenizer_dir, tmp))
+    return target
+
+
+def _global_rank() -> int:
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def _wait_until_ready(target: Path, timeout_s: float = 900.0) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while not (target / "READY").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{target}: rank 0 did not build this tiny model within {timeout_s:g}s")
+        time.sleep(0.2)
     return target
 
 

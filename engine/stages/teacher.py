@@ -1,5 +1,5 @@
 """Stage `teacher`: one answer per prompt, from the open (HF) teacher, the closed (API) teacher, or a
-ready dataset downloaded from the hub (`teacher.source`).
+ready dataset downloaded from the hub, or the open teacher served by vLLM (`teacher.source`).
 
 Input: the prompts of the `data` stage (`data.output_path`). Output: `teacher.base.output_path`, an
 append-only JSONL keyed by prompt id (see engine/teacher/output.py). Re-running the stage resumes: ids
@@ -140,6 +140,14 @@ def run(ctx: StageContext) -> None:
         from engine.teacher.open import answer_open
 
         summary = answer_open(ctx, mine, target, system_prompt, progress)
+    elif source == "vllm":
+        from engine.teacher.vllm import answer_vllm
+
+        if world > 1:  # one server serves every GPU: tensor / data parallel inside vLLM, not torchrun
+            raise StageError("teacher.source vllm runs one server: set launch.nproc_per_node to 1 and use "
+                             "teacher.vllm.tensor_parallel_size / data_parallel_size for more GPUs")
+        summary = answer_vllm(ctx, mine, target, system_prompt)
+        progress(0)
     else:
         from engine.teacher.closed import answer_closed
 

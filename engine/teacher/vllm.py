@@ -1,0 +1,147 @@
+"""The vLLM teacher (`teacher.source: vllm`): the open teacher served by vLLM, asked like a closed one.
+
+The teacher stage calls `answer_vllm` with the prompts not yet answered. It
+
+1. resolves `teacher.open.model.name` to a local folder (`tiny:teacher` works, like the open teacher);
+2. starts a vLLM OpenAI-compatible server for it (engine/teacher/vllm_server.py) from the vLLM venv's
+   python (`teacher.vllm.python`, `$TAS_VLLM_PYTHON` overrides it), in a process group of its own,
+   logging to `<stage_dir>/vllm.log`, its pid in `<stage_dir>/vllm.pid` (a server left behind by an
+   earlier worker of the same run is ended first);
+3. waits for /health (`teacher.vllm.startup_timeout_s`); a server that dies on the way fails the
+   stage with a StageError quoting the server's own error line;
+4. sends the prompts through the closed teacher's client (engine/teacher/closed.py) pointed at the
+   server, with the open teacher's sampling (temperature, top_p, max_new_tokens) and
+   `teacher.vllm.max_concurrency` requests in flight: resume by prompt id, failures.jsonl, progress
+   and cancel come from there;
+5. stops the server on every way out: done, error, cancel (SIGTERM sets ctx.cancel_event).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from engine.core.config import TASConfig
+from engine.models.loading import ModelNotFound, resolve_model_path
+from engine.runner.context import StageCancelled, StageContext, StageError
+from engine.teacher.output import TeacherOutput
+from engine.teacher.vllm_server import VllmError, VllmServer, VllmSettings
+
+PYTHON_ENV = "TAS_VLLM_PYTHON"
+LOG_FILE = "vllm.log"
+PID_FILE = "vllm.pid"
+PLACEHOLDER_KEY = "EMPTY"
+"""The API key the closed client sends to our own server (vLLM ignores it): never a real key."""
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def vllm_python(config: TASConfig, workdir: str | Path) -> str:
+    """$TAS_VLLM_PYTHON, else `teacher.vllm.python`; a relative path is relative to the run's working
+    directory, else to the project checkout (where scripts/build-vllm-env.sh puts `.venv-vllm`)."""
+    python = os.environ.get(PYTHON_ENV) or config.teacher.vllm.python
+    path = Path(python).expanduser()
+    if path.is_absolute():
+        return str(path)
+    for base in (Path(workdir), PROJECT_ROOT):
+        if (base / path).exists():
+            return str((base / path).absolute())
+    return str((Path(workdir) / path).absolute())
+
+
+def server_settings(config: TASConfig, workdir: str | Path) -> VllmSettings:
+    """What the server is started with, from `teacher.open.model.name` and `teacher.vllm`."""
+    name = config.teacher.open.model.name
+    try:
+        model = resolve_model_path(name, "teacher.open.model.name")
+    except ModelNotFound as exc:
+        raise StageError(str(exc)) from None
+    v = config.teacher.vllm
+    env = dict(v.env)  # the worker's own environment (CUDA_VISIBLE_DEVICES included) is inherited
+    return VllmSettings(
+        model=model,
+        python=vllm_python(config, workdir),
+        served_model_name=name,
+        tensor_parallel_size=v.tensor_parallel_size,
+        data_parallel_size=v.data_parallel_size,
+        gpu_memory_utilization=v.gpu_memory_utilization,
+        max_model_len=v.max_model_len,
+        dtype=v.dtype,
+        enforce_eager=v.enforce_eager,
+        extra_args=list(v.extra_args),
+        env=env,
+    )
+
+
+def closed_config(config: TASConfig, base_url: str) -> TASConfig:
+    """A copy of the config whose `teacher.closed` asks our server, with the open teacher's sampling."""
+    pipeline = config.teacher.open.pipeline
+    copy = config.model_copy(deep=True)
+    closed = copy.teacher.closed
+    closed.base_url = base_url
+    closed.model.name = config.teacher.open.model.name  # the server's --served-model-name
+    closed.pipeline.temperature = pipeline.temperature
+    closed.pipeline.top_p = pipeline.top_p
+    closed.pipeline.max_tokens = pipeline.max_new_tokens
+    closed.pipeline.max_concurrency = config.teacher.vllm.max_concurrency
+    closed.pipeline.use_batch_api = False  # vLLM serves chat completions, not OpenAI's Batch API
+    return copy
+
+
+@contextlib.contextmanager
+def placeholder_api_key() -> Iterator[None]:
+    """OPENAI_API_KEY = "EMPTY" for the duration: a real key in the environment is not sent to our server."""
+    before = os.environ.get("OPENAI_API_KEY")
+    os.environ["OPENAI_API_KEY"] = PLACEHOLDER_KEY
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OPENAI_API_KEY", None)
+        else:
+            os.environ["OPENAI_API_KEY"] = before
+
+
+def answer_vllm(ctx: StageContext, prompts: list[dict], output: TeacherOutput, system_prompt: str | None) -> dict:
+    """Answer `prompts` with the open teacher served by vLLM; returns answer_closed's summary.
+
+    Must run in the worker's main thread (the server's death signal follows the thread that started it).
+    """
+    from engine.teacher.closed import answer_closed
+
+    config = ctx.config
+    v = config.teacher.vllm
+    settings = server_settings(config, ctx.run.workdir)
+    log_path, pid_file = ctx.stage_dir / LOG_FILE, ctx.stage_dir / PID_FILE
+    ctx.check_cancelled()
+    server = VllmServer(settings)
+    # stop within the run's cancel grace period, before the launcher SIGKILLs the worker
+    stop_grace_s = max(2.0, min(30.0, config.launch.cancel_grace_s / 2))
+    try:
+        try:
+            server.start(log_path, pid_file)
+        except VllmError as exc:
+            raise StageError(f"teacher.vllm: {exc}") from None
+        ctx.events.log(
+            f"vLLM server for {config.teacher.open.model.name} starting (pid {server.pid}, port {server.port}); "
+            f"log: {log_path}"
+        )
+        try:
+            healthy = server.wait_healthy(v.startup_timeout_s, cancel=ctx.cancel_event)
+        except VllmError as exc:
+            raise StageError(f"teacher.vllm: {exc}") from None
+        if not healthy:
+            raise StageCancelled("cancelled by request while the vLLM server was starting")
+        ctx.events.log(f"vLLM server ready at {server.base_url}")
+        vllm_ctx = StageContext(
+            ctx.stage, ctx.run, closed_config(config, server.base_url), ctx.events,
+            ctx.rank, ctx.world_size, ctx.cancel_event,
+        )
+        with placeholder_api_key():
+            return answer_closed(vllm_ctx, prompts, output, system_prompt)
+    finally:
+        if server.process is not None:
+            server.stop(grace_s=stop_grace_s)
+            ctx.events.log("vLLM server stopped")
