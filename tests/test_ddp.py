@@ -42,7 +42,8 @@ def final(run, stage: str) -> dict:
 
 
 def test_sft_and_distill_run_data_parallel_on_two_ranks(project: Path):
-    run = ddp_run(project, "ddp", **{"train.sft.max_steps": 3, "train.distillation.max_steps": 3})
+    run = ddp_run(project, "ddp", **{"train.sft.max_steps": 3, "train.distillation.max_steps": 3,
+                                     "train.sft.logging_steps": 1})  # distill logs at the same interval
     launcher.start(run, ["data", "teacher", "sft", "distill"])
     wait_for(lambda: not run.is_live(), timeout=900, interval=1, what="the run to end")
     for stage in ("teacher", "sft", "distill"):
