@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,23 @@ from engine.core.config import load_config
 from engine.core.runs import RunStore
 from tui.app import TASPanel
 from tui.tabs.config import ConfigTab, DiffScreen
+from tui.tabs.stages import StagesTab
 
 from .conftest import ROOT
-from .test_processes import wait_for
+
+
+async def wait_until(pilot, predicate: Callable[[], object], timeout: float = 10.0, step: float = 0.05) -> None:
+    """Let the app run, in small steps, until `predicate()` holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {getattr(predicate, '__name__', predicate)}")
+        await pilot.pause(step)
+
+
+def stage_state(app, stage: str) -> str:
+    table = app.query_one("#pipeline", DataTable)
+    return str(table.get_row(stage)[1]) if table.row_count else ""
 
 
 def find_node(tree: Tree, path: tuple):
@@ -103,12 +119,42 @@ async def test_config_raw_yaml_view_validates_each_edit(project: Path):
         await pilot.press("ctrl+r")
         raw = app.query_one("#raw")
         raw.text = raw.text.replace("top_k: 50", "top_kk: 50")
-        await pilot.pause()
         tab = app.query_one(ConfigTab)
-        assert any("teacher.open.pipeline.top_kk: unknown key" in issue for issue in tab.issues)
+        await wait_until(pilot, lambda: any("teacher.open.pipeline.top_kk: unknown key" in i for i in tab.issues))
+        assert "1 error" in str(app.query_one("#state").render())
         raw.text = raw.text.replace("top_kk: 50", "top_k: 50")
+        await wait_until(pilot, lambda: tab.issues == [])
+        assert "valid" in str(app.query_one("#state").render())
+
+
+async def test_config_raw_typing_is_validated_once_the_keys_rest(project: Path, monkeypatch: pytest.MonkeyPatch):
+    """A burst of keystrokes costs one validation (one parse), not one per key; saving does not wait for it."""
+    import tui.tabs.config
+
+    monkeypatch.setattr(tui.tabs.config, "VALIDATE_AFTER_S", 600)  # the keys do not rest by themselves
+    app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("f2", "ctrl+r")
+        tab = app.query_one(ConfigTab)
+        raw = app.query_one("#raw")
+        raw.move_cursor((0, 0))
+        before = tab.validations
+        for key in "x: 1\n":  # a new top-level key: unknown
+            raw.insert(key)
         await pilot.pause()
-        assert tab.issues == []
+        assert tab.text.startswith("x: 1\n") and tab.checking and tab.validations == before
+        assert "checking" in str(app.query_one("#state").render())
+        await pilot.press("ctrl+s")  # checks what it would save first: one validation, and not saved
+        assert not tab.checking and tab.validations == before + 1
+        assert any(issue.startswith("line 1: x: unknown key") for issue in tab.issues)
+        assert not isinstance(app.screen, DiffScreen)
+
+        monkeypatch.setattr(tui.tabs.config, "VALIDATE_AFTER_S", 0.05)
+        raw.text = raw.text.replace("x: 1\n", "", 1)
+        await wait_until(pilot, lambda: tab.validations == before + 2)
+        assert not tab.checking and tab.issues == []
+        await pilot.pause(0.2)
+        assert tab.validations == before + 2
 
 
 async def test_config_switches_files(project: Path):
@@ -129,21 +175,12 @@ async def test_config_switches_files(project: Path):
 async def test_start_a_stage_from_the_panel_and_see_it_finish(project: Path):
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs")
     async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.pause()
+        await wait_until(pilot, lambda: app.query_one(StagesTab).ready)
         await pilot.press("s")  # no run yet: a new run with the selected stage (data)
         store = RunStore(project / "runs")
-        run = wait_for(lambda: store.list() and store.list()[0], timeout=10)
-
-        async def shows_done() -> bool:
-            await pilot.pause(0.3)
-            table = app.query_one("#pipeline", DataTable)
-            return table.row_count and "done" in str(table.get_cell("data", table.columns[list(table.columns)[1]].key))
-
-        for _ in range(100):
-            if await shows_done():
-                break
-        else:
-            raise AssertionError("the data stage never showed done")
+        await wait_until(pilot, store.list)
+        run = store.list()[0]
+        await wait_until(pilot, lambda: "done" in stage_state(app, "data"), timeout=60)
         log = "\n".join(str(line.text) for line in app.query_one("#log").lines)
         assert "kept" in log and "done" in log
     assert run.stages()[0].state == "done"
@@ -178,15 +215,53 @@ def write_finished_run(root: Path) -> None:
         ts += 100
 
 
+async def test_stages_reads_the_store_one_read_at_a_time(project: Path, monkeypatch: pytest.MonkeyPatch):
+    """However fast the selection moves, one read at a time, in a thread; what is shown is the last selection's."""
+    import threading
+
+    write_finished_run(project / "runs")
+    lock, active, most, threads = threading.Lock(), [0], [0], set()
+    read = StagesTab._read
+
+    def slow_read(self, *args):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+            threads.add(threading.current_thread())
+        try:
+            time.sleep(0.05)
+            return read(self, *args)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(StagesTab, "_read", slow_read)
+    app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
+    async with app.run_test(size=(120, 40)) as pilot:
+        tab = app.query_one(StagesTab)
+        await wait_until(pilot, lambda: tab.ready and app.query_one("#pipeline", DataTable).row_count)
+        await pilot.press("down", "down", "down", "up", "up", "up", "down", "down")
+        await wait_until(pilot, lambda: tab.shown == ("20261125-080000-tiny", "sft"))
+        await pilot.pause(0.2)
+        log = app.query_one("#log")
+        lines = [str(line.text) for line in log.lines]
+        assert log.border_title == "sft events" and lines
+        assert not any(f" {stage} " in line for line in lines for stage in ("data", "teacher")), lines
+        assert sum(" sft " in line for line in lines) == 2, lines  # running, failed: each event once
+    assert most[0] == 1
+    assert threading.main_thread() not in threads
+
+
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
 def test_snapshot_stages(project: Path, snap_compare, size):
     write_finished_run(project / "runs")
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
 
     async def select_sft(pilot):
-        await pilot.pause(0.5)
+        tab = app.query_one(StagesTab)
+        await wait_until(pilot, lambda: tab.ready and app.query_one("#pipeline", DataTable).row_count)
         await pilot.press("down", "down")
-        await pilot.pause(0.5)
+        await wait_until(pilot, lambda: tab.shown == ("20261125-080000-tiny", "sft"))
 
     assert snap_compare(app, terminal_size=size, run_before=select_sft)
 
@@ -207,12 +282,16 @@ def test_panel_never_imports_the_ml_stack(project: Path):
     script = (
         "import asyncio, sys\n"
         "from tui.app import TASPanel\n"
+        "from tui.tabs.stages import StagesTab\n"
+        "from tui.widgets.lazy_pane import LazyPane\n"
         "async def main():\n"
         "    app = TASPanel(config_path='configs/tiny.yaml', runs_dir='runs')\n"
         "    async with app.run_test(size=(120, 40)) as pilot:\n"
         "        for key in ('f2', 'f3', 'f4', 'f1'):\n"
         "            await pilot.press(key)\n"
-        "            await pilot.pause(0.3)\n"
+        "        stages = app.query_one(StagesTab)\n"
+        "        while not (stages.ready and all(p.built for p in app.query(LazyPane))):\n"
+        "            await pilot.pause(0.05)\n"
         "asyncio.run(main())\n"
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets', 'bitsandbytes', 'accelerate')"
         " if m in sys.modules]\n"
@@ -222,6 +301,25 @@ def test_panel_never_imports_the_ml_stack(project: Path):
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
 
 
+def test_the_first_frame_does_not_wait_for_what_it_does_not_show(project: Path):
+    """Start-up: the config schema (pydantic), the run store, plotext and the other tabs load after the first frame."""
+    script = (
+        "import sys\n"
+        "from tui.app import TASPanel\n"
+        "class Timed(TASPanel):\n"
+        "    def on_mount(self):\n"
+        "        self.call_after_refresh(self.first_frame)\n"
+        "    def first_frame(self):\n"
+        "        print('LOADED', [m for m in DEFERRED if m in sys.modules])\n"
+        "        self.exit()\n"
+        "DEFERRED = ('pydantic', 'engine.core.config', 'engine.core.runs', 'plotext', 'textual_plotext', 'rich.pretty',"
+        " 'tui.tabs.config', 'tui.tabs.gpu', 'tui.tabs.chat', 'engine.chat.client', 'engine.gpu.sampler')\n"
+        "Timed(config_path='configs/tiny.yaml', gpu_interval=3600).run(headless=True, size=(120, 40))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=project, capture_output=True, text=True, timeout=120)
+    assert "LOADED []" in result.stdout, result.stdout + result.stderr
+
+
 @pytest.mark.e2e
 async def test_runs_started_elsewhere_appear_and_update_live(project: Path):
     """Reattach: a run started by the CLI while the panel is open shows up and follows to done."""
@@ -229,18 +327,16 @@ async def test_runs_started_elsewhere_appear_and_update_live(project: Path):
 
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
     async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.pause(0.5)
+        await wait_until(pilot, lambda: app.query_one(StagesTab).ready)
         store = RunStore(project / "runs")
         run = store.create(load_config(project / "configs" / "tiny.yaml"), "configs/tiny.yaml")
         launcher.start(run, ["data"])
-        for _ in range(100):
-            await pilot.pause(0.3)
+
+        def shows_the_run_done() -> bool:
             options = [o.id for o in app.query_one("#runs").options]
-            table = app.query_one("#pipeline", DataTable)
-            if run.id in options and table.row_count and "done" in str(table.get_row("data")[1]):
-                break
-        else:
-            raise AssertionError("the CLI's run never showed up as done in the panel")
+            return run.id in options and "done" in stage_state(app, "data")
+
+        await wait_until(pilot, shows_the_run_done, timeout=60)
 
 
 async def test_trust_remote_code_is_flagged(project: Path):
@@ -256,15 +352,21 @@ async def test_trust_remote_code_is_flagged(project: Path):
 async def test_new_runs_use_the_config_file_chosen_in_the_config_tab(project: Path):
     from textual.widgets import Select
 
-    from tui.tabs.stages import StagesTab
-
     app = TASPanel(config_path="config.yaml", runs_dir=project / "runs", gpu_interval=3600)
     async with app.run_test(size=(120, 40)) as pilot:
         await pilot.press("f2")
         app.query_one("#file", Select).value = "configs/tiny.yaml"
         await pilot.pause()
+        assert app.config_path == "configs/tiny.yaml"
         assert app.query_one(StagesTab).config_path == "configs/tiny.yaml"
         assert app.sub_title == "configs/tiny.yaml"
+        assert "tiny:assistant" in app.query_one(ConfigTab).text
+        # and the other way round: setting the app's config file opens it in the Config tab
+        app.config_path = "config.yaml"
+        await pilot.pause()
+        assert app.query_one("#file", Select).value == "config.yaml"
+        assert "Qwen/Qwen2.5-Coder-1.5B-Instruct" in app.query_one(ConfigTab).text
+        assert app.query_one(StagesTab).config_path == "config.yaml" and app.sub_title == "config.yaml"
 
 
 async def test_eval_stage_shows_the_report(project: Path):
@@ -281,8 +383,9 @@ async def test_eval_stage_shows_the_report(project: Path):
     }))
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
     async with app.run_test(size=(80, 24)) as pilot:
-        await pilot.pause(0.5)
+        tab = app.query_one(StagesTab)
+        await wait_until(pilot, lambda: tab.ready and app.query_one("#pipeline", DataTable).row_count)
         await pilot.press("down", "down", "down", "down")
-        await pilot.pause(1.2)
+        await wait_until(pilot, lambda: tab.shown == ("20261125-080000-tiny", "eval"))
         shown = str(app.query_one("#metrics").render())
     assert "KD student" in shown and "2.50" in shown and "0.100" in shown and "CE student" in shown

@@ -4,21 +4,29 @@ Tabs: Stages (runs and their stages, live), Config (edit config.yaml safely), GP
 Chat (talk to the student). The panel never imports the ML stack: stages run in detached worker
 processes (engine.core.launcher), the chat model lives in a chat worker process (engine.chat.worker), and
 everything shown is read from the run store, NVML or those workers' JSON lines.
+
+`config_path` is the app's reactive: the Config tab sets it when another file is chosen, and every tab
+watches it (new runs, the chat targets and the header follow). The run store is fixed for the session.
+
+Start-up: the first frame is the Stages tab, bare; what it does not need is loaded after it. The Stages
+tab loads the run store, the config schema and plotext in a thread once it is on screen; the Config and
+Chat tabs are built the first time they are shown; the GPU tab is built right after the first frame (it
+samples in the background), or with the first frame when nothing has to be read to build it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.reactive import reactive
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 
-from engine.core.runs import runs_root
-from tui.tabs.chat import ChatTab
-from tui.tabs.config import ConfigFileChosen, ConfigTab
-from tui.tabs.gpu import GpuTab
-from tui.tabs.stages import StagesTab
+from tui.tabs.stages import StagesTab, preload
+from tui.widgets.lazy_pane import LazyPane
 
 TABS = ("stages", "config", "gpu", "chat")
 
@@ -33,35 +41,95 @@ class TASPanel(App):
         Binding("f4", "show_tab('chat')", "Chat", show=False),
     ]
 
+    config_path: reactive[str] = reactive("config.yaml", init=False)
+    """The config file the panel works with (set by the Config tab; watched by every tab)."""
+
     def __init__(self, config_path: str = "config.yaml", runs_dir: str | Path | None = None,
                  gpu_interval: float | None = None):
         super().__init__()
-        self.config_path = config_path
-        self.runs_dir = Path(runs_dir) if runs_dir is not None else runs_root(config_path)
+        self.set_reactive(TASPanel.config_path, config_path)
+        self._start_config = config_path
+        self._runs_dir = Path(runs_dir) if runs_dir is not None else None
+        self._runs_dir_lock = threading.Lock()
         self.gpu_interval = gpu_interval
         self.sub_title = config_path
+
+    @property
+    def runs_dir(self) -> Path:
+        """The run store: the one given, else `runs_root` of the config the panel started with. Resolving
+        it reads that config (a few hundred ms the first time): call it off the event loop."""
+        with self._runs_dir_lock:
+            if self._runs_dir is None:
+                from engine.core.runs import runs_root
+
+                self._runs_dir = runs_root(self._start_config)
+            return self._runs_dir
 
     def compose(self) -> ComposeResult:
         yield Header()
         with TabbedContent(initial="stages"):
             with TabPane("Stages", id="stages"):
-                yield StagesTab(self.config_path, self.runs_dir)
-            with TabPane("Config", id="config"):
-                yield ConfigTab(self.config_path)
-            with TabPane("GPU", id="gpu"):
-                yield GpuTab(self.runs_dir, interval=self.gpu_interval or _gpu_interval(self.config_path))
-            with TabPane("Chat", id="chat"):
-                yield ChatTab(self.config_path)
+                yield StagesTab(self.config_path, lambda: self.runs_dir)
+            yield LazyPane("Config", self._config_tab, id="config")
+            if self._runs_dir is not None and self.gpu_interval:
+                from tui.tabs.gpu import GpuTab
+
+                with TabPane("GPU", id="gpu"):
+                    yield GpuTab(self._runs_dir, interval=self.gpu_interval)
+            else:
+                yield LazyPane("GPU", self._gpu_tab, id="gpu")
+            yield LazyPane("Chat", self._chat_tab, id="chat")
         yield Footer()
 
-    def on_config_file_chosen(self, message: ConfigFileChosen) -> None:
-        self.config_path = message.path
-        self.query_one(StagesTab).config_path = message.path
+    def on_mount(self) -> None:
+        self.call_after_refresh(self._after_first_frame)
 
-    def action_show_tab(self, tab: str) -> None:
+    def _after_first_frame(self) -> None:
+        """What the first frame did not wait for: reading the run store, and the GPU tab."""
+        self.query_one(StagesTab).start_reader()
+        gpu = self.query_one("#gpu", TabPane)
+        if isinstance(gpu, LazyPane):
+            self.run_worker(gpu.build, group="panes")
+
+    def watch_config_path(self, path: str) -> None:
+        self.sub_title = path
+
+    # ------------------------------------------------------------------------- the lazy tabs
+
+    async def _config_tab(self):
+        await asyncio.to_thread(preload, "tui.tabs.config", "engine.core.config")
+        from tui.tabs.config import ConfigTab
+
+        return ConfigTab(self.config_path)
+
+    async def _chat_tab(self):
+        await asyncio.to_thread(preload, "tui.tabs.chat", "engine.core.config")
+        from tui.tabs.chat import ChatTab
+
+        return ChatTab(self.config_path)
+
+    async def _gpu_tab(self):
+        runs_dir, interval = await asyncio.to_thread(self._gpu_settings, self.config_path)
+        from tui.tabs.gpu import GpuTab
+
+        return GpuTab(runs_dir, interval=interval)
+
+    def _gpu_settings(self, config_path: str) -> tuple[Path, float]:
+        """In a thread: the run store and the sampling interval (both may read the config)."""
+        preload("tui.tabs.gpu")
+        return self.runs_dir, self.gpu_interval or _gpu_interval(config_path)
+
+    async def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        if isinstance(event.pane, LazyPane):
+            await event.pane.build()
+
+    async def action_show_tab(self, tab: str) -> None:
         """Switch tab and focus its first widget (focus left in a hidden pane would switch back)."""
-        self.query_one(TabbedContent).active = tab
-        pane = self.query_one(f"TabPane#{tab}", TabPane)
+        tabbed = self.query_one(TabbedContent)
+        tabbed.active = tab
+        pane = tabbed.get_pane(tab)
+        if isinstance(pane, LazyPane):
+            await pane.build()
         focusable = [w for w in pane.query("*") if w.focusable]
         if focusable:
             focusable[0].focus()

@@ -2,9 +2,14 @@
 
 The text of the file is the single source of truth: a form edit replaces one scalar in the text (so
 comments and layout survive), the raw view edits the text directly, and after every change the text is
-validated against the schema, with each error's key path and line listed below. Saving shows the diff
-against the file first and goes through `save_config_text`, which refuses invalid text and writes
-atomically with a `.bak`: an invalid edit can never be saved over a valid file.
+validated against the schema, with each error's key path and line listed below. Typing in the raw view
+is validated once the keys rest for VALIDATE_AFTER_S; each validation parses the text once, and that
+parse feeds the tree, the state line and the errors. Saving shows the diff against the file first and goes
+through `save_config_text`, which refuses invalid text and writes atomically with a `.bak`: an invalid edit
+can never be saved over a valid file.
+
+The file edited is the app's `config_path`: choosing another file here sets it (new runs, the chat
+targets and the header follow), and setting it elsewhere opens that file here.
 """
 
 from __future__ import annotations
@@ -15,20 +20,71 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 from rich.syntax import Syntax
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.message import Message
 from textual.screen import ModalScreen
+from textual.timer import Timer
 from textual.widgets import ContentSwitcher, Input, Label, Select, Static, TextArea, Tree
 
-from engine.core.config import ConfigError, parse_config
+from engine.core.config import (
+    MAX_CONFIG_BYTES,
+    ConfigError,
+    TASConfig,
+    _duplicate_keys,
+    _issue_from_error,
+    parse_config,
+)
 from engine.core.config_edit import field_help, save_config_text, set_yaml_value
 
 SECTION_ORDER = ("teacher", "assistant", "student", "train", "datasets")
+VALIDATE_AFTER_S = 0.3  # raw-view typing is validated once the keys rest this long
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when built in: ~20x faster than pure Python
+
+
+@dataclass
+class Checked:
+    """One validation of the editor's text."""
+
+    data: dict | None  # the YAML as data, for the tree (None when it is not a mapping: keep the last tree)
+    issues: list[str]  # each with its key path and line; [] when valid
+
+
+def check_config_text(text: str, source: str) -> Checked:
+    """Validate `text` like `parse_config`, parsing it once: the same parse gives the tree its data.
+
+    A text the single parse cannot judge alone (a YAML syntax error, an empty file, a top level that is
+    not a mapping, an oversized text) is handed to `parse_config` for its exact message.
+    """
+    node = data = None
+    try:
+        loader = _Loader(text.removeprefix("\ufeff"))
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                data = loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError:
+        pass
+    if not isinstance(data, dict) or len(text.encode("utf-8", "replace")) > MAX_CONFIG_BYTES:
+        try:
+            parse_config(text, source=source)
+            issues = []
+        except ConfigError as exc:
+            issues = [str(issue) for issue in exc.issues]
+        return Checked(data if isinstance(data, dict) else None, issues)
+    problems = list(_duplicate_keys(node))
+    if not problems:
+        try:
+            TASConfig.model_validate(data)
+        except ValidationError as exc:
+            problems = [_issue_from_error(err, node) for err in exc.errors()]
+    return Checked(data, [str(issue) for issue in problems])
 
 
 def config_files(current: str) -> list[str]:
@@ -38,13 +94,6 @@ def config_files(current: str) -> list[str]:
         if candidate.exists() and str(candidate) not in found:
             found.append(str(candidate))
     return found
-
-
-@dataclass
-class ConfigFileChosen(Message):
-    """The user switched config files: new runs started from the panel use this one."""
-
-    path: str
 
 
 class DiffScreen(ModalScreen[bool]):
@@ -102,6 +151,9 @@ class ConfigTab(Vertical):
         self.saved_text = ""
         self.text = ""
         self.issues: list[str] = []
+        self.data: dict | None = None  # the text's data as last parsed (the tree shows it)
+        self.validations = 0
+        self._pending: Timer | None = None  # a validation waiting for the keys to rest
         self.selected: tuple[str | int, ...] | None = None
 
     def compose(self) -> ComposeResult:
@@ -121,6 +173,7 @@ class ConfigTab(Vertical):
 
     def on_mount(self) -> None:
         self.load(self.path)
+        self.watch(self.app, "config_path", self._config_path_changed, init=False)
 
     # ----------------------------------------------------------------------------------- loading
 
@@ -131,27 +184,42 @@ class ConfigTab(Vertical):
         except (OSError, UnicodeDecodeError) as exc:
             self.saved_text = ""
             self.notify(f"{path}: cannot read ({exc})", severity="error")
+        self.data = None  # a new file: a new tree (its root is the path)
         self.set_text(self.saved_text, from_raw=False)
 
     def set_text(self, text: str, from_raw: bool) -> None:
-        """New buffer text: validate it, refresh the tree, and (unless it came from there) the raw view."""
+        """New buffer text: validate it now, refresh the tree, and (unless it came from there) the raw view."""
         self.text = text
-        try:
-            parse_config(text, source=self.path)
-            self.issues = []
-        except ConfigError as exc:
-            self.issues = [str(issue) for issue in exc.issues]
         if not from_raw:
             raw = self.query_one("#raw", TextArea)
             with raw.prevent(TextArea.Changed):
                 raw.load_text(text)
-        self.rebuild_tree()
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the text (one parse) and show the result: the tree, the state line, the errors."""
+        if self._pending is not None:
+            self._pending.stop()
+            self._pending = None
+        checked = check_config_text(self.text, self.path)
+        self.validations += 1
+        self.issues = checked.issues
+        if checked.data is not None and checked.data != self.data:  # else keep the tree (mid-edit, or a comment)
+            self.data = checked.data
+            self.rebuild_tree()
         self.show_state()
+
+    @property
+    def checking(self) -> bool:
+        """A validation is waiting for the keys to rest."""
+        return self._pending is not None
 
     def show_state(self) -> None:
         modified = self.text != self.saved_text
         state = Text()
-        if self.issues:
+        if self._pending is not None:
+            state.append("… checking", style="dim")
+        elif self.issues:
             state.append(f"✗ {len(self.issues)} error{'s' * (len(self.issues) > 1)}", style="bold red")
         else:
             state.append("✓ valid", style="green")
@@ -164,18 +232,14 @@ class ConfigTab(Vertical):
 
     def _trust_remote_code(self) -> bool:
         try:
-            data = yaml.safe_load(self.text) or {}
-            return bool(data["teacher"]["open"]["model"].get("trust_remote_code"))
+            return bool(self.data["teacher"]["open"]["model"].get("trust_remote_code"))
         except Exception:
             return False
 
     def rebuild_tree(self) -> None:
         tree = self.query_one("#tree", Tree)
-        try:
-            data = yaml.safe_load(self.text)
-        except yaml.YAMLError:
-            return  # keep the last good tree while the raw text is mid-edit
-        if not isinstance(data, dict):
+        data = self.data
+        if data is None:
             return
         expanded = {node.data for node in _walk(tree.root) if node.is_expanded and node.data is not None}
         tree.clear()
@@ -200,7 +264,7 @@ class ConfigTab(Vertical):
             lines.append(help_.description)
             lines.append(f"type: {help_.type}" + (f"   default: {help_.default}" if help_.default else ""))
         value_input = self.query_one("#value", Input)
-        value = _get(yaml.safe_load(self.text), path)
+        value = _get(self.data, path)
         editable = not isinstance(value, dict) and not (isinstance(value, list) and value and isinstance(value[0], dict))
         value_input.disabled = not editable
         value_input.value = _render(value) if editable else ""
@@ -233,17 +297,39 @@ class ConfigTab(Vertical):
 
     @on(TextArea.Changed, "#raw")
     def raw_changed(self, event: TextArea.Changed) -> None:
-        self.set_text(event.text_area.text, from_raw=True)
+        """A keystroke in the raw view: validated once the keys rest (each one restarts the wait)."""
+        self.text = event.text_area.text
+        if self._pending is not None:
+            self._pending.stop()
+        self._pending = self.set_timer(VALIDATE_AFTER_S, self._keys_rested, name="config-validate")
+        self.show_state()
+
+    def _keys_rested(self) -> None:
+        self._pending = None  # (this timer is the one firing: nothing to stop)
+        self.validate()
 
     @on(Select.Changed, "#file")
     def switch_file(self, event: Select.Changed) -> None:
-        if event.value == self.path:
+        path = str(event.value)
+        if path == self.path:
             return
+        self._open(path)
+        self.app.config_path = path  # every tab follows
+
+    def _config_path_changed(self, path: str) -> None:
+        """The app's config file changed elsewhere: edit that one."""
+        if path == self.path:
+            return
+        self._open(path)
+        select = self.query_one("#file", Select)
+        with select.prevent(Select.Changed):
+            select.set_options([(f, f) for f in config_files(path)])
+            select.value = path
+
+    def _open(self, path: str) -> None:
         if self.text != self.saved_text:
             self.notify(f"unsaved changes to {self.path} were discarded", severity="warning")
-        self.load(str(event.value))
-        self.app.sub_title = self.path
-        self.post_message(ConfigFileChosen(self.path))
+        self.load(path)
 
     def action_toggle_raw(self) -> None:
         switcher = self.query_one("#views", ContentSwitcher)
@@ -255,6 +341,8 @@ class ConfigTab(Vertical):
         self.notify("reverted to the file on disk")
 
     def action_save(self) -> None:
+        if self._pending is not None:
+            self.validate()  # the keys have not rested yet: check what is being saved
         if self.issues:
             self.notify(f"not saved: {self.issues[0]}", title=f"{len(self.issues)} errors", severity="error", timeout=8)
             return

@@ -1,35 +1,60 @@
 """The Stages tab: runs on the left; for the selected run, its pipeline with state, progress, ETA and
 latest metrics, a live loss curve, and the event log of the selected stage.
 
-Everything shown is read from the run store every second in a thread worker, so runs started by the
-CLI, or by a panel that was killed, appear and update exactly like our own (reattach is just reading).
-Starting and cancelling go through engine.core.launcher, also in thread workers.
+Everything shown is read from the run store, so runs started by the CLI, or by a panel that was killed,
+appear and update exactly like our own (reattach is just reading). One reader does it: an async worker
+that, every second or as soon as the selection changes, reads the store in a thread (one read at a time,
+so the event tails are only ever used by one thread) and shows the snapshot on the event loop; a snapshot
+read for a selection that has changed since is dropped. Widgets and the selection (`run_id`, `stage`) are
+only touched on the event loop. Starting and cancelling go through engine.core.launcher, in thread workers.
+
+The run store, the launcher and the plot are imported by the reader, in a thread, once the panel has painted
+its first frame (the app calls `start_reader`): the panel shows up before the config schema (pydantic) and
+plotext are loaded.
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.message import Message
-from textual.widgets import DataTable, OptionList, RichLog, Static
+from textual.css.query import NoMatches
+from textual.widgets import DataTable, OptionList, Static
 from textual.widgets.option_list import Option
-from textual_plotext import PlotextPlot
 
-from engine.core import launcher
-from engine.core.config import ConfigError, load_config
-from engine.core.events import EventTail
 from engine.core.pipeline import PIPELINE
-from engine.core.render import STATE_STYLE, bar, duration, event_line, metrics_text, number
-from engine.core.runs import Run, RunStore, StageStatus, read_json
+
+if TYPE_CHECKING:
+    from engine.core.events import EventTail
+    from engine.core.runs import Run, RunStore, StageStatus
 
 LOSS_METRICS = ("loss", "eval_loss", "control/loss", "control/eval_loss")
+REFRESH_S = 1.0  # the reader reads the store this often (and at once when the selection changes)
+# what the reader imports in its thread before its first read: the run store (and with it the config schema),
+# and the two widgets that replace their placeholders then (plotext; RichLog brings rich.pretty and attrs)
+READER_IMPORTS = ("engine.core.runs", "engine.core.events", "engine.core.render", "textual_plotext",
+                  "textual.widgets:RichLog")
+
+
+def preload(*modules: str) -> None:
+    """Import modules, or `module:name` (a lazily loaded attribute), in a thread: the event loop keeps
+    painting meanwhile, and the imports on it later are found done."""
+    for entry in modules:
+        module, _, name = entry.partition(":")
+        loaded = importlib.import_module(module)
+        if name:
+            getattr(loaded, name)
 
 
 @dataclass
@@ -39,11 +64,13 @@ class RunSummary:
 
 
 @dataclass
-class StoreSnapshot(Message):
-    """What the refresh worker read from the run store."""
+class StoreSnapshot:
+    """What the reader read from the run store, for one selection."""
 
+    selection: int  # the selection generation it was read for: shown only if still the current one
     runs: list[RunSummary]
     run_id: str | None
+    stage: str
     stages: list[StageStatus]
     new_events: list[tuple[str, dict]]  # (stage, event) appended since the last read
     reset_log: bool
@@ -75,12 +102,22 @@ class StagesTab(Vertical):
         Binding("c", "cancel", "Cancel run"),
     ]
 
-    def __init__(self, config_path: str, runs_dir: Path):
+    def __init__(self, config_path: str, runs_dir: Path | Callable[[], Path]):
+        """`runs_dir`: the run store, or a function giving it (called off the event loop, on first use)."""
         super().__init__()
-        self.config_path = config_path
-        self.store = RunStore(runs_dir)
+        self.config_path = config_path  # follows the app's config_path: new runs use this file
+        self._runs_dir = runs_dir
+        self._store: RunStore | None = None
+        self._store_lock = threading.Lock()
+        # the selection: event loop only
         self.run_id: str | None = None
         self.stage: str = PIPELINE[0]
+        self._selection = 0  # bumped at every selection change (and read request)
+        self._reader_started = False
+        self._wake: asyncio.Event | None = None
+        self.shown: tuple[str | None, str] | None = None  # (run, stage) of the snapshot on screen
+        self.snapshots_shown = 0
+        # the reader's state: used by one read at a time
         self._tails: dict[str, EventTail] = {}
         self._tails_key: tuple[str | None, str] | None = None
         self._cancel_armed_at = 0.0
@@ -94,74 +131,148 @@ class StagesTab(Vertical):
                 table.add_columns("stage", "state", "progress", "ETA", "latest")
                 yield table
                 with Horizontal(id="middle"):
-                    yield PlotextPlot(id="loss")
+                    yield Static(id="loss")  # the plot replaces it with the first snapshot
                     yield Static(id="metrics")
-                yield RichLog(id="log", markup=True, wrap=True, max_lines=2000)
+                yield Static(id="log")  # the event log replaces it with the first snapshot
 
     def on_mount(self) -> None:
         self.query_one("#runs", OptionList).border_title = "runs"
         self.query_one("#pipeline", DataTable).focus()
-        self.refresh_store()
-        self.set_interval(1.0, self.refresh_store)
+        self.watch(self.app, "config_path", self._config_path_changed, init=False)
+
+    def _config_path_changed(self, path: str) -> None:
+        self.config_path = path
+
+    @property
+    def store(self) -> RunStore:
+        """The run store (opened on first use; imports it and may read the config: not on the event loop)."""
+        with self._store_lock:
+            if self._store is None:
+                from engine.core.runs import RunStore
+
+                self._store = RunStore(self._runs_dir() if callable(self._runs_dir) else self._runs_dir)
+            return self._store
+
+    @property
+    def ready(self) -> bool:
+        """The reader is running and a snapshot is on screen."""
+        return self.snapshots_shown > 0
 
     # ---------------------------------------------------------------------------------- reading
 
-    @work(thread=True, exclusive=True, group="stages-refresh")
+    def start_reader(self) -> None:
+        """Start reading the store (the panel does it once its first frame is painted; once)."""
+        if not self._reader_started:
+            self._reader_started = True
+            self._reader()
+
     def refresh_store(self) -> None:
+        """Read the store now (the selection changed, or a run was started): wakes the reader up, and
+        drops whatever it is reading for the previous selection."""
+        self._selection += 1
+        if self._wake is not None:
+            self._wake.set()
+
+    @work(exclusive=True, group="stages-refresh")
+    async def _reader(self) -> None:
+        """The one reader of the run store, started once; never two reads at a time."""
+        self._wake = asyncio.Event()
+        try:
+            await self._read_loop()
+        except NoMatches:
+            pass  # the tab is being removed (the app is closing) while a read was in flight: nothing to show
+
+    async def _read_loop(self) -> None:
+        await asyncio.to_thread(lambda: (preload(*READER_IMPORTS), self.store))
+        await self._mount_deferred_widgets()
+        while True:
+            self._wake.clear()
+            selection = self._selection
+            snapshot = await asyncio.to_thread(self._read, selection, self.run_id, self.stage)
+            if snapshot.selection == self._selection:
+                self._show(snapshot)
+            else:
+                self._tails_key = None  # its events were read for nothing: the next read starts the log over
+            try:
+                await asyncio.wait_for(self._wake.wait(), REFRESH_S)
+            except TimeoutError:
+                pass
+
+    async def _mount_deferred_widgets(self) -> None:
+        """The loss plot and the event log, in place of their placeholders (imported by now)."""
+        from textual.widgets import RichLog
+        from textual_plotext import PlotextPlot
+
+        await self.query_one("#loss", Static).remove()
+        await self.query_one("#middle", Horizontal).mount(PlotextPlot(id="loss"), before=0)
+        await self.query_one("#log", Static).remove()
+        await self.query_one("#right", Vertical).mount(RichLog(id="log", markup=True, wrap=True, max_lines=2000))
+
+    def _read(self, selection: int, run_id: str | None, stage: str) -> StoreSnapshot:
+        """Read the store for one selection (in a thread: touches no widget and no selection state)."""
+        from engine.core.events import EventTail
+        from engine.core.runs import read_json
+
         runs = self.store.list()
         summaries, selected = [], None
         for run in runs[:50]:
             stages = run.stages()
             summaries.append(RunSummary(run.id, run.overall_state(stages)))
-            if run.id == self.run_id:
+            if run.id == run_id:
                 selected = (run, stages)
         if selected is None and runs:
             selected = (runs[0], runs[0].stages())
         if selected is None:
-            self.post_message(StoreSnapshot(summaries, None, [], [], reset_log=True))
-            return
+            return StoreSnapshot(selection, summaries, None, stage, [], [], reset_log=True)
         run, stages = selected
-        key = (run.id, self.stage)
+        key = (run.id, stage)
         reset = key != self._tails_key
         if reset:
-            self._tails = {self.stage: EventTail(run.stage_dir(self.stage) / "events.jsonl")}
+            self._tails = {stage: EventTail(run.stage_dir(stage) / "events.jsonl")}
             self._tails_key = key
-        new_events = [(stage, e) for stage, tail in self._tails.items() for e in tail.poll()]
-        report = read_json(run.stage_dir("eval") / "report.json") if self.stage == "eval" else None
-        self.post_message(StoreSnapshot(summaries, run.id, stages, new_events, reset, self._losses(run), report))
+        new_events = [(name, e) for name, tail in self._tails.items() for e in tail.poll()]
+        report = read_json(run.stage_dir("eval") / "report.json") if stage == "eval" else None
+        return StoreSnapshot(selection, summaries, run.id, stage, stages, new_events, reset,
+                             self._losses(run, stage), report)
 
-    def _losses(self, run: Run) -> dict[str, list[tuple[int, float]]]:
+    @staticmethod
+    def _losses(run: Run, stage: str) -> dict[str, list[tuple[int, float]]]:
         """Loss curves of the selected stage, or of the last training stage that has some."""
         from engine.core.events import read_events
 
-        candidates = [self.stage] + [s for s in ("distill", "sft") if s != self.stage]
-        for stage in candidates:
+        candidates = [stage] + [s for s in ("distill", "sft") if s != stage]
+        for name in candidates:
             series: dict[str, list[tuple[int, float]]] = {}
-            for event in read_events(run.stage_dir(stage) / "events.jsonl"):
+            for event in read_events(run.stage_dir(name) / "events.jsonl"):
                 if event.get("kind") == "metric" and event.get("name") in LOSS_METRICS and event.get("step") is not None:
-                    series.setdefault(f"{stage} {event['name']}", []).append((event["step"], float(event["value"])))
+                    series.setdefault(f"{name} {event['name']}", []).append((event["step"], float(event["value"])))
             if series:
                 return series
         return {}
 
     # --------------------------------------------------------------------------------- showing
 
-    @on(StoreSnapshot)
-    def show_snapshot(self, message: StoreSnapshot) -> None:
-        self.run_id = message.run_id
-        self._stages = message.stages
-        self._show_runs(message.runs)
-        self._show_pipeline(message.stages)
-        self._show_losses(message.losses)
-        self._show_metrics(message.report)
+    def _show(self, snapshot: StoreSnapshot) -> None:
+        from textual.widgets import RichLog
+
+        from engine.core.render import event_line
+
+        self.run_id = snapshot.run_id
+        self._stages = snapshot.stages
+        self._show_runs(snapshot.runs)
+        self._show_pipeline(snapshot.stages)
+        self._show_losses(snapshot.losses)
+        self._show_metrics(snapshot.report)
         log = self.query_one("#log", RichLog)
-        if message.reset_log:
+        if snapshot.reset_log:
             log.clear()
-            log.border_title = f"{self.stage} events"
-        for stage, event in message.new_events:
+            log.border_title = f"{snapshot.stage} events"
+        for stage, event in snapshot.new_events:
             line = event_line(stage, event)
             if line and event.get("kind") not in ("progress", "memory", "metric"):  # those have their own panes
                 log.write(Text.from_markup(line))
+        self.shown = (snapshot.run_id, snapshot.stage)
+        self.snapshots_shown += 1
 
     def _show_runs(self, runs: list[RunSummary]) -> None:
         option_list = self.query_one("#runs", OptionList)
@@ -183,6 +294,8 @@ class StagesTab(Vertical):
             option_list.set_options([Option(Text("no runs yet: press n", style="dim"), disabled=True)])
 
     def _show_pipeline(self, stages: list[StageStatus]) -> None:
+        from engine.core.render import STATE_STYLE, bar, duration, metrics_text, number
+
         table = self.query_one("#pipeline", DataTable)
         rows = []
         for status in stages:
@@ -208,6 +321,8 @@ class StagesTab(Vertical):
                     table.update_cell(row[0], column, value)
 
     def _show_losses(self, losses: dict[str, list[tuple[int, float]]]) -> None:
+        from textual_plotext import PlotextPlot
+
         plot = self.query_one("#loss", PlotextPlot)
         plt = plot.plt
         plt.clear_data()
@@ -219,6 +334,8 @@ class StagesTab(Vertical):
         plot.refresh()
 
     def _show_metrics(self, report: dict | None = None) -> None:
+        from engine.core.render import duration, number
+
         status = next((s for s in self._stages if s.name == self.stage), None)
         panel = self.query_one("#metrics", Static)
         if status is None:
@@ -256,14 +373,13 @@ class StagesTab(Vertical):
     # ---------------------------------------------------------------------------------- actions
 
     def action_start(self) -> None:
-        self._start([self.stage], new_run=self.run_id is None)
+        self._start([self.stage], self.run_id, self.config_path)
 
     def action_start_from_here(self) -> None:
-        stages = list(PIPELINE[PIPELINE.index(self.stage):])
-        self._start(stages, new_run=self.run_id is None)
+        self._start(list(PIPELINE[PIPELINE.index(self.stage):]), self.run_id, self.config_path)
 
     def action_new_run(self) -> None:
-        self._start(list(PIPELINE), new_run=True)
+        self._start(list(PIPELINE), None, self.config_path)
 
     def action_cancel(self) -> None:
         if self.run_id is None:
@@ -277,23 +393,31 @@ class StagesTab(Vertical):
         self._cancel(self.run_id)
 
     @work(thread=True, group="stages-actions")
-    def _start(self, stages: list[str], new_run: bool) -> None:
+    def _start(self, stages: list[str], run_id: str | None, config_path: str) -> None:
+        """Start `stages` in run `run_id`, or in a new run of `config_path` when there is none."""
+        from engine.core import launcher
+        from engine.core.config import ConfigError, load_config
+
         try:
-            if new_run:
-                config = load_config(self.config_path)
-                run = self.store.create(config, self.config_path)
+            if run_id is None:
+                run = self.store.create(load_config(config_path), config_path)
             else:
-                run = self.store.get(self.run_id)
+                run = self.store.get(run_id)
             launcher.start(run, stages)
         except (ConfigError, launcher.CannotStart, ValueError, LookupError, OSError) as exc:
             self.app.call_from_thread(self.notify, str(exc), title="cannot start", severity="error", timeout=8)
             return
-        self.run_id = run.id
-        self.app.call_from_thread(self.notify, f"run {run.id}: started {', '.join(stages)}")
+        self.app.call_from_thread(self._started, run.id, stages)
+
+    def _started(self, run_id: str, stages: list[str]) -> None:
+        self.notify(f"run {run_id}: started {', '.join(stages)}")
+        self.run_id = run_id
         self.refresh_store()
 
     @work(thread=True, group="stages-actions")
     def _cancel(self, run_id: str) -> None:
+        from engine.core import launcher
+
         run = self.store.get(run_id)
         self.app.call_from_thread(self.notify, f"cancelling run {run_id}…")
         stopped = launcher.cancel(run)
