@@ -61,6 +61,7 @@ def preload(*modules: str) -> None:
 class RunSummary:
     id: str
     state: str  # live | finished | failed | cancelled | stopped | new
+    name: str = ""  # the user's name for the run (tas run --name / tas note --name)
 
 
 @dataclass
@@ -217,7 +218,7 @@ class StagesTab(Vertical):
         summaries, selected = [], None
         for run in runs[:50]:
             stages = run.stages()
-            summaries.append(RunSummary(run.id, run.overall_state(stages)))
+            summaries.append(RunSummary(run.id, run.overall_state(stages), run.name))
             if run.id == run_id:
                 selected = (run, stages)
         if selected is None and runs:
@@ -279,7 +280,10 @@ class StagesTab(Vertical):
         options = []
         for run in runs:
             glyph, style = RUN_GLYPH.get(run.state, ("?", ""))
-            options.append(Option(Text.assemble((f"{glyph} ", style), run.id), id=run.id))
+            label = Text.assemble((f"{glyph} ", style), run.id)
+            if run.name:
+                label.append(f"\n  {run.name}", style="italic")
+            options.append(Option(label, id=run.id))
         current = [o.id for o in option_list.options]
         if current != [o.id for o in options]:
             option_list.set_options(options)
@@ -424,19 +428,30 @@ class StagesTab(Vertical):
         self.app.call_from_thread(self.notify, f"run {run_id}: {'cancelled' if stopped else 'nothing was running'}")
 
 
-EVAL_LABELS = {"assistant": "assistant", "student_kd": "KD student", "student_ce": "CE student"}
+EVAL_LABELS = {"teacher": "teacher", "assistant": "assistant", "student_kd": "KD student", "student_ce": "CE student"}
+
+
+def _cell(numbers: dict, key: str, width: int, spec: str) -> str:
+    value = numbers.get(key)
+    return f"{value:>{width}{spec}}" if isinstance(value, (int, float)) else f"{'—':>{width}}"
 
 
 def eval_table(report: dict) -> Text:
-    """The eval report as a few aligned lines: lower loss / KL is better."""
+    """The eval report as aligned lines, models side by side: lower loss / KL is better, higher pass@1.
+
+    The teacher has its own tokenizer, so only the code benchmark compares it (—: not measured).
+    """
     text = Text()
-    text.append(f"{'held-out':<10}{'loss':>6}{'ppl':>6}{'KL':>6}\n", style="bold")  # 28 columns
+    text.append(f"{'model':<10}{'loss':>6}{'ppl':>6}{'KL':>6}{'pass@1':>7}\n", style="bold")  # 35 columns
     for name, numbers in report["models"].items():
-        try:
-            row = f"{EVAL_LABELS.get(name, name)[:10]:<10}{numbers['loss']:>6.2f}{numbers['perplexity']:>6.0f}" \
-                  f"{numbers['kl_to_assistant']:>6.3f}\n"
-        except (KeyError, TypeError, ValueError):
+        if not isinstance(numbers, dict):
             continue
-        text.append(row)
-    text.append(f"{report.get('examples', '?')} answers; KL to assistant", style="dim")
+        text.append(f"{EVAL_LABELS.get(name, name)[:10]:<10}{_cell(numbers, 'loss', 6, '.2f')}"
+                    f"{_cell(numbers, 'perplexity', 6, '.0f')}{_cell(numbers, 'kl_to_assistant', 6, '.3f')}"
+                    f"{_cell(numbers, 'pass@1', 7, '.2f')}\n")
+    code = report.get("code") or {}
+    note = f"{report.get('examples', '?')} answers; KL to assistant"
+    if code:
+        note += f"; {code.get('benchmark')} {code.get('problems')} problems (eval/code/<model>.jsonl)"
+    text.append(note, style="dim")
     return text
