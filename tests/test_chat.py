@@ -1,6 +1,7 @@
-"""Chat: the worker protocol end to end (real subprocess, tiny:student), the client, `tas chat`, the Chat tab.
+"""Chat: the protocol's models and bounds, the worker end to end (real subprocess, tiny:student), the client,
+`tas chat`, the Chat tab.
 
-Spawning a worker that loads a model costs seconds here, so the protocol tests share one worker
+Spawning a worker that loads a model costs seconds here, so the worker tests share one worker
 (module fixture) and the Pilot test walks a whole session (bad model, retry, stream, stop) in one app.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import queue
 import re
@@ -21,47 +23,59 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.chat.client import (
-    ChatClient,
-    ChatTarget,
-    ChatWorkerGone,
-    add_chat_command,
-    chat_target,
-    chat_targets,
-    cmd_chat,
-    format_stats,
-    printable,
+from engine.chat.client import ChatClient, ChatWorkerGone, format_stats, printable
+from engine.chat.protocol import (
+    DEFAULT_PARAMS,
+    EndReply,
+    ErrorReply,
+    GenerateRequest,
+    GenerationParams,
+    LoadRequest,
+    Message,
+    ProtocolError,
+    ReadyReply,
+    StopRequest,
+    TokenReply,
+    encode,
+    encode_token,
+    make_params,
+    param_bounds,
+    parse_reply,
+    parse_request,
 )
+from engine.chat.targets import ChatTarget, chat_target, chat_targets
+from engine.cli.chat import add_parser as add_chat_command
+from engine.cli.chat import cmd_chat
 from engine.core.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.e2e
+# e2e (spawns chat workers, or compares snapshots): the tests marked so; the protocol's own tests are light
 
 SYSTEM = {"role": "system", "content": "You are a senior Python developer."}
 GREEDY = {"temperature": 0, "max_new_tokens": 12}
 
 
-def collect(client: ChatClient, rid: str, timeout: float = 60.0, on_token=None) -> tuple[list[str], dict]:
+def collect(client: ChatClient, rid: str, timeout: float = 60.0, on_token=None):
     """Token texts and the end (or error) reply of request `rid`."""
     tokens: list[str] = []
     deadline = time.monotonic() + timeout
     while True:
         reply = client.next_reply(timeout=max(0.1, deadline - time.monotonic()))
-        if reply.get("id") != rid and not reply.get("fatal"):
+        if reply.id != rid and not getattr(reply, "fatal", False):
             continue
-        if reply["kind"] == "token":
-            tokens.append(reply["text"])
+        if isinstance(reply, TokenReply):
+            tokens.append(reply.text)
             if on_token:
                 on_token(len(tokens))
         else:
             return tokens, reply
 
 
-def next_of(client: ChatClient, kind: str, timeout: float = 60.0) -> dict:
+def next_of(client: ChatClient, kind: str, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while True:
         reply = client.next_reply(timeout=max(0.1, deadline - time.monotonic()))
-        if reply["kind"] == kind:
+        if reply.kind == kind:
             return reply
 
 
@@ -70,39 +84,192 @@ def worker(tiny_cache, tmp_path_factory):
     client = ChatClient("tiny:student", device="cpu", log_path=tmp_path_factory.mktemp("chat") / "worker.log")
     client.start()
     ready = client.wait_ready(timeout=120)
-    assert ready["model"] == "tiny:student" and ready["device"] == "cpu" and ready["template"] == "chat"
+    assert ready.model == "tiny:student" and ready.device == "cpu" and ready.template == "chat"
     yield client
     client.close()
 
 
 # ------------------------------------------------------------------------------------------- protocol
 
+GOOD_MESSAGES = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]
 
+
+def _generate(**changes) -> str:
+    request = {"op": "generate", "id": "r1", "messages": GOOD_MESSAGES, **changes}
+    return json.dumps({k: v for k, v in request.items() if v is not ...})
+
+
+def test_protocol_valid_requests_round_trip():
+    request = parse_request(_generate(params={"temperature": 0, "top_p": 1, "top_k": 0, "max_new_tokens": 8,
+                                              "min_new_tokens": 8, "do_sample": False, "repetition_penalty": 1.1,
+                                              "seed": 7}))
+    assert isinstance(request, GenerateRequest) and request.id == "r1"
+    assert request.messages == [Message(role="system", content="s"), Message(role="user", content="hi")]
+    assert request.params.temperature == 0.0 and request.params.seed == 7
+    assert parse_request(encode(request)) == request  # encode: one JSON line, parsed back to the same
+    assert encode(request).endswith("}\n") and encode(request).count("\n") == 1
+    assert parse_request(_generate(params=None)).params == GenerationParams()  # no params, null params: defaults
+    assert parse_request(_generate(params=...)).params == GenerationParams()
+    assert parse_request(_generate(id=7)).id == "7"  # an integer id is its text
+    assert parse_request('{"op": "stop"}') == StopRequest()
+    assert parse_request('{"op": "stop", "id": "r1"}') == StopRequest(id="r1")
+    assert parse_request('{"op": "load", "model": " tiny:student ", "adapter": ""}') == \
+        LoadRequest(model="tiny:student", adapter=None)
+    # messages may carry more than role and content (dropped); everything else is exact
+    assert parse_request(_generate(messages=[{"role": "user", "content": "x", "name": "me"}])).messages == \
+        [Message(role="user", content="x")]
+
+
+@pytest.mark.parametrize(("line", "field", "words"), [
+    ("this is not json", None, "not a JSON object"),
+    ("[1, 2]", None, "not a JSON object: a JSON list"),
+    ('{"id": "r1"}', "op", "`op` is missing"),
+    ('{"op": "fly"}', "op", "unknown op 'fly'; ops are generate, stop, load"),
+    (_generate(id=...), "id", "`id` is missing"),
+    (_generate(id=True), "id", "id must be a string"),
+    (_generate(messages="hello"), "messages", "messages must be a list"),
+    (_generate(messages=[]), "messages", "messages must not be empty"),
+    (_generate(messages=[{"role": "bot", "content": "x"}]), "messages[0].role", "messages[0].role must be 'system'"),
+    (_generate(messages=[{"role": "user", "content": 5}]), "messages[0].content", "must be a string"),
+    (_generate(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]), "messages",
+     "the last message must be the user's"),
+    (_generate(params={"temperature": "hot"}), "params.temperature", "params.temperature must be a number, got 'hot'"),
+    (_generate(params={"temperature": 2.5}), "params.temperature",
+     "params.temperature must be between 0 and 2, got 2.5"),
+    (_generate(params={"temperature": -1}), "params.temperature", "between 0 and 2"),
+    (_generate(params={"top_p": 0}), "params.top_p", "params.top_p must be > 0 and ≤ 1, got 0"),
+    (_generate(params={"top_k": -1}), "params.top_k", "params.top_k must be ≥ 0"),
+    (_generate(params={"max_new_tokens": 0}), "params.max_new_tokens", "between 1 and"),
+    (_generate(params={"max_new_tokens": 1.5}), "params.max_new_tokens", "must be an integer"),
+    (_generate(params={"do_sample": "yes"}), "params.do_sample", "must be true or false"),
+    (_generate(params={"seed": True}), "params.seed", "must be an integer"),
+    (_generate(params={"temprature": 1}), "params.temprature", "unknown param 'temprature'"),
+    (_generate(extra=1), "extra", "unknown field `extra`"),
+    ('{"op": "load", "model": "  "}', "model", "model must not be empty"),
+    ('{"op": "load"}', "model", "`model` is missing"),
+])
+def test_protocol_invalid_requests_name_the_field(line, field, words):
+    with pytest.raises(ProtocolError) as caught:
+        parse_request(line)
+    assert caught.value.field == field
+    assert words in str(caught.value)
+    if field is not None and field != "id" and "r1" in line:
+        assert caught.value.id == "r1"  # the worker's error reply carries the request's id
+
+
+def test_protocol_replies_round_trip():
+    ready = ReadyReply(model="tiny:student", device="cpu", dtype="float32", context=1024, template="chat",
+                       load_s=1.5, threads=1, pid=42)
+    end = EndReply(id="r1", tokens=12, ttft_s=0.01, tokens_per_s=300.5, elapsed_s=0.05, prompt_tokens=9,
+                   finish="length")
+    error = ErrorReply(id="r1", message="boom", op="load", model="x")
+    for reply in (ready, end, error, TokenReply(id="r1", text="a\n\"é\x1b")):
+        assert parse_reply(encode(reply)) == reply
+    # the worker's hot path writes token lines without a model: the same line
+    assert encode_token("r\"1", "a\n\"é\x1b") == encode(TokenReply(id="r\"1", text="a\n\"é\x1b"))
+    assert "null" not in encode(ready)  # null fields are left out; absent means null
+    assert parse_reply('{"kind": "end", "id": "r1", "tokens": 0, "elapsed_s": 0, "prompt_tokens": 0, '
+                       '"stopped": true, "finish": "stopped", "new_field": 1}').ttft_s is None
+    with pytest.raises(ProtocolError, match="unknown kind 'nope'"):
+        parse_reply('{"kind": "nope"}')
+    with pytest.raises(ProtocolError, match="finish must be 'stop', 'length' or 'stopped'"):
+        parse_reply('{"kind": "end", "id": "r1", "tokens": 0, "elapsed_s": 0, "prompt_tokens": 0, "finish": "x"}')
+
+
+def test_protocol_params_bounds_and_defaults():
+    assert str(param_bounds("temperature")) == "0–2" and 2 in param_bounds("temperature")
+    assert 2.01 not in param_bounds("temperature") and -0.1 not in param_bounds("temperature")
+    assert str(param_bounds("top_p")) == "> 0 and ≤ 1" and 0 not in param_bounds("top_p")
+    assert str(param_bounds("top_k")) == "≥ 0"
+    assert DEFAULT_PARAMS.given() == {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "max_new_tokens": 512}
+    assert make_params(DEFAULT_PARAMS, temperature=0.0).given() == {**DEFAULT_PARAMS.given(), "temperature": 0.0}
+    with pytest.raises(ProtocolError) as caught:
+        make_params(DEFAULT_PARAMS, temperature=2.5)
+    assert caught.value.field == "temperature" and str(caught.value) == "temperature must be between 0 and 2, got 2.5"
+    with pytest.raises(ProtocolError, match="must be a number"):
+        make_params(temperature=True)  # strict: no booleans or strings for numbers
+
+
+def test_client_checks_a_request_before_sending():
+    client = ChatClient("tiny:student")  # never started: nothing could be sent anyway
+    with pytest.raises(ProtocolError, match="params.temperature must be between 0 and 2"):
+        client.generate([{"role": "user", "content": "hi"}], {"temperature": 3})
+    with pytest.raises(ProtocolError, match="the last message must be the user's"):
+        client.generate([{"role": "assistant", "content": "hi"}])
+    assert client.pending == set() and client._outbox.empty()
+
+
+def test_detokenizer_gives_whole_characters_and_the_same_text():
+    from engine.chat.worker import Detokenizer
+
+    pieces = {1: b"Hel", 2: b"lo ", 3: "é".encode()[:1], 4: "é".encode()[1:], 5: b"!", 6: b"", 7: "😀".encode()[:2]}
+
+    class ByteTokenizer:  # a byte-level tokenizer: a character can span tokens; 6 is a special token
+        def decode(self, ids, **kwargs):
+            return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    detokenizer = Detokenizer(ByteTokenizer())
+    out = [detokenizer.add([i]) for i in (1, 2, 3, 4, 6, 5)]
+    assert out == ["Hel", "lo ", "", "é", "", "!"]
+    assert detokenizer.add([7]) == "" and detokenizer.flush() == "\ufffd"  # a torn last character: said at the end
+
+
+def test_token_stream_sends_the_first_piece_at_once_then_one_line_per_window():
+    from engine.chat.worker import Channel, TokenStream
+
+    written: list[str] = []
+
+    class Pipe:
+        def write(self, data):
+            written.append(bytes(data).decode())
+            return len(data)
+
+    stream = TokenStream(Channel(Pipe()), "r1", window=0.2)
+    stream.push("a")
+    assert written == [encode_token("r1", "a")]  # the first piece: at once
+    stream.push("b")
+    stream.push("c")
+    assert len(written) == 1  # held back: the window is open
+    time.sleep(0.25)
+    stream.push("d")  # the first piece after the window takes what was held with it
+    assert written[1] == encode_token("r1", "bcd")
+    stream.push("e")
+    stream.close()  # the end: what is held back goes now, before the `end` line
+    assert [parse_reply(line).text for line in written] == ["a", "bcd", "e"]
+    stream.close()
+    assert len(written) == 3
+
+
+@pytest.mark.e2e
 def test_generate_streams_tokens_then_end(worker):
     rid = worker.generate([SYSTEM, {"role": "user", "content": "Write a function that adds two numbers."}], GREEDY)
     tokens, end = collect(worker, rid)
-    assert end["kind"] == "end", end
-    assert len(tokens) >= 5  # streamed piece by piece, not in one block
-    assert end["tokens"] == 12 and end["finish"] == "length" and end["stopped"] is False
-    assert 0 < end["ttft_s"] < 30 and end["tokens_per_s"] > 0 and end["prompt_tokens"] > 5
+    assert end.kind == "end", end
+    # streamed in pieces (text that decodes within the worker's TOKEN_WINDOW_S travels in one line), not in
+    # one block
+    assert len(tokens) >= 2
+    assert end.tokens == 12 and end.finish == "length" and end.stopped is False
+    assert 0 < end.ttft_s < 30 and end.tokens_per_s > 0 and end.prompt_tokens > 5
     assert rid not in worker.pending
     # greedy is deterministic: the same conversation gives the same reply
     rid2 = worker.generate([SYSTEM, {"role": "user", "content": "Write a function that adds two numbers."}], GREEDY)
     tokens2, end2 = collect(worker, rid2)
-    assert "".join(tokens2) == "".join(tokens) and end2["tokens"] == 12
+    assert "".join(tokens2) == "".join(tokens) and end2.tokens == 12
 
 
+@pytest.mark.e2e
 def test_multi_turn_history(worker):
     first = [SYSTEM, {"role": "user", "content": "hello"}]
     _, end1 = collect(worker, worker.generate(first, {"max_new_tokens": 6, "temperature": 0.8, "top_p": 0.9,
                                                         "top_k": 20}))
     history = first + [{"role": "assistant", "content": "Hi! What code?"}, {"role": "user", "content": "a sort"}]
     _, end2 = collect(worker, worker.generate(history, {"max_new_tokens": 6, "do_sample": False}))
-    assert end1["kind"] == end2["kind"] == "end"
-    assert end2["prompt_tokens"] > end1["prompt_tokens"] + 5  # the whole history went into the prompt
-    assert end2["tokens"] == 6
+    assert end1.kind == end2.kind == "end"
+    assert end2.prompt_tokens > end1.prompt_tokens + 5  # the whole history went into the prompt
+    assert end2.tokens == 6
 
 
+@pytest.mark.e2e
 def test_stop_mid_generation(worker):
     rid = worker.generate([{"role": "user", "content": "Write a long story."}],
                           {"max_new_tokens": 100_000, "min_new_tokens": 100_000,  # capped to the context (1024)
@@ -116,33 +283,34 @@ def test_stop_mid_generation(worker):
             stopped_at = time.monotonic()
 
     _, end = collect(worker, rid, on_token=stop_after_three)
-    assert end["kind"] == "end" and end["stopped"] is True and end["finish"] == "stopped"
-    assert 3 <= end["tokens"] < 900
+    assert end.kind == "end" and end.stopped is True and end.finish == "stopped"
+    assert 3 <= end.tokens < 900
     assert time.monotonic() - stopped_at < 5
     # a stop for a request that already ended is ignored; the worker goes on serving
     worker.stop(rid)
     _, again = collect(worker, worker.generate([{"role": "user", "content": "hi"}], GREEDY))
-    assert again["kind"] == "end" and again["stopped"] is False
+    assert again.kind == "end" and again.stopped is False
 
 
+@pytest.mark.e2e
 def test_bad_requests_get_an_error_and_the_worker_keeps_serving(worker):
     worker.send_raw("this is not json")
     error = next_of(worker, "error")
-    assert "not a JSON object" in error["message"] and "id" not in error and not error.get("fatal")
+    assert "not a JSON object" in error.message and error.id is None and not error.fatal
     worker.send_raw('{"op": "generate", "id": "bad1", "messages": "hello"}')
     error = next_of(worker, "error")
-    assert error["id"] == "bad1" and "messages" in error["message"]
+    assert error.id == "bad1" and "messages" in error.message
     worker.send_raw('{"op": "generate", "id": "bad2", "messages": [{"role": "user", "content": "x"}],'
                     ' "params": {"temperature": "hot"}}')
     error = next_of(worker, "error")
-    assert error["id"] == "bad2" and "temperature" in error["message"]
+    assert error.id == "bad2" and "temperature" in error.message
     long = [{"role": "user", "content": "def f(x): return x " * 400}]  # past the tiny model's 1024 positions
     _, error = collect(worker, worker.generate(long, GREEDY))
-    assert error["kind"] == "error" and "context is 1024" in error["message"] and not error.get("fatal")
+    assert error.kind == "error" and "context is 1024" in error.message and not error.fatal
     worker.send_raw('{"op": "fly"}')
-    assert "unknown op" in next_of(worker, "error")["message"]
+    assert "unknown op" in next_of(worker, "error").message
     _, end = collect(worker, worker.generate([{"role": "user", "content": "hi"}], GREEDY))
-    assert end["kind"] == "end" and end["tokens"] == 12
+    assert end.kind == "end" and end.tokens == 12
 
 
 def _lora_adapter(base: str, out: Path) -> Path:
@@ -158,59 +326,64 @@ def _lora_adapter(base: str, out: Path) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_load_with_a_lora_adapter(worker, tmp_path):
     adapter = _lora_adapter("tiny:assistant", tmp_path / "Assistant")
     worker.load("tiny:assistant", adapter=str(adapter))
     ready = next_of(worker, "ready")
-    assert ready["model"] == "tiny:assistant" and ready["adapter"] == str(adapter)
+    assert ready.model == "tiny:assistant" and ready.adapter == str(adapter)
     _, end = collect(worker, worker.generate([SYSTEM, {"role": "user", "content": "hi"}], GREEDY))
-    assert end["kind"] == "end" and end["tokens"] == 12
+    assert end.kind == "end" and end.tokens == 12
 
 
+@pytest.mark.e2e
 def test_load_switches_model_and_a_bad_load_keeps_the_old_one(worker, tmp_path):
     worker.load("tiny:assistant")
     ready = next_of(worker, "ready")
-    assert ready["model"] == "tiny:assistant" and worker.model == "tiny:assistant"
+    assert ready.model == "tiny:assistant" and worker.model == "tiny:assistant"
     _, end = collect(worker, worker.generate([{"role": "user", "content": "hi"}], GREEDY))
-    assert end["kind"] == "end" and end["tokens"] == 12
+    assert end.kind == "end" and end.tokens == 12
     worker.load("tiny:assistant", adapter=str(tmp_path / "missing"))
     error = next_of(worker, "error")
-    assert error["op"] == "load" and "no PEFT adapter" in error["message"]
+    assert error.op == "load" and "no PEFT adapter" in error.message
     worker.load("/nonexistent/model")
     error = next_of(worker, "error")
-    assert error["op"] == "load" and "no such model folder" in error["message"] and "tiny:assistant" in error["message"]
+    assert error.op == "load" and "no such model folder" in error.message and "tiny:assistant" in error.message
     worker.load("tiny:student")
-    assert next_of(worker, "ready")["model"] == "tiny:student"
+    assert next_of(worker, "ready").model == "tiny:student"
 
 
+@pytest.mark.e2e
 def test_seed_makes_sampling_reproducible(worker):
     params = {"temperature": 1.0, "max_new_tokens": 40, "min_new_tokens": 40, "seed": 123}
     messages = [{"role": "user", "content": "Write a sort."}]
     first, end1 = collect(worker, worker.generate(messages, params))
     second, end2 = collect(worker, worker.generate(messages, params))
-    assert "".join(first) == "".join(second) and end1["tokens"] == end2["tokens"] == 40
+    assert "".join(first) == "".join(second) and end1.tokens == end2.tokens == 40
 
 
+@pytest.mark.e2e
 def test_client_reports_a_killed_worker(worker):
     """Last of the module: it kills the shared worker."""
     rid = worker.generate([{"role": "user", "content": "Write a long story."}],
                           {"max_new_tokens": 1000, "min_new_tokens": 1000})
     collect_first = next_of(worker, "token")
-    assert collect_first["id"] == rid
+    assert collect_first.id == rid
     os.kill(worker.process.pid, signal.SIGKILL)
     error = next_of(worker, "error", timeout=20)
-    assert error["fatal"] is True and error["id"] == rid and error["exit_code"] == -signal.SIGKILL
-    assert "exited unexpectedly" in error["message"] and "SIGKILL" in error["message"]
-    assert str(worker.log_path) in error["message"]
+    assert error.fatal is True and error.id == rid and error.exit_code == -signal.SIGKILL
+    assert "exited unexpectedly" in error.message and "SIGKILL" in error.message
+    assert str(worker.log_path) in error.message
     with pytest.raises(ChatWorkerGone):
         worker.generate([{"role": "user", "content": "still there?"}])
 
 
+@pytest.mark.e2e
 def test_bad_model_path_is_a_fatal_error_and_exit_code_2(tiny_cache, tmp_path):
     client = ChatClient("/nonexistent/model", device="cpu", log_path=tmp_path / "chat.log").start()
     error = client.next_reply(timeout=60)
-    assert error["kind"] == "error" and error["fatal"] is True
-    assert error["message"].startswith("cannot load /nonexistent/model") and "no such model folder" in error["message"]
+    assert error.kind == "error" and error.fatal is True
+    assert error.message.startswith("cannot load /nonexistent/model") and "no such model folder" in error.message
     client.process.wait(timeout=30)
     client._reader.join(timeout=10)
     assert client.returncode == 2
@@ -253,9 +426,11 @@ def test_printable_drops_terminal_controls():
 
 
 def test_format_stats():
-    assert format_stats({"tokens": 64, "ttft_s": 0.0512, "tokens_per_s": 512.34, "finish": "length"}) == \
-        "64 tokens · ttft 0.05 s · 512.3 tok/s · max tokens"
-    assert format_stats({"tokens": 3, "ttft_s": None, "tokens_per_s": None, "stopped": True}) == "3 tokens · stopped"
+    end = EndReply(id="r1", tokens=64, ttft_s=0.0512, tokens_per_s=512.34, elapsed_s=0.2, prompt_tokens=9,
+                   finish="length")
+    assert format_stats(end) == "64 tokens · ttft 0.05 s · 512.3 tok/s · max tokens"
+    end = EndReply(id="r1", tokens=3, elapsed_s=0.1, prompt_tokens=9, stopped=True, finish="stopped")
+    assert format_stats(end) == "3 tokens · stopped"
 
 
 # ------------------------------------------------------------------------------------------------ tas chat
@@ -270,6 +445,7 @@ def _chat_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(["chat", *argv])
 
 
+@pytest.mark.e2e
 def test_tas_chat_repl(project, monkeypatch, capsys):
     args = _chat_args(["--config", "configs/tiny.yaml", "--model", "tiny:student", "--max-new-tokens", "8",
                        "--temperature", "0"])
@@ -290,6 +466,24 @@ def test_tas_chat_argument_errors(project, capsys):
     assert "no KD student yet" in capsys.readouterr().err
     assert cmd_chat(_chat_args(["--config", "missing.yaml"])) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_tas_chat_checks_params_with_the_protocol_bounds(project, capsys, monkeypatch):
+    """Out-of-bounds options fail at once (exit 2, the option named), before any worker starts."""
+    from engine.cli.main import main
+
+    monkeypatch.setattr(ChatClient, "start", lambda self: pytest.fail("no worker for bad params"))
+    assert main(["chat", "--model", "tiny:student", "--temperature", "5"]) == 2
+    assert "--temperature: temperature must be between 0 and 2, got 5.0" in capsys.readouterr().err
+    assert main(["chat", "--config", "configs/tiny.yaml", "--model", "tiny:student", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens: max_new_tokens must be between 1 and" in capsys.readouterr().err
+    # the config (config.yaml, the default) gives max_new_tokens; the defaults the rest
+    from engine.cli.chat import chat_params
+
+    args = _chat_args(["--model", "tiny:student", "--temperature", "2"])
+    params = chat_params(args, load_config("configs/tiny.yaml"))
+    assert params.temperature == 2.0 and params.top_p == DEFAULT_PARAMS.top_p
+    assert params.max_new_tokens == load_config("configs/tiny.yaml").assistant.inference.max_new_tokens
 
 
 # ---------------------------------------------------------------------------------------------- Chat tab
@@ -316,6 +510,7 @@ async def _until(pilot, predicate, timeout: float = 60.0, step: float = 0.05, dr
             await asyncio.sleep(step)
 
 
+@pytest.mark.e2e
 async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
     from textual.widgets import Button, Input, Markdown, Select
 
@@ -413,6 +608,55 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
     await _wait_exit(client)
 
 
+async def test_chat_tab_params_have_the_protocol_bounds(project, tmp_path, monkeypatch):
+    """The tab refuses exactly what the worker refuses (one set of bounds), naming the param, and starts no
+    worker for it."""
+    from textual.widgets import Input
+
+    from tui.app import TASPanel
+    from tui.tabs.chat import ChatTab
+
+    monkeypatch.setattr(ChatClient, "start", lambda self: pytest.fail("no worker for bad params"))
+    app = TASPanel(config_path="configs/tiny.yaml", runs_dir=tmp_path / "runs", gpu_interval=3600)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f4")
+        await pilot.pause()
+        tab = app.query_one(ChatTab)
+        inputs = {name: app.query_one(f"#chat-{name.replace('_', '-')}", Input)
+                  for name in ("temperature", "top_p", "max_new_tokens")}
+        assert inputs["temperature"].value == str(DEFAULT_PARAMS.temperature)
+        cases = {"temperature": ["-0.5", "0", "0.7", "2", "2.01", "10", "100"],
+                 "top_p": ["0", "0.01", "1", "1.5"],
+                 "max_new_tokens": ["0", "1", "512", str(1 << 20), str((1 << 20) + 1)]}
+        for name, values in cases.items():
+            for raw in values:
+                for other, box in inputs.items():  # the others at their defaults
+                    box.value = str(getattr(DEFAULT_PARAMS, other))
+                inputs[name].value = raw
+                value = int(raw) if name == "max_new_tokens" else float(raw)
+                try:
+                    tab._params()
+                    panel_ok = True
+                except ProtocolError as exc:
+                    panel_ok = False
+                    assert exc.field == name and str(param_bounds(name)).split("–")[0] in str(exc), str(exc)
+                try:
+                    parse_request(_generate(params={name: value}))
+                    worker_ok = True
+                except ProtocolError:
+                    worker_ok = False
+                assert panel_ok == worker_ok == (value in param_bounds(name)), (name, raw)
+        # sending with a bad one: the status names it, nothing is sent or started
+        for other, box in inputs.items():
+            box.value = str(getattr(DEFAULT_PARAMS, other))
+        inputs["temperature"].value = "2.5"
+        app.query_one("#chat-input", Input).focus()
+        await pilot.press(*"hello", "enter")
+        await pilot.pause()
+        assert tab.status == "temperature must be between 0 and 2, got 2.5"
+        assert tab.client is None and tab.history == [] and app.query_one("#chat-input", Input).value == "hello"
+
+
 async def _wait_exit(client) -> None:
     import asyncio
 
@@ -426,6 +670,7 @@ async def _wait_exit(client) -> None:
 # ------------------------------------------------------------------------------------------- snapshots
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
 def test_chat_tab_snapshot(project, tmp_path, snap_compare, size):
     from tui.app import TASPanel

@@ -1,23 +1,24 @@
 """Talking to the chat worker (engine.chat.worker) from the panel or a terminal.
 
-Light module: stdlib only (+ the light config / prompt loaders), never torch or transformers.
+Light module: stdlib + pydantic (engine.chat.protocol), never torch or transformers. A library: it
+neither parses arguments nor prints (`tas chat`, the terminal REPL, is engine.cli.chat).
 
 * `ChatClient` spawns `python -u -m engine.chat.worker --model ...` with stdin/stdout pipes (its stderr goes
   to a log file, so the worker can never block on a full pipe) and a reader thread that turns each
-  stdout line into a reply dict, handed to `on_reply` (called on the reader thread) or put on
-  `client.replies` (a queue). A worker that dies (EOF on its stdout) becomes one reply
-  `{"kind": "error", "fatal": true, "exit_code", "message": ... + the tail of its log}` unless it already
-  said why with a fatal error of its own; every fatal error means "start a new client to go on".
-* `chat_targets(config)` lists what there is to chat with; `cmd_chat` is `tas chat`, a terminal REPL.
+  stdout line into a reply model (engine.chat.protocol: ReadyReply, TokenReply, EndReply, ErrorReply),
+  handed to `on_reply` (called on the reader thread) or put on `client.replies` (a queue). A worker that
+  dies (EOF on its stdout) becomes one `ErrorReply(fatal=True, exit_code=..., message=... + the tail of its
+  log)` unless it already said why with a fatal error of its own; every fatal error means "start a new
+  client to go on".
+* `printable`, `build_messages`, `format_stats`: what the Chat tab and `tas chat` both need to show a chat.
 
-Reply kinds: ready, token, end, error (see engine/chat.py for every field).
+What there is to chat with: engine.chat.targets.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
+import logging
 import os
 import queue
 import subprocess
@@ -25,21 +26,29 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-Reply = dict[str, Any]
+from engine.chat.protocol import (
+    AnyReply,
+    AnyRequest,
+    EndReply,
+    ErrorReply,
+    GenerateRequest,
+    GenerationParams,
+    LoadRequest,
+    ProtocolError,
+    ReadyReply,
+    StopRequest,
+    encode,
+    make,
+    parse_reply,
+)
 
-DEFAULT_PARAMS: dict[str, Any] = {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "max_new_tokens": 512}
-TARGET_KEYS = ("kd", "ce", "assistant", "base")
-TARGET_LABELS = {
-    "kd": "KD student",
-    "ce": "CE-only student",
-    "assistant": "Assistant + LoRA",
-    "base": "Base assistant",
-}
 LOG_TAIL_LINES = 12
+_READ_CHUNK = 1 << 16
+log = logging.getLogger(__name__)
 
 
 class ChatWorkerGone(RuntimeError):
@@ -59,7 +68,7 @@ class ChatClient:
         model: str,
         adapter: str | None = None,
         device: str = "auto",
-        on_reply: Callable[[Reply], None] | None = None,
+        on_reply: Callable[[AnyReply], None] | None = None,
         log_path: str | os.PathLike[str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
         python: str = sys.executable,
@@ -68,12 +77,12 @@ class ChatClient:
         self.adapter = adapter
         self.device = device
         self.on_reply = on_reply
-        self.replies: queue.Queue[Reply] = queue.Queue()
+        self.replies: queue.Queue[AnyReply] = queue.Queue()
         self.cwd = cwd
         self.python = python
         self.log_path = Path(log_path) if log_path else None
         self.process: subprocess.Popen[bytes] | None = None
-        self.ready: Reply | None = None  # the latest `ready` reply: model, device, ...
+        self.ready: ReadyReply | None = None  # the latest `ready` reply: model, device, ...
         self.pending: set[str] = set()  # generate ids without an end / error yet
         self.returncode: int | None = None
         self._outbox: queue.Queue[bytes | None] = queue.Queue()  # requests, written in order by _writer
@@ -162,13 +171,18 @@ class ChatClient:
         self.close()
 
     # ---- requests
-    def generate(self, messages: list[dict[str, str]], params: dict[str, Any] | None = None,
+    def generate(self, messages: list[dict[str, str]], params: GenerationParams | Mapping[str, Any] | None = None,
                  request_id: str | None = None) -> str:
-        """Ask for a reply to `messages` (system prompt first, history, the new user message last)."""
+        """Ask for a reply to `messages` (system prompt first, history, the new user message last).
+
+        The request is checked here: ProtocolError (a ValueError naming the field) when it is not valid,
+        before anything is sent."""
         rid = request_id or f"r{next(self._ids)}"
+        request = make(GenerateRequest, id=rid, messages=messages,
+                           params=params if params is not None else GenerationParams())
         self.pending.add(rid)
         try:
-            self._send({"op": "generate", "id": rid, "messages": messages, "params": params or {}})
+            self._send(request)
         except ChatWorkerGone:
             self.pending.discard(rid)
             raise
@@ -177,20 +191,20 @@ class ChatClient:
     def stop(self, request_id: str | None = None) -> None:
         """Stop one generation (or, without an id, every running and waiting one); its `end` still comes."""
         try:
-            self._send({"op": "stop", **({"id": request_id} if request_id else {})})
+            self._send(StopRequest(id=request_id))
         except ChatWorkerGone:
             pass  # nothing left to stop
 
     def load(self, model: str, adapter: str | None = None) -> None:
         """Switch the worker to another model; a `ready` reply (or an error, the old model kept) follows."""
-        self._send({"op": "load", "model": model, "adapter": adapter})
+        self._send(make(LoadRequest, model=model, adapter=adapter))
 
     def send_raw(self, line: str) -> None:
         """Write one line as is (tests use it to send malformed requests)."""
         self._write((line.rstrip("\n") + "\n").encode("utf-8"))
 
-    def _send(self, request: dict[str, Any]) -> None:
-        self._write((json.dumps(request, ensure_ascii=False) + "\n").encode("utf-8"))
+    def _send(self, request: AnyRequest) -> None:
+        self._write(encode(request).encode("utf-8"))
 
     def _write(self, data: bytes) -> None:
         """Queue a request line; never blocks (requests made before start() go out once it runs)."""
@@ -212,11 +226,11 @@ class ChatClient:
                 return
 
     # ---- replies
-    def next_reply(self, timeout: float | None = None) -> Reply:
+    def next_reply(self, timeout: float | None = None) -> AnyReply:
         """The next reply from the queue (only when no on_reply callback was given); queue.Empty on timeout."""
         return self.replies.get(timeout=timeout)
 
-    def wait_ready(self, timeout: float = 300.0) -> Reply:
+    def wait_ready(self, timeout: float = 300.0) -> ReadyReply:
         """Block until `ready` (returned) or a fatal error (raised as ChatWorkerGone); queue mode only."""
         deadline = time.monotonic() + timeout
         while True:
@@ -224,10 +238,10 @@ class ChatClient:
             if left <= 0:
                 raise TimeoutError(f"the chat worker did not load {self.model} in {timeout:.0f} s; see {self.log_path}")
             reply = self.next_reply(timeout=left)
-            if reply["kind"] == "ready":
+            if isinstance(reply, ReadyReply):
                 return reply
-            if reply["kind"] == "error" and reply.get("fatal"):
-                raise ChatWorkerGone(reply["message"])
+            if isinstance(reply, ErrorReply) and reply.fatal:
+                raise ChatWorkerGone(reply.message)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The last lines of the worker's stderr log (progress bars reduced to their final state)."""
@@ -244,35 +258,48 @@ class ChatClient:
         out = [line.split("\r")[-1].rstrip() for line in text.splitlines()]
         return "\n".join([line for line in out if line.strip()][-lines:])
 
-    def _deliver(self, reply: Reply) -> None:
-        kind = reply.get("kind")
-        if kind == "ready":
+    def _deliver(self, reply: AnyReply) -> None:
+        if isinstance(reply, ReadyReply):
             self.ready = reply
-            self.model = reply.get("model", self.model)
-            self.adapter = reply.get("adapter")
-        elif kind in ("end", "error") and reply.get("id") is not None:
-            self.pending.discard(str(reply["id"]))
-        if kind == "error" and reply.get("fatal"):
+            self.model = reply.model
+            self.adapter = reply.adapter
+        elif isinstance(reply, (EndReply, ErrorReply)) and reply.id is not None:
+            self.pending.discard(reply.id)
+        if isinstance(reply, ErrorReply) and reply.fatal:
             self._fatal_seen = True
         if self.on_reply is not None:
             try:
                 self.on_reply(reply)
-            except Exception:  # noqa: BLE001 - a broken callback must not kill the reader
-                import traceback
-
-                traceback.print_exc()
+            except Exception:  # a broken callback must not kill the reader
+                log.exception("chat client: on_reply failed for a %s reply", reply.kind)
         else:
             self.replies.put(reply)
 
     def _read(self) -> None:
+        """The reader thread: whole lines of the worker's stdout → reply models, in order.
+
+        Reads what the pipe holds (up to 64 KiB at a time) and splits it into lines: a readline on the
+        unbuffered pipe would cost a system call per byte, on the CPU the worker decodes with."""
         process = self.process
         assert process is not None and process.stdout is not None
-        for raw in iter(process.stdout.readline, b""):
+        fd = process.stdout.fileno()
+        partial = b""
+        while True:
             try:
-                reply = json.loads(raw)
-            except json.JSONDecodeError:
-                continue  # the worker keeps fd 1 for JSON lines; anything else is not a reply
-            if isinstance(reply, dict) and "kind" in reply:
+                chunk = os.read(fd, _READ_CHUNK)
+            except OSError:
+                break
+            if not chunk:
+                break
+            lines = chunk.split(b"\n")
+            if partial:
+                lines[0] = partial + lines[0]
+            partial = lines.pop()  # b"" when the chunk ended with a newline
+            for line in lines:
+                try:
+                    reply = parse_reply(line)
+                except ProtocolError:
+                    continue  # the worker keeps fd 1 for JSON lines; anything else is not a reply
                 self._deliver(reply)
         try:
             code = process.wait(timeout=10)
@@ -283,17 +310,11 @@ class ChatClient:
         if self._closing or self._fatal_seen:
             return
         tail = self.log_tail()
-        reply: Reply = {
-            "kind": "error",
-            "fatal": True,
-            "exit_code": code,
-            "message": f"the chat worker ({self.model}) exited unexpectedly ({_exit_text(code)})"
-                       + (f"; last lines of {self.log_path}:\n{tail}" if tail else f"; log: {self.log_path}"),
-        }
-        if self.pending:
-            reply["id"] = min(self.pending)
-            self.pending.clear()
-        self._deliver(reply)
+        message = (f"the chat worker ({self.model}) exited unexpectedly ({_exit_text(code)})"
+                   + (f"; last lines of {self.log_path}:\n{tail}" if tail else f"; log: {self.log_path}"))
+        rid = min(self.pending) if self.pending else None
+        self.pending.clear()
+        self._deliver(ErrorReply(id=rid, fatal=True, exit_code=code, message=message))
 
 
 def _exit_text(code: int | None) -> str:
@@ -319,69 +340,7 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-# ----------------------------------------------------------------------------------------------- targets
-
-
-class ChatTarget(NamedTuple):
-    label: str
-    model: str
-    adapter: str | None
-
-    @property
-    def key(self) -> str:
-        return next((k for k, v in TARGET_LABELS.items() if v == self.label), "model")
-
-
-def _target_paths(config, root: Path | None) -> dict[str, tuple[str, str | None, Path, str]]:
-    """key → (model, adapter, the path whose file proves it exists, that file)."""
-    def at(path: str) -> Path:
-        p = Path(path).expanduser()
-        return p if p.is_absolute() or root is None else root / p
-
-    out_dir = config.train.distillation.output_dir
-    base = config.assistant.model.name
-    sft = config.train.sft.save_path
-    return {
-        "kd": (str(at(out_dir)), None, at(out_dir), "config.json"),
-        "ce": (str(at(f"{out_dir}_ce")), None, at(f"{out_dir}_ce"), "config.json"),
-        "assistant": (base, str(at(sft)), at(sft), "adapter_config.json"),
-        "base": (base, None, Path(), ""),
-    }
-
-
-def chat_targets(config, root: str | os.PathLike[str] | None = None) -> list[ChatTarget]:
-    """What can be chatted with, best first: KD student, CE-only student, fine-tuned assistant (base +
-    LoRA adapter), base assistant. Each only when its files exist, except the base assistant (always).
-    Relative paths of the config count from `root` (default: the working directory, as for the stages)."""
-    targets = []
-    for key, (model, adapter, path, proof) in _target_paths(config, Path(root) if root else None).items():
-        if key == "base" or (path / proof).exists():
-            targets.append(ChatTarget(TARGET_LABELS[key], model, adapter))
-    return targets
-
-
-def chat_target(config, key: str, root: str | os.PathLike[str] | None = None) -> ChatTarget:
-    """The target named kd / ce / assistant / base; ValueError saying which stage makes it when missing."""
-    paths = _target_paths(config, Path(root) if root else None)
-    if key not in paths:
-        raise ValueError(f"unknown target {key!r}; targets are {', '.join(TARGET_KEYS)}")
-    model, adapter, path, proof = paths[key]
-    if key != "base" and not (path / proof).exists():
-        made_by = {"kd": "the distill stage (train.distillation.output_dir)",
-                   "ce": "the distill stage with train.distillation.ce_only_control: true",
-                   "assistant": "the sft stage (train.sft.save_path)"}[key]
-        raise ValueError(f"no {TARGET_LABELS[key]} yet: {path / proof} is missing; it is made by {made_by}")
-    return ChatTarget(TARGET_LABELS[key], model, adapter)
-
-
-def system_prompt(config) -> str | None:
-    """The "Assistant" system prompt of prompts.path (prompt.yaml), or None when there is none."""
-    from engine.teacher.output import load_system_prompts
-
-    try:
-        return load_system_prompts(config.prompts.path).get("Assistant")
-    except (OSError, ValueError):
-        return None
+# ------------------------------------------------------------------------------------------------ display
 
 
 _CONTROL = {c: None for c in [*range(9), 11, 12, *range(14, 32), 127, *range(0x80, 0xA0)]}
@@ -398,175 +357,15 @@ def build_messages(system: str | None, history: list[dict[str, str]]) -> list[di
     return ([{"role": "system", "content": system}] if system else []) + list(history)
 
 
-def format_stats(end: Reply) -> str:
-    """`64 tokens · ttft 0.05 s · 512.3 tok/s` (+ `· stopped`)."""
-    parts = [f"{end.get('tokens', 0)} tokens"]
-    if end.get("ttft_s") is not None:
-        parts.append(f"ttft {end['ttft_s']:.2f} s")
-    if end.get("tokens_per_s") is not None:
-        parts.append(f"{end['tokens_per_s']:.1f} tok/s")
-    if end.get("stopped"):
+def format_stats(end: EndReply) -> str:
+    """`64 tokens · ttft 0.05 s · 512.3 tok/s` (+ `· stopped` / `· max tokens`)."""
+    parts = [f"{end.tokens} tokens"]
+    if end.ttft_s is not None:
+        parts.append(f"ttft {end.ttft_s:.2f} s")
+    if end.tokens_per_s is not None:
+        parts.append(f"{end.tokens_per_s:.1f} tok/s")
+    if end.stopped:
         parts.append("stopped")
-    elif end.get("finish") == "length":
+    elif end.finish == "length":
         parts.append("max tokens")
     return " · ".join(parts)
-
-
-# ------------------------------------------------------------------------------------------------ tas chat
-
-
-def add_chat_command(subparsers, common_parent) -> argparse.ArgumentParser:
-    """Register `tas chat` on the `tas` subparsers."""
-    chat = subparsers.add_parser(
-        "chat", parents=[common_parent],
-        help="chat with the student (or another model) in this terminal",
-        description="Chat in the terminal. Replies stream as they are generated; Ctrl-C stops a reply, "
-                    "/reset clears the conversation, /quit or Ctrl-D exits.",
-    )
-    which = chat.add_mutually_exclusive_group()
-    which.add_argument("--model", metavar="NAME_OR_PATH", help="hub id, local model folder or tiny:<name>")
-    which.add_argument("--target", choices=TARGET_KEYS,
-                       help="kd: KD student, ce: CE-only student, assistant: base + SFT adapter, base: base assistant "
-                            "(default: the first that exists, in that order)")
-    chat.add_argument("--adapter", metavar="PATH", help="PEFT adapter folder on top of --model")
-    chat.add_argument("--system", metavar="TEXT", help="system prompt (default: the Assistant prompt of prompts.path)")
-    chat.add_argument("--max-new-tokens", type=int, metavar="N", help="longest reply (default: assistant.inference)")
-    chat.add_argument("--temperature", type=float, metavar="T",
-                      help=f"sampling temperature, 0 = greedy (default {DEFAULT_PARAMS['temperature']})")
-    chat.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
-                      help="where the model runs (default: device.type of the config)")
-    chat.set_defaults(func=cmd_chat)
-    return chat
-
-
-def _say(text: str, style: str = "2") -> None:
-    """A line of chrome (dim on a terminal) on stdout."""
-    if sys.stdout.isatty():
-        text = f"\x1b[{style}m{text}\x1b[0m"
-    print(text, flush=True)
-
-
-def _err(text: str) -> None:
-    print(f"error: {text}", file=sys.stderr, flush=True)
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    from engine.core.config import ConfigError, load_config
-
-    config = None
-    config_path = getattr(args, "config", None) or "config.yaml"
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        if not getattr(args, "model", None):
-            _err(f"{exc}\n(give --model NAME_OR_PATH to chat without a config)")
-            return 2
-    if getattr(args, "model", None):
-        target = ChatTarget(args.model, args.model, getattr(args, "adapter", None))
-    else:
-        try:
-            target = chat_target(config, args.target) if getattr(args, "target", None) else chat_targets(config)[0]
-        except ValueError as exc:
-            _err(str(exc))
-            return 2
-    system = getattr(args, "system", None)
-    if system is None and config is not None:
-        system = system_prompt(config)
-    params = dict(DEFAULT_PARAMS)
-    if config is not None:
-        params["max_new_tokens"] = config.assistant.inference.max_new_tokens
-    if getattr(args, "max_new_tokens", None):
-        params["max_new_tokens"] = args.max_new_tokens
-    if getattr(args, "temperature", None) is not None:
-        params["temperature"] = args.temperature
-    device = getattr(args, "device", None) or (config.device.type if config is not None else "auto")
-
-    client = ChatClient(target.model, target.adapter, device=device)
-    where = target.model + (f" + {target.adapter}" if target.adapter else "")
-    _say(f"loading {target.label}: {where} …")
-    client.start()
-    try:
-        ready = client.wait_ready()
-    except (ChatWorkerGone, TimeoutError) as exc:
-        client.close()
-        _err(str(exc))
-        return 2
-    except KeyboardInterrupt:
-        client.close()
-        return 130
-    name = target.label if target.label == ready.get("model") else f"{target.label} ({ready.get('model')})"
-    _say(f"{name} on {ready.get('device')}, ready. "
-         f"Ctrl-C stops a reply, /reset clears the conversation, /quit exits.")
-    if system:
-        _say(f"system: {system}")
-    history: list[dict[str, str]] = []
-    try:
-        while True:
-            try:
-                line = input("you> " if sys.stdin.isatty() else "")
-            except EOFError:
-                break
-            except KeyboardInterrupt:
-                print("\n(/quit or Ctrl-D to exit)", flush=True)
-                continue
-            text = line.strip()
-            if not text:
-                continue
-            if text in ("/quit", "/exit", "/q"):
-                break
-            if text == "/reset":
-                history.clear()
-                _say("(conversation cleared)")
-                continue
-            history.append({"role": "user", "content": text})
-            code, answer = _one_reply(client, build_messages(system, history), params)
-            if code is not None:
-                return code
-            if answer is None:  # the request failed: forget the question too
-                history.pop()
-            else:
-                history.append({"role": "assistant", "content": answer})
-    finally:
-        client.close()
-    return 0
-
-
-def _one_reply(client: ChatClient, messages: list[dict[str, str]], params: dict[str, Any]) -> tuple[int | None, str | None]:
-    """Stream one reply to stdout. Returns (exit code if the worker died, the reply text or None)."""
-    try:
-        rid = client.generate(messages, params)
-    except ChatWorkerGone as exc:
-        _err(str(exc))
-        return 1, None
-    pieces: list[str] = []
-    if sys.stdout.isatty():
-        sys.stdout.write("\x1b[1massistant>\x1b[0m ")
-    stopping = False
-    while True:
-        try:
-            try:
-                reply = client.next_reply(timeout=0.2)
-            except queue.Empty:
-                continue
-            kind = reply.get("kind")
-            if kind == "token" and reply.get("id") == rid:
-                pieces.append(reply["text"])
-                sys.stdout.write(printable(reply["text"]))
-                sys.stdout.flush()
-            elif kind == "end" and reply.get("id") == rid:
-                sys.stdout.write("\n")
-                _say(f"[{format_stats(reply)}]")
-                return None, "".join(pieces)
-            elif kind == "error" and (reply.get("id") in (rid, None) or reply.get("fatal")):
-                sys.stdout.write("\n")
-                _err(reply.get("message", "unknown error"))
-                if reply.get("fatal"):
-                    return 1, None
-                if reply.get("id") == rid:
-                    return None, None
-        except KeyboardInterrupt:
-            if not stopping:
-                stopping = True
-                client.stop(rid)
-                sys.stdout.write(" [stopping]")
-                sys.stdout.flush()

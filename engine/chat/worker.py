@@ -10,13 +10,13 @@ on top of it. The model is loaded once, then the worker prints
 
     {"kind": "ready", "model", "adapter", "device", "dtype", "context", "template", "load_s", "threads", "pid"}
 
-and serves requests, one JSON object per stdin line:
+and serves requests, one JSON object per stdin line (engine.chat.protocol has every field, type and bound):
 
     {"op": "generate", "id": "r1", "messages": [{"role", "content"}, ...], "params": {...}}
     {"op": "stop", "id": "r1"}        (no id: stop whatever runs or waits)
     {"op": "load", "model": NAME, "adapter": PATH or null}
 
-Replies, one JSON object per stdout line, flushed, each with `kind`:
+Replies, one JSON object per stdout line, each with `kind`:
 
     {"kind": "token", "id", "text"}                       a piece of the reply as soon as it decodes
     {"kind": "end", "id", "tokens", "ttft_s", "tokens_per_s", "elapsed_s", "prompt_tokens",
@@ -34,9 +34,18 @@ Times: `ttft_s` runs from the moment the worker starts the request (chat templat
 first generated token; `tokens_per_s` is the decode rate after it, (tokens - 1) / (last - first token);
 `elapsed_s` is the whole request.
 
-`params` (all optional): temperature (0 means greedy), top_p, top_k, max_new_tokens, min_new_tokens (no
-EOS before), do_sample, repetition_penalty, seed (reproducible sampling). max_new_tokens is capped to
-what fits in the model's context after the prompt.
+`params` (all optional, bounds in engine.chat.protocol.GenerationParams): temperature (0 means greedy),
+top_p, top_k, max_new_tokens, min_new_tokens (no EOS before), do_sample, repetition_penalty, seed
+(reproducible sampling). max_new_tokens is capped to what fits in the model's context after the prompt.
+
+Streaming: the first piece of a reply goes out the moment it decodes; after it, pieces that decode within
+TOKEN_WINDOW_S (20 ms) of the last `token` line are held back and go out together with the first piece
+after the window (or at the end), so at most one line per window: a fast model on a small CPU would
+otherwise spend a good part of its time on JSON, pipe writes and the client's wake-ups (each line wakes
+the client's reader thread, and the panel re-renders). A model slower than one token per window sends
+every piece at once. The generation thread writes the lines itself: a helper thread would have to take
+the GIL from it, which on a busy machine costs more than the writes. Text is decoded incrementally (a
+few tokens per step, never the whole reply again).
 
 Every failure is an `error` line with a sentence a person can act on: an unloadable model at startup
 is a fatal error followed by exit code 2; a bad request, an out-of-memory or a failed `load` (the old
@@ -47,7 +56,7 @@ protocol channel.
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import queue
 import signal
@@ -57,12 +66,29 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
+
+from engine.chat.protocol import (
+    DEFAULT_PARAMS,
+    EndReply,
+    ErrorReply,
+    GenerateRequest,
+    GenerationParams,
+    LoadRequest,
+    ProtocolError,
+    ReadyReply,
+    StopRequest,
+    encode,
+    encode_token,
+    parse_request,
+)
 
 EXIT_BAD_MODEL = 2
-PARAM_KEYS = {"temperature", "top_p", "top_k", "max_new_tokens", "min_new_tokens", "do_sample",
-              "repetition_penalty", "seed"}
-DEFAULT_MAX_NEW_TOKENS = 512
+DEFAULT_MAX_NEW_TOKENS = DEFAULT_PARAMS.max_new_tokens
+TOKEN_WINDOW_S = 0.02
+"""After a `token` line, text that decodes within this long is held back and goes out with the first piece
+after it: at most 50 lines a second (a screen refreshes every 16.7 ms), whatever the model's speed; the
+first piece of a reply is never held back."""
 
 
 class RequestError(ValueError):
@@ -73,30 +99,63 @@ class RequestError(ValueError):
 
 
 class Channel:
-    """The protocol channel: JSON lines on the real stdout, one writer at a time, flushed each line."""
+    """The protocol channel: whole JSON lines on the real stdout, one writer at a time, unbuffered."""
 
-    def __init__(self, stream: TextIO):
+    def __init__(self, stream: BinaryIO):
         self.stream = stream
         self.lock = threading.Lock()
 
-    def send(self, kind: str, **fields: Any) -> None:
-        if fields.get("id", "") is None:  # an error about a request whose id is unknown
-            del fields["id"]
-        line = json.dumps({"kind": kind, **fields}, ensure_ascii=False)
+    def send(self, reply: ReadyReply | EndReply | ErrorReply) -> None:
+        self.write(encode(reply))
+
+    def write(self, line: str) -> None:
+        data = memoryview(line.encode("utf-8"))
         with self.lock:
             try:
-                self.stream.write(line + "\n")
-                self.stream.flush()
-            except (BrokenPipeError, ValueError):  # the client is gone; the stdin EOF ends us
+                while data:
+                    data = data[self.stream.write(data):]
+            except (BrokenPipeError, ValueError, OSError):  # the client is gone; the stdin EOF ends us
                 pass
 
 
 def protocol_channel() -> Channel:
     """Keep fd 1 for the protocol only: stray prints of any library go to stderr (the client's log)."""
-    out = os.fdopen(os.dup(1), "w", encoding="utf-8", buffering=1)
+    out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     return Channel(out)
+
+
+class TokenStream:
+    """The `token` lines of one generation, written by the generation thread itself (no thread hand-off).
+
+    The first piece goes out at once; after it, a piece goes out, together with what was held back, as
+    soon as `window` has passed since the last line, and is held back until then. What is held when the
+    generation ends goes out on `close`, before the `end` line.
+    """
+
+    def __init__(self, channel: Channel, request_id: str, window: float = TOKEN_WINDOW_S):
+        self.channel = channel
+        self.id = request_id
+        self.window = window
+        self.pending: list[str] = []
+        self.sent_at = -math.inf
+
+    def push(self, text: str) -> None:
+        self.pending.append(text)
+        now = time.monotonic()
+        if now - self.sent_at >= self.window:
+            self._send(now)
+
+    def close(self) -> None:
+        if self.pending:
+            self._send(time.monotonic())
+
+    def _send(self, now: float) -> None:
+        text = self.pending[0] if len(self.pending) == 1 else "".join(self.pending)
+        self.pending.clear()
+        self.sent_at = now
+        self.channel.write(encode_token(self.id, text))
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -113,18 +172,19 @@ class Loaded:
     template: str  # "chat" (the tokenizer's own) or "fallback" (plain role: text transcript)
     load_s: float
 
-    def ready_fields(self) -> dict[str, Any]:
-        return {
-            "model": self.name,
-            "adapter": self.adapter,
-            "device": str(self.device),
-            "dtype": str(self.model.dtype).removeprefix("torch."),
-            "context": self.context,
-            "template": self.template,
-            "load_s": round(self.load_s, 3),
-            "threads": _torch_threads(),
-            "pid": os.getpid(),
-        }
+    def ready(self, request_id: str | None = None) -> ReadyReply:
+        return ReadyReply(
+            id=request_id,
+            model=self.name,
+            adapter=self.adapter,
+            device=str(self.device),
+            dtype=str(self.model.dtype).removeprefix("torch."),
+            context=self.context,
+            template=self.template,
+            load_s=round(self.load_s, 3),
+            threads=_torch_threads(),
+            pid=os.getpid(),
+        )
 
 
 def cpu_threads() -> int:
@@ -157,8 +217,8 @@ def load_model(name: str, adapter: str | None, device_name: str) -> Loaded:
 
     import torch
 
-    from engine.models.loading import load_causal_lm, load_tokenizer
     from engine.models.device import select_device
+    from engine.models.loading import load_causal_lm, load_tokenizer
 
     device = select_device(device_name)
     if device.type == "cpu":
@@ -203,98 +263,20 @@ def render_prompt(loaded: Loaded, messages: list[dict[str, str]]):
 
 @dataclass
 class Job:
-    op: str
-    id: str | None = None
-    messages: list[dict[str, str]] = field(default_factory=list)
-    params: dict[str, Any] = field(default_factory=dict)
-    model: str | None = None
-    adapter: str | None = None
+    """A generate or load request, queued for the runner thread."""
+
+    request: GenerateRequest | LoadRequest
     stop: threading.Event = field(default_factory=threading.Event)
     cut: bool = False  # the stop flag actually ended the generation (not a stop that came after the end)
 
-
-def parse_request(line: str) -> Job:
-    try:
-        request = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise RequestError(f"not a JSON object: {exc.msg} at column {exc.colno}") from None
-    if not isinstance(request, dict):
-        raise RequestError(f"a request is a JSON object, not {type(request).__name__}")
-    op = request.get("op")
-    rid = request.get("id")
-    if rid is not None and not isinstance(rid, (str, int)):
-        raise RequestError("`id` must be a string")
-    rid = None if rid is None else str(rid)
-    if op == "generate":
-        if rid is None:
-            raise RequestError("generate needs an `id` (replies carry it)")
-        return Job("generate", rid, messages=check_messages(request.get("messages")),
-                   params=check_params(request.get("params") or {}))
-    if op == "stop":
-        return Job("stop", rid)
-    if op == "load":
-        model = request.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise RequestError("load needs `model`: a hub id, a local model folder or tiny:<name>")
-        adapter = request.get("adapter")
-        if adapter is not None and not isinstance(adapter, str):
-            raise RequestError("`adapter` must be a folder path or null")
-        return Job("load", rid, model=model.strip(), adapter=adapter or None)
-    raise RequestError(f"unknown op {op!r}; ops are generate, stop, load")
+    @property
+    def id(self) -> str | None:
+        return self.request.id
 
 
-def check_messages(messages: Any) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("`messages` must be a non-empty list of {role, content}")
-    out = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
-                or message.get("role") not in ("system", "user", "assistant"):
-            raise RequestError(f"messages[{index}] must be {{\"role\": system|user|assistant, \"content\": text}}")
-        out.append({"role": message["role"], "content": message["content"]})
-    if out[-1]["role"] != "user":
-        raise RequestError("the last message must be the user's")
-    return out
-
-
-def check_params(params: Any) -> dict[str, Any]:
-    if not isinstance(params, dict):
-        raise RequestError("`params` must be an object")
-    unknown = set(params) - PARAM_KEYS
-    if unknown:
-        raise RequestError(f"unknown params {sorted(unknown)}; known: {sorted(PARAM_KEYS)}")
-
-    def number(key: str, low: float, high: float | None = None, integer: bool = False):
-        value = params.get(key)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
-            raise RequestError(f"params.{key} must be {'an integer' if integer else 'a number'}, got {value!r}")
-        if value < low or (high is not None and value > high):
-            raise RequestError(f"params.{key} must be in [{low}, {high if high is not None else '∞'}], got {value}")
-        return int(value) if integer else float(value)
-
-    out = {
-        "temperature": number("temperature", 0.0, 100.0),
-        "top_p": number("top_p", 0.0, 1.0),
-        "top_k": number("top_k", 0, None, integer=True),
-        "max_new_tokens": number("max_new_tokens", 1, None, integer=True),
-        "min_new_tokens": number("min_new_tokens", 0, None, integer=True),
-        "seed": number("seed", 0, 2**63 - 1, integer=True),
-        "repetition_penalty": number("repetition_penalty", 0.01, 100.0),
-    }
-    if out["top_p"] == 0.0:
-        raise RequestError("params.top_p must be above 0")
-    do_sample = params.get("do_sample")
-    if do_sample is not None and not isinstance(do_sample, bool):
-        raise RequestError("params.do_sample must be true or false")
-    out["do_sample"] = do_sample
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def generation_kwargs(params: dict[str, Any], max_new_tokens: int) -> dict[str, Any]:
-    temperature = params.get("temperature")
-    do_sample = params.get("do_sample")
+def generation_kwargs(params: GenerationParams, max_new_tokens: int) -> dict[str, Any]:
+    temperature = params.temperature
+    do_sample = params.do_sample
     if do_sample is None:
         do_sample = temperature is None or temperature > 0
     if temperature == 0:
@@ -302,44 +284,100 @@ def generation_kwargs(params: dict[str, Any], max_new_tokens: int) -> dict[str, 
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
     if do_sample:
         kwargs["temperature"] = temperature if temperature is not None else 1.0
-        kwargs["top_p"] = params.get("top_p", 1.0)
-        kwargs["top_k"] = params.get("top_k", 0)
+        kwargs["top_p"] = params.top_p if params.top_p is not None else 1.0
+        kwargs["top_k"] = params.top_k if params.top_k is not None else 0
     else:  # greedy: neutralise sampling knobs a model's generation_config may carry (no warnings)
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    if "repetition_penalty" in params:
-        kwargs["repetition_penalty"] = params["repetition_penalty"]
-    if params.get("min_new_tokens"):
-        kwargs["min_new_tokens"] = min(params["min_new_tokens"], max_new_tokens)
+    if params.repetition_penalty is not None:
+        kwargs["repetition_penalty"] = params.repetition_penalty
+    if params.min_new_tokens:
+        kwargs["min_new_tokens"] = min(params.min_new_tokens, max_new_tokens)
     return kwargs
 
 
 # ------------------------------------------------------------------------------------------- streaming
 
 
-def make_streamer(tokenizer, job: Job, channel: Channel):
-    """A TextStreamer that sends each decoded piece as a `token` reply and times the first token."""
-    from transformers import TextStreamer
+class Detokenizer:
+    """Token ids → text, incrementally: each step decodes the last few tokens only, never the whole reply.
 
-    class ReplyStreamer(TextStreamer):
+    The text of the new tokens is decode(window) minus decode(window without them), where the window
+    starts one piece back (so a tokenizer that drops a leading space at the start of a decode does it to
+    both); text ending in U+FFFD is half a UTF-8 character and waits for the rest.
+    """
+
+    def __init__(self, tokenizer):
+        self._decode_ids = _fast_decode(tokenizer) or (
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+        self.ids: list[int] = []
+        self.start = 0  # the window: ids[start:]; ids[start:done] were already given out
+        self.done = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._decode_ids(ids) if ids else ""
+
+    def add(self, ids: list[int]) -> str:
+        self.ids.extend(ids)
+        return self._take(final=False)
+
+    def flush(self) -> str:
+        """What is left at the end (a dangling partial character included)."""
+        return self._take(final=True)
+
+    def _take(self, final: bool) -> str:
+        before = self._decode(self.ids[self.start:self.done])
+        text = self._decode(self.ids[self.start:])
+        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.start, self.done = self.done, len(self.ids)
+        return text[len(before):]
+
+
+def _fast_decode(tokenizer):
+    """The Rust decoder of a fast tokenizer whose class keeps transformers' own decoding: what
+    tokenizer.decode would call, without its Python layers (a fifth of the cost); None for any other."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not isinstance(tokenizer, TokenizersBackend) or type(tokenizer)._decode is not TokenizersBackend._decode \
+            or backend is None:
+        return None
+    return lambda ids: backend.decode(ids, skip_special_tokens=True)
+
+
+def make_streamer(tokenizer, tokens: TokenStream):
+    """A transformers streamer: decodes each new token (after the prompt) into `tokens`, times the first."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class ReplyStreamer(BaseStreamer):
         def __init__(self):
-            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.prompt = True  # generate() puts the prompt first
+            self.detokenizer = Detokenizer(tokenizer)
             self.tokens = 0
             self.first: float | None = None
             self.last: float | None = None
-            self.text: list[str] = []
 
         def put(self, value):
-            if not self.next_tokens_are_prompt:
-                now = time.perf_counter()
-                self.first = self.first or now
-                self.last = now
-                self.tokens += int(value.numel())
-            super().put(value)
-
-        def on_finalized_text(self, text: str, stream_end: bool = False):
+            if self.prompt:
+                self.prompt = False
+                return
+            now = time.perf_counter()
+            if self.first is None:
+                self.first = now
+            self.last = now
+            ids = value.reshape(-1).tolist()
+            self.tokens += len(ids)
+            text = self.detokenizer.add(ids)
             if text:
-                self.text.append(text)
-                channel.send("token", id=job.id, text=text)
+                tokens.push(text)
+
+        def end(self):
+            text = self.detokenizer.flush()
+            if text:
+                tokens.push(text)
+            tokens.close()
 
     return ReplyStreamer()
 
@@ -349,10 +387,18 @@ def make_stop_criteria(job: Job):
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class StopFlag(StoppingCriteria):
+        """Ends the generation at the next token once the job's stop flag is set (read each step)."""
+
+        def __init__(self):
+            self.go_on: Any = None  # a cached all-False answer (one batch, one device): no tensor per token
+
         def __call__(self, input_ids, scores, **kwargs):
-            stop = job.stop.is_set()
-            job.cut = job.cut or stop
-            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+            if job.stop.is_set():
+                job.cut = True
+                return torch.ones((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+            if self.go_on is None:
+                self.go_on = torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+            return self.go_on
 
     return StoppingCriteriaList([StopFlag()])
 
@@ -376,17 +422,18 @@ class ChatServer:
             if not line:
                 continue
             try:
-                job = parse_request(line)
-            except RequestError as exc:
-                self.channel.send("error", id=_id_of(line), message=f"bad request: {exc}")
+                request = parse_request(line)
+            except ProtocolError as exc:
+                self.channel.send(ErrorReply(id=exc.id, message=f"bad request: {exc}"))
                 continue
-            if job.op == "stop":
-                self.stop(job.id)
-            else:
+            if isinstance(request, StopRequest):
+                self.stop(request.id)
+                continue
+            job = Job(request)
+            if isinstance(request, GenerateRequest):
                 with self.lock:
-                    if job.op == "generate":
-                        self.waiting[job.id] = job
-                self.jobs.put(job)
+                    self.waiting[request.id] = job
+            self.jobs.put(job)
         self.stop(None)  # EOF: the client is gone
 
     def stop(self, rid: str | None) -> None:
@@ -401,34 +448,35 @@ class ChatServer:
     def run_jobs(self) -> None:
         while (job := self.jobs.get()) is not None:
             with self.lock:
-                if job.op == "generate":
-                    self.waiting.pop(job.id, None)
+                if isinstance(job.request, GenerateRequest):
+                    self.waiting.pop(job.request.id, None)
                 self.current = job
             try:
-                if job.op == "generate":
-                    self.generate(job)
-                elif job.op == "load":
-                    self.load(job)
-            except Exception as exc:  # noqa: BLE001 - every failure becomes an error line, the worker lives on
+                if isinstance(job.request, GenerateRequest):
+                    self.generate(job, job.request)
+                else:
+                    self.load(job.request)
+            except Exception as exc:  # every failure becomes an error line, the worker lives on
                 traceback.print_exc()
-                self.channel.send("error", id=job.id, message=describe_failure(exc, self.loaded))
+                self.channel.send(ErrorReply(id=job.id, message=describe_failure(exc, self.loaded)))
                 free_cuda_cache()
             finally:
                 with self.lock:
                     self.current = None
 
-    def generate(self, job: Job) -> None:
+    def generate(self, job: Job, request: GenerateRequest) -> None:
         start = time.perf_counter()
         if job.stop.is_set():  # stopped while it waited
-            self.channel.send("end", id=job.id, tokens=0, ttft_s=None, tokens_per_s=None, elapsed_s=0.0,
-                              prompt_tokens=0, stopped=True, finish="stopped")
+            self.channel.send(EndReply(id=request.id, tokens=0, elapsed_s=0.0, prompt_tokens=0, stopped=True,
+                                       finish="stopped"))
             return
         import torch
 
         loaded = self.loaded
-        inputs = render_prompt(loaded, job.messages)
+        params = request.params
+        inputs = render_prompt(loaded, [m.model_dump() for m in request.messages])
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        max_new = job.params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        max_new = params.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         if loaded.context:
             room = loaded.context - prompt_tokens
             if room < 1:
@@ -438,13 +486,17 @@ class ChatServer:
                 )
             max_new = min(max_new, room)
         inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
-        streamer = make_streamer(loaded.tokenizer, job, self.channel)
-        kwargs = generation_kwargs(job.params, max_new)
-        if "seed" in job.params:
-            torch.manual_seed(job.params["seed"])
-        with torch.inference_mode():
-            out = loaded.model.generate(**inputs, **kwargs, streamer=streamer, stopping_criteria=make_stop_criteria(job),
-                                        pad_token_id=_pad_id(loaded))
+        tokens_out = TokenStream(self.channel, request.id)
+        streamer = make_streamer(loaded.tokenizer, tokens_out)
+        kwargs = generation_kwargs(params, max_new)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        try:
+            with torch.inference_mode():
+                out = loaded.model.generate(**inputs, **kwargs, streamer=streamer,
+                                            stopping_criteria=make_stop_criteria(job), pad_token_id=_pad_id(loaded))
+        finally:
+            tokens_out.close()  # every token line goes out before the end (or error) line
         end = time.perf_counter()
         tokens = int(out.shape[1]) - prompt_tokens
         stopped = job.cut
@@ -458,22 +510,23 @@ class ChatServer:
         first, last = streamer.first, streamer.last
         ttft = round(first - start, 4) if first else None
         rate = round((tokens - 1) / (last - first), 2) if first and last and tokens > 1 and last > first else None
-        self.channel.send("end", id=job.id, tokens=tokens, ttft_s=ttft, tokens_per_s=rate,
-                          elapsed_s=round(end - start, 4), prompt_tokens=prompt_tokens, stopped=stopped, finish=finish)
+        self.channel.send(EndReply(id=request.id, tokens=tokens, ttft_s=ttft, tokens_per_s=rate,
+                                   elapsed_s=round(end - start, 4), prompt_tokens=prompt_tokens, stopped=stopped,
+                                   finish=finish))
 
-    def load(self, job: Job) -> None:
+    def load(self, request: LoadRequest) -> None:
         try:
-            loaded = load_model(job.model, job.adapter, str(self.loaded.device.type))
-        except Exception as exc:  # noqa: BLE001
+            loaded = load_model(request.model, request.adapter, str(self.loaded.device.type))
+        except Exception as exc:
             traceback.print_exc()
             free_cuda_cache()
-            self.channel.send("error", id=job.id, op="load", model=job.model,
-                              message=f"{describe_failure(exc, None)} (still serving {self.loaded.name})")
+            self.channel.send(ErrorReply(id=request.id, op="load", model=request.model,
+                                         message=f"{describe_failure(exc, None)} (still serving {self.loaded.name})"))
             return
         old, self.loaded = self.loaded, loaded
         del old
         free_cuda_cache()
-        self.channel.send("ready", **({"id": job.id} if job.id else {}), **loaded.ready_fields())
+        self.channel.send(loaded.ready(request.id))
 
 
 def _torch_threads() -> int:
@@ -496,22 +549,13 @@ def _eos_ids(loaded: Loaded) -> set[int]:
     return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
 
 
-def _id_of(line: str) -> str | None:
-    try:
-        value = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    rid = value.get("id") if isinstance(value, dict) else None
-    return str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
-
-
 def free_cuda_cache() -> None:
     try:
         import torch
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
 
 
@@ -554,14 +598,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         loaded = load_model(args.model, args.adapter, args.device)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         traceback.print_exc()
         reason = describe_failure(exc, None).removeprefix(f"{args.model}: ")
-        channel.send("error", fatal=True, model=args.model,
-                     message=f"cannot load {args.model}"
-                             + (f" + adapter {args.adapter}" if args.adapter else "") + f": {reason}")
+        channel.send(ErrorReply(fatal=True, model=args.model,
+                                message=f"cannot load {args.model}"
+                                        + (f" + adapter {args.adapter}" if args.adapter else "") + f": {reason}"))
         return EXIT_BAD_MODEL
-    channel.send("ready", **loaded.ready_fields())
+    channel.send(loaded.ready())
     server = ChatServer(loaded, channel)
     runner = threading.Thread(target=server.run_jobs, name="chat-runner", daemon=True)
     runner.start()

@@ -24,17 +24,20 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, Input, Label, Markdown, Select, Static
 
-from engine.chat.client import (
+from engine.chat.client import ChatClient, ChatWorkerGone, build_messages, format_stats, printable
+from engine.chat.protocol import (
     DEFAULT_PARAMS,
-    ChatClient,
-    ChatTarget,
-    ChatWorkerGone,
-    build_messages,
-    chat_targets,
-    format_stats,
-    printable,
-    system_prompt,
+    AnyReply,
+    EndReply,
+    ErrorReply,
+    GenerationParams,
+    ProtocolError,
+    ReadyReply,
+    TokenReply,
+    make_params,
+    param_bounds,
 )
+from engine.chat.targets import ChatTarget, chat_targets, system_prompt, with_run_outputs
 
 _request_ids = itertools.count(1)
 
@@ -42,7 +45,7 @@ _request_ids = itertools.count(1)
 class ChatReply(Message):
     """A reply of a chat worker, posted from the client's reader thread."""
 
-    def __init__(self, client: ChatClient, reply: dict[str, Any]):
+    def __init__(self, client: ChatClient, reply: AnyReply):
         super().__init__()
         self.client = client
         self.reply = reply
@@ -120,7 +123,7 @@ class ChatTab(Vertical):
         self.config_error: str | None = None
         self.system = ""
         self.device = "auto"
-        self.max_new_tokens = DEFAULT_PARAMS["max_new_tokens"]
+        self.max_new_tokens = DEFAULT_PARAMS.max_new_tokens
         self._read_config()
         self.client: ChatClient | None = None
         self.client_target: ChatTarget | None = None  # what the worker holds (or is loading)
@@ -133,7 +136,8 @@ class ChatTab(Vertical):
         self.last_stats: str | None = None
         self.ready_line = ""
         self.status = self._idle_status()  # the status line's text
-        self.extra_params: dict[str, Any] = {}  # more generation params (seed, min_new_tokens, ...) sent as is
+        self.extra_params: dict[str, Any] = {}  # more generation params (seed, min_new_tokens, ...), checked alike
+        self.run_id: str | None = None  # the run whose models are offered (the newest with one)
 
     # ------------------------------------------------------------------------------------------ config
     def _read_config(self) -> None:
@@ -146,6 +150,7 @@ class ChatTab(Vertical):
             self.targets = []
             return
         self.config_error = None
+        config, self.run_id = with_run_outputs(config, self.config_path)  # the newest run's models
         self.targets = chat_targets(config)
         self.system = system_prompt(config) or ""
         self.device = config.device.type
@@ -161,14 +166,16 @@ class ChatTab(Vertical):
             yield Select(options, id="chat-target", compact=True, allow_blank=not options,
                          value=0 if options else Select.NULL, prompt="no model (config error)")
             yield Label("temp", classes="chat-param-label")
-            yield Input(str(DEFAULT_PARAMS["temperature"]), id="chat-temperature", type="number", compact=True,
-                        classes="chat-param", tooltip="temperature (0 = greedy)")
+            yield Input(str(DEFAULT_PARAMS.temperature), id="chat-temperature", type="number", compact=True,
+                        classes="chat-param",
+                        tooltip=f"temperature {param_bounds('temperature')} (0 = greedy)")
             yield Label("top-p", classes="chat-param-label")
-            yield Input(str(DEFAULT_PARAMS["top_p"]), id="chat-top-p", type="number", compact=True,
-                        classes="chat-param", tooltip="nucleus sampling threshold")
+            yield Input(str(DEFAULT_PARAMS.top_p), id="chat-top-p", type="number", compact=True,
+                        classes="chat-param", tooltip=f"nucleus sampling threshold, {param_bounds('top_p')}")
             yield Label("max", classes="chat-param-label")
             yield Input(str(self.max_new_tokens), id="chat-max-new-tokens", type="integer", compact=True,
-                        classes="chat-param", tooltip="max new tokens per reply")
+                        classes="chat-param",
+                        tooltip=f"max new tokens per reply, {param_bounds('max_new_tokens')}")
         with Horizontal(id="chat-system-row"):
             yield Label("system", id="chat-system-label")
             yield Input(self.system, id="chat-system", compact=True, placeholder="(no system prompt)")
@@ -196,6 +203,8 @@ class ChatTab(Vertical):
 
     def on_mount(self) -> None:
         self.query_one("#chat-log", VerticalScroll).anchor()
+        # the app's config file (switched in the Config tab) decides what there is to chat with
+        self.watch(self.app, "config_path", self._config_path_changed, init=False)
         if self.config_error:
             self._set_status(f"config error: {self.config_error}", "error")
             self.add_class("-failed")
@@ -222,7 +231,7 @@ class ChatTab(Vertical):
             return
         try:
             params = self._params()
-        except ValueError as exc:
+        except ProtocolError as exc:
             self._set_status(str(exc), "error")
             return
         event.input.value = ""
@@ -257,22 +266,21 @@ class ChatTab(Vertical):
         self.current_stream = Markdown.get_stream(box)
         self.current_text = []
 
-    def _params(self) -> dict[str, Any]:
-        def read(widget_id: str, cast, name: str, low: float, high: float | None):
+    def _params(self) -> GenerationParams:
+        """The generation params of the bar (+ extra_params), checked against the protocol's bounds:
+        ProtocolError naming the param when one is out of them or not a number."""
+        def read(widget_id: str, name: str, cast) -> Any:
             raw = self.query_one(widget_id, Input).value.strip()
             try:
-                value = cast(raw)
+                return cast(raw)
             except ValueError:
-                raise ValueError(f"{name}: {raw!r} is not a number") from None
-            if value < low or (high is not None and value > high):
-                raise ValueError(f"{name} must be between {low} and {high if high is not None else '∞'}")
-            return value
+                raise ProtocolError(f"{name} must be a number, got {raw!r}", field=name) from None
 
-        temperature = read("#chat-temperature", float, "temperature", 0.0, 10.0)
-        top_p = read("#chat-top-p", float, "top-p", 0.01, 1.0)
-        max_new = read("#chat-max-new-tokens", int, "max", 1, None)
-        return {"temperature": temperature, "top_p": top_p, "top_k": DEFAULT_PARAMS["top_k"],
-                "max_new_tokens": max_new, **self.extra_params}
+        return make_params(DEFAULT_PARAMS,
+                           temperature=read("#chat-temperature", "temperature", float),
+                           top_p=read("#chat-top-p", "top_p", float),
+                           max_new_tokens=read("#chat-max-new-tokens", "max_new_tokens", int),
+                           **self.extra_params)
 
     def _selected_target(self) -> ChatTarget | None:
         value = self.query_one("#chat-target", Select).value
@@ -294,7 +302,7 @@ class ChatTab(Vertical):
     def _spawn(self, client: ChatClient) -> None:
         try:
             client.start()
-        except Exception as exc:  # noqa: BLE001 - e.g. no python, fork failed
+        except Exception as exc:  # e.g. no python, fork failed
             self.post_message(ChatStartFailed(client, f"cannot start the chat worker: {exc}"))
 
     def _switch_to(self, target: ChatTarget) -> None:
@@ -332,27 +340,25 @@ class ChatTab(Vertical):
         if message.client is not self.client:
             return  # a reply of a worker we already dropped
         reply = message.reply
-        kind = reply.get("kind")
-        rid = reply.get("id")
-        if kind == "token":
-            if rid == self.current_id and self.current_stream is not None:
-                self.current_text.append(reply["text"])
-                await self.current_stream.write(printable(reply["text"]))
-        elif kind == "ready":
+        if isinstance(reply, TokenReply):
+            if reply.id == self.current_id and self.current_stream is not None:
+                self.current_text.append(reply.text)
+                await self.current_stream.write(printable(reply.text))
+        elif isinstance(reply, ReadyReply):
             self.state = "ready"
-            where = f"{_short(reply.get('model', '?'))}" + (" + LoRA" if reply.get("adapter") else "")
-            self.ready_line = f"{where} on {reply.get('device')}"
+            where = f"{_short(reply.model)}" + (" + LoRA" if reply.adapter else "")
+            self.ready_line = f"{where} on {reply.device}"
             if self.current_id is not None:
                 self._set_status(f"{self.ready_line} · generating …  (Esc stops)", "busy")
             else:
-                self._set_status(f"{self.ready_line} · ready (loaded in {reply.get('load_s', 0):.1f} s)")
-        elif kind == "end":
-            if rid == self.current_id:
+                self._set_status(f"{self.ready_line} · ready (loaded in {reply.load_s:.1f} s)")
+        elif isinstance(reply, EndReply):
+            if reply.id == self.current_id:
                 await self._finish_reply(reply)
-        elif kind == "error":
+        elif isinstance(reply, ErrorReply):
             await self._on_error(reply)
 
-    async def _finish_reply(self, end: dict[str, Any]) -> None:
+    async def _finish_reply(self, end: EndReply) -> None:
         text = "".join(self.current_text)
         if self.current_stream is not None:
             await self.current_stream.stop()
@@ -381,9 +387,9 @@ class ChatTab(Vertical):
         self.current_text = []
         self.refresh_bindings()
 
-    async def _on_error(self, reply: dict[str, Any]) -> None:
-        message = reply.get("message", "unknown error")
-        if reply.get("fatal"):
+    async def _on_error(self, reply: ErrorReply) -> None:
+        message = reply.message
+        if reply.fatal:
             first, _, rest = message.partition("\n")
             if self.current_id is not None:  # its bubble says what happened; the log tail goes below
                 await self._finish_failed(first)
@@ -393,10 +399,10 @@ class ChatTab(Vertical):
                 await self._note(message, error=True)
             self._failed(message)
             return
-        if reply.get("id") is not None and reply.get("id") == self.current_id:
+        if reply.id is not None and reply.id == self.current_id:
             await self._finish_failed(message)
             self._set_status(f"error: {message.splitlines()[0]}", "error")
-        elif reply.get("op") == "load":  # the old model is still served: show it as selected again
+        elif reply.op == "load":  # the old model is still served: show it as selected again
             if self.client is not None:
                 self.client_target = next((t for t in self.targets if t.model == self.client.model
                                            and t.adapter == self.client.adapter), None)
@@ -438,6 +444,10 @@ class ChatTab(Vertical):
 
     @on(Button.Pressed, "#chat-retry")
     async def retry_pressed(self) -> None:
+        await self.action_restart()
+
+    async def _config_path_changed(self, path: str) -> None:
+        self.config_path = path
         await self.action_restart()
 
     async def action_restart(self) -> None:
