@@ -1,15 +1,23 @@
-"""Shared fixtures. Tiny models are built once per session into a temporary cache."""
+"""Shared fixtures. Tiny models are built once per session into a temporary cache.
+
+Tests never read the checkout's user-editable `config.yaml`, `configs/tiny.yaml` or `prompt.yaml`: the
+`project` fixture lays out pristine copies from `tests/data/`. Plain helpers live in `tests/helpers.py`.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-SEED_DIR = ROOT.parent / "shared" / "seed"
+from .helpers import DATA, PROJECT_CONFIG, PROMPTS, ROOT, SEED_CONFIG, TINY_CONFIG, make_context
+
+__all__ = ["DATA", "ROOT", "make_context"]  # ROOT and make_context: older imports `from .conftest import ...`
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,27 +30,51 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A working directory laid out like a checkout: config.yaml, configs/tiny.yaml, prompt.yaml."""
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A working directory laid out like a checkout (config.yaml, configs/tiny.yaml, prompt.yaml), made
+    from the pristine copies in tests/data/, never from the user's files; the test runs inside it.
+
+    Afterwards any run still live in its `runs/` is cancelled: a test that failed or timed out while a
+    detached supervisor worked must not leave it running for the rest of the session."""
     (tmp_path / "configs").mkdir()
-    shutil.copy(ROOT / "configs" / "tiny.yaml", tmp_path / "configs" / "tiny.yaml")
-    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
-    shutil.copy(ROOT / "prompt.yaml", tmp_path / "prompt.yaml")
+    shutil.copy(TINY_CONFIG, tmp_path / "configs" / "tiny.yaml")
+    shutil.copy(PROJECT_CONFIG, tmp_path / "config.yaml")
+    shutil.copy(PROMPTS, tmp_path / "prompt.yaml")
     monkeypatch.chdir(tmp_path)
-    return tmp_path
+    yield tmp_path
+    if (tmp_path / "runs").is_dir():
+        from engine.core import launcher
+        from engine.core.runs import RunStore
+
+        for run in RunStore(tmp_path / "runs").list():
+            supervisor, _ = run.supervisor()  # some tests record this very process as a run's supervisor
+            if supervisor is not None and supervisor.pid != os.getpid() and supervisor.is_alive():
+                launcher.cancel(run, grace_s=5)
+
+
+@pytest.fixture(scope="session")
+def seed_config_path() -> Path:
+    """A byte-identical copy of the original TAS config.yaml (tests/data/seed/config.yaml); read only."""
+    return SEED_CONFIG
+
+
+@pytest.fixture(scope="session")
+def big_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1M records, 1% short enough to keep: the data stage needs a few seconds for it. Built once a session."""
+    path = tmp_path_factory.mktemp("big") / "big.jsonl"
+    long_line = json.dumps({"instruction": "word " * 50}) + "\n"
+    with open(path, "w") as f:
+        for i in range(1_000_000):
+            f.write(long_line if i % 100 else json.dumps({"instruction": f"Write function {i}"}) + "\n")
+    return path
 
 
 @pytest.fixture
-def seed_config_path() -> Path:
-    """A byte-identical copy of the original TAS config.yaml (shared/seed/config.yaml)."""
-    return ROOT / "tests" / "data" / "seed_config.yaml"
-
-
-def make_context(config, stage: str, root: Path):
-    """An in-process StageContext over a fresh run: stages are tested without spawning workers."""
-    from engine.core.events import EventWriter
-    from engine.core.runs import RunStore
-    from engine.runner.context import StageContext
-
-    run = RunStore(root / "runs").create(config, "test.yaml", workdir=str(root))
-    return StageContext(stage, run, config, EventWriter(run.stage_dir(stage) / "events.jsonl"))
+def slow_config(project: Path, big_dataset: Path) -> Path:
+    """configs/slow.yaml in the project: the tiny profile over `big_dataset`, so stage `data` runs a while."""
+    data = yaml.safe_load((project / "configs" / "tiny.yaml").read_text())
+    data["datasets"][0]["external_local_path"] = str(big_dataset)
+    data["launch"]["cancel_grace_s"] = 5
+    path = project / "configs" / "slow.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

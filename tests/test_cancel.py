@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from engine.core.config import load_config
 from engine.runner.context import StageCancelled
 from engine.stages import data, sft, teacher
-from tests.conftest import make_context
+from tests.helpers import make_context
 
 CANCEL_AT_STEP = 2
 
@@ -51,10 +51,10 @@ def answered(tmp_path_factory):
     root = tmp_path_factory.mktemp("cancel")
     import shutil
 
-    from tests.conftest import ROOT
+    from tests.helpers import PROMPTS, TINY_CONFIG
 
-    shutil.copy(ROOT / "prompt.yaml", root / "prompt.yaml")
-    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    shutil.copy(PROMPTS, root / "prompt.yaml")
+    cfg = load_config(TINY_CONFIG)
     cfg.data.output_path = str(root / "prompts.jsonl")
     cfg.teacher.base.output_path = str(root / "teacher.jsonl")
     cfg.prompts.path = str(root / "prompt.yaml")

@@ -12,15 +12,9 @@ import yaml
 from engine.core import fsio as config_module
 from engine.core.config import ConfigError, TASConfig, load_config, parse_config
 from engine.core.config_edit import save_config_text
+from engine.core.prompts import load_system_prompts
 
-from .conftest import ROOT, SEED_DIR
-
-
-def test_seed_copy_is_the_original():
-    original = SEED_DIR / "config.yaml"
-    if not original.exists():
-        pytest.skip("shared/seed is not beside this checkout")
-    assert (ROOT / "tests" / "data" / "seed_config.yaml").read_bytes() == original.read_bytes()
+from .helpers import ROOT, SEED_CONFIG
 
 
 def test_seed_config_loads_unchanged_with_correct_types(seed_config_path: Path):
@@ -64,9 +58,14 @@ def test_seed_config_loads_unchanged_with_correct_types(seed_config_path: Path):
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "configs/tiny.yaml"])
-def test_project_configs_load(name: str):
-    cfg = load_config(ROOT / name)
-    assert cfg.teacher.open.pipeline.use_cache is True
+def test_shipped_user_editable_config_is_valid(name: str):
+    """The only test that reads the checkout's own config files (users edit them in the panel): whatever
+    values they hold, they must still load. Every other test uses the pristine copies in tests/data/."""
+    assert isinstance(load_config(ROOT / name), TASConfig)
+
+
+def test_shipped_user_editable_prompt_file_is_valid():
+    assert isinstance(load_system_prompts(ROOT / "prompt.yaml"), dict)
 
 
 def test_frozen_yaml_round_trips(seed_config_path: Path):
@@ -228,7 +227,7 @@ def test_failure_mid_save_leaves_old_file_intact(tmp_path: Path, seed_config_pat
 
 
 def _seed_text() -> str:
-    return (ROOT / "tests" / "data" / "seed_config.yaml").read_text()
+    return SEED_CONFIG.read_text()
 
 
 def _replaced(section: str, value) -> str:
@@ -309,10 +308,6 @@ def test_malformed_config_gets_a_clear_message_and_disk_is_unchanged(tmp_path: P
         bad.write_bytes(text)
         with pytest.raises(ConfigError, match="not UTF-8"):
             load_config(bad)
-
-
-def test_the_table_has_at_least_30_cases():
-    assert len(MALFORMED) >= 30
 
 
 def test_saving_through_a_symlink_keeps_the_link(tmp_path: Path):

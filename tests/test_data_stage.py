@@ -14,7 +14,7 @@ from engine.core.fsio import FileWriteError
 from engine.runner.context import StageError
 from engine.stages import data
 
-from .conftest import make_context
+from .helpers import make_context
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from engine.core.config import load_config
 from engine.stages import sft
 from engine.train.pairs import load_split_pairs, tokenize_pair
-from tests.conftest import ROOT, make_context
+from tests.helpers import PROMPTS, TINY_CONFIG, make_context
 
 RECORDS = [
     ("Write a function that adds two numbers.", "def add(a, b):\n    return a + b"),
@@ -29,9 +29,9 @@ RECORDS = [
 
 @pytest.fixture
 def sft_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    shutil.copy(ROOT / "prompt.yaml", tmp_path / "prompt.yaml")
+    shutil.copy(PROMPTS, tmp_path / "prompt.yaml")
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    cfg = load_config(TINY_CONFIG)
     answers = tmp_path / "teacher.jsonl"
     answers.write_text("".join(json.dumps({"id": f"p{i}", "instruction": q, "output": a}) + "\n"
                                for i, (q, a) in enumerate(RECORDS)))

@@ -9,11 +9,10 @@ import pytest
 
 from engine.core.runs import RunStore
 
-from .test_processes import tas
-
-pytestmark = pytest.mark.e2e
+from .helpers import tas
 
 
+@pytest.mark.e2e
 def test_tas_run_all_on_the_tiny_profile(project: Path):
     result = tas("run", "all", "--config", "configs/tiny.yaml", cwd=project, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

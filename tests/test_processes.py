@@ -1,7 +1,8 @@
 """Real processes: `tas run` end to end, detached workers, cancel, hard kills, busy runs.
 
-These spawn the CLI, the supervisor and workers as a user would; the data stage keeps them light.
-A big local dataset makes the stage run for a few seconds so there is time to act on it.
+These spawn the CLI, the supervisor and workers as a user would (each test is marked `e2e`); the data
+stage keeps them light. A big local dataset (`slow_config`, conftest.py) makes the stage run for a few
+seconds so there is time to act on it.
 """
 
 from __future__ import annotations
@@ -15,56 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from engine.core import launcher
 from engine.core.config import load_config
 from engine.core.events import read_events
 from engine.core.runs import RunStore
 
-pytestmark = pytest.mark.e2e
-
-
-def tas(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def wait_for(predicate, timeout: float = 60, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("timed out waiting")
-
-
-@pytest.fixture(scope="module")
-def big_dataset(tmp_path_factory) -> Path:
-    """1M records, 1% short enough to keep: the data stage needs a few seconds for it."""
-    path = tmp_path_factory.mktemp("big") / "big.jsonl"
-    long_line = json.dumps({"instruction": "word " * 50}) + "\n"
-    with open(path, "w") as f:
-        for i in range(1_000_000):
-            f.write(long_line if i % 100 else json.dumps({"instruction": f"Write function {i}"}) + "\n")
-    return path
-
-
-@pytest.fixture
-def slow_config(project: Path, big_dataset: Path) -> Path:
-    data = yaml.safe_load((project / "configs" / "tiny.yaml").read_text())
-    data["datasets"][0]["external_local_path"] = str(big_dataset)
-    data["launch"]["cancel_grace_s"] = 5
-    path = project / "configs" / "slow.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+from .helpers import tas, wait_for
 
 
 def stage_events(project: Path, stage: str = "data") -> list[dict]:
@@ -73,11 +31,13 @@ def stage_events(project: Path, stage: str = "data") -> list[dict]:
     return read_events(paths[0])
 
 
+@pytest.mark.e2e
 def test_tas_run_data_on_the_tiny_profile(project: Path):
     result = tas("run", "data", "--config", "configs/tiny.yaml", cwd=project)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "✓ done" in result.stdout
-    prompts = (project / ".data" / "tiny" / "prompts.jsonl").read_text().splitlines()
+    run = RunStore(project / "runs").get("last")
+    prompts = Path(run.config().data.output_path).read_text().splitlines()  # where the run keeps it
     assert len(prompts) == 160 and all(json.loads(p)["id"] for p in prompts)
     events = stage_events(project)
     assert events[0]["kind"] == "status" and events[0]["state"] == "running"
@@ -96,6 +56,7 @@ def test_tas_run_data_on_the_tiny_profile(project: Path):
     assert "done" in logs.stdout and "kept" in logs.stdout
 
 
+@pytest.mark.e2e
 def test_worker_keeps_running_after_its_starter_exits(project: Path, slow_config: Path):
     starter = tas("run", "data", "--config", str(slow_config), "--detach", cwd=project)
     assert starter.returncode == 0, starter.stderr
@@ -108,6 +69,7 @@ def test_worker_keeps_running_after_its_starter_exits(project: Path, slow_config
     assert stage_events(project)[-1]["state"] == "done"
 
 
+@pytest.mark.e2e
 def test_cancel_ends_a_running_stage_with_cancelled(project: Path, slow_config: Path):
     starter = tas("run", "data", "--config", str(slow_config), "--detach", cwd=project)
     assert starter.returncode == 0, starter.stderr
@@ -121,9 +83,10 @@ def test_cancel_ends_a_running_stage_with_cancelled(project: Path, slow_config: 
     assert status.state == "cancelled"
     events = stage_events(project)
     assert [e["state"] for e in events if e["kind"] == "status"] == ["running", "cancelled"]
-    assert not (project / ".data" / "tiny" / "prompts.jsonl").exists()  # nothing half-written
+    assert not Path(run.config().data.output_path).exists()  # nothing half-written
 
 
+@pytest.mark.e2e
 def test_stuck_worker_is_killed_after_the_grace_period(project: Path, slow_config: Path):
     config = load_config(slow_config)
     run = RunStore(project / "runs").create(config, str(slow_config))
@@ -146,6 +109,7 @@ def test_stuck_worker_is_killed_after_the_grace_period(project: Path, slow_confi
     assert "killed after the grace period of 1s" in status.message
 
 
+@pytest.mark.e2e
 def test_a_hard_killed_worker_is_reported_failed(project: Path, slow_config: Path):
     config = load_config(slow_config)
     run = RunStore(project / "runs").create(config, str(slow_config))
@@ -158,6 +122,7 @@ def test_a_hard_killed_worker_is_reported_failed(project: Path, slow_config: Pat
     assert "stopped by SIGKILL" in status.error
 
 
+@pytest.mark.e2e
 def test_starting_a_running_stage_again_is_refused(project: Path, slow_config: Path):
     config = load_config(slow_config)
     run = RunStore(project / "runs").create(config, str(slow_config))
@@ -171,6 +136,7 @@ def test_starting_a_running_stage_again_is_refused(project: Path, slow_config: P
         launcher.cancel(run, grace_s=5)
 
 
+@pytest.mark.e2e
 def test_bad_config_is_refused_before_anything_starts(project: Path):
     (project / "configs" / "bad.yaml").write_text(
         (project / "configs" / "tiny.yaml").read_text().replace("batch_size: 32", "batch_size: -3")
@@ -181,11 +147,13 @@ def test_bad_config_is_refused_before_anything_starts(project: Path):
     assert not (project / "runs").exists()
 
 
+@pytest.mark.e2e
 def test_unknown_stage_is_refused(project: Path):
     result = tas("run", "trian", "--config", "configs/tiny.yaml", cwd=project)
     assert result.returncode == 2 and "unknown stage 'trian'" in result.stderr
 
 
+@pytest.mark.e2e
 def test_panel_and_cli_never_import_the_ml_stack():
     code = (
         "import sys, tui.app, engine.cli.main, engine.core.launcher, engine.core.runs, engine.core.render\n"
@@ -197,6 +165,7 @@ def test_panel_and_cli_never_import_the_ml_stack():
     assert result.stdout.strip() == "[]", result.stderr
 
 
+@pytest.mark.e2e
 def test_logs_follow_of_a_stage_that_never_started_returns(project: Path):
     config = load_config(project / "configs" / "tiny.yaml")
     RunStore(project / "runs").create(config, "configs/tiny.yaml")
@@ -204,6 +173,7 @@ def test_logs_follow_of_a_stage_that_never_started_returns(project: Path):
     assert result.returncode == 0
 
 
+@pytest.mark.e2e
 def test_a_frozen_config_that_no_longer_validates_is_refused(project: Path):
     config = load_config(project / "configs" / "tiny.yaml")
     run = RunStore(project / "runs").create(config, "configs/tiny.yaml")

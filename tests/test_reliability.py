@@ -28,12 +28,10 @@ from engine.core.config import load_config
 from engine.core.events import read_events
 from engine.core.runs import RunStore
 from engine.runner.worker import run_stage
-from engine.stages import data
 from engine.teacher.output import TeacherOutput
 
-from .conftest import make_context
 from .fake_openai import FakeOpenAI
-from .test_processes import big_dataset, slow_config, tas, wait_for  # noqa: F401 - fixtures
+from .helpers import lines_of, tas, wait_for
 
 KILL_ROUNDS = int(os.environ.get("TAS_KILL_ROUNDS", "8"))
 
@@ -47,12 +45,9 @@ def tiny_run(project: Path, **overrides):
         for part in parents:
             target = getattr(target, part)
         setattr(target, last, value)
-    data.run(make_context(cfg, "data", project))
-    return cfg, RunStore(project / "runs").create(cfg, "configs/tiny.yaml")
-
-
-def lines_of(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
+    run = RunStore(project / "runs").create(cfg, "configs/tiny.yaml")
+    assert run_stage("data", run) == 0  # in-process, into the run: its later stages find the prompts
+    return run.config(), run  # the run's own view of the config: where its stages read and write
 
 
 def final_status(run, stage: str) -> dict:
@@ -63,14 +58,21 @@ def final_status(run, stage: str) -> dict:
 
 PANEL_SCRIPT = """
 import asyncio, sys, time
+from pathlib import Path
 from tui.app import TASPanel
+from tui.tabs.stages import StagesTab
+
+async def until(pilot, condition):
+    deadline = time.monotonic() + 30
+    while not condition() and time.monotonic() < deadline:
+        await pilot.pause(0.05)
 
 async def main():
     app = TASPanel(config_path=sys.argv[1], runs_dir="runs", gpu_interval=3600)
     async with app.run_test(size=(100, 30)) as pilot:
-        await pilot.pause(0.5)
+        await until(pilot, lambda: app.query_one(StagesTab).ready)  # the stages tab shows the store
         await pilot.press("s")          # start the selected stage (data) in a new run
-        await pilot.pause(1.0)
+        await until(pilot, lambda: list(Path("runs").glob("*/run.json")))  # the run exists on disk
         print("STARTED", flush=True)
         await asyncio.sleep(600)
 
@@ -80,7 +82,7 @@ asyncio.run(main())
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP], ids=["SIGKILL", "SIGHUP"])
-def test_a_stage_outlives_the_panel_that_started_it(project: Path, slow_config: Path, sig):  # noqa: F811
+def test_a_stage_outlives_the_panel_that_started_it(project: Path, slow_config: Path, sig):
     panel = subprocess.Popen([sys.executable, "-c", PANEL_SCRIPT, str(slow_config)], cwd=project,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -276,7 +278,7 @@ def test_planted_secrets_appear_nowhere(project: Path, monkeypatch):
 
 
 @pytest.mark.e2e
-def test_two_runs_at_once(project: Path, slow_config: Path):  # noqa: F811
+def test_two_runs_at_once(project: Path, slow_config: Path):
     store = RunStore(project / "runs")
     config = load_config(slow_config)
     runs = [store.create(config, str(slow_config)) for _ in range(2)]

@@ -12,6 +12,7 @@ import pytest
 
 from engine.core.config import load_config
 from engine.core.events import EventTail, EventWriter, read_events
+from engine.core.lineage import resolve_outputs
 from engine.core.runs import ProcessRecord, RunNotFound, RunStore, stage_status
 
 
@@ -27,7 +28,7 @@ def run(store: RunStore, project: Path):
 
 def test_create_freezes_the_config(run, project: Path):
     frozen = run.config()
-    assert frozen == load_config(project / "configs" / "tiny.yaml")
+    assert frozen == resolve_outputs(load_config(project / "configs" / "tiny.yaml"), run.path)  # outputs live in the run
     assert run.id.endswith("-tiny") and run.workdir == str(project)
     assert [s.state for s in run.stages()] == ["pending"] * 5
 
@@ -69,6 +70,7 @@ def test_stage_states_from_events(run):
     assert stage_status(data_dir, "data").error is None
 
 
+@pytest.mark.e2e  # spawns a process
 def test_reused_pid_is_not_our_worker(tmp_path: Path):
     record = ProcessRecord.of(os.getpid())
     assert record.is_alive()
@@ -115,6 +117,7 @@ def test_secrets_never_reach_the_event_stream(run, monkeypatch):
     assert "***" in json.loads(text.splitlines()[0])["error"]
 
 
+@pytest.mark.e2e  # spawns a process
 def test_sigterm_while_writing_events_never_deadlocks(tmp_path: Path):
     """The cancel handler runs in the main thread, possibly inside EventWriter.emit: it must not wait
     on the writer's lock. A child process writes events in a tight loop while SIGTERMs rain on it."""
@@ -157,6 +160,7 @@ def test_a_new_writer_starts_after_a_torn_line(run):
     assert status.state == "died" and status.error != "old"  # the new attempt, not the old failure
 
 
+@pytest.mark.e2e  # spawns a process
 def test_a_queued_stage_does_not_show_the_last_attempts_error(run):
     writer = EventWriter(run.stage_dir("data") / "events.jsonl")
     writer.status("running")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -18,12 +16,12 @@ from engine.train.student import (
     vocab_fingerprint,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+from .helpers import TINY_CONFIG
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config(ROOT / "configs" / "tiny.yaml").student
+    return load_config(TINY_CONFIG).student
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from engine.runner.context import StageCancelled, StageContext, StageError
 from engine.teacher.closed import BATCH_STATE_FILE, FAILURES_FILE, answer_closed
 from engine.teacher.output import TeacherOutput
 
-from .conftest import make_context
 from .fake_openai import FakeOpenAI
+from .helpers import make_context, wait_for
 
 KEY = "tas-test-key-7f3a9c1e5b2d"  # planted: must never show up in anything we write
 SYSTEM = "You are a patient Python teacher."
@@ -324,12 +324,20 @@ def test_batch_cancel_cancels_the_job_and_a_rerun_collects_it(project: Path, ser
     server.batch_polls = 10_000  # never finishes on its own
     ctx, output = setup(project, server.url, use_batch_api=True, batch_size=10)
     prompts = make_prompts(plain(4))
-    timer = threading.Timer(0.4, ctx.cancel_event.set)
-    timer.start()
+    state_path = ctx.stage_dir / BATCH_STATE_FILE
+
+    def cancel_once_submitted():  # SIGTERM while the job is being polled
+        try:
+            wait_for(state_path.exists, timeout=30, interval=0.02, what="the batch job to be submitted")
+        finally:
+            ctx.cancel_event.set()
+
+    canceller = threading.Thread(target=cancel_once_submitted, daemon=True)
+    canceller.start()
 
     with pytest.raises(StageCancelled):
         answer_closed(ctx, prompts, output, None)
-    timer.join()
+    canceller.join()
 
     assert len(server.batches_cancelled) == 1
     state = json.loads((ctx.stage_dir / BATCH_STATE_FILE).read_text())

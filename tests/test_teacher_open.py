@@ -14,7 +14,7 @@ from engine.stages import data, teacher
 from engine.teacher.open import chat_texts, generate_batches, generation_kwargs, load_teacher
 from engine.teacher.output import TeacherOutput
 
-from .conftest import make_context
+from .helpers import make_context
 
 
 @pytest.fixture

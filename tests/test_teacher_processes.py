@@ -12,16 +12,16 @@ import pytest
 from engine.core import launcher
 from engine.core.config import load_config
 from engine.core.runs import RunStore
-from engine.stages import data
+from engine.runner.worker import run_stage
 
-from .conftest import make_context
-from .test_processes import tas, wait_for
-
-pytestmark = pytest.mark.e2e
+from .helpers import lines_of, tas, wait_for
 
 
-def lines_of(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
+def run_with_prompts(project: Path, cfg):
+    """A new run of `cfg` whose data stage ran (in-process); the run's own view of the config."""
+    run = RunStore(project / "runs").create(cfg, "configs/tiny.yaml")
+    assert run_stage("data", run) == 0
+    return run.config(), run
 
 
 def check_exactly_once(cfg) -> None:
@@ -31,11 +31,11 @@ def check_exactly_once(cfg) -> None:
     assert all(r["output"].strip() for r in records)
 
 
+@pytest.mark.e2e
 def test_sigkill_mid_run_then_resume(project: Path):
     cfg = load_config(project / "configs" / "tiny.yaml")
     cfg.teacher.open.pipeline.batch_size = 4
-    data.run(make_context(cfg, "data", project))
-    run = RunStore(project / "runs").create(cfg, "configs/tiny.yaml")
+    cfg, run = run_with_prompts(project, cfg)
     output = Path(cfg.teacher.base.output_path)
 
     launcher.start(run, ["teacher"])
@@ -53,14 +53,14 @@ def test_sigkill_mid_run_then_resume(project: Path):
     check_exactly_once(cfg)
 
 
+@pytest.mark.e2e
 def test_two_torchrun_ranks_merge_every_prompt_exactly_once(project: Path):
     cfg = load_config(project / "configs" / "tiny.yaml")
     cfg.data.limit = 60
     cfg.teacher.open.pipeline.batch_size = 8
     cfg.teacher.open.pipeline.max_new_tokens = 16
     cfg.launch.nproc_per_node = 2
-    data.run(make_context(cfg, "data", project))
-    run = RunStore(project / "runs").create(cfg, "configs/tiny.yaml")
+    cfg, run = run_with_prompts(project, cfg)
     launcher.start(run, ["teacher"])
     wait_for(lambda: not run.is_live(), timeout=300, interval=0.5)
     status = run.stages()[1]

@@ -14,19 +14,19 @@ from engine.core.events import EventWriter
 from engine.core.runs import RunStore
 from engine.runner.context import StageContext
 from engine.stages import sft
-from tests.conftest import ROOT
+from tests.helpers import PROMPTS, TINY_CONFIG
 from tests.test_masking import RECORDS
 
 
 def test_sft_run_is_tracked_in_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     mlflow = pytest.importorskip("mlflow")  # an optional extra; `.ci/run` installs it
-    shutil.copy(ROOT / "prompt.yaml", tmp_path / "prompt.yaml")
+    shutil.copy(PROMPTS, tmp_path / "prompt.yaml")
     monkeypatch.chdir(tmp_path)
     store_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)
     for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_TAGS"):
         monkeypatch.delenv(name, raising=False)
-    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    cfg = load_config(TINY_CONFIG)
     cfg.teacher.base.output_path = str(tmp_path / "teacher.jsonl")
     Path(cfg.teacher.base.output_path).write_text(
         "".join(json.dumps({"id": f"p{i}", "instruction": q, "output": a}) + "\n" for i, (q, a) in enumerate(RECORDS)))

@@ -378,7 +378,9 @@ async def _run_wave(
                     if (answer := task.result()) is not None:
                         ledger.answer(prompt, answer, closed.model.name)
                     continue
-                fatal = fatal or _fatal(exc, endpoint, closed.model.name)
+                if (stop := _fatal(exc, endpoint, closed.model.name)) is not None:
+                    fatal = fatal or stop  # every prompt would fail the same way: not a per-prompt failure
+                    continue
                 errors.append(exc)
                 ledger.fail(prompt["id"], _describe(exc, closed.pipeline))
             if fatal is not None:

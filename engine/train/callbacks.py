@@ -32,12 +32,12 @@ class EventsCallback(TrainerCallback):
         # (index, count) of this training among the stage's trainings: distill trains the KD student,
         # then the CE-only control; the stage's progress runs over both instead of going back to 0
         self.part = part
+        self._last_step_time: float | None = None
+        self._last_memory = 0.0
 
     def _progress(self, state) -> None:
         index, count = self.part
         self.ctx.events.progress(index * state.max_steps + state.global_step, count * state.max_steps, "steps")
-        self._last_step_time: float | None = None
-        self._last_memory = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.ctx.is_main:
