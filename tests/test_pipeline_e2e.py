@@ -19,6 +19,6 @@ def test_tas_run_all_on_the_tiny_profile(project: Path):
     run = RunStore(project / "runs").get("last")
     assert [s.state for s in run.stages()] == ["done"] * 5
     report = json.loads((run.stage_dir("eval") / "report.json").read_text())
-    assert set(report["models"]) == {"assistant", "student_kd", "student_ce"}
+    assert set(report["models"]) == {"teacher", "assistant", "student_kd", "student_ce"}  # teacher: code eval only
     status = tas("status", cwd=project)
     assert status.stdout.count("✓ done") == 5
