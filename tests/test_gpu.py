@@ -25,6 +25,7 @@ from engine.gpu.labels import label_processes
 from engine.gpu.model import GIB, GpuProcess, GpuSnapshot, GpuUnavailable
 from engine.gpu.nvml import NO_DRIVER, NvmlBackend
 from engine.gpu.sampler import Sampler, open_backend
+from tests.helpers import TINY_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +62,7 @@ def worker(tmp_path: Path):
     )
     child_pid = int(proc.stdout.readline())
     runs = tmp_path / "runs"
-    run = RunStore(runs).create(load_config(ROOT / "configs" / "tiny.yaml"), "configs/tiny.yaml")
+    run = RunStore(runs).create(load_config(TINY_CONFIG), "configs/tiny.yaml")
     run.stage_dir("teacher").mkdir(parents=True, exist_ok=True)
     ProcessRecord.of(proc.pid).write(run.stage_dir("teacher") / "pid")
     ProcessRecord.of(os.getpid()).write(run.path / "supervisor.json", stages=["teacher"])

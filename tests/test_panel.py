@@ -14,11 +14,10 @@ from textual.widgets import DataTable, Input, Tree
 
 from engine.core.config import load_config
 from engine.core.runs import RunStore
+from tests.helpers import TINY_CONFIG
 from tui.app import TASPanel
 from tui.tabs.config import ConfigTab, DiffScreen
 from tui.tabs.stages import StagesTab
-
-from .conftest import ROOT
 
 
 async def wait_until(pilot, predicate: Callable[[], object], timeout: float = 10.0, step: float = 0.05) -> None:
@@ -189,7 +188,7 @@ async def test_start_a_stage_from_the_panel_and_see_it_finish(project: Path):
 def write_finished_run(root: Path) -> None:
     """A run with fixed timestamps and metrics, so snapshots do not depend on the clock."""
     store = RunStore(root)
-    run = store.create(load_config(ROOT / "configs" / "tiny.yaml"), "configs/tiny.yaml")
+    run = store.create(load_config(TINY_CONFIG), "configs/tiny.yaml")
     fixed = run.path.with_name("20261125-080000-tiny")
     run.path.rename(fixed)
     meta = json.loads((fixed / "run.json").read_text())

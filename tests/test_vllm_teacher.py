@@ -24,7 +24,7 @@ from engine.core.runs import RunStore
 from engine.runner.worker import run_stage
 from engine.teacher.vllm_server import group_members
 
-from .helpers import lines_of, wait_for
+from .helpers import DATA, lines_of, wait_for
 
 pytestmark = pytest.mark.vllm
 
@@ -39,7 +39,7 @@ def vllm_project(project: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatc
         pytest.fail(f"no vLLM venv at {python}: run `scripts/build-vllm-env.sh` (or set TAS_VLLM_PYTHON)",
                     pytrace=False)
     monkeypatch.setenv("TAS_VLLM_PYTHON", python)  # the project dir has no .venv-vllm; workers inherit it
-    shutil.copy(ROOT / "configs" / "tiny-vllm.yaml", project / "configs" / "tiny-vllm.yaml")
+    shutil.copy(DATA / "tiny-vllm.yaml", project / "configs" / "tiny-vllm.yaml")  # a pristine copy
     return project
 
 
