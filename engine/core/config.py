@@ -324,8 +324,16 @@ class DistillationConfig(Section):
     run_name: str = Field("KnowledgeDistillation", description="Run name for the tracker.")
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     knowledgedistillation: KnowledgeDistillation = Field(default_factory=KnowledgeDistillation)
-    student_init: Literal["random", "assistant_layers"] = Field(
-        "random", description="Start the student from random weights or from a subset of the assistant's layers."
+    student_init: Literal["pretrained", "random", "assistant_layers"] = Field(
+        "random",
+        description="pretrained: load student.base_model_name's weights (a smaller model sharing the assistant's "
+        "tokenizer); random: build from student.* dims; assistant_layers: a subset of the assistant's layers.",
+    )
+    peft: PeftConfig | None = Field(
+        None, description="Train the student through LoRA adapters (optional; unset trains every weight)."
+    )
+    logging_steps: int | None = Field(
+        None, gt=0, description="Log every N steps (unset: train.sft.logging_steps, capped at 50)."
     )
     ce_only_control: bool = Field(
         False, description="Also train the same student with CE only (no KD) into <output_dir>_ce, for comparison."

@@ -100,7 +100,7 @@ def train_one(ctx: StageContext, label: str, student, teacher, tokenizer, train_
         gradient_accumulation_steps=kd.gradient_accumulation_steps,
         learning_rate=kd.learning_rate,
         eval_strategy=kd.eval_strategy,
-        logging_steps=max(1, min(ctx.config.train.sft.logging_steps, 50)),
+        logging_steps=kd.logging_steps or max(1, min(ctx.config.train.sft.logging_steps, 50)),
         save_steps=kd.save_steps,
         save_total_limit=2,
         report_to=trackers,
