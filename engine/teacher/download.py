@@ -1,58 +1,167 @@
-"""`teacher.source: download`: take ready teacher answers from a hub dataset instead of generating them.
+"""`teacher.source: download`: take TAS's published teacher answers instead of generating them.
 
-The TAS project published its teacher outputs in sizes (`64k`, ...), one revision each; the size in
-`teacher.open.data.download.size` picks the revision of `teacher.open.data.download.repo`. The answers
-replace both the data and the teacher stage: every (instruction, output) pair is stored with the same
-prompt ids the data stage would give.
+What TAS does (its `TeacherFactory.download`): the dataset `bunyaminergen/Stable-Code-Python-SFT` holds
+one revision per size and teacher; `size` 16k / 32k / 64k picks `v3` / `v5` / `v7`, and the teacher picks
+the docstring style of the answers: `open` (stable-code-instruct-3b) → `-GoogleDocString`,
+`closed` (the API model) → `-NumpyDocString`. It loads `split="train"` and stores every record as it is
+(`instruction`, `output`): no prompt-length filter, no dedupe, no shuffle, no limit. TAS's `main.py`
+downloads the open teacher's answers.
+
+Here:
+* which teacher: `teacher.download_from` (`open` | `closed`, default `open` as TAS's main.py) when the
+  config schema has it, else `open`; its section's `data.download` is read
+  (`teacher.open.data.download` or `teacher.closed.data.download`);
+* `repo` defaults to TAS's dataset and can name another hub dataset or a local folder (a dataset saved
+  in the hub layout, e.g. by `huggingface-cli download --repo-type dataset … --local-dir DIR`; a folder
+  is one revision, loaded as it is);
+* `revision`, when the schema has it and it is set, is used as given instead of the size mapping;
+* every record is kept, in the dataset's order, with the id the data stage gives the same text
+  (`prompt_id`; the n-th repeat of a text gets `-n`, as the data stage does when it keeps repeats), so
+  running again adds nothing. Rows without an instruction or with an empty answer are skipped (an empty
+  answer is never stored as an answer) and counted in the log.
 """
 
 from __future__ import annotations
 
-from engine.core.prompts import prompt_id
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.core.prompts import normalise, prompt_id
 from engine.core.secrets import clip
 from engine.runner.context import StageContext, StageError
 from engine.teacher.output import TeacherOutput
 
-INSTRUCTION_COLUMNS = ("instruction", "prompt", "question")
+TAS_REPO = "bunyaminergen/Stable-Code-Python-SFT"
+SPLIT = "train"
+SIZE_VERSIONS = {"16k": "v3", "32k": "v5", "64k": "v7"}  # TAS: size → dataset version
+DOCSTRING_STYLES = {"open": "GoogleDocString", "closed": "NumpyDocString"}  # TAS: teacher → answer style
+
+INSTRUCTION_COLUMNS = ("instruction", "prompt", "question")  # TAS's columns first; others for an overridden repo
 OUTPUT_COLUMNS = ("output", "response", "answer", "completion")
 
 
-def download_answers(ctx: StageContext, output: TeacherOutput) -> None:
-    download = ctx.config.teacher.open.data.download
-    if not download.repo:
-        raise StageError(
-            "teacher.open.data.download.repo: not set; name the hub dataset with ready teacher answers "
-            "(its revision is teacher.open.data.download.size), or use teacher.source: open / closed"
-        )
-    try:
-        from datasets import load_dataset
+def tas_revision(size: str, teacher: str) -> str | None:
+    """TAS's revision for a size and a teacher (`open` / `closed`), or None for a size TAS does not publish."""
+    version = SIZE_VERSIONS.get(size)
+    return f"{version}-{DOCSTRING_STYLES[teacher]}" if version else None
 
-        dataset = load_dataset(download.repo, revision=download.size, split="train")
-    except Exception as exc:  # offline, unknown repo or revision
-        reason = clip(str(exc).strip().splitlines()[0], 300) if str(exc).strip() else type(exc).__name__
-        raise StageError(
-            f"teacher.open.data.download: cannot load {download.repo!r} at revision {download.size!r} ({reason}). "
-            "Offline? Generate the answers here instead (teacher.source: open)."
-        ) from None
-    columns = dataset.column_names
+
+@dataclass(frozen=True)
+class DownloadPlan:
+    teacher: str        # open | closed: whose answers (and docstring style)
+    key: str            # the config section read, e.g. teacher.open.data.download
+    repo: str           # hub id or local folder
+    revision: str | None  # None for a local folder (loaded as it is)
+    split: str = SPLIT
+
+    @property
+    def local(self) -> bool:
+        return self.revision is None
+
+    @property
+    def label(self) -> str:
+        """What produced the answers; stored in each record's `model`."""
+        return self.repo if self.local else f"{self.repo}@{self.revision}"
+
+
+def download_teacher(config: Any) -> str:
+    """Whose answers to download: `teacher.download_from` when the schema has that key, else TAS's `open`."""
+    teacher = getattr(config.teacher, "download_from", None) or "open"
+    if teacher not in DOCSTRING_STYLES:
+        raise StageError(f"teacher.download_from: {teacher!r}; use open or closed")
+    return teacher
+
+
+def plan_download(config: Any, teacher: str | None = None) -> DownloadPlan:
+    """Repo, revision and split for `teacher.source: download`, as TAS chooses them."""
+    teacher = teacher or download_teacher(config)
+    key = f"teacher.{teacher}.data.download"
+    download = getattr(config.teacher, teacher).data.download
+    repo = (download.repo or "").strip() or TAS_REPO
+    if Path(repo).expanduser().is_dir():
+        return DownloadPlan(teacher, key, str(Path(repo).expanduser()), None)
+    revision = (getattr(download, "revision", None) or "").strip()
+    if not revision:
+        revision = tas_revision(download.size, teacher) or ""
+        if not revision:
+            sizes = ", ".join(f"{size} ({tas_revision(size, teacher)})" for size in SIZE_VERSIONS)
+            raise StageError(f"{key}.size: {download.size!r} is not a size TAS publishes; "
+                             f"use one of {sizes}")
+    return DownloadPlan(teacher, key, repo, revision)
+
+
+def download_answers(ctx: StageContext, output: TeacherOutput) -> None:
+    plan = plan_download(ctx.config)
+    dataset = _load(plan)
+    columns = list(dataset.column_names)
     instruction = next((c for c in INSTRUCTION_COLUMNS if c in columns), None)
     answer = next((c for c in OUTPUT_COLUMNS if c in columns), None)
     if instruction is None or answer is None:
-        raise StageError(f"teacher.open.data.download.repo: {download.repo} has columns {columns}; "
+        raise StageError(f"{plan.key}.repo: {plan.label} has columns {columns}; "
                          f"need one of {INSTRUCTION_COLUMNS} and one of {OUTPUT_COLUMNS}")
-    output.repair()
-    present = output.done_ids()
-    records, seen = [], set(present)
-    for row in dataset:
+
+    repaired = output.repair()
+    for problem in repaired.corrupt:
+        ctx.events.log(f"{problem}: moved to {repaired.quarantine}", level="warning")
+    if repaired.stale:
+        ctx.events.log(f"{repaired.stale} answers made with other teacher settings moved to {repaired.stale_file}",
+                       level="warning")
+    present = output.records()
+    others = sorted({str(r.get("model")) for r in present} - {plan.label})
+    if others:
+        raise StageError(
+            f"teacher.base.output_path: {output.path} already holds answers from {', '.join(others)}, and this run "
+            f"downloads {plan.label}; move that file away (or set teacher.base.output_path) so the two never mix"
+        )
+    done = {r["id"] for r in present}
+
+    records: list[dict[str, Any]] = []
+    seen: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
+    for number, row in enumerate(dataset, start=1):
+        if number % 2000 == 0:
+            ctx.check_cancelled()
         text, reply = row.get(instruction), row.get(answer)
-        if not isinstance(text, str) or not isinstance(reply, str) or not reply.strip():
+        if not isinstance(text, str) or not text.strip():
+            skipped["no instruction"] += 1
             continue
-        pid = prompt_id(text)
-        if pid not in seen:
-            seen.add(pid)
-            records.append({"id": pid, "instruction": text.strip(), "output": reply.strip(),
-                            "model": f"{download.repo}@{download.size}"})
+        seen[normalise(text)] += 1
+        repeat = seen[normalise(text)]
+        pid = prompt_id(text) + (f"-{repeat}" if repeat > 1 else "")
+        if not isinstance(reply, str) or not reply.strip():
+            skipped["empty answer"] += 1
+        elif pid not in done:
+            done.add(pid)
+            records.append({"id": pid, "instruction": text, "output": reply, "model": plan.label})
     output.append(records)
-    ctx.events.progress(len(seen), len(seen), "prompts")
+
+    total = len(dataset)
+    ctx.events.progress(total, total, "records")
+    ctx.events.metric("answers", len(done))
     ctx.events.artifact(output.path, "teacher answers")
-    ctx.events.log(f"stored {len(records)} downloaded answers ({len(present)} were already there)")
+    repeats = sum(n - 1 for n in seen.values())
+    notes = [f"{n} skipped ({why})" for why, n in sorted(skipped.items())]
+    notes += [f"{repeats} repeated instructions kept as TAS keeps them (ids -2, -3, …)"] if repeats else []
+    ctx.events.log(f"{plan.label} ({plan.split}): stored {len(records)} answers, {len(present)} were already there"
+                   + (f"; {'; '.join(notes)}" if notes else ""))
+
+
+def _load(plan: DownloadPlan):
+    try:
+        from datasets import load_dataset
+
+        if plan.local:
+            return load_dataset(plan.repo, split=plan.split)
+        return load_dataset(plan.repo, revision=plan.revision, split=plan.split)
+    except Exception as exc:  # offline, unknown repo or revision, no train split
+        reason = clip(str(exc).strip().splitlines()[0], 300) if str(exc).strip() else type(exc).__name__
+        if plan.local:
+            raise StageError(f"{plan.key}.repo: cannot load the folder {plan.repo} ({reason})") from None
+        raise StageError(
+            f"{plan.key}: cannot load {plan.repo!r} at revision {plan.revision!r}, split {plan.split!r} ({reason}). "
+            f"Offline? On a machine with internet run `huggingface-cli download --repo-type dataset {plan.repo} "
+            f"--revision {plan.revision} --local-dir DIR`, copy DIR here and set {plan.key}.repo: DIR "
+            "(or generate the answers here: teacher.source: open)."
+        ) from None
