@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,138 @@ def test_frozen_yaml_round_trips(seed_config_path: Path):
     again = parse_config(cfg.to_yaml())
     assert again == cfg
     assert isinstance(again, TASConfig)
+
+
+# ------------------------------------------------------------- TAS keys and OmegaConf-style references
+
+
+def test_seed_config_gets_the_tas_defaults_of_the_added_keys(seed_config_path: Path):
+    cfg = load_config(seed_config_path)
+    assert cfg.train.sft.peft.lora.bias == "none"
+    assert cfg.train.distillation.logging_steps is None  # unset: distill falls back to train.sft.logging_steps
+
+
+def _tas_config_with_references() -> str:
+    """The seed config as a TAS user could have written it: `${}` references and the two TAS keys the
+    loader once refused (`train.distillation.logging_steps`, `train.sft.peft.lora.bias`)."""
+    text = SEED_CONFIG.read_text()
+    text = _edit(text, '  base_model_name: "Qwen/Qwen2.5-Coder-1.5B-Instruct"', "  base_model_name: ${assistant.model.name}")
+    text = _edit(text, 'output_dir: ".model/student/Student"', 'output_dir: "${student.save_path}/Student"')
+    text = _edit(text, "learning_rate: 5e-5", "learning_rate: ${train.sft.learning_rate}")
+    text = _edit(text, "    save_steps: 10000\n    report_to: \"mlflow\"\n    run_name",
+                 "    save_steps: 10000\n    logging_steps: ${train.sft.save_steps}\n    report_to: \"mlflow\"\n    run_name")
+    text = _edit(text, '        task_type: "CAUSAL_LM"\n  distillation:', '        task_type: "CAUSAL_LM"\n        bias: "lora_only"\n  distillation:')
+    text = _edit(text, "      run_name: \"KD‑Student\"", "      run_name: ${.name}-${..run_name}")
+    text = _edit(text, "    max_new_tokens: 1024\n\nstudent:", "    max_new_tokens: ${teacher.open.pipeline.max_new_tokens}\n\nstudent:")
+    text = _edit(text, "      use_cache: False", "      use_cache: ${assistant.quantization.load_in_4bit}")
+    text = _edit(text, "  - name: \"jtatman/python-code-dataset-500k\"\n    key: \"instruction\"",
+                 "  - name: \"jtatman/python-code-dataset-500k\"\n    key: ${datasets[0].key}")
+    return text
+
+
+def test_tas_config_with_references_and_the_tas_keys_loads_resolved():
+    text = _tas_config_with_references()
+    cfg = parse_config(text, source="tas.yaml")
+    assert cfg.student.base_model_name == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+    assert cfg.train.distillation.output_dir == ".model/student/Student"  # interpolated inside a string
+    # a whole-value reference keeps the type: an int, a bool, and "1e-4" (a string to PyYAML) becomes a float
+    assert cfg.train.distillation.logging_steps == 10000
+    assert cfg.assistant.inference.max_new_tokens == 1024
+    assert cfg.teacher.open.pipeline.use_cache is True
+    assert cfg.train.distillation.learning_rate == pytest.approx(1e-4)
+    assert isinstance(cfg.train.distillation.learning_rate, float)
+    # relative references: `.name` a sibling, `..run_name` a key of the parent section
+    assert cfg.train.distillation.experiment.run_name == "StudentDistillation-KnowledgeDistillation"
+    assert cfg.datasets[1].key == "instruction"
+    assert cfg.train.sft.peft.lora.bias == "lora_only"
+    # what a run freezes is resolved, and loads back to the same config
+    frozen = cfg.to_yaml()
+    assert "${" not in frozen
+    assert parse_config(frozen) == cfg
+
+
+def test_a_reference_to_a_section_copies_it():
+    text = _edit(SEED_CONFIG.read_text(), "  closed:\n    model:\n      name: \"gpt-3.5-turbo\"\n    pipeline:\n      temperature: 0.7\n      top_p: 0.9\n      batch_size: 1024\n    data:\n      download:\n        size: 64k",
+                 "  closed:\n    model:\n      name: \"gpt-3.5-turbo\"\n    pipeline:\n      temperature: 0.7\n      top_p: 0.9\n      batch_size: 1024\n    data: ${teacher.open.data}")
+    text = _edit(text, "      download:\n        size: 64k\n  closed:", "      download:\n        size: 32k\n  closed:")
+    cfg = parse_config(text)
+    assert cfg.teacher.closed.data.download.size == "32k"
+
+
+def test_escaped_reference_stays_literal_and_survives_freezing():
+    text = _edit(SEED_CONFIG.read_text(), 'run_name: "KnowledgeDistillation"', r"run_name: 'kd-\${student.repo}'")
+    cfg = parse_config(text)
+    assert cfg.train.distillation.run_name == "kd-${student.repo}"
+    assert parse_config(cfg.to_yaml()) == cfg
+
+
+REFERENCE_ERRORS = [
+    # (id, old, new, key path in the message, needle whose line the message names, a fragment of the message)
+    ("missing key", 'output_dir: ".model/student/Student"', 'output_dir: "${student.save_pth}/Student"',
+     "train.distillation.output_dir", "save_pth", "student.save_pth is not in the config"),
+    ("missing section", "learning_rate: 5e-5", "learning_rate: ${train.kd.learning_rate}",
+     "train.distillation.learning_rate", "train.kd", "train.kd is not in the config"),
+    ("two-key cycle", 'save_path: ".model/student"\n  hidden_size', "save_path: ${train.distillation.output_dir}\n  hidden_size",
+     "train.distillation.output_dir", 'output_dir: "${student',
+     "reference cycle: student.save_path → train.distillation.output_dir → student.save_path"),
+    ("self reference", "top_k: 100", "top_k: ${teacher.open.pipeline.top_k}",
+     "teacher.open.pipeline.top_k", "top_k: ${", "reference cycle"),
+    ("unclosed", "top_k: 100", "top_k: ${teacher.open.pipeline.top_p", "teacher.open.pipeline.top_k", "top_k: ${", "unclosed"),
+    ("resolver", "top_k: 100", "top_k: ${oc.env:TOP_K}", "teacher.open.pipeline.top_k", "top_k: ${", "resolvers"),
+    ("section in text", "top_k: 100", "top_k: k${teacher.base}", "teacher.open.pipeline.top_k", "top_k: k", "is a section"),
+]
+
+
+@pytest.mark.parametrize("case", REFERENCE_ERRORS, ids=[c[0] for c in REFERENCE_ERRORS])
+def test_bad_reference_names_key_file_and_line(case):
+    _, old, new, key, needle, fragment = case
+    text = _edit(SEED_CONFIG.read_text(), old, new)
+    if case[0] == "two-key cycle":  # the second half of the cycle; it is named where the cycle closes
+        text = _edit(text, 'output_dir: ".model/student/Student"', 'output_dir: "${student.save_path}/Student"')
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, source="cfg.yaml")
+    message = str(info.value)
+    assert message.startswith("cfg.yaml: ")
+    assert f"line {_line_of(text, needle)}: {key}: " in message
+    assert fragment in message
+    assert len(info.value.issues) == 1  # one cause, one issue (no echo from keys that use the broken one)
+
+
+def test_reference_errors_are_reported_by_load_config_too(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    text = _edit(SEED_CONFIG.read_text(), "top_k: 100", "top_k: ${nowhere}")
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: line {_line_of(text, 'nowhere')}: "
+                       r"teacher\.open\.pipeline\.top_k: \$\{nowhere\}: nowhere is not in the config"):
+        load_config(path)
+
+
+EMPTY_NAMES = [
+    ("teacher.open.model.name", '"stabilityai/stable-code-instruct-3b"', '""'),
+    ("teacher.closed.model.name", '"gpt-3.5-turbo"', '"  "'),
+    ("assistant.model.name", 'name: "Qwen/Qwen2.5-Coder-1.5B-Instruct"\n    save_path', 'name: ""\n    save_path'),
+    ("student.base_model_name", 'base_model_name: "Qwen/Qwen2.5-Coder-1.5B-Instruct"', 'base_model_name: ""'),
+    ("datasets[1].name", '"jtatman/python-code-dataset-500k"', "''"),
+]
+
+
+@pytest.mark.parametrize("key, old, new", EMPTY_NAMES, ids=[c[0] for c in EMPTY_NAMES])
+def test_empty_model_name_is_refused_at_load_naming_key_and_line(key: str, old: str, new: str):
+    text = _edit(SEED_CONFIG.read_text(), old, new)
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, source="cfg.yaml")
+    message = str(info.value)
+    assert len(info.value.issues) == 1
+    line = text[: text.index(new)].count("\n") + 1
+    assert f"cfg.yaml: line {line}: {key}: is empty" in message
+
+
+def test_a_reference_that_resolves_to_an_empty_name_is_refused_too():
+    text = _edit(SEED_CONFIG.read_text(), '  closed:\n    model:\n      name: "gpt-3.5-turbo"',
+                 "  closed:\n    base_url: ''\n    model:\n      name: ${teacher.closed.base_url}")
+    with pytest.raises(ConfigError, match=r"teacher\.closed\.model\.name: is empty") as info:
+        parse_config(text)
+    assert len(info.value.issues) == 1
 
 
 # ------------------------------------------------------------------------------------- bad configs
@@ -280,6 +413,8 @@ MALFORMED = [
     ("yaml unclosed bracket", _seed_text().replace('[ "<|im_end|>" ]', '[ "<|im_end|>"'), "YAML syntax error"),
     ("yaml bad indentation", _seed_text().replace("    prompt_length: 17", "      prompt_length: 17\n    bad"), "YAML syntax error"),
     ("duplicate key", _seed_text().replace("top_k: 100", "top_k: 100\n      top_k: 5"), "duplicate key"),
+    ("unresolved reference", _seed_text().replace("top_k: 100", "top_k: ${teacher.open.pipeline.top_kk}"), "teacher.open.pipeline.top_kk is not in the config"),
+    ("empty model name", _seed_text().replace('"stabilityai/stable-code-instruct-3b"', '""'), "teacher.open.model.name: is empty"),
     ("empty file", "", "empty"),
     ("only a comment", "# nothing here\n", "empty"),
     ("top level scalar", "hello\n", "top level must be a mapping"),

@@ -3,11 +3,15 @@
 Light module: the panel imports it, so it may use only stdlib, pydantic and PyYAML.
 
 The schema keeps every key of the original TAS `config.yaml` so an existing file loads unchanged.
-Two quirks of such files are handled on purpose:
+Three things such files rely on are handled on purpose:
 
 * PyYAML reads `1e-4` as a *string* (YAML 1.1 wants a dot); pydantic's lax mode turns it into a float.
 * `train.distillation.evaluation_strategy` is the pre-2024 transformers name of `eval_strategy`;
   both are accepted.
+* TAS loaded its YAML with OmegaConf, so `${a.b}` references resolve here too, before validation
+  (`resolve_references`): a value that is exactly one reference takes the referenced value with its type,
+  a reference inside a longer string is interpolated, a backslash before `${` makes it literal. A
+  reference to a missing key, a cycle or a malformed reference is a ConfigError naming key and line.
 
 Sections the panel adds (`launch`, `panel`, `data`, `prompts`) and new keys inside old sections all have
 defaults, so an old file never needs them.
@@ -15,13 +19,16 @@ defaults, so an old file never needs them.
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 MAX_CONFIG_BYTES = 1024 * 1024
 """A TAS config is a few KB; anything past this is the wrong file, not a config."""
@@ -31,6 +38,22 @@ class Section(BaseModel):
     """Base of every section: unknown keys are errors, so typos never pass silently."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+def _non_empty(what: str) -> AfterValidator:
+    """A name that must say something: an empty one would only fail when the stage starts."""
+
+    def check(value: str) -> str:
+        if not value.strip():
+            raise PydanticCustomError("empty_name", "is empty; give {what}", {"what": what})
+        return value
+
+    return AfterValidator(check)
+
+
+ModelName = Annotated[str, _non_empty("a hub id, a local path or tiny:<name>")]
+ApiModelName = Annotated[str, _non_empty("the API's model name (e.g. gpt-4o-mini)")]
+DatasetName = Annotated[str, _non_empty("a hub dataset id, a local file or folder, or tiny:<name>")]
 
 
 # --------------------------------------------------------------------------------------------- device
@@ -60,7 +83,7 @@ class TeacherBase(Section):
 
 
 class OpenTeacherModel(Section):
-    name: str = Field(description="Hub id, local path, or tiny:<name> of the open teacher model.")
+    name: ModelName = Field(description="Hub id, local path, or tiny:<name> of the open teacher model.")
     save_path: str = Field(".model/teacher", description="Where a downloaded teacher is saved.")
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model repository. Off unless you trust it."
@@ -113,7 +136,7 @@ class OpenTeacher(Section):
 
 
 class ClosedTeacherModel(Section):
-    name: str = Field(description="Model name at the OpenAI API or an OpenAI-compatible server.")
+    name: ApiModelName = Field(description="Model name at the OpenAI API or an OpenAI-compatible server.")
 
 
 class ClosedTeacherPipeline(Section):
@@ -176,7 +199,7 @@ class TeacherConfig(Section):
 
 
 class AssistantModel(Section):
-    name: str = Field(description="Hub id, local path, or tiny:<name> of the assistant model.")
+    name: ModelName = Field(description="Hub id, local path, or tiny:<name> of the assistant model.")
     save_path: str = Field(".model/assistant/base", description="Where the base assistant is saved.")
     attn_implementation: str | None = Field("sdpa", description="Attention kernel: sdpa, eager, flash_attention_2.")
     bfloat16: bool = Field(True, description="Load weights in bfloat16.")
@@ -218,7 +241,7 @@ class AssistantConfig(Section):
 
 
 class StudentConfig(Section):
-    base_model_name: str = Field(description="Model whose tokenizer and vocab the student uses (the assistant).")
+    base_model_name: ModelName = Field(description="Model whose tokenizer and vocab the student uses (the assistant).")
     save_path: str = Field(".model/student", description="Where the student is saved.")
     hidden_size: int = Field(1280, gt=0, description="Hidden size of the student.")
     intermediate_size: int = Field(5120, gt=0, description="MLP inner size of the student.")
@@ -265,6 +288,11 @@ class LoraConfig(Section):
     target_modules: str | list[str] = Field("all-linear", description='"all-linear" or module names.')
     modules_to_save: list[str] | None = Field(None, description="Modules trained fully and saved with the adapter.")
     task_type: str = Field("CAUSAL_LM", description="PEFT task type.")
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none",
+        description="Which biases peft would train (a TAS key; TAS never passed it on, and the stages do not "
+        "either yet: biases stay frozen).",
+    )
 
 
 class PeftConfig(Section):
@@ -377,7 +405,7 @@ class EvalConfig(Section):
 
 
 class DatasetSource(Section):
-    name: str = Field(description="Hub dataset id, local file/folder, or tiny:<name> for a shipped prompt set.")
+    name: DatasetName = Field(description="Hub dataset id, local file/folder, or tiny:<name> for a shipped prompt set.")
     key: str = Field("instruction", description="Column holding the prompt text.")
     subset: str | None = Field("default", description="Hub dataset configuration name.")
     split: str = Field("train", description="Split to read from the hub.")
@@ -439,8 +467,12 @@ class TASConfig(Section):
     panel: PanelConfig = Field(default_factory=PanelConfig)
 
     def to_yaml(self) -> str:
-        """Full YAML of this config, defaults included (what a run freezes)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+        """Full YAML of this config, defaults included (what a run freezes).
+
+        References are already resolved; a literal `${` left in a value (written `\\${` in the source) is
+        escaped again, so loading this text gives back this config.
+        """
+        return yaml.safe_dump(_escape_refs(self.model_dump(mode="json")), sort_keys=False, allow_unicode=True)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -524,9 +556,18 @@ def parse_config(text: str | bytes, source: str = "<config>") -> TASConfig:
         raise ConfigError(
             source, [ConfigIssue("", f"the top level must be a mapping of sections, not a {type(data).__name__}", 1)]
         )
+    return validate_tree(data, node, source)
+
+
+def validate_tree(data: dict[Any, Any], node: yaml.Node | None, source: str = "<config>") -> TASConfig:
+    """Validate parsed YAML (`data`, and `node`, its composed tree, for line numbers) into a TASConfig.
+
+    Duplicate keys, then `${}` references, then the schema; every failure is a ConfigError naming key and line.
+    """
     duplicates = list(_duplicate_keys(node))
     if duplicates:
         raise ConfigError(source, duplicates)
+    data = resolve_references(data, node, source)
     try:
         return TASConfig.model_validate(data)
     except ValidationError as exc:
@@ -596,3 +637,253 @@ def _duplicate_keys(node: yaml.Node | None, path: tuple[Any, ...] = ()):
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             yield from _duplicate_keys(item, path + (index,))
+
+
+# ---------------------------------------------------------------------------------------- references
+
+
+def resolve_references(data: dict[Any, Any], node: yaml.Node | None, source: str = "<config>") -> dict[Any, Any]:
+    """`data` with every `${a.b}` reference resolved, OmegaConf-style (TAS loaded its YAML with OmegaConf).
+
+    * `${a.b.c}` is an absolute key path; list items are `${datasets.0.name}` or `${datasets[0].name}`;
+      `${.key}` is a sibling of the key holding the reference, `${..key}` one level further up.
+    * A value that is exactly one reference takes the referenced value with its type (a number, a bool,
+      a whole section); a reference inside a longer string is interpolated as text.
+    * `\\${` is a literal `${` (and `\\\\${` a backslash followed by a reference).
+    * References see the keys written in the file, not the schema's defaults, as in TAS.
+
+    A reference to a missing key, a cycle, a malformed reference or a resolver (`${oc.env:X}`) raises a
+    ConfigError naming the key that holds the reference and its line. `data` is not modified.
+    """
+    refs = _References(data, node)
+    resolved = refs.resolve()
+    if refs.issues:
+        raise ConfigError(source, refs.issues)
+    return resolved
+
+
+_BROKEN = object()
+"""A value whose reference failed; its issue is recorded once, and values built from it record nothing more."""
+
+
+class _RefProblem(Exception):
+    """A reference that cannot be resolved (recorded as an issue at the key that holds it)."""
+
+
+class _Silent(Exception):
+    """A reference that leads to a value that already failed: its issue is recorded already."""
+
+
+@dataclass(frozen=True)
+class _Ref:
+    expr: str  # the text between `${` and `}`, possibly with nested references
+
+
+class _References:
+    def __init__(self, data: Any, node: yaml.Node | None):
+        self.data = data
+        self.node = node
+        self.done: dict[tuple[Any, ...], Any] = {}
+        self.stack: list[tuple[Any, ...]] = []  # paths being resolved, outermost first
+        self.issues: list[ConfigIssue] = []
+
+    def resolve(self) -> Any:
+        return self._at(())
+
+    # ----------------------------------------------------------------------------- one key path
+
+    def _at(self, path: tuple[Any, ...]) -> Any:
+        """The fully resolved value at `path` (memoized); a path already being resolved is a cycle."""
+        if path in self.done:
+            return self.done[path]
+        if path in self.stack:
+            chain = self.stack[self.stack.index(path):] + [path]
+            raise _RefProblem("reference cycle: " + " → ".join(_dotted(p) or "(the whole file)" for p in chain))
+        self.stack.append(path)
+        try:
+            raw, resolved = self._raw(path)
+            value = raw if resolved else self._value(raw, path)
+        finally:
+            self.stack.pop()
+        self.done[path] = value
+        return value
+
+    def _raw(self, path: tuple[Any, ...]) -> tuple[Any, bool]:
+        """The value at `path` as written, or already resolved when the path runs through a reference."""
+        current, resolved = self.data, False
+        for depth, part in enumerate(path):
+            if not resolved and isinstance(current, str) and "${" in current:
+                current, resolved = self._at(path[:depth]), True
+            if current is _BROKEN:
+                raise _Silent
+            current = _child(current, part, path[: depth + 1])
+        return current, resolved
+
+    def _value(self, raw: Any, path: tuple[Any, ...]) -> Any:
+        if isinstance(raw, dict):
+            return {key: self._at(path + (key,)) for key in raw}
+        if isinstance(raw, list):
+            return [self._at(path + (index,)) for index in range(len(raw))]
+        if isinstance(raw, str) and "${" in raw:
+            try:
+                return self._interpolate(raw, path)
+            except _Silent:
+                return _BROKEN
+            except _RefProblem as exc:
+                self.issues.append(ConfigIssue(_dotted(path), str(exc), _line_of(self.node, path)))
+                return _BROKEN
+        return raw
+
+    # ------------------------------------------------------------------------------ one string
+
+    def _interpolate(self, text: str, path: tuple[Any, ...]) -> Any:
+        pieces = _split_refs(text)
+        if len(pieces) == 1 and isinstance(pieces[0], _Ref):  # exactly one reference: keep the type
+            return copy.deepcopy(self._lookup(pieces[0], path))
+        out = []
+        for piece in pieces:
+            if isinstance(piece, str):
+                out.append(piece)
+                continue
+            value = self._lookup(piece, path)
+            if isinstance(value, (dict, list)):
+                kind = "a section" if isinstance(value, dict) else "a list"
+                raise _RefProblem(
+                    f"${{{piece.expr}}} is {kind}; it can be a whole value, not part of the text {text!r}"
+                )
+            out.append(str(value))
+        return "".join(out)
+
+    def _lookup(self, ref: _Ref, path: tuple[Any, ...]) -> Any:
+        expr = ref.expr
+        if "${" in expr:  # a nested reference names the key: ${a.${b}}
+            inner = self._interpolate(expr, path)
+            if isinstance(inner, (dict, list)):
+                raise _RefProblem(f"${{{ref.expr}}}: the inner reference must give a key name, not a section")
+            expr = str(inner)
+        target = _ref_target(expr.strip(), path)
+        try:
+            value = self._at(target)
+        except _Missing as missing:
+            raise _RefProblem(
+                f"${{{ref.expr}}}: {_dotted(missing.path)} is not in the config "
+                "(references see the keys written in the file, not defaults)"
+            ) from None
+        if value is _BROKEN:
+            raise _Silent
+        return value
+
+
+class _Missing(_RefProblem):
+    def __init__(self, path: tuple[Any, ...]):
+        super().__init__(_dotted(path))
+        self.path = path
+
+
+def _child(container: Any, part: Any, path: tuple[Any, ...]) -> Any:
+    if isinstance(container, dict):
+        if part in container:
+            return container[part]
+        for key, value in container.items():
+            if str(key) == str(part):
+                return value
+    elif isinstance(container, list) and isinstance(part, int) and 0 <= part < len(container):
+        return container[part]
+    raise _Missing(path)
+
+
+_KEY_PART = re.compile(r"[^.\[\]]+")
+
+
+def _ref_target(expr: str, path: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The absolute key path a reference expression names, seen from the key at `path`."""
+    if not expr:
+        raise _RefProblem("empty reference ${}")
+    if ":" in expr:
+        raise _RefProblem(
+            f"${{{expr}}}: resolvers (name:arguments, e.g. oc.env) are not supported; only ${{key.path}} references"
+        )
+    dots = len(expr) - len(expr.lstrip("."))
+    rest = expr[dots:]
+    if dots:
+        if dots > len(path):
+            raise _RefProblem(f"${{{expr}}}: goes {dots} levels up from {_dotted(path)}, above the top of the file")
+        base = path[: len(path) - dots]
+    else:
+        base = ()
+    if not rest:
+        raise _RefProblem(f"${{{expr}}}: names no key")
+    parts: list[Any] = []
+    for chunk in re.split(r"\.|(?=\[)", rest):
+        index = re.fullmatch(r"\[\s*(\d+)\s*\]", chunk)
+        if index:
+            parts.append(int(index.group(1)))
+        elif _KEY_PART.fullmatch(chunk):
+            parts.append(int(chunk) if chunk.isdigit() else chunk)
+        else:
+            raise _RefProblem(f"${{{expr}}} is not a key path (write ${{section.key}} or ${{list[0].key}})")
+    return base + tuple(parts)
+
+
+def _split_refs(text: str) -> list[str | _Ref]:
+    """`text` as literal pieces and references; `\\${` escapes a reference, as in OmegaConf."""
+    pieces: list[str | _Ref] = []
+    literal: list[str] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            end = i
+            while end < len(text) and text[end] == "\\":
+                end += 1
+            if text.startswith("${", end):
+                count = end - i
+                literal.append("\\" * (count // 2))
+                if count % 2:  # escaped: a literal ${
+                    literal.append("${")
+                    end += 2
+            else:
+                literal.append(text[i:end])
+            i = end
+        elif text.startswith("${", i):
+            close = _closing_brace(text, i)
+            if close < 0:
+                raise _RefProblem(f"unclosed ${{ in {text!r} (write \\${{ for a literal ${{)")
+            if literal:
+                pieces.append("".join(literal))
+                literal = []
+            pieces.append(_Ref(text[i + 2 : close]))
+            i = close + 1
+        else:
+            literal.append(char)
+            i += 1
+    if literal:
+        pieces.append("".join(literal))
+    return pieces
+
+
+def _closing_brace(text: str, start: int) -> int:
+    """Index of the `}` closing the `${` at `start` (nested `${...}` included), or -1."""
+    depth, i = 0, start
+    while i < len(text):
+        if text.startswith("${", i):
+            depth += 1
+            i += 2
+            continue
+        if text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return -1
+
+
+def _escape_refs(value: Any) -> Any:
+    """Resolved data written back as YAML: every `${` in a string made literal again."""
+    if isinstance(value, dict):
+        return {key: _escape_refs(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_escape_refs(item) for item in value]
+    if isinstance(value, str) and "${" in value:
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    return value
