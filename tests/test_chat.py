@@ -588,9 +588,16 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
         assert tab.query_one("#chat-retry", Button).display
         assert tab.client is None
 
-        # Retry (the button) starts a fresh worker
-        await pilot.click("#chat-retry")
-        await _until(pilot, lambda: tab.state == "ready", timeout=120)
+        # Retry (the button) starts a fresh worker; click it once it is laid out on screen
+        retry = tab.query_one("#chat-retry", Button)
+        await _until(pilot, lambda: retry.region.width > 0 and retry.region.height > 0)
+        assert await pilot.click("#chat-retry"), "the click did not land on the Retry button"
+
+        def ready_again() -> bool:
+            return tab.state == "ready"
+
+        ready_again.debug = lambda: (tab.state, tab.status)
+        await _until(pilot, ready_again, timeout=120)
         client = tab.client
 
         # another target: the running worker switches models (op load); the history goes on

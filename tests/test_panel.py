@@ -388,3 +388,55 @@ async def test_eval_stage_shows_the_report(project: Path):
         await wait_until(pilot, lambda: tab.shown == ("20261125-080000-tiny", "eval"))
         shown = str(app.query_one("#metrics").render())
     assert "KD student" in shown and "2.50" in shown and "0.100" in shown and "CE student" in shown
+
+
+async def test_code_results_show_each_failed_problem_with_its_completion_and_error(project: Path):
+    """`v` on a run opens its code eval problem by problem: failed first, the completion and the error of
+    the highlighted one, `m` for the next model; a damaged line is named, not fatal."""
+    from textual.widgets import Select
+
+    from tui.screens.code_results import CodeResultsScreen
+
+    write_finished_run(project / "runs")
+    code_dir = project / "runs" / "20261125-080000-tiny" / "eval" / "code"
+    code_dir.mkdir(parents=True)
+    sample = lambda task, passed, completion, error="", status=None: json.dumps(  # noqa: E731
+        {"task_id": task, "completion": completion, "passed": passed, "status": status or ("passed" if passed else "failed"),
+         "error": error, "duration_s": 0.1}) + "\n"
+    (code_dir / "student_kd.jsonl").write_text(
+        sample("HumanEval/0", True, "    return a + b\n")
+        + sample("HumanEval/1", False, "    return a - b_typo\n",
+                 "Traceback (most recent call last):\n  ...\nNameError: name 'b_typo' is not defined")
+        + "{not json\n"
+        + sample("HumanEval/2", False, "    while True: pass\n", "timed out after 10 s", "timeout"))
+    (code_dir / "assistant.jsonl").write_text(sample("HumanEval/0", True, "    return sum((a, b))\n"))
+    app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
+    async with app.run_test(size=(80, 24)) as pilot:
+        tab = app.query_one(StagesTab)
+        await wait_until(pilot, lambda: tab.ready and tab.run_id == "20261125-080000-tiny")
+        await pilot.press("v")
+        await wait_until(pilot, lambda: isinstance(app.screen, CodeResultsScreen) and app.screen.rows)
+        screen = app.screen
+        assert screen.model == "assistant"  # the report's model order: assistant before the students
+        await pilot.press("m")
+        await wait_until(pilot, lambda: screen.model == "student_kd")
+        table = screen.query_one("#code-table", DataTable)
+        assert [str(table.get_row_at(i)[0]) for i in range(table.row_count)] == ["HumanEval/1", "HumanEval/2",
+                                                                                 "HumanEval/0"]
+        assert "NameError: name 'b_typo' is not defined" in str(table.get_row_at(0)[2])
+        summary = str(screen.query_one("#code-summary").render())
+        assert "2 failed, 1 passed" in summary and "student_kd.jsonl:3" in summary
+        detail = screen.query_one("#code-detail-text")
+        await pilot.press("down")  # the timed-out one
+        await pilot.pause()
+        shown = _rendered(detail)
+        assert "while True: pass" in shown and "timed out after 10 s" in shown and "timeout" in shown
+        assert str(screen.query_one("#code-model", Select).value) == "student_kd"
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not isinstance(app.screen, CodeResultsScreen))
+
+
+def _rendered(widget) -> str:
+    """What a widget shows, as plain text (its lines as painted)."""
+    return "\n".join("".join(segment.text for segment in strip) for strip in
+                     widget.render_lines(widget.region.reset_offset))

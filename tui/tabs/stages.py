@@ -97,10 +97,11 @@ class StagesTab(Vertical):
     """
 
     BINDINGS = [
-        Binding("s", "start", "Start/resume stage"),
+        Binding("s", "start", "Start stage"),
         Binding("f", "start_from_here", "From here"),
         Binding("n", "new_run", "New run"),
-        Binding("c", "cancel", "Cancel run"),
+        Binding("c", "cancel", "Cancel"),
+        Binding("v", "code_results", "Results"),
     ]
 
     def __init__(self, config_path: str, runs_dir: Path | Callable[[], Path]):
@@ -418,6 +419,28 @@ class StagesTab(Vertical):
         self.run_id = run_id
         self.refresh_store()
 
+    def action_code_results(self) -> None:
+        if self.run_id is None:
+            self.notify("no run selected yet", timeout=3)
+            return
+        self._open_code_results(self.run_id)
+
+    @work(thread=True, group="stages-actions")
+    def _open_code_results(self, run_id: str) -> None:
+        """The selected run's code eval, problem by problem (the store is read off the event loop)."""
+        from tui.screens.code_results import CodeResultsScreen
+
+        try:
+            code_dir = self.store.get(run_id).stage_dir("eval") / "code"
+        except (LookupError, OSError) as exc:
+            self.app.call_from_thread(self.notify, str(exc), title="cannot open results", severity="error")
+            return
+        if not code_dir.is_dir():
+            self.app.call_from_thread(self.notify, f"run {run_id} has no code results yet: run its eval stage "
+                                      "(eval.code.benchmark: humaneval)", title="no code results", timeout=6)
+            return
+        self.app.call_from_thread(self.app.push_screen, CodeResultsScreen(run_id, code_dir))
+
     @work(thread=True, group="stages-actions")
     def _cancel(self, run_id: str) -> None:
         from engine.core import launcher
@@ -452,6 +475,6 @@ def eval_table(report: dict) -> Text:
     code = report.get("code") or {}
     note = f"{report.get('examples', '?')} answers; KL to assistant"
     if code:
-        note += f"; {code.get('benchmark')} {code.get('problems')} problems (eval/code/<model>.jsonl)"
+        note += f"; {code.get('benchmark')} {code.get('problems')} problems (v: each problem)"
     text.append(note, style="dim")
     return text
