@@ -9,6 +9,7 @@
     tas note RUN [TEXT] [--name N] / tas rm RUN... [--archive] [--yes]
     tas gpu [--watch] [--interval S]
     tas chat [--target kd|ce|assistant|base] [--model NAME]
+    tas export RUN [--target kd|ce|assistant] [--out DIR] [--push]
 
 Light: argparse + the run store; never imports the ML stack, so every command answers at once.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli import cancel, chat, compare, eval_code, gpu, logs, manage, run, status
+from engine.cli import cancel, chat, compare, eval_code, export, gpu, logs, manage, run, status
 from engine.cli.common import fail
 from engine.core import launcher
 from engine.core.config import ConfigError
@@ -27,7 +28,7 @@ from engine.core.pipeline import UnknownStage
 from engine.core.runs import DEFAULT_CONFIG, RunIsLive, RunNotFound
 from engine.core.secrets import load_dotenv_secrets
 
-COMMANDS = (run, status, logs, cancel, compare, manage, gpu, chat, eval_code)
+COMMANDS = (run, status, logs, cancel, compare, manage, gpu, chat, eval_code, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
