@@ -440,3 +440,18 @@ def _rendered(widget) -> str:
     """What a widget shows, as plain text (its lines as painted)."""
     return "\n".join("".join(segment.text for segment in strip) for strip in
                      widget.render_lines(widget.region.reset_offset))
+
+
+def test_config_tab_resolves_references_like_the_loader():
+    """A `${}` reference in a number field is valid in the editor as it is on load; a broken one is named."""
+    from tui.tabs.config import check_config_text
+
+    from tests.helpers import ROOT
+
+    text = (ROOT / "tests" / "data" / "tiny.yaml").read_text()
+    with_ref = text.replace("  distillation:\n", "  distillation:\n    logging_steps: ${train.sft.logging_steps}\n", 1)
+    assert with_ref != text
+    assert check_config_text(with_ref, "tiny.yaml").issues == []
+    broken = text.replace("  distillation:\n", "  distillation:\n    logging_steps: ${train.sft.nope}\n", 1)
+    issues = check_config_text(broken, "tiny.yaml").issues
+    assert len(issues) == 1 and "train.distillation.logging_steps" in issues[0] and "train.sft.nope" in issues[0]

@@ -120,8 +120,14 @@ class OpenTeacherTokenizer(Section):
 
 
 class DownloadConfig(Section):
-    size: str = Field("64k", description="Size variant of a ready teacher dataset on the hub (its revision).")
-    repo: str | None = Field(None, description="Hub dataset with ready teacher answers (teacher.source: download).")
+    size: str = Field("64k", description="16k, 32k or 64k: which of TAS's published answer sets (v3 / v5 / v7).")
+    repo: str | None = Field(
+        None, description="Hub dataset (or local folder) with ready teacher answers (teacher.source: download); "
+        "unset: TAS's bunyaminergen/Stable-Code-Python-SFT."
+    )
+    revision: str | None = Field(
+        None, description="Hub revision to load instead of the one `size` maps to (for an overridden repo)."
+    )
 
 
 class TeacherDataConfig(Section):
@@ -193,6 +199,11 @@ class TeacherConfig(Section):
     open: OpenTeacher
     closed: ClosedTeacher
     vllm: VllmTeacher = Field(default_factory=VllmTeacher)
+    download_from: Literal["open", "closed"] = Field(
+        "open",
+        description="teacher.source: download: whose published answers, open (teacher.open.data.download, "
+        "GoogleDocString revisions) or closed (teacher.closed.data.download, NumpyDocString); TAS used open.",
+    )
 
 
 # ------------------------------------------------------------------------------------------ assistant

@@ -89,9 +89,11 @@ def teacher_fingerprint(config: TASConfig, workdir: str | Path) -> dict[str, Any
         for name in ("max_new_tokens", "temperature", "top_p"):
             parts[f"teacher.open.pipeline.{name}"] = getattr(teacher.open.pipeline, name)
     else:  # download: the answers are whatever the hub dataset holds
-        download = teacher.open.data.download
-        parts["teacher.open.data.download.repo"] = download.repo
-        parts["teacher.open.data.download.size"] = download.size
+        section = teacher.download_from
+        download = getattr(teacher, section).data.download
+        parts["teacher.download_from"] = section
+        for name in ("repo", "size", "revision"):
+            parts[f"teacher.{section}.data.download.{name}"] = getattr(download, name)
         return parts
     parts["Teacher system prompt"] = _system_prompt_digest(config, workdir)
     return parts

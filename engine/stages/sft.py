@@ -61,6 +61,7 @@ def lora_config(ctx: StageContext, model):
         lora_dropout=lora.lora_dropout,
         target_modules=lora.target_modules,
         modules_to_save=modules_to_save,
+        bias=lora.bias,
         task_type=lora.task_type,
     )
 

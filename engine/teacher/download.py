@@ -8,13 +8,12 @@ the docstring style of the answers: `open` (stable-code-instruct-3b) → `-Googl
 downloads the open teacher's answers.
 
 Here:
-* which teacher: `teacher.download_from` (`open` | `closed`, default `open` as TAS's main.py) when the
-  config schema has it, else `open`; its section's `data.download` is read
+* which teacher: `teacher.download_from` (`open` | `closed`, default `open` as TAS's main.py); its section's `data.download` is read
   (`teacher.open.data.download` or `teacher.closed.data.download`);
 * `repo` defaults to TAS's dataset and can name another hub dataset or a local folder (a dataset saved
   in the hub layout, e.g. by `huggingface-cli download --repo-type dataset … --local-dir DIR`; a folder
   is one revision, loaded as it is);
-* `revision`, when the schema has it and it is set, is used as given instead of the size mapping;
+* `revision`, when set, is used as given instead of the size mapping;
 * every record is kept, in the dataset's order, with the id the data stage gives the same text
   (`prompt_id`; the n-th repeat of a text gets `-n`, as the data stage does when it keeps repeats), so
   running again adds nothing. Rows without an instruction or with an empty answer are skipped (an empty
@@ -67,8 +66,8 @@ class DownloadPlan:
 
 
 def download_teacher(config: Any) -> str:
-    """Whose answers to download: `teacher.download_from` when the schema has that key, else TAS's `open`."""
-    teacher = getattr(config.teacher, "download_from", None) or "open"
+    """Whose answers to download: `teacher.download_from` (TAS's main.py: `open`)."""
+    teacher = config.teacher.download_from
     if teacher not in DOCSTRING_STYLES:
         raise StageError(f"teacher.download_from: {teacher!r}; use open or closed")
     return teacher
@@ -82,7 +81,7 @@ def plan_download(config: Any, teacher: str | None = None) -> DownloadPlan:
     repo = (download.repo or "").strip() or TAS_REPO
     if Path(repo).expanduser().is_dir():
         return DownloadPlan(teacher, key, str(Path(repo).expanduser()), None)
-    revision = (getattr(download, "revision", None) or "").strip()
+    revision = (download.revision or "").strip()
     if not revision:
         revision = tas_revision(download.size, teacher) or ""
         if not revision:

@@ -62,7 +62,8 @@ def load_split_pairs(ctx: StageContext) -> tuple[list[dict], list[dict], str | N
     except ChatDataError as exc:
         raise StageError(str(exc)) from None
     prompts = Path(ctx.config.data.output_path)
-    if prompts.exists():  # only this run's prompts, even if the answers file holds more (reused answers)
+    downloaded = ctx.config.teacher.source == "download"  # TAS trains on the whole published set
+    if prompts.exists() and not downloaded:  # only this run's prompts, even if the answers file holds more (reused answers)
         ids = {record.get("id") for _, record in iter_records(prompts)}
         kept = [p for p in pairs if p.get("id") in ids]
         if len(kept) < len(pairs):

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 from rich.syntax import Syntax
 from rich.text import Text
 from textual import on
@@ -31,14 +30,7 @@ from textual.screen import ModalScreen
 from textual.timer import Timer
 from textual.widgets import ContentSwitcher, Input, Label, Select, Static, TextArea, Tree
 
-from engine.core.config import (
-    MAX_CONFIG_BYTES,
-    ConfigError,
-    TASConfig,
-    _duplicate_keys,
-    _issue_from_error,
-    parse_config,
-)
+from engine.core.config import MAX_CONFIG_BYTES, ConfigError, parse_config, validate_tree
 from engine.core.config_edit import field_help, save_config_text, set_yaml_value
 
 SECTION_ORDER = ("teacher", "assistant", "student", "train", "datasets")
@@ -78,13 +70,12 @@ def check_config_text(text: str, source: str) -> Checked:
         except ConfigError as exc:
             issues = [str(issue) for issue in exc.issues]
         return Checked(data if isinstance(data, dict) else None, issues)
-    problems = list(_duplicate_keys(node))
-    if not problems:
-        try:
-            TASConfig.model_validate(data)
-        except ValidationError as exc:
-            problems = [_issue_from_error(err, node) for err in exc.errors()]
-    return Checked(data, [str(issue) for issue in problems])
+    try:
+        validate_tree(data, node, source)  # duplicate keys, ${} references, then the schema
+        issues = []
+    except ConfigError as exc:
+        issues = [str(issue) for issue in exc.issues]
+    return Checked(data, issues)
 
 
 def config_files(current: str) -> list[str]:
