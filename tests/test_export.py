@@ -341,3 +341,48 @@ def test_cli_push_failure_is_reported_without_the_token(project: Path, capfd, mo
     out = capfd.readouterr()
     assert "push to someone/tiny-student failed" in out.err and "401 Unauthorized" in out.err
     assert PUSH_TOKEN not in out.out + out.err
+
+
+@pytest.mark.e2e  # the export runs in its own process, as it does from the CLI
+async def test_panel_x_exports_the_kd_student_of_the_selected_run(project: Path, monkeypatch):
+    """`x` on a finished run writes the export folder and says where; on a run without a student it says
+    which stage to run, and writes nothing."""
+    from tui.app import TASPanel
+    from tui.tabs.stages import StagesTab
+
+    monkeypatch.chdir(project)
+    empty = make_run(project)
+    done = make_run(project)
+    add_students(done)
+    app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
+    notes: list[str] = []
+    monkeypatch.setattr(app, "notify", lambda message, **kw: notes.append(f"{kw.get('title', '')}: {message}"))
+    async with app.run_test(size=(80, 24)) as pilot:
+        tab = app.query_one(StagesTab)
+        await wait_for_async(pilot, lambda: tab.ready)
+        tab.run_id = empty.id
+        tab.refresh_store()
+        await wait_for_async(pilot, lambda: tab.shown and tab.shown[0] == empty.id)
+        await pilot.press("x")
+        await wait_for_async(pilot, lambda: any("cannot export" in n for n in notes))
+        assert any("distill" in n for n in notes if "cannot export" in n)
+        assert not (empty.path / "export").exists()
+        tab.run_id = done.id
+        tab.refresh_store()
+        await wait_for_async(pilot, lambda: tab.shown and tab.shown[0] == done.id)
+        notes.clear()
+        await pilot.press("x")
+        await wait_for_async(pilot, lambda: any(n.startswith(("exported", "export failed")) for n in notes),
+                             timeout=180)
+    out = done.path / "export" / "kd"
+    assert any(n.startswith("exported") and str(out) in n for n in notes), notes
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+async def wait_for_async(pilot, predicate, timeout: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await pilot.pause(0.1)

@@ -444,9 +444,8 @@ def _rendered(widget) -> str:
 
 def test_config_tab_resolves_references_like_the_loader():
     """A `${}` reference in a number field is valid in the editor as it is on load; a broken one is named."""
-    from tui.tabs.config import check_config_text
-
     from tests.helpers import ROOT
+    from tui.tabs.config import check_config_text
 
     text = (ROOT / "tests" / "data" / "tiny.yaml").read_text()
     with_ref = text.replace("  distillation:\n", "  distillation:\n    logging_steps: ${train.sft.logging_steps}\n", 1)

@@ -102,6 +102,7 @@ class StagesTab(Vertical):
         Binding("n", "new_run", "New run"),
         Binding("c", "cancel", "Cancel"),
         Binding("v", "code_results", "Results"),
+        Binding("x", "export", "Export KD student", show=False),
     ]
 
     def __init__(self, config_path: str, runs_dir: Path | Callable[[], Path]):
@@ -441,6 +442,38 @@ class StagesTab(Vertical):
             return
         self.app.call_from_thread(self.app.push_screen, CodeResultsScreen(run_id, code_dir))
 
+    def action_export(self) -> None:
+        if self.run_id is None:
+            self.notify("no run selected yet", timeout=3)
+            return
+        self._export(self.run_id)
+
+    @work(thread=True, group="stages-export", exclusive=True)
+    def _export(self, run_id: str) -> None:
+        """`tas export RUN`: the KD student as a merged, servable folder (the merge loads the ML stack, so it
+        runs in a process of its own, as the CLI runs it)."""
+        import subprocess
+
+        from engine.core.export import ExportRefused, check_out_dir, default_out_dir, export_command, export_source
+        from engine.core.runs import RunIsLive
+
+        notify = self.app.call_from_thread
+        try:
+            run = self.store.get(run_id)
+            export_source(run, "kd")
+            out = check_out_dir(default_out_dir(run, "kd"))
+        except (ExportRefused, RunIsLive, LookupError, OSError) as exc:
+            notify(self.notify, str(exc), title="cannot export", severity="error", timeout=8)
+            return
+        notify(self.notify, f"exporting the KD student of run {run_id} …", timeout=4)
+        result = subprocess.run(export_command(run, "kd", out), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, errors="replace")
+        if result.returncode != 0:
+            why = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
+            notify(self.notify, why, title="export failed", severity="error", timeout=10)
+            return
+        notify(self.notify, f"{out}\n(tas export {run_id} --push uploads it)", title="exported", timeout=10)
+
     @work(thread=True, group="stages-actions")
     def _cancel(self, run_id: str) -> None:
         from engine.core import launcher
@@ -476,5 +509,6 @@ def eval_table(report: dict) -> Text:
     note = f"{report.get('examples', '?')} answers; KL to assistant"
     if code:
         note += f"; {code.get('benchmark')} {code.get('problems')} problems (v: each problem)"
+    note += "; x exports the KD student"
     text.append(note, style="dim")
     return text
