@@ -1,17 +1,23 @@
-"""Teacher generation throughput: this stage's loop vs the original TAS loop, same model and prompts.
+"""Teacher generation throughput: our HF loop vs the original TAS loop vs the vLLM server, same model,
+prompts and token counts.
 
     python bench/teacher_throughput.py                      # tiny teacher, CPU, shipped prompts
+    python bench/teacher_throughput.py --vllm               # also the vLLM path (the vLLM venv), with the ratio
     python bench/teacher_throughput.py --model Qwen/Qwen2.5-Coder-1.5B-Instruct --device cuda --batch-size 64
 
-"stage": KV cache on, batches sorted by prompt length, stop at EOS (engine/teacher_open.py).
-"seed-style": KV cache off (TAS `use_cache: False`), batches in file order; otherwise identical
-(greedy decoding, same max_new_tokens, batch size, prompts). Prints one JSON object.
+"stage": KV cache on, batches sorted by prompt length (engine/teacher/open.py).
+"seed-style": KV cache off (TAS `use_cache: False`), batches in file order; otherwise identical.
+"vllm" (--vllm): the managed vLLM server of `teacher.source: vllm`, measured by bench/vllm_teacher_probe.py
+in its own process (the vLLM venv), server start-up not counted.
+Every path does the same work: greedy, exactly --max-new-tokens new tokens per prompt (HF: min_new_tokens;
+vLLM: ignore_eos), so an early EOS cannot make one path look faster. Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +48,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--vllm", action="store_true", help="also measure the vLLM server path")
+    parser.add_argument("--vllm-python", default=None, help="python of the vLLM venv (default: the probe's)")
+    parser.add_argument("--skip-seed", action="store_true", help="skip the (slow) seed-style loop")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -54,14 +63,16 @@ def main() -> None:
     texts = chat_texts(tokenizer, prompts, "You are a senior Python developer.", True)
     kwargs = dict(
         max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.max_new_tokens,  # equal work on every path (vLLM: ignore_eos)
         do_sample=False,
         eos_token_id=stop_token_ids(tokenizer, model, ["<|im_end|>"]),
         pad_token_id=tokenizer.pad_token_id,
     )
     measure(model, tokenizer, prompts[:4], texts[:4], 4, dict(kwargs, use_cache=True), True)  # warm-up
     stage = measure(model, tokenizer, prompts, texts, args.batch_size, dict(kwargs, use_cache=True), True)
-    seed = measure(model, tokenizer, prompts, texts, args.batch_size, dict(kwargs, use_cache=False), False)
-    print(json.dumps({
+    seed = None if args.skip_seed else measure(model, tokenizer, prompts, texts, args.batch_size,
+                                               dict(kwargs, use_cache=False), False)
+    result = {
         "model": args.model,
         "device": args.device,
         "torch_threads": torch.get_num_threads(),
@@ -70,8 +81,27 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "stage": stage,
         "seed_style": seed,
-        "speedup": round(stage["tokens_per_s"] / seed["tokens_per_s"], 2),
-    }, indent=2))
+        "speedup": round(stage["tokens_per_s"] / seed["tokens_per_s"], 2) if seed else None,
+    }
+    if args.vllm:
+        del model  # the server gets the memory (and, on CPU, the cores) to itself
+        vllm = measure_vllm(args)
+        result["vllm"] = vllm
+        if "tokens_per_s" in vllm:
+            result["vllm_vs_stage"] = round(vllm["tokens_per_s"] / stage["tokens_per_s"], 2)
+    print(json.dumps(result, indent=2))
+
+
+def measure_vllm(args: argparse.Namespace) -> dict:
+    """The vLLM path, measured in its own process by the probe (it starts and stops the server)."""
+    command = [sys.executable, str(Path(__file__).with_name("vllm_teacher_probe.py")), "--model", args.model,
+               "--prompts", str(args.prompts), "--max-tokens", str(args.max_new_tokens)]
+    if args.vllm_python:
+        command += ["--vllm-python", args.vllm_python]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
