@@ -26,6 +26,7 @@ from engine.gpu.model import GIB, GpuProcess, GpuSnapshot, GpuUnavailable
 from engine.gpu.nvml import NO_DRIVER, NvmlBackend
 from engine.gpu.sampler import Sampler, open_backend
 from tests.helpers import TINY_CONFIG
+from tests.helpers import wait_for as wait_until_true
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -536,3 +537,33 @@ def test_snapshot_gpu_tab_80x24(snap_compare, tmp_path, monkeypatch) -> None:
 def test_snapshot_gpu_tab_120x40(snap_compare, tmp_path, monkeypatch) -> None:
     app = snapshot_app(tmp_path, monkeypatch)
     assert snap_compare(app, terminal_size=(120, 40), press=["f3"], run_before=_sampled)
+
+
+def test_a_vllm_server_group_is_labelled_even_without_its_worker(worker, tmp_path: Path) -> None:
+    """The teacher's vLLM server runs in its own process group and may outlive its worker: its processes
+    (leader and children) are found by the pid file the server writes, and a stale pid file is not ours."""
+    from engine.teacher.vllm_server import _start_ticks, _write_pid_file
+
+    leader = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True)
+    try:
+        wait_until_true(lambda: len(group_pids(leader.pid)) == 2, timeout=10)
+        child = next(pid for pid in group_pids(leader.pid) if pid != leader.pid)
+        pid_file = worker.run.stage_dir("teacher") / "vllm.pid"
+        _write_pid_file(pid_file, leader.pid)
+        assert json.loads(pid_file.read_text())["start_ticks"] == _start_ticks(leader.pid)
+        server = f"run {worker.run.id} · teacher · vLLM server"
+        labelled = label_processes([GpuProcess(0, leader.pid, GIB), GpuProcess(0, child, GIB)], worker.runs)
+        assert [p.label for p in labelled] == [server, server]
+
+        record = json.loads(pid_file.read_text())
+        pid_file.write_text(json.dumps(dict(record, start_ticks=record["start_ticks"] + 1)))  # a reused pid
+        assert [p.label for p in label_processes([GpuProcess(0, leader.pid, GIB)], worker.runs)] == [None]
+    finally:
+        os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait()
+
+
+def group_pids(pgid: int) -> list[int]:
+    from engine.teacher.vllm_server import group_members
+
+    return group_members(pgid)

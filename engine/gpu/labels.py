@@ -1,4 +1,5 @@
-"""Which GPU processes are ours: our stage workers (and their children) labelled "run <id> · <stage>".
+"""Which GPU processes are ours: our stage workers (and their children) labelled "run <id> · <stage>", and
+the vLLM teacher servers (their own process group) "run <id> · teacher · vLLM server".
 
 Kept apart from the backends because it is about the run store and the process tree, not the GPU: it reads
 the pid files the supervisor writes (runs/<run>/<stage>/pid) and walks process ancestry with psutil.
@@ -44,6 +45,25 @@ def live_workers(runs_root: str | os.PathLike[str] | None) -> dict[int, Worker]:
     return workers
 
 
+def live_servers(runs_root: str | os.PathLike[str] | None) -> dict[int, str]:
+    """pid -> label of every process of a vLLM teacher server alive now (runs/<run>/teacher/vllm.pid).
+
+    The server runs in its own process group and may outlive its worker (a SIGKILLed worker leaves it to
+    the next worker of the run to end), so its processes are found by group, not by ancestry."""
+    if runs_root is None:
+        return {}
+    from engine.core.runs import RunStore
+    from engine.teacher.vllm_server import server_processes
+
+    servers: dict[int, str] = {}
+    for run in RunStore(runs_root).list():
+        pid_file = run.stage_dir("teacher") / "vllm.pid"
+        if pid_file.exists():
+            for pid in server_processes(pid_file):
+                servers[pid] = f"run {run.id} · teacher · vLLM server"
+    return servers
+
+
 _names: dict[tuple[int, float], str] = {}
 
 
@@ -84,6 +104,7 @@ def label_processes(
         return []
     if workers is None:
         workers = live_workers(runs_root)
+    servers = live_servers(runs_root)
     labelled = []
     for gp in processes:
         label, name = None, gp.name
@@ -94,7 +115,7 @@ def label_processes(
         if process is not None:
             if name is None:
                 name = short_command(process)
-            label = _label(process, workers)
+            label = servers.get(gp.pid) or _label(process, workers)
         labelled.append(replace(gp, label=label, name=name or "?"))
     return labelled
 

@@ -308,6 +308,20 @@ def stop_leftover(pid_file: str | os.PathLike, grace_s: float = 10.0) -> bool:
     return ended
 
 
+def server_processes(pid_file: str | os.PathLike) -> list[int]:
+    """Pids of the live server group recorded in `pid_file` (leader, API server, engine cores), or [].
+
+    The same rule as stop_leftover: a leader pid with another start time is someone else's now."""
+    record = _read_pid_file(Path(pid_file))
+    if record is None:
+        return []
+    pid, start_ticks = record
+    now = _start_ticks(pid)
+    if now is not None and start_ticks is not None and now != start_ticks:
+        return []
+    return group_members(pid)
+
+
 def _end_group(pgid: int, grace_s: float, leader: subprocess.Popen[bytes] | None = None) -> None:
     """SIGTERM the group, wait for every member to exit (reaping our child), then SIGKILL what is left.
 
