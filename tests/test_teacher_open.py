@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.core.config import load_config
 from engine.core.events import read_events
@@ -124,3 +125,37 @@ def test_resume_off_does_not_merge_old_shards(config, project: Path):
     teacher.run(make_context(config, "teacher", project))
     assert "p-stale" not in {r["id"] for r in answers(config)}
     assert list(output.parent.glob("teacher.jsonl.rank1.*.bak"))
+
+
+def test_out_of_memory_halves_the_batch_and_answers_every_prompt_once(config, project: Path, monkeypatch):
+    """A CUDA out-of-memory (injected: batches over 3 prompts do not "fit") halves the batch until it fits,
+    says so, and still answers every prompt exactly once; only a single prompt that does not fit fails."""
+    import transformers
+
+    config.teacher.open.pipeline.batch_size = 16
+    real_generate = transformers.GenerationMixin.generate
+    sizes: list[int] = []
+
+    def generate(self, *args, **kwargs):
+        rows = kwargs["input_ids"].shape[0]
+        sizes.append(rows)
+        if rows > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 86.00 GiB (injected)")
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", generate)
+    ctx = make_context(config, "teacher", project)
+    teacher.run(ctx)
+    ids = [r["id"] for r in answers(config)]
+    assert sorted(ids) == sorted(prompt_ids(config)) and len(ids) == len(set(ids)) == 40
+    assert sizes[:3] == [16, 8, 4] and set(sizes[3:]) <= {2}  # 16 → 8 → 4 → 2, then 2 from there on
+    logs = [e["msg"] for e in read_events(ctx.stage_dir / "events.jsonl") if e["kind"] == "log"]
+    assert sum("out of memory with a batch of" in m for m in logs) == 3
+    assert any("going on with batches of 2" in m for m in logs)
+
+    # nothing fits: one prompt alone is a clear error, and what was answered stays
+    Path(config.teacher.base.output_path).unlink()
+    monkeypatch.setattr(transformers.GenerationMixin, "generate",
+                        lambda self, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(StageError, match=r"single prompt.*teacher\.open\.pipeline\.max_new_tokens"):
+        teacher.run(make_context(config, "teacher", project))

@@ -102,3 +102,12 @@ def peak_memory() -> dict[str, Any]:
 
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_accelerator_memory() -> None:
+    """Give the allocator's cached blocks back after an out-of-memory, so a smaller retry can use them."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

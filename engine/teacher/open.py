@@ -15,13 +15,20 @@ own shard file; the stage merges the shards when every rank is done.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from engine.models.device import is_out_of_memory, peak_memory, pick_attention, pick_device, pick_dtype
+from engine.models.device import (
+    free_accelerator_memory,
+    is_out_of_memory,
+    peak_memory,
+    pick_attention,
+    pick_device,
+    pick_dtype,
+)
 from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.runner.context import StageContext, StageError
 from engine.teacher.output import TeacherOutput
@@ -111,42 +118,70 @@ def generate_batches(
     sort_by_length: bool = True,
     skip_special_tokens: bool = True,
     clean_up_tokenization_spaces: bool = True,
+    on_out_of_memory: Callable[[int, int], None] | None = None,
 ) -> Iterator[Batch]:
-    """Yield answered batches; with `sort_by_length`, longest prompts first."""
+    """Yield answered batches; with `sort_by_length`, longest prompts first.
+
+    A batch that runs out of memory is split: the batch size halves (and stays halved: the longest prompts
+    come first, so later batches fit too), `on_out_of_memory(old, new)` is told, and the same prompts are
+    generated again in smaller batches — the idea of accelerate's `find_executable_batch_size`. Only a
+    single prompt that does not fit is an error (the caller says what to lower).
+    """
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     order = list(range(len(texts)))
     if sort_by_length:
         order.sort(key=lambda i: -lengths[i])
     max_input = max(1, getattr(model.config, "max_position_embeddings", 4096) - gen_kwargs["max_new_tokens"])
     stop_ids = torch.tensor(gen_kwargs["eos_token_id"] or [-1])
-    for start in range(0, len(order), batch_size):
+    start = 0
+    while start < len(order):
         chunk = order[start : start + batch_size]
-        encoded = tokenizer(
-            [texts[i] for i in chunk],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_input,
-            add_special_tokens=False,
-        ).to(model.device)
-        began = time.perf_counter()
-        with torch.inference_mode():
-            output = model.generate(**encoded, **gen_kwargs)
-        seconds = time.perf_counter() - began
-        new = output[:, encoded["input_ids"].shape[1] :].cpu()
-        answers, counted = [], 0
-        for row in new:
-            stops = torch.isin(row, stop_ids).nonzero()
-            length = int(stops[0]) + 1 if len(stops) else len(row)
-            counted += length
-            answers.append(
-                tokenizer.decode(
-                    row[:length],
-                    skip_special_tokens=skip_special_tokens,
-                    clean_up_tokenization_spaces=clean_up_tokenization_spaces,
-                ).strip()
-            )
-        yield Batch([prompts[i] for i in chunk], answers, counted, seconds)
+        try:
+            batch = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], [texts[i] for i in chunk],
+                                    gen_kwargs, max_input, stop_ids, skip_special_tokens,
+                                    clean_up_tokenization_spaces)
+        except Exception as exc:
+            if not is_out_of_memory(exc) or batch_size == 1:
+                raise
+            del exc  # its traceback holds the failed batch's tensors
+            free_accelerator_memory()
+            old, batch_size = batch_size, max(1, batch_size // 2)
+            if on_out_of_memory is not None:
+                on_out_of_memory(old, batch_size)
+            continue  # the same prompts, in smaller batches
+        start += len(chunk)
+        yield batch
+
+
+def _generate_batch(model, tokenizer, prompts: list[dict[str, Any]], texts: list[str], gen_kwargs: dict[str, Any],
+                    max_input: int, stop_ids: torch.Tensor, skip_special_tokens: bool,
+                    clean_up_tokenization_spaces: bool) -> Batch:
+    encoded = tokenizer(
+        texts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max_input,
+        add_special_tokens=False,
+    ).to(model.device)
+    began = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(**encoded, **gen_kwargs)
+    seconds = time.perf_counter() - began
+    new = output[:, encoded["input_ids"].shape[1] :].cpu()
+    answers, counted = [], 0
+    for row in new:
+        stops = torch.isin(row, stop_ids).nonzero()
+        length = int(stops[0]) + 1 if len(stops) else len(row)
+        counted += length
+        answers.append(
+            tokenizer.decode(
+                row[:length],
+                skip_special_tokens=skip_special_tokens,
+                clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            ).strip()
+        )
+    return Batch(prompts, answers, counted, seconds)
 
 
 def answer_open(ctx: StageContext, prompts: list[dict[str, Any]], output: TeacherOutput, system_prompt: str | None,
@@ -163,10 +198,15 @@ def answer_open(ctx: StageContext, prompts: list[dict[str, Any]], output: Teache
     )
     torch.manual_seed(1234 + ctx.rank)
     totals = {"answered": 0, "failed": 0, "tokens": 0, "seconds": 0.0}
+    def halved(old: int, new: int) -> None:
+        ctx.events.log(f"out of memory with a batch of {old} prompts: going on with batches of {new} "
+                       f"(teacher.open.pipeline.batch_size: {new} fits from the start)", level="warning")
+
     batches = generate_batches(
         model, tokenizer, prompts, texts, cfg.pipeline.batch_size, gen_kwargs,
         skip_special_tokens=cfg.tokenizer.skip_special_tokens,
         clean_up_tokenization_spaces=cfg.tokenizer.clean_up_tokenization_spaces,
+        on_out_of_memory=halved,
     )
     step = 0
     while True:
@@ -178,9 +218,9 @@ def answer_open(ctx: StageContext, prompts: list[dict[str, Any]], output: Teache
         except Exception as exc:
             if is_out_of_memory(exc):
                 raise StageError(
-                    f"out of memory generating a batch of teacher.open.pipeline.batch_size={cfg.pipeline.batch_size} "
-                    f"prompts with max_new_tokens={cfg.pipeline.max_new_tokens}; lower batch_size (answers so far "
-                    f"are kept: {totals['answered']} in this run)"
+                    f"out of memory generating the answer to a single prompt with teacher.open.pipeline."
+                    f"max_new_tokens={cfg.pipeline.max_new_tokens}; lower max_new_tokens, use a smaller or "
+                    f"quantized teacher, or more GPUs (answers so far are kept: {totals['answered']} in this run)"
                 ) from None
             raise
         step += 1
