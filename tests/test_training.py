@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.config import load_config
+from engine.core.config import LoraConfig, PeftConfig, load_config
 from engine.core.events import read_events
+from engine.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from engine.runner.context import StageCancelled, StageError
 from engine.stages import data, distill, sft, teacher
 from engine.stages import eval as eval_stage
@@ -92,9 +93,13 @@ def test_sft_loads_the_assistant_in_4bit(trained):
 def test_distill_trains_kd_student_and_ce_control(trained):
     cfg, contexts, _ = trained
     out = Path(cfg.train.distillation.output_dir)
+    assert cfg.train.distillation.student_init == "pretrained" and cfg.student.base_model_name == "tiny:student"
+    base = json.loads((Path(resolve_model_path("tiny:student")) / "config.json").read_text())
     for folder in (out, Path(f"{out}_ce")):
         assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
-        assert json.loads((folder / "config.json").read_text())["hidden_size"] == cfg.student.hidden_size
+        saved = json.loads((folder / "config.json").read_text())
+        assert saved["hidden_size"] == base["hidden_size"] and saved["num_hidden_layers"] == base["num_hidden_layers"]
+        assert saved["student_init"] == "pretrained" and saved["student_base_model"] == "tiny:student"
     events = read_events(contexts["distill"].stage_dir / "events.jsonl")
     names = metric_names(contexts["distill"])
     assert {"loss", "ce_loss", "kd_loss", "lr", "tokens_per_s"} <= names
@@ -118,6 +123,43 @@ def test_eval_reports_every_model(trained):
     assert report["models"]["assistant"]["kl_to_assistant"] == 0
     assert report["models"]["student_kd"]["kl_to_assistant"] > 0
     assert report["examples"] >= 1
+
+
+def test_distill_pretrained_student_with_padded_vocab_and_lora(trained, tmp_path):
+    """A pretrained student whose embedding matrix has more (padding) rows than the assistant's, trained
+    through LoRA: KD compares the tokenizer's columns, and the saved student is a plain, loadable model."""
+    import torch
+
+    cfg, _, root = trained
+    tokenizer = load_tokenizer("tiny:student")
+    padded = load_causal_lm("tiny:student", dtype=torch.float32)
+    rows = len(tokenizer) + 128
+    padded.resize_token_embeddings(rows, mean_resizing=False)
+    padded.save_pretrained(tmp_path / "padded")
+    tokenizer.save_pretrained(tmp_path / "padded")
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.student.base_model_name = str(tmp_path / "padded")
+    cfg.train.distillation.output_dir = str(tmp_path / "student")
+    cfg.train.distillation.ce_only_control = False
+    cfg.train.distillation.max_steps = 2
+    cfg.train.distillation.logging_steps = 1
+    cfg.train.distillation.peft = PeftConfig(lora=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))
+    ctx = make_context(cfg, "distill", root)
+    distill.run(ctx)
+
+    logs = [e["msg"] for e in read_events(ctx.stage_dir / "events.jsonl") if e["kind"] == "log"]
+    assert any(f"KD over {len(tokenizer)} token columns" in m and "LoRA r=4" in m for m in logs), logs
+    assert any(e["name"] == "kd_loss" and e["value"] > 0 for e in read_events(ctx.stage_dir / "events.jsonl")
+               if e["kind"] == "metric")
+    out = tmp_path / "student"
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    student = load_causal_lm(str(out), dtype=torch.float32)  # as eval loads it: LoRA merged in
+    assert student.get_input_embeddings().num_embeddings == rows
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(student.state_dict()[name], padded.state_dict()[name])  # the LoRA update is in
+    name = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(student.state_dict()[name], padded.state_dict()[name])  # not targeted: unchanged
 
 
 def test_sft_resumes_from_its_newest_checkpoint(trained, tmp_path, monkeypatch):

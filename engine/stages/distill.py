@@ -2,14 +2,18 @@
 
 Recipe, top to bottom:
 1. the KD teacher: the assistant (`assistant.model.name`, 4-bit when `assistant.quantization.load_in_4bit`)
-   with the `sft` stage's LoRA adapter from `train.sft.save_path` (without one: the base assistant);
-2. the student: a Qwen2 model built from `student.*` with the assistant's tokenizer and vocab
-   (`train.distillation.student_init`: random, or a subset of the assistant's layers); the tokenizers of
-   `student.base_model_name` and the assistant must match (checked before any training);
+   with the `sft` stage's LoRA adapter from `train.sft.save_path` (without one: the base assistant); the
+   tokenizers of `student.base_model_name` and the assistant must match (checked before any training);
+2. the student (`train.distillation.student_init`): `pretrained` loads `student.base_model_name`'s weights
+   (a smaller model of the assistant's family); `random` builds a Qwen2 model from `student.*` with the
+   assistant's vocab; `assistant_layers` copies a subset of the assistant's layers (SFT adapter merged,
+   4-bit dequantized). With `train.distillation.peft`, only LoRA adapters on it are trained;
 3. the teacher answers as chat examples, split exactly as `sft` split them, loss on the answer only;
 4. HF Trainer with loss = (1 - w)·CE + w·T²·KL over answer tokens only, computed in chunks from the
-   last hidden states (engine/kd_loss.py), so the logits of a whole batch never sit in memory at once;
-5. the student (+ tokenizer) saved to `train.distillation.output_dir`.
+   last hidden states (engine/train/kd_loss.py), so the logits of a whole batch never sit in memory at
+   once; KD compares the tokenizer's columns, each model keeping its own (padded) embedding size;
+5. the student (+ tokenizer) saved to `train.distillation.output_dir` as a plain model folder (LoRA
+   adapters merged in), which `eval` and the chat load like any checkpoint.
 
 With `train.distillation.ce_only_control`, the same student (same init, data, steps) is then trained
 with CE only into `<output_dir>_ce`: the control that says whether KD helped. Checkpoints live in
@@ -39,7 +43,14 @@ from engine.train.callbacks import (
 )
 from engine.train.kd_trainer import KDCollator, KDTrainer
 from engine.train.pairs import load_split_pairs, tokenize_pair
-from engine.train.student import build_student, check_vocab_compatibility
+from engine.train.student import (
+    build_student,
+    check_same_tokenizer,
+    check_vocab_compatibility,
+    embedding_rows,
+    merged_student,
+    with_lora,
+)
 from engine.train.tracking import prepare_mlflow
 
 
@@ -51,6 +62,10 @@ def run(ctx: StageContext) -> None:
     # 1. KD teacher (the fine-tuned assistant) and the tokenizer check
     teacher, tokenizer = load_tuned_assistant(ctx, device)
     student_tokenizer = load_tokenizer(config.student.base_model_name, key="student.base_model_name")
+    try:
+        check_same_tokenizer(tokenizer, student_tokenizer)
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
 
     # 3. data, split as sft split it
     train_pairs, eval_pairs, system = load_split_pairs(ctx)
@@ -68,19 +83,32 @@ def run(ctx: StageContext) -> None:
         # 2. a fresh student, the same one for both runs
         try:
             student = build_student(config.student, teacher, tokenizer, init=kd.student_init)
-        except ValueError as exc:
-            raise StageError(str(exc)) from None
-        try:  # each model's own embedding size: padded vocabularies differ across model sizes
-            vocab = check_vocab_compatibility(tokenizer, student_tokenizer, teacher.config.vocab_size,
-                                              student.get_input_embeddings().num_embeddings)
+            # each model's own embedding size: padded vocabularies differ across model sizes
+            vocab = check_vocab_compatibility(tokenizer, student_tokenizer, embedding_rows(teacher),
+                                              embedding_rows(student))
+            if kd.peft is not None:
+                student = with_lora(student, kd.peft.lora)
         except ValueError as exc:
             raise StageError(str(exc)) from None
         student.to(device)
-        params = sum(p.numel() for p in student.parameters())
-        ctx.events.log(f"{label}: {params / 1e6:.2f}M parameters, init {kd.student_init}, KD weight {weight}, "
-                       f"T={kd.knowledgedistillation.loss.temperature}; {len(train_set)} train / {len(eval_set)} eval")
+        ctx.events.log(f"{label}: {describe(ctx, student)}, KD weight {weight}, "
+                       f"T={kd.knowledgedistillation.loss.temperature}; {len(train_set)} train / {len(eval_set)} eval; "
+                       f"KD over {vocab} token columns")
         train_one(ctx, label, student, teacher, tokenizer, train_set, eval_set, output_dir, weight, vocab,
                   tokens_per_step, device, prefix, (index, len(runs)))
+
+
+def describe(ctx: StageContext, student) -> str:
+    """Size, init and trainable share of a student, for the log."""
+    kd, cfg = ctx.config.train.distillation, ctx.config.student
+    total = sum(p.numel() for p in student.parameters())
+    text = f"{total / 1e6:.2f}M parameters, init {kd.student_init}"
+    if kd.student_init == "pretrained":
+        text += f" ({cfg.base_model_name}; student.* sizes unused)"
+    if kd.peft is not None:
+        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        text += f", LoRA r={kd.peft.lora.r}: {trainable / 1e6:.3f}M trainable"
+    return text
 
 
 def train_one(ctx: StageContext, label: str, student, teacher, tokenizer, train_set: list[dict[str, Any]],
@@ -133,7 +161,7 @@ def train_one(ctx: StageContext, label: str, student, teacher, tokenizer, train_
     if not ctx.is_main:  # rank 0 alone writes the model
         return
     with saving(output_dir, "train.distillation.output_dir"):
-        student.save_pretrained(output_dir)
+        merged_student(student).save_pretrained(output_dir)  # LoRA merged in: a plain model folder
         tokenizer.save_pretrained(output_dir)
     mark_completed(checkpoints)
     ctx.events.artifact(output_dir, label)

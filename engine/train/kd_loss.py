@@ -30,13 +30,15 @@ loss of 0 that is still attached to the graph (so backward works and every param
 gradient, which keeps DDP happy) and `tokens == 0`: one odd batch should not kill a multi-hour run, and
 the caller sees `tokens` if it wants to react.
 
-Vocabulary: the two models may have different *padded* vocab sizes (Qwen2.5 pads its embedding to a
-multiple of 64 or 128, differently per size). `vocab_size=V` names the shared vocabulary, the first V
-columns (see `engine.train.student.check_vocab_compatibility`). The teacher's distribution is taken over its
-first V columns only: its extra columns are padding rows no token maps to, so the teacher gives them
-probability 0. The student keeps its softmax over *all* of its columns (its real output distribution),
-so the KL is the exact KL between the padding-free teacher and the student, and CE is the student's real
-CE. With equal vocab sizes nothing is cropped.
+Vocabulary: the two models may have different *padded* vocab sizes (Qwen2.5 pads its embedding matrix
+past its 151,665 tokens to 151,936 rows up to 3B and to 152,064 from 7B). `vocab_size=V` names the columns
+real tokens use, the tokenizer's (see `engine.train.student.check_vocab_compatibility`); each model keeps
+its own size and nothing is resized. The teacher's distribution is taken over its first V columns only:
+its columns past V are padding no token maps to, so whatever it computes there is ignored (probability 0).
+The student keeps its softmax over *all* of its columns (its real output distribution, the one it samples
+from) and the KL reads it on the first V, so the KL is the exact KL between the padding-free teacher and
+the student: any mass the student puts on its padding columns is mass missing from real tokens, and is
+trained away. CE is the student's real CE. With V equal to both sizes nothing is cropped.
 
 Three entry points:
 
@@ -144,7 +146,7 @@ def _check_positions(student: Tensor, teacher: Tensor | None, labels: Tensor, wh
 
 
 def shared_vocab(student_vocab: int, teacher_vocab: int, vocab_size: int | None) -> int:
-    """The number of leading columns both models share: `vocab_size`, or the common size when equal."""
+    """The number of leading columns KD compares: `vocab_size` (the tokenizer's), or the common size when equal."""
     if vocab_size is None:
         if student_vocab != teacher_vocab:
             raise ValueError(
