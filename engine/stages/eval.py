@@ -32,6 +32,7 @@ from engine.train.callbacks import report_to
 from engine.train.kd_loss import chunked_kd_loss
 from engine.train.kd_trainer import KDCollator, last_hidden_state
 from engine.train.pairs import load_split_pairs, tokenize_pair
+from engine.train.student import token_columns
 from engine.train.tracking import log_report
 
 
@@ -86,7 +87,7 @@ def run(ctx: StageContext) -> None:
     collate = KDCollator(tokenizer.pad_token_id)
     size = config.eval.batch_size
     batches = [collate(examples[i : i + size]) for i in range(0, len(examples), size)]
-    vocab = assistant.config.vocab_size
+    vocab = token_columns(tokenizer)  # the real tokens: checkpoints of one family pad their rows differently
     ctx.events.log(f"scoring {len(examples)} held-out answers (split seed {split.seed}, test_size {split.test_size})")
 
     results: dict[str, Any] = {}
