@@ -16,6 +16,7 @@ from engine.core.config import load_config
 from engine.core.runs import RunStore
 from tests.helpers import TINY_CONFIG
 from tui.app import TASPanel
+from tui.screens.confirm import ConfirmScreen
 from tui.tabs.config import ConfigTab, DiffScreen
 from tui.tabs.stages import StagesTab
 
@@ -175,7 +176,9 @@ async def test_start_a_stage_from_the_panel_and_see_it_finish(project: Path):
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs")
     async with app.run_test(size=(120, 40)) as pilot:
         await wait_until(pilot, lambda: app.query_one(StagesTab).ready)
-        await pilot.press("s")  # no run yet: a new run with the selected stage (data)
+        await pilot.press("s")  # no run yet: a new run with the selected stage (data), once confirmed
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
         store = RunStore(project / "runs")
         await wait_until(pilot, store.list)
         run = store.list()[0]
@@ -183,6 +186,123 @@ async def test_start_a_stage_from_the_panel_and_see_it_finish(project: Path):
         log = "\n".join(str(line.text) for line in app.query_one("#log").lines)
         assert "kept" in log and "done" in log
     assert run.stages()[0].state == "done"
+
+
+class StartRecorder:
+    """Stands in for launcher.start: records (run id, stages) instead of spawning a supervisor."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        from engine.core import launcher
+
+        self.calls: list[tuple[str, list[str]]] = []
+        monkeypatch.setattr(launcher, "start", lambda run, stages, **kw: self.calls.append((run.id, list(stages))))
+
+
+def confirm_text(screen: ConfirmScreen) -> str:
+    return "\n".join(str(widget.render()) for widget in screen.query("Static"))
+
+
+async def test_new_run_asks_first_and_esc_starts_nothing(project: Path, monkeypatch: pytest.MonkeyPatch):
+    started = StartRecorder(monkeypatch)
+    store = RunStore(project / "runs")
+    app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.query_one(StagesTab).ready)
+        await pilot.press("n")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        shown = confirm_text(app.screen)
+        assert "Start a new run?" in shown and "new run" in shown and "configs/tiny.yaml" in shown
+        assert "data → teacher → sft → distill → eval" in shown
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
+        await pilot.pause(0.3)
+        assert store.list() == [] and started.calls == []  # no run created, nothing started
+        await pilot.press("n")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("n")  # n answers the question: no
+        await wait_until(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
+        await pilot.pause(0.3)
+        assert store.list() == [] and started.calls == []
+        await pilot.press("n")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_until(pilot, lambda: started.calls)
+    runs = store.list()
+    assert len(runs) == 1 and runs[0].config_source == "configs/tiny.yaml"
+    assert started.calls == [(runs[0].id, ["data", "teacher", "sft", "distill", "eval"])]
+
+
+async def test_start_and_start_from_here_name_the_run_and_its_frozen_config(project: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch):
+    write_finished_run(project / "runs")
+    started = StartRecorder(monkeypatch)
+    app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
+    async with app.run_test(size=(80, 24)) as pilot:
+        tab = app.query_one(StagesTab)
+        await wait_until(pilot, lambda: tab.ready and app.query_one("#pipeline", DataTable).row_count)
+        await pilot.press("down", "down")
+        await wait_until(pilot, lambda: tab.shown == ("20261125-080000-tiny", "sft"))
+        await pilot.press("s")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        shown = confirm_text(app.screen)
+        assert "Start stage in run 20261125-080000-tiny?" in shown
+        assert "runs/20261125-080000-tiny/config.yaml" in shown and "sft" in shown and "teacher" not in shown
+        await pilot.press("enter")  # Enter confirms too
+        await wait_until(pilot, lambda: started.calls)
+        assert started.calls == [("20261125-080000-tiny", ["sft"])]
+        await pilot.press("f")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        assert "sft → distill → eval" in confirm_text(app.screen)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
+        await pilot.press("f")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_until(pilot, lambda: len(started.calls) == 2)
+    assert started.calls[1] == ("20261125-080000-tiny", ["sft", "distill", "eval"])
+    assert len(RunStore(project / "runs").list()) == 1  # no new run: both went to the selected one
+
+
+async def test_quit_with_unsaved_config_edits_asks(project: Path):
+    app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f2")
+        await wait_until(pilot, lambda: app.query(ConfigTab))
+        tab = app.query_one(ConfigTab)
+        tab.set_text(tab.text.replace("batch_size: 32", "batch_size: 16", 1), from_raw=False)
+        app.query_one("#tree", Tree).focus()
+        await pilot.pause()
+        await pilot.press("q")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        assert "Quit and lose your edits to configs/tiny.yaml?" in confirm_text(app.screen)
+        await pilot.press("n")
+        await wait_until(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
+        await pilot.pause(0.2)
+        assert app.return_code is None and "batch_size: 16" in tab.text  # still here, edits kept
+        await pilot.press("q")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await wait_until(pilot, lambda: app.return_code is not None)
+    assert app.return_code == 0
+    assert "batch_size: 32" in (project / "configs" / "tiny.yaml").read_text()  # nothing was saved
+
+
+@pytest.mark.parametrize("edited_then_reverted", [False, True])
+async def test_quit_without_unsaved_edits_quits_at_once(project: Path, edited_then_reverted: bool):
+    app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
+    async with app.run_test(size=(80, 24)) as pilot:
+        if edited_then_reverted:  # the Config tab is open, its buffer equals the file again
+            await pilot.press("f2")
+            await wait_until(pilot, lambda: app.query(ConfigTab))
+            tab = app.query_one(ConfigTab)
+            tab.set_text(tab.text + "# a comment\n", from_raw=False)
+            tab.set_text(tab.saved_text, from_raw=False)
+            app.query_one("#tree", Tree).focus()
+        await wait_until(pilot, lambda: app.query_one(StagesTab).ready)
+        await pilot.press("q")
+        await wait_until(pilot, lambda: app.return_code is not None)
+        assert not isinstance(app.screen, ConfirmScreen)
+    assert app.return_code == 0
 
 
 def write_finished_run(root: Path) -> None:

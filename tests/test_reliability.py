@@ -71,7 +71,9 @@ async def main():
     app = TASPanel(config_path=sys.argv[1], runs_dir="runs", gpu_interval=3600)
     async with app.run_test(size=(100, 30)) as pilot:
         await until(pilot, lambda: app.query_one(StagesTab).ready)  # the stages tab shows the store
-        await pilot.press("s")          # start the selected stage (data) in a new run
+        await pilot.press("s")          # start the selected stage (data) in a new run ...
+        await until(pilot, lambda: type(app.screen).__name__ == "ConfirmScreen")
+        await pilot.press("y")          # ... once confirmed
         await until(pilot, lambda: list(Path("runs").glob("*/run.json")))  # the run exists on disk
         print("STARTED", flush=True)
         await asyncio.sleep(600)

@@ -94,6 +94,33 @@ class TASPanel(App):
     def watch_config_path(self, path: str) -> None:
         self.sub_title = path
 
+    async def action_quit(self) -> None:
+        """Quit (q, ctrl+q); with unsaved Config tab edits, ask first: n / Esc stays, y quits and loses them."""
+        edited = self._unsaved_config_file()
+        if edited is None:
+            self.exit()
+            return
+        from tui.screens.confirm import ConfirmScreen
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.exit()
+
+        question = f"Quit and lose your edits to {edited}?"
+        details = "The Config tab holds changes that are not saved (ctrl+s there shows the diff and saves)."
+        await self.push_screen(ConfirmScreen(question, details, yes="quit, lose the edits", no="stay"), answered)
+
+    def _unsaved_config_file(self) -> str | None:
+        """The file the Config tab edits when its buffer differs from that file; None when nothing would be
+        lost (no edits, or the tab was never opened)."""
+        pane = self.query_one("#config", TabPane)
+        if isinstance(pane, LazyPane) and not pane.built:
+            return None
+        from tui.tabs.config import ConfigTab
+
+        tab = next(iter(pane.query(ConfigTab)), None)
+        return tab.path if tab is not None and tab.text != tab.saved_text else None
+
     # ------------------------------------------------------------------------- the lazy tabs
 
     async def _config_tab(self):

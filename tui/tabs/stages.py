@@ -379,13 +379,32 @@ class StagesTab(Vertical):
     # ---------------------------------------------------------------------------------- actions
 
     def action_start(self) -> None:
-        self._start([self.stage], self.run_id, self.config_path)
+        self._confirm_start([self.stage], self.run_id, self.config_path)
 
     def action_start_from_here(self) -> None:
-        self._start(list(PIPELINE[PIPELINE.index(self.stage):]), self.run_id, self.config_path)
+        self._confirm_start(list(PIPELINE[PIPELINE.index(self.stage):]), self.run_id, self.config_path)
 
     def action_new_run(self) -> None:
-        self._start(list(PIPELINE), None, self.config_path)
+        self._confirm_start(list(PIPELINE), None, self.config_path)
+
+    def _confirm_start(self, stages: list[str], run_id: str | None, config_path: str) -> None:
+        """Starting may take hours: say what will start (stages, run, config file) and wait for y / Enter."""
+        from tui.screens.confirm import ConfirmScreen
+
+        if run_id is None:
+            question = "Start a new run?"
+            run, config = "new run", config_path
+        else:
+            question = f"Start {'stage' if len(stages) == 1 else 'stages'} in run {run_id}?"
+            frozen = self._store.root / run_id / "config.yaml" if self._store is not None else Path(run_id, "config.yaml")
+            run, config = run_id, f"{_shown_path(frozen)} (the run's frozen copy)"
+        details = [("stages", " → ".join(stages)), ("run", run), ("config", config)]
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._start(stages, run_id, config_path)
+
+        self.app.push_screen(ConfirmScreen(question, details, yes="start", no="cancel"), answered)
 
     def action_cancel(self) -> None:
         if self.run_id is None:
@@ -482,6 +501,14 @@ class StagesTab(Vertical):
         self.app.call_from_thread(self.notify, f"cancelling run {run_id}…")
         stopped = launcher.cancel(run)
         self.app.call_from_thread(self.notify, f"run {run_id}: {'cancelled' if stopped else 'nothing was running'}")
+
+
+def _shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it is under it (shorter), else as it is."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(path)
 
 
 EVAL_LABELS = {"teacher": "teacher", "assistant": "assistant", "student_kd": "KD student", "student_ce": "CE student"}
