@@ -445,18 +445,111 @@ def _chat_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(["chat", *argv])
 
 
+class _Terminal(io.StringIO):
+    """Typed input: a stdin that says it is a terminal (so `tas chat` runs its REPL)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+ADD = 'def add(a, b):\n    """Add two numbers."""\n    return a + b'  # a docstring's indented quotes are text
+
+
 @pytest.mark.e2e
 def test_tas_chat_repl(project, monkeypatch, capsys):
     args = _chat_args(["--config", "configs/tiny.yaml", "--model", "tiny:student", "--max-new-tokens", "8",
-                       "--temperature", "0"])
+                       "--temperature", "0", "--save", "talk.md"])
     assert args.func is cmd_chat and args.max_new_tokens == 8 and args.temperature == 0.0
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Write a function that adds two numbers.\n/reset\n/quit\n"))
+    typed = ("Write a function that adds two numbers.\n/reset\n"
+             f'"""Explain this:\n{ADD}\n"""\n/quit\n')  # a block: one message of four lines
+    monkeypatch.setattr(sys, "stdin", _Terminal(typed))
     assert cmd_chat(args) == 0
     out = capsys.readouterr().out
     assert "tiny:student" in out and "ready" in out
+    assert 'a line starting with """ opens a block' in out  # the banner says how to send several lines
     assert "system: You are a senior Python developer." in out
     assert re.search(r"\[8 tokens · ttft \d+\.\d\d s · \d+\.\d tok/s · max tokens\]", out), out
     assert "(conversation cleared)" in out
+    assert len(re.findall(r"\[8 tokens", out)) == 2  # two turns: the question, then the block
+    # --save: written at exit, after /reset only the second turn
+    assert "saved talk.md and talk.json" in out
+    record = json.loads(Path("talk.json").read_text())
+    assert [m["role"] for m in record["messages"]] == ["system", "user", "assistant"]
+    assert record["messages"][1]["content"] == f"Explain this:\n{ADD}"
+    assert record["target"] == {"label": "tiny:student", "model": "tiny:student", "adapter": None}
+    assert record["params"]["max_new_tokens"] == 8 and record["params"]["temperature"] == 0.0
+    assert f"```text\nExplain this:\n{ADD}\n```" in Path("talk.md").read_text()
+
+
+@pytest.mark.e2e
+def test_tas_chat_piped_stdin_is_one_message(project, monkeypatch, capsys):
+    """`printf 'def add(a, b):\\n    return a + b\\n' | tas chat`: the whole of stdin is ONE turn; stdout holds the
+    reply alone (the chrome goes to stderr); the command exits after it."""
+    code = "def add(a, b):\n    return a + b\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(code))
+    args = _chat_args(["--config", "configs/tiny.yaml", "--model", "tiny:student", "--max-new-tokens", "6",
+                       "--temperature", "0", "--save", "out/piped.json"])
+    assert cmd_chat(args) == 0
+    captured = capsys.readouterr()
+    assert len(re.findall(r"\[6 tokens", captured.err)) == 1, captured.err  # one reply
+    assert "ready" in captured.err and "ready" not in captured.out and "tokens" not in captured.out
+    record = json.loads(Path("out/piped.json").read_text())
+    user = [m for m in record["messages"] if m["role"] == "user"]
+    assert [m["content"] for m in user] == [code.rstrip("\n")]
+    assert [m["role"] for m in record["messages"]][1:] == ["user", "assistant"]
+    assert captured.out.strip() == printable(record["messages"][-1]["content"]).strip()
+    assert record["messages"][-1]["stats"].startswith("6 tokens")
+    markdown = Path("out/piped.md").read_text()  # FILE.json: the Markdown beside it
+    assert f"## You\n\n```text\n{code.rstrip()}\n```" in markdown
+    # nothing piped: refused before any worker starts
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n  \n"))
+    monkeypatch.setattr(ChatClient, "start", lambda self: pytest.fail("no worker for an empty stdin"))
+    assert cmd_chat(args) == 2
+    assert "stdin is empty" in capsys.readouterr().err
+
+
+def test_read_message_blocks():
+    """The REPL's convention: a line is a message; a line starting with \"\"\" opens a block, \"\"\" alone ends it."""
+    from engine.cli.chat import read_message
+
+    def typed(*lines):
+        pending = list(lines)
+
+        def ask(prompt: str) -> str:
+            if not pending:
+                raise EOFError
+            return pending.pop(0)
+
+        return ask
+
+    assert read_message(typed("  hello  ")) == "hello"
+    assert read_message(typed('"""', *ADD.splitlines(), '"""', "next")) == ADD
+    assert read_message(typed('"""Explain:', "def f():", "    pass", '"""  ')) == "Explain:\ndef f():\n    pass"
+    assert read_message(typed('"""one line"""')) == "one line"
+    assert read_message(typed('"""', "def f():", "    return 1")) == "def f():\n    return 1"  # Ctrl-D sends
+    with pytest.raises(EOFError):
+        read_message(typed())
+
+
+def test_transcript_files(tmp_path):
+    from engine.chat.transcript import chat_dir, make_record, message_text, paths_for, save, to_markdown
+
+    assert message_text("\r\n\n  def f():\r\n      return 1  \n\n") == "  def f():\n      return 1"
+    assert message_text("  hi  \n") == "hi"
+    assert chat_dir(None, tmp_path) == tmp_path / ".chats" and chat_dir(tmp_path / "r1") == tmp_path / "r1" / "chat"
+    assert paths_for("a/x.json") == (Path("a/x.md"), Path("a/x.json"))
+    assert paths_for("x.md") == (Path("x.md"), Path("x.json")) and paths_for("x") == (Path("x"), Path("x.json"))
+    fenced = "Look:\n```python\nprint(1)\n```"
+    record = make_record([{"role": "system", "content": "Be brief."}, {"role": "user", "content": fenced},
+                          {"role": "assistant", "content": "Fine.\x1b[2J", "stats": "2 tokens", "model": "m"}],
+                         label="KD student", model="m", params={"temperature": 0.5}, run="r1", device="cpu")
+    markdown = to_markdown(record)
+    assert f"## You\n\n````text\n{fenced}\n````" in markdown  # a longer fence than the one inside
+    assert "## KD student\n\nFine.[2J\n\n*m · 2 tokens*" in markdown  # terminal controls dropped
+    assert "- run: `r1`" in markdown and "- params: temperature 0.5" in markdown
+    md_path, json_path = save(record, chat_dir(None, tmp_path) / "c.md")
+    assert md_path.read_text() == markdown and json.loads(json_path.read_text()) == record
+    assert (tmp_path / ".chats" / ".gitignore").read_text() == "*\n"  # loose chats stay out of git
 
 
 def test_tas_chat_argument_errors(project, capsys):
@@ -515,7 +608,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
     from textual.widgets import Button, Input, Markdown, Select
 
     from tui.app import TASPanel
-    from tui.tabs.chat import ChatTab
+    from tui.tabs.chat import ChatTab, MessageInput
 
     config_path = project / "configs" / "tiny.yaml"
     _set_assistant(config_path, "/nonexistent/model")
@@ -525,7 +618,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
         await pilot.pause()
         tab = app.query_one(ChatTab)
         assert tab.client is None and "starts with the first message" in tab.status  # lazy
-        assert app.focused is app.query_one("#chat-input", Input)
+        assert app.focused is app.query_one("#chat-input", MessageInput)
         await pilot.press(*"hello", "enter")
 
         # the bad model: a clear message and a retry, never a frozen panel
@@ -540,7 +633,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
         from engine.models import tiny
 
         shutil.copytree(tiny.resolve("tiny:student"), project / ".model/tiny/student/Student")
-        app.query_one("#chat-input", Input).focus()
+        app.query_one("#chat-input", MessageInput).focus()
         await pilot.press("ctrl+r")
         assert [t.label for t in tab.targets] == ["KD student", "Base assistant"]
         await _until(pilot, lambda: tab.state == "ready", timeout=120)
@@ -551,7 +644,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
         max_input = app.query_one("#chat-max-new-tokens", Input)
         max_input.value = "1000"
         tab.extra_params = {"min_new_tokens": 1000}  # a random tiny model may say EOS at any point
-        message_box = app.query_one("#chat-input", Input)
+        message_box = app.query_one("#chat-input", MessageInput)
         message_box.focus()
         await pilot.press(*"Write a function")
         # Enter, without pilot.press: it waits for an idle event loop, which comes only once the stream ends
@@ -607,7 +700,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
         assert "now chatting with Base assistant" in str(app.query(".chat-note").last().render())
         max_input.value = "5"
         tab.extra_params = {"min_new_tokens": 5}
-        app.query_one("#chat-input", Input).focus()
+        app.query_one("#chat-input", MessageInput).focus()
         await pilot.press(*"and now?", "enter")
         await _until(pilot, lambda: tab.current_id is None and len(tab.history) == 4, timeout=30)
         assert "5 tokens" in tab.status
@@ -621,7 +714,7 @@ async def test_chat_tab_params_have_the_protocol_bounds(project, tmp_path, monke
     from textual.widgets import Input
 
     from tui.app import TASPanel
-    from tui.tabs.chat import ChatTab
+    from tui.tabs.chat import ChatTab, MessageInput
 
     monkeypatch.setattr(ChatClient, "start", lambda self: pytest.fail("no worker for bad params"))
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=tmp_path / "runs", gpu_interval=3600)
@@ -657,11 +750,151 @@ async def test_chat_tab_params_have_the_protocol_bounds(project, tmp_path, monke
         for other, box in inputs.items():
             box.value = str(getattr(DEFAULT_PARAMS, other))
         inputs["temperature"].value = "2.5"
-        app.query_one("#chat-input", Input).focus()
+        app.query_one("#chat-input", MessageInput).focus()
         await pilot.press(*"hello", "enter")
         await pilot.pause()
         assert tab.status == "temperature must be between 0 and 2, got 2.5"
-        assert tab.client is None and tab.history == [] and app.query_one("#chat-input", Input).value == "hello"
+        assert tab.client is None and tab.history == [] and app.query_one("#chat-input", MessageInput).text == "hello"
+
+
+FUNCTION = 'def add(a, b):\n    """Add two numbers."""\n    total = a + b\n    return total'  # 4 lines
+
+
+class _FakeClient:
+    """A ChatClient stand-in for the tab's key tests: ready at once, each reply one Markdown token + end."""
+
+    REPLY = "Use `+`:\n\n```python\nreturn a + b\n```"
+
+    def __init__(self, model, adapter=None, *, device="auto", on_reply=None, **_):
+        self.model, self.adapter, self.on_reply = model, adapter, on_reply
+        self.sent: list[list[dict[str, str]]] = []
+
+    def start(self):
+        self.on_reply(ReadyReply(model=self.model, device="cpu", dtype="float32", template="chat", load_s=0.1,
+                                 threads=1, pid=1))
+        return self
+
+    def generate(self, messages, params=None, request_id=None):
+        self.sent.append([dict(m) for m in messages])
+        self.on_reply(TokenReply(id=request_id, text=self.REPLY))
+        self.on_reply(EndReply(id=request_id, tokens=9, ttft_s=0.01, tokens_per_s=90.0, elapsed_s=0.1,
+                               prompt_tokens=20, finish="stop"))
+        return request_id
+
+    def stop(self, request_id=None):
+        pass
+
+    def close(self):
+        pass
+
+
+async def test_chat_tab_message_box_keys_paste_and_save(project, tmp_path, monkeypatch):
+    """The message box takes code: a paste keeps every line, shift+enter and ctrl+j add a line, Enter sends the
+    whole text as one user message; ctrl+s writes the conversation (.chats/ when no run's model is offered)."""
+    from textual import events
+    from textual.widgets import Static
+
+    import tui.tabs.chat as chat_tab
+    from tui.app import TASPanel
+    from tui.tabs.chat import ChatTab, MessageInput
+
+    clients: list[_FakeClient] = []
+    monkeypatch.setattr(chat_tab, "ChatClient", lambda *a, **k: clients.append(_FakeClient(*a, **k)) or clients[-1])
+    app = TASPanel(config_path="configs/tiny.yaml", runs_dir=tmp_path / "runs", gpu_interval=3600)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f4")
+        await pilot.pause()
+        tab = app.query_one(ChatTab)
+        box = app.query_one("#chat-input", MessageInput)
+        assert app.focused is box and box.size.height == 1
+        assert "ctrl+j (or shift+enter): new line" in str(box.placeholder)  # says which keys add a line
+        # the newline keys: shift+enter (terminals that report it) and ctrl+j (every terminal)
+        await pilot.press("x", "shift+enter", "y", "ctrl+j", "z")
+        assert box.text == "x\ny\nz" and tab.history == []
+        box.clear()
+        await pilot.press("ctrl+s")  # nothing to save yet: no file
+        # a bracketed paste of a 4-line function: every line lands in the box, once; the box grows with it
+        box.post_message(events.Paste(FUNCTION.replace("\n", "\r\n") + "\r\n"))  # terminals paste \r\n
+        await pilot.pause()
+        assert box.text.rstrip("\n") == FUNCTION
+        assert box.size.height == 5  # four lines and the empty one after the pasted newline
+        # Enter sends it all as one message
+        await pilot.press("enter")
+        await _until(pilot, lambda: len(tab.history) == 2)
+        assert tab.history[0] == {"role": "user", "content": FUNCTION}
+        assert clients[0].sent[-1][-1] == {"role": "user", "content": FUNCTION}  # what went to the worker
+        bubble = app.query(".chat-user").last(Static)
+        assert str(bubble.render()).splitlines() == FUNCTION.splitlines()
+        assert box.text == "" and box.size.height == 1
+        assert tab.history[1]["content"] == _FakeClient.REPLY
+        # ctrl+s: Markdown + JSON with both turns, the params and the model
+        await pilot.press("ctrl+s")
+        await _until(pilot, lambda: tab.last_saved is not None)
+        md_path, json_path = tab.last_saved
+        assert md_path.parent == Path(".chats") and md_path.suffix == ".md" and json_path == md_path.with_suffix(".json")
+        assert any(str(md_path) in n.message for n in app._notifications)  # the path is shown
+        record = json.loads(json_path.read_text())
+        assert record["run"] is None and record["target"]["label"] == "Base assistant"
+        assert record["target"]["model"] == "tiny:assistant" and record["device"] == "cpu"
+        assert record["params"] == {"temperature": DEFAULT_PARAMS.temperature, "top_p": DEFAULT_PARAMS.top_p,
+                                    "top_k": DEFAULT_PARAMS.top_k,
+                                    "max_new_tokens": load_config("configs/tiny.yaml").assistant.inference.max_new_tokens}
+        assert [(m["role"], m["content"]) for m in record["messages"]] == [
+            ("system", "You are a senior Python developer."), ("user", FUNCTION), ("assistant", _FakeClient.REPLY)]
+        assert record["messages"][2]["stats"].startswith("9 tokens")
+        markdown = md_path.read_text()
+        assert f"## You\n\n```text\n{FUNCTION}\n```" in markdown
+        assert f"## Base assistant\n\n{_FakeClient.REPLY}\n" in markdown
+        # a second save of the same conversation replaces its files; ctrl+n starts new ones
+        await pilot.press(*"and?", "enter")
+        await _until(pilot, lambda: len(tab.history) == 4)
+        tab.last_saved = None
+        await pilot.press("ctrl+s")
+        await _until(pilot, lambda: tab.last_saved is not None)
+        assert tab.last_saved == (md_path, json_path)
+        assert len(json.loads(json_path.read_text())["messages"]) == 5
+        assert sorted(p.name for p in Path(".chats").iterdir()) == [".gitignore", json_path.name, md_path.name]
+
+
+@pytest.mark.e2e
+async def test_chat_tab_pasted_code_reply_and_save_in_the_run(project, tmp_path):
+    """With a real worker: a pasted function goes out as one turn, the reply streams back, and ctrl+s saves
+    the conversation in the chat/ folder of the run whose student is offered."""
+    from textual import events
+
+    from engine.core.runs import RunStore
+    from engine.models import tiny
+    from tui.app import TASPanel
+    from tui.tabs.chat import ChatTab, MessageInput
+
+    run = RunStore(project / "runs").create(load_config("configs/tiny.yaml"), "configs/tiny.yaml")
+    shutil.copytree(tiny.resolve("tiny:student"), run.path / ".model/tiny/student/Student")
+    app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f4")
+        await pilot.pause()
+        tab = app.query_one(ChatTab)
+        assert tab.run_id == run.id and tab._selected_target().label == "KD student"
+        app.query_one("#chat-max-new-tokens").value = "6"
+        tab.extra_params = {"min_new_tokens": 6}
+        box = app.query_one("#chat-input", MessageInput)
+        box.post_message(events.Paste(FUNCTION))
+        await pilot.pause()
+        assert box.text == FUNCTION
+        await box.action_submit()
+        await _until(pilot, lambda: len(tab.history) == 2, timeout=120)
+        client = tab.client
+        assert tab.history[0]["content"] == FUNCTION and "6 tokens" in tab.status
+        await pilot.press("ctrl+s")
+        await _until(pilot, lambda: tab.last_saved is not None)
+        md_path, json_path = tab.last_saved
+        assert md_path.resolve().parent == (run.path / "chat").resolve()
+        record = json.loads(json_path.read_text())
+        assert record["run"] == run.id and record["target"]["label"] == "KD student"
+        assert record["params"]["max_new_tokens"] == 6 and record["params"]["min_new_tokens"] == 6
+        assert [m["content"] for m in record["messages"][1:]] == [FUNCTION, tab.history[1]["content"]]
+        assert f"```text\n{FUNCTION}\n```" in md_path.read_text()
+    await _wait_exit(client)
 
 
 async def _wait_exit(client) -> None:

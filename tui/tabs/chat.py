@@ -5,24 +5,30 @@ this tab only sends JSON lines and renders replies. The worker starts on the fir
 so opening the tab costs nothing; its replies arrive on the client's reader thread and are posted to
 this widget as messages, so every widget is touched on the event loop only.
 
-Keys: Enter sends, Esc stops the reply, ctrl+r reloads the targets and restarts the model (also the
-way out of a failed start), ctrl+n starts a new conversation. The target list comes from the config:
-KD student, CE-only student, assistant + LoRA adapter, base assistant (those that exist).
+Keys: Enter sends; shift+enter or ctrl+j adds a line (ctrl+j works in every terminal: it is the newline
+character; shift+enter and ctrl+enter only where the terminal reports them, e.g. kitty's keyboard protocol);
+a paste keeps all its lines; Esc stops the reply; ctrl+s saves the conversation (Markdown + JSON, see
+engine.chat.transcript) under the run's `chat/` folder, or `.chats/` when no run's model is offered; ctrl+r
+reloads the targets and restarts the model (also the way out of a failed start); ctrl+n starts a new
+conversation. The target list comes from the config: KD student, CE-only student, assistant + LoRA
+adapter, base assistant (those that exist).
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
-from textual.widgets import Button, Input, Label, Markdown, Select, Static
+from textual.widgets import Button, Input, Label, Markdown, Select, Static, TextArea
 
 from engine.chat.client import ChatClient, ChatWorkerGone, build_messages, format_stats, printable
 from engine.chat.protocol import (
@@ -38,8 +44,10 @@ from engine.chat.protocol import (
     param_bounds,
 )
 from engine.chat.targets import ChatTarget, chat_targets, system_prompt, with_run_outputs
+from engine.chat.transcript import message_text
 
 _request_ids = itertools.count(1)
+PLACEHOLDER = "Enter sends · ctrl+j (or shift+enter): new line · ctrl+s saves"
 
 
 class ChatReply(Message):
@@ -60,6 +68,60 @@ class ChatStartFailed(Message):
         self.error = error
 
 
+NEWLINE_KEYS = frozenset({"shift+enter", "ctrl+enter", "ctrl+j", "shift+\r", "ctrl+\r"})
+"""Keys that add a line to the message: ctrl+j is the newline character itself (every terminal sends it, tmux
+too); shift+enter / ctrl+enter arrive only from terminals that tell them apart from Enter (kitty keyboard
+protocol: kitty, WezTerm, foot, Ghostty, iTerm2 with CSI u; Textual names xterm's modifyOtherKeys form
+"shift+\\r" / "ctrl+\\r"); elsewhere they arrive as plain Enter and send."""
+
+
+class MessageInput(TextArea):
+    """The message box: multi-line, one row tall, growing with its content to 6 rows (then it scrolls).
+
+    Enter sends (posts Submitted); a NEWLINE_KEYS key adds a line; a paste inserts all of its lines."""
+
+    DEFAULT_CSS = """
+    MessageInput { height: auto; min-height: 1; max-height: 6; padding: 0; }
+    MessageInput:focus { background-tint: $foreground 5%; }
+    """
+
+    class Submitted(Message):
+        """Enter in the message box: `value` is its whole text."""
+
+        def __init__(self, message_input: MessageInput, value: str):
+            super().__init__()
+            self.message_input = message_input
+            self.value = value
+
+        @property
+        def control(self) -> MessageInput:
+            return self.message_input
+
+    def __init__(self, *, placeholder: str = "", id: str | None = None):
+        super().__init__(id=id, compact=True, placeholder=placeholder, soft_wrap=True, tab_behavior="focus",
+                         show_line_numbers=False, highlight_cursor_line=False)
+
+    async def _on_key(self, event: events.Key) -> None:
+        # runs before TextArea._on_key (handlers run down the MRO); prevent_default keeps TextArea's from
+        # inserting the Enter as a newline
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            await self.action_submit()
+        elif event.key in NEWLINE_KEYS and not self.read_only:
+            event.stop()
+            event.prevent_default()
+            self.replace("\n", *self.selection, maintain_selection_offset=False)
+
+    def _on_paste(self, event: events.Paste) -> None:
+        # TextArea._on_paste (next in the MRO) inserts the text, every line of it; consumed here, so a Paste
+        # posted to this widget does not bubble to the app, which would forward it here a second time
+        event.stop()
+
+    async def action_submit(self) -> None:
+        self.post_message(self.Submitted(self, self.text))
+
+
 class ChatTab(Vertical):
     DEFAULT_CSS = """
     ChatTab {
@@ -67,10 +129,11 @@ class ChatTab(Vertical):
         min-height: 12;
         padding: 0 1;
     }
-    ChatTab #chat-bar, ChatTab #chat-system-row, ChatTab #chat-status-row, ChatTab #chat-input-row {
+    ChatTab #chat-bar, ChatTab #chat-system-row, ChatTab #chat-status-row {
         height: 1;
         width: 1fr;
     }
+    ChatTab #chat-input-row { height: auto; width: 1fr; }
     ChatTab #chat-bar { margin-bottom: 0; }
     ChatTab #chat-target { width: 1fr; min-width: 20; max-width: 64; }
     ChatTab .chat-param-label { width: auto; padding: 0 1; color: $text-muted; }
@@ -113,6 +176,7 @@ class ChatTab(Vertical):
         Binding("escape", "stop", "Stop reply"),
         Binding("ctrl+r", "restart", "Reload model"),
         Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("ctrl+s", "save", "Save chat"),
     ]
 
     def __init__(self, config_path: str, *, name: str | None = None, id: str | None = None,
@@ -124,6 +188,7 @@ class ChatTab(Vertical):
         self.system = ""
         self.device = "auto"
         self.max_new_tokens = DEFAULT_PARAMS.max_new_tokens
+        self.run_id: str | None = None  # the run whose models are offered (the newest with one)
         self._read_config()
         self.client: ChatClient | None = None
         self.client_target: ChatTarget | None = None  # what the worker holds (or is loading)
@@ -137,7 +202,12 @@ class ChatTab(Vertical):
         self.ready_line = ""
         self.status = self._idle_status()  # the status line's text
         self.extra_params: dict[str, Any] = {}  # more generation params (seed, min_new_tokens, ...), checked alike
-        self.run_id: str | None = None  # the run whose models are offered (the newest with one)
+        # the conversation as saved by ctrl+s: when it started (names its files), who answered each reply
+        self.chat_started: float | None = None
+        self.reply_meta: dict[int, dict[str, Any]] = {}  # index in history → label, model, params, stats
+        self.current_meta: dict[str, Any] = {}
+        self.ready_device: str | None = None
+        self.last_saved: tuple[Path, Path] | None = None  # (Markdown, JSON) of the last save
 
     # ------------------------------------------------------------------------------------------ config
     def _read_config(self) -> None:
@@ -189,8 +259,7 @@ class ChatTab(Vertical):
             yield Button("Retry (ctrl+r)", id="chat-retry", compact=True, variant="warning")
         with Horizontal(id="chat-input-row"):
             yield Label("you ›", id="chat-you-label")
-            yield Input(id="chat-input", compact=True,
-                        placeholder="message · Enter sends · Esc stops · ctrl+n new chat")
+            yield MessageInput(id="chat-input", placeholder=PLACEHOLDER)
 
     def _hint(self) -> str:
         if self.config_error:
@@ -211,15 +280,15 @@ class ChatTab(Vertical):
 
     def on_show(self) -> None:
         """Shown (tab switched to): typing goes to the message box."""
-        self.query_one("#chat-input", Input).focus()
+        self.query_one("#chat-input", MessageInput).focus()
 
     def on_unmount(self) -> None:
         self._drop_client()
 
     # -------------------------------------------------------------------------------------------- send
-    @on(Input.Submitted, "#chat-input")
-    async def send_message(self, event: Input.Submitted) -> None:
-        text = event.value.strip()
+    @on(MessageInput.Submitted, "#chat-input")
+    async def send_message(self, event: MessageInput.Submitted) -> None:
+        text = message_text(event.value)
         if not text:
             return
         if self.current_id is not None:
@@ -234,9 +303,12 @@ class ChatTab(Vertical):
         except ProtocolError as exc:
             self._set_status(str(exc), "error")
             return
-        event.input.value = ""
+        event.message_input.clear()
         system = self.query_one("#chat-system", Input).value.strip() or None
+        if not self.history:
+            self.chat_started = time.time()
         self.history.append({"role": "user", "content": text})
+        self.current_meta = {"label": target.label, "model": _where(target), "params": params.given()}
         messages = build_messages(system, self.history)
         await self._mount_turn(text)
         rid = f"chat{next(_request_ids)}"
@@ -346,6 +418,7 @@ class ChatTab(Vertical):
                 await self.current_stream.write(printable(reply.text))
         elif isinstance(reply, ReadyReply):
             self.state = "ready"
+            self.ready_device = reply.device
             where = f"{_short(reply.model)}" + (" + LoRA" if reply.adapter else "")
             self.ready_line = f"{where} on {reply.device}"
             if self.current_id is not None:
@@ -366,6 +439,7 @@ class ChatTab(Vertical):
             await self.current_box.update("*(empty reply)*")
         self.history.append({"role": "assistant", "content": text})
         self.last_stats = format_stats(end)
+        self.reply_meta[len(self.history) - 1] = {**self.current_meta, "stats": self.last_stats}
         self._clear_current()
         self._set_status(f"{self.ready_line} │ {self.last_stats}")
 
@@ -476,10 +550,58 @@ class ChatTab(Vertical):
             self.client.stop(self.current_id)
             await self._finish_failed("stopped: new chat")
         self.history.clear()
+        self.reply_meta.clear()
+        self.chat_started = None
+        self.last_saved = None
         log = self.query_one("#chat-log", VerticalScroll)
         await log.remove_children()
         await log.mount(Static("New conversation.", id="chat-hint"))
-        self.query_one("#chat-input", Input).focus()
+        self.query_one("#chat-input", MessageInput).focus()
+
+    def action_save(self) -> None:
+        """Write the conversation as Markdown + JSON (engine.chat.transcript): `<run>/chat/` when the offered
+        models are a run's, else `.chats/`; one pair of files per conversation, replaced on each save."""
+        from engine.chat.transcript import make_record, new_name
+
+        messages = [dict(m, **self.reply_meta.get(i, {})) for i, m in enumerate(self.history)]
+        if self.current_id is not None and self.current_text:  # a reply still streaming: what came so far
+            messages.append({"role": "assistant", "content": "".join(self.current_text), "partial": True,
+                             **self.current_meta})
+        if not messages:
+            self.notify("Nothing to save yet: the conversation is empty.", severity="warning")
+            return
+        system = self.query_one("#chat-system", Input).value.strip() or None
+        target = self.client_target or self._selected_target()
+        last = next((m for m in reversed(messages) if m["role"] == "assistant" and "params" in m), {})
+        try:
+            params = last.get("params") or self._params().given()
+        except ProtocolError:
+            params = {}
+        record = make_record(
+            ([{"role": "system", "content": system}] if system else []) + messages,
+            label=target.label if target else "model", model=target.model if target else "",
+            adapter=target.adapter if target else None, params=params, run=self.run_id, device=self.ready_device)
+        self._save(record, self.config_path, self.run_id, new_name(self.chat_started))
+
+    @work(thread=True, group="chat-save")
+    def _save(self, record: dict[str, Any], config_path: str, run_id: str | None, name: str) -> None:
+        """Off the event loop: finding the run store reads the config; each file is fsynced."""
+        from engine.chat.transcript import chat_dir, save
+        from engine.core.runs import runs_root
+
+        try:
+            run_path = runs_root(config_path) / run_id if run_id else None
+            paths = save(record, chat_dir(run_path) / f"{name}.md")
+        except OSError as exc:  # FileWriteError names the path and what to do
+            self.app.call_from_thread(self.notify, f"Cannot save the conversation: {exc}", severity="error",
+                                      timeout=10)
+            return
+
+        def done() -> None:
+            self.last_saved = paths
+            self.notify(f"Saved {paths[0]}\n(and {paths[1].name})", title="Conversation saved")
+
+        self.app.call_from_thread(done)
 
     # ------------------------------------------------------------------------------------------ status
     def _set_status(self, text: str, tone: str = "") -> None:
@@ -488,6 +610,10 @@ class ChatTab(Vertical):
         status.update(Text(text))
         status.set_class(tone == "error", "-error")
         status.set_class(tone == "busy", "-busy")
+
+
+def _where(target: ChatTarget) -> str:
+    return target.model + (f" + {target.adapter}" if target.adapter else "")
 
 
 def _short(path: str, width: int = 34) -> str:
