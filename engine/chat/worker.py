@@ -203,9 +203,14 @@ def cpu_threads() -> int:
     return max(1, cores - 1)
 
 
-def load_model(name: str, adapter: str | None, device_name: str) -> Loaded:
+MODEL_KEY = "assistant.model.name (or --model)"
+"""Where a hub id the chat worker is given comes from, unless told (--key): the chat targets that are hub ids
+are the base assistant and the assistant + LoRA, both `assistant.model.name`; anything else is `--model`."""
+
+
+def load_model(name: str, adapter: str | None, device_name: str, key: str = MODEL_KEY) -> Loaded:
     """The model (+ adapter) on its device, in eval mode, with a tokenizer that can render a chat."""
-    from engine.models.loading import ModelNotFound, resolve_model_path
+    from engine.models.loading import ModelNotFound, check_hub_model, is_hub_id, resolve_model_path
 
     start = time.perf_counter()
     adapter_path = None
@@ -214,6 +219,8 @@ def load_model(name: str, adapter: str | None, device_name: str) -> Loaded:
         if not (adapter_path / "adapter_config.json").exists():
             raise ModelNotFound(f"{adapter}: no PEFT adapter there (no adapter_config.json)")
     resolve_model_path(name)
+    if is_hub_id(name):  # offline and not cached: fails within a second, naming the config key
+        check_hub_model(name, key)
 
     import torch
 
@@ -574,7 +581,9 @@ def describe_failure(exc: BaseException, loaded: Loaded | None) -> str:
         return (f"out of memory{where}: lower max_new_tokens, start a new conversation, or chat with a smaller "
                 f"model ({text.splitlines()[0][:200]})")
     first = text.splitlines()[0][:400]
-    if type(exc).__name__ in ("ModelNotFound", "ValueError", "RuntimeError", "FileNotFoundError", "OSError"):
+    if type(exc).__name__ == "ModelNotFound":
+        return text.splitlines()[0][:800]  # ours: what is wrong, which key, what to do (the offline one is long)
+    if type(exc).__name__ in ("ValueError", "RuntimeError", "FileNotFoundError", "OSError"):
         return first  # our own loaders already say what is wrong and where
     return f"{type(exc).__name__}: {first}" if type(exc).__name__ not in first else first
 
@@ -587,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="hub id, local model folder or tiny:<name>")
     parser.add_argument("--adapter", default=None, help="PEFT adapter folder to put on top of --model")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--key", default=MODEL_KEY,
+                        help="the config key --model came from, named when it cannot be loaded")
     return parser
 
 
@@ -597,13 +608,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        loaded = load_model(args.model, args.adapter, args.device)
+        loaded = load_model(args.model, args.adapter, args.device, args.key)
     except Exception as exc:
         traceback.print_exc()
         reason = describe_failure(exc, None).removeprefix(f"{args.model}: ")
-        channel.send(ErrorReply(fatal=True, model=args.model,
-                                message=f"cannot load {args.model}"
-                                        + (f" + adapter {args.adapter}" if args.adapter else "") + f": {reason}"))
+        if reason.startswith(f"{args.key}: cannot load "):  # says it all already (the offline check)
+            message = reason
+        else:
+            message = f"cannot load {args.model}" + (f" + adapter {args.adapter}" if args.adapter else "") + f": {reason}"
+        channel.send(ErrorReply(fatal=True, model=args.model, message=message))
         return EXIT_BAD_MODEL
     channel.send(loaded.ready())
     server = ChatServer(loaded, channel)

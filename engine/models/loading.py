@@ -2,6 +2,10 @@
 
 Heavy module (imports transformers lazily, but its callers are stages). Every stage loads models
 through here, so the tiny profile and a real Qwen2.5 / stable-code run share the same code path.
+
+A hub id is checked before anything is downloaded: when the hub cannot be reached (`HF_HUB_OFFLINE`, or
+no connection within a second: engine.runner.hub) a model that is not in the local Hugging Face cache
+fails at once with the config key to change, and a cached one loads from the cache without network retries.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from typing import Any
 
 from engine.core.secrets import clip
 from engine.models.shipped import is_tiny
+from engine.runner import hub
 from engine.runner.context import StageError
 
 
@@ -18,8 +23,9 @@ class ModelNotFound(StageError):
     """A model that is neither a local folder, a tiny model, nor loadable from the hub or its cache."""
 
 
-def resolve_model_path(name: str, key: str | None = None) -> str:
-    """A local folder for tiny and local names; hub ids pass through unchanged (the hub cache resolves them).
+def resolve_model_path(name: str, key: str | None = None, check_hub: bool = False) -> str:
+    """A local folder for tiny and local names; hub ids pass through unchanged (the hub cache resolves them),
+    with `check_hub` once `check_hub_model` has found them loadable (the loaders below ask for it).
 
     `key` is the config key the name came from, so an error can say where to fix it.
     """
@@ -38,21 +44,68 @@ def resolve_model_path(name: str, key: str | None = None) -> str:
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelNotFound(f"{where}{name}: no such model folder")
+    if check_hub:
+        check_hub_model(name, key)
     return name
+
+
+def is_hub_id(name: str) -> bool:
+    """`name` would be looked up on the hub: not tiny:, not an existing path, not a path-looking name."""
+    return not (is_tiny(name) or Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
+                or name.count("/") > 1)
+
+
+def check_hub_model(name: str, key: str | None = None) -> None:
+    """A hub id can be loaded: the hub answers, or the model is in the local cache (then this process works
+    offline from now on, so loading it never waits for network retries). Otherwise ModelNotFound at once,
+    naming `key`, the cache and what to do."""
+    reason = hub.unreachable_reason()
+    if reason is None:
+        return
+    if in_hub_cache(name):
+        hub.work_offline()
+        return
+    setting = key or "the model name"
+    raise ModelNotFound(
+        f"{key + ': ' if key else ''}cannot load {name!r}: not in the local Hugging Face cache ({_cache_dir()}) "
+        f"and the hub is unreachable ({reason}); download it where there is internet (hf download {name}) and "
+        f"copy the cache folder here, or set {setting} to a local model folder or tiny:<name>."
+    )
+
+
+def in_hub_cache(name: str) -> bool:
+    """The local Hugging Face cache holds `name` (its config or tokenizer config at revision main)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return any(isinstance(try_to_load_from_cache(name, filename), str)
+                   for filename in ("config.json", "tokenizer_config.json"))
+    except Exception:  # not a valid repo id, unreadable cache: not there
+        return False
+
+
+def _cache_dir() -> str:
+    from huggingface_hub import constants
+
+    path = Path(constants.HF_HUB_CACHE).expanduser()
+    try:
+        return "~/" + str(path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
 
 
 def _hub_error(name: str, key: str, exc: Exception) -> ModelNotFound:
     reason = clip(str(exc).strip().splitlines()[0], 300) if str(exc).strip() else type(exc).__name__
     return ModelNotFound(
         f"{key}: cannot load {name!r} ({reason}). If this machine is offline, copy the model folder here "
-        f"and put its path in {key}, or use a tiny:<name> model."
+        f"and set {key} to its path, or use a tiny:<name> model."
     )
 
 
 def load_tokenizer(name: str, key: str = "model", padding_side: str | None = None, trust_remote_code: bool = False):
+    path = resolve_model_path(name, key, check_hub=True)  # before transformers is imported: a bad name fails at once
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name, key)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if padding_side:
         kwargs["padding_side"] = padding_side
@@ -67,9 +120,9 @@ def load_tokenizer(name: str, key: str = "model", padding_side: str | None = Non
 
 def load_causal_lm(name: str, key: str = "model", **kwargs: Any):
     """`AutoModelForCausalLM.from_pretrained` with config-derived kwargs and clear offline errors."""
+    path = resolve_model_path(name, key, check_hub=True)  # before transformers is imported: a bad name fails at once
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name, key)
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:

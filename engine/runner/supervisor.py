@@ -24,6 +24,7 @@ from engine.core.config import TASConfig
 from engine.core.events import FINAL_STATES, EventWriter, read_events
 from engine.core.pipeline import MULTI_PROCESS_STAGES
 from engine.core.runs import CANCEL_REQUEST, ProcessRecord, Run, read_json
+from engine.runner import hub
 
 
 def worker_command(stage: str, run: Run, config: TASConfig) -> list[str]:
@@ -51,6 +52,20 @@ def worker_env(config: TASConfig) -> dict[str, str]:
     if config.launch.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = config.launch.cuda_visible_devices
     return env
+
+
+def hub_offline_note(env: dict[str, str]) -> str | None:
+    """When the Hugging Face hub cannot be reached right now, the stage works offline (HF_HUB_OFFLINE=1 in
+    `env`): cached models and datasets load at once, others fail at once with the key to change, instead of
+    a minute of HTTP retries each. Asked afresh for every stage (a second at most). Returns the line for
+    worker.log, or None when the hub answered or HF_HUB_OFFLINE was already set."""
+    if hub.offline_flag() is not None:
+        return None
+    reason = hub.unreachable_reason(fresh=True)
+    if reason is None:
+        return None
+    env["HF_HUB_OFFLINE"] = "1"
+    return f"the Hugging Face hub is unreachable ({reason}): HF_HUB_OFFLINE=1, only cached models and datasets"
 
 
 class Supervisor:
@@ -89,8 +104,12 @@ class Supervisor:
         stage_dir.mkdir(parents=True, exist_ok=True)
         events_path = stage_dir / "events.jsonl"
         seen = len(read_events(events_path))
+        env = worker_env(self.config)
+        offline = hub_offline_note(env)
         with open(stage_dir / "worker.log", "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start {stage}\n".encode())
+            if offline:
+                log.write(f"=== {offline}\n".encode())
             log.flush()
             self.child = subprocess.Popen(
                 worker_command(stage, self.run, self.config),
@@ -98,7 +117,7 @@ class Supervisor:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=worker_env(self.config),
+                env=env,
             )
         ProcessRecord.of(self.child.pid).write(stage_dir / "pid")
         if self.cancel_requested_at is not None:  # SIGTERM arrived while we were starting it

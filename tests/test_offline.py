@@ -1,0 +1,180 @@
+"""Offline, a hub model name fails at once (not after a minute of HTTP retries) and names its config key;
+a cached one, a local folder and tiny: names still load. Offline means HF_HUB_OFFLINE set, or no
+connection to the hub's host (HF_ENDPOINT) within a second."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.models import tiny
+from engine.models.loading import ModelNotFound, check_hub_model, load_tokenizer, resolve_model_path
+from engine.runner import hub
+from engine.runner.supervisor import hub_offline_note
+
+from .helpers import ROOT
+
+HUB_NAME = "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, the connect is refused at once
+
+
+@pytest.fixture
+def online(monkeypatch: pytest.MonkeyPatch):
+    """A process not set offline, with a fresh probe cache; whatever a test turns offline is turned back."""
+    import huggingface_hub.constants
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy",
+                     "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    datasets_config = sys.modules.get("datasets.config")
+    if datasets_config is not None:
+        monkeypatch.setattr(datasets_config, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(datasets_config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setattr(hub, "_probes", {})
+    return monkeypatch
+
+
+def fails_fast_naming_the_key(call, key: str) -> str:
+    began = time.monotonic()
+    with pytest.raises(ModelNotFound) as caught:
+        call()
+    seconds = time.monotonic() - began
+    message = str(caught.value)
+    assert seconds < 2, f"took {seconds:.1f} s"
+    assert message.startswith(f"{key}: cannot load '{HUB_NAME}'"), message
+    assert "not in the local Hugging Face cache" in message and "unreachable (offline" in message
+    assert f"hf download {HUB_NAME}" in message and f"set {key} to a local model folder" in message
+    return message
+
+
+def test_hf_hub_offline_fails_at_once_with_the_key_path(online):
+    online.setenv("HF_HUB_OFFLINE", "1")
+    message = fails_fast_naming_the_key(lambda: load_tokenizer(HUB_NAME, key="assistant.model.name"),
+                                        "assistant.model.name")
+    assert "HF_HUB_OFFLINE is set" in message
+    fails_fast_naming_the_key(lambda: resolve_model_path(HUB_NAME, "student.base_model_name", check_hub=True),
+                              "student.base_model_name")
+
+
+def test_unreachable_endpoint_fails_at_once_with_the_key_path(online):
+    online.setenv("HF_ENDPOINT", UNREACHABLE)
+    message = fails_fast_naming_the_key(lambda: check_hub_model(HUB_NAME, "teacher.open.model.name"),
+                                        "teacher.open.model.name")
+    assert "no connection to 127.0.0.1:9" in message
+    assert os.environ.get("HF_HUB_OFFLINE") is None  # not cached: nothing to load offline, nothing switched
+
+
+def test_a_host_that_does_not_answer_is_given_up_on_after_the_timeout(online):
+    import socket
+
+    def never_answers(address, timeout=None):
+        time.sleep(5)
+        raise TimeoutError("timed out")
+
+    online.setattr(socket, "create_connection", never_answers)
+    online.setenv("HF_ENDPOINT", "https://hub.example:443")
+    began = time.monotonic()
+    reason = hub.unreachable_reason(timeout=0.3)
+    assert time.monotonic() - began < 1
+    assert reason == "offline: no connection to hub.example:443, no answer within 0.3 s"
+    began = time.monotonic()
+    assert hub.unreachable_reason(timeout=0.3) == reason  # asked once per process
+    assert time.monotonic() - began < 0.05
+
+
+def test_the_probe_goes_to_the_proxy_when_one_applies(online):
+    online.setenv("HF_ENDPOINT", "https://hub.example")
+    online.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub.endpoint() == ("proxy.example", 3128, "proxy proxy.example")
+    online.setenv("NO_PROXY", "hub.example")
+    assert hub.endpoint() == ("hub.example", 443, "hub.example")
+
+
+def test_reachable_hub_lets_a_hub_name_through(online):
+    online.setattr(hub, "_connect", lambda host, port, timeout: None)
+    assert resolve_model_path(HUB_NAME, "assistant.model.name", check_hub=True) == HUB_NAME
+    assert os.environ.get("HF_HUB_OFFLINE") is None
+
+
+def test_local_folder_and_tiny_names_still_load_offline(online, tmp_path: Path):
+    online.setenv("HF_HUB_OFFLINE", "1")
+    online.setenv("HF_ENDPOINT", UNREACHABLE)
+    assert resolve_model_path("tiny:student", "student.base_model_name", check_hub=True) == str(tiny.resolve("tiny:student"))
+    folder = tmp_path / "my-assistant"
+    shutil.copytree(tiny.resolve("tiny:assistant"), folder)
+    began = time.monotonic()
+    assert load_tokenizer(str(folder), key="assistant.model.name") is not None
+    assert load_tokenizer("tiny:assistant", key="assistant.model.name") is not None
+    assert time.monotonic() - began < 30  # (no network retries: the tokenizers are read from disk)
+
+
+def hub_cache_with(cache: Path, repo: str, files_from: Path) -> None:
+    """`repo` laid out in a Hugging Face hub cache as a download would leave it (refs/main → a snapshot)."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / ("a" * 40)
+    shutil.copytree(files_from, snapshot)
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("a" * 40)
+
+
+def test_a_cached_hub_model_loads_from_the_cache_when_the_hub_is_unreachable(tmp_path: Path):
+    """In a fresh process, as a worker meets it: the hub is unreachable, the model is cached: it loads from
+    the cache at once (no retries), and the process works offline from then on."""
+    cache = tmp_path / "hub"
+    hub_cache_with(cache, "someone/cached-assistant", tiny.resolve("tiny:assistant"))
+    script = (
+        "import os, time\n"
+        "from engine.models.loading import load_tokenizer\n"
+        "began = time.monotonic()\n"
+        "tok = load_tokenizer('someone/cached-assistant', key='assistant.model.name')\n"
+        "print(json.dumps({'seconds': time.monotonic() - began, 'offline': os.environ.get('HF_HUB_OFFLINE'),"
+        " 'vocab': len(tok)}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HUB_CACHE=str(cache), HF_ENDPOINT=UNREACHABLE, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", "import json\n" + script], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["offline"] == "1" and outcome["vocab"] > 0
+    assert outcome["seconds"] < 30, outcome  # transformers' import included; retries alone would be ~50 s
+    assert "Retrying" not in result.stderr
+
+
+def test_the_chat_worker_fails_at_once_naming_assistant_model_name(tmp_path: Path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "engine.chat.worker", "--model", HUB_NAME, "--device", "cpu"],
+                            env=env, cwd=tmp_path, input="", capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - began
+    reply = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reply["kind"] == "error" and reply["fatal"] is True
+    message = reply["message"]
+    assert message.startswith(f"assistant.model.name (or --model): cannot load '{HUB_NAME}'"), message
+    assert "HF_HUB_OFFLINE is set" in message and message.endswith("or tiny:<name>.")  # whole, not clipped
+    assert seconds < 20, seconds  # a process start and a few imports; it was ~50 s of hub retries
+    keyed = subprocess.run([sys.executable, "-m", "engine.chat.worker", "--model", HUB_NAME, "--key", "student.base_model_name"],
+                           env=env, cwd=tmp_path, input="", capture_output=True, text=True, timeout=120)
+    assert json.loads(keyed.stdout.strip().splitlines()[-1])["message"].startswith("student.base_model_name: cannot load")
+
+
+def test_the_supervisor_runs_a_stage_offline_when_the_hub_is_unreachable(online):
+    online.setenv("HF_ENDPOINT", UNREACHABLE)
+    env: dict[str, str] = {}
+    note = hub_offline_note(env)
+    assert env == {"HF_HUB_OFFLINE": "1"}
+    assert note is not None and "unreachable" in note and "127.0.0.1:9" in note
+    online.setenv("HF_HUB_OFFLINE", "1")  # already offline: nothing to add, nothing to say
+    env = {}
+    assert hub_offline_note(env) is None and env == {}
+    online.delenv("HF_HUB_OFFLINE")
+    online.setattr(hub, "_connect", lambda host, port, timeout: None)  # the hub answers
+    assert hub_offline_note(env) is None and env == {}
