@@ -55,6 +55,22 @@ def test_tas_run_data_on_the_tiny_profile(project: Path):
     logs = tas("logs", "last", "data", "--events", cwd=project)
     assert "done" in logs.stdout and "kept" in logs.stdout
 
+    cancel = tas("cancel", "last", cwd=project)  # a finished run: said at once, not an error
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    assert f"run {run.id} has nothing running (finished): nothing to cancel" in cancel.stdout
+    assert "cancelling" not in cancel.stdout and not (run.path / "cancel_request.json").exists()
+
+
+def test_tas_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]):
+    from importlib.metadata import version
+
+    from engine.cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"tas {version('tas-panel')}\n"
+
 
 @pytest.mark.e2e
 def test_worker_keeps_running_after_its_starter_exits(project: Path, slow_config: Path):

@@ -1,4 +1,8 @@
-"""`tas cancel RUN [--grace S]`: stop a run; stages save and end `cancelled`, SIGKILL after the grace."""
+"""`tas cancel RUN [--grace S]`: stop a run; stages save and end `cancelled`, SIGKILL after the grace.
+
+A run with nothing running (finished, failed, cancelled, new) is left as it is: that is said at once, and
+the exit code is 0 (the run is not running, which is what was asked for); an unknown run is an error (2).
+"""
 
 from __future__ import annotations
 
@@ -19,9 +23,13 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     run = RunStore(runs_root(args.config)).get(args.run)
+    state = run.overall_state()
+    if state != "live":
+        console.print(f"run {run.id} has nothing running ({state}): nothing to cancel")
+        return 0
     console.print(f"cancelling run {run.id} (stages save and stop; grace period applies)…")
     if not launcher.cancel(run, grace_s=args.grace):
-        console.print("nothing was running")
+        console.print(f"run {run.id} ended meanwhile: nothing to cancel")
         return 0
     console.print(run_block(run))
     return 0

@@ -1,6 +1,7 @@
 """The `tas` command: parses the arguments and hands over to one module per command.
 
     tas                          open the panel
+    tas --version                the installed version
     tas run STAGE... [--config F] [--run RUN] [--detach]
     tas status [RUN] [--all]
     tas logs RUN [STAGE] [-f] [--events]
@@ -31,11 +32,41 @@ from engine.core.secrets import load_dotenv_secrets
 COMMANDS = (run, status, logs, cancel, compare, manage, gpu, chat, eval_code, export)
 
 
+def package_version() -> str:
+    """The installed tas-panel version; from pyproject.toml beside the code when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tas-panel")
+    except PackageNotFoundError:
+        pass
+    try:
+        import tomllib
+        from pathlib import Path
+
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
+    except (OSError, KeyError, ValueError):
+        return "unknown"
+
+
+class VersionAction(argparse.Action):
+    """`--version`: the version is looked up only when asked for (every other command starts without it)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"tas {package_version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tas", description="TAS Panel: Teacher → Assistant → Student distillation. No command opens the panel."
     )
     parser.add_argument("--config", default=None, help=f"config file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--version", action=VersionAction, help="print the version of TAS Panel and exit")
     sub = parser.add_subparsers(dest="command")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, help=f"config file (default: {DEFAULT_CONFIG})")
