@@ -162,6 +162,51 @@ def test_distill_pretrained_student_with_padded_vocab_and_lora(trained, tmp_path
     assert torch.equal(student.state_dict()[name], padded.state_dict()[name])  # not targeted: unchanged
 
 
+def test_bf16_distill_saves_a_bf16_student_that_eval_loads_in_bf16(trained, tmp_path, monkeypatch):
+    """`train.distillation.bf16: true`: the student trains under bf16 autocast (fp32 master weights) and is
+    saved in bf16, the precision it was trained for; the eval stage loads it in bf16 too."""
+    import torch
+    from safetensors import safe_open
+
+    cfg, _, root = trained
+    cfg = cfg.model_copy(deep=True)
+    kd = cfg.train.distillation
+    kd.bf16, kd.max_steps, kd.ce_only_control = True, 2, False
+    kd.output_dir = str(tmp_path / "student")
+    cfg.eval.code.benchmark = "none"
+    distill.run(make_context(cfg, "distill", root))
+    with safe_open(str(tmp_path / "student" / "model.safetensors"), "pt") as weights:
+        dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    assert dtypes == {"BF16"}
+
+    loaded: dict[str, torch.dtype] = {}
+    real = eval_stage.load_causal_lm
+
+    def recording(name, *args, key=None, dtype=None, **kwargs):
+        loaded[key] = dtype
+        return real(name, *args, key=key, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(eval_stage, "load_causal_lm", recording)
+    eval_stage.run(make_context(cfg, "eval", root))
+    assert loaded.get("student_kd") == torch.bfloat16, loaded
+
+
+def test_pick_dtype_follows_the_config_and_the_device(monkeypatch):
+    """bfloat16 where the device has it, float16 on a GPU without it (V100/T4, as TAS did), float32 when
+    the config asks for full precision."""
+    import torch
+
+    from engine.models.device import pick_dtype
+
+    assert pick_dtype(True, torch.device("cpu")) == torch.bfloat16
+    assert pick_dtype(False, torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert pick_dtype(True, torch.device("cuda", 0)) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert pick_dtype(True, torch.device("cuda", 0)) == torch.bfloat16
+    assert pick_dtype(False, torch.device("cuda", 0)) == torch.float32
+
+
 def test_sft_resumes_from_its_newest_checkpoint(trained, tmp_path, monkeypatch):
     """A crash after checkpoint-2 (the process dies: no final save); the re-run continues from step 2."""
     from engine.train import callbacks as training

@@ -35,10 +35,13 @@ def select_device(wanted: str, allow_tf32: bool = True) -> torch.device:
 
 
 def pick_dtype(bfloat16: bool, device: torch.device) -> torch.dtype:
-    """bfloat16 when the config asks and the device does it; float32 otherwise."""
-    if bfloat16 and (device.type == "cpu" or torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float32
+    """The dtype a config's `bfloat16: true` means on this device: bfloat16 where the device has it; on a
+    GPU without it (V100, T4) float16, as TAS did; float32 when the config asks for full precision."""
+    if not bfloat16:
+        return torch.float32
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
 
 
 def pick_attention(wanted: str | None, device: torch.device) -> tuple[str | None, str | None]:

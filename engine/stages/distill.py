@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from engine.models.device import pick_device
+from engine.models.device import pick_device, pick_dtype
 from engine.models.loading import load_tokenizer
 from engine.runner.context import StageContext, StageError
 from engine.train.assistant import load_tuned_assistant
@@ -161,7 +161,9 @@ def train_one(ctx: StageContext, label: str, student, teacher, tokenizer, train_
     if not ctx.is_main:  # rank 0 alone writes the model
         return
     with saving(output_dir, "train.distillation.output_dir"):
-        merged_student(student).save_pretrained(output_dir)  # LoRA merged in: a plain model folder
+        # LoRA merged in (a plain model folder), in the precision it trained in: bf16 training saves a bf16
+        # model, so eval, chat and export load the model the run produced, at half the size of float32
+        merged_student(student).to(pick_dtype(kd.bf16, device)).save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
     mark_completed(checkpoints)
     ctx.events.artifact(output_dir, label)

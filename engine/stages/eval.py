@@ -24,7 +24,7 @@ import torch
 from engine.core.fsio import atomic_write_json
 from engine.evals.code import load_humaneval, score_completions, write_results
 from engine.evals.generate import generate_completions
-from engine.models.device import peak_memory, pick_device
+from engine.models.device import peak_memory, pick_device, pick_dtype
 from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.runner.context import StageContext, StageError
 from engine.train.assistant import load_tuned_assistant
@@ -91,11 +91,12 @@ def run(ctx: StageContext) -> None:
     ctx.events.log(f"scoring {len(examples)} held-out answers (split seed {split.seed}, test_size {split.test_size})")
 
     results: dict[str, Any] = {}
+    student_dtype = pick_dtype(config.train.distillation.bf16, device)  # as the students were trained
     candidates = {"assistant": None, **students(ctx)}
     problems = code_problems(ctx)
     for done, (name, path) in enumerate(candidates.items()):
         started = time.perf_counter()
-        model = assistant if path is None else load_causal_lm(str(path), key=name, dtype=torch.float32).to(device).eval()
+        model = assistant if path is None else load_causal_lm(str(path), key=name, dtype=student_dtype).to(device).eval()
         results[name] = score(ctx, model, assistant, batches, vocab)
         results[name]["path"] = str(path) if path else config.train.sft.save_path
         results[name]["seconds"] = round(time.perf_counter() - started, 2)
@@ -112,7 +113,8 @@ def run(ctx: StageContext) -> None:
     if problems and config.eval.code.include_teacher and config.teacher.source == "open":
         # the teacher has its own tokenizer and template: only the code benchmark compares it
         teacher_tokenizer = load_tokenizer(teacher_name, key="teacher.open.model.name")
-        teacher = load_causal_lm(teacher_name, key="teacher.open.model.name", dtype=torch.float32).to(device).eval()
+        teacher = load_causal_lm(teacher_name, key="teacher.open.model.name",
+                                 dtype=pick_dtype(config.teacher.open.model.bfloat16, device)).to(device).eval()
         results = {"teacher": {"path": teacher_name, **code_eval(ctx, "teacher", teacher, teacher_tokenizer, problems,
                                                                    ctx.system_prompt("Teacher"))}, **results}
         del teacher

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.core.config import TASConfig
+from engine.models.device import pick_dtype
 from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.runner.context import StageContext
 
@@ -39,7 +40,7 @@ def load_tuned_assistant(ctx: StageContext, device: torch.device):
         name,
         key="assistant.model.name",
         quantization_config=quant,
-        dtype=None if quant else torch.float32,
+        dtype=None if quant else pick_dtype(config.assistant.model.bfloat16, device),  # as configured
         device_map={"": device} if quant else None,
     )
     adapter = Path(config.train.sft.save_path)
