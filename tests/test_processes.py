@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from engine.core import launcher
 from engine.core.config import load_config
@@ -59,6 +60,62 @@ def test_tas_run_data_on_the_tiny_profile(project: Path):
     assert cancel.returncode == 0, cancel.stdout + cancel.stderr
     assert f"run {run.id} has nothing running (finished): nothing to cancel" in cancel.stdout
     assert "cancelling" not in cancel.stdout and not (run.path / "cancel_request.json").exists()
+
+
+@pytest.mark.e2e
+def test_worker_logs_hold_no_progress_bars_and_no_warning_of_our_own_config(project: Path):
+    """The teacher loads two models and decodes (transformers drew a `Loading weights` bar and warned about
+    teacher.open.tokenizer.clean_up_tokenization_spaces there): worker.log is for people, progress is in events."""
+    data = yaml.safe_load((project / "configs" / "tiny.yaml").read_text())
+    data["data"]["limit"] = 16
+    data["teacher"]["open"]["pipeline"]["max_new_tokens"] = 8
+    (project / "configs" / "quick.yaml").write_text(yaml.safe_dump(data))
+    result = tas("run", "data", "teacher", "--config", "configs/quick.yaml", cwd=project, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = RunStore(project / "runs").get("last")
+    for stage in ("data", "teacher"):
+        log = (run.stage_dir(stage) / "worker.log").read_text()
+        assert "it/s]" not in log and "\r" not in log, log[-2000:]  # no tqdm bar, drawn or redrawn
+        assert "clean_up_tokenization_spaces" not in log, log[-2000:]
+    assert any(e["kind"] == "progress" for e in read_events(run.stage_dir("teacher") / "events.jsonl"))
+
+
+def test_worker_env_turns_progress_bars_off_unless_the_user_asks(monkeypatch: pytest.MonkeyPatch):
+    from engine.core.config import load_config as load
+    from engine.runner.supervisor import worker_env
+    from tests.helpers import TINY_CONFIG
+
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+        monkeypatch.delenv(name, raising=False)
+    env = worker_env(load(TINY_CONFIG))
+    assert env["HF_HUB_DISABLE_PROGRESS_BARS"] == env["HF_DATASETS_DISABLE_PROGRESS_BARS"] == env["TQDM_DISABLE"] == "1"
+    monkeypatch.setenv("TQDM_DISABLE", "")  # tqdm reads any non-empty value as true: empty keeps its bars
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
+    env = worker_env(load(TINY_CONFIG))
+    assert env["TQDM_DISABLE"] == "" and env["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
+
+
+def test_a_repeated_warning_is_written_once(tmp_path: Path):
+    """In a worker, the same warning from a library that warns on every call (and from two places, and
+    under an "always" filter) is one line in worker.log."""
+    script = (
+        "import sys, warnings\n"
+        "from engine.runner.worker import quiet_warnings\n"
+        "quiet_warnings()\n"
+        "warnings.simplefilter('always')\n"
+        "def noisy():\n"
+        "    warnings.warn('`x` is deprecated, use `y`', FutureWarning)\n"
+        "for _ in range(5):\n"
+        "    noisy()\n"
+        "warnings.warn('`x` is deprecated, use `y`', FutureWarning)\n"
+        "warnings.warn('another one', UserWarning)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONWARNINGS": ""}, cwd=Path(__file__).resolve().parents[1])
+    lines = result.stderr.splitlines()
+    assert result.returncode == 0, result.stderr
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("FutureWarning (<string>:6): `x` is deprecated") and "another one" in lines[1]
 
 
 def test_tas_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]):

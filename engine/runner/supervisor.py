@@ -43,10 +43,21 @@ def worker_command(stage: str, run: Run, config: TASConfig) -> list[str]:
     return [sys.executable, "-u", *worker]
 
 
+QUIET_ENV = {
+    # worker.log is read by people: no progress bars (each redraw is a line of `\r` noise there; a stage
+    # reports its progress as events), unless the user's own environment asks for them
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub downloads, and transformers' bars (weights loading)
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # datasets' map / filter / tokenizing
+    "TQDM_DISABLE": "1",  # any other tqdm bar (the Trainer's): tqdm reads its defaults from TQDM_*
+}
+
+
 def worker_env(config: TASConfig) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name, value in QUIET_ENV.items():
+        env.setdefault(name, value)
     if config.cuda.cuda_alloc_conf:
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", config.cuda.cuda_alloc_conf)
     if config.launch.cuda_visible_devices is not None:

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 
 from engine.core.events import EventWriter
 from engine.core.fsio import describe_os_error
@@ -43,6 +44,29 @@ def install_cancel_handler(events: EventWriter, cancel_event: threading.Event) -
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, on_sigterm)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def quiet_warnings() -> None:
+    """Python warnings in worker.log: each distinct one once per process, on one line (where it was raised
+    and what it says, without the source line under it). A library that warns on every call, or from
+    several places, or sets its own "always" filter, writes it once. PYTHONWARNINGS / -W (the user's own
+    rules) turn this off."""
+    if sys.warnoptions:
+        return
+    seen: set[tuple[type, str]] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message).strip()
+        if (category, text) in seen:
+            return
+        seen.add((category, text))
+        where = str(filename).rpartition("site-packages/")[2]
+        try:
+            print(f"{category.__name__} ({where}:{lineno}): {text}", file=file or sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass  # the log is gone: a warning is not worth failing the stage for
+
+    warnings.showwarning = show
 
 
 def run_stage(stage: str, run: Run) -> int:
@@ -90,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # everything printed goes to worker.log: redacted line by line, whoever prints it
     sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+    quiet_warnings()
     return run_stage(args.stage, Run.open(args.run))
 
 

@@ -67,6 +67,16 @@ def load_teacher(ctx: StageContext):
     return model.to(device).eval(), tokenizer
 
 
+def cleanup_applies(tokenizer) -> bool:
+    """Whether `clean_up_tokenization_spaces` changes what this tokenizer decodes. transformers 5 skips it for
+    BPE tokenizers (Qwen, StableLM, GPT-2 ...: it would strip real spaces before punctuation) and warns each
+    time it is asked; asking only where it applies gives the same text without the warning."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "BPE":
+        return True
+    return bool(getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
+
+
 def chat_texts(tokenizer, prompts: list[dict[str, Any]], system_prompt: str | None, add_generation_prompt: bool) -> list[str]:
     """The prompt each model sees: its own chat template with the TAS system prompt."""
     if not getattr(tokenizer, "chat_template", None):
@@ -205,7 +215,7 @@ def answer_open(ctx: StageContext, prompts: list[dict[str, Any]], output: Teache
     batches = generate_batches(
         model, tokenizer, prompts, texts, cfg.pipeline.batch_size, gen_kwargs,
         skip_special_tokens=cfg.tokenizer.skip_special_tokens,
-        clean_up_tokenization_spaces=cfg.tokenizer.clean_up_tokenization_spaces,
+        clean_up_tokenization_spaces=cfg.tokenizer.clean_up_tokenization_spaces and cleanup_applies(tokenizer),
         on_out_of_memory=halved,
     )
     step = 0
