@@ -17,6 +17,9 @@ message (ignored while `server.faults` is False, which simulates the fault going
     [[empty]]      always: an empty answer
     [[batch-fail]] Batch API only: the item goes to the error file with status 400
 
+With `"stream": true` a chat answer comes as server-sent events, a word per chunk (`stream_delay_s`
+apart; `[[long]]` makes it 400 words); `GET /v1/models` lists one model.
+
 Whole-server settings: `api_key` (when set, any other bearer token gets 401), `delay_s` (every chat
 answer takes this long, so concurrency is observable), `batch_polls` (retrieves until a batch completes),
 `batch_error` (every batch fails validation with this message).
@@ -58,6 +61,8 @@ class FakeOpenAI:
         self.batch_polls = batch_polls
         self.batch_error = batch_error  # when set, every batch fails validation with this message
         self.faults = True
+        self.stream_delay_s = 0.0  # between the chunks of a streamed answer (stream: true)
+        self.streams_closed_early = 0  # streamed answers the client stopped reading
         self.on_chat: Callable[[int], None] | None = None  # called with the number of chat requests so far
 
         self.requests: list[dict[str, Any]] = []
@@ -320,6 +325,9 @@ class _Handler(BaseHTTPRequestHandler):
             with fake._lock:
                 fake.advance(batch)
                 return self._send(200, fake.batch_object(batch))
+        if self.path == "/v1/models":
+            return self._send(200, {"object": "list", "data": [{"id": "gpt-fake", "object": "model", "created": 0,
+                                                                 "owned_by": "fake"}]})
         self._send(404, {"error": {"message": f"no route GET {self.path}"}})
 
     def do_POST(self) -> None:
@@ -378,4 +386,46 @@ class _Handler(BaseHTTPRequestHandler):
             with fake._lock:
                 fake.in_flight -= 1
         headers = {"retry-after-ms": "1", "retry-after": "0"} if status in (429, 500) else {}
+        if status == 200 and body.get("stream"):
+            return self._stream(body, answer)
         self._send(status, answer, headers)
+
+    def _stream(self, body: dict[str, Any], answer: dict[str, Any]) -> None:
+        """The answer as server-sent events, a word per chunk (`stream_delay_s` apart), then the finish
+        reason, the usage (with stream_options.include_usage) and [DONE]; ends early when the client closes."""
+        fake = self.fake
+        text = answer["choices"][0]["message"]["content"]
+        user = fake._user_of(body)
+        if "[[long]]" in user:
+            text = " ".join(f"word{i}" for i in range(400))
+        words = re.findall(r"\S+\s*", text)
+        limit = body.get("max_tokens") or len(words)
+        base = {"id": answer.get("id", "chatcmpl-fake"), "object": "chat.completion.chunk", "created": 0,
+                "model": body.get("model")}
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        sent = 0
+
+        def event(payload: dict[str, Any]) -> None:
+            self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+            self.wfile.flush()
+
+        try:
+            for word in words[:limit]:
+                event(dict(base, choices=[{"index": 0, "delta": {"content": word}, "finish_reason": None}]))
+                sent += 1
+                if fake.stream_delay_s:
+                    time.sleep(fake.stream_delay_s)
+            finish = "length" if len(words) > limit else "stop"
+            event(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": finish}]))
+            if (body.get("stream_options") or {}).get("include_usage"):
+                event(dict(base, choices=[], usage={"prompt_tokens": 7, "completion_tokens": sent,
+                                                    "total_tokens": 7 + sent}))
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            with fake._lock:
+                fake.streams_closed_early += 1  # the client stopped reading: a `stop`

@@ -403,7 +403,8 @@ def test_bad_model_path_is_a_fatal_error_and_exit_code_2(tiny_cache, tmp_path):
 
 def test_chat_targets(project):
     config = load_config("configs/tiny.yaml")
-    assert chat_targets(config) == [ChatTarget("Base assistant", "tiny:assistant", None)]
+    assert chat_targets(config) == [ChatTarget("Base assistant", "tiny:assistant", None),
+                                    ChatTarget("Teacher", "tiny:teacher", None)]
     with pytest.raises(ValueError, match="distill stage"):
         chat_target(config, "kd")
     out = Path(config.train.distillation.output_dir)
@@ -412,13 +413,13 @@ def test_chat_targets(project):
         folder.mkdir(parents=True)
         (folder / proof).write_text("{}")
     targets = chat_targets(config)
-    assert [t.key for t in targets] == ["kd", "ce", "assistant", "base"]
+    assert [t.key for t in targets] == ["kd", "ce", "assistant", "base", "teacher"]
     assert targets[0] == ChatTarget("KD student", str(out), None)
     assert targets[1].model == f"{out}_ce"
     assert targets[2] == ChatTarget("Assistant + LoRA", "tiny:assistant", config.train.sft.save_path)
     assert chat_target(config, "assistant") == targets[2]
     # relative to another root: nothing there but the base assistant
-    assert [t.key for t in chat_targets(config, root=project / "elsewhere")] == ["base"]
+    assert [t.key for t in chat_targets(config, root=project / "elsewhere")] == ["base", "teacher"]
 
 
 def test_printable_drops_terminal_controls():
@@ -635,7 +636,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
         shutil.copytree(tiny.resolve("tiny:student"), project / ".model/tiny/student/Student")
         app.query_one("#chat-input", MessageInput).focus()
         await pilot.press("ctrl+r")
-        assert [t.label for t in tab.targets] == ["KD student", "Base assistant"]
+        assert [t.label for t in tab.targets] == ["KD student", "Base assistant", "Teacher"]
         await _until(pilot, lambda: tab.state == "ready", timeout=120)
         assert not tab.query_one("#chat-retry", Button).display
         assert ".model/tiny/student/Student on cpu" in tab.status

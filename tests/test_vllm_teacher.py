@@ -159,3 +159,40 @@ def test_bad_model_fails_quoting_the_servers_error(vllm_project: Path):
     assert "no-such-architecture" in headline
     assert time.monotonic() - started < STARTUP_S / 2
     assert server_pgid(run) is None
+
+
+def test_chat_with_the_teacher_through_its_own_vllm_server(vllm_project: Path):
+    """The Chat tab's / `tas chat --target teacher`'s path for teacher.source: vllm: the API chat worker
+    starts the teacher's server from the config, streams a reply from it, and ends the server with itself."""
+    import psutil
+
+    from engine.chat.client import ChatClient
+    from engine.chat.protocol import EndReply, TokenReply
+    from engine.chat.targets import VLLM, chat_target
+
+    config_path = vllm_project / "configs" / "tiny-vllm.yaml"
+    target = chat_target(load_config(config_path), "teacher")
+    assert target.endpoint == VLLM
+    client = ChatClient(target.model, endpoint=target.endpoint, config_path=config_path, cwd=vllm_project,
+                        log_path=vllm_project / "chat.log").start()
+    try:
+        ready = client.wait_ready(timeout=STARTUP_S)
+        port = ready.device.rsplit(":", 1)[1]
+        servers = [p for p in psutil.process_iter(["cmdline"])
+                   if "--port" in (p.info["cmdline"] or []) and port in (p.info["cmdline"] or [])]
+        assert servers, "no vLLM server process for the chat"
+        rid = client.generate([{"role": "user", "content": "Write a function that adds two numbers."}],
+                              {"temperature": 0, "max_new_tokens": 8, "min_new_tokens": 8})
+        pieces, end = [], None
+        while end is None:
+            reply = client.next_reply(timeout=120)
+            if isinstance(reply, TokenReply) and reply.id == rid:
+                pieces.append(reply.text)
+            elif reply.id == rid:
+                end = reply
+        assert isinstance(end, EndReply), end
+        assert end.tokens == 8 and end.finish == "length" and "".join(pieces)
+    finally:
+        client.close(timeout=60)
+    wait_for(lambda: not [p for p in servers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+             timeout=60, what="the chat's vLLM server to end with the chat worker")

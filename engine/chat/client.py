@@ -72,7 +72,13 @@ class ChatClient:
         log_path: str | os.PathLike[str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
         python: str = sys.executable,
+        endpoint: str | None = None,
+        config_path: str | os.PathLike[str] | None = None,
     ):
+        """`endpoint`: None for a local model (engine.chat.worker); an OpenAI-compatible base URL, or "vllm"
+        for the teacher's vLLM server of `config_path` (engine.chat.api_worker, same protocol)."""
+        self.endpoint = endpoint
+        self.config_path = config_path
         self.model = model
         self.adapter = adapter
         self.device = device
@@ -104,9 +110,7 @@ class ChatClient:
             self.log_path = Path(name)
             self._own_log = True
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [self.python, "-u", "-m", "engine.chat.worker", "--model", self.model, "--device", self.device]
-        if self.adapter:
-            command += ["--adapter", str(self.adapter)]
+        command = self._command()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 command,
@@ -127,6 +131,18 @@ class ChatClient:
             self._closing = False
             self.close()
         return self
+
+    def _command(self) -> list[str]:
+        if self.endpoint == "vllm":
+            if self.config_path is None:
+                raise ValueError("the teacher's vLLM server needs the config it is started from (config_path)")
+            return [self.python, "-u", "-m", "engine.chat.api_worker", "--vllm-config", str(self.config_path),
+                    "--workdir", str(self.cwd or os.getcwd())]
+        if self.endpoint:
+            return [self.python, "-u", "-m", "engine.chat.api_worker", "--base-url", self.endpoint,
+                    "--model", self.model]
+        command = [self.python, "-u", "-m", "engine.chat.worker", "--model", self.model, "--device", self.device]
+        return command + (["--adapter", str(self.adapter)] if self.adapter else [])
 
     @property
     def running(self) -> bool:

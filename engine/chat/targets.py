@@ -1,4 +1,5 @@
-"""What there is to chat with: the students a run distilled, the fine-tuned assistant, the base assistant.
+"""What there is to chat with: the students a run distilled, the fine-tuned assistant, the base assistant,
+and the teacher (to compare the student with where it came from).
 
 Light module: stdlib (+ the light prompt loader), never torch or transformers. Used by the Chat tab and
 `tas chat`; the paths come from the config (the same keys the stages write to).
@@ -10,19 +11,23 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-TARGET_KEYS = ("kd", "ce", "assistant", "base")
+TARGET_KEYS = ("kd", "ce", "assistant", "base", "teacher")
 TARGET_LABELS = {
     "kd": "KD student",
     "ce": "CE-only student",
     "assistant": "Assistant + LoRA",
     "base": "Base assistant",
+    "teacher": "Teacher",
 }
+VLLM = "vllm"
+"""`ChatTarget.endpoint` for the teacher's own vLLM server, which the chat worker starts from the config."""
 
 
 class ChatTarget(NamedTuple):
     label: str
     model: str
     adapter: str | None
+    endpoint: str | None = None  # None: a local model (engine.chat.worker); a URL or VLLM: engine.chat.api_worker
 
     @property
     def key(self) -> str:
@@ -48,17 +53,32 @@ def _target_paths(config, root: Path | None) -> dict[str, tuple[str, str | None,
 
 def chat_targets(config, root: str | os.PathLike[str] | None = None) -> list[ChatTarget]:
     """What can be chatted with, best first: KD student, CE-only student, fine-tuned assistant (base +
-    LoRA adapter), base assistant. Each only when its files exist, except the base assistant (always).
-    Relative paths of the config count from `root` (default: the working directory, as for the stages)."""
+    LoRA adapter), base assistant, teacher. Each only when its files exist, except the base assistant and
+    the teacher (always). Relative paths of the config count from `root` (default: the working directory,
+    as for the stages)."""
     targets = []
     for key, (model, adapter, path, proof) in _target_paths(config, Path(root) if root else None).items():
         if key == "base" or (path / proof).exists():
             targets.append(ChatTarget(TARGET_LABELS[key], model, adapter))
-    return targets
+    return targets + [teacher_target(config)]
+
+
+def teacher_target(config) -> ChatTarget:
+    """The teacher as the config runs it: the open model loaded here (`open`, `download`), its vLLM server
+    (`vllm`: started for the chat), or the API model at its endpoint (`closed`)."""
+    teacher = config.teacher
+    if teacher.source == "closed":
+        base_url = teacher.closed.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+        return ChatTarget(TARGET_LABELS["teacher"], teacher.closed.model.name, None, base_url)
+    if teacher.source == VLLM:
+        return ChatTarget(TARGET_LABELS["teacher"], teacher.open.model.name, None, VLLM)
+    return ChatTarget(TARGET_LABELS["teacher"], teacher.open.model.name, None)
 
 
 def chat_target(config, key: str, root: str | os.PathLike[str] | None = None) -> ChatTarget:
     """The target named kd / ce / assistant / base; ValueError saying which stage makes it when missing."""
+    if key == "teacher":
+        return teacher_target(config)
     paths = _target_paths(config, Path(root) if root else None)
     if key not in paths:
         raise ValueError(f"unknown target {key!r}; targets are {', '.join(TARGET_KEYS)}")
@@ -88,7 +108,7 @@ def with_run_outputs(config, config_path: str | os.PathLike[str] | None, run_ref
             resolved = run.config()
         except Exception:  # an unreadable frozen config: skip that run
             continue
-        if len(chat_targets(resolved)) > 1:  # more than the base assistant
+        if any(t.label not in (TARGET_LABELS["base"], TARGET_LABELS["teacher"]) for t in chat_targets(resolved)):
             return resolved, run.id
     return config, None
 

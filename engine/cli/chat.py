@@ -60,7 +60,9 @@ def add_parser(subparsers, common_parent) -> argparse.ArgumentParser:
     which.add_argument("--model", metavar="NAME_OR_PATH", help="hub id, local model folder or tiny:<name>")
     which.add_argument("--target", choices=TARGET_KEYS,
                        help="kd: KD student, ce: CE-only student, assistant: base + SFT adapter, base: base assistant "
-                            "(default: the first that exists, in that order)")
+                            "(default: the first that exists, in that order); teacher: the teacher as teacher.source "
+                            "runs it (open: loaded here; vllm: its vLLM server, started for the chat; closed: the "
+                            "API model at teacher.closed.base_url)")
     chat.add_argument("--adapter", metavar="PATH", help="PEFT adapter folder on top of --model")
     chat.add_argument("--run", metavar="RUN", help="chat with the models of this run (default: the newest run with one)")
     chat.add_argument("--system", metavar="TEXT", help="system prompt (default: the Assistant prompt of prompts.path)")
@@ -176,7 +178,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             _err("stdin is empty: nothing to send (pipe a message in, or run tas chat in a terminal)")
             return 2
 
-    client = ChatClient(target.model, target.adapter, device=device)
+    client = ChatClient(target.model, target.adapter, device=device, endpoint=target.endpoint,
+                        config_path=config_path)
     where = target.model + (f" + {target.adapter}" if target.adapter else "")
     say(f"loading {target.label}: {where} …")
     client.start()

@@ -362,7 +362,8 @@ class ChatTab(Vertical):
 
     # ------------------------------------------------------------------------------------------ worker
     def _start_client(self, target: ChatTarget) -> None:
-        client = ChatClient(target.model, target.adapter, device=self.device,
+        client = ChatClient(target.model, target.adapter, device=self.device, endpoint=target.endpoint,
+                            config_path=self.config_path,
                             on_reply=lambda reply: self.post_message(ChatReply(client, reply)))
         self.client = client
         self.client_target = target
@@ -379,6 +380,11 @@ class ChatTab(Vertical):
 
     def _switch_to(self, target: ChatTarget) -> None:
         assert self.client is not None
+        if target.endpoint or self.client.endpoint:  # a server is another kind of worker: start that one
+            self._drop_client()
+            self._start_client(target)
+            self._set_status(f"starting {target.label} ({_short(target.model)}) …", "busy")
+            return
         try:
             self.client.load(target.model, target.adapter)
         except ChatWorkerGone:
