@@ -100,3 +100,40 @@ def test_a_refused_key_is_a_fatal_error_that_does_not_echo_it(server, tmp_path: 
     message = str(failure.value)
     assert "refused the API key" in message and "OPENAI_API_KEY" in message
     assert wrong not in message and wrong not in (tmp_path / "chat.log").read_text()
+
+
+# ------------------------------------------------------------------------------ where the model runs
+
+
+@pytest.mark.e2e
+def test_the_worker_loads_4bit_on_the_configured_gpus(tmp_path: Path):
+    """launch.cuda_visible_devices reaches the worker (it must not land on the GPU training runs on), and a
+    4-bit load (QLoRA's NF4) serves replies; on this CPU machine the GPU list is only an environment value."""
+    import psutil
+
+    client = ChatClient("tiny:assistant", device="cpu", load_in_4bit=True, visible_devices="3",
+                        key="assistant.model.name", log_path=tmp_path / "chat.log").start()
+    try:
+        ready = client.wait_ready(timeout=120)
+        assert ready.dtype == "nf4 (4-bit)" and ready.device == "cpu"
+        assert psutil.Process(client.process.pid).environ().get("CUDA_VISIBLE_DEVICES") == "3"
+        _, end = collect(client, client.generate([{"role": "user", "content": "hi"}],
+                                                 {"temperature": 0, "max_new_tokens": 4, "min_new_tokens": 4}))
+        assert isinstance(end, EndReply) and end.tokens == 4
+    finally:
+        client.close()
+
+
+@pytest.mark.e2e
+def test_a_gpu_that_is_not_there_and_an_uncached_teacher_are_named(tmp_path: Path, monkeypatch):
+    client = ChatClient("tiny:student", device="cuda:1", log_path=tmp_path / "gpu.log").start()
+    with pytest.raises(ChatWorkerGone, match=r"cuda:1 was asked for but no CUDA GPU is visible"):
+        client.wait_ready(timeout=120)
+    client.close()
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    client = ChatClient("some-org/not-cached-teacher-3b", key="teacher.open.model.name",
+                        log_path=tmp_path / "hub.log").start()
+    with pytest.raises(ChatWorkerGone, match=r"teacher\.open\.model\.name"):
+        client.wait_ready(timeout=60)
+    client.close()

@@ -74,11 +74,17 @@ class ChatClient:
         python: str = sys.executable,
         endpoint: str | None = None,
         config_path: str | os.PathLike[str] | None = None,
+        load_in_4bit: bool = False,
+        visible_devices: str | None = None,
+        key: str | None = None,
     ):
         """`endpoint`: None for a local model (engine.chat.worker); an OpenAI-compatible base URL, or "vllm"
         for the teacher's vLLM server of `config_path` (engine.chat.api_worker, same protocol)."""
         self.endpoint = endpoint
         self.config_path = config_path
+        self.load_in_4bit = load_in_4bit
+        self.key = key  # the config key the model comes from (named by the worker when it cannot load it)
+        self.visible_devices = visible_devices  # CUDA_VISIBLE_DEVICES of the worker (launch.cuda_visible_devices)
         self.model = model
         self.adapter = adapter
         self.device = device
@@ -118,7 +124,7 @@ class ChatClient:
                 stdout=subprocess.PIPE,
                 stderr=log,
                 cwd=self.cwd,
-                env=_worker_env(),
+                env=_worker_env(self.visible_devices),
                 start_new_session=True,  # Ctrl-C in a terminal is ours to turn into `stop`
                 close_fds=True,
                 bufsize=0,
@@ -142,6 +148,8 @@ class ChatClient:
             return [self.python, "-u", "-m", "engine.chat.api_worker", "--base-url", self.endpoint,
                     "--model", self.model]
         command = [self.python, "-u", "-m", "engine.chat.worker", "--model", self.model, "--device", self.device]
+        command += ["--load-in-4bit"] if self.load_in_4bit else []
+        command += [f"--key={self.key}"] if self.key else []  # one word: a key may start with --
         return command + (["--adapter", str(self.adapter)] if self.adapter else [])
 
     @property
@@ -346,13 +354,15 @@ def _exit_text(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _worker_env() -> dict[str, str]:
+def _worker_env(visible_devices: str | None = None) -> dict[str, str]:
     from engine.core.launcher import (
         python_env,  # PYTHONPATH (engine importable from any cwd), unbuffered
     )
 
     env = python_env()
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if visible_devices:  # the GPUs the config gives its work: not whatever GPU 0 is training on
+        env["CUDA_VISIBLE_DEVICES"] = visible_devices
     return env
 
 

@@ -19,6 +19,13 @@ TARGET_LABELS = {
     "base": "Base assistant",
     "teacher": "Teacher",
 }
+CONFIG_KEYS = {
+    "kd": "train.distillation.output_dir",
+    "ce": "train.distillation.output_dir (+ _ce)",
+    "assistant": "assistant.model.name",
+    "base": "assistant.model.name",
+    "teacher": "teacher.open.model.name",
+}
 VLLM = "vllm"
 """`ChatTarget.endpoint` for the teacher's own vLLM server, which the chat worker starts from the config."""
 
@@ -32,6 +39,11 @@ class ChatTarget(NamedTuple):
     @property
     def key(self) -> str:
         return next((k for k, v in TARGET_LABELS.items() if v == self.label), "model")
+
+    @property
+    def config_key(self) -> str:
+        """The config key the model comes from: named when it cannot be loaded."""
+        return CONFIG_KEYS.get(self.key, "--model")
 
 
 def _target_paths(config, root: Path | None) -> dict[str, tuple[str, str | None, Path, str]]:

@@ -178,7 +178,8 @@ class Loaded:
             model=self.name,
             adapter=self.adapter,
             device=str(self.device),
-            dtype=str(self.model.dtype).removeprefix("torch."),
+            dtype="nf4 (4-bit)" if getattr(self.model, "is_loaded_in_4bit", False)
+            else str(self.model.dtype).removeprefix("torch."),
             context=self.context,
             template=self.template,
             load_s=round(self.load_s, 3),
@@ -208,8 +209,14 @@ MODEL_KEY = "assistant.model.name (or --model)"
 are the base assistant and the assistant + LoRA, both `assistant.model.name`; anything else is `--model`."""
 
 
-def load_model(name: str, adapter: str | None, device_name: str, key: str = MODEL_KEY) -> Loaded:
-    """The model (+ adapter) on its device, in eval mode, with a tokenizer that can render a chat."""
+def load_model(name: str, adapter: str | None, device_name: str, key: str = MODEL_KEY,
+               load_in_4bit: bool = False) -> Loaded:
+    """The model (+ adapter) on its device, in eval mode, with a tokenizer that can render a chat.
+
+    `device_name`: cpu, cuda, cuda:N (one GPU of the visible ones), or auto: the GPU when there is one;
+    with several GPUs visible, `device_map="auto"` (TAS's meaning): a model larger than one GPU is split
+    over them, a small one lands on the first. `load_in_4bit`: bitsandbytes NF4, the way QLoRA trained the
+    assistant (a 7B model in ~5 GB)."""
     from engine.models.loading import ModelNotFound, check_hub_model, is_hub_id, resolve_model_path
 
     start = time.perf_counter()
@@ -230,10 +237,20 @@ def load_model(name: str, adapter: str | None, device_name: str, key: str = MODE
     device = select_device(device_name)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads())
+    split = device_name == "auto" and device.type == "cuda" and torch.cuda.device_count() > 1
+    quantization = None
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        from engine.models.device import pick_dtype
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=pick_dtype(True, device))
     # the checkpoint's own dtype (bf16 / fp16 for most hub models; fp16 on a CPU is slow: fp32), weights
-    # loaded straight onto the GPU rather than through host memory
-    model = load_causal_lm(name, key="model", dtype="auto", device_map={"": device} if device.type == "cuda" else None)
-    if device.type == "cpu" and model.dtype == torch.float16:
+    # loaded straight onto the GPU(s) rather than through host memory
+    device_map = "auto" if split else ({"": device} if device.type == "cuda" or quantization else None)
+    model = load_causal_lm(name, key="model", dtype="auto", device_map=device_map, quantization_config=quantization)
+    if device.type == "cpu" and model.dtype == torch.float16 and quantization is None:
         model = model.float()
     tokenizer = None
     if adapter_path is not None:
@@ -244,7 +261,10 @@ def load_model(name: str, adapter: str | None, device_name: str, key: str = MODE
             tokenizer = load_tokenizer(str(adapter_path), key="adapter")
     if tokenizer is None:
         tokenizer = load_tokenizer(name, key="model")
-    model.to(device)
+    if split:
+        device = model.device  # inputs go where the first layers are
+    elif quantization is None:
+        model.to(device)
     model.eval().requires_grad_(False)
     config = getattr(model, "config", None)
     context = getattr(config, "max_position_embeddings", None)
@@ -414,9 +434,11 @@ def make_stop_criteria(job: Job):
 
 
 class ChatServer:
-    def __init__(self, loaded: Loaded, channel: Channel):
+    def __init__(self, loaded: Loaded, channel: Channel, device_name: str = "auto", load_in_4bit: bool = False):
         self.loaded = loaded
         self.channel = channel
+        self.device_name = device_name  # a `load` places the next model as the first was placed
+        self.load_in_4bit = load_in_4bit
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.lock = threading.Lock()
         self.current: Job | None = None
@@ -523,7 +545,7 @@ class ChatServer:
 
     def load(self, request: LoadRequest) -> None:
         try:
-            loaded = load_model(request.model, request.adapter, str(self.loaded.device.type))
+            loaded = load_model(request.model, request.adapter, self.device_name, load_in_4bit=self.load_in_4bit)
         except Exception as exc:
             traceback.print_exc()
             free_cuda_cache()
@@ -591,11 +613,19 @@ def describe_failure(exc: BaseException, loaded: Loaded | None) -> str:
 # -------------------------------------------------------------------------------------------------- main
 
 
+def device_choice(text: str) -> str:
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use auto, cpu, cuda or cuda:N (N: a GPU index among the visible ones)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine.chat.worker", description="TAS chat worker (JSON lines)")
     parser.add_argument("--model", required=True, help="hub id, local model folder or tiny:<name>")
     parser.add_argument("--adapter", default=None, help="PEFT adapter folder to put on top of --model")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--device", type=device_choice, default="auto",
+                        help="auto (the GPU if any; several: split a large model over them), cpu, cuda, cuda:N")
+    parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 weights (QLoRA's)")
     parser.add_argument("--key", default=MODEL_KEY,
                         help="the config key --model came from, named when it cannot be loaded")
     return parser
@@ -607,8 +637,11 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C in the terminal of `tas chat` is meant for the reply, not for us: the client sends `stop`
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from engine.core.secrets import load_dotenv_secrets
+
+    load_dotenv_secrets()  # HF_TOKEN for a gated model, as the stages get it
     try:
-        loaded = load_model(args.model, args.adapter, args.device, args.key)
+        loaded = load_model(args.model, args.adapter, args.device, args.key, load_in_4bit=args.load_in_4bit)
     except Exception as exc:
         traceback.print_exc()
         reason = describe_failure(exc, None).removeprefix(f"{args.model}: ")
@@ -619,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         channel.send(ErrorReply(fatal=True, model=args.model, message=message))
         return EXIT_BAD_MODEL
     channel.send(loaded.ready())
-    server = ChatServer(loaded, channel)
+    server = ChatServer(loaded, channel, device_name=args.device, load_in_4bit=args.load_in_4bit)
     runner = threading.Thread(target=server.run_jobs, name="chat-runner", daemon=True)
     runner.start()
     server.read_requests(sys.stdin.buffer)

@@ -45,6 +45,12 @@ HELP = ('several lines (code): a line starting with """ opens a block, """ alone
         "Ctrl-C stops a reply · /reset clears · /save [FILE] saves · /quit, Ctrl-D exits")
 
 
+def _device(text: str) -> str:
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use auto, cpu, cuda or cuda:N")
+
+
 def add_parser(subparsers, common_parent) -> argparse.ArgumentParser:
     """Register `tas chat` on the `tas` subparsers."""
     chat = subparsers.add_parser(
@@ -64,6 +70,8 @@ def add_parser(subparsers, common_parent) -> argparse.ArgumentParser:
                             "runs it (open: loaded here; vllm: its vLLM server, started for the chat; closed: the "
                             "API model at teacher.closed.base_url)")
     chat.add_argument("--adapter", metavar="PATH", help="PEFT adapter folder on top of --model")
+    chat.add_argument("--load-in-4bit", action="store_true",
+                      help="load the model in 4-bit (NF4; the assistant targets follow assistant.quantization)")
     chat.add_argument("--run", metavar="RUN", help="chat with the models of this run (default: the newest run with one)")
     chat.add_argument("--system", metavar="TEXT", help="system prompt (default: the Assistant prompt of prompts.path)")
     chat.add_argument("--max-new-tokens", type=int, metavar="N",
@@ -71,8 +79,9 @@ def add_parser(subparsers, common_parent) -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, metavar="T",
                       help=f"sampling temperature, {param_bounds('temperature')}, 0 = greedy "
                            f"(default {DEFAULT_PARAMS.temperature})")
-    chat.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
-                      help="where the model runs (default: device.type of the config)")
+    chat.add_argument("--device", type=_device, default=None, metavar="auto|cpu|cuda|cuda:N",
+                      help="where the model runs: cuda:N picks one GPU among launch.cuda_visible_devices; auto "
+                           "splits a model too large for one GPU over the visible ones (default: device.type)")
     chat.add_argument("--save", metavar="FILE",
                       help="write the conversation at exit as Markdown (FILE, or FILE.md when FILE ends in .json) "
                            "and JSON (FILE.json beside it): messages, generation params, model")
@@ -178,8 +187,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
             _err("stdin is empty: nothing to send (pipe a message in, or run tas chat in a terminal)")
             return 2
 
+    from_config = config is not None and not getattr(args, "model", None)
     client = ChatClient(target.model, target.adapter, device=device, endpoint=target.endpoint,
-                        config_path=config_path)
+                        config_path=config_path, key=target.config_key if from_config else "--model",
+                        visible_devices=config.launch.cuda_visible_devices if config is not None else None,
+                        load_in_4bit=getattr(args, "load_in_4bit", False) or bool(
+                            from_config and target.key in ("assistant", "base")
+                            and config.assistant.quantization.load_in_4bit))
     where = target.model + (f" + {target.adapter}" if target.adapter else "")
     say(f"loading {target.label}: {where} …")
     client.start()

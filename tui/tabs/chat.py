@@ -187,6 +187,8 @@ class ChatTab(Vertical):
         self.config_error: str | None = None
         self.system = ""
         self.device = "auto"
+        self.visible_devices: str | None = None
+        self.assistant_4bit = False
         self.max_new_tokens = DEFAULT_PARAMS.max_new_tokens
         self.run_id: str | None = None  # the run whose models are offered (the newest with one)
         self._read_config()
@@ -224,6 +226,8 @@ class ChatTab(Vertical):
         self.targets = chat_targets(config)
         self.system = system_prompt(config) or ""
         self.device = config.device.type
+        self.visible_devices = config.launch.cuda_visible_devices
+        self.assistant_4bit = config.assistant.quantization.load_in_4bit  # served as QLoRA trained it
         self.max_new_tokens = config.assistant.inference.max_new_tokens
 
     def _target_options(self) -> list[tuple[str, int]]:
@@ -363,7 +367,9 @@ class ChatTab(Vertical):
     # ------------------------------------------------------------------------------------------ worker
     def _start_client(self, target: ChatTarget) -> None:
         client = ChatClient(target.model, target.adapter, device=self.device, endpoint=target.endpoint,
-                            config_path=self.config_path,
+                            config_path=self.config_path, visible_devices=self.visible_devices,
+                            load_in_4bit=self.assistant_4bit and target.key in ("assistant", "base"),
+                            key=target.config_key,
                             on_reply=lambda reply: self.post_message(ChatReply(client, reply)))
         self.client = client
         self.client_target = target
