@@ -255,3 +255,26 @@ def test_a_frozen_config_that_no_longer_validates_is_refused(project: Path):
     result = tas("run", "data", "--run", run.id, cwd=project)
     assert result.returncode == 2
     assert "obsolete_section" in result.stderr and "unknown key" in result.stderr
+
+
+@pytest.mark.e2e
+def test_the_starter_reaps_its_supervisor(project: Path, monkeypatch: pytest.MonkeyPatch):
+    """The panel starts runs in-process (launcher.start) and lives on: a finished supervisor must not stay
+    behind as its zombie child."""
+    import psutil
+
+    monkeypatch.chdir(project)
+    config = load_config(project / "configs" / "tiny.yaml")
+    run = RunStore(project / "runs").create(config, "configs/tiny.yaml", workdir=str(project))
+    record = launcher.start(run, ["data"])
+    wait_for(lambda: not run.is_live(), timeout=120, what="the data stage to end")
+
+    def reaped() -> bool:
+        try:
+            return psutil.Process(record.pid).status() != psutil.STATUS_ZOMBIE and record.pid not in [
+                child.pid for child in psutil.Process().children()]
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(reaped, timeout=30, what="the supervisor to be reaped")
+    assert run.stages()[0].state == "done"

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -71,7 +72,15 @@ def start(run: Run, stages: list[str]) -> ProcessRecord:
             log.close()
         record = ProcessRecord.of(process.pid)
         record.write(run.path / SUPERVISOR_FILE, stages=stages, started=time.time())
+        _reap_when_done(process)
         return record
+
+
+def _reap_when_done(process: subprocess.Popen) -> None:
+    """Wait for the supervisor in a daemon thread, so the starter (the panel, which lives on) collects its
+    exit status and no zombie is left behind. Liveness is never read from here: the pid file and the
+    kernel's start time say it, as for runs started by another process."""
+    threading.Thread(target=process.wait, name=f"reap-supervisor-{process.pid}", daemon=True).start()
 
 
 def python_env() -> dict[str, str]:
