@@ -65,6 +65,33 @@ def test_sft_and_distill_run_data_parallel_on_two_ranks(project: Path):
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3"]
     assert (Path(config.train.sft.save_path) / "adapter_model.safetensors").exists()
 
+    # the same distill on 1 rank at the same global batch (2 x 8 = 1 x 16): the same loss curve, within the
+    # difference between averaging the two ranks' mean losses and one mean over all tokens
+    frozen = run.path / "config.yaml"
+    single = load_config(frozen)
+    single.launch.nproc_per_node = 1
+    single.train.distillation.per_device_train_batch_size *= 2
+    frozen.write_text(single.to_yaml())
+    launcher.start(run, ["distill"])
+    wait_for(lambda: not run.is_live(), timeout=600, interval=1, what="the 1-rank distill to end")
+    assert final(run, "distill")["state"] == "done"
+    attempts = attempt_losses(read_events(run.stage_dir("distill") / "events.jsonl"))
+    two_ranks, one_rank = attempts[-2], attempts[-1]
+    assert len(one_rank) == len(two_ranks) == 3, attempts
+    for step, (a, b) in enumerate(zip(two_ranks, one_rank), start=1):
+        assert abs(a - b) <= 0.05 * b, f"step {step}: 2 ranks {a:.4f} vs 1 rank {b:.4f}"
+
+
+def attempt_losses(events: list[dict]) -> list[list[float]]:
+    """The KD student's training loss per step, one list per attempt of the stage (split at `running`)."""
+    attempts: list[list[float]] = []
+    for event in events:
+        if event["kind"] == "status" and event.get("state") == "running":
+            attempts.append([])
+        elif event["kind"] == "metric" and event["name"] == "loss" and attempts:
+            attempts[-1].append(event["value"])
+    return attempts
+
 
 def test_cancel_under_ddp_saves_once_and_every_rank_exits(project: Path):
     run = ddp_run(project, "ddp-cancel", **{"train.distillation.max_steps": 400, "train.distillation.save_steps": 1000})
