@@ -16,9 +16,11 @@ plotext are loaded.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,14 +88,15 @@ RUN_GLYPH = {"live": ("▶", "bold yellow"), "finished": ("✓", "green"), "fail
 class StagesTab(Vertical):
     DEFAULT_CSS = """
     StagesTab { height: 1fr; }
-    StagesTab #runs { width: 26; height: 1fr; border: round $primary 40%; }
+    StagesTab #runs { width: 21; height: 1fr; border: round $primary 40%; scrollbar-size-vertical: 1; }
     StagesTab #runs:focus-within { border: round $primary; }
     StagesTab #right { width: 1fr; }
     StagesTab #pipeline { height: auto; max-height: 7; overflow-x: hidden; }
+    StagesTab #detail { height: auto; padding: 0 1; color: $text-error; display: none; }
     StagesTab #middle { height: 8; }
     StagesTab #loss { width: 1fr; }
     StagesTab #metrics { width: 30; padding: 0 1; }
-    StagesTab #log { height: 1fr; border-top: solid $primary 40%; }
+    StagesTab #log { height: 1fr; border-top: solid $primary 40%; scrollbar-gutter: stable; }
     """
 
     BINDINGS = [
@@ -133,6 +136,7 @@ class StagesTab(Vertical):
                 table = DataTable(id="pipeline", cursor_type="row", zebra_stripes=False)
                 table.add_columns("stage", "state", "progress", "ETA", "latest")
                 yield table
+                yield Static(id="detail")  # the selected stage's error, whole (wrapped), when it has one
                 with Horizontal(id="middle"):
                     yield Static(id="loss")  # the plot replaces it with the first snapshot
                     yield Static(id="metrics")
@@ -203,13 +207,12 @@ class StagesTab(Vertical):
 
     async def _mount_deferred_widgets(self) -> None:
         """The loss plot and the event log, in place of their placeholders (imported by now)."""
-        from textual.widgets import RichLog
         from textual_plotext import PlotextPlot
 
         await self.query_one("#loss", Static).remove()
         await self.query_one("#middle", Horizontal).mount(PlotextPlot(id="loss"), before=0)
         await self.query_one("#log", Static).remove()
-        await self.query_one("#right", Vertical).mount(RichLog(id="log", markup=True, wrap=True, max_lines=2000))
+        await self.query_one("#right", Vertical).mount(event_log_class()(id="log"))
 
     def _read(self, selection: int, run_id: str | None, stage: str) -> StoreSnapshot:
         """Read the store for one selection (in a thread: touches no widget and no selection state)."""
@@ -256,35 +259,41 @@ class StagesTab(Vertical):
     # --------------------------------------------------------------------------------- showing
 
     def _show(self, snapshot: StoreSnapshot) -> None:
-        from textual.widgets import RichLog
-
         from engine.core.render import event_line
 
         self.run_id = snapshot.run_id
         self._stages = snapshot.stages
         self._show_runs(snapshot.runs)
         self._show_pipeline(snapshot.stages)
+        self._show_detail()
         self._show_losses(snapshot.losses)
         self._show_metrics(snapshot.report)
-        log = self.query_one("#log", RichLog)
+        log = self.query_one("#log", event_log_class())
         if snapshot.reset_log:
-            log.clear()
+            log.reset()
             log.border_title = f"{snapshot.stage} events"
         for stage, event in snapshot.new_events:
             line = event_line(stage, event)
             if line and event.get("kind") not in ("progress", "memory", "metric"):  # those have their own panes
-                log.write(Text.from_markup(line))
+                log.add(Text.from_markup(line))
         self.shown = (snapshot.run_id, snapshot.stage)
         self.snapshots_shown += 1
 
     def _show_runs(self, runs: list[RunSummary]) -> None:
+        """One line a run (its glyph and its id less the date, which heads each day's runs), and the user's
+        name for it, if any, on a second line: ids never wrap in the narrow list."""
         option_list = self.query_one("#runs", OptionList)
-        options = []
+        room = max(8, option_list.scrollable_content_region.width or RUNS_ROOM)
+        options, day = [], None
         for run in runs:
+            date, short = split_run_id(run.id)
+            if date != day:
+                day = date
+                options.append(Option(Text(date or "other runs", style="dim"), id=f"day:{date}", disabled=True))
             glyph, style = RUN_GLYPH.get(run.state, ("?", ""))
-            label = Text.assemble((f"{glyph} ", style), run.id)
+            label = Text.assemble((f"{glyph} ", style), clip(short, room - 2))
             if run.name:
-                label.append(f"\n  {run.name}", style="italic")
+                label.append("\n  " + clip(run.name, room - 2), style="italic")
             options.append(Option(label, id=run.id))
         current = [o.id for o in option_list.options]
         if current != [o.id for o in options]:
@@ -292,14 +301,18 @@ class StagesTab(Vertical):
         else:
             for index, option in enumerate(options):
                 option_list.replace_option_prompt_at_index(index, option.prompt)
-        if self.run_id is not None:
-            index = next((i for i, r in enumerate(runs) if r.id == self.run_id), None)
-            if index is not None and option_list.highlighted != index:
+        if self.run_id is not None and any(r.id == self.run_id for r in runs):
+            index = option_list.get_option_index(self.run_id)
+            if option_list.highlighted != index:
                 option_list.highlighted = index
         if not runs:
             option_list.set_options([Option(Text("no runs yet: press n", style="dim"), disabled=True)])
 
     def _show_pipeline(self, stages: list[StageStatus]) -> None:
+        """The stages, one row each. Column widths follow their cells (also when a cell is updated), and the
+        last column is cut to the room the others leave, so no column is pushed out of sight."""
+        from rich.cells import cell_len
+
         from engine.core.render import STATE_STYLE, bar, duration, metrics_text, number
 
         table = self.query_one("#pipeline", DataTable)
@@ -316,7 +329,13 @@ class StagesTab(Vertical):
                 progress = ""
             eta = duration(status.eta_s) if status.eta_s is not None else (duration(status.elapsed) if status.ended_at else "")
             latest = status.error or metrics_text(status, limit=2)
-            rows.append((status.name, state, progress, eta, latest[:40]))
+            rows.append([status.name, state, progress, eta, " ".join(latest.split())])
+        labels = [str(column.label) for column in table.columns.values()]
+        widths = [max([cell_len(labels[i])] + [cell_len(str(row[i])) for row in rows]) for i in range(4)]
+        # each column has one cell of padding either side
+        room = (table.scrollable_content_region.width or 40) - sum(widths) - 2 * len(labels)
+        for row in rows:
+            row[4] = clip(row[4], max(room, cell_len(labels[4])))
         if table.row_count != len(rows):
             table.clear()
             for row in rows:
@@ -324,7 +343,27 @@ class StagesTab(Vertical):
         else:
             for row in rows:
                 for column, value in zip(table.columns, row):
-                    table.update_cell(row[0], column, value)
+                    table.update_cell(row[0], column, value, update_width=True)
+
+    def _show_detail(self) -> None:
+        """The selected stage's error (or why it was cancelled), wrapped, under the table; the log has it too,
+        so when it is longer than a few lines the end is cut here and said to be there."""
+        import textwrap
+
+        detail = self.query_one("#detail", Static)
+        status = next((s for s in self._stages if s.name == self.stage), None)
+        problem = status and (status.error or (status.message if status.state == "cancelled" else None))
+        if not problem:
+            detail.display = False
+            return
+        width = max(20, (self.query_one("#right").size.width or 60) - 2)
+        lines = textwrap.wrap(f"✗ {status.name} {status.state}: {' '.join(problem.split())}", width)
+        most = max(2, self.size.height // 6)
+        if len(lines) > most:
+            lines = lines[:most]
+            lines[-1] = clip(lines[-1] + " …", width - 23) + " (the rest: in the log)"
+        detail.update(Text("\n".join(lines)))
+        detail.display = True
 
     def _show_losses(self, losses: dict[str, list[tuple[int, float]]]) -> None:
         from textual_plotext import PlotextPlot
@@ -365,7 +404,7 @@ class StagesTab(Vertical):
 
     @on(OptionList.OptionHighlighted, "#runs")
     def select_run(self, event: OptionList.OptionHighlighted) -> None:
-        if event.option.id and event.option.id != self.run_id:
+        if event.option.id and not event.option.disabled and event.option.id != self.run_id:
             self.run_id = event.option.id
             self.refresh_store()
 
@@ -501,6 +540,60 @@ class StagesTab(Vertical):
         self.app.call_from_thread(self.notify, f"cancelling run {run_id}…")
         stopped = launcher.cancel(run)
         self.app.call_from_thread(self.notify, f"run {run_id}: {'cancelled' if stopped else 'nothing was running'}")
+
+
+RUNS_ROOM = 16  # the run list's text width (21 columns less border, padding and scrollbar) before layout
+
+
+def clip(text: str, width: int) -> str:
+    """`text` in at most `width` cells, its end replaced by … when cut."""
+    from rich.cells import cell_len, set_cell_size
+
+    return text if cell_len(text) <= width else set_cell_size(text, max(width - 1, 0)) + "…"
+
+
+def split_run_id(run_id: str) -> tuple[str, str]:
+    """("2026-11-25", "080000-tiny") for "20261125-080000-tiny"; ("", run_id) for ids not made by the store."""
+    date, sep, rest = run_id.partition("-")
+    if sep and rest and len(date) == 8 and date.isdigit():
+        return f"{date[:4]}-{date[4:6]}-{date[6:]}", rest
+    return "", run_id
+
+
+@functools.cache
+def event_log_class() -> type:
+    """The event log: a RichLog that wraps each line at its own width (RichLog's default `min_width` of 78
+    renders lines wider than an 80-column panel shows, which then cuts their middle off), and wraps them
+    again when its width changes. Made on first use: RichLog is imported after the first frame."""
+    from textual.events import Resize
+    from textual.widgets import RichLog
+
+    class EventLog(RichLog):
+        def __init__(self, id: str):
+            super().__init__(id=id, markup=True, wrap=True, min_width=1, max_lines=2000)
+            self.entries: deque[Text] = deque(maxlen=2000)
+            self._wrapped_at = 0  # the width the lines were wrapped at; 0: not laid out yet, nothing written
+
+        def add(self, line: Text) -> None:
+            self.entries.append(line)
+            if self._wrapped_at:
+                self.write(line, width=self._wrapped_at)  # an explicit width: RichLog measures with the
+                # console's options otherwise, which may be narrower than the log
+
+        def reset(self) -> None:
+            self.entries.clear()
+            self.clear()
+
+        def on_resize(self, event: Resize) -> None:
+            width = self.scrollable_content_region.width
+            if event.size.width and width > 0 and width != self._wrapped_at:
+                self._size_known = True  # (what RichLog's own handler sets; nothing was deferred)
+                self._wrapped_at = width
+                self.clear()
+                for line in self.entries:
+                    self.write(line, width=width)
+
+    return EventLog
 
 
 def _shown_path(path: Path) -> str:
