@@ -382,6 +382,10 @@ def test_tas_gpu_prints_an_80_column_table_with_our_label(worker, tmp_path, monk
     assert "NVIDIA H100 80GB HBM3" in out and "driver 550.54.15" in out
     assert f"run {worker.run.id} · teacher" in out and "30.5 GiB" in out
     assert "python other.py" in out and "512 MiB" in out
+    assert lines[1].startswith("host CPU ") and " · RAM " in lines[1] and " · load " in lines[1]
+    assert "CPU" in out and "RSS" in out
+    ours = next(line for line in lines if f"run {worker.run.id} · teacher" in line)
+    assert "MiB" in ours.split("30.5 GiB", 1)[1]  # its RSS beside it
 
     args = gpu_parser().parse_args(["gpu", "--count", "2", "--interval", "0.25"])
     assert args.watch is False and args.interval == 0.25
@@ -436,7 +440,8 @@ async def test_gpu_tab_shows_fake_gpus_and_labels_our_worker(worker, tmp_path, m
         await wait_for(pilot, lambda: len(tab.query(GpuCard)) == 2 and row_keys(table) == [f"0:{worker.pid}"])
         assert app.focused is table
         row = [str(cell) for cell in table.get_row_at(0)]
-        assert row[:3] == ["0", str(worker.pid), "30.5 GiB"] and row[3] == f"run {worker.run.id} · teacher"
+        assert row[:3] == ["0", str(worker.pid), "30.5 GiB"] and row[5] == f"run {worker.run.id} · teacher"
+        assert row[4].endswith("MiB")  # the worker's RSS, read with psutil
         assert not tab.has_class("-unavailable")
 
         await pilot.press("plus")
@@ -447,10 +452,14 @@ async def test_gpu_tab_shows_fake_gpus_and_labels_our_worker(worker, tmp_path, m
         await pilot.press("minus", "minus", "minus", "minus")
         assert tab.interval == 0.25  # never below the minimum
 
-        # the worker's process goes away in the fake: the table follows
+        # the worker leaves the GPU in the fake: still running, it stays listed as ours, on no GPU
         fake_file(spec, [])
+        await wait_for(pilot, lambda: row_keys(table) == [f"-:{worker.pid}"])
+        assert [str(cell) for cell in table.get_row_at(0)][:3] == ["-", str(worker.pid), "-"]
+        # no longer a worker of ours (its pid file gone) and on no GPU: the table follows
+        (worker.run.stage_dir("teacher") / "pid").unlink()
         await wait_for(pilot, lambda: row_keys(table) == [NO_PROCESS])
-        assert "no process" in str(table.get_row_at(0)[3])
+        assert "no process" in str(table.get_row_at(0)[5])
 
         # GPUs come and go (a GPU falls off the bus, MIG reconfigured): the list follows
         fake_file(spec, [], gpus=3)
@@ -510,6 +519,11 @@ async def test_gpu_tab_without_gpu_shows_the_message(tmp_path, monkeypatch) -> N
 # ------------------------------------------------------------------------------------------ snapshots
 
 
+FIXED_HOST = {"cpu_percent": 37.5, "per_core": [12, 95, 40, 3, 60, 77, 20, 8], "cpu_count": 8,
+              "load_average": [2.5, 1.75, 1.0], "memory_used_gib": 41.5, "memory_total_gib": 62.5,
+              "swap_used_gib": 0.5, "swap_total_gib": 8}
+
+
 def snapshot_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The whole panel on two frozen fake GPUs, with fixed processes; one sample only (interval 60 s)."""
     monkeypatch.chdir(ROOT)
@@ -517,7 +531,7 @@ def snapshot_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         {"gpu": 0, "pid": 4190001, "used_memory_gib": 31.2, "name": "python -m engine.runner.worker teacher"},
         {"gpu": 0, "pid": 4190002, "used_memory": 734 * 1024**2, "name": "python notebook.py"},
         {"gpu": 1, "pid": 4190003, "used_memory_gib": 52.9, "name": "vllm serve Qwen/Qwen2.5-7B"},
-    ])
+    ], host=FIXED_HOST)
     monkeypatch.setenv(FAKE_ENV, str(spec))
     return panel(tmp_path / "runs", 60)
 
@@ -567,3 +581,174 @@ def group_pids(pgid: int) -> list[int]:
     from engine.teacher.vllm_server import group_members
 
     return group_members(pgid)
+
+
+# ------------------------------------------------------------------- host, per-process CPU/RSS, stop
+
+
+def test_host_stats_are_sampled_and_become_na_when_psutil_raises(tmp_path, monkeypatch) -> None:
+    from engine.gpu import host as host_mod
+    from engine.gpu.format import fmt_host
+    from tui.tabs.gpu import host_markup
+
+    sampler = Sampler(tmp_path / "runs", backend=FakeBackend(1, frozen=True))
+    host = sampler.sample().host
+    assert host is not None and host.cpu_count and host.cpu_count >= 1
+    assert len(host.per_core) == host.cpu_count and 0 <= host.cpu_percent <= 100
+    assert 0 < host.memory_used < host.memory_total and host.swap_total is not None
+    assert host.load_average is not None and len(host.load_average) == 3
+    text = render_snapshot(sampler.sample())
+    assert text.splitlines()[1].startswith("host CPU ") and max(map(len, text.splitlines())) <= 80
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("psutil cannot read /proc here")
+
+    for name in ("cpu_percent", "cpu_count", "virtual_memory", "swap_memory"):
+        monkeypatch.setattr(host_mod.psutil, name, broken)
+    monkeypatch.setattr(host_mod.os, "getloadavg", broken)
+    sampler = Sampler(tmp_path / "runs", backend=FakeBackend(1, frozen=True))  # priming fails too: no raise
+    snapshot = sampler.sample()
+    assert snapshot.error is None and len(snapshot.gpus) == 1
+    assert snapshot.host == host_mod.HostStats()  # every field N/A
+    assert fmt_host(snapshot.host) == "CPU n/a · load n/a · RAM n/a · swap n/a"
+    assert host_markup(snapshot.host).count("n/a") == 4
+
+
+def test_per_process_cpu_and_rss_of_a_real_child_and_na_when_gone(tmp_path) -> None:
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"])
+    try:
+        backend = FakeBackend(1, frozen=True, processes=[
+            {"gpu": 0, "pid": busy.pid, "used_memory_gib": 1},
+            {"gpu": 0, "pid": 2**22 + 12345, "used_memory_gib": 1, "name": "vanished"},
+        ])
+        sampler = Sampler(tmp_path / "runs", backend=backend)
+        first = {p.pid: p for p in sampler.sample().processes}
+        assert first[busy.pid].cpu_percent is None  # CPU % needs two readings...
+        assert first[busy.pid].rss > 1024**2  # ...RSS does not
+        time.sleep(0.5)
+        second = {p.pid: p for p in sampler.sample().processes}
+        assert second[busy.pid].cpu_percent > 0 and second[busy.pid].rss > 1024**2
+        assert second[busy.pid].create_time is not None and "python" in second[busy.pid].name
+        gone = second[2**22 + 12345]
+        assert (gone.cpu_percent, gone.rss, gone.name) == (None, None, "vanished")
+        text = render_snapshot(sampler.sample())
+        assert "n/a" in next(line for line in text.splitlines() if "vanished" in line)
+    finally:
+        busy.kill()
+        busy.wait()
+    after = {p.pid: p for p in sampler.sample().processes}
+    assert (after[busy.pid].cpu_percent, after[busy.pid].rss) == (None, None)  # it ended: N/A, not an error
+
+
+def test_our_cpu_only_worker_is_listed_without_a_gpu(worker, tmp_path, monkeypatch, capsys) -> None:
+    spec = fake_file(tmp_path / "fake.json", error=NO_DRIVER)
+    sampler = Sampler(worker.runs, backend=FakeBackend(spec_path=spec))
+    snapshot = sampler.sample()
+    assert snapshot.error == NO_DRIVER and snapshot.host is not None and snapshot.host.memory_total
+    (ours,) = snapshot.processes
+    assert (ours.gpu_index, ours.pid, ours.label, ours.role) == (None, worker.pid, f"run {worker.run.id} · teacher",
+                                                                  "worker")
+    assert ours.rss is not None
+
+    monkeypatch.setenv(FAKE_ENV, str(spec))
+    monkeypatch.setenv("TAS_RUNS_DIR", str(worker.runs))
+    assert cmd_gpu(gpu_parser().parse_args(["gpu"])) == 1
+    captured = capsys.readouterr()
+    assert NO_DRIVER in captured.err
+    lines = captured.out.splitlines()
+    assert lines[0].startswith("host CPU ") and max(map(len, lines)) <= 80
+    row = next(line for line in lines if str(worker.pid) in line)
+    assert row.split()[0] == "-" and f"run {worker.run.id} · teacher" in row
+
+
+def test_stopping_refuses_a_foreign_process_and_a_reused_pid(worker) -> None:
+    from engine.gpu.control import NotOurs, describe, terminate
+
+    foreign = label_processes([GpuProcess(0, os.getpid(), GIB)], worker.runs)[0]  # pytest: not ours
+    with pytest.raises(NotOurs, match="not one of our workers"):
+        describe(foreign)
+    with pytest.raises(NotOurs, match="not one of our workers"):
+        terminate(foreign, worker.runs)
+    ours = label_processes([GpuProcess(0, worker.pid, GIB)], worker.runs)[0]
+    question, details = describe(ours)
+    assert question == f"Send SIGTERM to pid {worker.pid} (run {worker.run.id} · teacher)?"
+    assert dict(details)["run"] == worker.run.id
+    reused = GpuProcess(0, worker.pid, GIB, label=ours.label, run_id=ours.run_id, stage="teacher", role="worker",
+                        create_time=ours.create_time - 100)  # the pid now belongs to another process
+    with pytest.raises(NotOurs, match="another process"):
+        terminate(reused, worker.runs)
+    assert psutil_alive(worker.pid)
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+async def test_gpu_tab_k_refuses_a_foreign_process_and_stops_ours_after_confirmation(tmp_path, monkeypatch) -> None:
+    """A real `sleep` recorded as the running distill worker of a run (pid file + running status; no
+    supervisor): `k` on pytest's own row is refused; on the worker's row it asks, `n` keeps it, `y` stops it
+    the way `tas cancel` does (cancel_request.json written, SIGTERM to its process group)."""
+    from textual.widgets import DataTable
+
+    from engine.core.config import load_config
+    from engine.core.events import EventWriter
+    from tui.screens.confirm import ConfirmScreen
+    from tui.tabs.gpu import GpuTab
+
+    monkeypatch.chdir(ROOT)
+    sleep = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        runs = tmp_path / "runs"
+        run = RunStore(runs).create(load_config(TINY_CONFIG), "configs/tiny.yaml")
+        stage_dir = run.stage_dir("distill")
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        ProcessRecord.of(sleep.pid).write(stage_dir / "pid")
+        events = EventWriter(stage_dir / "events.jsonl")
+        events.status("running", pid=sleep.pid)
+        events.close()
+        spec = fake_file(tmp_path / "fake.json", [
+            {"gpu": 0, "pid": sleep.pid, "used_memory_gib": 20},
+            {"gpu": 1, "pid": os.getpid(), "used_memory_gib": 1},  # pytest: a foreign process
+        ])
+        monkeypatch.setenv(FAKE_ENV, str(spec))
+        app = panel(runs, 0.25)
+        async with app.run_test(size=(80, 24)) as pilot:
+            tab = app.query_one(GpuTab)
+            await wait_for(pilot, lambda: tab.snapshot is not None)
+            await pilot.press("f3")
+            table = tab.query_one(DataTable)
+            await wait_for(pilot, lambda: row_keys(table) == [f"0:{sleep.pid}", f"1:{os.getpid()}"])
+
+            table.move_cursor(row=1)
+            await pilot.press("k")
+            await pilot.pause()
+            assert not isinstance(app.screen, ConfirmScreen)
+            assert any("not one of our workers" in n.message for n in app._notifications)
+
+            table.move_cursor(row=0)
+            await pilot.press("k")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            assert app.screen.question == f"Send SIGTERM to pid {sleep.pid} (run {run.id} · distill)?"
+            await pilot.press("n")
+            await wait_for(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
+            await pilot.pause(0.3)
+            assert sleep.poll() is None and not (run.path / "cancel_request.json").exists()
+
+            await pilot.press("k")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await pilot.press("y")
+            await wait_for(pilot, lambda: sleep.poll() is not None)
+            assert sleep.returncode == -signal.SIGTERM
+            assert (run.path / "cancel_request.json").exists()
+            await wait_for(pilot, lambda: any("SIGTERM sent" in n.message for n in app._notifications))
+            # the fake still lists the pid on GPU 0, but it is no longer a live worker of ours: N/A, unlabelled
+            await wait_for(pilot, lambda: [str(c) for c in table.get_row_at(0)][3:] == ["n/a", "n/a", "?"])
+    finally:
+        if sleep.poll() is None:
+            sleep.kill()
+        sleep.wait()

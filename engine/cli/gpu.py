@@ -1,4 +1,4 @@
-"""`tas gpu`: the GPU table once, or refreshed with --watch/--count (the library is `engine.gpu`)."""
+"""`tas gpu`: the host line and the GPU table once, or refreshed with --watch/--count (the library is `engine.gpu`)."""
 
 from __future__ import annotations
 
@@ -39,9 +39,10 @@ def add_parser(subparsers: Any, common_parent: argparse.ArgumentParser | None = 
     gpu = subparsers.add_parser(
         "gpu",
         parents=[common_parent] if common_parent is not None else [],
-        help="GPU memory, utilization, temperature, power and processes (ours labelled by run and stage)",
-        description="GPU memory, utilization, temperature, power and the processes on each GPU; "
-        "processes of our stage workers are labelled with their run and stage. "
+        help="host CPU/RAM, GPU memory, utilization, temperature, power and processes (ours labelled)",
+        description="Host CPU, load, RAM and swap; GPU memory, utilization, temperature, power and the "
+        "processes on each GPU with their CPU % and RSS; processes of our stage workers are labelled with "
+        "their run and stage (our workers are listed even when they use no GPU). "
         f"Set {FAKE_ENV}=2 to try it without a GPU.",
     )
     gpu.add_argument("-w", "--watch", action="store_true", help="keep refreshing (Ctrl-C to stop)")
@@ -54,7 +55,8 @@ def add_parser(subparsers: Any, common_parent: argparse.ArgumentParser | None = 
 
 
 def cmd_gpu(args: argparse.Namespace) -> int:
-    """Print the GPU table once, or repeatedly with --watch/--count. Exit 1 when no GPU can be read."""
+    """Print the host line and the GPU table once, or repeatedly with --watch/--count. Exit 1 when no GPU
+    can be read (the message on stderr; the host line and our workers' CPU and RSS still on stdout)."""
     root = runs_root(getattr(args, "config", None))
     sampler = Sampler(root)
     watch = bool(getattr(args, "watch", False)) or getattr(args, "count", None) is not None
@@ -63,10 +65,14 @@ def cmd_gpu(args: argparse.Namespace) -> int:
     tty = sys.stdout.isatty()
     shown = 0
     try:
+        sampler.sample()  # CPU % is measured between two samples: prime, so the first table has it
+        time.sleep(MIN_INTERVAL_S)
         while True:
             snapshot = sampler.sample()
             if snapshot.error and shown == 0:
                 print(f"error: {snapshot.error}", file=sys.stderr)
+                # the host and our workers are still worth seeing on a machine without a GPU
+                print("\n".join(render_snapshot(snapshot).splitlines()[2:]))
                 return 1
             text = render_snapshot(snapshot)
             if watch and tty:

@@ -11,7 +11,10 @@ Kept apart from the NVML backend so that the real one stays about the driver onl
                           "temperature_c": ..., "power_w": ..., "power_limit_w": ...}, ...],
          "frozen": true,
          "processes": [{"gpu": 0, "pid": 1234, "used_memory": bytes, "name": "optional"}],
-         "error": "optional: pretend the GPUs are unavailable with this message"}
+         "error": "optional: pretend the GPUs are unavailable with this message",
+         "host": {"cpu_percent": 12.5, "per_core": [..], "cpu_count": 8, "load_average": [1, 1, 1],
+                  "memory_used_gib": 9, "memory_total_gib": 62, "swap_used_gib": 0, "swap_total_gib": 8}}
+      (optional: a fixed host instead of this machine's, for deterministic screenshots).
       In a list of GPUs a missing field is "not supported" (None).
 """
 
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.gpu.model import GIB, MIB, GpuInfo, GpuProcess, GpuUnavailable, to_float
+from engine.gpu.model import GIB, MIB, GpuInfo, GpuProcess, GpuUnavailable, HostStats, to_float
 
 FAKE_ENV = "TAS_FAKE_GPUS"
 
@@ -115,6 +118,29 @@ class FakeBackend:
         if not gpus:
             raise GpuUnavailable("The NVIDIA driver (fake) is loaded but reports no GPU")
         return gpus, processes, str(spec.get("driver_version", self.driver_version))
+
+    def fake_host(self) -> HostStats | None:
+        """The host described in the JSON file (`"host"`), or None: the sampler reads the real machine."""
+        if self.spec_path is None:
+            return None
+        spec = self._read_spec().get("host")
+        if not isinstance(spec, dict):
+            return None
+
+        def gib(key: str) -> int | None:
+            return None if spec.get(f"{key}_gib") is None else int(float(spec[f"{key}_gib"]) * GIB)
+
+        load = spec.get("load_average")
+        return HostStats(
+            cpu_percent=to_float(spec.get("cpu_percent")),
+            per_core=tuple(float(v) for v in spec.get("per_core", ())),
+            cpu_count=spec.get("cpu_count"),
+            load_average=tuple(float(v) for v in load) if load else None,  # type: ignore[arg-type]
+            memory_used=gib("memory_used"),
+            memory_total=gib("memory_total"),
+            swap_used=gib("swap_used"),
+            swap_total=gib("swap_total"),
+        )
 
     def close(self) -> None:
         pass

@@ -86,6 +86,7 @@ def short_command(process: psutil.Process, width: int = 48) -> str:
             text = process.name()
         except (psutil.Error, OSError):
             text = "?"
+    text = " ".join(text.split())  # one line: `python -c "..."` may hold newlines
     text = text if len(text) <= width else text[: width - 1] + "…"
     if len(_names) > 2000:
         _names.clear()
@@ -97,45 +98,69 @@ def label_processes(
     processes: list[GpuProcess],
     runs_root: str | os.PathLike[str] | None,
     workers: dict[int, Worker] | None = None,
+    servers: dict[int, str] | None = None,
 ) -> list[GpuProcess]:
-    """The processes with `label` set for our stage workers (and their children: torchrun ranks, dataloader
-    workers) and `name` filled in from the command line. The run store is scanned once per call."""
+    """The processes with `label` (and `run_id`, `stage`, `role`) set for our stage workers (and their
+    children: torchrun ranks, dataloader workers) and vLLM servers, `name` filled in from the command line
+    and `create_time` from the process. The run store is scanned once per call (unless given)."""
     if not processes:
         return []
     if workers is None:
         workers = live_workers(runs_root)
-    servers = live_servers(runs_root)
+    if servers is None:
+        servers = live_servers(runs_root)
     labelled = []
     for gp in processes:
-        label, name = None, gp.name
+        name, owner, created = gp.name, Owner(), None
         try:
             process = psutil.Process(gp.pid)
+            created = process.create_time()
         except (psutil.Error, OSError):
             process = None
         if process is not None:
             if name is None:
                 name = short_command(process)
-            label = servers.get(gp.pid) or _label(process, workers)
-        labelled.append(replace(gp, label=label, name=name or "?"))
+            owner = _server_owner(gp.pid, servers) or _owner(process, workers)
+        labelled.append(replace(gp, label=owner.label, run_id=owner.run_id, stage=owner.stage, role=owner.role,
+                                name=name or "?", create_time=created))
     return labelled
 
 
-def _label(process: psutil.Process, workers: dict[int, Worker]) -> str | None:
-    if not workers:
+@dataclass(frozen=True)
+class Owner:
+    """Whose a process is: ours (a run's stage worker, a child of one, a vLLM server) or nobody's (None)."""
+
+    label: str | None = None
+    run_id: str | None = None
+    stage: str | None = None
+    role: str | None = None  # "worker", "child", "vllm"
+
+
+def _server_owner(pid: int, servers: dict[int, str]) -> Owner | None:
+    label = servers.get(pid)
+    if label is None:
         return None
+    run_id = label.removeprefix("run ").split(" · ", 1)[0]
+    return Owner(label, run_id, "teacher", "vllm")
+
+
+def _owner(process: psutil.Process, workers: dict[int, Worker]) -> Owner:
+    if not workers:
+        return Owner()
     worker = workers.get(process.pid)
     if worker is not None and _same_start(process, worker):
-        return f"run {worker.run_id} · {worker.stage}"
+        return Owner(f"run {worker.run_id} · {worker.stage}", worker.run_id, worker.stage, "worker")
     try:
         ancestors = process.parents()
     except (psutil.Error, OSError):
-        return None
+        return Owner()
     for ancestor in ancestors:
         worker = workers.get(ancestor.pid)
         if worker is not None and _same_start(ancestor, worker):
             rank = process_rank(process)
-            return f"run {worker.run_id} · {worker.stage}" + (f" · rank {rank}" if rank is not None else "")
-    return None
+            label = f"run {worker.run_id} · {worker.stage}" + (f" · rank {rank}" if rank is not None else "")
+            return Owner(label, worker.run_id, worker.stage, "child")
+    return Owner()
 
 
 def _same_start(process: psutil.Process, worker: Worker) -> bool:

@@ -22,6 +22,18 @@ class GpuUnavailable(Exception):
 
 
 @dataclass(frozen=True)
+class HostStats:
+    cpu_percent: float | None = None  # all cores together, since the previous sample
+    per_core: tuple[float, ...] = ()  # percent per core; empty when unreadable
+    cpu_count: int | None = None
+    load_average: tuple[float, float, float] | None = None  # 1, 5, 15 minutes
+    memory_used: int | None = None  # bytes
+    memory_total: int | None = None
+    swap_used: int | None = None
+    swap_total: int | None = None
+
+
+@dataclass(frozen=True)
 class GpuInfo:
     index: int
     name: str
@@ -42,11 +54,17 @@ class GpuInfo:
 
 @dataclass(frozen=True)
 class GpuProcess:
-    gpu_index: int
+    gpu_index: int | None  # None: one of our workers that uses no GPU (a CPU-only run)
     pid: int
     used_memory: int | None = None  # bytes; None when the driver does not say (e.g. WDDM, MIG, containers)
     name: str | None = None  # short command line
     label: str | None = None  # "run <id> · <stage>" for our stage workers and their children
+    cpu_percent: float | None = None  # of one core; None: not readable (gone, another user's) or first sample
+    rss: int | None = None  # resident memory, bytes; None: not readable
+    run_id: str | None = None  # ours: the run
+    stage: str | None = None  # ours: the stage
+    role: str | None = None  # ours: "worker" (the stage worker itself), "child" (a rank...), "vllm" (the server)
+    create_time: float | None = None  # psutil's start time, so that a signal never reaches a reused pid
 
     @property
     def is_ours(self) -> bool:
@@ -61,6 +79,7 @@ class GpuSnapshot:
     driver_version: str | None = None
     error: str | None = None
     source: str = ""  # "NVML", "fake: 2 GPUs", ...
+    host: HostStats | None = None  # the machine's CPU, load, RAM and swap (also when no GPU can be read)
 
 
 class Backend(Protocol):

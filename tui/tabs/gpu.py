@@ -1,9 +1,12 @@
-"""The GPU tab: per-GPU memory, utilization, temperature, power and history; the processes on the GPUs with
-our stage workers labelled "run <id> · <stage>"; a clear message when there is no GPU or driver.
+"""The GPU tab: the host (CPU total and per core, RAM, swap, load); per-GPU memory, utilization, temperature,
+power and history; the processes on the GPUs, each with its CPU % and RSS, our stage workers labelled
+"run <id> · <stage>" (and listed even when they use no GPU, so a CPU-only run shows something); a clear
+message when there is no GPU or driver.
 
-Sampling (NVML, or fake GPUs with TAS_FAKE_GPUS) runs in a thread worker of this widget, which posts a
-`GpuTab.Sampled` message per sample; widgets are only touched on the event loop. Keys: `+` samples less
-often, `-` more often (0.25 s to 30 s).
+Sampling (NVML, or fake GPUs with TAS_FAKE_GPUS; the host with psutil) runs in a thread worker of this
+widget, which posts a `GpuTab.Sampled` message per sample; widgets are only touched on the event loop.
+Keys: `+` samples less often, `-` more often (0.25 s to 30 s); `k` stops the selected process after a
+confirmation, only when it is ours (`engine.gpu.control`).
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ from textual.message import Message
 from textual.widgets import DataTable, Sparkline, Static
 from textual.worker import get_current_worker
 
-from engine.gpu.format import bar, fmt_bytes, fmt_memory, fmt_power, fmt_temp, fmt_util
-from engine.gpu.model import GpuInfo, GpuSnapshot
+from engine.gpu.control import NotOurs, describe, terminate
+from engine.gpu.format import bar, fmt_bytes, fmt_load, fmt_memory, fmt_percent, fmt_power, fmt_temp, fmt_util
+from engine.gpu.model import GpuInfo, GpuProcess, GpuSnapshot, HostStats
 from engine.gpu.sampler import MIN_INTERVAL_S, Sampler
 
 INTERVAL_STEPS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 BAR_WIDTH = 16
 NO_PROCESS = "-"  # the key of the placeholder row of an empty process table
+CORE_BARS = "▁▂▃▄▅▆▇█"
+COLUMNS = ("gpu", "pid", "vram", "cpu", "rss", "process")
 
 
 def _level(fraction: float | None, warn: float = 0.75, high: float = 0.9) -> str:
@@ -176,6 +182,30 @@ def _escape(text: str) -> str:
     return text.replace("[", r"\[")
 
 
+def host_markup(host: HostStats | None) -> str:
+    """The host line in Textual markup: CPU (with one glyph per core up to 16 cores, else the core count), RAM,
+    swap, load average. About 75 columns: it fits 80."""
+    if host is None:
+        return "[b]host[/] n/a"
+    cpu = host.cpu_percent
+    if host.per_core and len(host.per_core) <= 16:
+        cores = " " + "".join(
+            f"[{_level(v / 100)}]{CORE_BARS[min(7, int(round(max(0.0, min(100.0, v)) / 100 * 7)))]}[/]"
+            for v in host.per_core
+        )
+    else:
+        cores = f" ×{host.cpu_count}" if host.cpu_count else ""
+    ram = None if host.memory_used is None or not host.memory_total else host.memory_used / host.memory_total
+    swap = None if host.swap_used is None or not host.swap_total else host.swap_used / host.swap_total
+    swap_text = "none" if host.swap_total == 0 else fmt_memory(host.swap_used, host.swap_total)
+    return " · ".join([
+        f"[b]CPU[/] [{_level(None if cpu is None else cpu / 100)}]{fmt_percent(cpu)}[/]{cores}",
+        f"[b]RAM[/] [{_level(ram)}]{fmt_memory(host.memory_used, host.memory_total)}[/]",
+        f"[b]swap[/] [{'$text' if swap is None else _level(swap, 0.5, 0.8)}]{swap_text}[/]",
+        f"[b]load[/] {fmt_load(host.load_average)}",
+    ])
+
+
 class GpuTab(Vertical):
     """The GPU tab. `runs_dir` is the run store (to label our workers); `interval` seconds between samples."""
 
@@ -197,8 +227,16 @@ class GpuTab(Vertical):
     GpuTab.-unavailable #gpu-cards {
         display: none;
     }
+    GpuTab #gpu-host {
+        dock: top;
+        height: 1;
+        padding: 0 1;
+        text-wrap: nowrap;
+        text-overflow: ellipsis;
+    }
     GpuTab #gpu-cards {
         dock: top;
+        margin-top: 1;  /* under #gpu-host: docked widgets on one edge overlap, the margin stacks them */
         height: auto;
         max-height: 60%;
         scrollbar-size-vertical: 1;
@@ -225,6 +263,7 @@ class GpuTab(Vertical):
         Binding("plus", "slower", "Slower", tooltip="Sample less often"),
         Binding("equals_sign", "slower", "Slower", show=False),
         Binding("minus", "faster", "Faster", tooltip="Sample more often"),
+        Binding("k", "stop_process", "SIGTERM", tooltip="Stop the selected process (ours only), after a confirmation"),
     ]
 
     class Sampled(Message):
@@ -245,6 +284,7 @@ class GpuTab(Vertical):
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._row_keys: list[str] = []
+        self._row_processes: dict[str, GpuProcess] = {}
 
     # ----------------------------------------------------------------------------------------- layout
 
@@ -252,11 +292,14 @@ class GpuTab(Vertical):
         # The process table comes before the GPU list in the DOM (the list is docked on top) so that it is
         # the first focusable widget of the tab; Shift+Tab reaches the GPU list (it scrolls with many GPUs).
         yield Static("", id="gpu-message")
+        yield Static("[b]host[/] sampling…", id="gpu-host")
         yield Static(self._status_text(), id="gpu-status")
         table: DataTable = DataTable(id="gpu-procs", cursor_type="row", zebra_stripes=True)
         table.add_column("GPU", key="gpu")
         table.add_column("PID", key="pid")
         table.add_column("VRAM", key="vram")
+        table.add_column("CPU", key="cpu")
+        table.add_column("RSS", key="rss")
         table.add_column("Process", key="process")
         yield table
         yield VerticalScroll(id="gpu-cards")
@@ -307,6 +350,7 @@ class GpuTab(Vertical):
             )
         else:
             await self._show_cards(snapshot, message.history)
+        self.query_one("#gpu-host", Static).update(host_markup(snapshot.host))
         self._show_processes(snapshot)
         self.query_one("#gpu-status", Static).update(self._status_text())
 
@@ -324,21 +368,28 @@ class GpuTab(Vertical):
     def _show_processes(self, snapshot: GpuSnapshot) -> None:
         table = self.query_one("#gpu-procs", DataTable)
         rows = {}
+        self._row_processes = {}
         for p in snapshot.processes:
             who = (Text(p.label, style="bold green") if p.label else Text(p.name or "?", style="dim"))
-            rows[f"{p.gpu_index}:{p.pid}"] = (
-                Text(str(p.gpu_index), justify="right"),
+            on_gpu = p.gpu_index is not None
+            key = f"{p.gpu_index if on_gpu else '-'}:{p.pid}"
+            self._row_processes[key] = p
+            rows[key] = (
+                Text(str(p.gpu_index) if on_gpu else "-", justify="right"),
                 Text(str(p.pid), justify="right"),
-                Text(fmt_bytes(p.used_memory), justify="right"),
+                Text(fmt_bytes(p.used_memory) if on_gpu else "-", justify="right"),
+                Text(fmt_percent(p.cpu_percent), justify="right"),
+                Text(fmt_bytes(p.rss), justify="right"),
                 who,
             )
-        if not rows and snapshot.error is None:
-            rows[NO_PROCESS] = (Text(""), Text(""), Text(""), Text("no process is using a GPU", style="dim italic"))
+        if not rows:
+            empty = "no process is using a GPU" if snapshot.error is None else "none of our workers is running"
+            rows[NO_PROCESS] = (*(Text("") for _ in COLUMNS[:-1]), Text(empty, style="dim italic"))
         table.show_cursor = NO_PROCESS not in rows
         keys = list(rows)
         if keys == self._row_keys:
             for key, cells in rows.items():
-                for column, value in zip(("gpu", "pid", "vram", "process"), cells):
+                for column, value in zip(COLUMNS, cells):
                     table.update_cell(key, column, value)
             return
         selected = None
@@ -381,3 +432,42 @@ class GpuTab(Vertical):
     def action_faster(self) -> None:
         smaller = [s for s in INTERVAL_STEPS if s < self.interval - 1e-9]
         self.change_sample_interval(smaller[-1] if smaller else INTERVAL_STEPS[0])
+
+    def selected_process(self) -> GpuProcess | None:
+        """The process of the table's cursor row (None for the placeholder row or an empty table)."""
+        table = self.query_one("#gpu-procs", DataTable)
+        if not table.row_count or not 0 <= table.cursor_row < len(self._row_keys):
+            return None
+        return self._row_processes.get(self._row_keys[table.cursor_row])
+
+    def action_stop_process(self) -> None:
+        """`k`: SIGTERM the selected process after a confirmation; a process not labelled as ours is refused."""
+        from tui.screens.confirm import ConfirmScreen
+
+        process = self.selected_process()
+        if process is None:
+            self.notify("Select a process row first.", severity="warning")
+            return
+        try:
+            question, details = describe(process)
+        except NotOurs as exc:
+            self.notify(str(exc), title="Not ours", severity="warning")
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._terminate(process)
+
+        self.app.push_screen(ConfirmScreen(question, details, yes="send SIGTERM", no="cancel"), answered)
+
+    @work(thread=True, group="gpu-stop", exit_on_error=False)
+    def _terminate(self, process: GpuProcess) -> None:
+        """Off the event loop: `terminate` reads the run store and takes the run's lock."""
+        try:
+            message, severity = terminate(process, self.runs_dir), "information"
+        except NotOurs as exc:
+            message, severity = str(exc), "warning"
+        except Exception as exc:  # reported, never raised into the panel
+            message, severity = f"could not stop pid {process.pid}: {exc}", "error"
+        self.app.call_from_thread(self.notify, message, severity=severity)  # type: ignore[arg-type]
+        self._wake.set()  # sample again now: the table shows the process going

@@ -1,0 +1,72 @@
+"""Stopping one of *our* processes from the GPU tab: a stage worker (or a child of one) is stopped the way
+`tas cancel` stops its run (`engine.core.launcher.cancel`: the cancel is recorded, the stage saves what it
+can and ends `cancelled`, the supervisor enforces the grace period); a vLLM teacher server gets SIGTERM.
+
+Kept apart from the tab so that the rules (only processes labelled as ours, never a reused pid) are tested
+without a screen. Run it off the event loop: it reads the run store and takes the run's lock.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import psutil
+
+from engine.gpu.labels import label_processes
+from engine.gpu.model import GpuProcess
+
+
+class NotOurs(Exception):
+    """The process may not be signalled from here; the message says why."""
+
+
+def describe(process: GpuProcess) -> tuple[str, list[tuple[str, str]]]:
+    """The confirmation's question and details for stopping `process` (raises NotOurs for a foreign one)."""
+    if not process.is_ours:
+        raise NotOurs(
+            f"pid {process.pid} ({process.name or '?'}) is not one of our workers: only processes of our runs "
+            "can be stopped here"
+        )
+    question = f"Send SIGTERM to pid {process.pid} ({process.label})?"
+    if process.role == "vllm":
+        what = "SIGTERM to this vLLM server process; the teacher stage then fails or retries"
+    else:
+        what = (f"cancel run {process.run_id} as `tas cancel` does: SIGTERM to its supervisor and the "
+                f"{process.stage} worker; the stage stops at its next safe point and ends cancelled "
+                "(killed after launch.cancel_grace_s)")
+    details = [("process", f"{process.pid} · {process.name or '?'}"), ("run", str(process.run_id)),
+               ("stage", str(process.stage)), ("what", what)]
+    return question, details
+
+
+def terminate(process: GpuProcess, runs_root: str | os.PathLike[str]) -> str:
+    """Stop `process` if it is still the same process and still ours; returns what was done.
+
+    Raises NotOurs when it is foreign, gone, or its pid now belongs to another process."""
+    try:
+        current = psutil.Process(process.pid)
+        created = current.create_time()
+    except (psutil.Error, OSError):
+        raise NotOurs(f"pid {process.pid} has ended: nothing to stop") from None
+    if process.create_time is not None and abs(created - process.create_time) > 0.05:
+        raise NotOurs(f"pid {process.pid} is now another process: not signalled")
+    (now,) = label_processes([GpuProcess(process.gpu_index, process.pid)], runs_root)
+    if not now.is_ours:
+        raise NotOurs(f"pid {process.pid} is not one of our workers (any more): not signalled")
+    if now.role != "vllm" and now.run_id is not None:
+        from engine.core import launcher
+        from engine.core.runs import RunStore
+
+        run = RunStore(Path(runs_root)).get(now.run_id)
+        if launcher.cancel(run, wait=False):
+            return f"cancelling run {now.run_id} ({now.stage}): SIGTERM sent, the cancel is recorded"
+    # a vLLM server, or a worker whose run records show nothing running (its supervisor is gone)
+    try:
+        os.kill(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        raise NotOurs(f"pid {process.pid} has ended: nothing to stop") from None
+    except PermissionError:
+        raise NotOurs(f"pid {process.pid}: no permission to signal it") from None
+    return f"SIGTERM sent to pid {process.pid} ({now.label})"
