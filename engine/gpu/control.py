@@ -31,7 +31,7 @@ def describe(process: GpuProcess) -> tuple[str, list[tuple[str, str]]]:
         )
     question = f"Send SIGTERM to pid {process.pid} ({process.label})?"
     if process.role == "vllm":
-        what = "SIGTERM to this vLLM server process; the teacher stage then fails or retries"
+        what = "SIGTERM to this vLLM server process only (the teacher stage that uses it loses its server)"
     else:
         what = (f"cancel run {process.run_id} as `tas cancel` does: SIGTERM to its supervisor and the "
                 f"{process.stage} worker; the stage stops at its next safe point and ends cancelled "
