@@ -41,7 +41,18 @@ if TYPE_CHECKING:
     from engine.core.events import EventTail
     from engine.core.runs import Run, RunStore, StageStatus
 
-LOSS_METRICS = ("loss", "eval_loss", "control/loss", "control/eval_loss")
+# The loss curves of each training stage: (label, colour, metric names, the first one logged is plotted).
+# Only series on one scale share the chart. sft: the assistant's train and eval loss, both cross-entropy.
+# distill: the KD student's `loss` is (1 - w)·CE + w·T²·KL, a different quantity from the CE-only control's
+# loss (pure CE): on one axis a KD loss of ~3.4 beside a control at ~7 would suggest KD halves the loss. So
+# the chart puts the KD student's CE part (`ce_loss`, logged beside `loss`) against the control's CE: the
+# same measure on the same answer tokens. The total KD loss and its KL part stay in the metrics pane.
+LOSS_SERIES = {
+    "sft": [("train", "cyan", ("loss",)), ("eval", "magenta", ("eval_loss",))],
+    "distill": [("KD student", "cyan", ("ce_loss",)),
+                ("CE-only control", "magenta", ("control/ce_loss", "control/loss"))],
+}
+LOSS_TITLE = {"sft": "sft loss (CE)", "distill": "distill CE loss"}  # short: plotext drops a title wider than the plot
 REFRESH_S = 1.0  # the reader reads the store this often (and at once when the selection changes)
 # what the reader imports in its thread before its first read: the run store (and with it the config schema),
 # and the two widgets that replace their placeholders then (plotext; RichLog brings rich.pretty and attrs)
@@ -93,10 +104,13 @@ class StagesTab(Vertical):
     StagesTab #right { width: 1fr; }
     StagesTab #pipeline { height: auto; max-height: 7; overflow-x: hidden; }
     StagesTab #detail { height: auto; padding: 0 1; color: $text-error; display: none; }
-    StagesTab #middle { height: 8; }
-    StagesTab #loss { width: 1fr; }
+    StagesTab #middle { height: 2fr; min-height: 7; }
+    StagesTab #chart { width: 1fr; }
+    StagesTab #loss { height: 1fr; }
+    StagesTab #legend { height: auto; padding: 0 1; }
+    StagesTab #no-chart { height: 1fr; content-align: center middle; color: $text-muted; display: none; }
     StagesTab #metrics { width: 30; padding: 0 1; }
-    StagesTab #log { height: 1fr; border-top: solid $primary 40%; scrollbar-gutter: stable; }
+    StagesTab #log { height: 1fr; min-height: 4; border-top: solid $primary 40%; scrollbar-gutter: stable; }
     """
 
     BINDINGS = [
@@ -138,7 +152,10 @@ class StagesTab(Vertical):
                 yield table
                 yield Static(id="detail")  # the selected stage's error, whole (wrapped), when it has one
                 with Horizontal(id="middle"):
-                    yield Static(id="loss")  # the plot replaces it with the first snapshot
+                    with Vertical(id="chart"):
+                        yield Static(id="loss")  # the plot replaces it with the first snapshot
+                        yield Static(id="no-chart")
+                        yield Static(id="legend")
                     yield Static(id="metrics")
                 yield Static(id="log")  # the event log replaces it with the first snapshot
 
@@ -210,7 +227,7 @@ class StagesTab(Vertical):
         from textual_plotext import PlotextPlot
 
         await self.query_one("#loss", Static).remove()
-        await self.query_one("#middle", Horizontal).mount(PlotextPlot(id="loss"), before=0)
+        await self.query_one("#chart", Vertical).mount(PlotextPlot(id="loss"), before=0)
         await self.query_one("#log", Static).remove()
         await self.query_one("#right", Vertical).mount(event_log_class()(id="log"))
 
@@ -243,18 +260,23 @@ class StagesTab(Vertical):
 
     @staticmethod
     def _losses(run: Run, stage: str) -> dict[str, list[tuple[int, float]]]:
-        """Loss curves of the selected stage, or of the last training stage that has some."""
+        """The selected stage's loss curves (LOSS_SERIES), by label; none for a stage that does not train."""
         from engine.core.events import read_events
 
-        candidates = [stage] + [s for s in ("distill", "sft") if s != stage]
-        for name in candidates:
-            series: dict[str, list[tuple[int, float]]] = {}
-            for event in read_events(run.stage_dir(name) / "events.jsonl"):
-                if event.get("kind") == "metric" and event.get("name") in LOSS_METRICS and event.get("step") is not None:
-                    series.setdefault(f"{name} {event['name']}", []).append((event["step"], float(event["value"])))
-            if series:
-                return series
-        return {}
+        wanted = {name for _, _, names in LOSS_SERIES.get(stage, ()) for name in names}
+        if not wanted:
+            return {}
+        logged: dict[str, list[tuple[int, float]]] = {}
+        for event in read_events(run.stage_dir(stage) / "events.jsonl"):
+            if (event.get("kind") == "metric" and event.get("name") in wanted and event.get("step") is not None
+                    and isinstance(event.get("value"), (int, float))):
+                logged.setdefault(event["name"], []).append((int(event["step"]), float(event["value"])))
+        series = {}
+        for label, _, names in LOSS_SERIES[stage]:
+            name = next((n for n in names if logged.get(n)), None)
+            if name is not None:
+                series[label] = logged[name]
+        return series
 
     # --------------------------------------------------------------------------------- showing
 
@@ -266,7 +288,7 @@ class StagesTab(Vertical):
         self._show_runs(snapshot.runs)
         self._show_pipeline(snapshot.stages)
         self._show_detail()
-        self._show_losses(snapshot.losses)
+        self._show_losses(snapshot.stage, snapshot.losses)
         self._show_metrics(snapshot.report)
         log = self.query_one("#log", event_log_class())
         if snapshot.reset_log:
@@ -365,17 +387,33 @@ class StagesTab(Vertical):
         detail.update(Text("\n".join(lines)))
         detail.display = True
 
-    def _show_losses(self, losses: dict[str, list[tuple[int, float]]]) -> None:
+    def _show_losses(self, stage: str, losses: dict[str, list[tuple[int, float]]]) -> None:
+        """The selected stage's loss curves, titled with the stage; the legend is a line of its own under
+        the plot (plotext draws its legend over the first points); steps are whole numbers."""
         from textual_plotext import PlotextPlot
 
         plot = self.query_one("#loss", PlotextPlot)
+        message = self.query_one("#no-chart", Static)
+        legend = self.query_one("#legend", Static)
+        if not losses:
+            plot.display = legend.display = False
+            message.update(f"no training metrics for {stage}" if stage not in LOSS_SERIES
+                           else f"no {stage} loss logged yet")
+            message.display = True
+            return
+        message.display = False
+        plot.display = legend.display = True
         plt = plot.plt
         plt.clear_data()
         plt.clear_figure()
-        plt.title("loss" if losses else "loss (no training metrics yet)")
-        for name, points in losses.items():
-            steps, values = zip(*points)
-            plt.plot(list(steps), list(values), label=name.split(" ", 1)[1], marker="braille")
+        plt.title(LOSS_TITLE.get(stage, f"{stage}: loss"))
+        colours = {label: colour for label, colour, _ in LOSS_SERIES.get(stage, ())}
+        for label, points in losses.items():
+            steps, values = zip(*sorted(points))
+            plt.plot(list(steps), list(values), marker="braille", color=colours.get(label, "default"))
+        steps = sorted({step for points in losses.values() for step, _ in points})
+        plt.xticks(integer_ticks(steps[0], steps[-1], max(3, plot.size.width // 7)))
+        legend.update(Text("  ").join(Text.assemble(("━━ ", colours.get(label, "")), label) for label in losses))
         plot.refresh()
 
     def _show_metrics(self, report: dict | None = None) -> None:
@@ -540,6 +578,17 @@ class StagesTab(Vertical):
         self.app.call_from_thread(self.notify, f"cancelling run {run_id}…")
         stopped = launcher.cancel(run)
         self.app.call_from_thread(self.notify, f"run {run_id}: {'cancelled' if stopped else 'nothing was running'}")
+
+
+def integer_ticks(low: int, high: int, most: int) -> list[int]:
+    """At most `most` whole-number ticks from `low` to `high`, at a round spacing (1, 2, 5, 10, 20, 50, …)."""
+    if high <= low:
+        return [low]
+    for spacing in (m * 10**e for e in range(16) for m in (1, 2, 5)):
+        ticks = list(range(-(-low // spacing) * spacing, high + 1, spacing))
+        if len(ticks) <= max(most, 2):
+            return ticks or [low]
+    return [low, high]
 
 
 RUNS_ROOM = 16  # the run list's text width (21 columns less border, padding and scrollbar) before layout
