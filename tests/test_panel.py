@@ -385,6 +385,162 @@ def test_snapshot_stages(project: Path, snap_compare, size):
     assert snap_compare(app, terminal_size=size, run_before=select_sft)
 
 
+OFFLINE_ERROR = ("datasets[0].name: cannot load 'openai/openai_humaneval' from the Hugging Face hub (Couldn't reach "
+                 "'openai/openai_humaneval' on the Hub (LocalEntryNotFoundError)). If this machine is offline, download "
+                 "the dataset elsewhere and set datasets[0].external_local_path to its JSONL/Parquet/CSV file or folder.")
+KEPT = "kept 160 prompts of 320 records (320 read, 5 over the word limit, 155 over data.limit)"
+NOW = 1795640000.0  # the clock of the snapshots below (elapsed times and ETAs are read against it)
+
+
+def write_run(root: Path, run_id: str, streams: dict[str, list[dict]], name: str = "", live: str | None = None) -> None:
+    """A run `run_id` with these events (timestamps given, or one second apart from the id's time); `live`:
+    that stage's worker and the run's supervisor are this very process, so the stage is running."""
+    import calendar
+    import os
+
+    from engine.core.runs import ProcessRecord
+
+    created = float(calendar.timegm(time.strptime(run_id[:15], "%Y%m%d-%H%M%S")))
+    run = RunStore(root).create(load_config(TINY_CONFIG), "configs/tiny.yaml", name=name)
+    fixed = run.path.with_name(run_id)
+    run.path.rename(fixed)
+    meta = json.loads((fixed / "run.json").read_text())
+    meta.update(id=run_id, created=created)
+    (fixed / "run.json").write_text(json.dumps(meta))
+    ts = created
+    for stage, events in streams.items():
+        (fixed / stage).mkdir()
+        with open(fixed / stage / "events.jsonl", "w") as f:
+            for i, event in enumerate(events):
+                f.write(json.dumps({"ts": ts + i, **event}) + "\n")
+        ts += 100
+    if live:
+        me = ProcessRecord.of(os.getpid())
+        record = ProcessRecord(me.pid, me.create_time, me.start_ticks, recorded_at=created)
+        record.write(fixed / "supervisor.json", stages=[live])
+        record.write(fixed / live / "pid")
+
+
+def training(prefixes: dict[str, float], steps: int, every: int = 2, total: int | None = None) -> list[dict]:
+    """Loss metrics (name prefix -> starting value) logged every `every` steps, with progress."""
+    events = []
+    for i in range(1, steps // every + 1):
+        for name, start in prefixes.items():
+            events.append({"kind": "metric", "name": name, "value": round(start - 0.04 * i, 4), "step": every * i})
+        events.append({"kind": "progress", "done": every * i, "total": total or steps, "unit": "steps"})
+    return events
+
+
+def write_store(root: Path) -> None:
+    """Four runs over two days: finished, failed with a long (offline) error, failed (write_finished_run), live."""
+    running, done = {"kind": "status", "state": "running"}, {"kind": "status", "state": "done", "seconds": 12}
+    data = [running, {"kind": "progress", "done": 320, "total": 320, "unit": "records"},
+            {"kind": "log", "level": "info", "msg": KEPT}, done]
+    teacher = [running, {"kind": "progress", "done": 160, "total": 160, "unit": "prompts"}, done]
+    sft = [running, *training({"loss": 7.5, "eval_loss": 7.4}, 20), done]
+    kd = [running, {"kind": "log", "level": "info", "msg": "KD student: 0.52M parameters, init random, KD weight 0.5, "
+                    "T=2.0; 144 train / 16 eval; KD over 512 token columns"},
+          *training({"loss": 4.0, "ce_loss": 7.0, "kd_loss": 1.0}, 20, total=40)]
+    control = [{**e, "done": e["done"] + 20} if e["kind"] == "progress" else e
+               for e in training({"control/loss": 7.1, "control/ce_loss": 7.1}, 12, total=40)]
+    write_run(root, "20261124-230000-tiny", {"data": data, "teacher": teacher, "sft": sft,
+                                             "distill": [*kd, *control, done]})
+    write_run(root, "20261125-070000-tiny", {"data": [running, {"kind": "log", "level": "info",
+                                             "msg": "datasets[0] openai/openai_humaneval: loading from the hub"},
+                                             {"kind": "status", "state": "failed", "error": OFFLINE_ERROR}]})
+    write_finished_run(root)
+    live = [{**event, "ts": NOW - 60 + i} for i, event in enumerate([*kd, *control])]
+    write_run(root, "20261125-090000-tiny", {"data": data, "teacher": teacher, "sft": sft, "distill": live},
+              name="kd weight 0.5", live="distill")
+
+
+class FrozenTime:
+    """engine.core.runs' `time` at NOW: elapsed times and ETAs in snapshots do not follow the clock."""
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    @staticmethod
+    def time() -> float:
+        return NOW
+
+
+async def select(pilot, app, run_id: str, stage: str) -> None:
+    """Highlight a run in the list and a stage in the pipeline, as a user does, and wait until it is shown."""
+    from textual.widgets import OptionList
+
+    tab = app.query_one(StagesTab)
+    await wait_until(pilot, lambda: tab.ready and app.query_one("#pipeline", DataTable).row_count)
+    runs = app.query_one("#runs", OptionList)
+    runs.highlighted = runs.get_option_index(run_id)
+    await wait_until(pilot, lambda: tab.shown is not None and tab.shown[0] == run_id)
+    table = app.query_one("#pipeline", DataTable)
+    table.focus()
+    table.move_cursor(row=table.get_row_index(stage))
+    await wait_until(pilot, lambda: tab.shown == (run_id, stage))
+    await pilot.pause(0.1)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+@pytest.mark.parametrize("case", [("20261125-070000-tiny", "data"), ("20261125-090000-tiny", "distill"),
+                                  ("20261124-230000-tiny", "sft")], ids=["long-failure", "live", "finished"])
+def test_snapshot_stages_runs(project: Path, snap_compare, monkeypatch: pytest.MonkeyPatch, size, case):
+    """A failed stage with a long message (the detail line and the wrapped log), a live run (distill: KD against
+    the control), a finished run reached after looking at the others (the table keeps its columns)."""
+    import engine.core.runs
+
+    monkeypatch.setattr(engine.core.runs, "time", FrozenTime())
+    write_store(project / "runs")
+    app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
+
+    async def go(pilot):
+        if case[0] == "20261124-230000-tiny":
+            await select(pilot, app, "20261125-090000-tiny", "distill")
+        await select(pilot, app, *case)
+
+    assert snap_compare(app, terminal_size=size, run_before=go)
+
+
+async def test_stages_at_80x24_lose_no_text(project: Path, monkeypatch: pytest.MonkeyPatch):
+    """The log wraps at its width (every word of a long error is there, no line wider than the log), the error
+    is in the detail line, the table keeps every column after switching runs, the run list lines fit, and
+    the chart shows the selected stage's comparable series only."""
+    import engine.core.runs
+
+    monkeypatch.setattr(engine.core.runs, "time", FrozenTime())
+    write_store(project / "runs")
+    app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await select(pilot, app, "20261125-070000-tiny", "data")
+        log = app.query_one("#log")
+        assert all(line.cell_length <= log.scrollable_content_region.width for line in log.lines)
+        logged = " ".join(str(line.text).strip() for line in log.lines)
+        assert " ".join(OFFLINE_ERROR.split()) in " ".join(logged.split())
+        detail = _rendered(app.query_one("#detail"))
+        assert "✗ data failed: datasets[0].name: cannot load" in detail and "in the log" in detail
+        assert "no training metrics for data" in " ".join(_rendered(app.query_one("#no-chart")).split())
+        assert not app.query_one("#loss").display
+
+        await select(pilot, app, "20261125-090000-tiny", "distill")  # live
+        assert not app.query_one("#detail").display
+        await select(pilot, app, "20261124-230000-tiny", "sft")  # finished, after the others
+        table = app.query_one("#pipeline", DataTable)
+        shown = _rendered(table)
+        for text in ("progress", "ETA", "latest", "100%", "31s", "loss=7.1"):
+            assert text in shown, shown
+        runs = _rendered(app.query_one("#runs"))
+        assert "✓ 230000-tiny" in runs and "2026-11-24" in runs and "kd weight 0.5" in runs
+
+        await select(pilot, app, "20261124-230000-tiny", "distill")
+        run = RunStore(project / "runs").get("20261124-230000-tiny")
+        losses = StagesTab._losses(run, "distill")
+        assert list(losses) == ["KD student", "CE-only control"]
+        assert losses["KD student"][0] == (2, 6.96)  # ce_loss, not the KD total (loss = 3.96)
+        assert losses["CE-only control"][0] == (2, 7.06)
+        assert "KD student" in _rendered(app.query_one("#legend"))
+        assert StagesTab._losses(run, "eval") == {} and StagesTab._losses(run, "data") == {}
+
+
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
 def test_snapshot_config(project: Path, snap_compare, size):
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)

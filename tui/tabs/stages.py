@@ -105,10 +105,12 @@ class StagesTab(Vertical):
     StagesTab #pipeline { height: auto; max-height: 7; overflow-x: hidden; }
     StagesTab #detail { height: auto; padding: 0 1; color: $text-error; display: none; }
     StagesTab #middle { height: 2fr; min-height: 7; }
+    StagesTab #middle.empty { height: auto; min-height: 3; }  /* no chart: the log gets the room */
+    StagesTab #middle.empty > #chart { height: auto; }
     StagesTab #chart { width: 1fr; }
     StagesTab #loss { height: 1fr; }
     StagesTab #legend { height: auto; padding: 0 1; }
-    StagesTab #no-chart { height: 1fr; content-align: center middle; color: $text-muted; display: none; }
+    StagesTab #no-chart { height: auto; padding: 1 1; color: $text-muted; display: none; }
     StagesTab #metrics { width: 30; padding: 0 1; }
     StagesTab #log { height: 1fr; min-height: 4; border-top: solid $primary 40%; scrollbar-gutter: stable; }
     """
@@ -395,6 +397,7 @@ class StagesTab(Vertical):
         plot = self.query_one("#loss", PlotextPlot)
         message = self.query_one("#no-chart", Static)
         legend = self.query_one("#legend", Static)
+        self.query_one("#middle").set_class(not losses, "empty")
         if not losses:
             plot.display = legend.display = False
             message.update(f"no training metrics for {stage}" if stage not in LOSS_SERIES
@@ -412,7 +415,7 @@ class StagesTab(Vertical):
             steps, values = zip(*sorted(points))
             plt.plot(list(steps), list(values), marker="braille", color=colours.get(label, "default"))
         steps = sorted({step for points in losses.values() for step, _ in points})
-        plt.xticks(integer_ticks(steps[0], steps[-1], max(3, plot.size.width // 7)))
+        plt.xticks(integer_ticks(steps[0], steps[-1], 5))  # 5 at most: the labels fit an 80-column panel
         legend.update(Text("  ").join(Text.assemble(("━━ ", colours.get(label, "")), label) for label in losses))
         plot.refresh()
 
