@@ -381,7 +381,11 @@ class StagesTab(Vertical):
             detail.display = False
             return
         width = max(20, (self.query_one("#right").size.width or 60) - 2)
-        lines = textwrap.wrap(f"✗ {status.name} {status.state}: {' '.join(problem.split())}", width)
+        from engine.core.render import STATE_STYLE
+
+        glyph = STATE_STYLE.get(status.state, ("?", ""))[0]
+        detail.styles.color = "magenta" if status.state == "cancelled" else None  # else the CSS colour ($text-error)
+        lines = textwrap.wrap(f"{glyph} {status.name} {status.state}: {' '.join(problem.split())}", width)
         most = max(2, self.size.height // 6)
         if len(lines) > most:
             lines = lines[:most]
