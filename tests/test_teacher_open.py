@@ -159,3 +159,102 @@ def test_out_of_memory_halves_the_batch_and_answers_every_prompt_once(config, pr
                         lambda self, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
     with pytest.raises(StageError, match=r"single prompt.*teacher\.open\.pipeline\.max_new_tokens"):
         teacher.run(make_context(config, "teacher", project))
+
+
+# ------------------------------------------------------------------ the hand-over across two tokenizers
+# The teacher (a StableLM model, GPT-NeoX-style tokenizer, as stable-code-instruct-3b) and the assistant
+# (Qwen2) share no token ids: the teacher's answers are decoded with the teacher's tokenizer, cut at the
+# teacher's stop tokens, stored as text, and re-tokenized by the assistant's tokenizer.
+
+
+class _Script:
+    """A logits processor that makes every row emit `script` token by token, then anything: a random tiny
+    model only rarely says a given token, so the tokens a stop test needs are forced."""
+
+    def __init__(self, script: list[int]):
+        self.script, self.start = script, None
+
+    def __call__(self, input_ids, scores):
+        self.start = input_ids.shape[1] if self.start is None else self.start
+        step = input_ids.shape[1] - self.start
+        if step < len(self.script):
+            scores[:] = float("-inf")
+            scores[:, self.script[step]] = 0.0
+        return scores
+
+
+def _scripted_answer(ctx, model, tokenizer, script: list[int]):
+    from transformers import LogitsProcessorList
+
+    prompts = [{"id": "p", "instruction": "Write a function that squares x."}]
+    texts = chat_texts(tokenizer, prompts, "You are a senior Python developer.", True)
+    kwargs = dict(generation_kwargs(ctx, tokenizer, model), do_sample=False, max_new_tokens=len(script),
+                  logits_processor=LogitsProcessorList([_Script(script)]))
+    kwargs.pop("temperature", None), kwargs.pop("top_p", None), kwargs.pop("top_k", None)
+    [batch] = generate_batches(model, tokenizer, prompts, texts, 1, kwargs)
+    return batch.answers[0], batch.new_tokens
+
+
+def test_teacher_answers_stop_at_the_teachers_own_stop_tokens(config, project: Path):
+    from engine.models.loading import load_tokenizer
+
+    ctx = make_context(config, "teacher", project)
+    model, tokenizer = load_teacher(ctx)
+    assistant = load_tokenizer("tiny:assistant")
+    assert model.config.model_type == "stablelm"
+    eos, im_end = tokenizer.convert_tokens_to_ids("<|endoftext|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
+    fim = tokenizer.convert_tokens_to_ids("<fim_prefix>")
+    # the stop ids are the teacher's: its EOS (generation config and tokenizer) and, from configs/tiny.yaml's
+    # additional_special_tokens, its <|im_end|>; the assistant's <|im_end|> id is another teacher token
+    assert config.teacher.open.tokenizer.additional_special_tokens == ["<|im_end|>"]
+    assert generation_kwargs(ctx, tokenizer, model)["eos_token_id"] == sorted({eos, im_end})
+    assert assistant.convert_tokens_to_ids("<|im_end|>") == fim != im_end
+
+    words = tokenizer("def square(x):\n    return x * x", add_special_tokens=False)["input_ids"]
+    assert len(words) >= 6 and not set(words) & {eos, im_end, fim}
+    text = lambda ids: tokenizer.decode(ids).strip()  # noqa: E731
+
+    # the turn ends at <|im_end|>: nothing after it is kept, and the stop token is counted, not shown
+    answer, new_tokens = _scripted_answer(ctx, model, tokenizer, words[:3] + [im_end] + words[3:])
+    assert answer == text(words[:3]) and new_tokens == 4
+    # and at the model's own EOS, <|endoftext|>
+    answer, _ = _scripted_answer(ctx, model, tokenizer, words[:2] + [eos] + words[2:])
+    assert answer == text(words[:2])
+    # the assistant's <|im_end|> id is the teacher's <fim_prefix>: not a stop; special tokens are dropped
+    answer, _ = _scripted_answer(ctx, model, tokenizer, words[:2] + [fim] + words[2:5] + [im_end] + words[5:])
+    assert answer == text(words[:5]) and "<fim_prefix>" not in answer
+
+    # without the config's <|im_end|> the teacher's own EOS alone would run past the end of the turn:
+    # this is why configs/tiny.yaml (like the root config for stable-code-instruct-3b) lists it
+    config.teacher.open.tokenizer.additional_special_tokens = []
+    assert generation_kwargs(ctx, tokenizer, model)["eos_token_id"] == [eos]
+    answer, _ = _scripted_answer(ctx, model, tokenizer, words[:3] + [im_end] + words[3:])
+    assert answer == text(words[:3] + words[3:])
+
+
+def test_teacher_answers_hand_over_to_the_assistants_tokenizer(config, project: Path):
+    """The stored answers hold no teacher special token, and the assistant's tokenizer re-tokenizes each to
+    the same text (decode(encode(x)) == x), in ids of its own, and its chat template marks exactly the
+    answer (+ its own <|im_end|>) as what SFT learns."""
+    from engine.models.loading import load_tokenizer
+
+    config.teacher.open.pipeline.max_new_tokens = 32
+    teacher.run(make_context(config, "teacher", project))
+    records = answers(config)
+    assert len(records) == 40
+    teacher_tok = load_tokenizer("tiny:teacher")
+    assistant = load_tokenizer("tiny:assistant")
+    specials = set(teacher_tok.all_special_tokens) | set(assistant.all_special_tokens)
+    differ = 0
+    for record in records:
+        answer = record["output"]
+        assert answer == answer.strip() and answer
+        assert not any(token in answer for token in specials), answer
+        ids = assistant(answer, add_special_tokens=False)["input_ids"]
+        assert assistant.decode(ids) == answer
+        differ += ids != teacher_tok(answer, add_special_tokens=False)["input_ids"]
+        messages = [{"role": "user", "content": record["instruction"]}, {"role": "assistant", "content": answer}]
+        out = assistant.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        marked = [i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+        assert assistant.decode(marked) == answer + "<|im_end|>"
+    assert differ == len(records)  # the same text, other ids

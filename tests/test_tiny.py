@@ -1,4 +1,5 @@
-"""The offline tiny profile's tokenizer and models survive save/reload bit for bit."""
+"""The offline tiny profile's tokenizers and models survive save/reload bit for bit; the teacher is a
+StableLM model with a tokenizer of its own, as stable-code-instruct-3b is next to the Qwen2 assistant."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from engine.models import tiny
 from engine.models.loading import ModelNotFound, load_tokenizer, resolve_model_path
@@ -66,12 +67,71 @@ def test_chat_template_marks_assistant_tokens(tokenizer_dir: Path):
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
+def test_teacher_tokenizer_ids_identical_after_reload(tmp_path: Path):
+    fresh = tiny.build_teacher_tokenizer()
+    reloaded = AutoTokenizer.from_pretrained(tiny.resolve("tiny:teacher"))
+    # transformers 5 loads a StableLM checkpoint's tokenizer.json as it is (TokenizersBackend), as it
+    # loads stable-code-instruct-3b's; the class it was saved as is GPT-NeoX's
+    assert type(fresh).__name__ == "GPTNeoXTokenizer"
+    for text in SAMPLES:
+        assert reloaded(text)["input_ids"] == fresh(text)["input_ids"], text
+    reloaded.save_pretrained(tmp_path)
+    for again in (AutoTokenizer.from_pretrained(tmp_path), type(fresh).from_pretrained(tmp_path)):
+        for text in SAMPLES:
+            assert again(text)["input_ids"] == fresh(text)["input_ids"], text
+
+
+def test_teacher_is_stablelm_with_a_tokenizer_of_its_own():
+    teacher_path = tiny.resolve("tiny:teacher")
+    teacher = AutoConfig.from_pretrained(teacher_path)
+    assistant = AutoConfig.from_pretrained(tiny.resolve("tiny:assistant"))
+    assert teacher.model_type == "stablelm" and teacher.architectures == ["StableLmForCausalLM"]
+    assert assistant.model_type == "qwen2"
+    assert teacher.rope_parameters["partial_rotary_factor"] == 0.25 and not teacher.tie_word_embeddings
+
+    t = AutoTokenizer.from_pretrained(teacher_path)
+    a = AutoTokenizer.from_pretrained(tiny.resolve("tiny:tokenizer"))
+    assert len(t) == tiny.TEACHER_VOCAB != len(a) == tiny.TOKENIZER_VOCAB
+    assert teacher.vocab_size != assistant.vocab_size
+    # two vocabularies, not one with another size: trained on the same shipped text, many pieces exist in
+    # both, but almost never at the same id, and each has pieces the other lacks
+    tv, av = t.get_vocab(), a.get_vocab()
+    shared = set(tv) & set(av)
+    assert sum(tv[k] == av[k] for k in shared) < 0.05 * len(shared)
+    assert len(set(tv) - set(av)) > 50 and len(set(av) - set(tv)) > 50
+    text = "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"
+    assert t(text)["input_ids"] != a(text)["input_ids"]
+    # its own special tokens, at ids of its own: GPT-NeoX's <|endoftext|> (BOS = EOS = UNK = PAD, as in
+    # stable-code-instruct-3b) and <|padding|>, the FIM tokens, ChatML's turn markers
+    assert t.all_special_tokens == tiny.TEACHER_SPECIAL_TOKENS
+    assert (t.bos_token, t.eos_token, t.unk_token, t.pad_token) == ("<|endoftext|>",) * 4
+    assert t.padding_side == "left" and t.eos_token_id == 0
+    for token in ("<|im_start|>", "<|im_end|>"):
+        assert t.convert_tokens_to_ids(token) != a.convert_tokens_to_ids(token), token
+    for token in tiny.TEACHER_SPECIAL_TOKENS:
+        assert len(t(token, add_special_tokens=False)["input_ids"]) == 1, token
+    assert not set(tiny.TEACHER_SPECIAL_TOKENS[1:6]) & set(a.get_vocab())
+    # other token boundaries: GPT-2's split regex, not Qwen2's
+    assert t.tokenize("x  = 12345") != a.tokenize("x  = 12345")
+    for text in SAMPLES[:3]:
+        assert t.decode(t(text)["input_ids"]) == text  # byte level: nothing is unknown
+    # its own ChatML template, rendered with its own tokens; no generation markers (it is never trained)
+    messages = [{"role": "system", "content": "SYSTEM"}, {"role": "user", "content": "Reverse a list."}]
+    prompt = t.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|im_start|>system\nSYSTEM<|im_end|>\n<|im_start|>user\nReverse a list.<|im_end|>\n<|im_start|>assistant\n"
+    assert "{% generation %}" not in t.chat_template and "{% generation %}" in a.chat_template
+    # like stable-code-instruct-3b's generation_config.json: the model itself stops at <|endoftext|> only;
+    # a ChatML turn ends in <|im_end|>, which teacher.open.tokenizer.additional_special_tokens adds
+    generation = GenerationConfig.from_pretrained(teacher_path)
+    assert generation.eos_token_id == 0 and generation.bos_token_id == 0
+
+
 @pytest.mark.parametrize("name", sorted(tiny.TINY_SPECS))
 def test_models_logits_identical_after_reload(name: str, tmp_path: Path):
     path = tiny.resolve(f"tiny:{name}")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    assert model.config.model_type == "qwen2"
+    assert model.config.model_type == ("stablelm" if name == "teacher" else "qwen2")
     assert model.config.vocab_size >= len(tok)
     batch = tok(SAMPLES[:3], return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -83,12 +143,22 @@ def test_models_logits_identical_after_reload(name: str, tmp_path: Path):
     assert torch.equal(logits, again)
 
 
-def test_models_are_deterministic_and_sized_in_order():
-    tok = AutoTokenizer.from_pretrained(tiny.resolve("tiny:tokenizer"))
-    a, b = tiny.build_model("student", tok), tiny.build_model("student", tok)
-    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(p, q), name
-    sizes = {k: sum(p.numel() for p in tiny.build_model(k, tok).parameters()) for k in tiny.TINY_SPECS}
+@pytest.mark.parametrize("name", ["student", "teacher"])
+def test_models_are_deterministic(name: str):
+    tok = AutoTokenizer.from_pretrained(tiny.resolve("tiny:teacher" if name == "teacher" else "tiny:tokenizer"))
+    a, b = tiny.build_model(name, tok), tiny.build_model(name, tok)
+    for (key, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), key
+    saved = AutoModelForCausalLM.from_pretrained(tiny.resolve(f"tiny:{name}")).state_dict()
+    for key, p in a.state_dict().items():
+        assert torch.equal(p, saved[key]), key
+
+
+def test_models_are_sized_in_order():
+    sizes = {}
+    for name in tiny.TINY_SPECS:
+        model = AutoModelForCausalLM.from_pretrained(tiny.resolve(f"tiny:{name}"))
+        sizes[name] = sum(p.numel() for p in model.parameters())
     assert sizes["teacher"] > sizes["assistant"] > sizes["student"]
 
 

@@ -1,17 +1,30 @@
-"""The offline tiny profile's models: Qwen2-architecture models and a tokenizer, built locally.
+"""The offline tiny profile's models, built locally: a StableLM teacher, a Qwen2 assistant and student.
 
 Heavy module (transformers, tokenizers, torch): import it only in worker processes and tests.
 
-`tiny:teacher`, `tiny:assistant` and `tiny:student` name three sizes of one family. On first use the
-shared tokenizer is trained on the shipped prompt set + code corpus and each model is initialised from
-a fixed seed, then saved like any Hugging Face checkpoint under the cache folder (`TAS_TINY_CACHE`,
-default `~/.cache/tas-panel/tiny`). After that, every stage loads them with `from_pretrained` exactly as
-it loads a real model from the hub, so the tiny profile exercises the real code path.
+The tiny models mirror the real plan's families. `tiny:assistant` and `tiny:student` are two sizes of one
+Qwen2-architecture family sharing one tokenizer (`tiny:tokenizer`), as Qwen2.5-Coder-1.5B and -0.5B do.
+`tiny:teacher` is a StableLM model (`StableLmForCausalLM`, like stabilityai/stable-code-instruct-3b) with a
+tokenizer of its own: a GPT-NeoX-style byte-level BPE with a smaller, different vocabulary, its own special
+tokens (`<|endoftext|>` is id 0 and its BOS = EOS = UNK = PAD, `<|padding|>`, the FIM tokens, ChatML's
+`<|im_start|>` / `<|im_end|>` at ids of their own) and its own ChatML template. Like the real teacher its
+EOS is `<|endoftext|>` (generation config `eos_token_id: 0`), while a chat turn ends in `<|im_end|>`: the
+config's `teacher.open.tokenizer.additional_special_tokens` is what stops an answer there. So the teacher
+only hands *text* to the assistant, across two tokenizers, templates and stop tokens, as in a real run.
 
-The tokenizer is a byte-level BPE trained with *exactly* Qwen2's normalizer (NFC) and pre-tokenizer
-(Qwen2's split regex + byte level): transformers 5 rebuilds a saved Qwen2 tokenizer with that pipeline,
-so training with anything else would change token ids after a reload. Its ChatML chat template has
-`{% generation %}` markers so TRL can compute the loss on assistant tokens only.
+On first use each tokenizer is trained on the shipped prompt set + code corpus (BPE training is
+deterministic) and each model is initialised from a fixed seed, then saved like any Hugging Face checkpoint
+under the cache folder (`TAS_TINY_CACHE`, default `~/.cache/tas-panel/tiny`). After that, every stage loads
+them with `from_pretrained` exactly as it loads a real model from the hub, so the tiny profile exercises the
+real code path.
+
+Both BPEs are trained with *exactly* the normalizer and pre-tokenizer transformers 5 rebuilds the saved
+class with (Qwen2Tokenizer: NFC + Qwen2's split regex + byte level; GPTNeoXTokenizer: NFC + byte level with
+GPT-2's regex): training with anything else would change token ids after a reload. (AutoTokenizer loads a
+StableLM checkpoint's tokenizer.json as it is, as a TokenizersBackend, as it does stable-code-instruct-3b's;
+GPTNeoXTokenizer.from_pretrained gives the same ids.) The assistant's ChatML
+template has `{% generation %}` markers so TRL can compute the loss on assistant tokens only; the teacher
+is never trained, so its template has none.
 """
 
 from __future__ import annotations
@@ -28,16 +41,26 @@ from pathlib import Path
 
 from engine.models.shipped import SHIPPED_DATASETS, TOKENIZER_CORPUS, is_tiny, tiny_name
 
-TINY_VERSION = "v2"  # bump when the recipe changes: old caches are then rebuilt, never reused
-TOKENIZER_VOCAB = 2048
+TINY_VERSION = "v4"  # bump when the recipe changes: old caches are then rebuilt, never reused
+TOKENIZER_VOCAB = 2048  # the assistant's and student's tokenizer
+TEACHER_VOCAB = 1536  # the teacher's own: smaller, as stable-code's 50k is next to Qwen2.5's 151k
 SEED = 1234
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# the teacher's, in GPT-NeoX / stable-code style: `<|endoftext|>` is id 0 (BOS = EOS = UNK = PAD, as in
+# stable-code-instruct-3b's special_tokens_map.json), GPT-NeoX's `<|padding|>` (in the vocabulary, not the
+# pad token), the fill-in-the-middle tokens, and ChatML's turn markers at ids that differ from the assistant's
+TEACHER_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|padding|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>",
+    "<|im_start|>", "<|im_end|>",
+]
+TEACHER_EXTRA_SPECIAL_TOKENS = TEACHER_SPECIAL_TOKENS[1:]
 
 # Sizes roughly in the ratio of a 3B teacher, a 1.5B assistant and a smaller student. Every matrix
 # dimension is a multiple of 64: bitsandbytes' CPU 4-bit kernels quantize in blocks of 64 input features.
+# The teacher has full multi-head attention (as many key/value heads as heads), as stable-code-3b has.
 TINY_SPECS: dict[str, dict[str, int]] = {
-    "teacher": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2),
+    "teacher": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6),
     "assistant": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
     "student": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
 }
@@ -52,6 +75,14 @@ CHAT_TEMPLATE = (
     "{%- else %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# stable-code-instruct-3b's kind of template: ChatML, no generation markers (the teacher is never trained)
+TEACHER_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
@@ -77,10 +108,12 @@ def resolve(name: str) -> Path:
         # under torchrun only global rank 0 may build: transformers' save_pretrained writes nothing on the
         # other ranks once the process group is up, which would publish a folder without its weights
         return _wait_until_ready(target)
-    tokenizer_dir = resolve("tiny:tokenizer") if key != "tokenizer" else None  # before taking the lock
+    # the assistant's family shares the tokenizer folder (built first, before taking the lock); the
+    # teacher's tokenizer is its own and is built with the teacher
+    tokenizer_dir = resolve("tiny:tokenizer") if key in ("assistant", "student") else None
     with _locked(root / ".build.lock"):  # two workers starting at once build it once
         if not (target / "READY").exists():
-            if tokenizer_dir is None:
+            if key == "tokenizer":
                 _publish(target, lambda tmp: build_tokenizer().save_pretrained(tmp))
             else:
                 _publish(target, lambda tmp: _save_model(key, tokenizer_dir, tmp))
@@ -137,14 +170,36 @@ def training_texts() -> list[str]:
     return texts
 
 
-def build_tokenizer():
-    """Train the tiny byte-level BPE and wrap it as the Qwen2Tokenizer transformers will reload it as."""
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+def _bpe_trainer(vocab_size: int, special_tokens: list[str]):
+    from tokenizers import pre_tokenizers, trainers
+
+    return trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,  # ids 0.. in this order
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is a token: no unknowns, ever
+        show_progress=False,
+    )
+
+
+def _empty_bpe():
+    from tokenizers import Tokenizer
     from tokenizers.models import BPE
+
+    return Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+
+
+def _vocab_and_merges(bpe) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    model = json.loads(bpe.to_str())["model"]
+    return model["vocab"], [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+
+
+def build_tokenizer():
+    """Train the assistant's tiny byte-level BPE and wrap it as the Qwen2Tokenizer transformers reloads."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    bpe = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    bpe = _empty_bpe()
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -153,17 +208,11 @@ def build_tokenizer():
         ]
     )
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is a token: no unknowns, ever
-        show_progress=False,
-    )
-    bpe.train_from_iterator(training_texts(), trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
+    bpe.train_from_iterator(training_texts(), trainer=_bpe_trainer(TOKENIZER_VOCAB, SPECIAL_TOKENS))
+    vocab, merges = _vocab_and_merges(bpe)
     return Qwen2Tokenizer(
-        vocab=model["vocab"],
-        merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]],
+        vocab=vocab,
+        merges=merges,
         unk_token=None,
         bos_token=None,
         eos_token="<|im_end|>",
@@ -175,8 +224,34 @@ def build_tokenizer():
     )
 
 
+def build_teacher_tokenizer():
+    """Train the teacher's own byte-level BPE (GPT-NeoX style) and wrap it as a GPTNeoXTokenizer."""
+    from tokenizers import decoders, normalizers, pre_tokenizers
+    from transformers import GPTNeoXTokenizer
+
+    bpe = _empty_bpe()
+    bpe.normalizer = normalizers.NFC()
+    # GPT-2's split regex inside the byte-level step: other token boundaries than Qwen2's
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(training_texts(), trainer=_bpe_trainer(TEACHER_VOCAB, TEACHER_SPECIAL_TOKENS))
+    vocab, merges = _vocab_and_merges(bpe)
+    return GPTNeoXTokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",  # padding is EOS, as in stable-code-instruct-3b
+        extra_special_tokens=TEACHER_EXTRA_SPECIAL_TOKENS,
+        padding_side="left",
+        chat_template=TEACHER_CHAT_TEMPLATE,
+        model_max_length=MAX_POSITIONS,
+    )
+
+
 def padded_vocab(tokenizer) -> int:
-    """Embedding rows: the tokenizer's size rounded up to 64, as Qwen pads its vocab."""
+    """Embedding rows: the tokenizer's size rounded up to 64, as Qwen and stable-code pad their vocab."""
     return (len(tokenizer) + 63) // 64 * 64
 
 
@@ -194,25 +269,64 @@ def qwen2_config(tokenizer, **sizes):
     )
 
 
+def stablelm_config(tokenizer, **sizes):
+    """stable-code-instruct-3b's settings at a tiny size: LayerNorm, SiLU MLP, rotary on a quarter of each
+    head, untied embeddings, BOS = EOS = `<|endoftext|>` (id 0)."""
+    from transformers import StableLmConfig
+
+    return StableLmConfig(
+        vocab_size=padded_vocab(tokenizer),
+        max_position_embeddings=MAX_POSITIONS,
+        hidden_act="silu",
+        layer_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "partial_rotary_factor": 0.25},
+        use_qkv_bias=False,
+        qk_layernorm=False,
+        use_parallel_residual=False,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **sizes,
+    )
+
+
 def build_model(key: str, tokenizer):
-    """A freshly initialised tiny model; the same weights on every machine for the same seed."""
+    """A freshly initialised tiny model; the same weights on every machine for the same seed.
+
+    `tokenizer` is the model's own: `build_teacher_tokenizer()`'s for the teacher, `build_tokenizer()`'s
+    (or `tiny:tokenizer`) for the assistant and the student.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = qwen2_config(tokenizer, **TINY_SPECS[key])
+    if key == "teacher":
+        config = stablelm_config(tokenizer, **TINY_SPECS[key])
+    else:
+        config = qwen2_config(tokenizer, **TINY_SPECS[key])
     torch.manual_seed(SEED + sorted(TINY_SPECS).index(key))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config.eos_token_id = [
-        tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-    ]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if key == "teacher":
+        # as stable-code-instruct-3b's generation_config.json: BOS = EOS = `<|endoftext|>`, nothing else
+        model.generation_config.bos_token_id = tokenizer.bos_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = None
+    else:
+        model.generation_config.eos_token_id = [
+            tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        ]
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
-def _save_model(key: str, tokenizer_dir: Path, out: Path) -> None:
+def _save_model(key: str, tokenizer_dir: Path | None, out: Path) -> None:
+    """The model and its tokenizer into `out`; the teacher's tokenizer is trained here (`tokenizer_dir`
+    None), saved first and reloaded, so the model is sized by the tokenizer every stage will load."""
     from transformers import AutoTokenizer
 
+    if tokenizer_dir is None:
+        build_teacher_tokenizer().save_pretrained(out)
+        tokenizer_dir = out
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     build_model(key, tokenizer).save_pretrained(out)
     tokenizer.save_pretrained(out)
