@@ -518,6 +518,15 @@ async def test_stages_at_80x24_lose_no_text(project: Path, monkeypatch: pytest.M
         assert " ".join(OFFLINE_ERROR.split()) in " ".join(logged.split())
         detail = _rendered(app.query_one("#detail"))
         assert "✗ data failed: datasets[0].name: cannot load" in detail and "in the log" in detail
+        narrow = len(log.lines)
+        await pilot.resize_terminal(120, 40)  # wrapped again at the new width: fewer, longer lines
+        await pilot.pause(0.2)
+        assert len(log.lines) < narrow
+        assert all(line.cell_length <= log.scrollable_content_region.width for line in log.lines)
+        assert " ".join(OFFLINE_ERROR.split()) in " ".join(" ".join(str(line.text) for line in log.lines).split())
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause(0.2)
+        assert len(log.lines) == narrow
         assert "no training metrics for data" in " ".join(_rendered(app.query_one("#no-chart")).split())
         assert not app.query_one("#loss").display
 
