@@ -1,5 +1,7 @@
 """The Stages tab: runs on the left; for the selected run, its pipeline with state, progress, ETA and
-latest metrics, a live loss curve, and the event log of the selected stage.
+latest metrics, the selected stage's error when it has one, its loss curves (LOSS_SERIES: only series on one
+scale share the chart), and its event log, wrapped at the log's width. Nothing is cut at 80x24: lines wrap,
+and the last table column is cut to the room the others leave.
 
 Everything shown is read from the run store, so runs started by the CLI, or by a panel that was killed,
 appear and update exactly like our own (reattach is just reading). One reader does it: an async worker
