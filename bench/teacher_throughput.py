@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from engine.models.loading import load_causal_lm, load_tokenizer
+from engine.models.loading import load_causal_lm, load_tokenizer, stop_token_ids
 from engine.models.shipped import SHIPPED_DATASETS
-from engine.teacher.open import chat_texts, generate_batches, stop_token_ids
+from engine.teacher.open import chat_texts, generate_batches
 
 
 def measure(model, tokenizer, prompts, texts, batch_size, kwargs, sort_by_length) -> dict:

@@ -224,12 +224,12 @@ def test_teacher_answers_stop_at_the_teachers_own_stop_tokens(config, project: P
     answer, _ = _scripted_answer(ctx, model, tokenizer, words[:2] + [fim] + words[2:5] + [im_end] + words[5:])
     assert answer == text(words[:5]) and "<fim_prefix>" not in answer
 
-    # without the config's <|im_end|> the teacher's own EOS alone would run past the end of the turn:
-    # this is why configs/tiny.yaml (like the root config for stable-code-instruct-3b) lists it
+    # without the config's <|im_end|> the turn still ends there: the chat template's end-of-turn token is
+    # found in the template (the generation config's EOS alone would run past the end of the turn)
     config.teacher.open.tokenizer.additional_special_tokens = []
-    assert generation_kwargs(ctx, tokenizer, model)["eos_token_id"] == [eos]
+    assert generation_kwargs(ctx, tokenizer, model)["eos_token_id"] == sorted({eos, im_end})
     answer, _ = _scripted_answer(ctx, model, tokenizer, words[:3] + [im_end] + words[3:])
-    assert answer == text(words[:3] + words[3:])
+    assert answer == text(words[:3])
 
 
 def test_teacher_answers_hand_over_to_the_assistants_tokenizer(config, project: Path):
@@ -258,3 +258,21 @@ def test_teacher_answers_hand_over_to_the_assistants_tokenizer(config, project: 
         marked = [i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
         assert assistant.decode(marked) == answer + "<|im_end|>"
     assert differ == len(records)  # the same text, other ids
+
+
+def test_replies_end_at_the_chat_templates_end_of_turn_everywhere(config):
+    """The tiny teacher's generation config names only <|endoftext|> (as stable-code-instruct-3b's does); its
+    ChatML template ends turns with <|im_end|>: every path that generates (teacher stage, vLLM requests, the
+    chat worker, HumanEval) stops at both, each model at its own ids."""
+    from engine.models.loading import load_causal_lm, load_tokenizer, stop_token_ids
+    from engine.teacher.vllm import teacher_stop_ids
+
+    teacher_tok = load_tokenizer("tiny:teacher")
+    teacher = load_causal_lm("tiny:teacher")
+    im_end, eos = teacher_tok.convert_tokens_to_ids("<|im_end|>"), teacher_tok.eos_token_id
+    assert teacher.generation_config.eos_token_id == eos != im_end
+    assert stop_token_ids(teacher_tok, teacher) == sorted({eos, im_end})  # found in the template, not configured
+    assert teacher_stop_ids(config, "tiny:teacher") == sorted({eos, im_end})
+    assistant_tok = load_tokenizer("tiny:assistant")
+    assistant_ids = stop_token_ids(assistant_tok, load_causal_lm("tiny:assistant"))
+    assert assistant_tok.convert_tokens_to_ids("<|im_end|>") in assistant_ids and im_end not in assistant_ids

@@ -57,7 +57,8 @@ def where(base_url: str) -> str:
 class ApiChat:
     """One endpoint and model; serves requests one at a time, streaming each reply as `token` lines."""
 
-    def __init__(self, base_url: str, model: str, api_key: str, vllm_extras: bool, send):
+    def __init__(self, base_url: str, model: str, api_key: str, vllm_extras: dict | None, send):
+        """`vllm_extras`: request fields only our vLLM server knows (its `stop_token_ids`), or None."""
         import openai
 
         self.base_url = base_url
@@ -101,7 +102,7 @@ class ApiChat:
         if self.vllm_extras:
             extra = {"top_k": params.top_k, "min_tokens": params.min_new_tokens,
                      "repetition_penalty": params.repetition_penalty}
-            body["extra_body"] = {k: v for k, v in extra.items() if v is not None}
+            body["extra_body"] = {**self.vllm_extras, **{k: v for k, v in extra.items() if v is not None}}
         began = time.monotonic()
         first = last = None
         pieces = 0
@@ -150,9 +151,10 @@ def describe(exc: BaseException) -> str:
 
 
 def start_vllm(config_path: str, workdir: str):
-    """The teacher's vLLM server for `config_path` (as the teacher stage starts it): (server, served name)."""
+    """The teacher's vLLM server for `config_path` (as the teacher stage starts it): (server, served name,
+    the ids its answers end at)."""
     from engine.core.config import load_config
-    from engine.teacher.vllm import server_settings
+    from engine.teacher.vllm import server_settings, teacher_stop_ids
     from engine.teacher.vllm_server import VllmServer
 
     config = load_config(config_path)
@@ -162,7 +164,7 @@ def start_vllm(config_path: str, workdir: str):
     server = VllmServer(settings).start(log_dir / "vllm-chat.log")
     if not server.wait_healthy(timeout_s=config.teacher.vllm.startup_timeout_s):
         raise RuntimeError(server._failure("did not become healthy"))
-    return server, settings.served_model_name or settings.model
+    return server, settings.served_model_name or settings.model, teacher_stop_ids(config, settings.model)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,13 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     try:
         if args.vllm_config:
-            server, model = start_vllm(args.vllm_config, args.workdir)
-            base_url, api_key, extras = server.base_url, PLACEHOLDER_KEY, True
+            server, model, stops = start_vllm(args.vllm_config, args.workdir)
+            base_url, api_key, extras = server.base_url, PLACEHOLDER_KEY, {"stop_token_ids": stops}
         else:
             if not args.base_url or not args.model:
                 parser.error("give --base-url and --model, or --vllm-config")
             load_dotenv_secrets()
-            base_url, model, extras = args.base_url, args.model, False
+            base_url, model, extras = args.base_url, args.model, None
             api_key = os.environ.get("OPENAI_API_KEY") or PLACEHOLDER_KEY
         chat = ApiChat(base_url, model, api_key, extras, send)
         send(encode(chat.check(started)))

@@ -518,6 +518,9 @@ class ChatServer:
         tokens_out = TokenStream(self.channel, request.id)
         streamer = make_streamer(loaded.tokenizer, tokens_out)
         kwargs = generation_kwargs(params, max_new)
+        eos = _eos_ids(loaded)
+        if eos:
+            kwargs["eos_token_id"] = sorted(eos)  # the template's end of turn too, not only the config's EOS
         if params.seed is not None:
             torch.manual_seed(params.seed)
         try:
@@ -529,7 +532,6 @@ class ChatServer:
         end = time.perf_counter()
         tokens = int(out.shape[1]) - prompt_tokens
         stopped = job.cut
-        eos = _eos_ids(loaded)
         if stopped:
             finish = "stopped"
         elif tokens and int(out[0, -1]) in eos:
@@ -570,12 +572,10 @@ def _pad_id(loaded: Loaded):
 
 
 def _eos_ids(loaded: Loaded) -> set[int]:
-    ids = getattr(loaded.model.generation_config, "eos_token_id", None)
-    if ids is None:
-        ids = loaded.tokenizer.eos_token_id
-    if ids is None:
-        return set()
-    return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
+    """EOS and the chat template's end-of-turn token: a reply ends with its turn."""
+    from engine.models.loading import stop_token_ids
+
+    return set(stop_token_ids(loaded.tokenizer, loaded.model))
 
 
 def free_cuda_cache() -> None:

@@ -13,6 +13,7 @@ import torch
 
 from engine.core.config import CodeEvalConfig
 from engine.evals.code import chat_messages, extract_code, truncate_completion
+from engine.models.loading import stop_token_ids
 
 
 def prompt_format(tokenizer, wanted: str) -> str:
@@ -40,7 +41,8 @@ def generate_completions(model, tokenizer, problems: dict[str, dict], cfg: CodeE
     max_input = max(1, limit - cfg.max_new_tokens)
     sampled = cfg.n_samples > 1
     kwargs = {"max_new_tokens": min(cfg.max_new_tokens, limit - 1), "do_sample": sampled,
-              "num_return_sequences": cfg.n_samples, "pad_token_id": tokenizer.pad_token_id, "use_cache": True}
+              "num_return_sequences": cfg.n_samples, "pad_token_id": tokenizer.pad_token_id, "use_cache": True,
+              "eos_token_id": stop_token_ids(tokenizer, model)}  # a chat reply ends with its turn (<|im_end|>)
     if sampled:
         kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
     else:

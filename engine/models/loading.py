@@ -127,3 +127,29 @@ def load_causal_lm(name: str, key: str = "model", **kwargs: Any):
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise _hub_error(name, key, exc) from None
+
+
+TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+"""End-of-turn tokens of common chat templates (ChatML, Llama 3, Gemma, Phi-3)."""
+
+
+def stop_token_ids(tokenizer, model=None, extra_tokens: list[str] | tuple[str, ...] = ()) -> list[int]:
+    """Every token that ends a reply: the generation config's EOS (one or several), the tokenizer's EOS,
+    the end-of-turn token the chat template writes after each turn, and `extra_tokens` (TAS's
+    `additional_special_tokens`).
+
+    A model's generation config often names only `<|endoftext|>` (stable-code-instruct-3b does) while its
+    chat template ends each turn with `<|im_end|>`: a generation that stops at EOS alone runs past the end
+    of its answer into a new turn.
+    """
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += list(configured) if isinstance(configured, (list, tuple)) else ([configured] if configured is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    template = getattr(tokenizer, "chat_template", None) or ""
+    template = template if isinstance(template, str) else " ".join(str(t) for t in template)
+    wanted = [*extra_tokens, *(token for token in TURN_END_TOKENS if token in template)]
+    ids += [vocab[token] for token in wanted if token in vocab]
+    return sorted({int(i) for i in ids})

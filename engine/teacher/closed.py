@@ -59,9 +59,12 @@ BATCH_DONE = ("completed", "failed", "expired", "cancelled")
 
 
 def answer_closed(
-    ctx: StageContext, prompts: list[dict], output: TeacherOutput, system_prompt: str | None
+    ctx: StageContext, prompts: list[dict], output: TeacherOutput, system_prompt: str | None,
+    extra_body: dict[str, Any] | None = None,
 ) -> dict:
     """Answer `prompts` ({"id", "instruction", ...}) with the closed teacher, appending to `output`.
+
+    `extra_body`: server-specific request fields (our vLLM server's `stop_token_ids`), chat requests only.
 
     Returns {"answered", "failed", "prompt_tokens", "completion_tokens", "truncated", "seconds"}.
     Raises StageError for problems every prompt would hit, StageCancelled after a cancel request.
@@ -78,7 +81,7 @@ def answer_closed(
     if closed.pipeline.use_batch_api:
         _answer_by_batches(ctx, closed, endpoint, prompts, system_prompt, ledger)
     else:
-        asyncio.run(_answer_by_chat(ctx, closed, endpoint, prompts, system_prompt, ledger))
+        asyncio.run(_answer_by_chat(ctx, closed, endpoint, prompts, system_prompt, ledger, extra_body))
     summary = ledger.summary()
     ctx.events.log(
         f"closed teacher: {summary['answered']} answered, {summary['failed']} failed"
@@ -314,6 +317,7 @@ async def _answer_by_chat(
     prompts: list[dict],
     system_prompt: str | None,
     ledger: _Ledger,
+    extra_body: dict[str, Any] | None = None,
 ) -> None:
     pipeline = closed.pipeline
     gate = asyncio.Semaphore(pipeline.max_concurrency)
@@ -329,6 +333,8 @@ async def _answer_by_chat(
                     if ctx.cancel_requested:
                         return None  # not asked: stays unanswered for the next run
                     request = _chat_request(closed, system_prompt, prompt["instruction"])
+                    if extra_body:
+                        request["extra_body"] = extra_body
                     response = await client.chat.completions.create(**request)
                 if not hasattr(response, "model_dump"):  # a body that is not JSON comes back as text
                     raise _BadResponse(f"malformed response: not a chat completion: {clip(str(response), 100)!r}")

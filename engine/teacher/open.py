@@ -29,7 +29,7 @@ from engine.models.device import (
     pick_device,
     pick_dtype,
 )
-from engine.models.loading import load_causal_lm, load_tokenizer
+from engine.models.loading import load_causal_lm, load_tokenizer, stop_token_ids
 from engine.runner.context import StageContext, StageError
 from engine.teacher.output import TeacherOutput
 
@@ -57,13 +57,21 @@ def load_teacher(ctx: StageContext):
         padding_side=cfg.tokenizer.padding_side,
         trust_remote_code=cfg.model.trust_remote_code,
     )
+    # device.type auto in a single process with several GPUs visible: TAS's meaning, device_map="auto" (a
+    # teacher larger than one GPU is split over them; under torchrun each rank holds its own copy instead)
+    split = (ctx.config.device.type == "auto" and ctx.world_size == 1 and device.type == "cuda"
+             and torch.cuda.device_count() > 1)
     model = load_causal_lm(
         cfg.model.name,
         key="teacher.open.model.name",
         dtype=pick_dtype(cfg.model.bfloat16, device),
         attn_implementation=attention,
         trust_remote_code=cfg.model.trust_remote_code,
+        device_map="auto" if split else ({"": device} if device.type == "cuda" else None),
     )
+    if split:
+        ctx.events.log(f"teacher split over {torch.cuda.device_count()} GPUs (device.type: auto, device_map auto)")
+        return model.eval(), tokenizer
     return model.to(device).eval(), tokenizer
 
 
@@ -89,18 +97,6 @@ def chat_texts(tokenizer, prompts: list[dict[str, Any]], system_prompt: str | No
             tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         )
     return texts
-
-
-def stop_token_ids(tokenizer, model, extra_tokens: list[str]) -> list[int]:
-    """EOS of the model's generation config, the tokenizer's EOS, and TAS's additional_special_tokens."""
-    ids: list[int] = []
-    configured = model.generation_config.eos_token_id
-    ids += configured if isinstance(configured, list) else ([configured] if configured is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    ids += [vocab[token] for token in extra_tokens if token in vocab]
-    return sorted(set(ids))
 
 
 def generation_kwargs(ctx: StageContext, tokenizer, model) -> dict[str, Any]:
@@ -202,7 +198,7 @@ def answer_open(ctx: StageContext, prompts: list[dict[str, Any]], output: Teache
     gen_kwargs = generation_kwargs(ctx, tokenizer, model)
     texts = chat_texts(tokenizer, prompts, system_prompt, cfg.tokenizer.add_generation_prompt)
     ctx.events.log(
-        f"teacher {cfg.model.name} on {model.device} ({model.dtype}); {len(prompts)} prompts, "
+        f"{cfg.model.name} on {model.device} ({model.dtype}); {len(prompts)} prompts, "
         f"batch {cfg.pipeline.batch_size}, max_new_tokens {cfg.pipeline.max_new_tokens}, "
         f"KV cache {'on' if cfg.pipeline.use_cache else 'off'}"
     )

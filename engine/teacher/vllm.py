@@ -104,6 +104,18 @@ def placeholder_api_key() -> Iterator[None]:
             os.environ["OPENAI_API_KEY"] = before
 
 
+def teacher_stop_ids(config: TASConfig, model_path: str) -> list[int]:
+    """The ids the teacher's answers end at, as the HF path stops (engine.models.loading.stop_token_ids).
+
+    vLLM stops at the tokenizer's and generation config's EOS only, and matches `stop` strings against text
+    that has its special tokens removed: `<|im_end|>` is only seen as an id (vLLM's `stop_token_ids`)."""
+    from engine.models.loading import load_tokenizer, stop_token_ids
+
+    tokenizer = load_tokenizer(model_path, key="teacher.open.model.name",
+                               trust_remote_code=config.teacher.open.model.trust_remote_code)
+    return stop_token_ids(tokenizer, None, config.teacher.open.tokenizer.additional_special_tokens)
+
+
 def answer_vllm(ctx: StageContext, prompts: list[dict], output: TeacherOutput, system_prompt: str | None) -> dict:
     """Answer `prompts` with the open teacher served by vLLM; returns answer_closed's summary.
 
@@ -139,8 +151,11 @@ def answer_vllm(ctx: StageContext, prompts: list[dict], output: TeacherOutput, s
             ctx.stage, ctx.run, closed_config(config, server.base_url), ctx.events,
             ctx.rank, ctx.world_size, ctx.cancel_event,
         )
+        stops = teacher_stop_ids(config, settings.model)
+        ctx.events.log(f"answers end at token ids {stops} (EOS, the chat template's end of turn, "
+                       "teacher.open.tokenizer.additional_special_tokens)")
         with placeholder_api_key():
-            return answer_closed(vllm_ctx, prompts, output, system_prompt)
+            return answer_closed(vllm_ctx, prompts, output, system_prompt, extra_body={"stop_token_ids": stops})
     finally:
         if server.process is not None:
             server.stop(grace_s=stop_grace_s)
