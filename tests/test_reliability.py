@@ -217,7 +217,9 @@ def test_missing_model_path_names_the_config_key(project: Path):
     assert status["error"] == "teacher.open.model.name: ./models/not-there: no such model folder"
 
 
-def test_out_of_memory_names_the_batch_size(project: Path, monkeypatch):
+def test_out_of_memory_that_no_batch_size_fixes_names_what_to_lower(project: Path, monkeypatch):
+    """The teacher halves its batch on out-of-memory (tests/test_teacher_open.py); when even one prompt does
+    not fit, the stage fails naming max_new_tokens, after logging each halving."""
     import torch
 
     _, run = tiny_run(project, **{"data.limit": 8})
@@ -228,8 +230,10 @@ def test_out_of_memory_names_the_batch_size(project: Path, monkeypatch):
     monkeypatch.setattr("transformers.generation.utils.GenerationMixin.generate", oom)
     status = run_teacher_in_process(run)
     assert status["state"] == "failed"
-    assert "out of memory" in status["error"] and "teacher.open.pipeline.batch_size=32" in status["error"]
-    assert "lower batch_size" in status["error"]
+    assert "out of memory" in status["error"] and "single prompt" in status["error"]
+    assert "teacher.open.pipeline.max_new_tokens=" in status["error"]
+    logs = [e["msg"] for e in read_events(run.stage_dir("teacher") / "events.jsonl") if e["kind"] == "log"]
+    assert any("going on with batches of 1" in m for m in logs), logs
 
 
 def test_openai_auth_failure_is_named(project: Path, monkeypatch):
