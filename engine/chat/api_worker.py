@@ -41,10 +41,9 @@ from engine.chat.protocol import (
     encode_token,
     parse_request,
 )
+from engine.chat.worker import EXIT_BAD_MODEL  # the same exit code as the local worker's
 from engine.core.secrets import load_dotenv_secrets, redact
-
-EXIT_BAD_MODEL = 2
-PLACEHOLDER_KEY = "EMPTY"  # our own vLLM server checks no key; the client library insists on one
+from engine.teacher.vllm import PLACEHOLDER_KEY  # our own vLLM server checks no key; the client insists on one
 
 
 def where(base_url: str) -> str:
@@ -162,8 +161,11 @@ def start_vllm(config_path: str, workdir: str):
     log_dir = Path(workdir) / ".chats"
     log_dir.mkdir(parents=True, exist_ok=True)
     server = VllmServer(settings).start(log_dir / "vllm-chat.log")
-    if not server.wait_healthy(timeout_s=config.teacher.vllm.startup_timeout_s):
-        raise RuntimeError(server._failure("did not become healthy"))
+    try:
+        server.wait_healthy(timeout_s=config.teacher.vllm.startup_timeout_s)  # VllmError quotes the server's log
+    except BaseException:
+        server.stop()  # a server that never became healthy is not left behind
+        raise
     return server, settings.served_model_name or settings.model, teacher_stop_ids(config, settings.model)
 
 
