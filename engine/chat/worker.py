@@ -171,6 +171,7 @@ class Loaded:
     context: int | None
     template: str  # "chat" (the tokenizer's own) or "fallback" (plain role: text transcript)
     load_s: float
+    eos_ids: list[int] = field(default_factory=list)  # EOS + the chat template's end of turn: a reply ends with its turn
 
     def ready(self, request_id: str | None = None) -> ReadyReply:
         return ReadyReply(
@@ -217,7 +218,7 @@ def load_model(name: str, adapter: str | None, device_name: str, key: str = MODE
     with several GPUs visible, `device_map="auto"` (TAS's meaning): a model larger than one GPU is split
     over them, a small one lands on the first. `load_in_4bit`: bitsandbytes NF4, the way QLoRA trained the
     assistant (a 7B model in ~5 GB)."""
-    from engine.models.loading import ModelNotFound, check_hub_model, is_hub_id, resolve_model_path
+    from engine.models.loading import ModelNotFound, check_hub_model, is_hub_id, resolve_model_path, stop_token_ids
 
     start = time.perf_counter()
     adapter_path = None
@@ -270,7 +271,7 @@ def load_model(name: str, adapter: str | None, device_name: str, key: str = MODE
     context = getattr(config, "max_position_embeddings", None)
     template = "chat" if getattr(tokenizer, "chat_template", None) else "fallback"
     return Loaded(model, tokenizer, name, str(adapter_path) if adapter_path else None, device, context, template,
-                  time.perf_counter() - start)
+                  time.perf_counter() - start, stop_token_ids(tokenizer, model))
 
 
 def render_prompt(loaded: Loaded, messages: list[dict[str, str]]):
@@ -518,9 +519,9 @@ class ChatServer:
         tokens_out = TokenStream(self.channel, request.id)
         streamer = make_streamer(loaded.tokenizer, tokens_out)
         kwargs = generation_kwargs(params, max_new)
-        eos = _eos_ids(loaded)
+        eos = loaded.eos_ids
         if eos:
-            kwargs["eos_token_id"] = sorted(eos)  # the template's end of turn too, not only the config's EOS
+            kwargs["eos_token_id"] = eos  # the template's end of turn too, not only the config's EOS
         if params.seed is not None:
             torch.manual_seed(params.seed)
         try:
@@ -571,11 +572,6 @@ def _pad_id(loaded: Loaded):
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
-def _eos_ids(loaded: Loaded) -> set[int]:
-    """EOS and the chat template's end-of-turn token: a reply ends with its turn."""
-    from engine.models.loading import stop_token_ids
-
-    return set(stop_token_ids(loaded.tokenizer, loaded.model))
 
 
 def free_cuda_cache() -> None:
