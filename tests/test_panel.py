@@ -307,14 +307,6 @@ async def test_quit_without_unsaved_edits_quits_at_once(project: Path, edited_th
 
 def write_finished_run(root: Path) -> None:
     """A run with fixed timestamps and metrics, so snapshots do not depend on the clock."""
-    store = RunStore(root)
-    run = store.create(load_config(TINY_CONFIG), "configs/tiny.yaml")
-    fixed = run.path.with_name("20261125-080000-tiny")
-    run.path.rename(fixed)
-    meta = json.loads((fixed / "run.json").read_text())
-    meta.update(id=fixed.name, created=1795600000.0)
-    (fixed / "run.json").write_text(json.dumps(meta))
-    ts = 1795600000.0
     streams = {
         "data": [{"kind": "status", "state": "running"}, {"kind": "progress", "done": 320, "total": 320, "unit": "records"},
                  {"kind": "metric", "name": "prompts", "value": 315, "step": None}, {"kind": "status", "state": "done"}],
@@ -326,12 +318,7 @@ def write_finished_run(root: Path) -> None:
         + [{"kind": "progress", "done": 20, "total": 36, "unit": "steps"},
            {"kind": "status", "state": "failed", "error": "out of memory at train.sft.per_device_train_batch_size=8; lower it"}],
     }
-    for stage, events in streams.items():
-        (fixed / stage).mkdir()
-        with open(fixed / stage / "events.jsonl", "w") as f:
-            for i, event in enumerate(events):
-                f.write(json.dumps({"ts": ts + i, **event}) + "\n")
-        ts += 100
+    write_run(root, "20261125-080000-tiny", streams, created=1795600000.0)
 
 
 async def test_stages_reads_the_store_one_read_at_a_time(project: Path, monkeypatch: pytest.MonkeyPatch):
@@ -392,15 +379,17 @@ KEPT = "kept 160 prompts of 320 records (320 read, 5 over the word limit, 155 ov
 NOW = 1795640000.0  # the clock of the snapshots below (elapsed times and ETAs are read against it)
 
 
-def write_run(root: Path, run_id: str, streams: dict[str, list[dict]], name: str = "", live: str | None = None) -> None:
-    """A run `run_id` with these events (timestamps given, or one second apart from the id's time); `live`:
-    that stage's worker and the run's supervisor are this very process, so the stage is running."""
+def write_run(root: Path, run_id: str, streams: dict[str, list[dict]], name: str = "", live: str | None = None,
+              created: float | None = None) -> None:
+    """A run `run_id` with these events (one second apart, stages 100 s apart, from `created`, default the id's
+    time); `live`: that stage's worker and the run's supervisor are this very process, so the stage is running."""
     import calendar
     import os
 
     from engine.core.runs import ProcessRecord
 
-    created = float(calendar.timegm(time.strptime(run_id[:15], "%Y%m%d-%H%M%S")))
+    if created is None:
+        created = float(calendar.timegm(time.strptime(run_id[:15], "%Y%m%d-%H%M%S")))
     run = RunStore(root).create(load_config(TINY_CONFIG), "configs/tiny.yaml", name=name)
     fixed = run.path.with_name(run_id)
     run.path.rename(fixed)
