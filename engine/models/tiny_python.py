@@ -237,7 +237,7 @@ def write_prompts_asset(path: str | Path) -> Path:
     """Write the `prompts` split as the data stage's shipped set `tiny:tiny-python` (JSONL, key "instruction").
 
     The committed file engine/assets/prompts/tiny_python_prompts.jsonl is this function's output; a test keeps
-    the two equal. Regenerate with `python -m engine.evals.tiny_python --write-prompts PATH`."""
+    the two equal. Regenerate with `python -m engine.models.tiny_python --write-prompts PATH`."""
     path = Path(path)
     lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in prompt_records("prompts")]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -246,7 +246,7 @@ def write_prompts_asset(path: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.evals.tiny_python", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.models.tiny_python", description=__doc__.split("\n")[0])
     parser.add_argument("--write-prompts", type=Path, metavar="PATH", required=True,
                         help="write the prompts split as a JSONL prompt set ({instruction, task_id} a line)")
     args = parser.parse_args(argv)
