@@ -26,6 +26,12 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("tiny-cache")
     os.environ["TAS_TINY_CACHE"] = str(cache)
     os.environ.pop("TAS_RUNS_DIR", None)
+    # Built here, once, before any test: the build pretrains the models (about 4 minutes on 2 cores), and a
+    # worker that met an empty cache would spend that time inside a test's timeout.
+    from engine.models import tiny
+
+    for name in tiny.TINY_SPECS:
+        tiny.resolve(f"tiny:{name}")
     return cache
 
 

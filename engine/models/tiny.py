@@ -12,8 +12,10 @@ EOS is `<|endoftext|>` (generation config `eos_token_id: 0`), while a chat turn 
 config's `teacher.open.tokenizer.additional_special_tokens` is what stops an answer there. So the teacher
 only hands *text* to the assistant, across two tokenizers, templates and stop tokens, as in a real run.
 
-On first use each tokenizer is trained on the shipped prompt set + code corpus (BPE training is
-deterministic) and each model is initialised from a fixed seed, then saved like any Hugging Face checkpoint
+On first use each tokenizer is trained on the shipped prompt set + code corpus + tiny-python's pretrain
+split (BPE training is deterministic), each model is initialised from a fixed seed and pretrained on that
+split (`build_pretrained`, engine.models.tiny_pretrain: the teacher learns to code, the assistant and the
+student become base code models; about 4 minutes in all on 2 cores), then saved like any Hugging Face checkpoint
 under the cache folder (`TAS_TINY_CACHE`, default `~/.cache/tas-panel/tiny`). After that, every stage loads
 them with `from_pretrained` exactly as it loads a real model from the hub, so the tiny profile exercises the
 real code path.
@@ -41,7 +43,7 @@ from pathlib import Path
 
 from engine.models.shipped import SHIPPED_DATASETS, TOKENIZER_CORPUS, is_tiny, tiny_name
 
-TINY_VERSION = "v4"  # bump when the recipe changes: old caches are then rebuilt, never reused
+TINY_VERSION = "v5"  # bump when the recipe changes: old caches are then rebuilt, never reused
 TOKENIZER_VOCAB = 2048  # the assistant's and student's tokenizer
 TEACHER_VOCAB = 1536  # the teacher's own: smaller, as stable-code's 50k is next to Qwen2.5's 151k
 SEED = 1234
@@ -65,6 +67,14 @@ TINY_SPECS: dict[str, dict[str, int]] = {
     "student": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
 }
 MAX_POSITIONS = 1024
+
+# How each tiny model is pretrained on tiny-python's `pretrain` split when the cache is built (see
+# build_pretrained). Fixed step counts, never a time budget, so that a build is reproducible.
+PRETRAIN: dict[str, dict] = {
+    "teacher": dict(steps=850, batch_size=16, learning_rate=2e-3),
+    "assistant": dict(steps=300, batch_size=16, learning_rate=2e-3),
+    "student": dict(steps=1000, batch_size=16, learning_rate=2e-3),
+}
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -161,8 +171,11 @@ def _publish(target: Path, write) -> None:
 
 
 def training_texts() -> list[str]:
-    """What the tokenizer learns from: the shipped prompts and the shipped Python code corpus."""
-    texts = []
+    """What the tokenizer learns from: the shipped prompts, the shipped Python code corpus and tiny-python's
+    pretraining pairs (never its held-out problems)."""
+    from engine.models.tiny_python import pretraining_pairs
+
+    texts = [text for pair in pretraining_pairs() for text in pair]
     for path in SHIPPED_DATASETS.values():
         with open(path, encoding="utf-8") as f:
             texts += [json.loads(line)["instruction"] for line in f if line.strip()]
@@ -319,6 +332,33 @@ def build_model(key: str, tokenizer):
     return model
 
 
+def build_pretrained(key: str, tokenizer, steps: int | None = None):
+    """`build_model`, then pretrained on tiny-python's `pretrain` split (engine.models.tiny_pretrain): the
+    teacher as an instruction-tuned model (its chat template, loss on the answers), the assistant and the
+    student as *base* code models (source files and Markdown snippets, never a chat turn). `steps` overrides
+    PRETRAIN's count (tests build short, otherwise identical, recipes). Deterministic for a seed."""
+    from engine.models import tiny_pretrain
+    from engine.models.tiny_python import pretraining_pairs
+
+    model = build_model(key, tokenizer)
+    recipe = dict(PRETRAIN[key])
+    if steps is not None:
+        recipe["steps"] = steps
+    pairs = pretraining_pairs()
+    if key == "teacher":
+        examples = tiny_pretrain.chat_examples(tokenizer, pairs, SEED)
+    else:
+        examples = tiny_pretrain.plain_examples(tokenizer, pairs)
+
+    def report(step: int, loss: float) -> None:
+        if step % 50 == 0 or step == recipe["steps"] - 1:  # the build takes minutes: show it is moving
+            print(f"tiny:{key}: pretraining step {step + 1}/{recipe['steps']}, loss {loss:.3f}", file=sys.stderr,
+                  flush=True)
+
+    tiny_pretrain.pretrain(model, tokenizer, examples, seed=SEED, on_step=report, **recipe)
+    return model
+
+
 def _save_model(key: str, tokenizer_dir: Path | None, out: Path) -> None:
     """The model and its tokenizer into `out`; the teacher's tokenizer is trained here (`tokenizer_dir`
     None), saved first and reloaded, so the model is sized by the tokenizer every stage will load."""
@@ -328,5 +368,5 @@ def _save_model(key: str, tokenizer_dir: Path | None, out: Path) -> None:
         build_teacher_tokenizer().save_pretrained(out)
         tokenizer_dir = out
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    build_model(key, tokenizer).save_pretrained(out)
+    build_pretrained(key, tokenizer).save_pretrained(out)
     tokenizer.save_pretrained(out)
