@@ -47,7 +47,7 @@ def compare_runs(runs: list[Run]) -> Comparison:
 
 
 def _model_order(name: str) -> tuple[int, str]:
-    order = ("teacher", "assistant", "student_kd", "student_ce")
+    order = ("teacher", "assistant_base", "assistant", "student_kd", "student_ce")
     return (order.index(name) if name in order else len(order), name)
 
 

@@ -411,6 +411,9 @@ class CodeEvalConfig(Section):
 class EvalConfig(Section):
     batch_size: int = Field(8, gt=0, description="Examples per forward pass when scoring held-out answers.")
     max_examples: int | None = Field(None, gt=0, description="Score at most this many held-out answers.")
+    include_base_assistant: bool = Field(
+        True, description="Also score the assistant before SFT (its base model), to show what fine-tuning changed."
+    )
     code: CodeEvalConfig = Field(default_factory=CodeEvalConfig,
                                  description="Can the models code? (HumanEval or tiny-python)")
 

@@ -2,8 +2,9 @@
 are to the assistant they were distilled from.
 
 The held-out answers are the `train.sft.dataset` split that neither `sft` nor `distill` trained on.
-For each model that exists (the fine-tuned assistant, the KD student in `train.distillation.output_dir`,
-the CE-only control in `<output_dir>_ce`), over answer tokens only:
+For each model that exists (the fine-tuned assistant, the base assistant before SFT when
+`eval.include_base_assistant`, the KD student in `train.distillation.output_dir`, the CE-only control in
+`<output_dir>_ce`), over answer tokens only:
 
 * loss: mean cross-entropy per answer token, and perplexity = exp(loss);
 * kl_to_assistant: mean KL(assistant ‖ model) per answer token at temperature 1 (0 for the assistant).
@@ -93,13 +94,21 @@ def run(ctx: StageContext) -> None:
 
     results: dict[str, Any] = {}
     student_dtype = pick_dtype(config.train.distillation.bf16, device)  # as the students were trained
-    candidates = {"assistant": None, **students(ctx)}
+    candidates: dict[str, Path | str | None] = {"assistant": None}
+    if config.eval.include_base_assistant and (Path(config.train.sft.save_path) / "adapter_config.json").exists():
+        candidates["assistant_base"] = "base"  # the assistant before SFT: what the fine-tuning changed
+    candidates.update(students(ctx))
     problems = code_problems(ctx)
     for done, (name, path) in enumerate(candidates.items()):
         started = time.perf_counter()
-        model = assistant if path is None else load_causal_lm(str(path), key=name, dtype=student_dtype).to(device).eval()
+        if path is None:
+            model = assistant
+        elif path == "base":
+            model, _ = load_tuned_assistant(ctx, device, with_adapter=False)
+        else:
+            model = load_causal_lm(str(path), key=name, dtype=student_dtype).to(device).eval()
         results[name] = score(ctx, model, assistant, batches, vocab)
-        results[name]["path"] = str(path) if path else config.train.sft.save_path
+        results[name]["path"] = {None: config.train.sft.save_path, "base": config.assistant.model.name}.get(path, str(path))
         results[name]["seconds"] = round(time.perf_counter() - started, 2)
         for metric in ("loss", "perplexity", "kl_to_assistant"):
             ctx.events.metric(f"{name}/{metric}", results[name][metric])
@@ -108,7 +117,7 @@ def run(ctx: StageContext) -> None:
         if problems:
             results[name].update(code_eval(ctx, name, model, tokenizer, problems, system))
         ctx.events.progress(done + 1, len(candidates), "models")
-        if path is not None:
+        if model is not assistant:
             del model
     teacher_name = config.teacher.open.model.name
     if problems and config.eval.code.include_teacher and config.teacher.source == "open":
@@ -120,6 +129,8 @@ def run(ctx: StageContext) -> None:
                                                                    ctx.system_prompt("Teacher"))}, **results}
         del teacher
     ctx.events.memory(peak_memory())
+    order = ("teacher", "assistant_base", "assistant", "student_kd", "student_ce")  # as the pipeline runs
+    results = {name: results[name] for name in sorted(results, key=lambda n: order.index(n) if n in order else len(order))}
 
     report = {"examples": len(examples), "split": {"seed": split.seed, "test_size": split.test_size},
               "models": results, "created": time.time()}

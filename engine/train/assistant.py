@@ -31,8 +31,10 @@ def quantization_config(config: TASConfig):
     )
 
 
-def load_tuned_assistant(ctx: StageContext, device: torch.device):
-    """The assistant with its SFT adapter, frozen, in eval mode; plus its tokenizer."""
+def load_tuned_assistant(ctx: StageContext, device: torch.device, *, with_adapter: bool = True):
+    """The assistant with its SFT adapter, frozen, in eval mode; plus its tokenizer.
+
+    `with_adapter=False` gives the base assistant as `sft` started from (eval's "before SFT" row)."""
     config = ctx.config
     name = config.assistant.model.name
     quant = quantization_config(config)
@@ -44,12 +46,12 @@ def load_tuned_assistant(ctx: StageContext, device: torch.device):
         device_map={"": device} if quant else None,
     )
     adapter = Path(config.train.sft.save_path)
-    if (adapter / "adapter_config.json").exists():
+    if with_adapter and (adapter / "adapter_config.json").exists():
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter).get_base_model()  # LoRA layers stay injected
         ctx.events.log(f"KD teacher: {name} + SFT adapter {adapter}")
-    else:
+    elif with_adapter:
         ctx.events.log(f"no SFT adapter in {adapter} (train.sft.save_path): distilling from the base assistant",
                        level="warning")
     if not quant:

@@ -662,7 +662,8 @@ def _shown_path(path: Path) -> str:
         return str(path)
 
 
-EVAL_LABELS = {"teacher": "teacher", "assistant": "assistant", "student_kd": "KD student", "student_ce": "CE student"}
+EVAL_LABELS = {"teacher": "teacher", "assistant_base": "base asst.", "assistant": "assistant",
+               "student_kd": "KD student", "student_ce": "CE student"}
 
 
 def _cell(numbers: dict, key: str, width: int, spec: str) -> str:
