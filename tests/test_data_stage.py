@@ -11,6 +11,7 @@ import pytest
 from engine.core.config import load_config
 from engine.core.events import read_events
 from engine.core.fsio import FileWriteError
+from engine.models.tiny_python import problems
 from engine.runner.context import StageError
 from engine.stages import data
 
@@ -44,7 +45,8 @@ def test_shipped_prompt_set(tiny_config, project: Path):
     ctx = make_context(tiny_config, "data", project)
     data.run(ctx)
     prompts = _prompts(tiny_config)
-    assert len(prompts) == tiny_config.data.limit == 160  # 315 pass the word filter; the profile keeps 160
+    assert tiny_config.data.limit is None  # the profile keeps every prompt of tiny-python's prompts split
+    assert sorted(p["instruction"] for p in prompts) == sorted(p["instruction"] for p in problems("prompts").values())
     assert all(p["words"] <= tiny_config.teacher.base.prompt_length for p in prompts)
     assert len({p["id"] for p in prompts}) == len(prompts)
     assert len({data.normalise(p["instruction"]) for p in prompts}) == len(prompts)

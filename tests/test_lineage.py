@@ -93,7 +93,7 @@ def test_reuse_works_when_fingerprints_match_and_is_refused_otherwise(project: P
     assert len(train) + len(held_out) == 8
 
     other = new_run(project, "other", **{"teacher.open.pipeline.temperature": 0.1})
-    with pytest.raises(ReuseRefused, match=r"teacher\.open\.pipeline\.temperature: 0\.8 vs 0\.1"):
+    with pytest.raises(ReuseRefused, match=r"teacher\.open\.pipeline\.temperature: 0\.3 vs 0\.1"):
         reuse_teacher(other.config(), other.path, other.workdir, source.config(), source.path, source.id)
     never_ran = new_run(project, "never")
     with pytest.raises(ReuseRefused, match="never ran"):

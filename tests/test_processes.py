@@ -39,7 +39,7 @@ def test_tas_run_data_on_the_tiny_profile(project: Path):
     assert "✓ done" in result.stdout
     run = RunStore(project / "runs").get("last")
     prompts = Path(run.config().data.output_path).read_text().splitlines()  # where the run keeps it
-    assert len(prompts) == 160 and all(json.loads(p)["id"] for p in prompts)
+    assert len(prompts) == 348 and all(json.loads(p)["id"] for p in prompts)  # tiny-python's prompts split
     events = stage_events(project)
     assert events[0]["kind"] == "status" and events[0]["state"] == "running"
     assert events[-1]["kind"] == "status" and events[-1]["state"] == "done"

@@ -249,17 +249,17 @@ def test_config_accepts_tiny_python_and_existing_configs_still_load():
     assert CodeEvalConfig().benchmark == "humaneval"
     with pytest.raises(ValueError):
         CodeEvalConfig(benchmark="tinypython")
-    for name in ("tiny.yaml", "config.yaml"):
-        assert load_config(DATA / name).eval.code.benchmark == "humaneval"
+    assert load_config(DATA / "config.yaml").eval.code.benchmark == "humaneval"
+    assert load_config(DATA / "tiny.yaml").eval.code.benchmark == "tiny-python"  # the tiny profile scores it
 
 
 def test_config_file_with_tiny_python(tmp_path):
     raw = (DATA / "tiny.yaml").read_text()
-    assert raw.count('benchmark: "humaneval"') == 1
+    assert raw.count('benchmark: "tiny-python"') == 1
     config = tmp_path / "tiny.yaml"
-    config.write_text(raw.replace('benchmark: "humaneval"', 'benchmark: "tiny-python"'))
-    assert load_config(config).eval.code.benchmark == "tiny-python"
-    config.write_text(raw.replace('benchmark: "humaneval"', 'benchmark: "tiny_python"'))
+    config.write_text(raw.replace('benchmark: "tiny-python"', 'benchmark: "humaneval"'))
+    assert load_config(config).eval.code.benchmark == "humaneval"
+    config.write_text(raw.replace('benchmark: "tiny-python"', 'benchmark: "tiny_python"'))
     with pytest.raises(ConfigError, match="benchmark"):
         load_config(config)
 
