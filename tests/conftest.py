@@ -22,8 +22,11 @@ __all__ = ["DATA", "ROOT", "make_context"]  # ROOT and make_context: older impor
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every test (and every worker it spawns) builds tiny models into one session cache."""
-    cache = tmp_path_factory.mktemp("tiny-cache")
+    """Every test (and every worker it spawns) uses one tiny cache: a fresh one per session, unless
+    TAS_TEST_TINY_CACHE names one to reuse."""
+    # TAS_TEST_TINY_CACHE=DIR reuses a cache across sessions (a developer's quick runs: the build takes
+    # minutes); builds are deterministic, versioned and published atomically, so sharing one is safe
+    cache = Path(os.environ.get("TAS_TEST_TINY_CACHE") or tmp_path_factory.mktemp("tiny-cache"))
     os.environ["TAS_TINY_CACHE"] = str(cache)
     os.environ.pop("TAS_RUNS_DIR", None)
     # Built here, once, before any test: the build pretrains the models (about 4 minutes on 2 cores), and a
