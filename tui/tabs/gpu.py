@@ -149,6 +149,9 @@ class GpuCard(Vertical):
             yield HistorySparkline(100.0, classes="-util")
 
     def show(self, gpu: GpuInfo, memory: list, utilization: list) -> None:
+        if not self.query(".gpu-title"):
+            # mounted but not composed yet (seen on a loaded machine): the next sample fills the card
+            return
         title = Text(f"GPU {gpu.index} · {gpu.name}")
         self.query_one(".gpu-title", Static).update(title)
         temp = gpu.temperature_c
