@@ -47,11 +47,10 @@ def _distill_with_shuffled_teacher(run, project: Path, monkeypatch: pytest.Monke
     import torch
 
     from engine.core.events import EventWriter
-    from engine.evals.code import load_problems, score_completions
-    from engine.evals.generate import generate_completions
     from engine.models.loading import load_causal_lm, load_tokenizer
     from engine.runner.context import StageContext
     from engine.stages import distill
+    from engine.stages import eval as eval_stage
     from engine.train import kd_trainer
 
     real_loss = kd_trainer.chunked_kd_loss
@@ -73,7 +72,6 @@ def _distill_with_shuffled_teacher(run, project: Path, monkeypatch: pytest.Monke
 
     student = load_causal_lm(config.train.distillation.output_dir, key="broken").eval()
     tokenizer = load_tokenizer(config.assistant.model.name, key="assistant.model.name")
-    problems = load_problems("tiny-python", None)
-    records = generate_completions(student, tokenizer, problems, config.eval.code, ctx.system_prompt("Assistant"))
-    _, summary = score_completions(records, problems, workers=2)
-    return summary["pass@1"]
+    figures = eval_stage.code_eval(ctx, "student_broken", student, tokenizer, eval_stage.code_problems(ctx),
+                                   ctx.system_prompt("Assistant"))  # as the eval stage scores the others
+    return figures["pass@1"]

@@ -94,9 +94,10 @@ def run(ctx: StageContext) -> None:
 
     results: dict[str, Any] = {}
     student_dtype = pick_dtype(config.train.distillation.bf16, device)  # as the students were trained
-    candidates: dict[str, Path | str | None] = {"assistant": None}
+    candidates: dict[str, Path | str | None] = {}  # in pipeline order: the report lists them so
     if config.eval.include_base_assistant and (Path(config.train.sft.save_path) / "adapter_config.json").exists():
         candidates["assistant_base"] = "base"  # the assistant before SFT: what the fine-tuning changed
+    candidates["assistant"] = None
     candidates.update(students(ctx))
     problems = code_problems(ctx)
     for done, (name, path) in enumerate(candidates.items()):
@@ -129,8 +130,6 @@ def run(ctx: StageContext) -> None:
                                                                    ctx.system_prompt("Teacher"))}, **results}
         del teacher
     ctx.events.memory(peak_memory())
-    order = ("teacher", "assistant_base", "assistant", "student_kd", "student_ce")  # as the pipeline runs
-    results = {name: results[name] for name in sorted(results, key=lambda n: order.index(n) if n in order else len(order))}
 
     report = {"examples": len(examples), "split": {"seed": split.seed, "test_size": split.test_size},
               "models": results, "created": time.time()}
