@@ -1,14 +1,13 @@
-"""The offline tiny profile end to end: how long the tiny cache takes to build (each model's pretraining)
-and the pipeline to run, and what the eval report says (pass@1 of the teacher, the assistant before and
-after SFT, the KD student and the CE-only control on tiny-python's 87 held-out problems). Prints one JSON
-object.
+"""The offline tiny profile end to end: how long the pipeline takes on the shipped tiny models and what
+the eval report says (pass@1 of the teacher, the assistant before and after SFT, the KD student and the
+CE-only control on tiny-python's 87 held-out problems); with --build, also how long the tiny models take to
+build (each model's pretraining, `python -m engine.models.tiny build`). Prints one JSON object.
 
-    python bench/tiny_profile.py [--cache DIR] [--keep]
+    python bench/tiny_profile.py [--build] [--keep]
 
-Builds into a fresh temporary cache (or --cache DIR: an existing build is then reused and its build
-times are reported as 0) and runs `tas run all --config configs/tiny.yaml` in a temporary project made
-of this checkout's configs/tiny.yaml and prompt.yaml. The load average is printed alongside: on a shared
-machine it explains a slow figure.
+Runs `tas run all --config configs/tiny.yaml` in a temporary project made of this checkout's
+configs/tiny.yaml and prompt.yaml (always on the shipped models; --build builds into a temporary folder, to
+time it). The load average is printed alongside: on a shared machine it explains a slow figure.
 """
 
 from __future__ import annotations
@@ -27,15 +26,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def build_cache(cache: Path) -> dict[str, float]:
-    """Seconds to build each tiny model (a separate process, as a worker builds it on first use)."""
+def build_models(into: Path) -> dict[str, float]:
+    """Seconds to build each tiny model, as the build command reports them."""
+    done = subprocess.run([sys.executable, "-m", "engine.models.tiny", "build", "--into", str(into)], cwd=ROOT,
+                          check=True, capture_output=True, text=True)
     times = {}
-    for name in ("teacher", "assistant", "student"):  # the assistant's build includes the shared tokenizer
-        began = time.perf_counter()
-        subprocess.run([sys.executable, "-c", f"from engine.models import tiny; tiny.resolve('tiny:{name}')"],
-                       cwd=ROOT, env={**os.environ, "TAS_TINY_CACHE": str(cache)}, check=True,
-                       stderr=subprocess.DEVNULL)
-        times[name] = round(time.perf_counter() - began, 1)
+    for line in done.stderr.splitlines():  # "tiny:teacher: built in 312s -> …"
+        if ": built in " in line:
+            name, rest = line.split(": built in ", 1)
+            times[name] = float(rest.split("s", 1)[0])
     return times
 
 
@@ -51,20 +50,19 @@ def stage_seconds(run_dir: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, help="tiny cache folder (default: a fresh temporary one)")
+    parser.add_argument("--build", action="store_true", help="build the tiny models first and run on those")
     parser.add_argument("--keep", action="store_true", help="keep the temporary project (its path is printed)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="tas-tiny-bench-"))
-    cache = args.cache or work / "cache"
-    build = build_cache(cache)
+    build = build_models(work / "built") if args.build else None
     project = work / "project"
     (project / "configs").mkdir(parents=True)
     shutil.copy(ROOT / "configs" / "tiny.yaml", project / "configs" / "tiny.yaml")
     shutil.copy(ROOT / "prompt.yaml", project / "prompt.yaml")
     began = time.perf_counter()
     subprocess.run([sys.executable, "-m", "engine.cli.main", "run", "all", "--config", "configs/tiny.yaml"],
-                   cwd=project, env={**os.environ, "TAS_TINY_CACHE": str(cache)}, check=True,
+                   cwd=project, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pipeline = round(time.perf_counter() - began, 1)
     run_dir = sorted((project / "runs").iterdir())[-1]

@@ -1,4 +1,4 @@
-"""Shared fixtures. Tiny models are built once per session into a temporary cache.
+"""Shared fixtures. Tests use the shipped tiny models; nothing builds them unless a test asks.
 
 Tests never read the checkout's user-editable `config.yaml`, `configs/tiny.yaml` or `prompt.yaml`: the
 `project` fixture lays out pristine copies from `tests/data/`. Plain helpers live in `tests/helpers.py`.
@@ -22,19 +22,11 @@ __all__ = ["DATA", "ROOT", "make_context"]  # ROOT and make_context: older impor
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every test (and every worker it spawns) uses one tiny cache: a fresh one per session, unless
-    TAS_TEST_TINY_CACHE names one to reuse."""
-    # TAS_TEST_TINY_CACHE=DIR reuses a cache across sessions (a developer's quick runs: the build takes
-    # minutes); builds are deterministic, versioned and published atomically, so sharing one is safe
-    cache = Path(os.environ.get("TAS_TEST_TINY_CACHE") or tmp_path_factory.mktemp("tiny-cache"))
+    """An empty tiny cache for the session (and every worker it spawns), never the user's: tests load the
+    shipped tiny models (engine/assets/tiny), and the few that build one build it here, on a short recipe."""
+    cache = tmp_path_factory.mktemp("tiny-cache")
     os.environ["TAS_TINY_CACHE"] = str(cache)
     os.environ.pop("TAS_RUNS_DIR", None)
-    # Built here, once, before any test: the build pretrains the models (about 4 minutes on 2 cores), and a
-    # worker that met an empty cache would spend that time inside a test's timeout.
-    from engine.models import tiny
-
-    for name in tiny.TINY_SPECS:
-        tiny.resolve(f"tiny:{name}")
     return cache
 
 

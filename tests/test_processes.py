@@ -95,6 +95,27 @@ def test_worker_env_turns_progress_bars_off_unless_the_user_asks(monkeypatch: py
     assert env["TQDM_DISABLE"] == "" and env["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
 
 
+def test_worker_env_makes_the_tiny_profile_repeatable_whatever_the_users_env(monkeypatch: pytest.MonkeyPatch):
+    """device.cpu_threads and device.cpu_isa: avx2 (the tiny profile) fix the threads and cap every CPU math
+    library at AVX2, over the user's own settings: measured here, the KD student's pass@1 moved by a problem
+    when only MKL/oneDNN kept AVX-512. Unset (the root config), the user's environment stays as it is."""
+    import platform
+
+    from engine.core.config import load_config as load
+    from engine.runner.supervisor import worker_env
+    from tests.helpers import PROJECT_CONFIG, TINY_CONFIG
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    env = worker_env(load(TINY_CONFIG))
+    assert env["OMP_NUM_THREADS"] == "2"
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert (env["ATEN_CPU_CAPABILITY"], env["MKL_CBWR"], env["ONEDNN_MAX_CPU_ISA"]) == ("avx2", "AVX2", "AVX2")
+    env = worker_env(load(PROJECT_CONFIG))
+    assert env["OMP_NUM_THREADS"] == "7" and env["ATEN_CPU_CAPABILITY"] == "avx512" and "MKL_CBWR" not in env
+
+
 def test_a_repeated_warning_is_written_once(tmp_path: Path):
     """In a worker, the same warning from a library that warns on every call (and from two places, and
     under an "always" filter) is one line in worker.log."""

@@ -143,6 +143,7 @@ def test_models_logits_identical_after_reload(name: str, tmp_path: Path):
     assert torch.equal(logits, again)
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("name", ["student", "teacher"])
 def test_models_are_deterministic(name: str):
     """Two builds from the seed give the same weights, logits and greedy token ids. The builds here run
@@ -162,8 +163,8 @@ def test_models_are_deterministic(name: str):
     assert any(not torch.equal(p, init[key]) for key, p in a.state_dict().items())
 
 
-def test_cached_teacher_can_code():
-    """The cached teacher, pretrained on tiny-python's pretrain split, passes the held-out benchmark it never
+def test_shipped_teacher_can_code():
+    """The shipped teacher, pretrained on tiny-python's pretrain split, passes the held-out benchmark it never
     saw (pass@1 >= 0.9), asked in its chat template as the eval stage asks it, with TAS's Teacher prompt."""
     from engine.core.config import CodeEvalConfig
     from engine.evals.code import score_completions
@@ -189,10 +190,25 @@ def test_models_are_sized_in_order():
     assert sizes["teacher"] > sizes["assistant"] > sizes["student"]
 
 
-def test_cached_build_is_reused():
-    first = tiny.resolve("tiny:assistant")
+def test_shipped_models_are_of_the_current_recipe():
+    """Every tiny model ships, built by the current recipe: a recipe change (TINY_VERSION bumped) without
+    `python -m engine.models.tiny build` fails here instead of building on every user's first run."""
+    for key in ["tokenizer", *tiny.TINY_SPECS]:
+        assert tiny.shipped(key) == tiny.SHIPPED / key, f"rebuild with: python -m engine.models.tiny build ({key})"
+        assert tiny.resolve(f"tiny:{key}") == tiny.SHIPPED / key
+        assert (tiny.SHIPPED / key / ("tokenizer.json" if key == "tokenizer" else "model.safetensors")).is_file()
+
+
+@pytest.mark.train
+def test_a_recipe_not_shipped_is_built_once_into_the_cache(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(tiny, "SHIPPED", tmp_path / "shipped-of-another-version")
+    monkeypatch.setattr(tiny, "PRETRAIN", {**tiny.PRETRAIN, "student": {**tiny.PRETRAIN["student"], "steps": 2}})
+    monkeypatch.setenv("TAS_TINY_CACHE", str(tmp_path / "cache"))
+    first = tiny.resolve("tiny:student")
+    assert first == tmp_path / "cache" / tiny.TINY_VERSION / "student" and (first / "READY").is_file()
+    assert (first.parent / "tokenizer" / "READY").is_file()  # the family's tokenizer, built first
     stamp = (first / "model.safetensors").stat().st_mtime_ns
-    assert tiny.resolve("tiny:assistant") == first
+    assert tiny.resolve("tiny:student") == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
 
 

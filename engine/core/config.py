@@ -61,6 +61,16 @@ DatasetName = Annotated[str, _non_empty("a hub dataset id, a local file or folde
 
 class DeviceConfig(Section):
     type: Literal["auto", "cuda", "cpu"] = Field("auto", description="Device for training and inference.")
+    cpu_threads: int | None = Field(
+        None, gt=0, description="Torch threads when a stage runs on the CPU (default: torch's choice, one per "
+        "core). Float sums depend on how work is split over threads, so a CPU run is repeatable only at a fixed "
+        "count: the tiny profile fixes it, so its eval report is the same on every machine."
+    )
+    cpu_isa: Literal["native", "avx2"] = Field(
+        "native", description="Vector instructions torch's CPU kernels, MKL and oneDNN may use in stage workers. "
+        "native: the best the CPU has; avx2: the same float results on any x86-64 CPU since 2013, AVX-512 or not "
+        "(slower where AVX-512 would be used). The tiny profile uses avx2 with cpu_threads, to be repeatable."
+    )
 
 
 class CudaConfig(Section):

@@ -16,8 +16,11 @@ from engine.core.config import TASConfig
 
 
 def pick_device(config: TASConfig) -> torch.device:
-    """The stage's device from `device.type` and `cuda.allow_tf32`."""
-    return select_device(config.device.type, config.cuda.allow_tf32)
+    """The stage's device from `device.type` and `cuda.allow_tf32`; on the CPU, `device.cpu_threads` threads."""
+    device = select_device(config.device.type, config.cuda.allow_tf32)
+    if device.type == "cpu" and config.device.cpu_threads:
+        torch.set_num_threads(config.device.cpu_threads)
+    return device
 
 
 def select_device(wanted: str, allow_tf32: bool = True) -> torch.device:

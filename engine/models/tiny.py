@@ -12,13 +12,17 @@ EOS is `<|endoftext|>` (generation config `eos_token_id: 0`), while a chat turn 
 config's `teacher.open.tokenizer.additional_special_tokens` is what stops an answer there. So the teacher
 only hands *text* to the assistant, across two tokenizers, templates and stop tokens, as in a real run.
 
-On first use each tokenizer is trained on the shipped prompt set + code corpus + tiny-python's pretrain
-split (BPE training is deterministic), each model is initialised from a fixed seed and pretrained on that
-split (`build_pretrained`, engine.models.tiny_pretrain: the teacher learns to code, the assistant and the
-student become base code models; about 4 minutes in all on 2 cores), then saved like any Hugging Face checkpoint
-under the cache folder (`TAS_TINY_CACHE`, default `~/.cache/tas-panel/tiny`). After that, every stage loads
-them with `from_pretrained` exactly as it loads a real model from the hub, so the tiny profile exercises the
-real code path.
+The build: each tokenizer is trained on the shipped prompt set + code corpus + tiny-python's pretrain split
+(BPE training is deterministic), each model is initialised from a fixed seed and pretrained on that split
+(`build_pretrained`, engine.models.tiny_pretrain: the teacher learns to code, the assistant and the student
+become base code models; about 5 minutes in all on 2 cores), then saved like any Hugging Face checkpoint.
+The project ships the result (`engine/assets/tiny/`, written by `python -m engine.models.tiny build`), so a
+first run builds nothing and every machine starts from the same weights: float arithmetic differs across
+CPUs and thread counts, so a build is reproducible on one machine, not across machines. Only when the
+shipped models are of another recipe version (a developer changed the recipe and has not rebuilt them yet)
+are they built on first use into the cache folder (`TAS_TINY_CACHE`, default `~/.cache/tas-panel/tiny`).
+Every stage loads them with `from_pretrained` exactly as it loads a real model from the hub, so the tiny
+profile exercises the real code path.
 
 Both BPEs are trained with *exactly* the normalizer and pre-tokenizer transformers 5 rebuilds the saved
 class with (Qwen2Tokenizer: NFC + Qwen2's split regex + byte level; GPTNeoXTokenizer: NFC + byte level with
@@ -41,9 +45,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.models.shipped import SHIPPED_DATASETS, TOKENIZER_CORPUS, is_tiny, tiny_name
+from engine.models.shipped import ASSETS, SHIPPED_DATASETS, TOKENIZER_CORPUS, is_tiny, tiny_name
 
-TINY_VERSION = "v5"  # bump when the recipe changes: old caches are then rebuilt, never reused
+TINY_VERSION = "v6"  # bump when the recipe changes: old caches are then rebuilt, never reused
 TOKENIZER_VOCAB = 2048  # the assistant's and student's tokenizer
 TEACHER_VOCAB = 1536  # the teacher's own: smaller, as stable-code's 50k is next to Qwen2.5's 151k
 SEED = 1234
@@ -71,7 +75,7 @@ MAX_POSITIONS = 1024
 # How each tiny model is pretrained on tiny-python's `pretrain` split when the cache is built (see
 # build_pretrained). Fixed step counts, never a time budget, so that a build is reproducible.
 PRETRAIN: dict[str, dict] = {
-    "teacher": dict(steps=850, batch_size=16, learning_rate=2e-3),
+    "teacher": dict(steps=1400, batch_size=16, learning_rate=2e-3),
     "assistant": dict(steps=300, batch_size=16, learning_rate=2e-3),
     "student": dict(steps=1000, batch_size=16, learning_rate=2e-3),
 }
@@ -98,18 +102,34 @@ TEACHER_CHAT_TEMPLATE = (
 )
 
 
+SHIPPED = ASSETS / "tiny"  # the built models the project ships, one folder per name, each with READY
+BUILD_THREADS = 1  # torch threads while building: the shipped build is re-made identically on one machine
+
+
 def cache_root() -> Path:
     base = os.environ.get("TAS_TINY_CACHE") or Path.home() / ".cache" / "tas-panel" / "tiny"
     return Path(base) / TINY_VERSION
 
 
+def shipped(key: str) -> Path | None:
+    """The shipped folder of `key` when it is of the current recipe (its READY holds TINY_VERSION)."""
+    ready = SHIPPED / key / "READY"
+    return ready.parent if ready.is_file() and ready.read_text().strip() == TINY_VERSION else None
+
+
 def resolve(name: str) -> Path:
-    """Local folder of `tiny:<name>` (`tiny:tokenizer` for the tokenizer alone), building it if needed."""
+    """Local folder of `tiny:<name>` (`tiny:tokenizer` for the tokenizer alone): the shipped one, or else
+    the cache's, building it there if needed."""
     key = tiny_name(name) if is_tiny(name) else name
     if key != "tokenizer" and key not in TINY_SPECS:
         known = ", ".join(f"tiny:{k}" for k in TINY_SPECS)
         raise ValueError(f"unknown tiny model {name!r}; there are: {known}")
-    root = cache_root()
+    if (folder := shipped(key)) is not None:
+        return folder
+    return _resolve_in(cache_root(), key)
+
+
+def _resolve_in(root: Path, key: str) -> Path:
     target = root / key
     if (target / "READY").exists():
         return target
@@ -120,7 +140,7 @@ def resolve(name: str) -> Path:
         return _wait_until_ready(target)
     # the assistant's family shares the tokenizer folder (built first, before taking the lock); the
     # teacher's tokenizer is its own and is built with the teacher
-    tokenizer_dir = resolve("tiny:tokenizer") if key in ("assistant", "student") else None
+    tokenizer_dir = _resolve_in(root, "tokenizer") if key in ("assistant", "student") else None
     with _locked(root / ".build.lock"):  # two workers starting at once build it once
         if not (target / "READY").exists():
             if key == "tokenizer":
@@ -370,3 +390,36 @@ def _save_model(key: str, tokenizer_dir: Path | None, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     build_pretrained(key, tokenizer).save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def build_all(into: Path) -> None:
+    """Build every tiny model into `into` (the tokenizer first: the assistant and the student share it),
+    replacing what is there: how `engine/assets/tiny/` is made after a recipe change."""
+    import torch
+
+    torch.set_num_threads(BUILD_THREADS)
+    into.mkdir(parents=True, exist_ok=True)
+    for key in ["tokenizer", *TINY_SPECS]:
+        target = into / key
+        if target.exists():
+            shutil.rmtree(target)
+        started = time.monotonic()
+        _resolve_in(into, key)
+        print(f"tiny:{key}: built in {time.monotonic() - started:.0f}s -> {target}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m engine.models.tiny",
+                                     description="Rebuild the tiny models the project ships (after a recipe change).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build every tiny model (about 5 minutes on 2 cores)")
+    build.add_argument("--into", type=Path, default=SHIPPED, help=f"target folder (default: {SHIPPED})")
+    args = parser.parse_args(argv)
+    build_all(args.into)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

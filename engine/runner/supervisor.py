@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -52,6 +53,11 @@ QUIET_ENV = {
 }
 
 
+# device.cpu_isa: avx2 caps every CPU math library at AVX2 (x86-64): torch's own kernels, MKL's BLAS (its
+# conditional numerical reproducibility mode) and oneDNN. Read when they load, so set before the worker starts.
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
 def worker_env(config: TASConfig) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
@@ -62,6 +68,10 @@ def worker_env(config: TASConfig) -> dict[str, str]:
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", config.cuda.cuda_alloc_conf)
     if config.launch.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = config.launch.cuda_visible_devices
+    if config.device.cpu_isa == "avx2" and platform.machine().lower() in ("x86_64", "amd64"):
+        env.update(AVX2_ENV)  # not setdefault: results repeatable across machines is what the key promises
+    if config.device.cpu_threads:
+        env["OMP_NUM_THREADS"] = str(config.device.cpu_threads)  # the libraries' own thread pools too
     return env
 
 
