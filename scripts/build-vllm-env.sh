@@ -66,7 +66,9 @@ fi
 
 # Fail in seconds, with a clear message, when the registry cannot be reached: pip on its own
 # retries for minutes (PIP_DEFAULT_TIMEOUT) and then prints a wall of connection errors.
-if ! "$PYTHON" -m pip index versions "$package" --timeout 20 --retries 1 2>/dev/null | grep -q "$VLLM_VERSION"; then
+# (captured first: `pip … | grep -q` fails at random under pipefail, when grep exits before pip has written)
+versions="$("$PYTHON" -m pip index versions "$package" --timeout 20 --retries 1 2>/dev/null || true)"
+if [[ " ${versions//,/ } " != *" $VLLM_VERSION "* ]]; then
     die "cannot find $package==$VLLM_VERSION on the package registry (is PyPI reachable from here? try: $PYTHON -m pip index versions $package)"
 fi
 
