@@ -57,6 +57,7 @@ def metric_names(ctx) -> set[str]:
     return {e["name"] for e in read_events(ctx.stage_dir / "events.jsonl") if e["kind"] == "metric"}
 
 
+@pytest.mark.train
 def test_sft_saves_an_adapter_and_reports(trained):
     cfg, contexts, _ = trained
     adapter = Path(cfg.train.sft.save_path)
@@ -67,6 +68,7 @@ def test_sft_saves_an_adapter_and_reports(trained):
     assert adapter_config["r"] == cfg.train.sft.peft.lora.r
 
 
+@pytest.mark.train
 def test_sft_trains_on_the_answer_only(trained):
     """TRL's completion mask covers exactly the assistant's answer, never the system prompt or question."""
     cfg, _, root = trained
@@ -82,6 +84,7 @@ def test_sft_trains_on_the_answer_only(trained):
     assert 0 < sum(mask) < len(ids)
 
 
+@pytest.mark.train
 def test_sft_loads_the_assistant_in_4bit(trained):
     cfg, _, root = trained
     setup = sft.prepare(make_context(cfg, "sft", root))
@@ -91,6 +94,7 @@ def test_sft_loads_the_assistant_in_4bit(trained):
     assert trainable and all("lora_" in n for n in trainable)
 
 
+@pytest.mark.train
 def test_distill_trains_kd_student_and_ce_control(trained):
     cfg, contexts, _ = trained
     out = Path(cfg.train.distillation.output_dir)
@@ -110,6 +114,7 @@ def test_distill_trains_kd_student_and_ce_control(trained):
     assert any(e["kind"] == "memory" for e in events)
 
 
+@pytest.mark.train
 def test_eval_reports_every_model(trained):
     cfg, contexts, _ = trained
     report = json.loads((contexts["eval"].stage_dir / "report.json").read_text())
@@ -129,6 +134,7 @@ def test_eval_reports_every_model(trained):
     assert report["examples"] >= 1
 
 
+@pytest.mark.train
 def test_distill_pretrained_student_with_padded_vocab_and_lora(trained, tmp_path):
     """A pretrained student whose embedding matrix has more (padding) rows than the assistant's, trained
     through LoRA: KD compares the tokenizer's columns, and the saved student is a plain, loadable model."""
@@ -166,6 +172,7 @@ def test_distill_pretrained_student_with_padded_vocab_and_lora(trained, tmp_path
     assert torch.equal(student.state_dict()[name], padded.state_dict()[name])  # not targeted: unchanged
 
 
+@pytest.mark.train
 def test_bf16_distill_saves_a_bf16_student_that_eval_loads_in_bf16(trained, tmp_path, monkeypatch):
     """`train.distillation.bf16: true`: the student trains under bf16 autocast (fp32 master weights) and is
     saved in bf16, the precision it was trained for; the eval stage loads it in bf16 too."""
@@ -211,6 +218,7 @@ def test_pick_dtype_follows_the_config_and_the_device(monkeypatch):
     assert pick_dtype(False, torch.device("cuda", 0)) == torch.float32
 
 
+@pytest.mark.train
 def test_sft_resumes_from_its_newest_checkpoint(trained, tmp_path, monkeypatch):
     """A crash after checkpoint-2 (the process dies: no final save); the re-run continues from step 2."""
     from engine.train import callbacks as training
@@ -246,6 +254,7 @@ def test_sft_resumes_from_its_newest_checkpoint(trained, tmp_path, monkeypatch):
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
 
 
+@pytest.mark.train
 def test_cancel_saves_a_checkpoint_then_resume(trained, tmp_path):
     cfg, _, root = trained
     cfg = cfg.model_copy(deep=True)
@@ -265,6 +274,7 @@ def test_cancel_saves_a_checkpoint_then_resume(trained, tmp_path):
     assert (tmp_path / "student" / "model.safetensors").exists()
 
 
+@pytest.mark.train
 def test_merged_adapter_matches_base_plus_adapter(trained, tmp_path):
     import torch
     from peft import PeftModel
@@ -282,6 +292,7 @@ def test_merged_adapter_matches_base_plus_adapter(trained, tmp_path):
         assert torch.allclose(merged(**batch).logits, with_adapter(**batch).logits, atol=1e-4)
 
 
+@pytest.mark.train
 def test_trust_remote_code_stays_off_unless_configured(trained, monkeypatch):
     from engine.teacher import open as teacher_open
 
@@ -304,6 +315,7 @@ def test_trust_remote_code_stays_off_unless_configured(trained, monkeypatch):
     assert seen == [False, True]
 
 
+@pytest.mark.train
 def test_a_finished_training_run_again_trains_anew(trained, tmp_path):
     cfg, _, root = trained
     cfg = cfg.model_copy(deep=True)
@@ -318,3 +330,20 @@ def test_a_finished_training_run_again_trains_anew(trained, tmp_path):
     cfg.train.sft.overwrite_output_dir = False
     with pytest.raises(StageError, match=r"already trained to the end .* train\.sft\.overwrite_output_dir: true"):
         sft.run(make_context(cfg, "sft", root))
+
+
+def test_pick_device_fixes_the_cpu_threads_when_the_config_says(monkeypatch):
+    """`device.cpu_threads` (the tiny profile: 2) sets torch's threads, so a CPU run is repeatable anywhere;
+    unset, torch keeps its own choice."""
+    import torch
+
+    from engine.models.device import pick_device
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    cfg = load_config(TINY_CONFIG)
+    assert cfg.device.cpu_threads == 2
+    assert pick_device(cfg) == torch.device("cpu") and calls == [2]
+    cfg.device.cpu_threads = None
+    pick_device(cfg)
+    assert calls == [2]
