@@ -27,6 +27,8 @@ def ddp_run(project: Path, name: str, **changes):
     cfg.data.limit = 48
     cfg.teacher.open.pipeline.max_new_tokens = 16
     cfg.launch.nproc_per_node = 2
+    cfg.device.cpu_threads = 1  # two ranks on two cores: one thread each, not two each fighting over them
+    cfg.train.sft.max_steps = 3  # sft only makes the assistant the tests need (its DDP test sets its own)
     cfg.train.distillation.ce_only_control = False
     for key, value in changes.items():
         target = cfg

@@ -110,7 +110,8 @@ def test_a_stage_outlives_the_panel_that_started_it(project: Path, slow_config: 
 
 @pytest.mark.e2e
 def test_teacher_killed_again_and_again_loses_and_duplicates_nothing(project: Path):
-    cfg, run = tiny_run(project, **{"teacher.open.pipeline.batch_size": 2, "data.limit": 120})
+    cfg, run = tiny_run(project, **{"teacher.open.pipeline.batch_size": 2, "data.limit": 120,
+                                    "teacher.open.pipeline.max_new_tokens": 16})
     output = Path(cfg.teacher.base.output_path)
     rng = random.Random(7)
     previous_worker = None
