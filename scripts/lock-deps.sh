@@ -44,6 +44,9 @@ if (( run_tests )); then
     venv="$(mktemp -d)/venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q -r requirements/cpu.txt && "$venv/bin/pip" install -q --no-deps -e .
-    PATH="$venv/bin:$PATH" python -m pytest -m "" -n 2
+    # the vllm tier runs against the vLLM environment (built once, reused; its own pins: build-vllm-env.sh)
+    scripts/build-vllm-env.sh --cpu "$HOME/.cache/tas-panel/venv-vllm"
+    TAS_VLLM_PYTHON="$HOME/.cache/tas-panel/venv-vllm/bin/python" PATH="$venv/bin:$PATH" \
+        python -m pytest -m "" -n 2 --dist loadscope
     echo "lock-deps: the upgraded locks pass every tier; commit requirements/*.txt"
 fi
