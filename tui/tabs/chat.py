@@ -402,6 +402,11 @@ class ChatTab(Vertical):
         self._set_status(f"switching to {target.label} ({_short(target.model)}) …", "busy")
 
     def _drop_client(self) -> None:
+        """Forget the client and end its worker process off the event loop (close waits for it to exit).
+
+        A plain daemon thread, not a Textual worker: it touches no widget, and it must run even when called
+        from on_unmount or at app exit, where Textual cancels this node's workers (a thread worker cancelled
+        before it starts never runs, which would leave the chat worker process behind)."""
         client, self.client = self.client, None
         self.client_target = None
         if client is not None:
@@ -502,10 +507,7 @@ class ChatTab(Vertical):
 
     def _failed(self, message: str) -> None:
         self.state = "failed"
-        client, self.client = self.client, None
-        self.client_target = None
-        if client is not None:
-            threading.Thread(target=client.close, daemon=True).start()
+        self._drop_client()
         self.add_class("-failed")
         self._set_status(f"✗ {message.splitlines()[0]}", "error")
 
