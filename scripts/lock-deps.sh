@@ -43,7 +43,8 @@ uv pip compile "${common[@]}" -c requirements/torch-cuda.txt -o requirements/cud
 if (( run_tests )); then
     venv="$(mktemp -d)/venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q -r requirements/cpu.txt && "$venv/bin/pip" install -q --no-deps -e .
+    "$venv/bin/pip" install -q -r requirements/cpu.txt
+    "$venv/bin/pip" install -q --no-deps -e .  # two lines: set -e does not stop inside an && chain
     # the vllm tier runs against the vLLM environment (built once, reused; its own pins: build-vllm-env.sh)
     scripts/build-vllm-env.sh --cpu "$HOME/.cache/tas-panel/venv-vllm"
     TAS_VLLM_PYTHON="$HOME/.cache/tas-panel/venv-vllm/bin/python" PATH="$venv/bin:$PATH" \

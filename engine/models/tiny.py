@@ -15,7 +15,7 @@ only hands *text* to the assistant, across two tokenizers, templates and stop to
 The build: each tokenizer is trained on the shipped prompt set + code corpus + tiny-python's pretrain split
 (BPE training is deterministic), each model is initialised from a fixed seed and pretrained on that split
 (`build_pretrained`, engine.models.tiny_pretrain: the teacher learns to code, the assistant and the student
-become base code models; about 5 minutes in all on 2 cores), then saved like any Hugging Face checkpoint.
+become base code models; about 6 minutes in all on one thread), then saved like any Hugging Face checkpoint.
 The project ships the result (`engine/assets/tiny/`, written by `python -m engine.models.tiny build`), so a
 first run builds nothing and every machine starts from the same weights: float arithmetic differs across
 CPUs and thread counts, so a build is reproducible on one machine, not across machines. Only when the
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.models.tiny",
                                      description="Rebuild the tiny models the project ships (after a recipe change).")
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="build every tiny model (about 5 minutes on 2 cores)")
+    build = sub.add_parser("build", help="build every tiny model (about 6 minutes: one thread, BUILD_THREADS)")
     build.add_argument("--into", type=Path, default=SHIPPED, help=f"target folder (default: {SHIPPED})")
     args = parser.parse_args(argv)
     build_all(args.into)
