@@ -135,8 +135,15 @@ class InProcess:
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self.inputs = {k: v.to(self.loaded.device) for k, v in render_prompt(self.loaded, MESSAGES).items()}
         self.prompt_len = int(self.inputs["input_ids"].shape[1])
-        self.kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=max_new,
-                           min_new_tokens=max_new, pad_token_id=self.tokenizer.pad_token_id)
+        self.kwargs = dict(
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
 
     def _sync(self) -> None:
         if self.loaded.device.type == "cuda":
@@ -155,8 +162,12 @@ class InProcess:
             t2 = time.perf_counter()
             cpu2 = time.process_time()
         tokens = int(out.shape[1]) - self.prompt_len
-        return {"tokens": tokens, "ttft_s": t1 - t0, "total_tokens_per_s": tokens / (t2 - t1),
-                "cpu_ms_per_token": 1000 * (cpu2 - cpu1) / tokens}
+        return {
+            "tokens": tokens,
+            "ttft_s": t1 - t0,
+            "total_tokens_per_s": tokens / (t2 - t1),
+            "cpu_ms_per_token": 1000 * (cpu2 - cpu1) / tokens,
+        }
 
     def streamer_once(self) -> dict:
         from transformers import TextIteratorStreamer
@@ -182,13 +193,22 @@ class InProcess:
         thread.join()
         t_end = time.perf_counter()
         tokens = int(result["out"].shape[1]) - self.prompt_len
-        return {"tokens": tokens, "text_pieces": pieces, "ttft_s": first - t0,
-                "decode_tokens_per_s": (tokens - 1) / (last - first), "total_tokens_per_s": tokens / (t_end - t0)}
+        return {
+            "tokens": tokens,
+            "text_pieces": pieces,
+            "ttft_s": first - t0,
+            "decode_tokens_per_s": (tokens - 1) / (last - first),
+            "total_tokens_per_s": tokens / (t_end - t0),
+        }
 
     def env(self) -> dict:
-        return {"device": str(self.loaded.device), "dtype": str(self.model.dtype).removeprefix("torch."),
-                "torch": self.torch.__version__, "torch_threads": self.torch.get_num_threads(),
-                "prompt_tokens": self.prompt_len}
+        return {
+            "device": str(self.loaded.device),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "torch": self.torch.__version__,
+            "torch_threads": self.torch.get_num_threads(),
+            "prompt_tokens": self.prompt_len,
+        }
 
 
 def main() -> None:
@@ -209,22 +229,40 @@ def main() -> None:
         for rep in range(args.reps + 1):
             # a rotating order: each path follows each other one as often (a small model's weights stay in the
             # CPU caches, warm for the path that runs after its own copy)
-            for name, once in paths[rep % 3:] + paths[:rep % 3]:
+            for name, once in paths[rep % 3 :] + paths[: rep % 3]:
                 result = once()
                 if rep:
                     runs[name].append(result)
     finally:
         path.client.close()
-    panel = {"startup_s": round(path.startup_s, 3), "worker_load_s": path.ready.load_s,
-             "worker_threads": path.ready.threads,
-                 "tokens": runs["panel"][0]["tokens"], "token_replies": runs["panel"][0]["token_replies"],
-                 **medians(runs["panel"], ("ttft_s", "decode_tokens_per_s", "total_tokens_per_s", "worker_ttft_s",
-                                           "worker_tokens_per_s", "worker_cpu_ms_per_token",
-                                           "client_cpu_ms_per_token"))}
-    raw = {"tokens": runs["raw"][0]["tokens"],
-           **medians(runs["raw"], ("ttft_s", "total_tokens_per_s", "cpu_ms_per_token"))}
-    streamer = {"tokens": runs["streamer"][0]["tokens"], "text_pieces": runs["streamer"][0]["text_pieces"],
-                **medians(runs["streamer"], ("ttft_s", "decode_tokens_per_s", "total_tokens_per_s"))}
+    panel = {
+        "startup_s": round(path.startup_s, 3),
+        "worker_load_s": path.ready.load_s,
+        "worker_threads": path.ready.threads,
+        "tokens": runs["panel"][0]["tokens"],
+        "token_replies": runs["panel"][0]["token_replies"],
+        **medians(
+            runs["panel"],
+            (
+                "ttft_s",
+                "decode_tokens_per_s",
+                "total_tokens_per_s",
+                "worker_ttft_s",
+                "worker_tokens_per_s",
+                "worker_cpu_ms_per_token",
+                "client_cpu_ms_per_token",
+            ),
+        ),
+    }
+    raw = {
+        "tokens": runs["raw"][0]["tokens"],
+        **medians(runs["raw"], ("ttft_s", "total_tokens_per_s", "cpu_ms_per_token")),
+    }
+    streamer = {
+        "tokens": runs["streamer"][0]["tokens"],
+        "text_pieces": runs["streamer"][0]["text_pieces"],
+        **medians(runs["streamer"], ("ttft_s", "decode_tokens_per_s", "total_tokens_per_s")),
+    }
     env = local.env()
     result = {
         "model": args.model,
@@ -238,8 +276,9 @@ def main() -> None:
         "inprocess_streamer": streamer,
         "panel_vs_raw": {
             "total_tokens_per_s_ratio": round(panel["total_tokens_per_s"] / raw["total_tokens_per_s"], 3),
-            "paired_total_tokens_per_s_ratio": median([p["total_tokens_per_s"] / r["total_tokens_per_s"]
-                                                       for p, r in zip(runs["panel"], runs["raw"])]),
+            "paired_total_tokens_per_s_ratio": median(
+                [p["total_tokens_per_s"] / r["total_tokens_per_s"] for p, r in zip(runs["panel"], runs["raw"])]
+            ),
             "ttft_extra_s": round(panel["ttft_s"] - raw["ttft_s"], 4),
             "cpu_per_token_ratio": round(raw["cpu_ms_per_token"] / panel["worker_cpu_ms_per_token"], 3),
         },

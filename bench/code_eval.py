@@ -47,13 +47,18 @@ def main() -> None:
     one_pass(dict(list(problems.items())[:5]), 1, args.timeout)  # warm the OS file cache; not counted
     load_before = os.getloadavg()[0]
     runs = [one_pass(problems, 1, args.timeout), one_pass(problems, args.workers, args.timeout)]
-    print(json.dumps({
-        "problems": len(problems),
-        "cpu_count": os.cpu_count(),
-        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "euid": os.geteuid(),
-        "runs": runs,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "problems": len(problems),
+                "cpu_count": os.cpu_count(),
+                "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                "euid": os.geteuid(),
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

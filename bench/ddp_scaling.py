@@ -72,8 +72,11 @@ def one(project: Path, config_path: Path, ranks: int, steps: int, global_batch: 
     kd = config.train.distillation
     per_device, remainder = divmod(global_batch, ranks * kd.gradient_accumulation_steps)
     if per_device < 1 or remainder:
-        return {"ranks": ranks, "error": f"global batch {global_batch} does not split over {ranks} ranks x "
-                                          f"{kd.gradient_accumulation_steps} accumulation steps"}
+        return {
+            "ranks": ranks,
+            "error": f"global batch {global_batch} does not split over {ranks} ranks x "
+            f"{kd.gradient_accumulation_steps} accumulation steps",
+        }
     kd.per_device_train_batch_size = per_device
     kd.max_steps = steps
     kd.save_steps = steps * 10  # no checkpoint in the timed window
@@ -95,8 +98,12 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     parser.add_argument("--ranks", type=int, default=2, help="compared with 1 rank")
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--global-batch", type=int, default=None,
-                        help="examples per optimizer step (default: the config's per-device batch x ranks)")
+    parser.add_argument(
+        "--global-batch",
+        type=int,
+        default=None,
+        help="examples per optimizer step (default: the config's per-device batch x ranks)",
+    )
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--keep", action="store_true", help="keep the scratch project")
     args = parser.parse_args()
@@ -110,8 +117,9 @@ def main() -> None:
     shutil.copy(args.config, config_path)
     os.chdir(project)  # relative paths in the config resolve under each run (runs own their outputs)
     try:
-        results = [one(project, config_path, ranks, args.steps, global_batch, args.timeout)
-                   for ranks in (1, args.ranks)]
+        results = [
+            one(project, config_path, ranks, args.steps, global_batch, args.timeout) for ranks in (1, args.ranks)
+        ]
     finally:
         if not args.keep:
             shutil.rmtree(project, ignore_errors=True)
@@ -119,14 +127,19 @@ def main() -> None:
     speedup = None
     if single.get("steps_per_s") and multi.get("steps_per_s"):
         speedup = round(multi["steps_per_s"] / single["steps_per_s"], 2)
-    print(json.dumps({
-        "config": args.config,
-        "cpu_count": os.cpu_count(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "global_batch": global_batch,
-        "results": results,
-        "speedup_steps_per_s": speedup,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "config": args.config,
+                "cpu_count": os.cpu_count(),
+                "load_average": [round(x, 2) for x in os.getloadavg()],
+                "global_batch": global_batch,
+                "results": results,
+                "speedup_steps_per_s": speedup,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -205,8 +205,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
         for variant in args.variants.split(","):
             cmd = [sys.executable, __file__, "--variant", variant, "--out", tmp]
-            for key in ("batch", "seq", "vocab", "student_hidden", "teacher_hidden", "chunk_size", "weight",
-                        "temperature", "dtype", "device"):
+            for key in (
+                "batch",
+                "seq",
+                "vocab",
+                "student_hidden",
+                "teacher_hidden",
+                "chunk_size",
+                "weight",
+                "temperature",
+                "dtype",
+                "device",
+            ):
                 cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
             if proc.returncode != 0:
@@ -216,8 +226,10 @@ def main() -> None:
             print(f"{variant}: {results[variant]['peak_mib']} MiB, {results[variant]['total_s']} s", file=sys.stderr)
         ok = {k: v for k, v in results.items() if "error" not in v}
         comparison = compare(ok, Path(tmp))
-    shape = {k: getattr(args, k) for k in ("batch", "seq", "vocab", "student_hidden", "teacher_hidden", "chunk_size",
-                                          "dtype")}
+    shape = {
+        k: getattr(args, k)
+        for k in ("batch", "seq", "vocab", "student_hidden", "teacher_hidden", "chunk_size", "dtype")
+    }
     print(json.dumps({"shape": shape, "results": results, "vs_naive": comparison}, indent=2))
 
 

@@ -67,8 +67,9 @@ def one_start(kind: str, config: str, env: dict[str, str]) -> tuple[float, float
     """(seconds to the first frame, CPU seconds by then, max RSS in bytes, ML modules imported) of one
     fresh process."""
     began = time.monotonic()  # CLOCK_MONOTONIC: the same clock in the child
-    child = subprocess.Popen([sys.executable, "-c", CHILD, kind, config], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, kind, config], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
     for line in child.stdout:
         if line.startswith("FRAME"):
             _, at, cpu, rss, heavy = line.split()
@@ -80,8 +81,11 @@ def one_start(kind: str, config: str, env: dict[str, str]) -> tuple[float, float
 def summary(results: list[tuple[float, float, int, str]]) -> dict:
     seconds = [r[0] for r in results]
     return {
-        "first_frame_s": {"median": round(statistics.median(seconds), 3), "min": round(min(seconds), 3),
-                          "max": round(max(seconds), 3)},
+        "first_frame_s": {
+            "median": round(statistics.median(seconds), 3),
+            "min": round(min(seconds), 3),
+            "max": round(max(seconds), 3),
+        },
         "cpu_s_median": round(statistics.median(r[1] for r in results), 3),
         "rss_mib_median": round(statistics.median(r[2] for r in results) / 2**20, 1),
     }
@@ -102,14 +106,19 @@ def main() -> None:
             panel.append(one_start("panel", args.config, env))
             bare.append(one_start("bare", args.config, env))
     panel_s, bare_s = summary(panel), summary(bare)
-    print(json.dumps({
-        "runs": args.runs,
-        "panel": panel_s,
-        "bare_textual": bare_s,
-        "ratio": round(panel_s["first_frame_s"]["median"] / bare_s["first_frame_s"]["median"], 2),
-        "cpu_ratio": round(panel_s["cpu_s_median"] / bare_s["cpu_s_median"], 2),
-        "ml_modules_imported": sorted({r[3] for r in panel}),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "runs": args.runs,
+                "panel": panel_s,
+                "bare_textual": bare_s,
+                "ratio": round(panel_s["first_frame_s"]["median"] / bare_s["first_frame_s"]["median"], 2),
+                "cpu_ratio": round(panel_s["cpu_s_median"] / bare_s["cpu_s_median"], 2),
+                "ml_modules_imported": sorted({r[3] for r in panel}),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

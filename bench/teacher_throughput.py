@@ -70,8 +70,11 @@ def main() -> None:
     )
     measure(model, tokenizer, prompts[:4], texts[:4], 4, dict(kwargs, use_cache=True), True)  # warm-up
     stage = measure(model, tokenizer, prompts, texts, args.batch_size, dict(kwargs, use_cache=True), True)
-    seed = None if args.skip_seed else measure(model, tokenizer, prompts, texts, args.batch_size,
-                                               dict(kwargs, use_cache=False), False)
+    seed = (
+        None
+        if args.skip_seed
+        else measure(model, tokenizer, prompts, texts, args.batch_size, dict(kwargs, use_cache=False), False)
+    )
     result = {
         "model": args.model,
         "device": args.device,
@@ -94,8 +97,16 @@ def main() -> None:
 
 def measure_vllm(args: argparse.Namespace) -> dict:
     """The vLLM path, measured in its own process by the probe (it starts and stops the server)."""
-    command = [sys.executable, str(Path(__file__).with_name("vllm_teacher_probe.py")), "--model", args.model,
-               "--prompts", str(args.prompts), "--max-tokens", str(args.max_new_tokens)]
+    command = [
+        sys.executable,
+        str(Path(__file__).with_name("vllm_teacher_probe.py")),
+        "--model",
+        args.model,
+        "--prompts",
+        str(args.prompts),
+        "--max-tokens",
+        str(args.max_new_tokens),
+    ]
     if args.vllm_python:
         command += ["--vllm-python", args.vllm_python]
     done = subprocess.run(command, capture_output=True, text=True)

@@ -28,8 +28,13 @@ sys.path.insert(0, str(ROOT))
 
 def build_models(into: Path) -> dict[str, float]:
     """Seconds to build each tiny model, as the build command reports them."""
-    done = subprocess.run([sys.executable, "-m", "engine.models.tiny", "build", "--into", str(into)], cwd=ROOT,
-                          check=True, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.models.tiny", "build", "--into", str(into)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     times = {}
     for line in done.stderr.splitlines():  # "tiny:teacher: built in 312s -> …"
         if ": built in " in line:
@@ -61,9 +66,13 @@ def main() -> None:
     shutil.copy(ROOT / "configs" / "tiny.yaml", project / "configs" / "tiny.yaml")
     shutil.copy(ROOT / "prompt.yaml", project / "prompt.yaml")
     began = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "engine.cli.main", "run", "all", "--config", "configs/tiny.yaml"],
-                   cwd=project, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "engine.cli.main", "run", "all", "--config", "configs/tiny.yaml"],
+        cwd=project,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     pipeline = round(time.perf_counter() - began, 1)
     run_dir = sorted((project / "runs").iterdir())[-1]
     report = json.loads((run_dir / "eval" / "report.json").read_text())
@@ -72,8 +81,11 @@ def main() -> None:
         "pipeline_seconds": pipeline,
         "stage_seconds": stage_seconds(run_dir),
         "pass@1": {name: numbers.get("pass@1") for name, numbers in report["models"].items()},
-        "kl_to_assistant": {name: numbers["kl_to_assistant"] for name, numbers in report["models"].items()
-                            if "kl_to_assistant" in numbers},
+        "kl_to_assistant": {
+            name: numbers["kl_to_assistant"]
+            for name, numbers in report["models"].items()
+            if "kl_to_assistant" in numbers
+        },
         "problems": report.get("code", {}).get("problems"),
         "cpus": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()],

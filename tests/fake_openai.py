@@ -143,9 +143,7 @@ class FakeOpenAI:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model", "fake"),
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
-            ],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
             "usage": {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
@@ -326,8 +324,10 @@ class _Handler(BaseHTTPRequestHandler):
                 fake.advance(batch)
                 return self._send(200, fake.batch_object(batch))
         if self.path == "/v1/models":
-            return self._send(200, {"object": "list", "data": [{"id": "gpt-fake", "object": "model", "created": 0,
-                                                                 "owned_by": "fake"}]})
+            return self._send(
+                200,
+                {"object": "list", "data": [{"id": "gpt-fake", "object": "model", "created": 0, "owned_by": "fake"}]},
+            )
         self._send(404, {"error": {"message": f"no route GET {self.path}"}})
 
     def do_POST(self) -> None:
@@ -400,8 +400,12 @@ class _Handler(BaseHTTPRequestHandler):
             text = " ".join(f"word{i}" for i in range(400))
         words = re.findall(r"\S+\s*", text)
         limit = body.get("max_tokens") or len(words)
-        base = {"id": answer.get("id", "chatcmpl-fake"), "object": "chat.completion.chunk", "created": 0,
-                "model": body.get("model")}
+        base = {
+            "id": answer.get("id", "chatcmpl-fake"),
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": body.get("model"),
+        }
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Connection", "close")
@@ -422,8 +426,13 @@ class _Handler(BaseHTTPRequestHandler):
             finish = "length" if len(words) > limit else "stop"
             event(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": finish}]))
             if (body.get("stream_options") or {}).get("include_usage"):
-                event(dict(base, choices=[], usage={"prompt_tokens": 7, "completion_tokens": sent,
-                                                    "total_tokens": 7 + sent}))
+                event(
+                    dict(
+                        base,
+                        choices=[],
+                        usage={"prompt_tokens": 7, "completion_tokens": sent, "total_tokens": 7 + sent},
+                    )
+                )
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):

@@ -15,9 +15,9 @@ from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
-TINY_CONFIG = DATA / "tiny.yaml"        # pristine copy of configs/tiny.yaml
-PROJECT_CONFIG = DATA / "config.yaml"   # pristine copy of config.yaml
-PROMPTS = DATA / "prompt.yaml"          # pristine copy of prompt.yaml
+TINY_CONFIG = DATA / "tiny.yaml"  # pristine copy of configs/tiny.yaml
+PROJECT_CONFIG = DATA / "config.yaml"  # pristine copy of config.yaml
+PROMPTS = DATA / "prompt.yaml"  # pristine copy of prompt.yaml
 SEED_CONFIG = DATA / "seed" / "config.yaml"  # byte-identical copy of the original TAS config.yaml
 
 T = TypeVar("T")
@@ -34,7 +34,9 @@ def wait_for(predicate: Callable[[], T], timeout: float = 60, interval: float = 
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what or getattr(predicate, '__name__', 'a condition')}")
+            raise AssertionError(
+                f"timed out after {timeout:g}s waiting for {what or getattr(predicate, '__name__', 'a condition')}"
+            )
         time.sleep(interval)
 
 

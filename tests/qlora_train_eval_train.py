@@ -46,15 +46,28 @@ def main() -> None:
     torch.manual_seed(0)
     path = tiny.resolve("tiny:assistant")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": "cpu"})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     # q/k/v_proj carry a bias in Qwen2, as in the real assistant: the failing `+= bias` is theirs
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    batch = tokenizer(["def add_7(x):\n    return x + 7\n", "def first_3(s):\n    return s[:3]\n"],
-                      return_tensors="pt", padding=True)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        ),
+    )
+    batch = tokenizer(
+        ["def add_7(x):\n    return x + 7\n", "def first_3(s):\n    return s[:3]\n"], return_tensors="pt", padding=True
+    )
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
     def loss_and_grads() -> tuple[float, dict[str, torch.Tensor]]:
@@ -73,10 +86,21 @@ def main() -> None:
         after, grads_after = loss_and_grads()
     except RuntimeError as exc:
         error, after, grads_after = str(exc), float("nan"), {}
-    same_grads = bool(grads_after) and all(torch.allclose(grads_before[n], grads_after[n], atol=1e-6)
-                                           for n in grads_before)
-    print(json.dumps({"bitsandbytes": bitsandbytes.__version__, "loss_before": before, "loss_after": after,
-                      "same_grads": same_grads, "error": error}), flush=True)
+    same_grads = bool(grads_after) and all(
+        torch.allclose(grads_before[n], grads_after[n], atol=1e-6) for n in grads_before
+    )
+    print(
+        json.dumps(
+            {
+                "bitsandbytes": bitsandbytes.__version__,
+                "loss_before": before,
+                "loss_after": after,
+                "same_grads": same_grads,
+                "error": error,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -100,9 +100,20 @@ def _generate(**changes) -> str:
 
 
 def test_protocol_valid_requests_round_trip():
-    request = parse_request(_generate(params={"temperature": 0, "top_p": 1, "top_k": 0, "max_new_tokens": 8,
-                                              "min_new_tokens": 8, "do_sample": False, "repetition_penalty": 1.1,
-                                              "seed": 7}))
+    request = parse_request(
+        _generate(
+            params={
+                "temperature": 0,
+                "top_p": 1,
+                "top_k": 0,
+                "max_new_tokens": 8,
+                "min_new_tokens": 8,
+                "do_sample": False,
+                "repetition_penalty": 1.1,
+                "seed": 7,
+            }
+        )
+    )
     assert isinstance(request, GenerateRequest) and request.id == "r1"
     assert request.messages == [Message(role="system", content="s"), Message(role="user", content="hi")]
     assert request.params.temperature == 0.0 and request.params.seed == 7
@@ -113,41 +124,60 @@ def test_protocol_valid_requests_round_trip():
     assert parse_request(_generate(id=7)).id == "7"  # an integer id is its text
     assert parse_request('{"op": "stop"}') == StopRequest()
     assert parse_request('{"op": "stop", "id": "r1"}') == StopRequest(id="r1")
-    assert parse_request('{"op": "load", "model": " tiny:student ", "adapter": ""}') == \
-        LoadRequest(model="tiny:student", adapter=None)
+    assert parse_request('{"op": "load", "model": " tiny:student ", "adapter": ""}') == LoadRequest(
+        model="tiny:student", adapter=None
+    )
     # messages may carry more than role and content (dropped); everything else is exact
-    assert parse_request(_generate(messages=[{"role": "user", "content": "x", "name": "me"}])).messages == \
-        [Message(role="user", content="x")]
+    assert parse_request(_generate(messages=[{"role": "user", "content": "x", "name": "me"}])).messages == [
+        Message(role="user", content="x")
+    ]
 
 
-@pytest.mark.parametrize(("line", "field", "words"), [
-    ("this is not json", None, "not a JSON object"),
-    ("[1, 2]", None, "not a JSON object: a JSON list"),
-    ('{"id": "r1"}', "op", "`op` is missing"),
-    ('{"op": "fly"}', "op", "unknown op 'fly'; ops are generate, stop, load"),
-    (_generate(id=...), "id", "`id` is missing"),
-    (_generate(id=True), "id", "id must be a string"),
-    (_generate(messages="hello"), "messages", "messages must be a list"),
-    (_generate(messages=[]), "messages", "messages must not be empty"),
-    (_generate(messages=[{"role": "bot", "content": "x"}]), "messages[0].role", "messages[0].role must be 'system'"),
-    (_generate(messages=[{"role": "user", "content": 5}]), "messages[0].content", "must be a string"),
-    (_generate(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]), "messages",
-     "the last message must be the user's"),
-    (_generate(params={"temperature": "hot"}), "params.temperature", "params.temperature must be a number, got 'hot'"),
-    (_generate(params={"temperature": 2.5}), "params.temperature",
-     "params.temperature must be between 0 and 2, got 2.5"),
-    (_generate(params={"temperature": -1}), "params.temperature", "between 0 and 2"),
-    (_generate(params={"top_p": 0}), "params.top_p", "params.top_p must be > 0 and ≤ 1, got 0"),
-    (_generate(params={"top_k": -1}), "params.top_k", "params.top_k must be ≥ 0"),
-    (_generate(params={"max_new_tokens": 0}), "params.max_new_tokens", "between 1 and"),
-    (_generate(params={"max_new_tokens": 1.5}), "params.max_new_tokens", "must be an integer"),
-    (_generate(params={"do_sample": "yes"}), "params.do_sample", "must be true or false"),
-    (_generate(params={"seed": True}), "params.seed", "must be an integer"),
-    (_generate(params={"temprature": 1}), "params.temprature", "unknown param 'temprature'"),
-    (_generate(extra=1), "extra", "unknown field `extra`"),
-    ('{"op": "load", "model": "  "}', "model", "model must not be empty"),
-    ('{"op": "load"}', "model", "`model` is missing"),
-])
+@pytest.mark.parametrize(
+    ("line", "field", "words"),
+    [
+        ("this is not json", None, "not a JSON object"),
+        ("[1, 2]", None, "not a JSON object: a JSON list"),
+        ('{"id": "r1"}', "op", "`op` is missing"),
+        ('{"op": "fly"}', "op", "unknown op 'fly'; ops are generate, stop, load"),
+        (_generate(id=...), "id", "`id` is missing"),
+        (_generate(id=True), "id", "id must be a string"),
+        (_generate(messages="hello"), "messages", "messages must be a list"),
+        (_generate(messages=[]), "messages", "messages must not be empty"),
+        (
+            _generate(messages=[{"role": "bot", "content": "x"}]),
+            "messages[0].role",
+            "messages[0].role must be 'system'",
+        ),
+        (_generate(messages=[{"role": "user", "content": 5}]), "messages[0].content", "must be a string"),
+        (
+            _generate(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]),
+            "messages",
+            "the last message must be the user's",
+        ),
+        (
+            _generate(params={"temperature": "hot"}),
+            "params.temperature",
+            "params.temperature must be a number, got 'hot'",
+        ),
+        (
+            _generate(params={"temperature": 2.5}),
+            "params.temperature",
+            "params.temperature must be between 0 and 2, got 2.5",
+        ),
+        (_generate(params={"temperature": -1}), "params.temperature", "between 0 and 2"),
+        (_generate(params={"top_p": 0}), "params.top_p", "params.top_p must be > 0 and ≤ 1, got 0"),
+        (_generate(params={"top_k": -1}), "params.top_k", "params.top_k must be ≥ 0"),
+        (_generate(params={"max_new_tokens": 0}), "params.max_new_tokens", "between 1 and"),
+        (_generate(params={"max_new_tokens": 1.5}), "params.max_new_tokens", "must be an integer"),
+        (_generate(params={"do_sample": "yes"}), "params.do_sample", "must be true or false"),
+        (_generate(params={"seed": True}), "params.seed", "must be an integer"),
+        (_generate(params={"temprature": 1}), "params.temprature", "unknown param 'temprature'"),
+        (_generate(extra=1), "extra", "unknown field `extra`"),
+        ('{"op": "load", "model": "  "}', "model", "model must not be empty"),
+        ('{"op": "load"}', "model", "`model` is missing"),
+    ],
+)
 def test_protocol_invalid_requests_name_the_field(line, field, words):
     with pytest.raises(ProtocolError) as caught:
         parse_request(line)
@@ -158,18 +188,32 @@ def test_protocol_invalid_requests_name_the_field(line, field, words):
 
 
 def test_protocol_replies_round_trip():
-    ready = ReadyReply(model="tiny:student", device="cpu", dtype="float32", context=1024, template="chat",
-                       load_s=1.5, threads=1, pid=42)
-    end = EndReply(id="r1", tokens=12, ttft_s=0.01, tokens_per_s=300.5, elapsed_s=0.05, prompt_tokens=9,
-                   finish="length")
+    ready = ReadyReply(
+        model="tiny:student",
+        device="cpu",
+        dtype="float32",
+        context=1024,
+        template="chat",
+        load_s=1.5,
+        threads=1,
+        pid=42,
+    )
+    end = EndReply(
+        id="r1", tokens=12, ttft_s=0.01, tokens_per_s=300.5, elapsed_s=0.05, prompt_tokens=9, finish="length"
+    )
     error = ErrorReply(id="r1", message="boom", op="load", model="x")
-    for reply in (ready, end, error, TokenReply(id="r1", text="a\n\"é\x1b")):
+    for reply in (ready, end, error, TokenReply(id="r1", text='a\n"é\x1b')):
         assert parse_reply(encode(reply)) == reply
     # the worker's hot path writes token lines without a model: the same line
-    assert encode_token("r\"1", "a\n\"é\x1b") == encode(TokenReply(id="r\"1", text="a\n\"é\x1b"))
+    assert encode_token('r"1', 'a\n"é\x1b') == encode(TokenReply(id='r"1', text='a\n"é\x1b'))
     assert "null" not in encode(ready)  # null fields are left out; absent means null
-    assert parse_reply('{"kind": "end", "id": "r1", "tokens": 0, "elapsed_s": 0, "prompt_tokens": 0, '
-                       '"stopped": true, "finish": "stopped", "new_field": 1}').ttft_s is None
+    assert (
+        parse_reply(
+            '{"kind": "end", "id": "r1", "tokens": 0, "elapsed_s": 0, "prompt_tokens": 0, '
+            '"stopped": true, "finish": "stopped", "new_field": 1}'
+        ).ttft_s
+        is None
+    )
     with pytest.raises(ProtocolError, match="unknown kind 'nope'"):
         parse_reply('{"kind": "nope"}')
     with pytest.raises(ProtocolError, match="finish must be 'stop', 'length' or 'stopped'"):
@@ -260,8 +304,9 @@ def test_generate_streams_tokens_then_end(worker):
 @pytest.mark.e2e
 def test_multi_turn_history(worker):
     first = [SYSTEM, {"role": "user", "content": "hello"}]
-    _, end1 = collect(worker, worker.generate(first, {"max_new_tokens": 6, "temperature": 0.8, "top_p": 0.9,
-                                                        "top_k": 20}))
+    _, end1 = collect(
+        worker, worker.generate(first, {"max_new_tokens": 6, "temperature": 0.8, "top_p": 0.9, "top_k": 20})
+    )
     history = first + [{"role": "assistant", "content": "Hi! What code?"}, {"role": "user", "content": "a sort"}]
     _, end2 = collect(worker, worker.generate(history, {"max_new_tokens": 6, "do_sample": False}))
     assert end1.kind == end2.kind == "end"
@@ -271,9 +316,15 @@ def test_multi_turn_history(worker):
 
 @pytest.mark.e2e
 def test_stop_mid_generation(worker):
-    rid = worker.generate([{"role": "user", "content": "Write a long story."}],
-                          {"max_new_tokens": 100_000, "min_new_tokens": 100_000,  # capped to the context (1024)
-                           "temperature": 1.0, "seed": 7})
+    rid = worker.generate(
+        [{"role": "user", "content": "Write a long story."}],
+        {
+            "max_new_tokens": 100_000,
+            "min_new_tokens": 100_000,  # capped to the context (1024)
+            "temperature": 1.0,
+            "seed": 7,
+        },
+    )
     stopped_at = time.monotonic()
 
     def stop_after_three(count: int) -> None:
@@ -300,8 +351,10 @@ def test_bad_requests_get_an_error_and_the_worker_keeps_serving(worker):
     worker.send_raw('{"op": "generate", "id": "bad1", "messages": "hello"}')
     error = next_of(worker, "error")
     assert error.id == "bad1" and "messages" in error.message
-    worker.send_raw('{"op": "generate", "id": "bad2", "messages": [{"role": "user", "content": "x"}],'
-                    ' "params": {"temperature": "hot"}}')
+    worker.send_raw(
+        '{"op": "generate", "id": "bad2", "messages": [{"role": "user", "content": "x"}],'
+        ' "params": {"temperature": "hot"}}'
+    )
     error = next_of(worker, "error")
     assert error.id == "bad2" and "temperature" in error.message
     long = [{"role": "user", "content": "def f(x): return x " * 400}]  # past the tiny model's 1024 positions
@@ -319,8 +372,9 @@ def _lora_adapter(base: str, out: Path) -> Path:
 
     from engine.models.loading import load_causal_lm, load_tokenizer
 
-    model = get_peft_model(load_causal_lm(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                            task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        load_causal_lm(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     model.save_pretrained(out)
     load_tokenizer(base).save_pretrained(out)
     return out
@@ -365,8 +419,9 @@ def test_seed_makes_sampling_reproducible(worker):
 @pytest.mark.e2e
 def test_client_reports_a_killed_worker(worker):
     """Last of the module: it kills the shared worker."""
-    rid = worker.generate([{"role": "user", "content": "Write a long story."}],
-                          {"max_new_tokens": 1000, "min_new_tokens": 1000})
+    rid = worker.generate(
+        [{"role": "user", "content": "Write a long story."}], {"max_new_tokens": 1000, "min_new_tokens": 1000}
+    )
     collect_first = next_of(worker, "token")
     assert collect_first.id == rid
     os.kill(worker.process.pid, signal.SIGKILL)
@@ -391,8 +446,13 @@ def test_bad_model_path_is_a_fatal_error_and_exit_code_2(tiny_cache, tmp_path):
         client.next_reply(timeout=0.3)
     client.close()
     # the raw process: exactly one JSON line on stdout, then exit code 2
-    done = subprocess.run([sys.executable, "-u", "-m", "engine.chat.worker", "--model", "tiny:nope"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-u", "-m", "engine.chat.worker", "--model", "tiny:nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1 and '"kind": "error"' in lines[0] and "unknown tiny model" in lines[0]
@@ -403,13 +463,18 @@ def test_bad_model_path_is_a_fatal_error_and_exit_code_2(tiny_cache, tmp_path):
 
 def test_chat_targets(project):
     config = load_config("configs/tiny.yaml")
-    assert chat_targets(config) == [ChatTarget("Base assistant", "tiny:assistant", None),
-                                    ChatTarget("Teacher", "tiny:teacher", None)]
+    assert chat_targets(config) == [
+        ChatTarget("Base assistant", "tiny:assistant", None),
+        ChatTarget("Teacher", "tiny:teacher", None),
+    ]
     with pytest.raises(ValueError, match="distill stage"):
         chat_target(config, "kd")
     out = Path(config.train.distillation.output_dir)
-    for folder, proof in ((out, "config.json"), (Path(f"{out}_ce"), "config.json"),
-                          (Path(config.train.sft.save_path), "adapter_config.json")):
+    for folder, proof in (
+        (out, "config.json"),
+        (Path(f"{out}_ce"), "config.json"),
+        (Path(config.train.sft.save_path), "adapter_config.json"),
+    ):
         folder.mkdir(parents=True)
         (folder / proof).write_text("{}")
     targets = chat_targets(config)
@@ -427,8 +492,9 @@ def test_printable_drops_terminal_controls():
 
 
 def test_format_stats():
-    end = EndReply(id="r1", tokens=64, ttft_s=0.0512, tokens_per_s=512.34, elapsed_s=0.2, prompt_tokens=9,
-                   finish="length")
+    end = EndReply(
+        id="r1", tokens=64, ttft_s=0.0512, tokens_per_s=512.34, elapsed_s=0.2, prompt_tokens=9, finish="length"
+    )
     assert format_stats(end) == "64 tokens · ttft 0.05 s · 512.3 tok/s · max tokens"
     end = EndReply(id="r1", tokens=3, elapsed_s=0.1, prompt_tokens=9, stopped=True, finish="stopped")
     assert format_stats(end) == "3 tokens · stopped"
@@ -458,11 +524,25 @@ ADD = 'def add(a, b):\n    """Add two numbers."""\n    return a + b'  # a docstr
 
 @pytest.mark.e2e
 def test_tas_chat_repl(project, monkeypatch, capsys):
-    args = _chat_args(["--config", "configs/tiny.yaml", "--model", "tiny:student", "--max-new-tokens", "8",
-                       "--temperature", "0", "--save", "talk.md"])
+    args = _chat_args(
+        [
+            "--config",
+            "configs/tiny.yaml",
+            "--model",
+            "tiny:student",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--save",
+            "talk.md",
+        ]
+    )
     assert args.func is cmd_chat and args.max_new_tokens == 8 and args.temperature == 0.0
-    typed = ("Write a function that adds two numbers.\n/reset\n"
-             f'"""Explain this:\n{ADD}\n"""\n/quit\n')  # a block: one message of four lines
+    typed = (
+        "Write a function that adds two numbers.\n/reset\n"
+        f'"""Explain this:\n{ADD}\n"""\n/quit\n'
+    )  # a block: one message of four lines
     monkeypatch.setattr(sys, "stdin", _Terminal(typed))
     assert cmd_chat(args) == 0
     out = capsys.readouterr().out
@@ -488,8 +568,20 @@ def test_tas_chat_piped_stdin_is_one_message(project, monkeypatch, capsys):
     reply alone (the chrome goes to stderr); the command exits after it."""
     code = "def add(a, b):\n    return a + b\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO(code))
-    args = _chat_args(["--config", "configs/tiny.yaml", "--model", "tiny:student", "--max-new-tokens", "6",
-                       "--temperature", "0", "--save", "out/piped.json"])
+    args = _chat_args(
+        [
+            "--config",
+            "configs/tiny.yaml",
+            "--model",
+            "tiny:student",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--save",
+            "out/piped.json",
+        ]
+    )
     assert cmd_chat(args) == 0
     captured = capsys.readouterr()
     assert len(re.findall(r"\[6 tokens", captured.err)) == 1, captured.err  # one reply
@@ -541,9 +633,18 @@ def test_transcript_files(tmp_path):
     assert paths_for("a/x.json") == (Path("a/x.md"), Path("a/x.json"))
     assert paths_for("x.md") == (Path("x.md"), Path("x.json")) and paths_for("x") == (Path("x"), Path("x.json"))
     fenced = "Look:\n```python\nprint(1)\n```"
-    record = make_record([{"role": "system", "content": "Be brief."}, {"role": "user", "content": fenced},
-                          {"role": "assistant", "content": "Fine.\x1b[2J", "stats": "2 tokens", "model": "m"}],
-                         label="KD student", model="m", params={"temperature": 0.5}, run="r1", device="cpu")
+    record = make_record(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": fenced},
+            {"role": "assistant", "content": "Fine.\x1b[2J", "stats": "2 tokens", "model": "m"},
+        ],
+        label="KD student",
+        model="m",
+        params={"temperature": 0.5},
+        run="r1",
+        device="cpu",
+    )
     markdown = to_markdown(record)
     assert f"## You\n\n````text\n{fenced}\n````" in markdown  # a longer fence than the one inside
     assert "## KD student\n\nFine.[2J\n\n*m · 2 tokens*" in markdown  # terminal controls dropped
@@ -723,12 +824,16 @@ async def test_chat_tab_params_have_the_protocol_bounds(project, tmp_path, monke
         await pilot.press("f4")
         await pilot.pause()
         tab = app.query_one(ChatTab)
-        inputs = {name: app.query_one(f"#chat-{name.replace('_', '-')}", Input)
-                  for name in ("temperature", "top_p", "max_new_tokens")}
+        inputs = {
+            name: app.query_one(f"#chat-{name.replace('_', '-')}", Input)
+            for name in ("temperature", "top_p", "max_new_tokens")
+        }
         assert inputs["temperature"].value == str(DEFAULT_PARAMS.temperature)
-        cases = {"temperature": ["-0.5", "0", "0.7", "2", "2.01", "10", "100"],
-                 "top_p": ["0", "0.01", "1", "1.5"],
-                 "max_new_tokens": ["0", "1", "512", str(1 << 20), str((1 << 20) + 1)]}
+        cases = {
+            "temperature": ["-0.5", "0", "0.7", "2", "2.01", "10", "100"],
+            "top_p": ["0", "0.01", "1", "1.5"],
+            "max_new_tokens": ["0", "1", "512", str(1 << 20), str((1 << 20) + 1)],
+        }
         for name, values in cases.items():
             for raw in values:
                 for other, box in inputs.items():  # the others at their defaults
@@ -771,15 +876,19 @@ class _FakeClient:
         self.sent: list[list[dict[str, str]]] = []
 
     def start(self):
-        self.on_reply(ReadyReply(model=self.model, device="cpu", dtype="float32", template="chat", load_s=0.1,
-                                 threads=1, pid=1))
+        self.on_reply(
+            ReadyReply(model=self.model, device="cpu", dtype="float32", template="chat", load_s=0.1, threads=1, pid=1)
+        )
         return self
 
     def generate(self, messages, params=None, request_id=None):
         self.sent.append([dict(m) for m in messages])
         self.on_reply(TokenReply(id=request_id, text=self.REPLY))
-        self.on_reply(EndReply(id=request_id, tokens=9, ttft_s=0.01, tokens_per_s=90.0, elapsed_s=0.1,
-                               prompt_tokens=20, finish="stop"))
+        self.on_reply(
+            EndReply(
+                id=request_id, tokens=9, ttft_s=0.01, tokens_per_s=90.0, elapsed_s=0.1, prompt_tokens=20, finish="stop"
+            )
+        )
         return request_id
 
     def stop(self, request_id=None):
@@ -832,16 +941,24 @@ async def test_chat_tab_message_box_keys_paste_and_save(project, tmp_path, monke
         await pilot.press("ctrl+s")
         await _until(pilot, lambda: tab.last_saved is not None)
         md_path, json_path = tab.last_saved
-        assert md_path.parent == Path(".chats") and md_path.suffix == ".md" and json_path == md_path.with_suffix(".json")
+        assert (
+            md_path.parent == Path(".chats") and md_path.suffix == ".md" and json_path == md_path.with_suffix(".json")
+        )
         assert any(str(md_path) in n.message for n in app._notifications)  # the path is shown
         record = json.loads(json_path.read_text())
         assert record["run"] is None and record["target"]["label"] == "Base assistant"
         assert record["target"]["model"] == "tiny:assistant" and record["device"] == "cpu"
-        assert record["params"] == {"temperature": DEFAULT_PARAMS.temperature, "top_p": DEFAULT_PARAMS.top_p,
-                                    "top_k": DEFAULT_PARAMS.top_k,
-                                    "max_new_tokens": load_config("configs/tiny.yaml").assistant.inference.max_new_tokens}
+        assert record["params"] == {
+            "temperature": DEFAULT_PARAMS.temperature,
+            "top_p": DEFAULT_PARAMS.top_p,
+            "top_k": DEFAULT_PARAMS.top_k,
+            "max_new_tokens": load_config("configs/tiny.yaml").assistant.inference.max_new_tokens,
+        }
         assert [(m["role"], m["content"]) for m in record["messages"]] == [
-            ("system", "You are a senior Python developer."), ("user", FUNCTION), ("assistant", _FakeClient.REPLY)]
+            ("system", "You are a senior Python developer."),
+            ("user", FUNCTION),
+            ("assistant", _FakeClient.REPLY),
+        ]
         assert record["messages"][2]["stats"].startswith("9 tokens")
         markdown = md_path.read_text()
         assert f"## You\n\n```text\n{FUNCTION}\n```" in markdown

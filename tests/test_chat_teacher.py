@@ -111,14 +111,24 @@ def test_the_worker_loads_4bit_on_the_configured_gpus(tmp_path: Path):
     4-bit load (QLoRA's NF4) serves replies; on this CPU machine the GPU list is only an environment value."""
     import psutil
 
-    client = ChatClient("tiny:assistant", device="cpu", load_in_4bit=True, visible_devices="3",
-                        key="assistant.model.name", log_path=tmp_path / "chat.log").start()
+    client = ChatClient(
+        "tiny:assistant",
+        device="cpu",
+        load_in_4bit=True,
+        visible_devices="3",
+        key="assistant.model.name",
+        log_path=tmp_path / "chat.log",
+    ).start()
     try:
         ready = client.wait_ready(timeout=120)
         assert ready.dtype == "nf4 (4-bit)" and ready.device == "cpu"
         assert psutil.Process(client.process.pid).environ().get("CUDA_VISIBLE_DEVICES") == "3"
-        _, end = collect(client, client.generate([{"role": "user", "content": "hi"}],
-                                                 {"temperature": 0, "max_new_tokens": 4, "min_new_tokens": 4}))
+        _, end = collect(
+            client,
+            client.generate(
+                [{"role": "user", "content": "hi"}], {"temperature": 0, "max_new_tokens": 4, "min_new_tokens": 4}
+            ),
+        )
         assert isinstance(end, EndReply) and end.tokens == 4
     finally:
         client.close()
@@ -132,8 +142,9 @@ def test_a_gpu_that_is_not_there_and_an_uncached_teacher_are_named(tmp_path: Pat
     client.close()
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    client = ChatClient("some-org/not-cached-teacher-3b", key="teacher.open.model.name",
-                        log_path=tmp_path / "hub.log").start()
+    client = ChatClient(
+        "some-org/not-cached-teacher-3b", key="teacher.open.model.name", log_path=tmp_path / "hub.log"
+    ).start()
     with pytest.raises(ChatWorkerGone, match=r"teacher\.open\.model\.name"):
         client.wait_ready(timeout=60)
     client.close()

@@ -85,8 +85,22 @@ def reference_pass_at_k(n: int, c: int, k: int) -> float:
 
 @pytest.mark.parametrize(
     "n, c, k",
-    [(1, 0, 1), (1, 1, 1), (10, 0, 1), (10, 0, 10), (10, 3, 1), (10, 3, 5), (10, 7, 5), (10, 10, 10),
-     (20, 1, 10), (200, 13, 1), (200, 13, 10), (200, 13, 100), (200, 199, 100), (5, 4, 2)],
+    [
+        (1, 0, 1),
+        (1, 1, 1),
+        (10, 0, 1),
+        (10, 0, 10),
+        (10, 3, 1),
+        (10, 3, 5),
+        (10, 7, 5),
+        (10, 10, 10),
+        (20, 1, 10),
+        (200, 13, 1),
+        (200, 13, 10),
+        (200, 13, 100),
+        (200, 199, 100),
+        (5, 4, 2),
+    ],
 )
 def test_pass_at_k_matches_the_combinatorial_definition(n, c, k):
     assert pass_at_k(n, c, k) == pytest.approx(reference_pass_at_k(n, c, k), abs=1e-12)
@@ -111,8 +125,13 @@ def test_humaneval_loads_with_a_limit(problems):
 
 def test_truncate_completion_stops_at_the_next_top_level_statement():
     body = "    return a + b\n"
-    for tail in ["\ndef other():\n    pass\n", "\nif __name__ == '__main__':\n    main()\n", "\nprint(add(1, 2))\n",
-                 "\n# tests\n", "\nclass X:\n    pass\n"]:
+    for tail in [
+        "\ndef other():\n    pass\n",
+        "\nif __name__ == '__main__':\n    main()\n",
+        "\nprint(add(1, 2))\n",
+        "\n# tests\n",
+        "\nclass X:\n    pass\n",
+    ]:
         assert truncate_completion(body + tail) == body
     assert truncate_completion(body) == body
     assert HUMANEVAL_STOP == ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
@@ -133,7 +152,7 @@ def chat_replies(problem: dict) -> dict[str, str]:
     whole = prompt + body
     return {
         "fenced whole function": f"Sure! Here it is:\n\n```python\n{whole}```\n\nIt checks every pair.",
-        "fenced, main guard": f"```python\n{whole}\n\nif __name__ == \"__main__\":\n    print(input())\n```",
+        "fenced, main guard": f'```python\n{whole}\n\nif __name__ == "__main__":\n    print(input())\n```',
         "unlabelled fence": f"```\n{whole}```",
         "fenced body only": f"The body:\n```python\n{body}```",
         "bare whole function": whole,
@@ -221,10 +240,13 @@ def test_infinite_loop_times_out(problems):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("completion", [
-    "    x = bytearray(10**11)\n",
-    "    hog = []\n    while True:\n        hog.append(bytearray(10**7))\n",
-])
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "    x = bytearray(10**11)\n",
+        "    hog = []\n    while True:\n        hog.append(bytearray(10**7))\n",
+    ],
+)
 def test_memory_bombs_fail_fast(problems, completion):
     started = time.monotonic()
     result = run_completion(problems, completion, timeout_s=10)
@@ -352,14 +374,25 @@ def test_secrets_in_our_environment_do_not_reach_the_program(problems, monkeypat
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("completion", [
-    "    import sys\n    sys.exit(0)\n",  # when the tests call the function
-    "    import os\n    os._exit(0)\n",
-    "    pass\nimport sys\nsys.exit(0)\n",  # at top level, before the tests are even defined
-    "    pass\nimport os\nos._exit(0)\n",
-    "    pass\nraise SystemExit\n",
-    "    pass\nprint('passed')\nimport sys\nsys.exit()\n",
-], ids=["sys.exit-in-function", "os._exit-in-function", "sys.exit-top", "os._exit-top", "SystemExit-top", "print-passed"])
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "    import sys\n    sys.exit(0)\n",  # when the tests call the function
+        "    import os\n    os._exit(0)\n",
+        "    pass\nimport sys\nsys.exit(0)\n",  # at top level, before the tests are even defined
+        "    pass\nimport os\nos._exit(0)\n",
+        "    pass\nraise SystemExit\n",
+        "    pass\nprint('passed')\nimport sys\nsys.exit()\n",
+    ],
+    ids=[
+        "sys.exit-in-function",
+        "os._exit-in-function",
+        "sys.exit-top",
+        "os._exit-top",
+        "SystemExit-top",
+        "print-passed",
+    ],
+)
 def test_early_exit_with_status_0_is_not_a_pass(problems, completion):
     result = run_completion(problems, completion)
     assert (result.passed, result.status, result.exit_code) == (False, "failed", 0)
@@ -461,7 +494,10 @@ def test_cli_limit_and_module_entry_point(problems, tmp_path):
     completions = write_completions(tmp_path / "samples.jsonl", records)
     done = subprocess.run(
         [sys.executable, "-m", "engine.evals.code", str(completions), "--limit", "2", "--workers", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
@@ -469,13 +505,19 @@ def test_cli_limit_and_module_entry_point(problems, tmp_path):
     assert "skipping 1 records" in done.stderr
 
 
-@pytest.mark.parametrize("lines, where, message", [
-    (['{"task_id": "HumanEval/0", "completion": ""}', '{"task_id": "HumanEval/1", '], ":2:", "not valid JSON"),
-    (['{"task_id": "HumanEval/0", "completion": ""}', "", '{"task_id": "HumanEval/999", "completion": ""}'],
-     ":3:", "unknown task_id 'HumanEval/999'"),
-    (['["HumanEval/0", ""]'], ":1:", '"task_id" and "completion"'),
-    (['{"task_id": "HumanEval/0"}'], ":1:", '"task_id" and "completion"'),
-])
+@pytest.mark.parametrize(
+    "lines, where, message",
+    [
+        (['{"task_id": "HumanEval/0", "completion": ""}', '{"task_id": "HumanEval/1", '], ":2:", "not valid JSON"),
+        (
+            ['{"task_id": "HumanEval/0", "completion": ""}', "", '{"task_id": "HumanEval/999", "completion": ""}'],
+            ":3:",
+            "unknown task_id 'HumanEval/999'",
+        ),
+        (['["HumanEval/0", ""]'], ":1:", '"task_id" and "completion"'),
+        (['{"task_id": "HumanEval/0"}'], ":1:", '"task_id" and "completion"'),
+    ],
+)
 def test_cli_bad_lines_exit_2_naming_file_and_line(tmp_path, capsys, lines, where, message):
     completions = tmp_path / "samples.jsonl"
     completions.write_text("\n".join(lines) + "\n")
@@ -503,4 +545,3 @@ def test_the_light_modules_import_no_heavy_libraries():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
-

@@ -89,17 +89,33 @@ def _tas_config_with_references() -> str:
     """The seed config as a TAS user could have written it: `${}` references and the two TAS keys the
     loader once refused (`train.distillation.logging_steps`, `train.sft.peft.lora.bias`)."""
     text = SEED_CONFIG.read_text()
-    text = _edit(text, '  base_model_name: "Qwen/Qwen2.5-Coder-1.5B-Instruct"', "  base_model_name: ${assistant.model.name}")
+    text = _edit(
+        text, '  base_model_name: "Qwen/Qwen2.5-Coder-1.5B-Instruct"', "  base_model_name: ${assistant.model.name}"
+    )
     text = _edit(text, 'output_dir: ".model/student/Student"', 'output_dir: "${student.save_path}/Student"')
     text = _edit(text, "learning_rate: 5e-5", "learning_rate: ${train.sft.learning_rate}")
-    text = _edit(text, "    save_steps: 10000\n    report_to: \"mlflow\"\n    run_name",
-                 "    save_steps: 10000\n    logging_steps: ${train.sft.save_steps}\n    report_to: \"mlflow\"\n    run_name")
-    text = _edit(text, '        task_type: "CAUSAL_LM"\n  distillation:', '        task_type: "CAUSAL_LM"\n        bias: "lora_only"\n  distillation:')
-    text = _edit(text, "      run_name: \"KD‑Student\"", "      run_name: ${.name}-${..run_name}")
-    text = _edit(text, "    max_new_tokens: 1024\n\nstudent:", "    max_new_tokens: ${teacher.open.pipeline.max_new_tokens}\n\nstudent:")
+    text = _edit(
+        text,
+        '    save_steps: 10000\n    report_to: "mlflow"\n    run_name',
+        '    save_steps: 10000\n    logging_steps: ${train.sft.save_steps}\n    report_to: "mlflow"\n    run_name',
+    )
+    text = _edit(
+        text,
+        '        task_type: "CAUSAL_LM"\n  distillation:',
+        '        task_type: "CAUSAL_LM"\n        bias: "lora_only"\n  distillation:',
+    )
+    text = _edit(text, '      run_name: "KD‑Student"', "      run_name: ${.name}-${..run_name}")
+    text = _edit(
+        text,
+        "    max_new_tokens: 1024\n\nstudent:",
+        "    max_new_tokens: ${teacher.open.pipeline.max_new_tokens}\n\nstudent:",
+    )
     text = _edit(text, "      use_cache: False", "      use_cache: ${assistant.quantization.load_in_4bit}")
-    text = _edit(text, "  - name: \"jtatman/python-code-dataset-500k\"\n    key: \"instruction\"",
-                 "  - name: \"jtatman/python-code-dataset-500k\"\n    key: ${datasets[0].key}")
+    text = _edit(
+        text,
+        '  - name: "jtatman/python-code-dataset-500k"\n    key: "instruction"',
+        '  - name: "jtatman/python-code-dataset-500k"\n    key: ${datasets[0].key}',
+    )
     return text
 
 
@@ -125,8 +141,11 @@ def test_tas_config_with_references_and_the_tas_keys_loads_resolved():
 
 
 def test_a_reference_to_a_section_copies_it():
-    text = _edit(SEED_CONFIG.read_text(), "  closed:\n    model:\n      name: \"gpt-3.5-turbo\"\n    pipeline:\n      temperature: 0.7\n      top_p: 0.9\n      batch_size: 1024\n    data:\n      download:\n        size: 64k",
-                 "  closed:\n    model:\n      name: \"gpt-3.5-turbo\"\n    pipeline:\n      temperature: 0.7\n      top_p: 0.9\n      batch_size: 1024\n    data: ${teacher.open.data}")
+    text = _edit(
+        SEED_CONFIG.read_text(),
+        '  closed:\n    model:\n      name: "gpt-3.5-turbo"\n    pipeline:\n      temperature: 0.7\n      top_p: 0.9\n      batch_size: 1024\n    data:\n      download:\n        size: 64k',
+        '  closed:\n    model:\n      name: "gpt-3.5-turbo"\n    pipeline:\n      temperature: 0.7\n      top_p: 0.9\n      batch_size: 1024\n    data: ${teacher.open.data}',
+    )
     text = _edit(text, "      download:\n        size: 64k\n  closed:", "      download:\n        size: 32k\n  closed:")
     cfg = parse_config(text)
     assert cfg.teacher.closed.data.download.size == "32k"
@@ -141,18 +160,55 @@ def test_escaped_reference_stays_literal_and_survives_freezing():
 
 REFERENCE_ERRORS = [
     # (id, old, new, key path in the message, needle whose line the message names, a fragment of the message)
-    ("missing key", 'output_dir: ".model/student/Student"', 'output_dir: "${student.save_pth}/Student"',
-     "train.distillation.output_dir", "save_pth", "student.save_pth is not in the config"),
-    ("missing section", "learning_rate: 5e-5", "learning_rate: ${train.kd.learning_rate}",
-     "train.distillation.learning_rate", "train.kd", "train.kd is not in the config"),
-    ("two-key cycle", 'save_path: ".model/student"\n  hidden_size', "save_path: ${train.distillation.output_dir}\n  hidden_size",
-     "train.distillation.output_dir", 'output_dir: "${student',
-     "reference cycle: student.save_path → train.distillation.output_dir → student.save_path"),
-    ("self reference", "top_k: 100", "top_k: ${teacher.open.pipeline.top_k}",
-     "teacher.open.pipeline.top_k", "top_k: ${", "reference cycle"),
-    ("unclosed", "top_k: 100", "top_k: ${teacher.open.pipeline.top_p", "teacher.open.pipeline.top_k", "top_k: ${", "unclosed"),
+    (
+        "missing key",
+        'output_dir: ".model/student/Student"',
+        'output_dir: "${student.save_pth}/Student"',
+        "train.distillation.output_dir",
+        "save_pth",
+        "student.save_pth is not in the config",
+    ),
+    (
+        "missing section",
+        "learning_rate: 5e-5",
+        "learning_rate: ${train.kd.learning_rate}",
+        "train.distillation.learning_rate",
+        "train.kd",
+        "train.kd is not in the config",
+    ),
+    (
+        "two-key cycle",
+        'save_path: ".model/student"\n  hidden_size',
+        "save_path: ${train.distillation.output_dir}\n  hidden_size",
+        "train.distillation.output_dir",
+        'output_dir: "${student',
+        "reference cycle: student.save_path → train.distillation.output_dir → student.save_path",
+    ),
+    (
+        "self reference",
+        "top_k: 100",
+        "top_k: ${teacher.open.pipeline.top_k}",
+        "teacher.open.pipeline.top_k",
+        "top_k: ${",
+        "reference cycle",
+    ),
+    (
+        "unclosed",
+        "top_k: 100",
+        "top_k: ${teacher.open.pipeline.top_p",
+        "teacher.open.pipeline.top_k",
+        "top_k: ${",
+        "unclosed",
+    ),
     ("resolver", "top_k: 100", "top_k: ${oc.env:TOP_K}", "teacher.open.pipeline.top_k", "top_k: ${", "resolvers"),
-    ("section in text", "top_k: 100", "top_k: k${teacher.base}", "teacher.open.pipeline.top_k", "top_k: k", "is a section"),
+    (
+        "section in text",
+        "top_k: 100",
+        "top_k: k${teacher.base}",
+        "teacher.open.pipeline.top_k",
+        "top_k: k",
+        "is a section",
+    ),
 ]
 
 
@@ -175,8 +231,11 @@ def test_reference_errors_are_reported_by_load_config_too(tmp_path: Path):
     path = tmp_path / "c.yaml"
     text = _edit(SEED_CONFIG.read_text(), "top_k: 100", "top_k: ${nowhere}")
     path.write_text(text)
-    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: line {_line_of(text, 'nowhere')}: "
-                       r"teacher\.open\.pipeline\.top_k: \$\{nowhere\}: nowhere is not in the config"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"^{re.escape(str(path))}: line {_line_of(text, 'nowhere')}: "
+        r"teacher\.open\.pipeline\.top_k: \$\{nowhere\}: nowhere is not in the config",
+    ):
         load_config(path)
 
 
@@ -201,8 +260,11 @@ def test_empty_model_name_is_refused_at_load_naming_key_and_line(key: str, old: 
 
 
 def test_a_reference_that_resolves_to_an_empty_name_is_refused_too():
-    text = _edit(SEED_CONFIG.read_text(), '  closed:\n    model:\n      name: "gpt-3.5-turbo"',
-                 "  closed:\n    base_url: ''\n    model:\n      name: ${teacher.closed.base_url}")
+    text = _edit(
+        SEED_CONFIG.read_text(),
+        '  closed:\n    model:\n      name: "gpt-3.5-turbo"',
+        "  closed:\n    base_url: ''\n    model:\n      name: ${teacher.closed.base_url}",
+    )
     with pytest.raises(ConfigError, match=r"teacher\.closed\.model\.name: is empty") as info:
         parse_config(text)
     assert len(info.value.issues) == 1
@@ -222,16 +284,52 @@ def _line_of(text: str, needle: str) -> int:
 
 BAD_CONFIGS = [
     # (id, old, new, key path expected in the message, needle whose line the message names)
-    ("wrong type float", "learning_rate: 1e-4", "learning_rate: fast", "train.sft.learning_rate", "learning_rate: fast"),
+    (
+        "wrong type float",
+        "learning_rate: 1e-4",
+        "learning_rate: fast",
+        "train.sft.learning_rate",
+        "learning_rate: fast",
+    ),
     ("wrong type int", "batch_size: 256", "batch_size: lots", "teacher.open.pipeline.batch_size", "batch_size: lots"),
     ("wrong type bool", "use_cache: False", "use_cache: maybe", "teacher.open.pipeline.use_cache", "use_cache: maybe"),
     ("unknown key", "top_k: 100", "top_k: 100\n      top_kk: 5", "teacher.open.pipeline.top_kk", "top_kk"),
     ("negative size", "hidden_size: 1280", "hidden_size: -1280", "student.hidden_size", "hidden_size: -1280"),
-    ("bad enum", 'padding_side: "left"\n    skip', 'padding_side: "middle"\n    skip', "assistant.tokenizer.padding_side", '"middle"'),
-    ("bad quant type", 'bnb_4bit_quant_type: "nf4"', 'bnb_4bit_quant_type: "int3"', "assistant.quantization.bnb_4bit_quant_type", "int3"),
-    ("weight out of range", "weight: 0.3", "weight: 1.5", "train.distillation.knowledgedistillation.weight", "weight: 1.5"),
-    ("list expected", 'modules_to_save: [ "lm_head", "embed_token" ]', "modules_to_save: 7", "train.sft.peft.lora.modules_to_save", "modules_to_save: 7"),
-    ("dataset entry", 'key: "instruction"\n    subset: "default"\n    external_local_path: null\n  - name: "jtatman', 'kye: "instruction"\n    subset: "default"\n    external_local_path: null\n  - name: "jtatman', "datasets[0].kye", "kye"),
+    (
+        "bad enum",
+        'padding_side: "left"\n    skip',
+        'padding_side: "middle"\n    skip',
+        "assistant.tokenizer.padding_side",
+        '"middle"',
+    ),
+    (
+        "bad quant type",
+        'bnb_4bit_quant_type: "nf4"',
+        'bnb_4bit_quant_type: "int3"',
+        "assistant.quantization.bnb_4bit_quant_type",
+        "int3",
+    ),
+    (
+        "weight out of range",
+        "weight: 0.3",
+        "weight: 1.5",
+        "train.distillation.knowledgedistillation.weight",
+        "weight: 1.5",
+    ),
+    (
+        "list expected",
+        'modules_to_save: [ "lm_head", "embed_token" ]',
+        "modules_to_save: 7",
+        "train.sft.peft.lora.modules_to_save",
+        "modules_to_save: 7",
+    ),
+    (
+        "dataset entry",
+        'key: "instruction"\n    subset: "default"\n    external_local_path: null\n  - name: "jtatman',
+        'kye: "instruction"\n    subset: "default"\n    external_local_path: null\n  - name: "jtatman',
+        "datasets[0].kye",
+        "kye",
+    ),
 ]
 
 
@@ -255,7 +353,11 @@ def test_missing_section_is_named(seed_config_path: Path):
 
 
 def test_missing_required_key_is_named(seed_config_path: Path):
-    text = _edit(seed_config_path.read_text(), '    name: "Qwen/Qwen2.5-Coder-1.5B-Instruct"\n    save_path: ".model/assistant/base"\n', '    save_path: ".model/assistant/base"\n')
+    text = _edit(
+        seed_config_path.read_text(),
+        '    name: "Qwen/Qwen2.5-Coder-1.5B-Instruct"\n    save_path: ".model/assistant/base"\n',
+        '    save_path: ".model/assistant/base"\n',
+    )
     with pytest.raises(ConfigError, match=r"assistant\.model\.name: missing"):
         parse_config(text)
 
@@ -379,29 +481,100 @@ MALFORMED = [
     # (id, text, a fragment the message must contain)
     ("lr not a number", _seed_text().replace("learning_rate: 1e-4", "learning_rate: fast"), "train.sft.learning_rate"),
     ("lr negative", _seed_text().replace("learning_rate: 1e-4", "learning_rate: -1e-4"), "train.sft.learning_rate"),
-    ("epochs zero", _seed_text().replace("num_train_epochs: 11\n    per_device_train_batch_size: 8", "num_train_epochs: 0\n    per_device_train_batch_size: 8"), "train.sft.num_train_epochs"),
-    ("batch size text", _seed_text().replace("per_device_train_batch_size: 8", "per_device_train_batch_size: eight"), "train.sft.per_device_train_batch_size"),
-    ("batch size float", _seed_text().replace("batch_size: 256", "batch_size: 2.5"), "teacher.open.pipeline.batch_size"),
-    ("max_new_tokens negative", _seed_text().replace("max_new_tokens: 1024\n      temperature", "max_new_tokens: -1\n      temperature"), "teacher.open.pipeline.max_new_tokens"),
+    (
+        "epochs zero",
+        _seed_text().replace(
+            "num_train_epochs: 11\n    per_device_train_batch_size: 8",
+            "num_train_epochs: 0\n    per_device_train_batch_size: 8",
+        ),
+        "train.sft.num_train_epochs",
+    ),
+    (
+        "batch size text",
+        _seed_text().replace("per_device_train_batch_size: 8", "per_device_train_batch_size: eight"),
+        "train.sft.per_device_train_batch_size",
+    ),
+    (
+        "batch size float",
+        _seed_text().replace("batch_size: 256", "batch_size: 2.5"),
+        "teacher.open.pipeline.batch_size",
+    ),
+    (
+        "max_new_tokens negative",
+        _seed_text().replace("max_new_tokens: 1024\n      temperature", "max_new_tokens: -1\n      temperature"),
+        "teacher.open.pipeline.max_new_tokens",
+    ),
     ("top_p above one", _seed_text().replace("top_p: 0.95", "top_p: 1.5"), "teacher.open.pipeline.top_p"),
-    ("temperature negative", _seed_text().replace("temperature: 0.5", "temperature: -0.5"), "teacher.open.pipeline.temperature"),
-    ("use_cache not bool", _seed_text().replace("use_cache: False", "use_cache: sometimes"), "teacher.open.pipeline.use_cache"),
+    (
+        "temperature negative",
+        _seed_text().replace("temperature: 0.5", "temperature: -0.5"),
+        "teacher.open.pipeline.temperature",
+    ),
+    (
+        "use_cache not bool",
+        _seed_text().replace("use_cache: False", "use_cache: sometimes"),
+        "teacher.open.pipeline.use_cache",
+    ),
     ("device enum", _seed_text().replace('type: "auto"', 'type: "tpu"'), "device.type"),
-    ("padding side enum", _seed_text().replace('padding_side: "left"\n      add_generation_prompt', 'padding_side: "up"\n      add_generation_prompt'), "teacher.open.tokenizer.padding_side"),
-    ("quant type enum", _seed_text().replace('bnb_4bit_quant_type: "nf4"', 'bnb_4bit_quant_type: "int4"'), "assistant.quantization.bnb_4bit_quant_type"),
+    (
+        "padding side enum",
+        _seed_text().replace(
+            'padding_side: "left"\n      add_generation_prompt', 'padding_side: "up"\n      add_generation_prompt'
+        ),
+        "teacher.open.tokenizer.padding_side",
+    ),
+    (
+        "quant type enum",
+        _seed_text().replace('bnb_4bit_quant_type: "nf4"', 'bnb_4bit_quant_type: "int4"'),
+        "assistant.quantization.bnb_4bit_quant_type",
+    ),
     ("lora bias enum", _seed_text().replace('bias: "none"', 'bias: "some"'), "assistant.lora.bias"),
-    ("eval strategy enum", _seed_text().replace('evaluation_strategy: "epoch"', 'evaluation_strategy: "sometimes"'), "train.distillation.evaluation_strategy"),
-    ("report_to enum", _seed_text().replace('report_to: "mlflow"\n    overwrite_output_dir', 'report_to: "excel"\n    overwrite_output_dir'), "train.sft.report_to"),
-    ("reduction enum", _seed_text().replace('reduction: "batchmean"', 'reduction: "median"'), "train.distillation.knowledgedistillation.loss.reduction"),
-    ("kd weight above one", _seed_text().replace("weight: 0.3", "weight: 2"), "train.distillation.knowledgedistillation.weight"),
-    ("temperature zero", _seed_text().replace("temperature: 0.5\n        reduction", "temperature: 0\n        reduction"), "train.distillation.knowledgedistillation.loss.temperature"),
+    (
+        "eval strategy enum",
+        _seed_text().replace('evaluation_strategy: "epoch"', 'evaluation_strategy: "sometimes"'),
+        "train.distillation.evaluation_strategy",
+    ),
+    (
+        "report_to enum",
+        _seed_text().replace(
+            'report_to: "mlflow"\n    overwrite_output_dir', 'report_to: "excel"\n    overwrite_output_dir'
+        ),
+        "train.sft.report_to",
+    ),
+    (
+        "reduction enum",
+        _seed_text().replace('reduction: "batchmean"', 'reduction: "median"'),
+        "train.distillation.knowledgedistillation.loss.reduction",
+    ),
+    (
+        "kd weight above one",
+        _seed_text().replace("weight: 0.3", "weight: 2"),
+        "train.distillation.knowledgedistillation.weight",
+    ),
+    (
+        "temperature zero",
+        _seed_text().replace("temperature: 0.5\n        reduction", "temperature: 0\n        reduction"),
+        "train.distillation.knowledgedistillation.loss.temperature",
+    ),
     ("hidden size negative", _seed_text().replace("hidden_size: 1280", "hidden_size: -1"), "student.hidden_size"),
     ("layers zero", _seed_text().replace("num_hidden_layers: 24", "num_hidden_layers: 0"), "student.num_hidden_layers"),
     ("test_size above one", _seed_text().replace("test_size: 0.1", "test_size: 1.5"), "train.sft.dataset.test_size"),
-    ("lora dropout one", _seed_text().replace("lora_dropout: 0.05\n        target_modules", "lora_dropout: 1.0\n        target_modules"), "train.sft.peft.lora.lora_dropout"),
-    ("special tokens not a list", _seed_text().replace('additional_special_tokens: [ "<|im_end|>" ]', "additional_special_tokens: {a: 1}"), "teacher.open.tokenizer.additional_special_tokens"),
+    (
+        "lora dropout one",
+        _seed_text().replace("lora_dropout: 0.05\n        target_modules", "lora_dropout: 1.0\n        target_modules"),
+        "train.sft.peft.lora.lora_dropout",
+    ),
+    (
+        "special tokens not a list",
+        _seed_text().replace('additional_special_tokens: [ "<|im_end|>" ]', "additional_special_tokens: {a: 1}"),
+        "teacher.open.tokenizer.additional_special_tokens",
+    ),
     ("unknown top-level key", _seed_text() + "\nextras:\n  x: 1\n", "extras: unknown key"),
-    ("unknown nested key", _seed_text().replace("top_k: 100", "top_k: 100\n      beam_width: 3"), "teacher.open.pipeline.beam_width"),
+    (
+        "unknown nested key",
+        _seed_text().replace("top_k: 100", "top_k: 100\n      beam_width: 3"),
+        "teacher.open.pipeline.beam_width",
+    ),
     ("typo in section name", _seed_text().replace("assistant:\n  model:", "asistant:\n  model:"), "asistant"),
     ("missing section student", _without("student"), "student: missing section"),
     ("missing section teacher", _without("teacher"), "teacher: missing section"),
@@ -409,12 +582,24 @@ MALFORMED = [
     ("empty datasets list", _seed_text().split("datasets:")[0] + "datasets: []\n", "datasets"),
     ("dataset entry not a mapping", _seed_text().split("datasets:")[0] + "datasets:\n  - just-a-name\n", "datasets[0]"),
     ("section is a list", _replaced("cuda", ["expandable_segments:True"]), "cuda: Input should be a valid dictionary"),
-    ("yaml tab indentation", _seed_text().replace("  type: \"auto\"", "\ttype: \"auto\""), "YAML syntax error"),
+    ("yaml tab indentation", _seed_text().replace('  type: "auto"', '\ttype: "auto"'), "YAML syntax error"),
     ("yaml unclosed bracket", _seed_text().replace('[ "<|im_end|>" ]', '[ "<|im_end|>"'), "YAML syntax error"),
-    ("yaml bad indentation", _seed_text().replace("    prompt_length: 17", "      prompt_length: 17\n    bad"), "YAML syntax error"),
+    (
+        "yaml bad indentation",
+        _seed_text().replace("    prompt_length: 17", "      prompt_length: 17\n    bad"),
+        "YAML syntax error",
+    ),
     ("duplicate key", _seed_text().replace("top_k: 100", "top_k: 100\n      top_k: 5"), "duplicate key"),
-    ("unresolved reference", _seed_text().replace("top_k: 100", "top_k: ${teacher.open.pipeline.top_kk}"), "teacher.open.pipeline.top_kk is not in the config"),
-    ("empty model name", _seed_text().replace('"stabilityai/stable-code-instruct-3b"', '""'), "teacher.open.model.name: is empty"),
+    (
+        "unresolved reference",
+        _seed_text().replace("top_k: 100", "top_k: ${teacher.open.pipeline.top_kk}"),
+        "teacher.open.pipeline.top_kk is not in the config",
+    ),
+    (
+        "empty model name",
+        _seed_text().replace('"stabilityai/stable-code-instruct-3b"', '""'),
+        "teacher.open.model.name: is empty",
+    ),
     ("empty file", "", "empty"),
     ("only a comment", "# nothing here\n", "empty"),
     ("top level scalar", "hello\n", "top level must be a mapping"),

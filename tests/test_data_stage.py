@@ -82,7 +82,12 @@ def test_filter_dedupe_shuffle_limit_and_stable_ids(tiny_config, project: Path):
 
 
 def test_word_filter_is_inclusive(tiny_config, project: Path):
-    _use_local(tiny_config, _write_jsonl(project / "in.jsonl", [{"q": "one two three"}, {"q": "one two three four"}]), key="q", max_words=3)
+    _use_local(
+        tiny_config,
+        _write_jsonl(project / "in.jsonl", [{"q": "one two three"}, {"q": "one two three four"}]),
+        key="q",
+        max_words=3,
+    )
     data.run(make_context(tiny_config, "data", project))
     assert [p["instruction"] for p in _prompts(tiny_config)] == ["one two three"]
 
@@ -120,7 +125,10 @@ def test_local_file_given_as_name(tiny_config, project: Path):
 @pytest.mark.parametrize(
     "content, expected",
     [
-        ('{"instruction": "ok"}\n{"instruction": "also ok"}\n{"instruction": broken}\n', r"in\.jsonl:3: bad JSON: Expecting value"),
+        (
+            '{"instruction": "ok"}\n{"instruction": "also ok"}\n{"instruction": broken}\n',
+            r"in\.jsonl:3: bad JSON: Expecting value",
+        ),
         ("", r"has no records \(empty file\)"),
         ('{"instruction": "ok"}\n[1, 2]\n', r"in\.jsonl:2: a JSON list, not an object"),
         (b'{"instruction": "ok"}\n{"instruction": "caf\xe9"}\n', r"in\.jsonl:2: not UTF-8"),
@@ -138,7 +146,10 @@ def test_bad_files_name_file_and_line(tiny_config, project: Path, content, expec
 
 def test_missing_key_lists_the_columns(tiny_config, project: Path):
     _use_local(tiny_config, _write_jsonl(project / "in.jsonl", [{"prompt": "a", "response": "b"}]))
-    with pytest.raises(StageError, match=r"datasets\[0\]\.key: column 'instruction' is not in .*in\.jsonl:1 \(columns: prompt, response\)"):
+    with pytest.raises(
+        StageError,
+        match=r"datasets\[0\]\.key: column 'instruction' is not in .*in\.jsonl:1 \(columns: prompt, response\)",
+    ):
         data.run(make_context(tiny_config, "data", project))
 
 
@@ -150,7 +161,10 @@ def test_missing_file(tiny_config, project: Path):
 
 def test_nothing_left_after_filtering(tiny_config, project: Path):
     _use_local(tiny_config, _write_jsonl(project / "in.jsonl", [{"instruction": "too many words here"}]), max_words=2)
-    with pytest.raises(StageError, match=r"no prompts left: 1 read, 1 over the word limit.*teacher\.base\.prompt_length \(now 2 words\)"):
+    with pytest.raises(
+        StageError,
+        match=r"no prompts left: 1 read, 1 over the word limit.*teacher\.base\.prompt_length \(now 2 words\)",
+    ):
         data.run(make_context(tiny_config, "data", project))
 
 
@@ -171,5 +185,8 @@ def test_hub_dataset_offline_gives_a_clear_error(tiny_config, project: Path, mon
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     tiny_config.datasets[0].name = "someone/python-prompts-not-cached"
-    with pytest.raises(StageError, match=r"datasets\[0\]\.name: cannot load 'someone/python-prompts-not-cached' from the Hugging Face hub.*external_local_path"):
+    with pytest.raises(
+        StageError,
+        match=r"datasets\[0\]\.name: cannot load 'someone/python-prompts-not-cached' from the Hugging Face hub.*external_local_path",
+    ):
         data.run(make_context(tiny_config, "data", project))

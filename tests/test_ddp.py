@@ -44,12 +44,17 @@ def final(run, stage: str) -> dict:
 
 
 def test_sft_and_distill_run_data_parallel_on_two_ranks(project: Path):
-    run = ddp_run(project, "ddp", **{"train.sft.max_steps": 3, "train.distillation.max_steps": 3,
-                                     "train.sft.logging_steps": 1})  # distill logs at the same interval
+    run = ddp_run(
+        project, "ddp", **{"train.sft.max_steps": 3, "train.distillation.max_steps": 3, "train.sft.logging_steps": 1}
+    )  # distill logs at the same interval
     launcher.start(run, ["data", "teacher", "sft", "distill"])
     wait_for(lambda: not run.is_live(), timeout=900, interval=1, what="the run to end")
     for stage in ("teacher", "sft", "distill"):
-        assert final(run, stage)["state"] == "done", (stage, final(run, stage), (run.stage_dir(stage) / "worker.log").read_text()[-3000:])
+        assert final(run, stage)["state"] == "done", (
+            stage,
+            final(run, stage),
+            (run.stage_dir(stage) / "worker.log").read_text()[-3000:],
+        )
         running = [e for e in read_events(run.stage_dir(stage) / "events.jsonl") if e.get("state") == "running"]
         assert running[-1]["world_size"] == 2 and running[-1]["rank"] == 0
         rank1 = read_events(run.stage_dir(stage) / "events.rank1.jsonl")
@@ -98,11 +103,19 @@ def attempt_losses(events: list[dict]) -> list[list[float]]:
 def test_cancel_under_ddp_saves_once_and_every_rank_exits(project: Path):
     run = ddp_run(project, "ddp-cancel", **{"train.distillation.max_steps": 400, "train.distillation.save_steps": 1000})
     launcher.start(run, ["data", "teacher", "sft", "distill"])
-    wait_for(lambda: any(e["kind"] == "progress" and e["done"] >= 2
-                         for e in read_events(run.stage_dir("distill") / "events.jsonl")),
-             timeout=900, interval=0.5, what="distill to take two steps")
-    workers = [p for p in psutil.process_iter(["cmdline"]) if "--run-dir" in (p.info["cmdline"] or [])
-               and str(run.path) in " ".join(p.info["cmdline"] or [])]
+    wait_for(
+        lambda: any(
+            e["kind"] == "progress" and e["done"] >= 2 for e in read_events(run.stage_dir("distill") / "events.jsonl")
+        ),
+        timeout=900,
+        interval=0.5,
+        what="distill to take two steps",
+    )
+    workers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "--run-dir" in (p.info["cmdline"] or []) and str(run.path) in " ".join(p.info["cmdline"] or [])
+    ]
     launcher.cancel(run)
     wait_for(lambda: not run.is_live(), timeout=120, interval=0.5, what="the run to stop")
     status = final(run, "distill")
@@ -127,8 +140,11 @@ def test_two_torchrun_agents_on_localhost_finish_a_distill(project: Path):
         config.launch.rdzv_endpoint = f"127.0.0.1:{port}"
         command = worker_command("distill", run, config)
         assert "--nnodes" in command and "--standalone" not in command
-        agents.append(subprocess.Popen(command, cwd=project, env=worker_env(config),
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        agents.append(
+            subprocess.Popen(
+                command, cwd=project, env=worker_env(config), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            )
+        )
     assert [agent.wait(timeout=600) for agent in agents] == [0, 0]
     assert final(run, "distill")["state"] == "done"
     assert json.loads(json.dumps(read_events(run.stage_dir("distill") / "events.rank1.jsonl")))

@@ -20,8 +20,10 @@ def test_csv_decode_error_names_the_real_line(tmp_path: Path):
 
 
 def test_full_disk_while_saving_names_path_key_and_what_to_do(tmp_path: Path):
-    safetensors_message = ('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
-                           'message: "No space left on device" }) (os error 28)')
+    safetensors_message = (
+        "Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+        'message: "No space left on device" }) (os error 28)'
+    )
     with pytest.raises(FileWriteError) as info, saving(tmp_path / "adapter", "train.sft.save_path"):
         raise RuntimeError(safetensors_message)
     message = str(info.value)

@@ -88,8 +88,10 @@ def add_adapter(run: Run) -> Path:
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     base = load_causal_lm("tiny:assistant", quantization_config=quant, device_map={"": "cpu"})
     torch.manual_seed(7)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM",
-                                            init_lora_weights=False))
+    model = get_peft_model(
+        base,
+        LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False),
+    )
     out = Path(run.config().train.sft.save_path)
     model.save_pretrained(out)
     load_tokenizer("tiny:assistant").save_pretrained(out)
@@ -136,13 +138,14 @@ def test_kd_student_exports_reloads_and_generates(project: Path):
 
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["max_new_tokens"] == 64  # assistant.inference.max_new_tokens of the tiny profile
-    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in (gen["eos_token_id"] if isinstance(gen["eos_token_id"], list)
-                                                             else [gen["eos_token_id"]])
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in (
+        gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+    )
     messages = [{"role": "user", "content": "Write a function that adds two numbers."}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     output = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert output.shape[1] == inputs["input_ids"].shape[1] + 4
-    assert isinstance(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:]), str)
+    assert isinstance(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :]), str)
 
 
 def test_model_card_holds_the_report_and_the_redacted_config(project: Path):
@@ -226,7 +229,9 @@ def test_a_new_export_replaces_an_earlier_one_but_never_a_foreign_folder(project
 
 def test_refusals_name_the_stage_to_run(project: Path):
     run = make_run(project)
-    with pytest.raises(ExportRefused, match=rf"no KD student.*distill stage has not run.*tas run distill --run {run.id}"):
+    with pytest.raises(
+        ExportRefused, match=rf"no KD student.*distill stage has not run.*tas run distill --run {run.id}"
+    ):
         export_run(run, "kd")
     with pytest.raises(ExportRefused, match="sft stage"):
         export_run(run, "assistant")
@@ -375,8 +380,9 @@ async def test_panel_x_exports_the_kd_student_of_the_selected_run(project: Path,
         await wait_for_async(pilot, lambda: tab.shown and tab.shown[0] == done.id)
         notes.clear()
         await pilot.press("x")
-        await wait_for_async(pilot, lambda: any(n.startswith(("exported", "export failed")) for n in notes),
-                             timeout=180)
+        await wait_for_async(
+            pilot, lambda: any(n.startswith(("exported", "export failed")) for n in notes), timeout=180
+        )
     out = done.path / "export" / "kd"
     assert any(n.startswith("exported") and str(out) in n for n in notes), notes
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()

@@ -111,11 +111,15 @@ def test_frozen_fake_and_json_description(tmp_path: Path, monkeypatch: pytest.Mo
     assert backend.sample() == first and len(first[0]) == 3
 
     spec = tmp_path / "fake.json"
-    spec.write_text(json.dumps({
-        "driver_version": "535.1",
-        "gpus": [{"name": "Tiny GPU", "memory_total_gib": 8, "memory_used_gib": 2, "utilization_gpu": 40}],
-        "processes": [{"gpu": 0, "pid": 4242, "used_memory_gib": 1.5, "name": "python train.py"}],
-    }))
+    spec.write_text(
+        json.dumps(
+            {
+                "driver_version": "535.1",
+                "gpus": [{"name": "Tiny GPU", "memory_total_gib": 8, "memory_used_gib": 2, "utilization_gpu": 40}],
+                "processes": [{"gpu": 0, "pid": 4242, "used_memory_gib": 1.5, "name": "python train.py"}],
+            }
+        )
+    )
     monkeypatch.setenv(FAKE_ENV, str(spec))
     gpus, processes, driver = open_backend().sample()
     assert driver == "535.1" and gpus[0].name == "Tiny GPU" and gpus[0].memory_fraction == 0.25
@@ -247,15 +251,22 @@ def test_nvml_unsupported_fields_are_asked_once_per_device(monkeypatch: pytest.M
     def function_not_found(h):
         raise _Error(13)
 
-    nvml = stub_nvml(count=2, nvmlDeviceGetPowerUsage=unknown, nvmlDeviceGetEnforcedPowerManagementLimit=function_not_found)
+    nvml = stub_nvml(
+        count=2, nvmlDeviceGetPowerUsage=unknown, nvmlDeviceGetEnforcedPowerManagementLimit=function_not_found
+    )
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     backend = NvmlBackend()
     for _ in range(4):
         gpus, processes, _ = backend.sample()
         assert [(g.temperature_c, g.power_w, g.power_limit_w, g.uuid) for g in gpus] == [(None,) * 4] * 2
         assert [g.memory_used for g in gpus] == [3 * GIB] * 2 and len(processes) == 4
-    for name in ("nvmlDeviceGetTemperature", "nvmlDeviceGetPowerUsage", "nvmlDeviceGetEnforcedPowerManagementLimit",
-                 "nvmlDeviceGetUUID", "nvmlDeviceGetGraphicsRunningProcesses"):
+    for name in (
+        "nvmlDeviceGetTemperature",
+        "nvmlDeviceGetPowerUsage",
+        "nvmlDeviceGetEnforcedPowerManagementLimit",
+        "nvmlDeviceGetUUID",
+        "nvmlDeviceGetGraphicsRunningProcesses",
+    ):
         assert nvml.calls[name] == 2, name  # once per device, not once per sample
     assert nvml.calls["nvmlDeviceGetMemoryInfo"] == nvml.calls["nvmlDeviceGetComputeRunningProcesses"] == 8
     backend.close()
@@ -368,10 +379,13 @@ def gpu_parser() -> argparse.ArgumentParser:
 
 
 def test_tas_gpu_prints_an_80_column_table_with_our_label(worker, tmp_path, monkeypatch, capsys) -> None:
-    spec = fake_file(tmp_path / "fake.json", [
-        {"gpu": 0, "pid": worker.pid, "used_memory_gib": 30.5},
-        {"gpu": 1, "pid": 2**22 + 12345, "used_memory": 512 * 1024**2, "name": "python other.py"},
-    ])
+    spec = fake_file(
+        tmp_path / "fake.json",
+        [
+            {"gpu": 0, "pid": worker.pid, "used_memory_gib": 30.5},
+            {"gpu": 1, "pid": 2**22 + 12345, "used_memory": 512 * 1024**2, "name": "python other.py"},
+        ],
+    )
     monkeypatch.setenv(FAKE_ENV, str(spec))
     monkeypatch.setenv("TAS_RUNS_DIR", str(worker.runs))
     args = gpu_parser().parse_args(["gpu"])
@@ -519,19 +533,30 @@ async def test_gpu_tab_without_gpu_shows_the_message(tmp_path, monkeypatch) -> N
 # ------------------------------------------------------------------------------------------ snapshots
 
 
-FIXED_HOST = {"cpu_percent": 37.5, "per_core": [12, 95, 40, 3, 60, 77, 20, 8], "cpu_count": 8,
-              "load_average": [2.5, 1.75, 1.0], "memory_used_gib": 41.5, "memory_total_gib": 62.5,
-              "swap_used_gib": 0.5, "swap_total_gib": 8}
+FIXED_HOST = {
+    "cpu_percent": 37.5,
+    "per_core": [12, 95, 40, 3, 60, 77, 20, 8],
+    "cpu_count": 8,
+    "load_average": [2.5, 1.75, 1.0],
+    "memory_used_gib": 41.5,
+    "memory_total_gib": 62.5,
+    "swap_used_gib": 0.5,
+    "swap_total_gib": 8,
+}
 
 
 def snapshot_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The whole panel on two frozen fake GPUs, with fixed processes; one sample only (interval 60 s)."""
     monkeypatch.chdir(ROOT)
-    spec = fake_file(tmp_path / "fake_gpus.json", [
-        {"gpu": 0, "pid": 4190001, "used_memory_gib": 31.2, "name": "python -m engine.runner.worker teacher"},
-        {"gpu": 0, "pid": 4190002, "used_memory": 734 * 1024**2, "name": "python notebook.py"},
-        {"gpu": 1, "pid": 4190003, "used_memory_gib": 52.9, "name": "vllm serve Qwen/Qwen2.5-7B"},
-    ], host=FIXED_HOST)
+    spec = fake_file(
+        tmp_path / "fake_gpus.json",
+        [
+            {"gpu": 0, "pid": 4190001, "used_memory_gib": 31.2, "name": "python -m engine.runner.worker teacher"},
+            {"gpu": 0, "pid": 4190002, "used_memory": 734 * 1024**2, "name": "python notebook.py"},
+            {"gpu": 1, "pid": 4190003, "used_memory_gib": 52.9, "name": "vllm serve Qwen/Qwen2.5-7B"},
+        ],
+        host=FIXED_HOST,
+    )
     monkeypatch.setenv(FAKE_ENV, str(spec))
     return panel(tmp_path / "runs", 60)
 
@@ -617,10 +642,14 @@ def test_host_stats_are_sampled_and_become_na_when_psutil_raises(tmp_path, monke
 def test_per_process_cpu_and_rss_of_a_real_child_and_na_when_gone(tmp_path) -> None:
     busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"])
     try:
-        backend = FakeBackend(1, frozen=True, processes=[
-            {"gpu": 0, "pid": busy.pid, "used_memory_gib": 1},
-            {"gpu": 0, "pid": 2**22 + 12345, "used_memory_gib": 1, "name": "vanished"},
-        ])
+        backend = FakeBackend(
+            1,
+            frozen=True,
+            processes=[
+                {"gpu": 0, "pid": busy.pid, "used_memory_gib": 1},
+                {"gpu": 0, "pid": 2**22 + 12345, "used_memory_gib": 1, "name": "vanished"},
+            ],
+        )
         sampler = Sampler(tmp_path / "runs", backend=backend)
         first = {p.pid: p for p in sampler.sample().processes}
         assert first[busy.pid].cpu_percent is None  # CPU % needs two readings...
@@ -646,8 +675,12 @@ def test_our_cpu_only_worker_is_listed_without_a_gpu(worker, tmp_path, monkeypat
     snapshot = sampler.sample()
     assert snapshot.error == NO_DRIVER and snapshot.host is not None and snapshot.host.memory_total
     (ours,) = snapshot.processes
-    assert (ours.gpu_index, ours.pid, ours.label, ours.role) == (None, worker.pid, f"run {worker.run.id} · teacher",
-                                                                  "worker")
+    assert (ours.gpu_index, ours.pid, ours.label, ours.role) == (
+        None,
+        worker.pid,
+        f"run {worker.run.id} · teacher",
+        "worker",
+    )
     assert ours.rss is not None
 
     monkeypatch.setenv(FAKE_ENV, str(spec))
@@ -673,8 +706,16 @@ def test_stopping_refuses_a_foreign_process_and_a_reused_pid(worker) -> None:
     question, details = describe(ours)
     assert question == f"Send SIGTERM to pid {worker.pid} (run {worker.run.id} · teacher)?"
     assert dict(details)["run"] == worker.run.id
-    reused = GpuProcess(0, worker.pid, GIB, label=ours.label, run_id=ours.run_id, stage="teacher", role="worker",
-                        create_time=ours.create_time - 100)  # the pid now belongs to another process
+    reused = GpuProcess(
+        0,
+        worker.pid,
+        GIB,
+        label=ours.label,
+        run_id=ours.run_id,
+        stage="teacher",
+        role="worker",
+        create_time=ours.create_time - 100,
+    )  # the pid now belongs to another process
     with pytest.raises(NotOurs, match="another process"):
         terminate(reused, worker.runs)
     assert psutil_alive(worker.pid)
@@ -711,10 +752,13 @@ async def test_gpu_tab_k_refuses_a_foreign_process_and_stops_ours_after_confirma
         events = EventWriter(stage_dir / "events.jsonl")
         events.status("running", pid=sleep.pid)
         events.close()
-        spec = fake_file(tmp_path / "fake.json", [
-            {"gpu": 0, "pid": sleep.pid, "used_memory_gib": 20},
-            {"gpu": 1, "pid": os.getpid(), "used_memory_gib": 1},  # pytest: a foreign process
-        ])
+        spec = fake_file(
+            tmp_path / "fake.json",
+            [
+                {"gpu": 0, "pid": sleep.pid, "used_memory_gib": 20},
+                {"gpu": 1, "pid": os.getpid(), "used_memory_gib": 1},  # pytest: a foreign process
+            ],
+        )
         monkeypatch.setenv(FAKE_ENV, str(spec))
         app = panel(runs, 0.25)
         async with app.run_test(size=(80, 24)) as pilot:

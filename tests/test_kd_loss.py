@@ -146,7 +146,9 @@ def test_temperature_squared_scaling():
     for temp in (0.5, 1.0, 4.0):
         out = kd_loss_reference(s, t, labels, weight=1.0, temperature=temp)
         mask = next_token_targets(labels) != IGNORE_INDEX
-        kl = F.kl_div(F.log_softmax(s[mask] / temp, -1), F.log_softmax(t[mask] / temp, -1), log_target=True, reduction="batchmean")
+        kl = F.kl_div(
+            F.log_softmax(s[mask] / temp, -1), F.log_softmax(t[mask] / temp, -1), log_target=True, reduction="batchmean"
+        )
         torch.testing.assert_close(out.kd_loss, temp**2 * kl)
         torch.testing.assert_close(out.loss, out.kd_loss)  # weight 1: the KD term alone
     # the student equal to the teacher: KL is 0 at any temperature

@@ -106,8 +106,12 @@ def test_resume_skips_only_answers_with_this_runs_fingerprint(project: Path):
     output = Path(run.config().teacher.base.output_path)
     prompts = [json.loads(line) for line in Path(run.config().data.output_path).read_text().splitlines()]
     output.parent.mkdir(parents=True, exist_ok=True)
-    foreign = {"id": prompts[0]["id"], "instruction": prompts[0]["instruction"], "output": "from elsewhere",
-               "fp": "another-teacher"}
+    foreign = {
+        "id": prompts[0]["id"],
+        "instruction": prompts[0]["instruction"],
+        "output": "from elsewhere",
+        "fp": "another-teacher",
+    }
     output.write_text(json.dumps(foreign) + "\n")
     teacher.run(stage(run, "teacher"))
     records = answers(run)

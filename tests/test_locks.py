@@ -38,7 +38,8 @@ def test_every_direct_dependency_is_pinned_inside_its_range(lock: str):
         assert name in pinned, f"{LOCKS[lock].name} lacks {name}: run scripts/lock-deps.sh"
         # a local version label (+cpu) is not part of the range check
         assert requirement.specifier.contains(Version(pinned[name].public), prereleases=True), (
-            f"{LOCKS[lock].name} pins {name}=={pinned[name]} outside pyproject's {requirement}: run scripts/lock-deps.sh")
+            f"{LOCKS[lock].name} pins {name}=={pinned[name]} outside pyproject's {requirement}: run scripts/lock-deps.sh"
+        )
 
 
 @pytest.mark.parametrize("lock", sorted(LOCKS))

@@ -33,8 +33,9 @@ def sft_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(TINY_CONFIG)
     answers = tmp_path / "teacher.jsonl"
-    answers.write_text("".join(json.dumps({"id": f"p{i}", "instruction": q, "output": a}) + "\n"
-                               for i, (q, a) in enumerate(RECORDS)))
+    answers.write_text(
+        "".join(json.dumps({"id": f"p{i}", "instruction": q, "output": a}) + "\n" for i, (q, a) in enumerate(RECORDS))
+    )
     cfg.teacher.base.output_path = str(answers)
     cfg.train.sft.save_path = str(tmp_path / "adapter")
     cfg.train.sft.dataset.test_size = 0.25

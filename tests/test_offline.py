@@ -30,8 +30,17 @@ def online(monkeypatch: pytest.MonkeyPatch):
     """A process not set offline, with a fresh probe cache; whatever a test turns offline is turned back."""
     import huggingface_hub.constants
 
-    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy",
-                     "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+    for variable in (
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_ENDPOINT",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     datasets_config = sys.modules.get("datasets.config")
@@ -57,17 +66,20 @@ def fails_fast_naming_the_key(call, key: str) -> str:
 
 def test_hf_hub_offline_fails_at_once_with_the_key_path(online):
     online.setenv("HF_HUB_OFFLINE", "1")
-    message = fails_fast_naming_the_key(lambda: load_tokenizer(HUB_NAME, key="assistant.model.name"),
-                                        "assistant.model.name")
+    message = fails_fast_naming_the_key(
+        lambda: load_tokenizer(HUB_NAME, key="assistant.model.name"), "assistant.model.name"
+    )
     assert "HF_HUB_OFFLINE is set" in message
-    fails_fast_naming_the_key(lambda: resolve_model_path(HUB_NAME, "student.base_model_name", check_hub=True),
-                              "student.base_model_name")
+    fails_fast_naming_the_key(
+        lambda: resolve_model_path(HUB_NAME, "student.base_model_name", check_hub=True), "student.base_model_name"
+    )
 
 
 def test_unreachable_endpoint_fails_at_once_with_the_key_path(online):
     online.setenv("HF_ENDPOINT", UNREACHABLE)
-    message = fails_fast_naming_the_key(lambda: check_hub_model(HUB_NAME, "teacher.open.model.name"),
-                                        "teacher.open.model.name")
+    message = fails_fast_naming_the_key(
+        lambda: check_hub_model(HUB_NAME, "teacher.open.model.name"), "teacher.open.model.name"
+    )
     assert "no connection to 127.0.0.1:9" in message
     assert os.environ.get("HF_HUB_OFFLINE") is None  # not cached: nothing to load offline, nothing switched
 
@@ -107,7 +119,9 @@ def test_reachable_hub_lets_a_hub_name_through(online):
 def test_local_folder_and_tiny_names_still_load_offline(online, tmp_path: Path):
     online.setenv("HF_HUB_OFFLINE", "1")
     online.setenv("HF_ENDPOINT", UNREACHABLE)
-    assert resolve_model_path("tiny:student", "student.base_model_name", check_hub=True) == str(tiny.resolve("tiny:student"))
+    assert resolve_model_path("tiny:student", "student.base_model_name", check_hub=True) == str(
+        tiny.resolve("tiny:student")
+    )
     folder = tmp_path / "my-assistant"
     shutil.copytree(tiny.resolve("tiny:assistant"), folder)
     began = time.monotonic()
@@ -140,8 +154,14 @@ def test_a_cached_hub_model_loads_from_the_cache_when_the_hub_is_unreachable(tmp
     )
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     env.update(HF_HUB_CACHE=str(cache), HF_ENDPOINT=UNREACHABLE, PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-c", "import json\n" + script], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", "import json\n" + script],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome["offline"] == "1" and outcome["vocab"] > 0
@@ -152,8 +172,15 @@ def test_a_cached_hub_model_loads_from_the_cache_when_the_hub_is_unreachable(tmp
 def test_the_chat_worker_fails_at_once_naming_assistant_model_name(tmp_path: Path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     began = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "engine.chat.worker", "--model", HUB_NAME, "--device", "cpu"],
-                            env=env, cwd=tmp_path, input="", capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.chat.worker", "--model", HUB_NAME, "--device", "cpu"],
+        env=env,
+        cwd=tmp_path,
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     seconds = time.monotonic() - began
     reply = json.loads(result.stdout.strip().splitlines()[-1])
     assert reply["kind"] == "error" and reply["fatal"] is True
@@ -161,9 +188,18 @@ def test_the_chat_worker_fails_at_once_naming_assistant_model_name(tmp_path: Pat
     assert message.startswith(f"assistant.model.name (or --model): cannot load '{HUB_NAME}'"), message
     assert "HF_HUB_OFFLINE is set" in message and message.endswith("or tiny:<name>.")  # whole, not clipped
     assert seconds < 20, seconds  # a process start and a few imports; it was ~50 s of hub retries
-    keyed = subprocess.run([sys.executable, "-m", "engine.chat.worker", "--model", HUB_NAME, "--key", "student.base_model_name"],
-                           env=env, cwd=tmp_path, input="", capture_output=True, text=True, timeout=120)
-    assert json.loads(keyed.stdout.strip().splitlines()[-1])["message"].startswith("student.base_model_name: cannot load")
+    keyed = subprocess.run(
+        [sys.executable, "-m", "engine.chat.worker", "--model", HUB_NAME, "--key", "student.base_model_name"],
+        env=env,
+        cwd=tmp_path,
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert json.loads(keyed.stdout.strip().splitlines()[-1])["message"].startswith(
+        "student.base_model_name: cannot load"
+    )
 
 
 def test_the_supervisor_runs_a_stage_offline_when_the_hub_is_unreachable(online):

@@ -232,8 +232,9 @@ async def test_new_run_asks_first_and_esc_starts_nothing(project: Path, monkeypa
     assert started.calls == [(runs[0].id, ["data", "teacher", "sft", "distill", "eval"])]
 
 
-async def test_start_and_start_from_here_name_the_run_and_its_frozen_config(project: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch):
+async def test_start_and_start_from_here_name_the_run_and_its_frozen_config(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+):
     write_finished_run(project / "runs")
     started = StartRecorder(monkeypatch)
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
@@ -308,15 +309,28 @@ async def test_quit_without_unsaved_edits_quits_at_once(project: Path, edited_th
 def write_finished_run(root: Path) -> None:
     """A run with fixed timestamps and metrics, so snapshots do not depend on the clock."""
     streams = {
-        "data": [{"kind": "status", "state": "running"}, {"kind": "progress", "done": 320, "total": 320, "unit": "records"},
-                 {"kind": "metric", "name": "prompts", "value": 315, "step": None}, {"kind": "status", "state": "done"}],
-        "teacher": [{"kind": "status", "state": "running"}, {"kind": "progress", "done": 315, "total": 315, "unit": "prompts"},
-                    {"kind": "metric", "name": "tokens_per_s", "value": 3702.5, "step": 10},
-                    {"kind": "status", "state": "done"}],
+        "data": [
+            {"kind": "status", "state": "running"},
+            {"kind": "progress", "done": 320, "total": 320, "unit": "records"},
+            {"kind": "metric", "name": "prompts", "value": 315, "step": None},
+            {"kind": "status", "state": "done"},
+        ],
+        "teacher": [
+            {"kind": "status", "state": "running"},
+            {"kind": "progress", "done": 315, "total": 315, "unit": "prompts"},
+            {"kind": "metric", "name": "tokens_per_s", "value": 3702.5, "step": 10},
+            {"kind": "status", "state": "done"},
+        ],
         "sft": [{"kind": "status", "state": "running"}]
         + [{"kind": "metric", "name": "loss", "value": 7.5 - 0.05 * i, "step": 5 * i} for i in range(1, 8)]
-        + [{"kind": "progress", "done": 20, "total": 36, "unit": "steps"},
-           {"kind": "status", "state": "failed", "error": "out of memory at train.sft.per_device_train_batch_size=8; lower it"}],
+        + [
+            {"kind": "progress", "done": 20, "total": 36, "unit": "steps"},
+            {
+                "kind": "status",
+                "state": "failed",
+                "error": "out of memory at train.sft.per_device_train_batch_size=8; lower it",
+            },
+        ],
     }
     write_run(root, "20261125-080000-tiny", streams, created=1795600000.0)
 
@@ -372,15 +386,23 @@ def test_snapshot_stages(project: Path, snap_compare, size):
     assert snap_compare(app, terminal_size=size, run_before=select_sft)
 
 
-OFFLINE_ERROR = ("datasets[0].name: cannot load 'openai/openai_humaneval' from the Hugging Face hub (Couldn't reach "
-                 "'openai/openai_humaneval' on the Hub (LocalEntryNotFoundError)). If this machine is offline, download "
-                 "the dataset elsewhere and set datasets[0].external_local_path to its JSONL/Parquet/CSV file or folder.")
+OFFLINE_ERROR = (
+    "datasets[0].name: cannot load 'openai/openai_humaneval' from the Hugging Face hub (Couldn't reach "
+    "'openai/openai_humaneval' on the Hub (LocalEntryNotFoundError)). If this machine is offline, download "
+    "the dataset elsewhere and set datasets[0].external_local_path to its JSONL/Parquet/CSV file or folder."
+)
 KEPT = "kept 160 prompts of 320 records (320 read, 5 over the word limit, 155 over data.limit)"
 NOW = 1795640000.0  # the clock of the snapshots below (elapsed times and ETAs are read against it)
 
 
-def write_run(root: Path, run_id: str, streams: dict[str, list[dict]], name: str = "", live: str | None = None,
-              created: float | None = None) -> None:
+def write_run(
+    root: Path,
+    run_id: str,
+    streams: dict[str, list[dict]],
+    name: str = "",
+    live: str | None = None,
+    created: float | None = None,
+) -> None:
     """A run `run_id` with these events (one second apart, stages 100 s apart, from `created`, default the id's
     time); `live`: that stage's worker and the run's supervisor are this very process, so the stage is running."""
     import calendar
@@ -423,24 +445,51 @@ def training(prefixes: dict[str, float], steps: int, every: int = 2, total: int 
 def write_store(root: Path) -> None:
     """Four runs over two days: finished, failed with a long (offline) error, failed (write_finished_run), live."""
     running, done = {"kind": "status", "state": "running"}, {"kind": "status", "state": "done", "seconds": 12}
-    data = [running, {"kind": "progress", "done": 320, "total": 320, "unit": "records"},
-            {"kind": "log", "level": "info", "msg": KEPT}, done]
+    data = [
+        running,
+        {"kind": "progress", "done": 320, "total": 320, "unit": "records"},
+        {"kind": "log", "level": "info", "msg": KEPT},
+        done,
+    ]
     teacher = [running, {"kind": "progress", "done": 160, "total": 160, "unit": "prompts"}, done]
     sft = [running, *training({"loss": 7.5, "eval_loss": 7.4}, 20), done]
-    kd = [running, {"kind": "log", "level": "info", "msg": "KD student: 0.52M parameters, init random, KD weight 0.5, "
-                    "T=2.0; 144 train / 16 eval; KD over 512 token columns"},
-          *training({"loss": 4.0, "ce_loss": 7.0, "kd_loss": 1.0}, 20, total=40)]
-    control = [{**e, "done": e["done"] + 20} if e["kind"] == "progress" else e
-               for e in training({"control/loss": 7.1, "control/ce_loss": 7.1}, 12, total=40)]
-    write_run(root, "20261124-230000-tiny", {"data": data, "teacher": teacher, "sft": sft,
-                                             "distill": [*kd, *control, done]})
-    write_run(root, "20261125-070000-tiny", {"data": [running, {"kind": "log", "level": "info",
-                                             "msg": "datasets[0] openai/openai_humaneval: loading from the hub"},
-                                             {"kind": "status", "state": "failed", "error": OFFLINE_ERROR}]})
+    kd = [
+        running,
+        {
+            "kind": "log",
+            "level": "info",
+            "msg": "KD student: 0.52M parameters, init random, KD weight 0.5, "
+            "T=2.0; 144 train / 16 eval; KD over 512 token columns",
+        },
+        *training({"loss": 4.0, "ce_loss": 7.0, "kd_loss": 1.0}, 20, total=40),
+    ]
+    control = [
+        {**e, "done": e["done"] + 20} if e["kind"] == "progress" else e
+        for e in training({"control/loss": 7.1, "control/ce_loss": 7.1}, 12, total=40)
+    ]
+    write_run(
+        root, "20261124-230000-tiny", {"data": data, "teacher": teacher, "sft": sft, "distill": [*kd, *control, done]}
+    )
+    write_run(
+        root,
+        "20261125-070000-tiny",
+        {
+            "data": [
+                running,
+                {"kind": "log", "level": "info", "msg": "datasets[0] openai/openai_humaneval: loading from the hub"},
+                {"kind": "status", "state": "failed", "error": OFFLINE_ERROR},
+            ]
+        },
+    )
     write_finished_run(root)
     live = [{**event, "ts": NOW - 60 + i} for i, event in enumerate([*kd, *control])]
-    write_run(root, "20261125-090000-tiny", {"data": data, "teacher": teacher, "sft": sft, "distill": live},
-              name="kd weight 0.5", live="distill")
+    write_run(
+        root,
+        "20261125-090000-tiny",
+        {"data": data, "teacher": teacher, "sft": sft, "distill": live},
+        name="kd weight 0.5",
+        live="distill",
+    )
 
 
 class FrozenTime:
@@ -471,8 +520,11 @@ async def select(pilot, app, run_id: str, stage: str) -> None:
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
-@pytest.mark.parametrize("case", [("20261125-070000-tiny", "data"), ("20261125-090000-tiny", "distill"),
-                                  ("20261124-230000-tiny", "sft")], ids=["long-failure", "live", "finished"])
+@pytest.mark.parametrize(
+    "case",
+    [("20261125-070000-tiny", "data"), ("20261125-090000-tiny", "distill"), ("20261124-230000-tiny", "sft")],
+    ids=["long-failure", "live", "finished"],
+)
 def test_snapshot_stages_runs(project: Path, snap_compare, monkeypatch: pytest.MonkeyPatch, size, case):
     """A failed stage with a long message (the detail line and the wrapped log), a live run (distill: KD against
     the control), a finished run reached after looking at the others (the table keeps its columns)."""
@@ -647,13 +699,24 @@ async def test_eval_stage_shows_the_report(project: Path):
     run_dir = project / "runs" / "20261125-080000-tiny"
     (run_dir / "eval").mkdir()
     (run_dir / "eval" / "events.jsonl").write_text(
-        json.dumps({"ts": 1795600900.0, "kind": "status", "state": "running"}) + "\n"
-        + json.dumps({"ts": 1795600905.0, "kind": "status", "state": "done"}) + "\n"
+        json.dumps({"ts": 1795600900.0, "kind": "status", "state": "running"})
+        + "\n"
+        + json.dumps({"ts": 1795600905.0, "kind": "status", "state": "done"})
+        + "\n"
     )
-    numbers = lambda loss, kl: {"loss": loss, "perplexity": 2.718281828 ** loss, "kl_to_assistant": kl, "tokens": 90}  # noqa: E731
-    (run_dir / "eval" / "report.json").write_text(json.dumps({
-        "examples": 16, "models": {"assistant": numbers(2.0, 0.0), "student_kd": numbers(2.5, 0.1), "student_ce": numbers(2.6, 0.2)},
-    }))
+    numbers = lambda loss, kl: {"loss": loss, "perplexity": 2.718281828**loss, "kl_to_assistant": kl, "tokens": 90}  # noqa: E731
+    (run_dir / "eval" / "report.json").write_text(
+        json.dumps(
+            {
+                "examples": 16,
+                "models": {
+                    "assistant": numbers(2.0, 0.0),
+                    "student_kd": numbers(2.5, 0.1),
+                    "student_ce": numbers(2.6, 0.2),
+                },
+            }
+        )
+    )
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
     async with app.run_test(size=(80, 24)) as pilot:
         tab = app.query_one(StagesTab)
@@ -674,15 +737,29 @@ async def test_code_results_show_each_failed_problem_with_its_completion_and_err
     write_finished_run(project / "runs")
     code_dir = project / "runs" / "20261125-080000-tiny" / "eval" / "code"
     code_dir.mkdir(parents=True)
-    sample = lambda task, passed, completion, error="", status=None: json.dumps(  # noqa: E731
-        {"task_id": task, "completion": completion, "passed": passed, "status": status or ("passed" if passed else "failed"),
-         "error": error, "duration_s": 0.1}) + "\n"
+
+    def sample(task, passed, completion, error="", status=None):
+        record = {
+            "task_id": task,
+            "completion": completion,
+            "passed": passed,
+            "status": status or ("passed" if passed else "failed"),
+            "error": error,
+            "duration_s": 0.1,
+        }
+        return json.dumps(record) + "\n"
+
     (code_dir / "student_kd.jsonl").write_text(
         sample("HumanEval/0", True, "    return a + b\n")
-        + sample("HumanEval/1", False, "    return a - b_typo\n",
-                 "Traceback (most recent call last):\n  ...\nNameError: name 'b_typo' is not defined")
+        + sample(
+            "HumanEval/1",
+            False,
+            "    return a - b_typo\n",
+            "Traceback (most recent call last):\n  ...\nNameError: name 'b_typo' is not defined",
+        )
         + "{not json\n"
-        + sample("HumanEval/2", False, "    while True: pass\n", "timed out after 10 s", "timeout"))
+        + sample("HumanEval/2", False, "    while True: pass\n", "timed out after 10 s", "timeout")
+    )
     (code_dir / "assistant.jsonl").write_text(sample("HumanEval/0", True, "    return sum((a, b))\n"))
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -695,8 +772,11 @@ async def test_code_results_show_each_failed_problem_with_its_completion_and_err
         await pilot.press("m")
         await wait_until(pilot, lambda: screen.model == "student_kd")
         table = screen.query_one("#code-table", DataTable)
-        assert [str(table.get_row_at(i)[0]) for i in range(table.row_count)] == ["HumanEval/1", "HumanEval/2",
-                                                                                 "HumanEval/0"]
+        assert [str(table.get_row_at(i)[0]) for i in range(table.row_count)] == [
+            "HumanEval/1",
+            "HumanEval/2",
+            "HumanEval/0",
+        ]
         assert "NameError: name 'b_typo' is not defined" in str(table.get_row_at(0)[2])
         summary = str(screen.query_one("#code-summary").render())
         assert "2 failed, 1 passed" in summary and "student_kd.jsonl:3" in summary
@@ -712,8 +792,9 @@ async def test_code_results_show_each_failed_problem_with_its_completion_and_err
 
 def _rendered(widget) -> str:
     """What a widget shows, as plain text (its lines as painted)."""
-    return "\n".join("".join(segment.text for segment in strip) for strip in
-                     widget.render_lines(widget.region.reset_offset))
+    return "\n".join(
+        "".join(segment.text for segment in strip) for strip in widget.render_lines(widget.region.reset_offset)
+    )
 
 
 def test_config_tab_resolves_references_like_the_loader():

@@ -81,6 +81,7 @@ def _distill_with_shuffled_teacher(run, project: Path, monkeypatch: pytest.Monke
 
     student = load_causal_lm(config.train.distillation.output_dir, key="broken").eval()
     tokenizer = load_tokenizer(config.assistant.model.name, key="assistant.model.name")
-    figures = eval_stage.code_eval(ctx, "student_broken", student, tokenizer, eval_stage.code_problems(ctx),
-                                   ctx.system_prompt("Assistant"))  # as the eval stage scores the others
+    figures = eval_stage.code_eval(
+        ctx, "student_broken", student, tokenizer, eval_stage.code_problems(ctx), ctx.system_prompt("Assistant")
+    )  # as the eval stage scores the others
     return figures["pass@1"]

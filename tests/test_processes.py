@@ -131,8 +131,14 @@ def test_a_repeated_warning_is_written_once(tmp_path: Path):
         "warnings.warn('`x` is deprecated, use `y`', FutureWarning)\n"
         "warnings.warn('another one', UserWarning)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "PYTHONWARNINGS": ""}, cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONWARNINGS": ""},
+        cwd=Path(__file__).resolve().parents[1],
+    )
     lines = result.stderr.splitlines()
     assert result.returncode == 0, result.stderr
     assert len(lines) == 2, lines
@@ -293,7 +299,8 @@ def test_the_starter_reaps_its_supervisor(project: Path, monkeypatch: pytest.Mon
     def reaped() -> bool:
         try:
             return psutil.Process(record.pid).status() != psutil.STATUS_ZOMBIE and record.pid not in [
-                child.pid for child in psutil.Process().children()]
+                child.pid for child in psutil.Process().children()
+            ]
         except psutil.NoSuchProcess:
             return True
 

@@ -18,8 +18,9 @@ from .helpers import ROOT
 @pytest.mark.train
 def test_4bit_lora_trains_the_same_after_an_evaluation():
     script = ROOT / "tests" / "qlora_train_eval_train.py"
-    done = subprocess.run([sys.executable, str(script), "--force-avx512bf16"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script), "--force-avx512bf16"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["error"] is None, result

@@ -85,8 +85,13 @@ asyncio.run(main())
 @pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP], ids=["SIGKILL", "SIGHUP"])
 def test_a_stage_outlives_the_panel_that_started_it(project: Path, slow_config: Path, sig):
-    panel = subprocess.Popen([sys.executable, "-c", PANEL_SCRIPT, str(slow_config)], cwd=project,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    panel = subprocess.Popen(
+        [sys.executable, "-c", PANEL_SCRIPT, str(slow_config)],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert panel.stdout.readline().strip() == "STARTED", panel.stderr.read()
         store = RunStore(project / "runs")
@@ -110,8 +115,10 @@ def test_a_stage_outlives_the_panel_that_started_it(project: Path, slow_config: 
 
 @pytest.mark.e2e
 def test_teacher_killed_again_and_again_loses_and_duplicates_nothing(project: Path):
-    cfg, run = tiny_run(project, **{"teacher.open.pipeline.batch_size": 2, "data.limit": 120,
-                                    "teacher.open.pipeline.max_new_tokens": 16})
+    cfg, run = tiny_run(
+        project,
+        **{"teacher.open.pipeline.batch_size": 2, "data.limit": 120, "teacher.open.pipeline.max_new_tokens": 16},
+    )
     output = Path(cfg.teacher.base.output_path)
     rng = random.Random(7)
     previous_worker = None
@@ -119,12 +126,17 @@ def test_teacher_killed_again_and_again_loses_and_duplicates_nothing(project: Pa
     for _ in range(KILL_ROUNDS):
         before = len(lines_of(output))
         launcher.start(run, ["teacher"])
-        worker = wait_for(lambda previous=previous_worker: (s := run.stages()[1]).state == "running" and s.pid != previous and s.pid,
-                          timeout=30, interval=0.02)
+        worker = wait_for(
+            lambda previous=previous_worker: (s := run.stages()[1]).state == "running" and s.pid != previous and s.pid,
+            timeout=30,
+            interval=0.02,
+        )
         previous_worker = worker
         # kill at a different point each round: after 0-3 new answers, plus up to 0.3 s
         wanted = rng.randint(0, 3)
-        wait_for(lambda goal=before + wanted: len(lines_of(output)) >= goal or not run.is_live(), timeout=120, interval=0.02)
+        wait_for(
+            lambda goal=before + wanted: len(lines_of(output)) >= goal or not run.is_live(), timeout=120, interval=0.02
+        )
         time.sleep(rng.uniform(0, 0.3))
         try:
             os.kill(worker, signal.SIGKILL)
@@ -177,8 +189,9 @@ def run_teacher_in_process(run) -> dict:
 
 
 def test_disk_full_fails_with_the_cause_and_keeps_earlier_answers(project: Path, monkeypatch):
-    cfg, run = tiny_run(project, **{"data.limit": 40, "teacher.open.pipeline.batch_size": 8,
-                                    "teacher.open.pipeline.max_new_tokens": 8})
+    cfg, run = tiny_run(
+        project, **{"data.limit": 40, "teacher.open.pipeline.batch_size": 8, "teacher.open.pipeline.max_new_tokens": 8}
+    )
     real_append = TeacherOutput.append
     calls = {"n": 0}
 
@@ -241,8 +254,9 @@ def test_openai_auth_failure_is_named(project: Path, monkeypatch):
     key = "sk-tas-test-auth-" + "Q" * 24
     monkeypatch.setenv("OPENAI_API_KEY", key)
     with FakeOpenAI(api_key="sk-the-right-one-" + "R" * 24) as server:
-        _, run = tiny_run(project, **{"data.limit": 8, "teacher.source": "closed",
-                                      "teacher.closed.base_url": server.url})
+        _, run = tiny_run(
+            project, **{"data.limit": 8, "teacher.source": "closed", "teacher.closed.base_url": server.url}
+        )
         status = run_teacher_in_process(run)
     assert status["state"] == "failed" and "401" in status["error"] and "OPENAI_API_KEY" in status["error"]
     assert key not in json.dumps(status)

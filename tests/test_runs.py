@@ -28,7 +28,9 @@ def run(store: RunStore, project: Path):
 
 def test_create_freezes_the_config(run, project: Path):
     frozen = run.config()
-    assert frozen == resolve_outputs(load_config(project / "configs" / "tiny.yaml"), run.path)  # outputs live in the run
+    assert frozen == resolve_outputs(
+        load_config(project / "configs" / "tiny.yaml"), run.path
+    )  # outputs live in the run
     assert run.id.endswith("-tiny") and run.workdir == str(project)
     assert [s.state for s in run.stages()] == ["pending"] * 5
 

@@ -48,8 +48,15 @@ class Handler(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("content-length", 0)))
         with self.server.lock:
             status, pad = next(self.server.statuses), next(self.server.pads)
-        body = json.dumps({"error": {"message": "x" * max(pad, 0) + f"invalid key {KEY} (echoed)",
-                                     "type": "invalid_request_error", "code": status}})
+        body = json.dumps(
+            {
+                "error": {
+                    "message": "x" * max(pad, 0) + f"invalid key {KEY} (echoed)",
+                    "type": "invalid_request_error",
+                    "code": status,
+                }
+            }
+        )
         self.send_response(status)
         self.send_header("content-type", "application/json")
         self.end_headers()
@@ -89,12 +96,23 @@ def test_a_key_only_in_dotenv_never_leaks(project: Path, statuses: list[int], mo
         config_path.write_text(cfg.to_yaml())
         env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
         tas = [sys.executable, "-m", "engine.cli.main"]
-        started = subprocess.run([*tas, "run", "data", "teacher", "--config", str(config_path), "--name", "leaky"],
-                                 cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        started = subprocess.run(
+            [*tas, "run", "data", "teacher", "--config", str(config_path), "--name", "leaky"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         outputs = [started.stdout + started.stderr]
         run = RunStore(project / "runs").get("leaky")
-        for args in (["status"], ["status", "leaky"], ["logs", "leaky", "teacher"],
-                     ["logs", "leaky", "teacher", "--events"], ["note", "leaky"]):
+        for args in (
+            ["status"],
+            ["status", "leaky"],
+            ["logs", "leaky", "teacher"],
+            ["logs", "leaky", "teacher", "--events"],
+            ["note", "leaky"],
+        ):
             done = subprocess.run([*tas, *args], cwd=project, env=env, capture_output=True, text=True, timeout=60)
             outputs.append(done.stdout + done.stderr)
         assert "failed" in outputs[0] or "no answer" in outputs[0] or "rejected" in outputs[0], outputs[0]

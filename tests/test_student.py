@@ -58,7 +58,10 @@ def n_params(model) -> int:
 def test_config_from_tiny_profile(cfg, assistant):
     config = student_config(cfg, assistant.config, assistant.config.vocab_size)
     assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads) == (
-        cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
     )
     assert config.max_position_embeddings == cfg.max_position_embeddings
     a = assistant.config
@@ -219,8 +222,10 @@ def sft_adapter(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sft") / "adapter"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
-        model = get_peft_model(load_causal_lm("tiny:assistant", dtype=torch.float32),
-                               LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        model = get_peft_model(
+            load_causal_lm("tiny:assistant", dtype=torch.float32),
+            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+        )
     model.save_pretrained(folder)
     return folder
 
@@ -277,8 +282,10 @@ def test_student_lora_trains_and_the_saved_student_loads(cfg, assistant, tokeniz
     from engine.core.config import LoraConfig
 
     pretrained = cfg.model_copy(update={"base_model_name": "tiny:student"})
-    student = with_lora(build_student(pretrained, assistant, tokenizer, init="pretrained"),
-                        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, modules_to_save=None))
+    student = with_lora(
+        build_student(pretrained, assistant, tokenizer, init="pretrained"),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, modules_to_save=None),
+    )
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     frozen = {n: p.clone() for n, p in student.named_parameters() if not p.requires_grad}
@@ -292,9 +299,17 @@ def test_student_lora_trains_and_the_saved_student_loads(cfg, assistant, tokeniz
         out = student(**batch, output_hidden_states=True)
         with torch.no_grad():
             teacher_out = assistant(**batch, output_hidden_states=True)
-        loss = chunked_kd_loss(out.hidden_states[-1], student.get_output_embeddings().weight,
-                               teacher_out.hidden_states[-1], assistant.get_output_embeddings().weight, labels,
-                               weight=0.5, temperature=2.0, chunk_size=4, vocab_size=token_columns(tokenizer)).loss
+        loss = chunked_kd_loss(
+            out.hidden_states[-1],
+            student.get_output_embeddings().weight,
+            teacher_out.hidden_states[-1],
+            assistant.get_output_embeddings().weight,
+            labels,
+            weight=0.5,
+            temperature=2.0,
+            chunk_size=4,
+            vocab_size=token_columns(tokenizer),
+        ).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -336,11 +351,13 @@ def test_padded_vocab_kd_loss_ignores_the_padding(cfg, assistant, tokenizer, tmp
     ignored; training steps run."""
     n = token_columns(tokenizer)
     padded_folder = saved_copy("tiny:student", tmp_path / "padded", rows=n + 64)
-    student = build_student(cfg.model_copy(update={"base_model_name": str(padded_folder)}), assistant, tokenizer,
-                            init="pretrained")
+    student = build_student(
+        cfg.model_copy(update={"base_model_name": str(padded_folder)}), assistant, tokenizer, init="pretrained"
+    )
     assert embedding_rows(student) == n + 64 and embedding_rows(assistant) == n
-    vocab = check_vocab_compatibility(tokenizer, load_tokenizer(str(padded_folder)), embedding_rows(assistant),
-                                      embedding_rows(student))
+    vocab = check_vocab_compatibility(
+        tokenizer, load_tokenizer(str(padded_folder)), embedding_rows(assistant), embedding_rows(student)
+    )
     assert vocab == n
 
     # the teacher padded too, its padding rows different from a second copy's: the loss does not see them
@@ -349,8 +366,9 @@ def test_padded_vocab_kd_loss_ignores_the_padding(cfg, assistant, tokenizer, tmp
     other_rows = teacher_head.clone()
     other_rows[n:] = torch.randn_like(other_rows[n:]) * 50
 
-    batch = tokenizer(["def add(a, b):\n    return a + b", "for i in range(3): print(i)"], return_tensors="pt",
-                      padding=True)
+    batch = tokenizer(
+        ["def add(a, b):\n    return a + b", "for i in range(3): print(i)"], return_tensors="pt", padding=True
+    )
     labels = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)
     labels[:, :2] = -100
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
@@ -359,11 +377,13 @@ def test_padded_vocab_kd_loss_ignores_the_padding(cfg, assistant, tokenizer, tmp
         with torch.no_grad():
             t_hidden = teacher(**batch, output_hidden_states=True).hidden_states[-1]
         args = dict(weight=0.5, temperature=2.0, chunk_size=5, vocab_size=vocab)
-        loss = chunked_kd_loss(out.hidden_states[-1], student.get_output_embeddings().weight, t_hidden,
-                               teacher_head, labels, **args)
+        loss = chunked_kd_loss(
+            out.hidden_states[-1], student.get_output_embeddings().weight, t_hidden, teacher_head, labels, **args
+        )
         with torch.no_grad():
-            other = chunked_kd_loss(out.hidden_states[-1], student.get_output_embeddings().weight, t_hidden,
-                                    other_rows, labels, **args)
+            other = chunked_kd_loss(
+                out.hidden_states[-1], student.get_output_embeddings().weight, t_hidden, other_rows, labels, **args
+            )
             reference = kd_loss_reference(out.logits, t_hidden @ teacher_head.T, labels, 0.5, 2.0, vocab_size=n)
         assert out.logits.shape[-1] == n + 64
         torch.testing.assert_close(other.loss, loss.loss.detach())  # the teacher's padded logits are ignored
@@ -374,5 +394,13 @@ def test_padded_vocab_kd_loss_ignores_the_padding(cfg, assistant, tokenizer, tmp
         optimizer.step()
         optimizer.zero_grad()
     with pytest.raises(ValueError, match="vocab_size"):  # the padded sizes themselves are no shared vocab
-        chunked_kd_loss(out.hidden_states[-1], student.get_output_embeddings().weight, t_hidden, teacher_head,
-                        labels, weight=0.5, temperature=2.0, vocab_size=None)
+        chunked_kd_loss(
+            out.hidden_states[-1],
+            student.get_output_embeddings().weight,
+            t_hidden,
+            teacher_head,
+            labels,
+            weight=0.5,
+            temperature=2.0,
+            vocab_size=None,
+        )

@@ -300,8 +300,12 @@ def test_batch_in_flight_is_resumed_not_resubmitted(project: Path, server: FakeO
     prompts = make_prompts(plain(6))
     # an earlier run submitted the first four prompts and was killed while polling
     lines = [
-        {"custom_id": p["id"], "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": p["instruction"]}]}}
+        {
+            "custom_id": p["id"],
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": p["instruction"]}]},
+        }
         for p in prompts[:4]
     ]
     file_id = server.store_file("old.jsonl", "batch", "".join(json.dumps(line) + "\n" for line in lines).encode())

@@ -28,8 +28,8 @@ ROWS = [
     {"instruction": "Write a function that reverses a string.", "output": "def rev(s):\n    return s[::-1]\n"},
     {"instruction": "Sort a list of numbers", "output": "sorted(xs)"},
     {"instruction": "  sort a LIST of numbers ", "output": "xs.sort()"},  # a repeat: TAS keeps it
-    {"instruction": "Add two numbers", "output": "   "},                    # empty answer: never stored
-    {"instruction": None, "output": "orphan"},                             # no instruction
+    {"instruction": "Add two numbers", "output": "   "},  # empty answer: never stored
+    {"instruction": None, "output": "orphan"},  # no instruction
     {"instruction": "Compute a factorial", "output": "math.factorial(n)"},
 ]
 
@@ -81,14 +81,17 @@ def _answers(cfg, project: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------ TAS's mapping
 
 
-@pytest.mark.parametrize(("size", "teacher", "revision"), [
-    ("16k", "open", "v3-GoogleDocString"),
-    ("32k", "open", "v5-GoogleDocString"),
-    ("64k", "open", "v7-GoogleDocString"),
-    ("16k", "closed", "v3-NumpyDocString"),
-    ("32k", "closed", "v5-NumpyDocString"),
-    ("64k", "closed", "v7-NumpyDocString"),
-])
+@pytest.mark.parametrize(
+    ("size", "teacher", "revision"),
+    [
+        ("16k", "open", "v3-GoogleDocString"),
+        ("32k", "open", "v5-GoogleDocString"),
+        ("64k", "open", "v7-GoogleDocString"),
+        ("16k", "closed", "v3-NumpyDocString"),
+        ("32k", "closed", "v5-NumpyDocString"),
+        ("64k", "closed", "v7-NumpyDocString"),
+    ],
+)
 def test_size_and_teacher_pick_tas_revision(config, size: str, teacher: str, revision: str):
     getattr(config.teacher, teacher).data.download.size = size
     other = "closed" if teacher == "open" else "open"
@@ -148,14 +151,23 @@ def test_local_folder_loads_for_real_and_resumes(config, project: Path, hub_fold
 
     answers = _answers(config, project)
     first = prompt_id(ROWS[1]["instruction"])
-    assert [a["id"] for a in answers] == [prompt_id(ROWS[0]["instruction"]), first, first + "-2",
-                                          prompt_id(ROWS[5]["instruction"])]
+    assert [a["id"] for a in answers] == [
+        prompt_id(ROWS[0]["instruction"]),
+        first,
+        first + "-2",
+        prompt_id(ROWS[5]["instruction"]),
+    ]
     assert [(a["instruction"], a["output"]) for a in answers] == [
-        (row["instruction"], row["output"]) for row in (ROWS[0], ROWS[1], ROWS[2], ROWS[5])]  # verbatim, as TAS
+        (row["instruction"], row["output"]) for row in (ROWS[0], ROWS[1], ROWS[2], ROWS[5])
+    ]  # verbatim, as TAS
     assert {a["model"] for a in answers} == {str(hub_folder)}
     logs = [e["msg"] for e in read_events(ctx.stage_dir / "events.jsonl") if e["kind"] == "log"]
-    assert any("stored 4 answers, 0 were already there" in m and "1 skipped (empty answer)" in m
-               and "1 skipped (no instruction)" in m for m in logs), logs
+    assert any(
+        "stored 4 answers, 0 were already there" in m
+        and "1 skipped (empty answer)" in m
+        and "1 skipped (no instruction)" in m
+        for m in logs
+    ), logs
 
     output = Path(config.teacher.base.output_path)
     before = output.read_bytes()
@@ -186,8 +198,9 @@ def test_ids_match_the_data_stage(config, project: Path, hub_folder: Path):
     assert answered == {p["id"] for p in prompts} - {prompt_id("Add two numbers")}  # the empty answer
 
 
-def test_default_repo_is_loaded_with_tas_revision_and_split(config, project: Path, hub_folder: Path,
-                                                            monkeypatch: pytest.MonkeyPatch):
+def test_default_repo_is_loaded_with_tas_revision_and_split(
+    config, project: Path, hub_folder: Path, monkeypatch: pytest.MonkeyPatch
+):
     import datasets
 
     real_load, calls = datasets.load_dataset, []
@@ -220,8 +233,9 @@ def test_load_failure_says_what_to_do_offline(config, project: Path, monkeypatch
     assert "teacher.open.data.download.repo: DIR" in message
 
 
-def test_answers_of_another_revision_are_never_mixed(config, project: Path, hub_folder: Path,
-                                                     monkeypatch: pytest.MonkeyPatch):
+def test_answers_of_another_revision_are_never_mixed(
+    config, project: Path, hub_folder: Path, monkeypatch: pytest.MonkeyPatch
+):
     import datasets
 
     real_load = datasets.load_dataset

@@ -100,7 +100,10 @@ def test_system_prompt_and_chat_template(config, project: Path):
     ctx = make_context(config, "teacher", project)
     _, tokenizer = load_teacher(ctx)
     text = chat_texts(tokenizer, [{"id": "x", "instruction": "Reverse a list"}], "SYSTEM", True)[0]
-    assert text == "<|im_start|>system\nSYSTEM<|im_end|>\n<|im_start|>user\nReverse a list<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        text
+        == "<|im_start|>system\nSYSTEM<|im_end|>\n<|im_start|>user\nReverse a list<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_missing_prompts_file_says_run_data_first(config, project: Path):
@@ -155,8 +158,11 @@ def test_out_of_memory_halves_the_batch_and_answers_every_prompt_once(config, pr
 
     # nothing fits: one prompt alone is a clear error, and what was answered stays
     Path(config.teacher.base.output_path).unlink()
-    monkeypatch.setattr(transformers.GenerationMixin, "generate",
-                        lambda self, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
+    monkeypatch.setattr(
+        transformers.GenerationMixin,
+        "generate",
+        lambda self, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")),
+    )
     with pytest.raises(StageError, match=r"single prompt.*teacher\.open\.pipeline\.max_new_tokens"):
         teacher.run(make_context(config, "teacher", project))
 
@@ -188,8 +194,12 @@ def _scripted_answer(ctx, model, tokenizer, script: list[int]):
 
     prompts = [{"id": "p", "instruction": "Write a function that squares x."}]
     texts = chat_texts(tokenizer, prompts, "You are a senior Python developer.", True)
-    kwargs = dict(generation_kwargs(ctx, tokenizer, model), do_sample=False, max_new_tokens=len(script),
-                  logits_processor=LogitsProcessorList([_Script(script)]))
+    kwargs = dict(
+        generation_kwargs(ctx, tokenizer, model),
+        do_sample=False,
+        max_new_tokens=len(script),
+        logits_processor=LogitsProcessorList([_Script(script)]),
+    )
     kwargs.pop("temperature", None), kwargs.pop("top_p", None), kwargs.pop("top_k", None)
     [batch] = generate_batches(model, tokenizer, prompts, texts, 1, kwargs)
     return batch.answers[0], batch.new_tokens
@@ -254,7 +264,9 @@ def test_teacher_answers_hand_over_to_the_assistants_tokenizer(config, project: 
         assert assistant.decode(ids) == answer
         differ += ids != teacher_tok(answer, add_special_tokens=False)["input_ids"]
         messages = [{"role": "user", "content": record["instruction"]}, {"role": "assistant", "content": answer}]
-        out = assistant.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        out = assistant.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         marked = [i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
         assert assistant.decode(marked) == answer + "<|im_end|>"
     assert differ == len(records)  # the same text, other ids

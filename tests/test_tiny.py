@@ -118,7 +118,10 @@ def test_teacher_is_stablelm_with_a_tokenizer_of_its_own():
     # its own ChatML template, rendered with its own tokens; no generation markers (it is never trained)
     messages = [{"role": "system", "content": "SYSTEM"}, {"role": "user", "content": "Reverse a list."}]
     prompt = t.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert prompt == "<|im_start|>system\nSYSTEM<|im_end|>\n<|im_start|>user\nReverse a list.<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        prompt
+        == "<|im_start|>system\nSYSTEM<|im_end|>\n<|im_start|>user\nReverse a list.<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert "{% generation %}" not in t.chat_template and "{% generation %}" in a.chat_template
     # like stable-code-instruct-3b's generation_config.json: the model itself stops at <|endoftext|> only;
     # a ChatML turn ends in <|im_end|>, which teacher.open.tokenizer.additional_special_tokens adds
@@ -176,8 +179,9 @@ def test_shipped_teacher_can_code():
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     held_out = problems("heldout")
-    records = generate_completions(model, tok, held_out, CodeEvalConfig(max_new_tokens=64, batch_size=32),
-                                   SYSTEM_PROMPTS[3])
+    records = generate_completions(
+        model, tok, held_out, CodeEvalConfig(max_new_tokens=64, batch_size=32), SYSTEM_PROMPTS[3]
+    )
     _, summary = score_completions(records, held_out, workers=2)
     assert summary["pass@1"] >= 0.9, summary
 

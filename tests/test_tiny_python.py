@@ -70,8 +70,14 @@ def passes(code: str, problem: dict) -> bool:
 def off_by_one(problem: dict) -> str | None:
     """A boundary mistake in the reference body (> for >=, range(n + 1), ...), where the template has one."""
     body = template_of(problem).body.format(a=a_of(problem))
-    for right, wrong in ((">=", ">"), (" > ", " >= "), ("range(n)", "range(n + 1)"), ("[:", "[:1 + "),
-                         ("[-", "[-1 - "), ("s[", "s[1 + ")):
+    for right, wrong in (
+        (">=", ">"),
+        (" > ", " >= "),
+        ("range(n)", "range(n + 1)"),
+        ("[:", "[:1 + "),
+        ("[-", "[-1 - "),
+        ("s[", "s[1 + "),
+    ):
         if right in body:
             return body.replace(right, wrong, 1)
     return None
@@ -115,9 +121,17 @@ def test_heldout_problems_are_never_seen_in_training(splits):
 
 
 def test_phrasings_vary(splits):
-    frames = [re.compile(re.escape(frame).replace(re.escape("{sig}"), ".+").replace(re.escape("{does}"), ".+")
-                         .replace(re.escape("{name}"), ".+").replace(re.escape("{args}"), ".+") + "$")
-              for frame in tp.FRAMES]
+    frames = [
+        re.compile(
+            re.escape(frame)
+            .replace(re.escape("{sig}"), ".+")
+            .replace(re.escape("{does}"), ".+")
+            .replace(re.escape("{name}"), ".+")
+            .replace(re.escape("{args}"), ".+")
+            + "$"
+        )
+        for frame in tp.FRAMES
+    ]
     used = []
     for problem in splits["heldout"].values():
         matches = [i for i, frame in enumerate(frames) if frame.match(problem["instruction"])]
@@ -135,8 +149,15 @@ def test_problems_are_deterministic(splits):
     assert {split: tp.problems(split) for split in tp.SPLITS} == splits
     # and the same in another interpreter with another hash seed (the split must never move)
     code = "import json; from engine.models import tiny_python as tp; print(json.dumps(tp.problems('heldout')))"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"}, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
     assert json.loads(done.stdout) == splits["heldout"]
 
 
@@ -149,8 +170,12 @@ def test_unknown_split_names_the_splits():
 
 
 def test_every_reference_solution_passes_its_tests(splits):
-    failed = [p["task_id"] for problems in splits.values() for p in problems.values()
-              if not passes(p["canonical_solution"], p)]
+    failed = [
+        p["task_id"]
+        for problems in splits.values()
+        for p in problems.values()
+        if not passes(p["canonical_solution"], p)
+    ]
     assert not failed
     assert all(tp.answer(p) == f"```python\n{p['canonical_solution']}```" for p in splits["heldout"].values())
 
@@ -158,8 +183,12 @@ def test_every_reference_solution_passes_its_tests(splits):
 def test_the_tests_tell_every_value_of_a_apart(splits):
     """A held-out problem fails the same function written for any other value of a (add_11 as add_10 or
     add_12, is_div_18 as is_div_9, mod_66 as mod_11...): a pass means the model read the number."""
-    wrong = [(p["task_id"], b) for p in splits["heldout"].values() for b in template_of(p).values
-             if b != a_of(p) and passes(solution(p, b), p)]
+    wrong = [
+        (p["task_id"], b)
+        for p in splits["heldout"].values()
+        for b in template_of(p).values
+        if b != a_of(p) and passes(solution(p, b), p)
+    ]
     assert not wrong
 
 
@@ -182,8 +211,10 @@ def sample(problems: dict[str, dict]) -> dict[str, dict]:
 def test_references_pass_in_the_sandbox(splits):
     """Held-out: the chat answer, read back by extract_code, as the eval stage does; the other splits: a sample."""
     heldout = splits["heldout"]
-    records = [{"task_id": t, "completion": extract_code(tp.answer(p), p["prompt"], p["entry_point"])}
-               for t, p in heldout.items()]
+    records = [
+        {"task_id": t, "completion": extract_code(tp.answer(p), p["prompt"], p["entry_point"])}
+        for t, p in heldout.items()
+    ]
     others = {**sample(splits["prompts"]), **sample(splits["pretrain"])}
     assert len(others) == 4 * len(tp.TEMPLATES)
     records += [{"task_id": t, "completion": p["canonical_solution"]} for t, p in others.items()]
@@ -206,8 +237,11 @@ def test_wrong_solutions_fail_in_the_sandbox(splits):
     records += [
         {"task_id": first["task_id"], "completion": first["canonical_solution"].replace("):", ")", 1), "why": "syntax"},
         {"task_id": first["task_id"], "completion": "", "why": "empty"},
-        {"task_id": first["task_id"], "completion": f"def {first['entry_point']}(x):\n    return None\n",
-         "why": "None"},
+        {
+            "task_id": first["task_id"],
+            "completion": f"def {first['entry_point']}(x):\n    return None\n",
+            "why": "None",
+        },
     ]
     results, summary = score_completions(records, heldout, workers=2)
     assert [(r["task_id"], rec["why"]) for r, rec in zip(results, records) if r["passed"]] == []
@@ -221,8 +255,10 @@ def test_wrong_solutions_fail_in_the_sandbox(splits):
 def test_chat_messages_ask_in_the_instruction_alone(splits):
     problem = splits["heldout"]["tiny-python/add_11"]
     messages = chat_messages(problem, system="You are a careful programmer.")
-    assert messages == [{"role": "system", "content": "You are a careful programmer."},
-                        {"role": "user", "content": problem["instruction"]}]
+    assert messages == [
+        {"role": "system", "content": "You are a careful programmer."},
+        {"role": "user", "content": problem["instruction"]},
+    ]
     assert chat_messages(problem) == [{"role": "user", "content": problem["instruction"]}]
     humaneval = load_humaneval(1)["HumanEval/0"]  # a problem without an instruction keeps the code prompt
     assert "```python\nfrom typing import List" in chat_messages(humaneval)[0]["content"]
@@ -278,8 +314,9 @@ def test_the_eval_stage_picks_the_heldout_split():
 
     logged: list[str] = []
     code = CodeEvalConfig(benchmark="tiny-python", limit=10)
-    ctx = SimpleNamespace(config=SimpleNamespace(eval=SimpleNamespace(code=code)),
-                          events=SimpleNamespace(log=logged.append))
+    ctx = SimpleNamespace(
+        config=SimpleNamespace(eval=SimpleNamespace(code=code)), events=SimpleNamespace(log=logged.append)
+    )
     assert code_problems(ctx) == dict(list(tp.problems("heldout").items())[:10])
     assert "tiny-python (held-out split), 10 problems" in logged[0]
     code.benchmark, code.limit = "none", None
@@ -287,8 +324,9 @@ def test_the_eval_stage_picks_the_heldout_split():
 
 
 def write_completions(path: Path, problems: dict[str, dict]) -> Path:
-    path.write_text("".join(json.dumps({"task_id": t, "completion": p["canonical_solution"]}) + "\n"
-                            for t, p in problems.items()))
+    path.write_text(
+        "".join(json.dumps({"task_id": t, "completion": p["canonical_solution"]}) + "\n" for t, p in problems.items())
+    )
     return path
 
 
@@ -322,16 +360,23 @@ def test_shipped_prompt_set_is_the_prompts_split(tmp_path, splits):
     generated = tp.write_prompts_asset(tmp_path / "prompts.jsonl")
     assert shipped.read_bytes() == generated.read_bytes(), (
         "engine/assets/prompts/tiny_python_prompts.jsonl is stale: "
-        "python -m engine.models.tiny_python --write-prompts engine/assets/prompts/tiny_python_prompts.jsonl")
+        "python -m engine.models.tiny_python --write-prompts engine/assets/prompts/tiny_python_prompts.jsonl"
+    )
     rows = [json.loads(line) for line in shipped.read_text().splitlines()]
     assert [(r["task_id"], r["instruction"]) for r in rows] == [
-        (t, p["instruction"]) for t, p in splits["prompts"].items()]
+        (t, p["instruction"]) for t, p in splits["prompts"].items()
+    ]
 
 
 def test_write_prompts_command_line(tmp_path):
     out = tmp_path / "sub" / "prompts.jsonl"
-    done = subprocess.run([sys.executable, "-m", "engine.models.tiny_python", "--write-prompts", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.models.tiny_python", "--write-prompts", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert "348 prompts" in done.stdout
     assert out.read_bytes() == shipped_dataset("tiny:tiny-python").read_bytes()

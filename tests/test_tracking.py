@@ -29,7 +29,8 @@ def test_sft_run_is_tracked_in_mlflow(tmp_path: Path, monkeypatch: pytest.Monkey
     cfg = load_config(TINY_CONFIG)
     cfg.teacher.base.output_path = str(tmp_path / "teacher.jsonl")
     Path(cfg.teacher.base.output_path).write_text(
-        "".join(json.dumps({"id": f"p{i}", "instruction": q, "output": a}) + "\n" for i, (q, a) in enumerate(RECORDS)))
+        "".join(json.dumps({"id": f"p{i}", "instruction": q, "output": a}) + "\n" for i, (q, a) in enumerate(RECORDS))
+    )
     cfg.train.sft.report_to = "mlflow"
     cfg.train.sft.max_steps = 3
     cfg.train.sft.logging_steps = 1

@@ -27,15 +27,25 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     shutil.copy(PROMPTS, root / "prompt.yaml")
     cfg = load_config(TINY_CONFIG)
-    for section, key in ((cfg.data, "output_path"), (cfg.teacher.base, "output_path"), (cfg.train.sft, "save_path"),
-                         (cfg.train.distillation, "output_dir")):
+    for section, key in (
+        (cfg.data, "output_path"),
+        (cfg.teacher.base, "output_path"),
+        (cfg.train.sft, "save_path"),
+        (cfg.train.distillation, "output_dir"),
+    ):
         setattr(section, key, str(root / getattr(section, key)))
     cfg.prompts.path = str(root / "prompt.yaml")
     cfg.data.limit = 48
     cfg.teacher.open.pipeline.max_new_tokens = 24
     cfg.eval.code.limit = 12  # tiny-python's first 12 held-out problems: the full benchmark is the e2e test's
     contexts = {}
-    for stage, module in (("data", data), ("teacher", teacher), ("sft", sft), ("distill", distill), ("eval", eval_stage)):
+    for stage, module in (
+        ("data", data),
+        ("teacher", teacher),
+        ("sft", sft),
+        ("distill", distill),
+        ("eval", eval_stage),
+    ):
         contexts[stage] = make_context(cfg, stage, root)
         module.run(contexts[stage])
     return cfg, contexts, root
@@ -79,7 +89,9 @@ def test_sft_trains_on_the_answer_only(trained):
     tokenizer = setup.tokenizer
     answer = tokenizer.decode([i for i, m in zip(ids, mask) if m])
     prompt = tokenizer.decode([i for i, m in zip(ids, mask) if not m])
-    assert "<|im_start|>system" in prompt and "<|im_start|>user" in prompt and prompt.endswith("<|im_start|>assistant\n")
+    assert (
+        "<|im_start|>system" in prompt and "<|im_start|>user" in prompt and prompt.endswith("<|im_start|>assistant\n")
+    )
     assert "<|im_start|>" not in answer and answer.rstrip().endswith("<|im_end|>")
     assert 0 < sum(mask) < len(ids)
 
@@ -160,8 +172,11 @@ def test_distill_pretrained_student_with_padded_vocab_and_lora(trained, tmp_path
 
     logs = [e["msg"] for e in read_events(ctx.stage_dir / "events.jsonl") if e["kind"] == "log"]
     assert any(f"KD over {len(tokenizer)} token columns" in m and "LoRA r=4" in m for m in logs), logs
-    assert any(e["name"] == "kd_loss" and e["value"] > 0 for e in read_events(ctx.stage_dir / "events.jsonl")
-               if e["kind"] == "metric")
+    assert any(
+        e["name"] == "kd_loss" and e["value"] > 0
+        for e in read_events(ctx.stage_dir / "events.jsonl")
+        if e["kind"] == "metric"
+    )
     out = tmp_path / "student"
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
     student = load_causal_lm(str(out), dtype=torch.float32)  # as eval loads it: LoRA merged in
@@ -287,7 +302,9 @@ def test_merged_adapter_matches_base_plus_adapter(trained, tmp_path):
     tokenizer = load_tokenizer(str(tmp_path / "merged"))
     batch = tokenizer(["def add(a, b):", "Reverse a list in place"], return_tensors="pt", padding=True)
     merged = load_causal_lm(str(tmp_path / "merged"), dtype=torch.float32).eval()
-    with_adapter = PeftModel.from_pretrained(load_causal_lm(cfg.assistant.model.name, dtype=torch.float32), adapter).eval()
+    with_adapter = PeftModel.from_pretrained(
+        load_causal_lm(cfg.assistant.model.name, dtype=torch.float32), adapter
+    ).eval()
     with torch.no_grad():
         assert torch.allclose(merged(**batch).logits, with_adapter(**batch).logits, atol=1e-4)
 

@@ -36,8 +36,9 @@ STARTUP_S = 600
 def vllm_project(project: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     python = os.environ.get("TAS_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
     if not Path(python).is_file():
-        pytest.fail(f"no vLLM venv at {python}: run `scripts/build-vllm-env.sh` (or set TAS_VLLM_PYTHON)",
-                    pytrace=False)
+        pytest.fail(
+            f"no vLLM venv at {python}: run `scripts/build-vllm-env.sh` (or set TAS_VLLM_PYTHON)", pytrace=False
+        )
     monkeypatch.setenv("TAS_VLLM_PYTHON", python)  # the project dir has no .venv-vllm; workers inherit it
     shutil.copy(DATA / "tiny-vllm.yaml", project / "configs" / "tiny-vllm.yaml")  # a pristine copy
     return project
@@ -122,11 +123,16 @@ def test_answers_every_prompt_once_and_resumes_after_sigkill_without_orphan(vllm
 
 def test_cancel_stops_the_server_within_the_grace_period(vllm_project: Path):
     # long answers, one at a time: the stage is still answering when the cancel arrives
-    cfg, run = vllm_run(vllm_project, **{"teacher.vllm.max_concurrency": 1, "teacher.open.pipeline.max_new_tokens": 400})
+    cfg, run = vllm_run(
+        vllm_project, **{"teacher.vllm.max_concurrency": 1, "teacher.open.pipeline.max_new_tokens": 400}
+    )
     launcher.start(run, ["teacher"])
     events = run.stage_dir("teacher") / "events.jsonl"
-    wait_for(lambda: any("vLLM server ready" in e.get("msg", "") for e in read_events(events)) or not run.is_live(),
-             timeout=STARTUP_S + 60, interval=0.2)
+    wait_for(
+        lambda: any("vLLM server ready" in e.get("msg", "") for e in read_events(events)) or not run.is_live(),
+        timeout=STARTUP_S + 60,
+        interval=0.2,
+    )
     assert run.is_live(), worker_log(run)
     pgid = server_pgid(run)
     assert pgid and group_members(pgid)
@@ -173,16 +179,26 @@ def test_chat_with_the_teacher_through_its_own_vllm_server(vllm_project: Path):
     config_path = vllm_project / "configs" / "tiny-vllm.yaml"
     target = chat_target(load_config(config_path), "teacher")
     assert target.endpoint == VLLM
-    client = ChatClient(target.model, endpoint=target.endpoint, config_path=config_path, cwd=vllm_project,
-                        log_path=vllm_project / "chat.log").start()
+    client = ChatClient(
+        target.model,
+        endpoint=target.endpoint,
+        config_path=config_path,
+        cwd=vllm_project,
+        log_path=vllm_project / "chat.log",
+    ).start()
     try:
         ready = client.wait_ready(timeout=STARTUP_S)
         port = ready.device.rsplit(":", 1)[1]
-        servers = [p for p in psutil.process_iter(["cmdline"])
-                   if "--port" in (p.info["cmdline"] or []) and port in (p.info["cmdline"] or [])]
+        servers = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if "--port" in (p.info["cmdline"] or []) and port in (p.info["cmdline"] or [])
+        ]
         assert servers, "no vLLM server process for the chat"
-        rid = client.generate([{"role": "user", "content": "Write a function that adds two numbers."}],
-                              {"temperature": 0, "max_new_tokens": 8, "min_new_tokens": 8})
+        rid = client.generate(
+            [{"role": "user", "content": "Write a function that adds two numbers."}],
+            {"temperature": 0, "max_new_tokens": 8, "min_new_tokens": 8},
+        )
         pieces, end = [], None
         while end is None:
             reply = client.next_reply(timeout=120)
@@ -194,5 +210,8 @@ def test_chat_with_the_teacher_through_its_own_vllm_server(vllm_project: Path):
         assert end.tokens == 8 and end.finish == "length" and "".join(pieces)
     finally:
         client.close(timeout=60)
-    wait_for(lambda: not [p for p in servers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
-             timeout=60, what="the chat's vLLM server to end with the chat worker")
+    wait_for(
+        lambda: not [p for p in servers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+        timeout=60,
+        what="the chat's vLLM server to end with the chat worker",
+    )

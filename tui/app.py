@@ -44,8 +44,9 @@ class TASPanel(App):
     config_path: reactive[str] = reactive("config.yaml", init=False)
     """The config file the panel works with (set by the Config tab; watched by every tab)."""
 
-    def __init__(self, config_path: str = "config.yaml", runs_dir: str | Path | None = None,
-                 gpu_interval: float | None = None):
+    def __init__(
+        self, config_path: str = "config.yaml", runs_dir: str | Path | None = None, gpu_interval: float | None = None
+    ):
         super().__init__()
         self.set_reactive(TASPanel.config_path, config_path)
         self._start_config = config_path

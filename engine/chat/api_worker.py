@@ -71,8 +71,15 @@ class ApiChat:
     def check(self, started: float) -> ReadyReply:
         """One cheap call (the model list) proves the endpoint answers and the key is accepted."""
         self.client.models.list()
-        return ReadyReply(model=self.model, device=f"server {where(self.base_url)}", dtype="server",
-                          template="chat", load_s=round(time.monotonic() - started, 2), threads=0, pid=os.getpid())
+        return ReadyReply(
+            model=self.model,
+            device=f"server {where(self.base_url)}",
+            dtype="server",
+            template="chat",
+            load_s=round(time.monotonic() - started, 2),
+            threads=0,
+            pid=os.getpid(),
+        )
 
     def stop(self, request_id: str | None) -> None:
         with self.lock:
@@ -99,8 +106,11 @@ class ApiChat:
         if params.seed is not None:
             body["seed"] = params.seed
         if self.vllm_extras:
-            extra = {"top_k": params.top_k, "min_tokens": params.min_new_tokens,
-                     "repetition_penalty": params.repetition_penalty}
+            extra = {
+                "top_k": params.top_k,
+                "min_tokens": params.min_new_tokens,
+                "repetition_penalty": params.repetition_penalty,
+            }
             body["extra_body"] = {**self.vllm_extras, **{k: v for k, v in extra.items() if v is not None}}
         began = time.monotonic()
         first = last = None
@@ -130,10 +140,20 @@ class ApiChat:
             stream.close()  # a stop closes the connection: the server ends the generation
         tokens = usage.completion_tokens if usage is not None and not stopped else pieces
         rate = (tokens - 1) / (last - first) if first is not None and last and last > first and tokens > 1 else None
-        self.send(encode(EndReply(
-            id=request.id, tokens=tokens, ttft_s=round(first - began, 4) if first else None,
-            tokens_per_s=round(rate, 2) if rate else None, elapsed_s=round(time.monotonic() - began, 4),
-            prompt_tokens=usage.prompt_tokens if usage is not None else 0, stopped=stopped, finish=finish)))
+        self.send(
+            encode(
+                EndReply(
+                    id=request.id,
+                    tokens=tokens,
+                    ttft_s=round(first - began, 4) if first else None,
+                    tokens_per_s=round(rate, 2) if rate else None,
+                    elapsed_s=round(time.monotonic() - began, 4),
+                    prompt_tokens=usage.prompt_tokens if usage is not None else 0,
+                    stopped=stopped,
+                    finish=finish,
+                )
+            )
+        )
 
 
 def describe(exc: BaseException) -> str:
@@ -230,12 +250,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         while (request := work.get()) is not None:
             if isinstance(request, LoadRequest):
-                send(encode(ErrorReply(id=request.id, op="load", message="this worker serves one endpoint; "
-                                       "choose the target again to start a new one")))
+                send(
+                    encode(
+                        ErrorReply(
+                            id=request.id,
+                            op="load",
+                            message="this worker serves one endpoint; choose the target again to start a new one",
+                        )
+                    )
+                )
                 continue
             if chat._stopped(request.id):
-                send(encode(EndReply(id=request.id, tokens=0, elapsed_s=0.0, prompt_tokens=0, stopped=True,
-                                     finish="stopped")))
+                send(
+                    encode(
+                        EndReply(
+                            id=request.id, tokens=0, elapsed_s=0.0, prompt_tokens=0, stopped=True, finish="stopped"
+                        )
+                    )
+                )
                 continue
             try:
                 chat.generate(request)

@@ -142,11 +142,27 @@ class ChatClient:
         if self.endpoint == "vllm":
             if self.config_path is None:
                 raise ValueError("the teacher's vLLM server needs the config it is started from (config_path)")
-            return [self.python, "-u", "-m", "engine.chat.api_worker", "--vllm-config", str(self.config_path),
-                    "--workdir", str(self.cwd or os.getcwd())]
+            return [
+                self.python,
+                "-u",
+                "-m",
+                "engine.chat.api_worker",
+                "--vllm-config",
+                str(self.config_path),
+                "--workdir",
+                str(self.cwd or os.getcwd()),
+            ]
         if self.endpoint:
-            return [self.python, "-u", "-m", "engine.chat.api_worker", "--base-url", self.endpoint,
-                    "--model", self.model]
+            return [
+                self.python,
+                "-u",
+                "-m",
+                "engine.chat.api_worker",
+                "--base-url",
+                self.endpoint,
+                "--model",
+                self.model,
+            ]
         command = [self.python, "-u", "-m", "engine.chat.worker", "--model", self.model, "--device", self.device]
         command += ["--load-in-4bit"] if self.load_in_4bit else []
         command += [f"--key={self.key}"] if self.key else []  # one word: a key may start with --
@@ -195,15 +211,20 @@ class ChatClient:
         self.close()
 
     # ---- requests
-    def generate(self, messages: list[dict[str, str]], params: GenerationParams | Mapping[str, Any] | None = None,
-                 request_id: str | None = None) -> str:
+    def generate(
+        self,
+        messages: list[dict[str, str]],
+        params: GenerationParams | Mapping[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> str:
         """Ask for a reply to `messages` (system prompt first, history, the new user message last).
 
         The request is checked here: ProtocolError (a ValueError naming the field) when it is not valid,
         before anything is sent."""
         rid = request_id or f"r{next(self._ids)}"
-        request = make(GenerateRequest, id=rid, messages=messages,
-                           params=params if params is not None else GenerationParams())
+        request = make(
+            GenerateRequest, id=rid, messages=messages, params=params if params is not None else GenerationParams()
+        )
         self.pending.add(rid)
         try:
             self._send(request)
@@ -244,7 +265,7 @@ class ChatClient:
             view = memoryview(data)
             try:
                 while view:
-                    view = view[stdin.write(view):]
+                    view = view[stdin.write(view) :]
             except (BrokenPipeError, ValueError, OSError):
                 self._broken = True  # the reader sees the EOF and reports the exit
                 return
@@ -334,8 +355,9 @@ class ChatClient:
         if self._closing or self._fatal_seen:
             return
         tail = self.log_tail()
-        message = (f"the chat worker ({self.model}) exited unexpectedly ({_exit_text(code)})"
-                   + (f"; last lines of {self.log_path}:\n{tail}" if tail else f"; log: {self.log_path}"))
+        message = f"the chat worker ({self.model}) exited unexpectedly ({_exit_text(code)})" + (
+            f"; last lines of {self.log_path}:\n{tail}" if tail else f"; log: {self.log_path}"
+        )
         rid = min(self.pending) if self.pending else None
         self.pending.clear()
         self._deliver(ErrorReply(id=rid, fatal=True, exit_code=code, message=message))

@@ -87,21 +87,29 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     temperature: Annotated[float, Field(strict=True, ge=0.0, le=2.0)] | None = Field(
-        None, description="0 means greedy decoding")
+        None, description="0 means greedy decoding"
+    )
     top_p: Annotated[float, Field(strict=True, gt=0.0, le=1.0)] | None = Field(
-        None, description="nucleus sampling threshold")
+        None, description="nucleus sampling threshold"
+    )
     top_k: Annotated[int, Field(strict=True, ge=0)] | None = Field(
-        None, description="sample among the k likeliest tokens; 0: no limit")
+        None, description="sample among the k likeliest tokens; 0: no limit"
+    )
     max_new_tokens: Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS_LIMIT)] | None = Field(
-        None, description="longest reply; capped to what fits in the model's context after the prompt")
+        None, description="longest reply; capped to what fits in the model's context after the prompt"
+    )
     min_new_tokens: Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS_LIMIT)] | None = Field(
-        None, description="no end-of-sequence before this many tokens")
+        None, description="no end-of-sequence before this many tokens"
+    )
     do_sample: Annotated[bool, Field(strict=True)] | None = Field(
-        None, description="sample (true) or greedy (false); default: sample unless temperature is 0")
+        None, description="sample (true) or greedy (false); default: sample unless temperature is 0"
+    )
     repetition_penalty: Annotated[float, Field(strict=True, ge=0.01, le=10.0)] | None = Field(
-        None, description="1: none; above 1 discourages repeating tokens")
+        None, description="1: none; above 1 discourages repeating tokens"
+    )
     seed: Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)] | None = Field(
-        None, description="makes sampling reproducible")
+        None, description="makes sampling reproducible"
+    )
 
     def given(self) -> dict[str, Any]:
         """The params that were set (what goes on the wire)."""
@@ -153,8 +161,12 @@ def _bounds_of(model: type[BaseModel]) -> dict[str, Bounds]:
         if number is None:
             continue
         low_open, high_open = "exclusiveMinimum" in number, "exclusiveMaximum" in number
-        out[name] = Bounds(number.get("exclusiveMinimum", number.get("minimum")),
-                           number.get("exclusiveMaximum", number.get("maximum")), low_open, high_open)
+        out[name] = Bounds(
+            number.get("exclusiveMinimum", number.get("minimum")),
+            number.get("exclusiveMaximum", number.get("maximum")),
+            low_open,
+            high_open,
+        )
     return out
 
 
@@ -197,7 +209,8 @@ class GenerateRequest(BaseModel):
     id: RequestId
     messages: list[Message] = Field(min_length=1)
     params: Annotated[GenerationParams, BeforeValidator(lambda v: {} if v is None else v)] = Field(
-        default_factory=GenerationParams)
+        default_factory=GenerationParams
+    )
 
     @field_validator("messages")
     @classmethod
@@ -310,8 +323,10 @@ def encode(message: BaseModel) -> str:
 
 def encode_token(request_id: str, text: str) -> str:
     """`encode(TokenReply(id=request_id, text=text))`, without building a model: the worker's hot path."""
-    return f'{{"kind": "token", "id": {json.dumps(request_id, ensure_ascii=False)}, ' \
-           f'"text": {json.dumps(text, ensure_ascii=False)}}}\n'
+    return (
+        f'{{"kind": "token", "id": {json.dumps(request_id, ensure_ascii=False)}, '
+        f'"text": {json.dumps(text, ensure_ascii=False)}}}\n'
+    )
 
 
 def parse_request(line: str | bytes) -> AnyRequest:
@@ -333,8 +348,9 @@ def parse_reply(line: str | bytes) -> AnyReply:
 # ------------------------------------------------------------------------------------------- messages
 
 
-def _protocol_error(exc: ValidationError, line: str | bytes | None = None, tag: str | None = None,
-                    tags: tuple[str, ...] = ()) -> ProtocolError:
+def _protocol_error(
+    exc: ValidationError, line: str | bytes | None = None, tag: str | None = None, tags: tuple[str, ...] = ()
+) -> ProtocolError:
     """A ValidationError as one sentence naming the field; `line`: the JSON line it came from (or None)."""
     record: dict[str, Any] | None = None
     if line is not None:
@@ -375,7 +391,12 @@ def _where(loc: tuple[Any, ...], tag_value: Any = None) -> str:
     for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not str(part).startswith(("function-", "nullable[", "union[")) and part not in ("float", "int", "bool", "str"):
+        elif not str(part).startswith(("function-", "nullable[", "union[")) and part not in (
+            "float",
+            "int",
+            "bool",
+            "str",
+        ):
             out += f".{part}" if out else str(part)
     return out
 

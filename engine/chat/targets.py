@@ -48,6 +48,7 @@ class ChatTarget(NamedTuple):
 
 def _target_paths(config, root: Path | None) -> dict[str, tuple[str, str | None, Path, str]]:
     """key → (model, adapter, the path whose file proves it exists, that file)."""
+
     def at(path: str) -> Path:
         p = Path(path).expanduser()
         return p if p.is_absolute() or root is None else root / p
@@ -96,9 +97,11 @@ def chat_target(config, key: str, root: str | os.PathLike[str] | None = None) ->
         raise ValueError(f"unknown target {key!r}; targets are {', '.join(TARGET_KEYS)}")
     model, adapter, path, proof = paths[key]
     if key != "base" and not (path / proof).exists():
-        made_by = {"kd": "the distill stage (train.distillation.output_dir)",
-                   "ce": "the distill stage with train.distillation.ce_only_control: true",
-                   "assistant": "the sft stage (train.sft.save_path)"}[key]
+        made_by = {
+            "kd": "the distill stage (train.distillation.output_dir)",
+            "ce": "the distill stage with train.distillation.ce_only_control: true",
+            "assistant": "the sft stage (train.sft.save_path)",
+        }[key]
         raise ValueError(f"no {TARGET_LABELS[key]} yet: {path / proof} is missing; it is made by {made_by}")
     return ChatTarget(TARGET_LABELS[key], model, adapter)
 

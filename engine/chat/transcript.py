@@ -45,9 +45,17 @@ def target_label(label: str, model: str, adapter: str | None = None) -> str:
     return where if label == model else f"{label} ({where})"
 
 
-def make_record(messages: Sequence[Mapping[str, Any]], *, label: str, model: str, adapter: str | None = None,
-                params: Mapping[str, Any] | None = None, run: str | None = None, device: str | None = None,
-                saved: float | None = None) -> dict[str, Any]:
+def make_record(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    label: str,
+    model: str,
+    adapter: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    run: str | None = None,
+    device: str | None = None,
+    saved: float | None = None,
+) -> dict[str, Any]:
     """The JSON record of a conversation (`messages` with the system prompt first, if any)."""
     return {
         "format": FORMAT,

@@ -113,7 +113,7 @@ class Channel:
         with self.lock:
             try:
                 while data:
-                    data = data[self.stream.write(data):]
+                    data = data[self.stream.write(data) :]
             except (BrokenPipeError, ValueError, OSError):  # the client is gone; the stdin EOF ends us
                 pass
 
@@ -171,7 +171,9 @@ class Loaded:
     context: int | None
     template: str  # "chat" (the tokenizer's own) or "fallback" (plain role: text transcript)
     load_s: float
-    eos_ids: list[int] = field(default_factory=list)  # EOS + the chat template's end of turn: a reply ends with its turn
+    eos_ids: list[int] = field(
+        default_factory=list
+    )  # EOS + the chat template's end of turn: a reply ends with its turn
 
     def ready(self, request_id: str | None = None) -> ReadyReply:
         return ReadyReply(
@@ -179,7 +181,8 @@ class Loaded:
             model=self.name,
             adapter=self.adapter,
             device=str(self.device),
-            dtype="nf4 (4-bit)" if getattr(self.model, "is_loaded_in_4bit", False)
+            dtype="nf4 (4-bit)"
+            if getattr(self.model, "is_loaded_in_4bit", False)
             else str(self.model.dtype).removeprefix("torch."),
             context=self.context,
             template=self.template,
@@ -210,8 +213,9 @@ MODEL_KEY = "assistant.model.name (or --model)"
 are the base assistant and the assistant + LoRA, both `assistant.model.name`; anything else is `--model`."""
 
 
-def load_model(name: str, adapter: str | None, device_name: str, key: str = MODEL_KEY,
-               load_in_4bit: bool = False) -> Loaded:
+def load_model(
+    name: str, adapter: str | None, device_name: str, key: str = MODEL_KEY, load_in_4bit: bool = False
+) -> Loaded:
     """The model (+ adapter) on its device, in eval mode, with a tokenizer that can render a chat.
 
     `device_name`: cpu, cuda, cuda:N (one GPU of the visible ones), or auto: the GPU when there is one;
@@ -245,8 +249,9 @@ def load_model(name: str, adapter: str | None, device_name: str, key: str = MODE
 
         from engine.models.device import pick_dtype
 
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_compute_dtype=pick_dtype(True, device))
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=pick_dtype(True, device)
+        )
     # the checkpoint's own dtype (bf16 / fp16 for most hub models; fp16 on a CPU is slow: fp32), weights
     # loaded straight onto the GPU(s) rather than through host memory
     device_map = "auto" if split else ({"": device} if device.type == "cuda" or quantization else None)
@@ -270,16 +275,24 @@ def load_model(name: str, adapter: str | None, device_name: str, key: str = MODE
     config = getattr(model, "config", None)
     context = getattr(config, "max_position_embeddings", None)
     template = "chat" if getattr(tokenizer, "chat_template", None) else "fallback"
-    return Loaded(model, tokenizer, name, str(adapter_path) if adapter_path else None, device, context, template,
-                  time.perf_counter() - start, stop_token_ids(tokenizer, model))
+    return Loaded(
+        model,
+        tokenizer,
+        name,
+        str(adapter_path) if adapter_path else None,
+        device,
+        context,
+        template,
+        time.perf_counter() - start,
+        stop_token_ids(tokenizer, model),
+    )
 
 
 def render_prompt(loaded: Loaded, messages: list[dict[str, str]]):
     """input_ids and attention_mask of the conversation, ending with the assistant's turn."""
     tokenizer = loaded.tokenizer
     if loaded.template == "chat":
-        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)
+        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     else:  # a base model without a chat template: a plain transcript it can continue
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
         enc = tokenizer(text, return_tensors="pt")
@@ -336,7 +349,8 @@ class Detokenizer:
 
     def __init__(self, tokenizer):
         self._decode_ids = _fast_decode(tokenizer) or (
-            lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        )
         self.ids: list[int] = []
         self.start = 0  # the window: ids[start:]; ids[start:done] were already given out
         self.done = 0
@@ -353,12 +367,12 @@ class Detokenizer:
         return self._take(final=True)
 
     def _take(self, final: bool) -> str:
-        before = self._decode(self.ids[self.start:self.done])
-        text = self._decode(self.ids[self.start:])
+        before = self._decode(self.ids[self.start : self.done])
+        text = self._decode(self.ids[self.start :])
         if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
             return ""
         self.start, self.done = self.done, len(self.ids)
-        return text[len(before):]
+        return text[len(before) :]
 
 
 def _fast_decode(tokenizer):
@@ -369,8 +383,11 @@ def _fast_decode(tokenizer):
     except ImportError:
         return None
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if not isinstance(tokenizer, TokenizersBackend) or type(tokenizer)._decode is not TokenizersBackend._decode \
-            or backend is None:
+    if (
+        not isinstance(tokenizer, TokenizersBackend)
+        or type(tokenizer)._decode is not TokenizersBackend._decode
+        or backend is None
+    ):
         return None
     return lambda ids: backend.decode(ids, skip_special_tokens=True)
 
@@ -497,8 +514,9 @@ class ChatServer:
     def generate(self, job: Job, request: GenerateRequest) -> None:
         start = time.perf_counter()
         if job.stop.is_set():  # stopped while it waited
-            self.channel.send(EndReply(id=request.id, tokens=0, elapsed_s=0.0, prompt_tokens=0, stopped=True,
-                                       finish="stopped"))
+            self.channel.send(
+                EndReply(id=request.id, tokens=0, elapsed_s=0.0, prompt_tokens=0, stopped=True, finish="stopped")
+            )
             return
         import torch
 
@@ -526,8 +544,13 @@ class ChatServer:
             torch.manual_seed(params.seed)
         try:
             with torch.inference_mode():
-                out = loaded.model.generate(**inputs, **kwargs, streamer=streamer,
-                                            stopping_criteria=make_stop_criteria(job), pad_token_id=_pad_id(loaded))
+                out = loaded.model.generate(
+                    **inputs,
+                    **kwargs,
+                    streamer=streamer,
+                    stopping_criteria=make_stop_criteria(job),
+                    pad_token_id=_pad_id(loaded),
+                )
         finally:
             tokens_out.close()  # every token line goes out before the end (or error) line
         end = time.perf_counter()
@@ -542,9 +565,18 @@ class ChatServer:
         first, last = streamer.first, streamer.last
         ttft = round(first - start, 4) if first else None
         rate = round((tokens - 1) / (last - first), 2) if first and last and tokens > 1 and last > first else None
-        self.channel.send(EndReply(id=request.id, tokens=tokens, ttft_s=ttft, tokens_per_s=rate,
-                                   elapsed_s=round(end - start, 4), prompt_tokens=prompt_tokens, stopped=stopped,
-                                   finish=finish))
+        self.channel.send(
+            EndReply(
+                id=request.id,
+                tokens=tokens,
+                ttft_s=ttft,
+                tokens_per_s=rate,
+                elapsed_s=round(end - start, 4),
+                prompt_tokens=prompt_tokens,
+                stopped=stopped,
+                finish=finish,
+            )
+        )
 
     def load(self, request: LoadRequest) -> None:
         try:
@@ -552,8 +584,14 @@ class ChatServer:
         except Exception as exc:
             traceback.print_exc()
             free_cuda_cache()
-            self.channel.send(ErrorReply(id=request.id, op="load", model=request.model,
-                                         message=f"{describe_failure(exc, None)} (still serving {self.loaded.name})"))
+            self.channel.send(
+                ErrorReply(
+                    id=request.id,
+                    op="load",
+                    model=request.model,
+                    message=f"{describe_failure(exc, None)} (still serving {self.loaded.name})",
+                )
+            )
             return
         old, self.loaded = self.loaded, loaded
         del old
@@ -570,8 +608,6 @@ def _torch_threads() -> int:
 def _pad_id(loaded: Loaded):
     tok = loaded.tokenizer
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
 
 
 def free_cuda_cache() -> None:
@@ -596,8 +632,10 @@ def describe_failure(exc: BaseException, loaded: Loaded | None) -> str:
         oom = False
     if oom:
         where = f" on {loaded.device}" if loaded else ""
-        return (f"out of memory{where}: lower max_new_tokens, start a new conversation, or chat with a smaller "
-                f"model ({text.splitlines()[0][:200]})")
+        return (
+            f"out of memory{where}: lower max_new_tokens, start a new conversation, or chat with a smaller "
+            f"model ({text.splitlines()[0][:200]})"
+        )
     first = text.splitlines()[0][:400]
     if type(exc).__name__ == "ModelNotFound":
         return text.splitlines()[0][:800]  # ours: what is wrong, which key, what to do (the offline one is long)
@@ -619,11 +657,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine.chat.worker", description="TAS chat worker (JSON lines)")
     parser.add_argument("--model", required=True, help="hub id, local model folder or tiny:<name>")
     parser.add_argument("--adapter", default=None, help="PEFT adapter folder to put on top of --model")
-    parser.add_argument("--device", type=device_choice, default="auto",
-                        help="auto (the GPU if any; several: split a large model over them), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--device",
+        type=device_choice,
+        default="auto",
+        help="auto (the GPU if any; several: split a large model over them), cpu, cuda, cuda:N",
+    )
     parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 weights (QLoRA's)")
-    parser.add_argument("--key", default=MODEL_KEY,
-                        help="the config key --model came from, named when it cannot be loaded")
+    parser.add_argument(
+        "--key", default=MODEL_KEY, help="the config key --model came from, named when it cannot be loaded"
+    )
     return parser
 
 
@@ -644,7 +687,9 @@ def main(argv: list[str] | None = None) -> int:
         if reason.startswith(f"{args.key}: cannot load "):  # says it all already (the offline check)
             message = reason
         else:
-            message = f"cannot load {args.model}" + (f" + adapter {args.adapter}" if args.adapter else "") + f": {reason}"
+            message = (
+                f"cannot load {args.model}" + (f" + adapter {args.adapter}" if args.adapter else "") + f": {reason}"
+            )
         channel.send(ErrorReply(fatal=True, model=args.model, message=message))
         return EXIT_BAD_MODEL
     channel.send(loaded.ready())

@@ -41,8 +41,10 @@ from engine.core.runs import DEFAULT_CONFIG
 
 _OPTIONS = {"temperature": "--temperature", "max_new_tokens": "--max-new-tokens"}
 BLOCK = '"""'  # opens and closes a multi-line message in the REPL
-HELP = ('several lines (code): a line starting with """ opens a block, """ alone ends it',
-        "Ctrl-C stops a reply · /reset clears · /save [FILE] saves · /quit, Ctrl-D exits")
+HELP = (
+    'several lines (code): a line starting with """ opens a block, """ alone ends it',
+    "Ctrl-C stops a reply · /reset clears · /save [FILE] saves · /quit, Ctrl-D exits",
+)
 
 
 def _device(text: str) -> str:
@@ -54,37 +56,61 @@ def _device(text: str) -> str:
 def add_parser(subparsers, common_parent) -> argparse.ArgumentParser:
     """Register `tas chat` on the `tas` subparsers."""
     chat = subparsers.add_parser(
-        "chat", parents=[common_parent],
+        "chat",
+        parents=[common_parent],
         help="chat with the student (or another model) in this terminal",
         description="Chat in the terminal. Replies stream as they are generated. One line is one message; "
-                    'for several lines (code) open a block with a line starting with """ and send it with a line '
-                    'of only """. Ctrl-C stops a reply, /reset clears the conversation, /save [FILE] writes it, '
-                    "/quit or Ctrl-D exits. Piped stdin (printf ... | tas chat) is sent whole as one message "
-                    "and the reply printed to stdout.",
+        'for several lines (code) open a block with a line starting with """ and send it with a line '
+        'of only """. Ctrl-C stops a reply, /reset clears the conversation, /save [FILE] writes it, '
+        "/quit or Ctrl-D exits. Piped stdin (printf ... | tas chat) is sent whole as one message "
+        "and the reply printed to stdout.",
     )
     which = chat.add_mutually_exclusive_group()
     which.add_argument("--model", metavar="NAME_OR_PATH", help="hub id, local model folder or tiny:<name>")
-    which.add_argument("--target", choices=TARGET_KEYS,
-                       help="kd: KD student, ce: CE-only student, assistant: base + SFT adapter, base: base assistant "
-                            "(default: the first that exists, in that order); teacher: the teacher as teacher.source "
-                            "runs it (open: loaded here; vllm: its vLLM server, started for the chat; closed: the "
-                            "API model at teacher.closed.base_url)")
+    which.add_argument(
+        "--target",
+        choices=TARGET_KEYS,
+        help="kd: KD student, ce: CE-only student, assistant: base + SFT adapter, base: base assistant "
+        "(default: the first that exists, in that order); teacher: the teacher as teacher.source "
+        "runs it (open: loaded here; vllm: its vLLM server, started for the chat; closed: the "
+        "API model at teacher.closed.base_url)",
+    )
     chat.add_argument("--adapter", metavar="PATH", help="PEFT adapter folder on top of --model")
-    chat.add_argument("--load-in-4bit", action="store_true",
-                      help="load the model in 4-bit (NF4; the assistant targets follow assistant.quantization)")
-    chat.add_argument("--run", metavar="RUN", help="chat with the models of this run (default: the newest run with one)")
+    chat.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="load the model in 4-bit (NF4; the assistant targets follow assistant.quantization)",
+    )
+    chat.add_argument(
+        "--run", metavar="RUN", help="chat with the models of this run (default: the newest run with one)"
+    )
     chat.add_argument("--system", metavar="TEXT", help="system prompt (default: the Assistant prompt of prompts.path)")
-    chat.add_argument("--max-new-tokens", type=int, metavar="N",
-                      help=f"longest reply, {param_bounds('max_new_tokens')} (default: assistant.inference)")
-    chat.add_argument("--temperature", type=float, metavar="T",
-                      help=f"sampling temperature, {param_bounds('temperature')}, 0 = greedy "
-                           f"(default {DEFAULT_PARAMS.temperature})")
-    chat.add_argument("--device", type=_device, default=None, metavar="auto|cpu|cuda|cuda:N",
-                      help="where the model runs: cuda:N picks one GPU among launch.cuda_visible_devices; auto "
-                           "splits a model too large for one GPU over the visible ones (default: device.type)")
-    chat.add_argument("--save", metavar="FILE",
-                      help="write the conversation at exit as Markdown (FILE, or FILE.md when FILE ends in .json) "
-                           "and JSON (FILE.json beside it): messages, generation params, model")
+    chat.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help=f"longest reply, {param_bounds('max_new_tokens')} (default: assistant.inference)",
+    )
+    chat.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        help=f"sampling temperature, {param_bounds('temperature')}, 0 = greedy (default {DEFAULT_PARAMS.temperature})",
+    )
+    chat.add_argument(
+        "--device",
+        type=_device,
+        default=None,
+        metavar="auto|cpu|cuda|cuda:N",
+        help="where the model runs: cuda:N picks one GPU among launch.cuda_visible_devices; auto "
+        "splits a model too large for one GPU over the visible ones (default: device.type)",
+    )
+    chat.add_argument(
+        "--save",
+        metavar="FILE",
+        help="write the conversation at exit as Markdown (FILE, or FILE.md when FILE ends in .json) "
+        "and JSON (FILE.json beside it): messages, generation params, model",
+    )
     chat.set_defaults(func=cmd_chat)
     return chat
 
@@ -106,9 +132,9 @@ def read_message(ask: Callable[[str], str], prompt: str = "you> ", more: str = "
     head = line.lstrip()
     if not head.startswith(BLOCK):
         return message_text(line)
-    first = head[len(BLOCK):]
+    first = head[len(BLOCK) :]
     if first.rstrip().endswith(BLOCK) and first.strip() != "":  # """one line"""
-        return message_text(first.rstrip()[:-len(BLOCK)])
+        return message_text(first.rstrip()[: -len(BLOCK)])
     lines = [first] if first.strip() else []
     while True:
         try:
@@ -188,12 +214,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 2
 
     from_config = config is not None and not getattr(args, "model", None)
-    client = ChatClient(target.model, target.adapter, device=device, endpoint=target.endpoint,
-                        config_path=config_path, key=target.config_key if from_config else "--model",
-                        visible_devices=config.launch.cuda_visible_devices if config is not None else None,
-                        load_in_4bit=getattr(args, "load_in_4bit", False) or bool(
-                            from_config and target.key in ("assistant", "base")
-                            and config.assistant.quantization.load_in_4bit))
+    client = ChatClient(
+        target.model,
+        target.adapter,
+        device=device,
+        endpoint=target.endpoint,
+        config_path=config_path,
+        key=target.config_key if from_config else "--model",
+        visible_devices=config.launch.cuda_visible_devices if config is not None else None,
+        load_in_4bit=getattr(args, "load_in_4bit", False)
+        or bool(from_config and target.key in ("assistant", "base") and config.assistant.quantization.load_in_4bit),
+    )
     where = target.model + (f" + {target.adapter}" if target.adapter else "")
     say(f"loading {target.label}: {where} …")
     client.start()
@@ -233,8 +264,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 class _Conversation:
     """The history sent each turn, and what the transcript adds: who answered each reply, with which params."""
 
-    def __init__(self, target: ChatTarget, device: str, run_id: str | None, system: str | None,
-                 params: GenerationParams, config_path: str):
+    def __init__(
+        self,
+        target: ChatTarget,
+        device: str,
+        run_id: str | None,
+        system: str | None,
+        params: GenerationParams,
+        config_path: str,
+    ):
         self.target, self.device, self.run_id, self.system, self.params = target, device, run_id, system, params
         self.config_path = config_path
         self.history: list[dict[str, str]] = []
@@ -251,15 +289,25 @@ class _Conversation:
             self.history.pop()
         else:
             self.history.append({"role": "assistant", "content": answer})
-            self.meta[len(self.history) - 1] = {"label": self.target.label, "model": _where(self.target),
-                                                "params": self.params.given(), "stats": stats}
+            self.meta[len(self.history) - 1] = {
+                "label": self.target.label,
+                "model": _where(self.target),
+                "params": self.params.given(),
+                "stats": stats,
+            }
         return code or 0
 
     def record(self) -> dict[str, Any]:
         messages = [dict(m, **self.meta.get(i, {})) for i, m in enumerate(self.history)]
-        return make_record(build_messages(self.system, messages), label=self.target.label, model=self.target.model,
-                           adapter=self.target.adapter, params=self.params.given(), run=self.run_id,
-                           device=self.device)
+        return make_record(
+            build_messages(self.system, messages),
+            label=self.target.label,
+            model=self.target.model,
+            adapter=self.target.adapter,
+            params=self.params.given(),
+            run=self.run_id,
+            device=self.device,
+        )
 
 
 def _where(target: ChatTarget) -> str:
@@ -287,7 +335,7 @@ def _repl(client: ChatClient, chat: _Conversation, say: Callable[[str], None], s
             continue
         if text == "/save" or text.startswith("/save "):
             if chat.history:
-                _save(chat, text[len("/save"):].strip() or save_to, say)
+                _save(chat, text[len("/save") :].strip() or save_to, say)
             else:
                 say("(nothing to save yet)")
             continue
@@ -316,8 +364,9 @@ def _save(chat: _Conversation, path: str | None, say: Callable[[str], None]) -> 
     say(f"saved {md_path} and {json_path}")
 
 
-def _one_reply(client: ChatClient, messages: list[dict[str, str]], params: GenerationParams,
-               say: Callable[[str], None] = _say) -> tuple[int | None, str | None, str | None]:
+def _one_reply(
+    client: ChatClient, messages: list[dict[str, str]], params: GenerationParams, say: Callable[[str], None] = _say
+) -> tuple[int | None, str | None, str | None]:
     """Stream one reply to stdout. Returns (exit code if the worker died, the reply text or None, its stats)."""
     try:
         rid = client.generate(messages, params)

@@ -42,8 +42,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return fail("name at least two different runs")
     result = compare_runs(runs)
     for index, run in enumerate(runs, start=1):
-        console.print(f"[bold]{index}.[/] {run.id}" + (f"  ({run.name})" if run.name else "")
-                      + (f"  [dim]{run.note}[/]" if run.note else ""))
+        console.print(
+            f"[bold]{index}.[/] {run.id}"
+            + (f"  ({run.name})" if run.name else "")
+            + (f"  [dim]{run.note}[/]" if run.note else "")
+        )
     if result.eval_rows:
         table = _table("eval report", runs, "model / metric")
         for model, metric, values in result.eval_rows:

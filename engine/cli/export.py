@@ -31,18 +31,30 @@ from engine.core.secrets import redact
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
     export = sub.add_parser(
-        "export", parents=[common], help="a run's model as a servable Hugging Face folder (and --push it)",
+        "export",
+        parents=[common],
+        help="a run's model as a servable Hugging Face folder (and --push it)",
         description="Write a run's model as a Hugging Face folder: safetensors weights (a LoRA adapter merged "
-                    "into a full-precision copy of its base), tokenizer, generation config and a model card with "
-                    "the run's eval report and config (secrets redacted). Prints the folder.")
+        "into a full-precision copy of its base), tokenizer, generation config and a model card with "
+        "the run's eval report and config (secrets redacted). Prints the folder.",
+    )
     export.add_argument("run", metavar="RUN", help="run id, name, unique part of the id, or 'last'")
-    export.add_argument("--target", choices=EXPORT_TARGETS, default="kd",
-                        help="kd: KD student (default), ce: CE-only control student, "
-                             "assistant: the fine-tuned assistant with its LoRA adapter merged")
-    export.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/<run>/export/<target>)")
-    export.add_argument("--push", action="store_true",
-                        help="upload to the hub: student.repo (kd), <student.repo>-ce, <student.repo>-assistant; "
-                             "token from HF_TOKEN (environment or .env)")
+    export.add_argument(
+        "--target",
+        choices=EXPORT_TARGETS,
+        default="kd",
+        help="kd: KD student (default), ce: CE-only control student, "
+        "assistant: the fine-tuned assistant with its LoRA adapter merged",
+    )
+    export.add_argument(
+        "--out", metavar="DIR", default=None, help="output folder (default: runs/<run>/export/<target>)"
+    )
+    export.add_argument(
+        "--push",
+        action="store_true",
+        help="upload to the hub: student.repo (kd), <student.repo>-ce, <student.repo>-assistant; "
+        "token from HF_TOKEN (environment or .env)",
+    )
     export.add_argument("--repo", metavar="OWNER/NAME", default=None, help="push to this repository instead")
     export.add_argument("--private", action="store_true", help="create the hub repository as private")
     export.set_defaults(func=cmd_export)
@@ -67,8 +79,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.push:
         errors.print(f"pushing {out} to the hub repository {repo}", markup=False)
         try:
-            url = push_folder(out, repo, token, private=True if args.private else None,
-                              message=f"tas export --target {args.target} of run {run.id}")
+            url = push_folder(
+                out,
+                repo,
+                token,
+                private=True if args.private else None,
+                message=f"tas export --target {args.target} of run {run.id}",
+            )
         except Exception as exc:  # the hub's errors (auth, network, permissions): say which, never the token
             return fail(f"push to {repo} failed: {redact(f'{type(exc).__name__}: {exc}')}", code=1)
         console.print(url, markup=False)

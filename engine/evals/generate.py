@@ -29,9 +29,15 @@ def prompt_text(tokenizer, problem: dict, fmt: str, system: str | None) -> str:
 
 
 @torch.no_grad()
-def generate_completions(model, tokenizer, problems: dict[str, dict], cfg: CodeEvalConfig, system: str | None,
-                         on_progress: Callable[[int], None] | None = None,
-                         check_cancelled: Callable[[], None] | None = None) -> list[dict]:
+def generate_completions(
+    model,
+    tokenizer,
+    problems: dict[str, dict],
+    cfg: CodeEvalConfig,
+    system: str | None,
+    on_progress: Callable[[int], None] | None = None,
+    check_cancelled: Callable[[], None] | None = None,
+) -> list[dict]:
     """One record {"task_id", "completion", "raw"} per sample (n_samples per problem), in problem order."""
     fmt = prompt_format(tokenizer, cfg.prompt_format)
     tokenizer.padding_side = "left"
@@ -40,9 +46,14 @@ def generate_completions(model, tokenizer, problems: dict[str, dict], cfg: CodeE
     limit = getattr(model.config, "max_position_embeddings", 4096)
     max_input = max(1, limit - cfg.max_new_tokens)
     sampled = cfg.n_samples > 1
-    kwargs = {"max_new_tokens": min(cfg.max_new_tokens, limit - 1), "do_sample": sampled,
-              "num_return_sequences": cfg.n_samples, "pad_token_id": tokenizer.pad_token_id, "use_cache": True,
-              "eos_token_id": stop_token_ids(tokenizer, model)}  # a chat reply ends with its turn (<|im_end|>)
+    kwargs = {
+        "max_new_tokens": min(cfg.max_new_tokens, limit - 1),
+        "do_sample": sampled,
+        "num_return_sequences": cfg.n_samples,
+        "pad_token_id": tokenizer.pad_token_id,
+        "use_cache": True,
+        "eos_token_id": stop_token_ids(tokenizer, model),
+    }  # a chat reply ends with its turn (<|im_end|>)
     if sampled:
         kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
     else:
@@ -57,10 +68,16 @@ def generate_completions(model, tokenizer, problems: dict[str, dict], cfg: CodeE
         batch = items[start : start + cfg.batch_size]
         texts = [prompt_text(tokenizer, p, fmt, system) for p in batch]
         tokenizer.truncation_side = "left"  # keep the end of an over-long prompt: the signature to complete
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_input,
-                            add_special_tokens=fmt == "base").to(model.device)
+        encoded = tokenizer(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_input,
+            add_special_tokens=fmt == "base",
+        ).to(model.device)
         generated = model.generate(**encoded, **kwargs)
-        new_tokens = generated[:, encoded["input_ids"].shape[1]:]
+        new_tokens = generated[:, encoded["input_ids"].shape[1] :]
         replies = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for index, reply in enumerate(replies):
             problem = batch[index // cfg.n_samples]
@@ -69,7 +86,8 @@ def generate_completions(model, tokenizer, problems: dict[str, dict], cfg: CodeE
             else:
                 completion = truncate_completion(reply)
             out.setdefault(problem["task_id"], []).append(
-                {"task_id": problem["task_id"], "completion": completion, "raw": reply})
+                {"task_id": problem["task_id"], "completion": completion, "raw": reply}
+            )
         if on_progress:
             on_progress(min(start + cfg.batch_size, len(items)))
     return [record for task_id in problems for record in out.get(task_id, [])]

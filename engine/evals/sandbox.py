@@ -128,8 +128,13 @@ def run_program(source: str, timeout_s: float = 10.0, limits: Limits = Limits())
                 # No preexec_fn (unsafe with threads, and we launch from a pool): the child script
                 # sets its own limits.
                 proc = subprocess.Popen(
-                    command, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=workdir,
-                    env=clean_env(workdir), start_new_session=True,
+                    command,
+                    stdin=subprocess.PIPE,
+                    stdout=out,
+                    stderr=err,
+                    cwd=workdir,
+                    env=clean_env(workdir),
+                    start_new_session=True,
                 )
             except OSError as exc:
                 return SandboxResult(False, "error", f"could not start the sandbox: {exc}", time.monotonic() - started)
@@ -215,8 +220,12 @@ def _result(report: dict, finished: bool, stderr: str, proc, timeout_s: float, d
     flag = lambda key: report.get(key) == "1"  # noqa: E731
     exit_code = int(report["exit"]) if "exit" in report else None
     common = dict(
-        duration_s=round(duration, 4), exit_code=exit_code, network_isolated=flag("network_isolated"),
-        pid_namespace=flag("pid_namespace"), uid=int(report["uid"]) if "uid" in report else None, pid=proc.pid,
+        duration_s=round(duration, 4),
+        exit_code=exit_code,
+        network_isolated=flag("network_isolated"),
+        pid_namespace=flag("pid_namespace"),
+        uid=int(report["uid"]) if "uid" in report else None,
+        pid=proc.pid,
     )
     if not finished:
         return SandboxResult(False, "timeout", _join(f"timed out after {timeout_s:g} s", stderr), **common)

@@ -28,7 +28,14 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
-    1, 2, 4, 8, 32, 4096, 16384, 1 << 18,
+    1,
+    2,
+    4,
+    8,
+    32,
+    4096,
+    16384,
+    1 << 18,
 )
 PR_SET_PDEATHSIG = 1
 SETUP_FAILED = 125  # exit status of the program process when it could not even start the program
@@ -187,7 +194,7 @@ def main() -> None:
 
     report = {"exit": os.waitstatus_to_exitcode(wait_status), "completed": data == token}
     if data.startswith(b"setup-error: "):
-        report["setup_error"] = data[len(b"setup-error: "):].decode(errors="replace")
+        report["setup_error"] = data[len(b"setup-error: ") :].decode(errors="replace")
     report_lines(report)
 
 

@@ -33,11 +33,17 @@ def describe(process: GpuProcess) -> tuple[str, list[tuple[str, str]]]:
     if process.role == "vllm":
         what = "SIGTERM to this vLLM server process only (the teacher stage that uses it loses its server)"
     else:
-        what = (f"cancel run {process.run_id} as `tas cancel` does: SIGTERM to its supervisor and the "
-                f"{process.stage} worker; the stage stops at its next safe point and ends cancelled "
-                "(killed after launch.cancel_grace_s)")
-    details = [("process", f"{process.pid} · {process.name or '?'}"), ("run", str(process.run_id)),
-               ("stage", str(process.stage)), ("what", what)]
+        what = (
+            f"cancel run {process.run_id} as `tas cancel` does: SIGTERM to its supervisor and the "
+            f"{process.stage} worker; the stage stops at its next safe point and ends cancelled "
+            "(killed after launch.cancel_grace_s)"
+        )
+    details = [
+        ("process", f"{process.pid} · {process.name or '?'}"),
+        ("run", str(process.run_id)),
+        ("stage", str(process.stage)),
+        ("what", what),
+    ]
     return question, details
 
 

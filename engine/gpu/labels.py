@@ -121,8 +121,17 @@ def label_processes(
             if name is None:
                 name = short_command(process)
             owner = _server_owner(gp.pid, servers) or _owner(process, workers)
-        labelled.append(replace(gp, label=owner.label, run_id=owner.run_id, stage=owner.stage, role=owner.role,
-                                name=name or "?", create_time=created))
+        labelled.append(
+            replace(
+                gp,
+                label=owner.label,
+                run_id=owner.run_id,
+                stage=owner.stage,
+                role=owner.role,
+                name=name or "?",
+                create_time=created,
+            )
+        )
     return labelled
 
 

@@ -20,8 +20,7 @@ from typing import Any
 from engine.gpu.model import GpuInfo, GpuProcess, GpuUnavailable, to_float
 
 NO_DRIVER = (
-    "No NVIDIA driver found (libnvidia-ml not loadable): this machine has no NVIDIA GPU, "
-    "or the driver is not installed"
+    "No NVIDIA driver found (libnvidia-ml not loadable): this machine has no NVIDIA GPU, or the driver is not installed"
 )
 
 # NVML return codes after which a call is not made again for that device (name, value if nvml lacks it).

@@ -93,7 +93,12 @@ class Sampler:
             self.memory.setdefault(gpu.index, deque(maxlen=self.history_len)).append(gpu.memory_used)
             self.utilization.setdefault(gpu.index, deque(maxlen=self.history_len)).append(gpu.utilization_gpu)
         return GpuSnapshot(
-            ts=time.time(), gpus=gpus, processes=processes, driver_version=driver, error=error, source=source,
+            ts=time.time(),
+            gpus=gpus,
+            processes=processes,
+            driver_version=driver,
+            error=error,
+            source=source,
             host=host,
         )
 

@@ -27,14 +27,18 @@ def select_device(wanted: str, allow_tf32: bool = True) -> torch.device:
     """cuda (must exist), cuda:N (that visible GPU), cpu, or auto (cuda when present). Under torchrun:
     cuda:LOCAL_RANK."""
     if wanted.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {wanted} was asked for but no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES / drivers)")
+        raise RuntimeError(
+            f"device {wanted} was asked for but no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES / drivers)"
+        )
     if wanted == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     if wanted.startswith("cuda:"):
         index = int(wanted.removeprefix("cuda:"))
         if index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {wanted}: only {torch.cuda.device_count()} GPU(s) are visible "
-                               "(indices count among CUDA_VISIBLE_DEVICES)")
+            raise RuntimeError(
+                f"device {wanted}: only {torch.cuda.device_count()} GPU(s) are visible "
+                "(indices count among CUDA_VISIBLE_DEVICES)"
+            )
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -37,8 +37,13 @@ from engine.core.secrets import redact
 from engine.models.loading import ModelNotFound, load_causal_lm, load_tokenizer, resolve_model_path
 
 
-def export_run(run: Run, target: str = "kd", out_dir: str | os.PathLike[str] | None = None,
-               repo: str | None = None, log: Callable[[str], None] | None = None) -> Path:
+def export_run(
+    run: Run,
+    target: str = "kd",
+    out_dir: str | os.PathLike[str] | None = None,
+    repo: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
     """Write the run's `target` model (kd, ce, assistant) as a Hugging Face folder; returns the folder.
 
     `out_dir` defaults to runs/<run>/export/<target>/. `repo` is only named in the model card's usage
@@ -108,7 +113,11 @@ def generation_config(model, tokenizer, max_new_tokens: int):
     from transformers import GenerationConfig
 
     gen = getattr(model, "generation_config", None)
-    gen = GenerationConfig.from_dict(gen.to_dict()) if gen is not None else GenerationConfig.from_model_config(model.config)
+    gen = (
+        GenerationConfig.from_dict(gen.to_dict())
+        if gen is not None
+        else GenerationConfig.from_model_config(model.config)
+    )
     eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.eos_token_id
     ids = [eos] if isinstance(eos, int) else list(eos or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -133,8 +142,9 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.models.export",
-                                     description="Export a run's model as a servable Hugging Face folder.")
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.models.export", description="Export a run's model as a servable Hugging Face folder."
+    )
     parser.add_argument("--run", required=True, help="the run directory")
     parser.add_argument("--target", choices=EXPORT_TARGETS, default="kd")
     parser.add_argument("--out", default=None, help="output folder (default: <run>/export/<target>)")

@@ -51,8 +51,9 @@ def resolve_model_path(name: str, key: str | None = None, check_hub: bool = Fals
 
 def is_hub_id(name: str) -> bool:
     """`name` would be looked up on the hub: not tiny:, not an existing path, not a path-looking name."""
-    return not (is_tiny(name) or Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
-                or name.count("/") > 1)
+    return not (
+        is_tiny(name) or Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    )
 
 
 def check_hub_model(name: str, key: str | None = None) -> None:
@@ -78,8 +79,10 @@ def in_hub_cache(name: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        return any(isinstance(try_to_load_from_cache(name, filename), str)
-                   for filename in ("config.json", "tokenizer_config.json"))
+        return any(
+            isinstance(try_to_load_from_cache(name, filename), str)
+            for filename in ("config.json", "tokenizer_config.json")
+        )
     except Exception:  # not a valid repo id, unreadable cache: not there
         return False
 
@@ -144,7 +147,9 @@ def stop_token_ids(tokenizer, model=None, extra_tokens: list[str] | tuple[str, .
     """
     ids: list[int] = []
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids += list(configured) if isinstance(configured, (list, tuple)) else ([configured] if configured is not None else [])
+    ids += (
+        list(configured) if isinstance(configured, (list, tuple)) else ([configured] if configured is not None else [])
+    )
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     vocab = tokenizer.get_vocab()

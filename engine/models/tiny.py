@@ -57,8 +57,14 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # stable-code-instruct-3b's special_tokens_map.json), GPT-NeoX's `<|padding|>` (in the vocabulary, not the
 # pad token), the fill-in-the-middle tokens, and ChatML's turn markers at ids that differ from the assistant's
 TEACHER_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|padding|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>",
-    "<|im_start|>", "<|im_end|>",
+    "<|endoftext|>",
+    "<|padding|>",
+    "<fim_prefix>",
+    "<fim_middle>",
+    "<fim_suffix>",
+    "<fim_pad>",
+    "<|im_start|>",
+    "<|im_end|>",
 ]
 TEACHER_EXTRA_SPECIAL_TOKENS = TEACHER_SPECIAL_TOKENS[1:]
 
@@ -66,9 +72,15 @@ TEACHER_EXTRA_SPECIAL_TOKENS = TEACHER_SPECIAL_TOKENS[1:]
 # dimension is a multiple of 64: bitsandbytes' CPU 4-bit kernels quantize in blocks of 64 input features.
 # The teacher has full multi-head attention (as many key/value heads as heads), as stable-code-3b has.
 TINY_SPECS: dict[str, dict[str, int]] = {
-    "teacher": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6),
-    "assistant": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
-    "student": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "teacher": dict(
+        hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6
+    ),
+    "assistant": dict(
+        hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "student": dict(
+        hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
 }
 MAX_POSITIONS = 1024
 
@@ -372,8 +384,11 @@ def build_pretrained(key: str, tokenizer, steps: int | None = None):
 
     def report(step: int, loss: float) -> None:
         if step % 50 == 0 or step == recipe["steps"] - 1:  # the build takes minutes: show it is moving
-            print(f"tiny:{key}: pretraining step {step + 1}/{recipe['steps']}, loss {loss:.3f}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"tiny:{key}: pretraining step {step + 1}/{recipe['steps']}, loss {loss:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     tiny_pretrain.pretrain(model, tokenizer, examples, seed=SEED, on_step=report, **recipe)
     return model
@@ -411,8 +426,10 @@ def build_all(into: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m engine.models.tiny",
-                                     description="Rebuild the tiny models the project ships (after a recipe change).")
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.models.tiny",
+        description="Rebuild the tiny models the project ships (after a recipe change).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build every tiny model (about 6 minutes: one thread, BUILD_THREADS)")
     build.add_argument("--into", type=Path, default=SHIPPED, help=f"target folder (default: {SHIPPED})")

@@ -44,7 +44,9 @@ def chat_examples(tokenizer, pairs: list[tuple[str, str]], seed: int) -> list[tu
     examples = []
     for instruction, answer in pairs:
         system = rng.choice(SYSTEM_PROMPTS)
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": instruction}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": instruction}
+        ]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [end_of_turn]
@@ -99,9 +101,18 @@ def plain_examples(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[i
     return examples
 
 
-def pretrain(model, tokenizer, examples: list[tuple[list[int], list[int]]], *, steps: int, seed: int,
-             batch_size: int = 16, learning_rate: float = 2e-3, warmup: int = 30,
-             on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
+def pretrain(
+    model,
+    tokenizer,
+    examples: list[tuple[list[int], list[int]]],
+    *,
+    steps: int,
+    seed: int,
+    batch_size: int = 16,
+    learning_rate: float = 2e-3,
+    warmup: int = 30,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
     """Train `model` in place on `examples` for `steps` AdamW steps (linear warmup, then cosine decay to a
     tenth of `learning_rate`). Returns the last loss and the seconds it took."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -53,8 +53,14 @@ def endpoint() -> tuple[str, int, str]:
 
 def _proxy_for(scheme: str, host: str) -> str | None:
     names = (f"{scheme}_proxy", "all_proxy")
-    proxy = next((os.environ.get(n) or os.environ.get(n.upper()) for n in names
-                  if os.environ.get(n) or os.environ.get(n.upper())), None)
+    proxy = next(
+        (
+            os.environ.get(n) or os.environ.get(n.upper())
+            for n in names
+            if os.environ.get(n) or os.environ.get(n.upper())
+        ),
+        None,
+    )
     if not proxy:
         return None
     from urllib.request import proxy_bypass_environment

@@ -35,12 +35,28 @@ def worker_command(stage: str, run: Run, config: TASConfig) -> list[str]:
         # torchrun's own parser would take `--run` for an abbreviation of its `--run-path`
         worker = ["-m", "engine.runner.worker", stage, "--run-dir", str(run.path)]
         if launch.nnodes > 1:  # every node runs the same command; node 0 hosts the rendezvous
-            where = ["--nnodes", str(launch.nnodes), "--node_rank", str(launch.node_rank), "--rdzv_backend", "c10d",
-                     "--rdzv_endpoint", str(launch.rdzv_endpoint), "--rdzv_id", f"{run.id}-{stage}"]
+            where = [
+                "--nnodes",
+                str(launch.nnodes),
+                "--node_rank",
+                str(launch.node_rank),
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                str(launch.rdzv_endpoint),
+                "--rdzv_id",
+                f"{run.id}-{stage}",
+            ]
         else:
             where = ["--standalone"]
-        return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={launch.nproc_per_node}",
-                *worker]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            *where,
+            f"--nproc_per_node={launch.nproc_per_node}",
+            *worker,
+        ]
     return [sys.executable, "-u", *worker]
 
 

@@ -37,7 +37,8 @@ def install_cancel_handler(events: EventWriter, cancel_event: threading.Event) -
         if not cancel_event.is_set():
             cancel_event.set()
             threading.Thread(
-                target=events.log, args=("cancel requested (SIGTERM): stopping at the next safe point", "warning"),
+                target=events.log,
+                args=("cancel requested (SIGTERM): stopping at the next safe point", "warning"),
                 daemon=True,
             ).start()
 

@@ -72,8 +72,12 @@ def run(ctx: StageContext) -> None:
     max_length = min(kd.max_length, config.student.max_position_embeddings)
     train_set = [tokenize_pair(tokenizer, p, system, max_length) for p in train_pairs]
     eval_set = [tokenize_pair(tokenizer, p, system, max_length) for p in eval_pairs]
-    tokens_per_step = (sum(len(e["input_ids"]) for e in train_set) / max(len(train_set), 1)
-                       * kd.per_device_train_batch_size * kd.gradient_accumulation_steps)
+    tokens_per_step = (
+        sum(len(e["input_ids"]) for e in train_set)
+        / max(len(train_set), 1)
+        * kd.per_device_train_batch_size
+        * kd.gradient_accumulation_steps
+    )
 
     runs = [("KD student", Path(kd.output_dir), kd.knowledgedistillation.weight, "")]
     if kd.ce_only_control:
@@ -84,18 +88,35 @@ def run(ctx: StageContext) -> None:
         try:
             student = build_student(config.student, teacher, tokenizer, init=kd.student_init)
             # each model's own embedding size: padded vocabularies differ across model sizes
-            vocab = check_vocab_compatibility(tokenizer, student_tokenizer, embedding_rows(teacher),
-                                              embedding_rows(student))
+            vocab = check_vocab_compatibility(
+                tokenizer, student_tokenizer, embedding_rows(teacher), embedding_rows(student)
+            )
             if kd.peft is not None:
                 student = with_lora(student, kd.peft.lora)
         except ValueError as exc:
             raise StageError(str(exc)) from None
         student.to(device)
-        ctx.events.log(f"{label}: {describe(ctx, student)}, KD weight {weight}, "
-                       f"T={kd.knowledgedistillation.loss.temperature}; {len(train_set)} train / {len(eval_set)} eval; "
-                       f"KD over {vocab} token columns")
-        train_one(ctx, label, student, teacher, tokenizer, train_set, eval_set, output_dir, weight, vocab,
-                  tokens_per_step, device, prefix, (index, len(runs)))
+        ctx.events.log(
+            f"{label}: {describe(ctx, student)}, KD weight {weight}, "
+            f"T={kd.knowledgedistillation.loss.temperature}; {len(train_set)} train / {len(eval_set)} eval; "
+            f"KD over {vocab} token columns"
+        )
+        train_one(
+            ctx,
+            label,
+            student,
+            teacher,
+            tokenizer,
+            train_set,
+            eval_set,
+            output_dir,
+            weight,
+            vocab,
+            tokens_per_step,
+            device,
+            prefix,
+            (index, len(runs)),
+        )
 
 
 def describe(ctx: StageContext, student) -> str:
@@ -111,9 +132,22 @@ def describe(ctx: StageContext, student) -> str:
     return text
 
 
-def train_one(ctx: StageContext, label: str, student, teacher, tokenizer, train_set: list[dict[str, Any]],
-              eval_set: list[dict[str, Any]], output_dir: Path, weight: float, vocab: int,
-              tokens_per_step: float, device: torch.device, prefix: str, part: tuple[int, int] = (0, 1)) -> None:
+def train_one(
+    ctx: StageContext,
+    label: str,
+    student,
+    teacher,
+    tokenizer,
+    train_set: list[dict[str, Any]],
+    eval_set: list[dict[str, Any]],
+    output_dir: Path,
+    weight: float,
+    vocab: int,
+    tokens_per_step: float,
+    device: torch.device,
+    prefix: str,
+    part: tuple[int, int] = (0, 1),
+) -> None:
     """4 + 5: train one student into output_dir, resuming from its newest checkpoint."""
     kd = ctx.config.train.distillation
     checkpoints = output_dir / "checkpoints"
@@ -155,9 +189,17 @@ def train_one(ctx: StageContext, label: str, student, teacher, tokenizer, train_
         chunk_size=kd.loss_chunk_size,
         vocab_size=vocab,
     )
-    train_resumable(ctx, trainer, cancel, checkpoints, "train.distillation.per_device_train_batch_size",
-                    kd.per_device_train_batch_size, kd.overwrite_output_dir, "train.distillation.overwrite_output_dir",
-                    label)
+    train_resumable(
+        ctx,
+        trainer,
+        cancel,
+        checkpoints,
+        "train.distillation.per_device_train_batch_size",
+        kd.per_device_train_batch_size,
+        kd.overwrite_output_dir,
+        "train.distillation.overwrite_output_dir",
+        label,
+    )
     if not ctx.is_main:  # rank 0 alone writes the model
         return
     with saving(output_dir, "train.distillation.output_dir"):

@@ -40,11 +40,15 @@ from engine.train.tracking import log_report
 
 def students(ctx: StageContext) -> dict[str, Path]:
     out = Path(ctx.config.train.distillation.output_dir)
-    found = {name: path for name, path in (("student_kd", out), ("student_ce", Path(f"{out}_ce")))
-             if (path / "config.json").exists()}
+    found = {
+        name: path
+        for name, path in (("student_kd", out), ("student_ce", Path(f"{out}_ce")))
+        if (path / "config.json").exists()
+    }
     if not found:
-        ctx.events.log(f"no trained student in {out} (train.distillation.output_dir); scoring the assistant only",
-                       level="warning")
+        ctx.events.log(
+            f"no trained student in {out} (train.distillation.output_dir); scoring the assistant only", level="warning"
+        )
     return found
 
 
@@ -63,16 +67,31 @@ def score(ctx: StageContext, model, assistant, batches: list[dict[str, torch.Ten
             teacher_hidden = last_hidden_state(assistant, inputs)
             teacher_head = assistant.get_output_embeddings().weight
             weight = 1.0
-        out = chunked_kd_loss(hidden, model.get_output_embeddings().weight, teacher_hidden, teacher_head,
-                              inputs["labels"], weight=weight, temperature=1.0, reduction="sum", vocab_size=vocab)
+        out = chunked_kd_loss(
+            hidden,
+            model.get_output_embeddings().weight,
+            teacher_hidden,
+            teacher_head,
+            inputs["labels"],
+            weight=weight,
+            temperature=1.0,
+            reduction="sum",
+            vocab_size=vocab,
+        )
         ce_sum += float(out.ce_loss)
         kl_sum += float(out.kd_loss)
         tokens += out.tokens
     if tokens == 0:
-        raise StageError("the held-out answers have no answer tokens left after truncation; raise train.distillation.max_length")
+        raise StageError(
+            "the held-out answers have no answer tokens left after truncation; raise train.distillation.max_length"
+        )
     loss = ce_sum / tokens
-    return {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50)), 3),
-            "kl_to_assistant": round(kl_sum / tokens, 5), "tokens": tokens}
+    return {
+        "loss": round(loss, 5),
+        "perplexity": round(math.exp(min(loss, 50)), 3),
+        "kl_to_assistant": round(kl_sum / tokens, 5),
+        "tokens": tokens,
+    }
 
 
 def run(ctx: StageContext) -> None:
@@ -109,12 +128,16 @@ def run(ctx: StageContext) -> None:
         else:
             model = load_causal_lm(str(path), key=name, dtype=student_dtype).to(device).eval()
         results[name] = score(ctx, model, assistant, batches, vocab)
-        results[name]["path"] = {None: config.train.sft.save_path, "base": config.assistant.model.name}.get(path, str(path))
+        results[name]["path"] = {None: config.train.sft.save_path, "base": config.assistant.model.name}.get(
+            path, str(path)
+        )
         results[name]["seconds"] = round(time.perf_counter() - started, 2)
         for metric in ("loss", "perplexity", "kl_to_assistant"):
             ctx.events.metric(f"{name}/{metric}", results[name][metric])
-        ctx.events.log(f"{name:<11} loss {results[name]['loss']:.4f}  ppl {results[name]['perplexity']:.2f}  "
-                       f"KL to assistant {results[name]['kl_to_assistant']:.4f}")
+        ctx.events.log(
+            f"{name:<11} loss {results[name]['loss']:.4f}  ppl {results[name]['perplexity']:.2f}  "
+            f"KL to assistant {results[name]['kl_to_assistant']:.4f}"
+        )
         if problems:
             results[name].update(code_eval(ctx, name, model, tokenizer, problems, system))
         ctx.events.progress(done + 1, len(candidates), "models")
@@ -124,28 +147,56 @@ def run(ctx: StageContext) -> None:
     if problems and config.eval.code.include_teacher and config.teacher.source == "open":
         # the teacher has its own tokenizer and template: only the code benchmark compares it
         teacher_tokenizer = load_tokenizer(teacher_name, key="teacher.open.model.name")
-        teacher = load_causal_lm(teacher_name, key="teacher.open.model.name",
-                                 dtype=pick_dtype(config.teacher.open.model.bfloat16, device)).to(device).eval()
-        results = {"teacher": {"path": teacher_name, **code_eval(ctx, "teacher", teacher, teacher_tokenizer, problems,
-                                                                   ctx.system_prompt("Teacher"))}, **results}
+        teacher = (
+            load_causal_lm(
+                teacher_name,
+                key="teacher.open.model.name",
+                dtype=pick_dtype(config.teacher.open.model.bfloat16, device),
+            )
+            .to(device)
+            .eval()
+        )
+        results = {
+            "teacher": {
+                "path": teacher_name,
+                **code_eval(ctx, "teacher", teacher, teacher_tokenizer, problems, ctx.system_prompt("Teacher")),
+            },
+            **results,
+        }
         del teacher
     ctx.events.memory(peak_memory())
 
-    report = {"examples": len(examples), "split": {"seed": split.seed, "test_size": split.test_size},
-              "models": results, "created": time.time()}
+    report = {
+        "examples": len(examples),
+        "split": {"seed": split.seed, "test_size": split.test_size},
+        "models": results,
+        "created": time.time(),
+    }
     if problems:
         code = config.eval.code
-        report["code"] = {"benchmark": code.benchmark, "problems": len(problems), "n_samples": code.n_samples,
-                          "max_new_tokens": code.max_new_tokens, "results_dir": str(ctx.stage_dir / "code")}
+        report["code"] = {
+            "benchmark": code.benchmark,
+            "problems": len(problems),
+            "n_samples": code.n_samples,
+            "max_new_tokens": code.max_new_tokens,
+            "results_dir": str(ctx.stage_dir / "code"),
+        }
     path = ctx.stage_dir / "report.json"
     atomic_write_json(path, report)
     ctx.events.artifact(path, "eval report")
     kd = config.train.distillation
     if "mlflow" in report_to(ctx, kd.report_to):
-        log_report(ctx, kd.experiment, path, {f"{model}/{name}": value for model, numbers in results.items()
-                                               for name, value in numbers.items()
-                                               if name in ("loss", "perplexity", "kl_to_assistant")
-                                               or name.startswith("pass@")})
+        log_report(
+            ctx,
+            kd.experiment,
+            path,
+            {
+                f"{model}/{name}": value
+                for model, numbers in results.items()
+                for name, value in numbers.items()
+                if name in ("loss", "perplexity", "kl_to_assistant") or name.startswith("pass@")
+            },
+        )
 
 
 def code_problems(ctx: StageContext) -> dict[str, dict]:
@@ -155,13 +206,16 @@ def code_problems(ctx: StageContext) -> dict[str, dict]:
         return {}
     problems = load_problems(code.benchmark, code.limit)
     which = f"{code.benchmark} (held-out split)" if code.benchmark == TINY_PYTHON else code.benchmark
-    ctx.events.log(f"code benchmark: {which}, {len(problems)} problems × {code.n_samples} samples, "
-                   f"up to {code.max_new_tokens} new tokens")
+    ctx.events.log(
+        f"code benchmark: {which}, {len(problems)} problems × {code.n_samples} samples, "
+        f"up to {code.max_new_tokens} new tokens"
+    )
     return problems
 
 
-def code_eval(ctx: StageContext, name: str, model, tokenizer, problems: dict[str, dict], system: str | None
-              ) -> dict[str, Any]:
+def code_eval(
+    ctx: StageContext, name: str, model, tokenizer, problems: dict[str, dict], system: str | None
+) -> dict[str, Any]:
     """Generate completions, run them in the sandbox, write eval/code/<name>.jsonl; returns pass@k figures."""
     code = ctx.config.eval.code
     started = time.perf_counter()
@@ -173,6 +227,9 @@ def code_eval(ctx: StageContext, name: str, model, tokenizer, problems: dict[str
     figures = {key: value for key, value in summary.items() if key.startswith("pass@")}
     for key, value in figures.items():
         ctx.events.metric(f"{name}/{key}", value)
-    ctx.events.log(f"{name:<11} {code.benchmark} " + "  ".join(f"{k} {v:.3f}" for k, v in figures.items())
-                   + f"  ({summary['n_passed']}/{summary['n_samples']} passed, {time.perf_counter() - started:.0f}s)")
+    ctx.events.log(
+        f"{name:<11} {code.benchmark} "
+        + "  ".join(f"{k} {v:.3f}" for k, v in figures.items())
+        + f"  ({summary['n_passed']}/{summary['n_samples']} passed, {time.perf_counter() - started:.0f}s)"
+    )
     return {**figures, "code_results": str(path)}

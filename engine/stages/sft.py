@@ -50,8 +50,10 @@ def lora_config(ctx: StageContext, model):
         fixed = [m + "s" if m not in names and m + "s" in names else m for m in modules_to_save]
         unknown = [m for m in fixed if m not in names]
         if fixed != modules_to_save:
-            ctx.events.log(f"train.sft.peft.lora.modules_to_save: using {fixed} (the model has no {modules_to_save})",
-                           level="warning")
+            ctx.events.log(
+                f"train.sft.peft.lora.modules_to_save: using {fixed} (the model has no {modules_to_save})",
+                level="warning",
+            )
         if unknown:
             raise StageError(f"train.sft.peft.lora.modules_to_save: the model has no module named {unknown}")
         modules_to_save = fixed
@@ -116,7 +118,9 @@ def prepare(ctx: StageContext) -> SftSetup:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=device.type == "cuda")
     elif model.device != device:
         model = model.to(device)
-    ctx.events.log(f"assistant {model_cfg.name} on {device}, {'4-bit ' + quant.bnb_4bit_quant_type if quant else model.dtype}")
+    ctx.events.log(
+        f"assistant {model_cfg.name} on {device}, {'4-bit ' + quant.bnb_4bit_quant_type if quant else model.dtype}"
+    )
 
     # 3 + 4. LoRA and trainer
     trackers = report_to(ctx, sft.report_to)
@@ -161,8 +165,16 @@ def train(ctx: StageContext, setup: SftSetup) -> None:
     sft = ctx.config.train.sft
     save_path = Path(sft.save_path)
     trainer, cancel, tokenizer, eval_set = setup.trainer, setup.cancel, setup.tokenizer, setup.eval_set
-    train_resumable(ctx, trainer, cancel, save_path / "checkpoints", "train.sft.per_device_train_batch_size",
-                    sft.per_device_train_batch_size, sft.overwrite_output_dir, "train.sft.overwrite_output_dir")
+    train_resumable(
+        ctx,
+        trainer,
+        cancel,
+        save_path / "checkpoints",
+        "train.sft.per_device_train_batch_size",
+        sft.per_device_train_batch_size,
+        sft.overwrite_output_dir,
+        "train.sft.overwrite_output_dir",
+    )
 
     # 5. save (every rank evaluates its share; rank 0 alone writes)
     if eval_set is not None:

@@ -101,12 +101,19 @@ def run(ctx: StageContext) -> None:
                     ctx.events.log(f"resume is off: previous answers moved to {backup}")
         repaired = output.repair()
         if repaired.torn_bytes:
-            ctx.events.log(f"cut a torn last line ({repaired.torn_bytes} bytes) from {output_path}; it will be regenerated")
+            ctx.events.log(
+                f"cut a torn last line ({repaired.torn_bytes} bytes) from {output_path}; it will be regenerated"
+            )
         for problem in repaired.corrupt:
-            ctx.events.log(f"{problem}: moved to {repaired.quarantine}; its prompt will be answered again", level="warning")
+            ctx.events.log(
+                f"{problem}: moved to {repaired.quarantine}; its prompt will be answered again", level="warning"
+            )
         if repaired.stale:
-            ctx.events.log(f"{repaired.stale} answers made with other teacher settings moved to {repaired.stale_file}; "
-                           "they will be answered again with this run's settings", level="warning")
+            ctx.events.log(
+                f"{repaired.stale} answers made with other teacher settings moved to {repaired.stale_file}; "
+                "they will be answered again with this run's settings",
+                level="warning",
+            )
         merged = merge_shards(output)
         if merged:
             ctx.events.log(f"merged {merged} answers left in shard files by an interrupted run")
@@ -144,8 +151,10 @@ def run(ctx: StageContext) -> None:
         from engine.teacher.vllm import answer_vllm
 
         if world > 1:  # one server serves every GPU: tensor / data parallel inside vLLM, not torchrun
-            raise StageError("teacher.source vllm runs one server: set launch.nproc_per_node to 1 and use "
-                             "teacher.vllm.tensor_parallel_size / data_parallel_size for more GPUs")
+            raise StageError(
+                "teacher.source vllm runs one server: set launch.nproc_per_node to 1 and use "
+                "teacher.vllm.tensor_parallel_size / data_parallel_size for more GPUs"
+            )
         summary = answer_vllm(ctx, mine, target, system_prompt)
         progress(0)
     else:
@@ -162,7 +171,9 @@ def run(ctx: StageContext) -> None:
     missing = [p["id"] for p in prompts if p["id"] not in done]
     ctx.events.progress(total - len(missing), total, "prompts")
     ctx.events.artifact(output_path, "teacher answers")
-    ctx.events.log(f"answered {summary.get('answered', 0)} prompts in this run; {total - len(missing)}/{total} in total")
+    ctx.events.log(
+        f"answered {summary.get('answered', 0)} prompts in this run; {total - len(missing)}/{total} in total"
+    )
     if missing:
         raise StageError(
             f"{len(missing)} of {total} prompts have no answer (see failures in the log"

@@ -59,7 +59,10 @@ BATCH_DONE = ("completed", "failed", "expired", "cancelled")
 
 
 def answer_closed(
-    ctx: StageContext, prompts: list[dict], output: TeacherOutput, system_prompt: str | None,
+    ctx: StageContext,
+    prompts: list[dict],
+    output: TeacherOutput,
+    system_prompt: str | None,
     extra_body: dict[str, Any] | None = None,
 ) -> dict:
     """Answer `prompts` ({"id", "instruction", ...}) with the closed teacher, appending to `output`.

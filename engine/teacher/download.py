@@ -49,9 +49,9 @@ def tas_revision(size: str, teacher: str) -> str | None:
 
 @dataclass(frozen=True)
 class DownloadPlan:
-    teacher: str        # open | closed: whose answers (and docstring style)
-    key: str            # the config section read, e.g. teacher.open.data.download
-    repo: str           # hub id or local folder
+    teacher: str  # open | closed: whose answers (and docstring style)
+    key: str  # the config section read, e.g. teacher.open.data.download
+    repo: str  # hub id or local folder
     revision: str | None  # None for a local folder (loaded as it is)
     split: str = SPLIT
 
@@ -86,8 +86,7 @@ def plan_download(config: Any, teacher: str | None = None) -> DownloadPlan:
         revision = tas_revision(download.size, teacher) or ""
         if not revision:
             sizes = ", ".join(f"{size} ({tas_revision(size, teacher)})" for size in SIZE_VERSIONS)
-            raise StageError(f"{key}.size: {download.size!r} is not a size TAS publishes; "
-                             f"use one of {sizes}")
+            raise StageError(f"{key}.size: {download.size!r} is not a size TAS publishes; use one of {sizes}")
     return DownloadPlan(teacher, key, repo, revision)
 
 
@@ -98,15 +97,18 @@ def download_answers(ctx: StageContext, output: TeacherOutput) -> None:
     instruction = next((c for c in INSTRUCTION_COLUMNS if c in columns), None)
     answer = next((c for c in OUTPUT_COLUMNS if c in columns), None)
     if instruction is None or answer is None:
-        raise StageError(f"{plan.key}.repo: {plan.label} has columns {columns}; "
-                         f"need one of {INSTRUCTION_COLUMNS} and one of {OUTPUT_COLUMNS}")
+        raise StageError(
+            f"{plan.key}.repo: {plan.label} has columns {columns}; "
+            f"need one of {INSTRUCTION_COLUMNS} and one of {OUTPUT_COLUMNS}"
+        )
 
     repaired = output.repair()
     for problem in repaired.corrupt:
         ctx.events.log(f"{problem}: moved to {repaired.quarantine}", level="warning")
     if repaired.stale:
-        ctx.events.log(f"{repaired.stale} answers made with other teacher settings moved to {repaired.stale_file}",
-                       level="warning")
+        ctx.events.log(
+            f"{repaired.stale} answers made with other teacher settings moved to {repaired.stale_file}", level="warning"
+        )
     present = output.records()
     others = sorted({str(r.get("model")) for r in present} - {plan.label})
     if others:
@@ -143,8 +145,10 @@ def download_answers(ctx: StageContext, output: TeacherOutput) -> None:
     repeats = sum(n - 1 for n in seen.values())
     notes = [f"{n} skipped ({why})" for why, n in sorted(skipped.items())]
     notes += [f"{repeats} repeated instructions kept as TAS keeps them (ids -2, -3, …)"] if repeats else []
-    ctx.events.log(f"{plan.label} ({plan.split}): stored {len(records)} answers, {len(present)} were already there"
-                   + (f"; {'; '.join(notes)}" if notes else ""))
+    ctx.events.log(
+        f"{plan.label} ({plan.split}): stored {len(records)} answers, {len(present)} were already there"
+        + (f"; {'; '.join(notes)}" if notes else "")
+    )
 
 
 def _load(plan: DownloadPlan):

@@ -50,7 +50,9 @@ def load_teacher(ctx: StageContext):
     if warning:
         ctx.events.log(warning, level="warning")
     if cfg.model.trust_remote_code:
-        ctx.events.log("teacher.open.model.trust_remote_code is on: running code from the model repository", level="warning")
+        ctx.events.log(
+            "teacher.open.model.trust_remote_code is on: running code from the model repository", level="warning"
+        )
     tokenizer = load_tokenizer(
         cfg.model.name,
         key="teacher.open.model.name",
@@ -59,8 +61,12 @@ def load_teacher(ctx: StageContext):
     )
     # device.type auto in a single process with several GPUs visible: TAS's meaning, device_map="auto" (a
     # teacher larger than one GPU is split over them; under torchrun each rank holds its own copy instead)
-    split = (ctx.config.device.type == "auto" and ctx.world_size == 1 and device.type == "cuda"
-             and torch.cuda.device_count() > 1)
+    split = (
+        ctx.config.device.type == "auto"
+        and ctx.world_size == 1
+        and device.type == "cuda"
+        and torch.cuda.device_count() > 1
+    )
     model = load_causal_lm(
         cfg.model.name,
         key="teacher.open.model.name",
@@ -85,7 +91,9 @@ def cleanup_applies(tokenizer) -> bool:
     return bool(getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
 
 
-def chat_texts(tokenizer, prompts: list[dict[str, Any]], system_prompt: str | None, add_generation_prompt: bool) -> list[str]:
+def chat_texts(
+    tokenizer, prompts: list[dict[str, Any]], system_prompt: str | None, add_generation_prompt: bool
+) -> list[str]:
     """The prompt each model sees: its own chat template with the TAS system prompt."""
     if not getattr(tokenizer, "chat_template", None):
         return [p["instruction"] for p in prompts]
@@ -143,9 +151,17 @@ def generate_batches(
     while start < len(order):
         chunk = order[start : start + batch_size]
         try:
-            batch = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], [texts[i] for i in chunk],
-                                    gen_kwargs, max_input, stop_ids, skip_special_tokens,
-                                    clean_up_tokenization_spaces)
+            batch = _generate_batch(
+                model,
+                tokenizer,
+                [prompts[i] for i in chunk],
+                [texts[i] for i in chunk],
+                gen_kwargs,
+                max_input,
+                stop_ids,
+                skip_special_tokens,
+                clean_up_tokenization_spaces,
+            )
         except Exception as exc:
             if not is_out_of_memory(exc) or batch_size == 1:
                 raise
@@ -159,9 +175,17 @@ def generate_batches(
         yield batch
 
 
-def _generate_batch(model, tokenizer, prompts: list[dict[str, Any]], texts: list[str], gen_kwargs: dict[str, Any],
-                    max_input: int, stop_ids: torch.Tensor, skip_special_tokens: bool,
-                    clean_up_tokenization_spaces: bool) -> Batch:
+def _generate_batch(
+    model,
+    tokenizer,
+    prompts: list[dict[str, Any]],
+    texts: list[str],
+    gen_kwargs: dict[str, Any],
+    max_input: int,
+    stop_ids: torch.Tensor,
+    skip_special_tokens: bool,
+    clean_up_tokenization_spaces: bool,
+) -> Batch:
     encoded = tokenizer(
         texts,
         return_tensors="pt",
@@ -190,8 +214,9 @@ def _generate_batch(model, tokenizer, prompts: list[dict[str, Any]], texts: list
     return Batch(prompts, answers, counted, seconds)
 
 
-def answer_open(ctx: StageContext, prompts: list[dict[str, Any]], output: TeacherOutput, system_prompt: str | None,
-                progress) -> dict[str, Any]:
+def answer_open(
+    ctx: StageContext, prompts: list[dict[str, Any]], output: TeacherOutput, system_prompt: str | None, progress
+) -> dict[str, Any]:
     """Answer `prompts` (this rank's share) into `output`; `progress(n)` reports n more answered."""
     cfg = ctx.config.teacher.open
     model, tokenizer = load_teacher(ctx)
@@ -204,12 +229,21 @@ def answer_open(ctx: StageContext, prompts: list[dict[str, Any]], output: Teache
     )
     torch.manual_seed(1234 + ctx.rank)
     totals = {"answered": 0, "failed": 0, "tokens": 0, "seconds": 0.0}
+
     def halved(old: int, new: int) -> None:
-        ctx.events.log(f"out of memory with a batch of {old} prompts: going on with batches of {new} "
-                       f"(teacher.open.pipeline.batch_size: {new} fits from the start)", level="warning")
+        ctx.events.log(
+            f"out of memory with a batch of {old} prompts: going on with batches of {new} "
+            f"(teacher.open.pipeline.batch_size: {new} fits from the start)",
+            level="warning",
+        )
 
     batches = generate_batches(
-        model, tokenizer, prompts, texts, cfg.pipeline.batch_size, gen_kwargs,
+        model,
+        tokenizer,
+        prompts,
+        texts,
+        cfg.pipeline.batch_size,
+        gen_kwargs,
         skip_special_tokens=cfg.tokenizer.skip_special_tokens,
         clean_up_tokenization_spaces=cfg.tokenizer.clean_up_tokenization_spaces and cleanup_applies(tokenizer),
         on_out_of_memory=halved,
@@ -233,8 +267,14 @@ def answer_open(ctx: StageContext, prompts: list[dict[str, Any]], output: Teache
         records, empty = [], []
         for prompt, answer in zip(batch.prompts, batch.answers):
             if answer:
-                records.append({"id": prompt["id"], "instruction": prompt["instruction"], "output": answer,
-                                "model": cfg.model.name})
+                records.append(
+                    {
+                        "id": prompt["id"],
+                        "instruction": prompt["instruction"],
+                        "output": answer,
+                        "model": cfg.model.name,
+                    }
+                )
             else:
                 empty.append(prompt["id"])
         output.append(records)
@@ -243,8 +283,9 @@ def answer_open(ctx: StageContext, prompts: list[dict[str, Any]], output: Teache
         totals["tokens"] += batch.new_tokens
         totals["seconds"] += batch.seconds
         if empty:
-            ctx.events.log(f"{len(empty)} empty answers (will be retried next run): {', '.join(empty[:5])}",
-                           level="warning")
+            ctx.events.log(
+                f"{len(empty)} empty answers (will be retried next run): {', '.join(empty[:5])}", level="warning"
+            )
         progress(len(batch.prompts))
         # the stage's average so far, not the last batch (the last batch is often a short tail)
         ctx.events.metric("tokens_per_s", round(totals["tokens"] / max(totals["seconds"], 1e-9), 2), step=step)

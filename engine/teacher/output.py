@@ -72,16 +72,18 @@ class TeacherOutput:
         lines = self.path.read_bytes().split(b"\n")
         drop = {error.line for error in bad} | {number for number, _ in stale}
         if bad:
-            quarantined = [{"line": e.line, "reason": str(e), "raw": lines[e.line - 1].decode("utf-8", "replace")}
-                           for e in bad]
+            quarantined = [
+                {"line": e.line, "reason": str(e), "raw": lines[e.line - 1].decode("utf-8", "replace")} for e in bad
+            ]
             append_jsonl(self.quarantine_path, quarantined, key=KEY)
             result.corrupt = [str(error) for error in bad]
             result.quarantine = self.quarantine_path
         if stale:
             append_jsonl(self.stale_path, [record for _, record in stale], key=KEY)
             result.stale, result.stale_file = len(stale), self.stale_path
-        atomic_write(self.path, b"\n".join(line for number, line in enumerate(lines, start=1) if number not in drop),
-                     key=KEY)
+        atomic_write(
+            self.path, b"\n".join(line for number, line in enumerate(lines, start=1) if number not in drop), key=KEY
+        )
         return result
 
     def _ours(self, record: dict[str, Any]) -> bool:
@@ -89,8 +91,11 @@ class TeacherOutput:
 
     def records(self) -> list[dict[str, Any]]:
         """Every complete, usable record (torn tails and corrupt lines are left out: `repair` reports them)."""
-        return [record for _, record in iter_jsonl(self.path, on_corrupt=lambda error: None)
-                if _usable(record) and self._ours(record)]
+        return [
+            record
+            for _, record in iter_jsonl(self.path, on_corrupt=lambda error: None)
+            if _usable(record) and self._ours(record)
+        ]
 
     def done_ids(self) -> set[str]:
         return {r["id"] for r in self.records()}

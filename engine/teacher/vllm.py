@@ -111,8 +111,9 @@ def teacher_stop_ids(config: TASConfig, model_path: str) -> list[int]:
     that has its special tokens removed: `<|im_end|>` is only seen as an id (vLLM's `stop_token_ids`)."""
     from engine.models.loading import load_tokenizer, stop_token_ids
 
-    tokenizer = load_tokenizer(model_path, key="teacher.open.model.name",
-                               trust_remote_code=config.teacher.open.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        model_path, key="teacher.open.model.name", trust_remote_code=config.teacher.open.model.trust_remote_code
+    )
     return stop_token_ids(tokenizer, None, config.teacher.open.tokenizer.additional_special_tokens)
 
 
@@ -148,12 +149,19 @@ def answer_vllm(ctx: StageContext, prompts: list[dict], output: TeacherOutput, s
             raise StageCancelled("cancelled by request while the vLLM server was starting")
         ctx.events.log(f"vLLM server ready at {server.base_url}")
         vllm_ctx = StageContext(
-            ctx.stage, ctx.run, closed_config(config, server.base_url), ctx.events,
-            ctx.rank, ctx.world_size, ctx.cancel_event,
+            ctx.stage,
+            ctx.run,
+            closed_config(config, server.base_url),
+            ctx.events,
+            ctx.rank,
+            ctx.world_size,
+            ctx.cancel_event,
         )
         stops = teacher_stop_ids(config, settings.model)
-        ctx.events.log(f"answers end at token ids {stops} (EOS, the chat template's end of turn, "
-                       "teacher.open.tokenizer.additional_special_tokens)")
+        ctx.events.log(
+            f"answers end at token ids {stops} (EOS, the chat template's end of turn, "
+            "teacher.open.tokenizer.additional_special_tokens)"
+        )
         with placeholder_api_key():
             return answer_closed(vllm_ctx, prompts, output, system_prompt, extra_body={"stop_token_ids": stops})
     finally:

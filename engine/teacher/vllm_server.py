@@ -211,7 +211,9 @@ class VllmServer:
             _write_pid_file(self.pid_file, self.process.pid, port=self.port, argv=self.argv)
         return self
 
-    def wait_healthy(self, timeout_s: float = 600.0, poll_s: float = 0.5, cancel: threading.Event | None = None) -> bool:
+    def wait_healthy(
+        self, timeout_s: float = 600.0, poll_s: float = 0.5, cancel: threading.Event | None = None
+    ) -> bool:
         """Block until GET /health answers 200. Raise VllmError, quoting the server's log, as soon as
         the server exits, or after `timeout_s` (the server is left running: stop() it).
 

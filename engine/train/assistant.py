@@ -52,8 +52,9 @@ def load_tuned_assistant(ctx: StageContext, device: torch.device, *, with_adapte
         model = PeftModel.from_pretrained(model, adapter).get_base_model()  # LoRA layers stay injected
         ctx.events.log(f"KD teacher: {name} + SFT adapter {adapter}")
     elif with_adapter:
-        ctx.events.log(f"no SFT adapter in {adapter} (train.sft.save_path): distilling from the base assistant",
-                       level="warning")
+        ctx.events.log(
+            f"no SFT adapter in {adapter} (train.sft.save_path): distilling from the base assistant", level="warning"
+        )
     if not quant:
         model = model.to(device)
     model.eval().requires_grad_(False)

@@ -24,8 +24,9 @@ from engine.runner.context import StageContext
 class EventsCallback(TrainerCallback):
     """Trainer logs → `metric` events, steps → `progress`, and peak memory now and then."""
 
-    def __init__(self, ctx: StageContext, tokens_per_step: float | None = None, prefix: str = "",
-                 part: tuple[int, int] = (0, 1)):
+    def __init__(
+        self, ctx: StageContext, tokens_per_step: float | None = None, prefix: str = "", part: tuple[int, int] = (0, 1)
+    ):
         self.ctx = ctx
         self.tokens_per_step = tokens_per_step
         self.prefix = prefix  # tells apart the metrics of two trainings in one stage (e.g. "control/")
@@ -133,8 +134,9 @@ def report_to(ctx: StageContext, wanted: str | list[str]) -> list[str]:
         if name == "all" or importlib.util.find_spec(module) is not None:
             usable.append(name)
         else:
-            ctx.events.log(f"report_to: {name} is not installed (pip install {module}); not reporting to it",
-                           level="warning")
+            ctx.events.log(
+                f"report_to: {name} is not installed (pip install {module}); not reporting to it", level="warning"
+            )
     return usable or ["none"]
 
 
@@ -180,8 +182,17 @@ def mark_completed(checkpoints: Path) -> None:
     (checkpoints / COMPLETED).write_text("the model in the parent folder was trained to the end\n")
 
 
-def train_resumable(ctx: StageContext, trainer, cancel: CancelCallback, checkpoints: Path, batch_key: str,
-                    batch_size: int, overwrite: bool, overwrite_key: str, label: str = "") -> None:
+def train_resumable(
+    ctx: StageContext,
+    trainer,
+    cancel: CancelCallback,
+    checkpoints: Path,
+    batch_key: str,
+    batch_size: int,
+    overwrite: bool,
+    overwrite_key: str,
+    label: str = "",
+) -> None:
     """Train from the newest checkpoint in `checkpoints`; OOM and cancel become the stage's own endings.
 
     Checkpoints of an interrupted run are resumed. After a run that finished, running the stage again
@@ -198,8 +209,10 @@ def train_resumable(ctx: StageContext, trainer, cancel: CancelCallback, checkpoi
     output_key = "train.sft.save_path" if section == "train.sft" else f"{section}.output_dir"
     if (checkpoints / COMPLETED).exists():
         if not overwrite:
-            raise StageError(f"{prefix}already trained to the end in {checkpoints.parent}; set {overwrite_key}: true "
-                             "to train again, or change the output path")
+            raise StageError(
+                f"{prefix}already trained to the end in {checkpoints.parent}; set {overwrite_key}: true "
+                "to train again, or change the output path"
+            )
         if ctx.is_main:
             shutil.rmtree(checkpoints)
             ctx.events.log(f"{prefix}the previous training finished; training again ({overwrite_key})")
@@ -214,8 +227,10 @@ def train_resumable(ctx: StageContext, trainer, cancel: CancelCallback, checkpoi
         # the cancel came during an evaluation pass: keep the step that was reached, then stop
         if cancel.saved_step != trainer.state.global_step:
             trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's own checkpoint writer
-        raise StageCancelled(f"{prefix}cancelled at step {trainer.state.global_step} during an evaluation; "
-                             "checkpoint saved, re-run to resume") from None
+        raise StageCancelled(
+            f"{prefix}cancelled at step {trainer.state.global_step} during an evaluation; "
+            "checkpoint saved, re-run to resume"
+        ) from None
     except Exception as exc:
         if is_out_of_memory(exc):
             raise StageError(
@@ -225,4 +240,6 @@ def train_resumable(ctx: StageContext, trainer, cancel: CancelCallback, checkpoi
         raise
     ctx.events.memory(peak_memory())
     if cancel.stopped:
-        raise StageCancelled(f"{prefix}cancelled at step {trainer.state.global_step}; checkpoint saved, re-run to resume")
+        raise StageCancelled(
+            f"{prefix}cancelled at step {trainer.state.global_step}; checkpoint saved, re-run to resume"
+        )

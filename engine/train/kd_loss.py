@@ -135,8 +135,7 @@ def _check_args(weight: float, temperature: float, reduction: str) -> None:
 def _check_positions(student: Tensor, teacher: Tensor | None, labels: Tensor, what: str) -> None:
     if student.dim() != 3 or student.shape[:2] != labels.shape:
         raise ValueError(
-            f"student {what} must be (batch, seq, ·) matching labels {tuple(labels.shape)}, "
-            f"got {tuple(student.shape)}"
+            f"student {what} must be (batch, seq, ·) matching labels {tuple(labels.shape)}, got {tuple(student.shape)}"
         )
     if teacher is not None and (teacher.dim() != 3 or teacher.shape[:2] != labels.shape):
         raise ValueError(

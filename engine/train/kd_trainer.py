@@ -36,16 +36,30 @@ def last_hidden_state(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     `logits_to_keep=1` makes the model compute the logits of the last position only; the loss computes
     the rest in chunks from these hidden states (engine.train.kd_loss).
     """
-    out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    out = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    )
     return out.hidden_states[-1]
 
 
 class KDTrainer(Trainer):
     """Trainer whose loss is the chunked, answer-only KD loss; logs ce_loss and kd_loss beside loss."""
 
-    def __init__(self, *args, kd_teacher, kd_weight: float, temperature: float, reduction: str,
-                 chunk_size: int, vocab_size: int, **kwargs):
+    def __init__(
+        self,
+        *args,
+        kd_teacher,
+        kd_weight: float,
+        temperature: float,
+        reduction: str,
+        chunk_size: int,
+        vocab_size: int,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.kd_teacher = kd_teacher
         self.kd_weight = kd_weight
@@ -67,9 +81,16 @@ class KDTrainer(Trainer):
                 teacher_hidden = last_hidden_state(self.kd_teacher, inputs)
             teacher_head = self.kd_teacher.get_output_embeddings().weight
         out = chunked_kd_loss(
-            student_hidden, student_head, teacher_hidden, teacher_head, labels,
-            weight=self.kd_weight, temperature=self.temperature, reduction=self.reduction,
-            chunk_size=self.chunk_size, vocab_size=self.vocab_size,
+            student_hidden,
+            student_head,
+            teacher_hidden,
+            teacher_head,
+            labels,
+            weight=self.kd_weight,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size,
+            vocab_size=self.vocab_size,
         )
         if model.training:
             self._sums["ce_loss"] += float(out.ce_loss.detach())

@@ -41,6 +41,7 @@ def split_pairs(pairs: list[dict[str, Any]], test_size: float, seed: int) -> tup
     A resumed teacher appends in a different order than a fresh one; hashing ids keeps every answer on
     the same side of the split either way.
     """
+
     def rank(record: dict[str, Any]) -> str:
         ident = str(record.get("id") or record["instruction"])
         return hashlib.sha256(f"{seed}:{ident}".encode()).hexdigest()
@@ -63,16 +64,22 @@ def load_split_pairs(ctx: StageContext) -> tuple[list[dict], list[dict], str | N
         raise StageError(str(exc)) from None
     prompts = Path(ctx.config.data.output_path)
     downloaded = ctx.config.teacher.source == "download"  # TAS trains on the whole published set
-    if prompts.exists() and not downloaded:  # only this run's prompts, even if the answers file holds more (reused answers)
+    if (
+        prompts.exists() and not downloaded
+    ):  # only this run's prompts, even if the answers file holds more (reused answers)
         ids = {record.get("id") for _, record in iter_records(prompts)}
         kept = [p for p in pairs if p.get("id") in ids]
         if len(kept) < len(pairs):
-            ctx.events.log(f"using {len(kept)} of {len(pairs)} teacher answers: the others answer prompts that are "
-                           f"not in this run's data.output_path")
+            ctx.events.log(
+                f"using {len(kept)} of {len(pairs)} teacher answers: the others answer prompts that are "
+                f"not in this run's data.output_path"
+            )
         pairs = kept
         if len(pairs) < 2:
-            raise StageError(f"teacher.base.output_path: only {len(pairs)} answers match the prompts of "
-                             f"data.output_path ({prompts}); run the teacher stage of this run first")
+            raise StageError(
+                f"teacher.base.output_path: only {len(pairs)} answers match the prompts of "
+                f"data.output_path ({prompts}); run the teacher stage of this run first"
+            )
     train_pairs, held_out = split_pairs(pairs, split.test_size, split.seed)
     return train_pairs, held_out, ctx.system_prompt("Assistant")
 

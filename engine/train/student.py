@@ -151,12 +151,18 @@ def _layout_mismatches(config, assistant_config) -> list[str]:
             config.num_key_value_heads,
             getattr(a, "num_key_value_heads", a.num_attention_heads),
         ),
-        ("student.hidden_size / student.num_attention_heads", "head_dim",
-         config.hidden_size // config.num_attention_heads, a_head_dim),
+        (
+            "student.hidden_size / student.num_attention_heads",
+            "head_dim",
+            config.hidden_size // config.num_attention_heads,
+            a_head_dim,
+        ),
         ("(vocab)", "vocab_size", config.vocab_size, a.vocab_size),
     ]
     return [
-        f"{key}: student has {name}={ours}, assistant has {theirs}" for key, name, ours, theirs in pairs if ours != theirs
+        f"{key}: student has {name}={ours}, assistant has {theirs}"
+        for key, name, ours, theirs in pairs
+        if ours != theirs
     ]
 
 
@@ -172,8 +178,13 @@ def _check_copyable(assistant_model, config) -> None:
             f"train.distillation.student_init: assistant_layers copies Qwen2 decoder layers, but the assistant is "
             f"{a.model_type!r}; use student_init: pretrained or random"
         )
-    odd = sorted({type(p).__name__ for p in assistant_model.parameters()
-                  if not p.is_floating_point() and not _is_bnb_quantized(p)})
+    odd = sorted(
+        {
+            type(p).__name__
+            for p in assistant_model.parameters()
+            if not p.is_floating_point() and not _is_bnb_quantized(p)
+        }
+    )
     if odd:
         raise ValueError(
             f"train.distillation.student_init: assistant_layers cannot read the assistant's weights ({', '.join(odd)}: "
@@ -217,8 +228,9 @@ def _merged_lora(layer) -> dict[str, torch.Tensor]:
                 )
             delta = layer.get_delta_weight(name).float().to(weight.device)
             if delta.shape != weight.shape:
-                raise ValueError(f"LoRA adapter {name!r}: delta {tuple(delta.shape)} does not fit weight "
-                                 f"{tuple(weight.shape)}")
+                raise ValueError(
+                    f"LoRA adapter {name!r}: delta {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}"
+                )
             weight += delta
             if getattr(layer, "lora_bias", {}).get(name) and bias is not None:
                 bias += (layer.lora_B[name].bias * layer.scaling[name]).float().to(bias.device)
@@ -356,7 +368,8 @@ def build_student(
     a_gen = getattr(assistant_model, "generation_config", None)
     model.generation_config = GenerationConfig(
         eos_token_id=getattr(a_gen, "eos_token_id", None) or config.eos_token_id,
-        pad_token_id=getattr(a_gen, "pad_token_id", None) if getattr(a_gen, "pad_token_id", None) is not None
+        pad_token_id=getattr(a_gen, "pad_token_id", None)
+        if getattr(a_gen, "pad_token_id", None) is not None
         else config.pad_token_id,
         bos_token_id=config.bos_token_id,
     )
@@ -470,8 +483,14 @@ def check_vocab_compatibility(
     """
     check_same_tokenizer(assistant_tokenizer, student_tokenizer)
     needed = token_columns(assistant_tokenizer)
-    short = [f"{key}: {rows}" for key, rows in (("assistant.model.name", assistant_vocab_size),
-                                                 ("student.base_model_name", student_vocab_size)) if rows < needed]
+    short = [
+        f"{key}: {rows}"
+        for key, rows in (
+            ("assistant.model.name", assistant_vocab_size),
+            ("student.base_model_name", student_vocab_size),
+        )
+        if rows < needed
+    ]
     if short:
         raise ValueError(
             f"the tokenizer uses {needed} token ids but the embeddings have only {' / '.join(short)} rows "

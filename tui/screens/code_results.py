@@ -24,8 +24,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Select, Static
 
-MODEL_LABELS = {"teacher": "teacher", "assistant": "assistant", "student_kd": "KD student",
-                "student_ce": "CE student"}
+MODEL_LABELS = {"teacher": "teacher", "assistant": "assistant", "student_kd": "KD student", "student_ce": "CE student"}
 
 
 @dataclass
@@ -47,16 +46,16 @@ def read_code_results(code_dir: Path) -> list[ModelResults]:
     from engine.core.fsio import iter_jsonl
 
     order = list(MODEL_LABELS)
-    paths = sorted(code_dir.glob("*.jsonl"),
-                   key=lambda p: (order.index(p.stem) if p.stem in order else len(order), p.stem))
+    paths = sorted(
+        code_dir.glob("*.jsonl"), key=lambda p: (order.index(p.stem) if p.stem in order else len(order), p.stem)
+    )
     results = []
     for path in paths:
         samples: list[dict] = []
         bad: list = []  # CorruptLine errors (their text names file and line), or OSError text
         try:
             # the eval stage writes whole files atomically: a last line without newline is still a record
-            for _, record in iter_jsonl(path, final_line_may_lack_newline=True,
-                                        on_corrupt=bad.append):
+            for _, record in iter_jsonl(path, final_line_may_lack_newline=True, on_corrupt=bad.append):
                 if "task_id" in record:
                     samples.append(record)
         except OSError as exc:
@@ -127,7 +126,8 @@ class CodeResultsScreen(ModalScreen[None]):
         select = self.query_one("#code-model", Select)
         if not self.results:
             self.query_one("#code-summary", Static).update(
-                f"no code results in {self.code_dir} (eval.code.benchmark: none, or the eval stage has not run)")
+                f"no code results in {self.code_dir} (eval.code.benchmark: none, or the eval stage has not run)"
+            )
             return
         select.set_options([(self._model_label(r), r.model) for r in self.results])
         select.value = self.results[0].model  # shows it (Select.Changed)
@@ -150,8 +150,9 @@ class CodeResultsScreen(ModalScreen[None]):
         table.clear()
         for sample in self.rows:
             passed = sample.get("passed") is True
-            result = Text("✓ pass", style="green") if passed else Text(f"✗ {sample.get('status') or 'fail'}",
-                                                                         style="red")
+            result = (
+                Text("✓ pass", style="green") if passed else Text(f"✗ {sample.get('status') or 'fail'}", style="red")
+            )
             table.add_row(str(sample.get("task_id")), result, "" if passed else first_line(sample.get("error")))
         failed = len(results.samples) - results.passed
         summary = f"{failed} failed, {results.passed} passed (failed first)"
@@ -173,14 +174,23 @@ class CodeResultsScreen(ModalScreen[None]):
             return
         sample = self.rows[index]
         passed = sample.get("passed") is True
-        header = Text.assemble((f"{sample.get('task_id')}  ", "bold"),
-                               ("passed" if passed else _failed_how(sample.get("status")),
-                                "green" if passed else "red"))
+        header = Text.assemble(
+            (f"{sample.get('task_id')}  ", "bold"),
+            ("passed" if passed else _failed_how(sample.get("status")), "green" if passed else "red"),
+        )
         if isinstance(sample.get("duration_s"), (int, float)):
             header.append(f"  {sample['duration_s']:.2f} s", style="dim")
-        parts = [header, Text("completion:", style="bold"),
-                 Syntax(str(sample.get("completion") or "(empty completion)"), "python", line_numbers=True,
-                        word_wrap=True, theme="ansi_dark")]
+        parts = [
+            header,
+            Text("completion:", style="bold"),
+            Syntax(
+                str(sample.get("completion") or "(empty completion)"),
+                "python",
+                line_numbers=True,
+                word_wrap=True,
+                theme="ansi_dark",
+            ),
+        ]
         if not passed:
             parts += [Text("error:", style="bold red"), Text(str(sample.get("error") or "(no error text)"))]
         self.query_one("#code-detail-text", Static).update(Group(*parts))

@@ -32,8 +32,9 @@ class ConfirmScreen(ModalScreen[bool]):
     """
     BINDINGS = [Binding("y,enter", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
 
-    def __init__(self, question: str, details: Sequence[tuple[str, str]] | str = (), yes: str = "yes",
-                 no: str = "cancel"):
+    def __init__(
+        self, question: str, details: Sequence[tuple[str, str]] | str = (), yes: str = "yes", no: str = "cancel"
+    ):
         """`details`: (label, value) pairs shown aligned under the question, or plain text."""
         super().__init__()
         self.question = question
@@ -46,8 +47,19 @@ class ConfirmScreen(ModalScreen[bool]):
             yield Static(Text(self.question), id="question")
             if self.details:
                 yield Static(self._details_text(), id="details")
-            yield Static(Text.assemble(("y", "bold"), " / ", ("Enter", "bold"), f": {self.yes}    ",
-                                       ("n", "bold"), " / ", ("Esc", "bold"), f": {self.no}"), id="hint")
+            yield Static(
+                Text.assemble(
+                    ("y", "bold"),
+                    " / ",
+                    ("Enter", "bold"),
+                    f": {self.yes}    ",
+                    ("n", "bold"),
+                    " / ",
+                    ("Esc", "bold"),
+                    f": {self.no}",
+                ),
+                id="hint",
+            )
 
     def _details_text(self) -> Text:
         if isinstance(self.details, str):

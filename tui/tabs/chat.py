@@ -98,8 +98,15 @@ class MessageInput(TextArea):
             return self.message_input
 
     def __init__(self, *, placeholder: str = "", id: str | None = None):
-        super().__init__(id=id, compact=True, placeholder=placeholder, soft_wrap=True, tab_behavior="focus",
-                         show_line_numbers=False, highlight_cursor_line=False)
+        super().__init__(
+            id=id,
+            compact=True,
+            placeholder=placeholder,
+            soft_wrap=True,
+            tab_behavior="focus",
+            show_line_numbers=False,
+            highlight_cursor_line=False,
+        )
 
     async def _on_key(self, event: events.Key) -> None:
         # runs before TextArea._on_key (handlers run down the MRO); prevent_default keeps TextArea's from
@@ -179,8 +186,7 @@ class ChatTab(Vertical):
         Binding("ctrl+s", "save", "Save chat"),
     ]
 
-    def __init__(self, config_path: str, *, name: str | None = None, id: str | None = None,
-                 classes: str | None = None):
+    def __init__(self, config_path: str, *, name: str | None = None, id: str | None = None, classes: str | None = None):
         super().__init__(name=name, id=id, classes=classes)
         self.config_path = config_path
         self.targets: list[ChatTarget] = []
@@ -237,19 +243,41 @@ class ChatTab(Vertical):
     def compose(self) -> ComposeResult:
         options = self._target_options()
         with Horizontal(id="chat-bar"):
-            yield Select(options, id="chat-target", compact=True, allow_blank=not options,
-                         value=0 if options else Select.NULL, prompt="no model (config error)")
+            yield Select(
+                options,
+                id="chat-target",
+                compact=True,
+                allow_blank=not options,
+                value=0 if options else Select.NULL,
+                prompt="no model (config error)",
+            )
             yield Label("temp", classes="chat-param-label")
-            yield Input(str(DEFAULT_PARAMS.temperature), id="chat-temperature", type="number", compact=True,
-                        classes="chat-param",
-                        tooltip=f"temperature {param_bounds('temperature')} (0 = greedy)")
+            yield Input(
+                str(DEFAULT_PARAMS.temperature),
+                id="chat-temperature",
+                type="number",
+                compact=True,
+                classes="chat-param",
+                tooltip=f"temperature {param_bounds('temperature')} (0 = greedy)",
+            )
             yield Label("top-p", classes="chat-param-label")
-            yield Input(str(DEFAULT_PARAMS.top_p), id="chat-top-p", type="number", compact=True,
-                        classes="chat-param", tooltip=f"nucleus sampling threshold, {param_bounds('top_p')}")
+            yield Input(
+                str(DEFAULT_PARAMS.top_p),
+                id="chat-top-p",
+                type="number",
+                compact=True,
+                classes="chat-param",
+                tooltip=f"nucleus sampling threshold, {param_bounds('top_p')}",
+            )
             yield Label("max", classes="chat-param-label")
-            yield Input(str(self.max_new_tokens), id="chat-max-new-tokens", type="integer", compact=True,
-                        classes="chat-param",
-                        tooltip=f"max new tokens per reply, {param_bounds('max_new_tokens')}")
+            yield Input(
+                str(self.max_new_tokens),
+                id="chat-max-new-tokens",
+                type="integer",
+                compact=True,
+                classes="chat-param",
+                tooltip=f"max new tokens per reply, {param_bounds('max_new_tokens')}",
+            )
         with Horizontal(id="chat-system-row"):
             yield Label("system", id="chat-system-label")
             yield Input(self.system, id="chat-system", compact=True, placeholder="(no system prompt)")
@@ -268,8 +296,10 @@ class ChatTab(Vertical):
     def _hint(self) -> str:
         if self.config_error:
             return f"Cannot read the config: {self.config_error}\nFix it (Config tab), then ctrl+r."
-        return ("Ask the model something. The reply streams as Markdown; the model loads in its own "
-                "process on the first message (or ctrl+r).")
+        return (
+            "Ask the model something. The reply streams as Markdown; the model loads in its own "
+            "process on the first message (or ctrl+r)."
+        )
 
     def _idle_status(self) -> str:
         return "model not loaded · it starts with the first message"
@@ -345,6 +375,7 @@ class ChatTab(Vertical):
     def _params(self) -> GenerationParams:
         """The generation params of the bar (+ extra_params), checked against the protocol's bounds:
         ProtocolError naming the param when one is out of them or not a number."""
+
         def read(widget_id: str, name: str, cast) -> Any:
             raw = self.query_one(widget_id, Input).value.strip()
             try:
@@ -352,11 +383,13 @@ class ChatTab(Vertical):
             except ValueError:
                 raise ProtocolError(f"{name} must be a number, got {raw!r}", field=name) from None
 
-        return make_params(DEFAULT_PARAMS,
-                           temperature=read("#chat-temperature", "temperature", float),
-                           top_p=read("#chat-top-p", "top_p", float),
-                           max_new_tokens=read("#chat-max-new-tokens", "max_new_tokens", int),
-                           **self.extra_params)
+        return make_params(
+            DEFAULT_PARAMS,
+            temperature=read("#chat-temperature", "temperature", float),
+            top_p=read("#chat-top-p", "top_p", float),
+            max_new_tokens=read("#chat-max-new-tokens", "max_new_tokens", int),
+            **self.extra_params,
+        )
 
     def _selected_target(self) -> ChatTarget | None:
         value = self.query_one("#chat-target", Select).value
@@ -366,11 +399,17 @@ class ChatTab(Vertical):
 
     # ------------------------------------------------------------------------------------------ worker
     def _start_client(self, target: ChatTarget) -> None:
-        client = ChatClient(target.model, target.adapter, device=self.device, endpoint=target.endpoint,
-                            config_path=self.config_path, visible_devices=self.visible_devices,
-                            load_in_4bit=self.assistant_4bit and target.key in ("assistant", "base"),
-                            key=target.config_key,
-                            on_reply=lambda reply: self.post_message(ChatReply(client, reply)))
+        client = ChatClient(
+            target.model,
+            target.adapter,
+            device=self.device,
+            endpoint=target.endpoint,
+            config_path=self.config_path,
+            visible_devices=self.visible_devices,
+            load_in_4bit=self.assistant_4bit and target.key in ("assistant", "base"),
+            key=target.config_key,
+            on_reply=lambda reply: self.post_message(ChatReply(client, reply)),
+        )
         self.client = client
         self.client_target = target
         self.state = "loading"
@@ -495,8 +534,9 @@ class ChatTab(Vertical):
             self._set_status(f"error: {message.splitlines()[0]}", "error")
         elif reply.op == "load":  # the old model is still served: show it as selected again
             if self.client is not None:
-                self.client_target = next((t for t in self.targets if t.model == self.client.model
-                                           and t.adapter == self.client.adapter), None)
+                self.client_target = next(
+                    (t for t in self.targets if t.model == self.client.model and t.adapter == self.client.adapter), None
+                )
                 if self.client_target is not None:
                     self.query_one("#chat-target", Select).value = self.targets.index(self.client_target)
             self.state = "ready"
@@ -579,8 +619,9 @@ class ChatTab(Vertical):
 
         messages = [dict(m, **self.reply_meta.get(i, {})) for i, m in enumerate(self.history)]
         if self.current_id is not None and self.current_text:  # a reply still streaming: what came so far
-            messages.append({"role": "assistant", "content": "".join(self.current_text), "partial": True,
-                             **self.current_meta})
+            messages.append(
+                {"role": "assistant", "content": "".join(self.current_text), "partial": True, **self.current_meta}
+            )
         if not messages:
             self.notify("Nothing to save yet: the conversation is empty.", severity="warning")
             return
@@ -593,8 +634,13 @@ class ChatTab(Vertical):
             params = {}
         record = make_record(
             ([{"role": "system", "content": system}] if system else []) + messages,
-            label=target.label if target else "model", model=target.model if target else "",
-            adapter=target.adapter if target else None, params=params, run=self.run_id, device=self.ready_device)
+            label=target.label if target else "model",
+            model=target.model if target else "",
+            adapter=target.adapter if target else None,
+            params=params,
+            run=self.run_id,
+            device=self.ready_device,
+        )
         self._save(record, self.config_path, self.run_id, new_name(self.chat_started))
 
     @work(thread=True, group="chat-save")
@@ -607,8 +653,7 @@ class ChatTab(Vertical):
             run_path = runs_root(config_path) / run_id if run_id else None
             paths = save(record, chat_dir(run_path) / f"{name}.md")
         except OSError as exc:  # FileWriteError names the path and what to do
-            self.app.call_from_thread(self.notify, f"Cannot save the conversation: {exc}", severity="error",
-                                      timeout=10)
+            self.app.call_from_thread(self.notify, f"Cannot save the conversation: {exc}", severity="error", timeout=10)
             return
 
         def done() -> None:
@@ -635,5 +680,4 @@ def _short(path: str, width: int = 34) -> str:
     text = str(path)
     if len(text) <= width:
         return text
-    return "…" + text[-(width - 1):]
-
+    return "…" + text[-(width - 1) :]

@@ -235,7 +235,7 @@ class ConfigTab(Vertical):
         expanded = {node.data for node in _walk(tree.root) if node.is_expanded and node.data is not None}
         tree.clear()
         tree.root.label = self.path
-        ordered = sorted(data.items(), key=lambda kv: (SECTION_ORDER.index(kv[0]) if kv[0] in SECTION_ORDER else 99))
+        ordered = sorted(data.items(), key=lambda kv: SECTION_ORDER.index(kv[0]) if kv[0] in SECTION_ORDER else 99)
         for key, value in ordered:
             _add_node(tree.root, (key,), key, value, expanded)
         tree.root.expand()
@@ -256,7 +256,9 @@ class ConfigTab(Vertical):
             lines.append(f"type: {help_.type}" + (f"   default: {help_.default}" if help_.default else ""))
         value_input = self.query_one("#value", Input)
         value = _get(self.data, path)
-        editable = not isinstance(value, dict) and not (isinstance(value, list) and value and isinstance(value[0], dict))
+        editable = not isinstance(value, dict) and not (
+            isinstance(value, list) and value and isinstance(value[0], dict)
+        )
         value_input.disabled = not editable
         value_input.value = _render(value) if editable else ""
         if not editable:
@@ -340,10 +342,14 @@ class ConfigTab(Vertical):
         if self.text == self.saved_text:
             self.notify("no changes to save")
             return
-        diff = "".join(difflib.unified_diff(
-            self.saved_text.splitlines(keepends=True), self.text.splitlines(keepends=True),
-            fromfile=f"{self.path} (on disk)", tofile=f"{self.path} (edited)",
-        ))
+        diff = "".join(
+            difflib.unified_diff(
+                self.saved_text.splitlines(keepends=True),
+                self.text.splitlines(keepends=True),
+                fromfile=f"{self.path} (on disk)",
+                tofile=f"{self.path} (edited)",
+            )
+        )
         self.app.push_screen(DiffScreen(self.path, diff), self._save_confirmed)
 
     def _save_confirmed(self, confirmed: bool | None) -> None:
@@ -355,8 +361,12 @@ class ConfigTab(Vertical):
             self.notify(str(exc), title="not saved", severity="error", timeout=8)
             return
         except OSError as exc:
-            self.notify(f"{self.path}: {exc.strerror}; the file on disk is unchanged", title="not saved",
-                        severity="error", timeout=8)
+            self.notify(
+                f"{self.path}: {exc.strerror}; the file on disk is unchanged",
+                title="not saved",
+                severity="error",
+                timeout=8,
+            )
             return
         self.saved_text = self.text
         self.show_state()

@@ -167,9 +167,7 @@ class GpuCard(Vertical):
         )
         util = gpu.utilization_gpu
         ufrac = None if util is None else util / 100
-        self.query_one(".gpu-util", Static).update(
-            f"util {_bar(ufrac, '$accent')} {fmt_util(util):>15}"
-        )
+        self.query_one(".gpu-util", Static).update(f"util {_bar(ufrac, '$accent')} {fmt_util(util):>15}")
         self.query_one(".-mem", HistorySparkline).set_history(memory, gpu.memory_total)
         self.query_one(".-util", HistorySparkline).set_history(utilization, 100.0)
 
@@ -201,12 +199,14 @@ def host_markup(host: HostStats | None) -> str:
     ram = None if host.memory_used is None or not host.memory_total else host.memory_used / host.memory_total
     swap = None if host.swap_used is None or not host.swap_total else host.swap_used / host.swap_total
     swap_text = "none" if host.swap_total == 0 else fmt_memory(host.swap_used, host.swap_total)
-    return " · ".join([
-        f"[b]CPU[/] [{_level(None if cpu is None else cpu / 100)}]{fmt_percent(cpu)}[/]{cores}",
-        f"[b]RAM[/] [{_level(ram)}]{fmt_memory(host.memory_used, host.memory_total)}[/]",
-        f"[b]swap[/] [{'$text' if swap is None else _level(swap, 0.5, 0.8)}]{swap_text}[/]",
-        f"[b]load[/] {fmt_load(host.load_average)}",
-    ])
+    return " · ".join(
+        [
+            f"[b]CPU[/] [{_level(None if cpu is None else cpu / 100)}]{fmt_percent(cpu)}[/]{cores}",
+            f"[b]RAM[/] [{_level(ram)}]{fmt_memory(host.memory_used, host.memory_total)}[/]",
+            f"[b]swap[/] [{'$text' if swap is None else _level(swap, 0.5, 0.8)}]{swap_text}[/]",
+            f"[b]load[/] {fmt_load(host.load_average)}",
+        ]
+    )
 
 
 class GpuTab(Vertical):
@@ -277,8 +277,7 @@ class GpuTab(Vertical):
             self.snapshot = snapshot
             self.history = history
 
-    def __init__(self, runs_dir: Path, interval: float = 1.0, *, id: str | None = None,
-                 classes: str | None = None):
+    def __init__(self, runs_dir: Path, interval: float = 1.0, *, id: str | None = None, classes: str | None = None):
         super().__init__(id=id, classes=classes)
         self.runs_dir = Path(runs_dir)
         self.interval = max(MIN_INTERVAL_S, float(interval))
@@ -347,8 +346,10 @@ class GpuTab(Vertical):
                 Text.assemble(
                     ("No GPU to show\n", "bold"),
                     snapshot.error or "",
-                    ("\nChecked again every few seconds. TAS_FAKE_GPUS=2 shows fake GPUs (for trying the panel).",
-                     "dim"),
+                    (
+                        "\nChecked again every few seconds. TAS_FAKE_GPUS=2 shows fake GPUs (for trying the panel).",
+                        "dim",
+                    ),
                 )
             )
         else:
@@ -373,7 +374,7 @@ class GpuTab(Vertical):
         rows = {}
         self._row_processes = {}
         for p in snapshot.processes:
-            who = (Text(p.label, style="bold green") if p.label else Text(p.name or "?", style="dim"))
+            who = Text(p.label, style="bold green") if p.label else Text(p.name or "?", style="dim")
             on_gpu = p.gpu_index is not None
             key = f"{p.gpu_index if on_gpu else '-'}:{p.pid}"
             self._row_processes[key] = p

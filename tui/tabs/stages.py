@@ -51,15 +51,22 @@ if TYPE_CHECKING:
 # same measure on the same answer tokens. The total KD loss and its KL part stay in the metrics pane.
 LOSS_SERIES = {
     "sft": [("train", "cyan", ("loss",)), ("eval", "magenta", ("eval_loss",))],
-    "distill": [("KD student", "cyan", ("ce_loss",)),
-                ("CE-only control", "magenta", ("control/ce_loss", "control/loss"))],
+    "distill": [
+        ("KD student", "cyan", ("ce_loss",)),
+        ("CE-only control", "magenta", ("control/ce_loss", "control/loss")),
+    ],
 }
 LOSS_TITLE = {"sft": "sft loss (CE)", "distill": "distill CE loss"}  # short: plotext drops a title wider than the plot
 REFRESH_S = 1.0  # the reader reads the store this often (and at once when the selection changes)
 # what the reader imports in its thread before its first read: the run store (and with it the config schema),
 # and the two widgets that replace their placeholders then (plotext; RichLog brings rich.pretty and attrs)
-READER_IMPORTS = ("engine.core.runs", "engine.core.events", "engine.core.render", "textual_plotext",
-                  "textual.widgets:RichLog")
+READER_IMPORTS = (
+    "engine.core.runs",
+    "engine.core.events",
+    "engine.core.render",
+    "textual_plotext",
+    "textual.widgets:RichLog",
+)
 
 
 def preload(*modules: str) -> None:
@@ -94,8 +101,15 @@ class StoreSnapshot:
     report: dict | None = None  # the eval stage's report.json, when the eval stage is selected
 
 
-RUN_GLYPH = {"live": ("▶", "bold yellow"), "finished": ("✓", "green"), "failed": ("✗", "red"),
-             "died": ("†", "red"), "cancelled": ("■", "magenta"), "stopped": ("‖", "yellow"), "new": ("·", "dim")}
+RUN_GLYPH = {
+    "live": ("▶", "bold yellow"),
+    "finished": ("✓", "green"),
+    "failed": ("✗", "red"),
+    "died": ("†", "red"),
+    "cancelled": ("■", "magenta"),
+    "stopped": ("‖", "yellow"),
+    "new": ("·", "dim"),
+}
 
 
 class StagesTab(Vertical):
@@ -259,8 +273,9 @@ class StagesTab(Vertical):
             self._tails_key = key
         new_events = [(name, e) for name, tail in self._tails.items() for e in tail.poll()]
         report = read_json(run.stage_dir("eval") / "report.json") if stage == "eval" else None
-        return StoreSnapshot(selection, summaries, run.id, stage, stages, new_events, reset,
-                             self._losses(run, stage), report)
+        return StoreSnapshot(
+            selection, summaries, run.id, stage, stages, new_events, reset, self._losses(run, stage), report
+        )
 
     @staticmethod
     def _losses(run: Run, stage: str) -> dict[str, list[tuple[int, float]]]:
@@ -272,8 +287,12 @@ class StagesTab(Vertical):
             return {}
         logged: dict[str, list[tuple[int, float]]] = {}
         for event in read_events(run.stage_dir(stage) / "events.jsonl"):
-            if (event.get("kind") == "metric" and event.get("name") in wanted and event.get("step") is not None
-                    and isinstance(event.get("value"), (int, float))):
+            if (
+                event.get("kind") == "metric"
+                and event.get("name") in wanted
+                and event.get("step") is not None
+                and isinstance(event.get("value"), (int, float))
+            ):
                 logged.setdefault(event["name"], []).append((int(event["step"]), float(event["value"])))
         series = {}
         for label, _, names in LOSS_SERIES[stage]:
@@ -353,7 +372,11 @@ class StagesTab(Vertical):
                 progress = f"{number(status.progress.get('done'))} {status.progress.get('unit', '')}"
             else:
                 progress = ""
-            eta = duration(status.eta_s) if status.eta_s is not None else (duration(status.elapsed) if status.ended_at else "")
+            eta = (
+                duration(status.eta_s)
+                if status.eta_s is not None
+                else (duration(status.elapsed) if status.ended_at else "")
+            )
             latest = status.error or metrics_text(status, limit=2)
             rows.append([status.name, state, progress, eta, " ".join(latest.split())])
         labels = [str(column.label) for column in table.columns.values()]
@@ -406,8 +429,9 @@ class StagesTab(Vertical):
         self.query_one("#middle").set_class(not losses, "empty")
         if not losses:
             plot.display = legend.display = False
-            message.update(f"no training metrics for {stage}" if stage not in LOSS_SERIES
-                           else f"no {stage} loss logged yet")
+            message.update(
+                f"no training metrics for {stage}" if stage not in LOSS_SERIES else f"no {stage} loss logged yet"
+            )
             message.display = True
             return
         message.display = False
@@ -468,7 +492,7 @@ class StagesTab(Vertical):
         self._confirm_start([self.stage], self.run_id, self.config_path)
 
     def action_start_from_here(self) -> None:
-        self._confirm_start(list(PIPELINE[PIPELINE.index(self.stage):]), self.run_id, self.config_path)
+        self._confirm_start(list(PIPELINE[PIPELINE.index(self.stage) :]), self.run_id, self.config_path)
 
     def action_new_run(self) -> None:
         self._confirm_start(list(PIPELINE), None, self.config_path)
@@ -482,7 +506,9 @@ class StagesTab(Vertical):
             run, config = "new run", config_path
         else:
             question = f"Start {'stage' if len(stages) == 1 else 'stages'} in run {run_id}?"
-            frozen = self._store.root / run_id / "config.yaml" if self._store is not None else Path(run_id, "config.yaml")
+            frozen = (
+                self._store.root / run_id / "config.yaml" if self._store is not None else Path(run_id, "config.yaml")
+            )
             run, config = run_id, f"{_shown_path(frozen)} (the run's frozen copy)"
         details = [("stages", " → ".join(stages)), ("run", run), ("config", config)]
 
@@ -542,8 +568,12 @@ class StagesTab(Vertical):
             self.app.call_from_thread(self.notify, str(exc), title="cannot open results", severity="error")
             return
         if not code_dir.is_dir():
-            self.app.call_from_thread(self.notify, f"run {run_id} has no code results yet: run its eval stage "
-                                      "(eval.code.benchmark: humaneval)", title="no code results", timeout=6)
+            self.app.call_from_thread(
+                self.notify,
+                f"run {run_id} has no code results yet: run its eval stage (eval.code.benchmark: humaneval)",
+                title="no code results",
+                timeout=6,
+            )
             return
         self.app.call_from_thread(self.app.push_screen, CodeResultsScreen(run_id, code_dir))
 
@@ -571,8 +601,13 @@ class StagesTab(Vertical):
             notify(self.notify, str(exc), title="cannot export", severity="error", timeout=8)
             return
         notify(self.notify, f"exporting the KD student of run {run_id} …", timeout=4)
-        result = subprocess.run(export_command(run, "kd", out), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, errors="replace")
+        result = subprocess.run(
+            export_command(run, "kd", out),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+        )
         if result.returncode != 0:
             why = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
             notify(self.notify, why, title="export failed", severity="error", timeout=10)
@@ -662,8 +697,13 @@ def _shown_path(path: Path) -> str:
         return str(path)
 
 
-EVAL_LABELS = {"teacher": "teacher", "assistant_base": "base asst.", "assistant": "assistant",
-               "student_kd": "KD student", "student_ce": "CE student"}
+EVAL_LABELS = {
+    "teacher": "teacher",
+    "assistant_base": "base asst.",
+    "assistant": "assistant",
+    "student_kd": "KD student",
+    "student_ce": "CE student",
+}
 
 
 def _cell(numbers: dict, key: str, width: int, spec: str) -> str:
@@ -681,9 +721,11 @@ def eval_table(report: dict) -> Text:
     for name, numbers in report["models"].items():
         if not isinstance(numbers, dict):
             continue
-        text.append(f"{EVAL_LABELS.get(name, name)[:10]:<10}{_cell(numbers, 'loss', 6, '.2f')}"
-                    f"{_cell(numbers, 'perplexity', 6, '.0f')}{_cell(numbers, 'kl_to_assistant', 6, '.3f')}"
-                    f"{_cell(numbers, 'pass@1', 7, '.2f')}\n")
+        text.append(
+            f"{EVAL_LABELS.get(name, name)[:10]:<10}{_cell(numbers, 'loss', 6, '.2f')}"
+            f"{_cell(numbers, 'perplexity', 6, '.0f')}{_cell(numbers, 'kl_to_assistant', 6, '.3f')}"
+            f"{_cell(numbers, 'pass@1', 7, '.2f')}\n"
+        )
     code = report.get("code") or {}
     note = f"{report.get('examples', '?')} answers; KL to assistant"
     if code:
