@@ -29,10 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.core import launcher  # noqa: E402  (light: no ML imports in this process)
-from engine.core.config import load_config  # noqa: E402
-from engine.core.events import read_events  # noqa: E402
-from engine.core.runs import RunStore  # noqa: E402
+from engine.config.load import load_config  # noqa: E402
+from engine.runner import launcher  # noqa: E402  (light: no ML imports in this process)
+from engine.store.events import read_events  # noqa: E402
+from engine.store.runs import RunStore  # noqa: E402
 
 
 def wait(run, timeout_s: float) -> None:

@@ -44,8 +44,8 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.chdir(tmp_path)
     yield tmp_path
     if (tmp_path / "runs").is_dir():
-        from engine.core import launcher
-        from engine.core.runs import RunStore
+        from engine.runner import launcher
+        from engine.store.runs import RunStore
 
         for run in RunStore(tmp_path / "runs").list():
             supervisor, _ = run.supervisor()  # some tests record this very process as a run's supervisor

@@ -59,9 +59,9 @@ def lines_of(path: Path) -> list[str]:
 
 def make_context(config, stage: str, root: Path):
     """An in-process StageContext over a fresh run: stages are tested without spawning workers."""
-    from engine.core.events import EventWriter
-    from engine.core.runs import RunStore
     from engine.runner.context import StageContext
+    from engine.store.events import EventWriter
+    from engine.store.runs import RunStore
 
     run = RunStore(root / "runs").create(config, "test.yaml", workdir=str(root))
     return StageContext(stage, run, config, EventWriter(run.stage_dir(stage) / "events.jsonl"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
-from engine.core.config import load_config
+from engine.config.load import load_config
 from engine.runner.context import StageCancelled
 from engine.stages import data, sft, teacher
 from tests.helpers import make_context

@@ -46,7 +46,7 @@ from engine.chat.protocol import (
 from engine.chat.targets import ChatTarget, chat_target, chat_targets
 from engine.cli.chat import add_parser as add_chat_command
 from engine.cli.chat import cmd_chat
-from engine.core.config import load_config
+from engine.config.load import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # e2e (spawns chat workers, or compares snapshots): the tests marked so; the protocol's own tests are light
@@ -980,8 +980,8 @@ async def test_chat_tab_pasted_code_reply_and_save_in_the_run(project, tmp_path)
     the conversation in the chat/ folder of the run whose student is offered."""
     from textual import events
 
-    from engine.core.runs import RunStore
     from engine.models import tiny
+    from engine.store.runs import RunStore
     from tui.app import TASPanel
     from tui.tabs.chat import ChatTab, MessageInput
 

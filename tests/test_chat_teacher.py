@@ -12,7 +12,7 @@ import pytest
 from engine.chat.client import ChatClient, ChatWorkerGone
 from engine.chat.protocol import EndReply, ErrorReply, TokenReply
 from engine.chat.targets import VLLM, chat_target, chat_targets
-from engine.core.config import load_config
+from engine.config.load import load_config
 
 from .fake_openai import FakeOpenAI
 from .helpers import TINY_CONFIG, wait_for

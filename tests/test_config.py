@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from engine.config.edit import save_config_text
+from engine.config.errors import ConfigError
+from engine.config.load import load_config, parse_config
+from engine.config.prompts import load_system_prompts
+from engine.config.schema import TASConfig
 from engine.core import fsio as config_module
-from engine.core.config import ConfigError, TASConfig, load_config, parse_config
-from engine.core.config_edit import save_config_text
-from engine.core.prompts import load_system_prompts
 
 from .helpers import ROOT, SEED_CONFIG
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.config import load_config
-from engine.core.events import read_events
+from engine.config.load import load_config
 from engine.core.fsio import FileWriteError
 from engine.models.tiny_python import problems
 from engine.runner.context import StageError
 from engine.stages import data
+from engine.store.events import read_events
 
 from .helpers import make_context
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from engine.core import launcher
-from engine.core.config import load_config
-from engine.core.events import read_events
-from engine.core.runs import RunStore
+from engine.config.load import load_config
+from engine.runner import launcher
 from engine.runner.supervisor import worker_command, worker_env
+from engine.store.events import read_events
+from engine.store.runs import RunStore
 
 from .helpers import wait_for
 

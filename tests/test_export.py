@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.core.config import load_config
-from engine.core.events import EventWriter
-from engine.core.export import CARD_MARKER, ExportRefused
-from engine.core.lineage import set_key
-from engine.core.runs import ProcessRecord, Run, RunIsLive, RunStore
-from engine.models.export import export_run
+from engine.config.load import load_config
+from engine.export.merge import export_run
+from engine.export.plan import CARD_MARKER, ExportRefused
+from engine.store.events import EventWriter
+from engine.store.lineage import set_key
+from engine.store.runs import ProcessRecord, Run, RunIsLive, RunStore
 
 CONFIG_SECRETS = {
     "env": "env-var-secret-value-0042",  # teacher.vllm.env.HF_TOKEN (not key-shaped: found by its name)

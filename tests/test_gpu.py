@@ -17,7 +17,6 @@ import pytest
 
 from engine.cli.gpu import add_parser as add_gpu_command
 from engine.cli.gpu import cmd_gpu
-from engine.core.runs import ProcessRecord, RunStore
 from engine.gpu import fake as fake_mod
 from engine.gpu.fake import FAKE_ENV, FakeBackend
 from engine.gpu.format import render_snapshot
@@ -25,6 +24,7 @@ from engine.gpu.labels import label_processes
 from engine.gpu.model import GIB, GpuProcess, GpuSnapshot, GpuUnavailable
 from engine.gpu.nvml import NO_DRIVER, NvmlBackend
 from engine.gpu.sampler import Sampler, open_backend
+from engine.store.runs import ProcessRecord, RunStore
 from tests.helpers import TINY_CONFIG
 from tests.helpers import wait_for as wait_until_true
 
@@ -56,7 +56,7 @@ def no_fake(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def worker(tmp_path: Path):
     """A live 'stage worker' (a shell) with a child (a torchrun rank, say), recorded as run · teacher."""
-    from engine.core.config import load_config
+    from engine.config.load import load_config
 
     proc = subprocess.Popen(
         ["/bin/sh", "-c", "sleep 30 & echo $!; wait"], stdout=subprocess.PIPE, text=True, start_new_session=True
@@ -736,8 +736,8 @@ async def test_gpu_tab_k_refuses_a_foreign_process_and_stops_ours_after_confirma
     the way `tas cancel` does (cancel_request.json written, SIGTERM to its process group)."""
     from textual.widgets import DataTable
 
-    from engine.core.config import load_config
-    from engine.core.events import EventWriter
+    from engine.config.load import load_config
+    from engine.store.events import EventWriter
     from tui.screens.confirm import ConfirmScreen
     from tui.tabs.gpu import GpuTab
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.config import load_config
+from engine.config.load import load_config
 from engine.stages import sft
 from engine.train.pairs import load_split_pairs, tokenize_pair
 from tests.helpers import PROMPTS, TINY_CONFIG, make_context

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from textual.widgets import DataTable, Input, Tree
 
-from engine.core.config import load_config
-from engine.core.runs import RunStore
+from engine.config.load import load_config
+from engine.store.runs import RunStore
 from tests.helpers import TINY_CONFIG
 from tui.app import TASPanel
 from tui.screens.confirm import ConfirmScreen
@@ -192,7 +192,7 @@ class StartRecorder:
     """Stands in for launcher.start: records (run id, stages) instead of spawning a supervisor."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch):
-        from engine.core import launcher
+        from engine.runner import launcher
 
         self.calls: list[tuple[str, list[str]]] = []
         monkeypatch.setattr(launcher, "start", lambda run, stages, **kw: self.calls.append((run.id, list(stages))))
@@ -408,7 +408,7 @@ def write_run(
     import calendar
     import os
 
-    from engine.core.runs import ProcessRecord
+    from engine.store.runs import ProcessRecord
 
     if created is None:
         created = float(calendar.timegm(time.strptime(run_id[:15], "%Y%m%d-%H%M%S")))
@@ -493,7 +493,7 @@ def write_store(root: Path) -> None:
 
 
 class FrozenTime:
-    """engine.core.runs' `time` at NOW: elapsed times and ETAs in snapshots do not follow the clock."""
+    """engine.store.runs' `time` at NOW: elapsed times and ETAs in snapshots do not follow the clock."""
 
     def __getattr__(self, name: str):
         return getattr(time, name)
@@ -528,9 +528,9 @@ async def select(pilot, app, run_id: str, stage: str) -> None:
 def test_snapshot_stages_runs(project: Path, snap_compare, monkeypatch: pytest.MonkeyPatch, size, case):
     """A failed stage with a long message (the detail line and the wrapped log), a live run (distill: KD against
     the control), a finished run reached after looking at the others (the table keeps its columns)."""
-    import engine.core.runs
+    import engine.store.runs
 
-    monkeypatch.setattr(engine.core.runs, "time", FrozenTime())
+    monkeypatch.setattr(engine.store.runs, "time", FrozenTime())
     write_store(project / "runs")
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
 
@@ -546,9 +546,9 @@ async def test_stages_at_80x24_lose_no_text(project: Path, monkeypatch: pytest.M
     """The log wraps at its width (every word of a long error is there, no line wider than the log), the error
     is in the detail line, the table keeps every column after switching runs, the run list lines fit, and
     the chart shows the selected stage's comparable series only."""
-    import engine.core.runs
+    import engine.store.runs
 
-    monkeypatch.setattr(engine.core.runs, "time", FrozenTime())
+    monkeypatch.setattr(engine.store.runs, "time", FrozenTime())
     write_store(project / "runs")
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -637,7 +637,7 @@ def test_the_first_frame_does_not_wait_for_what_it_does_not_show(project: Path):
         "    def first_frame(self):\n"
         "        print('LOADED', [m for m in DEFERRED if m in sys.modules])\n"
         "        self.exit()\n"
-        "DEFERRED = ('pydantic', 'engine.core.config', 'engine.core.runs', 'plotext', 'textual_plotext', 'rich.pretty',"
+        "DEFERRED = ('pydantic', 'engine.config.schema', 'engine.store.runs', 'plotext', 'textual_plotext', 'rich.pretty',"
         " 'tui.tabs.config', 'tui.tabs.gpu', 'tui.tabs.chat', 'engine.chat.client', 'engine.gpu.sampler')\n"
         "Timed(config_path='configs/tiny.yaml', gpu_interval=3600).run(headless=True, size=(120, 40))\n"
     )
@@ -648,7 +648,7 @@ def test_the_first_frame_does_not_wait_for_what_it_does_not_show(project: Path):
 @pytest.mark.e2e
 async def test_runs_started_elsewhere_appear_and_update_live(project: Path):
     """Reattach: a run started by the CLI while the panel is open shows up and follows to done."""
-    from engine.core import launcher
+    from engine.runner import launcher
 
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
     async with app.run_test(size=(120, 40)) as pilot:

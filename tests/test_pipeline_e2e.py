@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.runs import RunStore
+from engine.store.runs import RunStore
 
 from .helpers import tas
 
@@ -55,11 +55,11 @@ def _distill_with_shuffled_teacher(run, project: Path, monkeypatch: pytest.Monke
     teacher lm head whose token rows are permuted; return the new student's pass@1 on tiny-python."""
     import torch
 
-    from engine.core.events import EventWriter
     from engine.models.loading import load_causal_lm, load_tokenizer
     from engine.runner.context import StageContext
     from engine.stages import distill
     from engine.stages import eval as eval_stage
+    from engine.store.events import EventWriter
     from engine.train import kd_trainer
 
     real_loss = kd_trainer.chunked_kd_loss

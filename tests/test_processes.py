@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.core import launcher
-from engine.core.config import load_config
-from engine.core.events import read_events
-from engine.core.runs import RunStore
+from engine.config.load import load_config
+from engine.runner import launcher
+from engine.store.events import read_events
+from engine.store.runs import RunStore
 
 from .helpers import tas, wait_for
 
@@ -81,7 +81,7 @@ def test_worker_logs_hold_no_progress_bars_and_no_warning_of_our_own_config(proj
 
 
 def test_worker_env_turns_progress_bars_off_unless_the_user_asks(monkeypatch: pytest.MonkeyPatch):
-    from engine.core.config import load_config as load
+    from engine.config.load import load_config as load
     from engine.runner.supervisor import worker_env
     from tests.helpers import TINY_CONFIG
 
@@ -101,7 +101,7 @@ def test_worker_env_makes_the_tiny_profile_repeatable_whatever_the_users_env(mon
     when only MKL/oneDNN kept AVX-512. Unset (the root config), the user's environment stays as it is."""
     import platform
 
-    from engine.core.config import load_config as load
+    from engine.config.load import load_config as load
     from engine.runner.supervisor import worker_env
     from tests.helpers import PROJECT_CONFIG, TINY_CONFIG
 
@@ -256,7 +256,7 @@ def test_unknown_stage_is_refused(project: Path):
 @pytest.mark.e2e
 def test_panel_and_cli_never_import_the_ml_stack():
     code = (
-        "import sys, tui.app, engine.cli.main, engine.core.launcher, engine.core.runs, engine.core.render\n"
+        "import sys, tui.app, engine.cli.main, engine.runner.launcher, engine.store.runs, engine.store.render\n"
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets', 'bitsandbytes', 'accelerate')"
         " if m in sys.modules]\n"
         "print(heavy)\n"

@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.core import launcher
-from engine.core.config import load_config
-from engine.core.events import read_events
-from engine.core.runs import RunStore
+from engine.config.load import load_config
+from engine.runner import launcher
 from engine.runner.worker import run_stage
+from engine.store.events import read_events
+from engine.store.runs import RunStore
 from engine.teacher.output import TeacherOutput
 
 from .fake_openai import FakeOpenAI

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.config import load_config
-from engine.core.events import EventTail, EventWriter, read_events
-from engine.core.lineage import resolve_outputs
-from engine.core.runs import ProcessRecord, RunNotFound, RunStore, stage_status
+from engine.config.load import load_config
+from engine.store.events import EventTail, EventWriter, read_events
+from engine.store.lineage import resolve_outputs
+from engine.store.runs import ProcessRecord, RunNotFound, RunStore, stage_status
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_sigterm_while_writing_events_never_deadlocks(tmp_path: Path):
     on the writer's lock. A child process writes events in a tight loop while SIGTERMs rain on it."""
     script = (
         "import os, signal, threading, time\n"
-        "from engine.core.events import EventWriter\n"
+        "from engine.store.events import EventWriter\n"
         "from engine.runner.worker import install_cancel_handler\n"
         f"events = EventWriter({str(tmp_path / 'events.jsonl')!r})\n"
         "cancel = threading.Event()\n"

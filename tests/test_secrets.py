@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.config import load_config
-from engine.core.runs import RunStore
+from engine.config.load import load_config
 from engine.core.secrets import clip, redact
+from engine.store.runs import RunStore
 
 KEY = "zq9Tk4mWpL2vXr8nB6yHc3JfQa7sDe5G"  # no sk-/hf_ shape: only its value can find it
 CUTS = (100, 200, 300, 500)

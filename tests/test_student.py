@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine.core.config import load_config
+from engine.config.load import load_config
 from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.train.kd_loss import chunked_kd_loss, kd_loss_reference
 from engine.train.student import (
@@ -279,7 +279,7 @@ def test_assistant_layers_after_sft(cfg, tokenizer, sft_adapter, tmp_path, load_
 
 def test_student_lora_trains_and_the_saved_student_loads(cfg, assistant, tokenizer, tmp_path):
     from engine.chat.worker import load_model
-    from engine.core.config import LoraConfig
+    from engine.config.schema import LoraConfig
 
     pretrained = cfg.model_copy(update={"base_model_name": "tiny:student"})
     student = with_lora(
@@ -331,7 +331,7 @@ def test_student_lora_trains_and_the_saved_student_loads(cfg, assistant, tokeniz
 
 
 def test_student_lora_names_bad_modules(cfg, assistant, tokenizer):
-    from engine.core.config import LoraConfig
+    from engine.config.schema import LoraConfig
 
     student = build_student(cfg, assistant, tokenizer)
     with pytest.raises(ValueError, match=r"train\.distillation\.peft\.lora\.modules_to_save.*'vision_tower'"):

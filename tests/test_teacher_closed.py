@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.config import load_config
-from engine.core.events import read_events
+from engine.config.load import load_config
 from engine.runner.context import StageCancelled, StageContext, StageError
+from engine.store.events import read_events
 from engine.teacher.closed import BATCH_STATE_FILE, FAILURES_FILE, answer_closed
 from engine.teacher.output import TeacherOutput
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.config import load_config
-from engine.core.events import read_events
-from engine.core.lineage import fingerprint_id, teacher_fingerprint
-from engine.core.prompts import prompt_id
+from engine.config.load import load_config
+from engine.config.prompts import prompt_id
 from engine.runner.context import StageError
+from engine.store.events import read_events
+from engine.store.lineage import fingerprint_id, teacher_fingerprint
 from engine.teacher.download import TAS_REPO, download_answers, plan_download
 from engine.teacher.output import TeacherOutput
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.core.config import load_config
-from engine.core.events import read_events
+from engine.config.load import load_config
 from engine.runner.context import StageError
 from engine.stages import data, teacher
+from engine.store.events import read_events
 from engine.teacher.open import chat_texts, generate_batches, generation_kwargs, load_teacher
 from engine.teacher.output import TeacherOutput
 

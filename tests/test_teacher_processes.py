@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.core import launcher
-from engine.core.config import load_config
-from engine.core.runs import RunStore
+from engine.config.load import load_config
+from engine.runner import launcher
 from engine.runner.worker import run_stage
+from engine.store.runs import RunStore
 
 from .helpers import lines_of, tas, wait_for
 

@@ -169,7 +169,7 @@ def test_models_are_deterministic(name: str):
 def test_shipped_teacher_can_code():
     """The shipped teacher, pretrained on tiny-python's pretrain split, passes the held-out benchmark it never
     saw (pass@1 >= 0.9), asked in its chat template as the eval stage asks it, with TAS's Teacher prompt."""
-    from engine.core.config import CodeEvalConfig
+    from engine.config.schema import CodeEvalConfig
     from engine.evals.code import score_completions
     from engine.evals.generate import generate_completions
     from engine.models.tiny_pretrain import SYSTEM_PROMPTS

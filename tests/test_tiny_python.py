@@ -17,7 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.core.config import CodeEvalConfig, ConfigError, load_config
+from engine.config.errors import ConfigError
+from engine.config.load import load_config
+from engine.config.schema import CodeEvalConfig
 from engine.evals.code import (
     InputError,
     chat_messages,

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.config import load_config
-from engine.core.events import EventWriter
-from engine.core.runs import RunStore
+from engine.config.load import load_config
 from engine.runner.context import StageContext
 from engine.stages import sft
+from engine.store.events import EventWriter
+from engine.store.runs import RunStore
 from tests.helpers import PROMPTS, TINY_CONFIG
 from tests.test_masking import RECORDS
 

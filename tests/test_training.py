@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.config import LoraConfig, PeftConfig, load_config
-from engine.core.events import read_events
+from engine.config.load import load_config
+from engine.config.schema import LoraConfig, PeftConfig
 from engine.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from engine.runner.context import StageCancelled, StageError
 from engine.stages import data, distill, sft, teacher
 from engine.stages import eval as eval_stage
+from engine.store.events import read_events
 
 from .helpers import PROMPTS, TINY_CONFIG, make_context
 

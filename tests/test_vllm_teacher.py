@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.core import launcher
-from engine.core.config import load_config
-from engine.core.events import read_events
-from engine.core.runs import RunStore
+from engine.config.load import load_config
+from engine.runner import launcher
 from engine.runner.worker import run_stage
+from engine.store.events import read_events
+from engine.store.runs import RunStore
 from engine.teacher.vllm_server import group_members
 
 from .helpers import DATA, lines_of, wait_for

@@ -2,7 +2,7 @@
 
 Tabs: Stages (runs and their stages, live), Config (edit config.yaml safely), GPU (NVML monitor) and
 Chat (talk to the student). The panel never imports the ML stack: stages run in detached worker
-processes (engine.core.launcher), the chat model lives in a chat worker process (engine.chat.worker), and
+processes (engine.runner.launcher), the chat model lives in a chat worker process (engine.chat.worker), and
 everything shown is read from the run store, NVML or those workers' JSON lines.
 
 `config_path` is the app's reactive: the Config tab sets it when another file is chosen, and every tab
@@ -61,7 +61,7 @@ class TASPanel(App):
         it reads that config (a few hundred ms the first time): call it off the event loop."""
         with self._runs_dir_lock:
             if self._runs_dir is None:
-                from engine.core.runs import runs_root
+                from engine.store.runs import runs_root
 
                 self._runs_dir = runs_root(self._start_config)
             return self._runs_dir
@@ -125,13 +125,13 @@ class TASPanel(App):
     # ------------------------------------------------------------------------- the lazy tabs
 
     async def _config_tab(self):
-        await asyncio.to_thread(preload, "tui.tabs.config", "engine.core.config")
+        await asyncio.to_thread(preload, "tui.tabs.config", "engine.config.load")
         from tui.tabs.config import ConfigTab
 
         return ConfigTab(self.config_path)
 
     async def _chat_tab(self):
-        await asyncio.to_thread(preload, "tui.tabs.chat", "engine.core.config")
+        await asyncio.to_thread(preload, "tui.tabs.chat", "engine.config.load")
         from tui.tabs.chat import ChatTab
 
         return ChatTab(self.config_path)
@@ -164,7 +164,8 @@ class TASPanel(App):
 
 
 def _gpu_interval(config_path: str) -> float:
-    from engine.core.config import ConfigError, load_config
+    from engine.config.errors import ConfigError
+    from engine.config.load import load_config
 
     try:
         return load_config(config_path).panel.gpu_sample_interval_s

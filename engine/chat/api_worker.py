@@ -172,7 +172,7 @@ def describe(exc: BaseException) -> str:
 def start_vllm(config_path: str, workdir: str):
     """The teacher's vLLM server for `config_path` (as the teacher stage starts it): (server, served name,
     the ids its answers end at)."""
-    from engine.core.config import load_config
+    from engine.config.load import load_config
     from engine.teacher.vllm import server_settings, teacher_stop_ids
     from engine.teacher.vllm_server import VllmServer
 

@@ -377,7 +377,7 @@ def _exit_text(code: int | None) -> str:
 
 
 def _worker_env(visible_devices: str | None = None) -> dict[str, str]:
-    from engine.core.launcher import (
+    from engine.runner.launcher import (
         python_env,  # PYTHONPATH (engine importable from any cwd), unbuffered
     )
 

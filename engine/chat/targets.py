@@ -112,7 +112,7 @@ def with_run_outputs(config, config_path: str | os.PathLike[str] | None, run_ref
     `run_ref` names the run (id, name, unique part, last); without it, the newest run that has a trained
     student or assistant. Returns (config, run id or None when no run has one yet).
     """
-    from engine.core.runs import RunStore, runs_root
+    from engine.store.runs import RunStore, runs_root
 
     store = RunStore(runs_root(str(config_path) if config_path else None))
     if run_ref:
@@ -130,7 +130,7 @@ def with_run_outputs(config, config_path: str | os.PathLike[str] | None, run_ref
 
 def system_prompt(config) -> str | None:
     """The "Assistant" system prompt of prompts.path (prompt.yaml), or None when there is none."""
-    from engine.core.prompts import load_system_prompts
+    from engine.config.prompts import load_system_prompts
 
     try:
         return load_system_prompts(config.prompts.path).get("Assistant")

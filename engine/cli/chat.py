@@ -37,7 +37,7 @@ from engine.chat.protocol import (
 )
 from engine.chat.targets import TARGET_KEYS, ChatTarget, chat_target, chat_targets, system_prompt, with_run_outputs
 from engine.chat.transcript import chat_dir, make_record, message_text, new_name, save
-from engine.core.runs import DEFAULT_CONFIG
+from engine.store.runs import DEFAULT_CONFIG
 
 _OPTIONS = {"temperature": "--temperature", "max_new_tokens": "--max-new-tokens"}
 BLOCK = '"""'  # opens and closes a multi-line message in the REPL
@@ -172,7 +172,8 @@ def chat_params(args: argparse.Namespace, config) -> GenerationParams:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from engine.core.config import ConfigError, load_config
+    from engine.config.errors import ConfigError
+    from engine.config.load import load_config
 
     config = None
     run_id = None
@@ -347,7 +348,7 @@ def _repl(client: ChatClient, chat: _Conversation, say: Callable[[str], None], s
 def _save(chat: _Conversation, path: str | None, say: Callable[[str], None]) -> None:
     """Write the conversation (Markdown + JSON); without a path, into the run's chat/ folder or .chats/."""
     if not path:
-        from engine.core.runs import RunStore, runs_root
+        from engine.store.runs import RunStore, runs_root
 
         run_path = None
         if chat.run_id:

@@ -8,9 +8,9 @@ from typing import Any
 from rich.table import Table
 
 from engine.cli.common import console, fail
-from engine.core.compare import compare_runs
-from engine.core.render import number
-from engine.core.runs import RunStore, runs_root
+from engine.store.compare import compare_runs
+from engine.store.render import number
+from engine.store.runs import RunStore, runs_root
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:

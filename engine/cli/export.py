@@ -1,8 +1,8 @@
 """`tas export RUN [--target kd|ce|assistant] [--out DIR] [--push]`: a run's model as a servable HF folder.
 
 Light: the checks (is there such a model, is the run finished, can it be pushed) happen here, before
-anything is loaded; the weights are merged and saved by `python -m engine.models.export` in a process of
-its own (engine.core.export.export_command), so `tas` never imports torch. The push (huggingface_hub)
+anything is loaded; the weights are merged and saved by `python -m engine.export.merge` in a process of
+its own (engine.export.plan.export_command), so `tas` never imports torch. The push (huggingface_hub)
 runs here. stdout gets the folder (and the repository URL after a push); everything else goes to stderr.
 """
 
@@ -13,7 +13,8 @@ import subprocess
 from pathlib import Path
 
 from engine.cli.common import console, errors, fail
-from engine.core.export import (
+from engine.core.secrets import redact
+from engine.export.plan import (
     EXPORT_TARGETS,
     TARGET_LABELS,
     ExportRefused,
@@ -25,8 +26,7 @@ from engine.core.export import (
     push_folder,
     push_repo,
 )
-from engine.core.runs import RunStore, runs_root
-from engine.core.secrets import redact
+from engine.store.runs import RunStore, runs_root
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:

@@ -8,10 +8,10 @@ import sys
 import time
 from typing import Any
 
-from engine.core.runs import runs_root
 from engine.gpu.fake import FAKE_ENV
 from engine.gpu.format import render_snapshot
 from engine.gpu.sampler import MIN_INTERVAL_S, Sampler
+from engine.store.runs import runs_root
 
 
 def _interval(text: str) -> float:

@@ -7,12 +7,12 @@ import sys
 import time
 
 from engine.cli.common import console, errors, fail
-from engine.core.events import EventTail
 from engine.core.fsio import LineTail
-from engine.core.pipeline import PIPELINE
-from engine.core.render import event_line
-from engine.core.runs import Run, RunStore, runs_root
 from engine.core.secrets import redact
+from engine.pipeline.stages import PIPELINE
+from engine.store.events import EventTail
+from engine.store.render import event_line
+from engine.store.runs import Run, RunStore, runs_root
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:

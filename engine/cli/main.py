@@ -22,12 +22,12 @@ import sys
 
 from engine.cli import cancel, chat, compare, eval_code, export, gpu, logs, manage, run, status
 from engine.cli.common import fail
-from engine.core import launcher
-from engine.core.config import ConfigError
-from engine.core.lineage import ReuseRefused
-from engine.core.pipeline import UnknownStage
-from engine.core.runs import DEFAULT_CONFIG, RunIsLive, RunNotFound
+from engine.config.errors import ConfigError
 from engine.core.secrets import load_dotenv_secrets
+from engine.pipeline.stages import UnknownStage
+from engine.runner import launcher
+from engine.store.lineage import ReuseRefused
+from engine.store.runs import DEFAULT_CONFIG, RunIsLive, RunNotFound
 
 COMMANDS = (run, status, logs, cancel, compare, manage, gpu, chat, eval_code, export)
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from engine.cli.common import console, fail
-from engine.core.runs import RunIsLive, RunStore, remove_run, runs_root
+from engine.store.runs import RunIsLive, RunStore, remove_run, runs_root
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:

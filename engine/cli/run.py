@@ -12,13 +12,13 @@ import time
 from rich.markup import escape
 
 from engine.cli.common import console, errors
-from engine.core import launcher
-from engine.core.config import load_config
-from engine.core.events import FINAL_STATES, EventTail
-from engine.core.lineage import REUSABLE_STAGES, ReuseRefused, reuse_teacher
-from engine.core.pipeline import PIPELINE, check_stage_names
-from engine.core.render import event_line, number
-from engine.core.runs import Run, RunStore, remove_run, runs_root
+from engine.config.load import load_config
+from engine.pipeline.stages import PIPELINE, check_stage_names
+from engine.runner import launcher
+from engine.store.events import FINAL_STATES, EventTail
+from engine.store.lineage import REUSABLE_STAGES, ReuseRefused, reuse_teacher
+from engine.store.render import event_line, number
+from engine.store.runs import Run, RunStore, remove_run, runs_root
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:

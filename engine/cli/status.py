@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from engine.cli.common import console
-from engine.core.render import run_block
-from engine.core.runs import RunStore, runs_root
+from engine.store.render import run_block
+from engine.store.runs import RunStore, runs_root
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:

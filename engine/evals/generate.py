@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine.core.config import CodeEvalConfig
+from engine.config.schema import CodeEvalConfig
 from engine.evals.code import chat_messages, extract_code, truncate_completion
 from engine.models.loading import stop_token_ids
 

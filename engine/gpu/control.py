@@ -1,5 +1,5 @@
 """Stopping one of *our* processes from the GPU tab: a stage worker (or a child of one) is stopped the way
-`tas cancel` stops its run (`engine.core.launcher.cancel`: the cancel is recorded, the stage saves what it
+`tas cancel` stops its run (`engine.runner.launcher.cancel`: the cancel is recorded, the stage saves what it
 can and ends `cancelled`, the supervisor enforces the grace period); a vLLM teacher server gets SIGTERM.
 
 Kept apart from the tab so that the rules (only processes labelled as ours, never a reused pid) are tested
@@ -62,8 +62,8 @@ def terminate(process: GpuProcess, runs_root: str | os.PathLike[str]) -> str:
     if not now.is_ours:
         raise NotOurs(f"pid {process.pid} is not one of our workers (any more): not signalled")
     if now.role != "vllm" and now.run_id is not None:
-        from engine.core import launcher
-        from engine.core.runs import RunStore
+        from engine.runner import launcher
+        from engine.store.runs import RunStore
 
         run = RunStore(Path(runs_root)).get(now.run_id)
         if launcher.cancel(run, wait=False):

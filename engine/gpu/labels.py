@@ -33,8 +33,8 @@ def live_workers(runs_root: str | os.PathLike[str] | None) -> dict[int, Worker]:
     """
     if runs_root is None:
         return {}
-    from engine.core.pipeline import PIPELINE
-    from engine.core.runs import ProcessRecord, RunStore
+    from engine.pipeline.stages import PIPELINE
+    from engine.store.runs import ProcessRecord, RunStore
 
     workers: dict[int, Worker] = {}
     for run in RunStore(runs_root).list():
@@ -52,7 +52,7 @@ def live_servers(runs_root: str | os.PathLike[str] | None) -> dict[int, str]:
     the next worker of the run to end), so its processes are found by group, not by ancestry."""
     if runs_root is None:
         return {}
-    from engine.core.runs import RunStore
+    from engine.store.runs import RunStore
     from engine.teacher.vllm_server import server_processes
 
     servers: dict[int, str] = {}

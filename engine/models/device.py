@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from engine.core.config import TASConfig
+from engine.config.schema import TASConfig
 
 
 def pick_device(config: TASConfig) -> torch.device:

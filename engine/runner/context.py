@@ -11,11 +11,12 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.core.config import ConfigError, TASConfig
-from engine.core.events import EventWriter
+from engine.config.errors import ConfigError
+from engine.config.prompts import load_system_prompts
+from engine.config.schema import TASConfig
 from engine.core.fsio import FileWriteError
-from engine.core.prompts import load_system_prompts
-from engine.core.runs import Run
+from engine.store.events import EventWriter
+from engine.store.runs import Run
 
 
 class StageCancelled(Exception):

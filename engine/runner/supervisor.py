@@ -1,6 +1,6 @@
 """`python -m engine.runner.supervisor --run DIR STAGE...`: runs the stages of one run, one worker each.
 
-Light process, started by `engine.core.launcher.start` in a session of its own. It exists so that
+Light process, started by `engine.runner.launcher.start` in a session of its own. It exists so that
 
 * several stages run back to back (`tas run all`) without anyone watching,
 * every stage ends with a final status even when its worker dies hard (SIGKILL, OOM killer, segfault):
@@ -21,11 +21,11 @@ import time
 
 import psutil
 
-from engine.core.config import TASConfig
-from engine.core.events import FINAL_STATES, EventWriter, read_events
-from engine.core.pipeline import MULTI_PROCESS_STAGES
-from engine.core.runs import CANCEL_REQUEST, ProcessRecord, Run, read_json
+from engine.config.schema import TASConfig
+from engine.pipeline.stages import MULTI_PROCESS_STAGES
 from engine.runner import hub
+from engine.store.events import FINAL_STATES, EventWriter, read_events
+from engine.store.runs import CANCEL_REQUEST, ProcessRecord, Run, read_json
 
 
 def worker_command(stage: str, run: Run, config: TASConfig) -> list[str]:

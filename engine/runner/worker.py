@@ -20,12 +20,12 @@ import time
 import traceback
 import warnings
 
-from engine.core.events import EventWriter
 from engine.core.fsio import describe_os_error
-from engine.core.pipeline import stage_module
-from engine.core.runs import Run
 from engine.core.secrets import RedactingStream, load_dotenv_secrets
+from engine.pipeline.stages import stage_module
 from engine.runner.context import EXPECTED_FAILURES, StageCancelled, StageContext
+from engine.store.events import EventWriter
+from engine.store.runs import Run
 
 
 def install_cancel_handler(events: EventWriter, cancel_event: threading.Event) -> None:

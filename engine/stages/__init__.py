@@ -2,5 +2,5 @@
 
 Each module has `run(ctx: StageContext) -> None` and runs only inside its worker process. No stage
 imports another: what two stages share lives in engine.train, engine.teacher or engine.models.
-The names and their order are in engine.core.pipeline.
+The names and their order are in engine.pipeline.stages.
 """

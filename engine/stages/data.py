@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from engine.core.config import DatasetSource
+from engine.config.prompts import normalise, prompt_id
+from engine.config.schema import DatasetSource
 from engine.core.datafiles import DataFileError, dataset_files, iter_records
 from engine.core.fsio import atomic_write_jsonl
-from engine.core.prompts import normalise, prompt_id
 from engine.core.secrets import clip
 from engine.models.shipped import is_tiny, shipped_dataset
 from engine.runner.context import StageContext, StageError

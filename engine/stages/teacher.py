@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.datafiles import DataFileError, iter_records
-from engine.core.lineage import fingerprint_id, teacher_fingerprint, write_fingerprint
 from engine.runner.context import StageContext, StageError
+from engine.store.lineage import fingerprint_id, teacher_fingerprint, write_fingerprint
 from engine.teacher.output import TeacherOutput
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import openai
 
-from engine.core.config import ClosedTeacher, ClosedTeacherPipeline
+from engine.config.schema import ClosedTeacher, ClosedTeacherPipeline
 from engine.core.fsio import append_jsonl, atomic_write, dumps_line, parse_line
 from engine.core.secrets import clip, redact
 from engine.runner.context import StageContext, StageError

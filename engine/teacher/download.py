@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.core.prompts import normalise, prompt_id
+from engine.config.prompts import normalise, prompt_id
 from engine.core.secrets import clip
 from engine.runner.context import StageContext, StageError
 from engine.teacher.output import TeacherOutput

@@ -41,7 +41,7 @@ class Repair:
 
 
 class TeacherOutput:
-    """The answers file. With a `fingerprint` (engine.core.lineage), appended records are stamped with it,
+    """The answers file. With a `fingerprint` (engine.store.lineage), appended records are stamped with it,
     only records bearing it count as answered, and `repair` sets the others aside: answers made with other
     settings (another model, temperature, system prompt) are never mixed into this run's."""
 

@@ -23,7 +23,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from engine.core.config import TASConfig
+from engine.config.schema import TASConfig
 from engine.models.loading import ModelNotFound, resolve_model_path
 from engine.runner.context import StageCancelled, StageContext, StageError
 from engine.teacher.output import TeacherOutput

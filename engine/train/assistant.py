@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from engine.core.config import TASConfig
+from engine.config.schema import TASConfig
 from engine.models.device import pick_dtype
 from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.runner.context import StageContext

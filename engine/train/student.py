@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import torch
 
-from engine.core.config import LoraConfig, StudentConfig
+from engine.config.schema import LoraConfig, StudentConfig
 
 DEFAULT_SEED = 19
 """Seed of the random initialisation (TAS's seed)."""

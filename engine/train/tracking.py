@@ -20,9 +20,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from engine.core.config import ExperimentConfig
-from engine.core.runs import FROZEN_CONFIG
+from engine.config.schema import ExperimentConfig
 from engine.runner.context import StageContext
+from engine.store.runs import FROZEN_CONFIG
 
 
 def tracking_uri(experiment: ExperimentConfig, workdir: str | Path) -> str:

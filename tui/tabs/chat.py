@@ -219,7 +219,8 @@ class ChatTab(Vertical):
 
     # ------------------------------------------------------------------------------------------ config
     def _read_config(self) -> None:
-        from engine.core.config import ConfigError, load_config
+        from engine.config.errors import ConfigError
+        from engine.config.load import load_config
 
         try:
             config = load_config(self.config_path)
@@ -647,7 +648,7 @@ class ChatTab(Vertical):
     def _save(self, record: dict[str, Any], config_path: str, run_id: str | None, name: str) -> None:
         """Off the event loop: finding the run store reads the config; each file is fsynced."""
         from engine.chat.transcript import chat_dir, save
-        from engine.core.runs import runs_root
+        from engine.store.runs import runs_root
 
         try:
             run_path = runs_root(config_path) / run_id if run_id else None

@@ -30,8 +30,9 @@ from textual.screen import ModalScreen
 from textual.timer import Timer
 from textual.widgets import ContentSwitcher, Input, Label, Select, Static, TextArea, Tree
 
-from engine.core.config import MAX_CONFIG_BYTES, ConfigError, parse_config, validate_tree
-from engine.core.config_edit import field_help, save_config_text, set_yaml_value
+from engine.config.edit import field_help, save_config_text, set_yaml_value
+from engine.config.errors import ConfigError
+from engine.config.load import MAX_CONFIG_BYTES, parse_config, validate_tree
 
 SECTION_ORDER = ("teacher", "assistant", "student", "train", "datasets")
 VALIDATE_AFTER_S = 0.3  # raw-view typing is validated once the keys rest this long

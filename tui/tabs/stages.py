@@ -8,7 +8,7 @@ appear and update exactly like our own (reattach is just reading). One reader do
 that, every second or as soon as the selection changes, reads the store in a thread (one read at a time,
 so the event tails are only ever used by one thread) and shows the snapshot on the event loop; a snapshot
 read for a selection that has changed since is dropped. Widgets and the selection (`run_id`, `stage`) are
-only touched on the event loop. Starting and cancelling go through engine.core.launcher, in thread workers.
+only touched on the event loop. Starting and cancelling go through engine.runner.launcher, in thread workers.
 
 The run store, the launcher and the plot are imported by the reader, in a thread, once the panel has painted
 its first frame (the app calls `start_reader`): the panel shows up before the config schema (pydantic) and
@@ -37,11 +37,11 @@ from textual.css.query import NoMatches
 from textual.widgets import DataTable, OptionList, Static
 from textual.widgets.option_list import Option
 
-from engine.core.pipeline import PIPELINE
+from engine.pipeline.stages import PIPELINE
 
 if TYPE_CHECKING:
-    from engine.core.events import EventTail
-    from engine.core.runs import Run, RunStore, StageStatus
+    from engine.store.events import EventTail
+    from engine.store.runs import Run, RunStore, StageStatus
 
 # The loss curves of each training stage: (label, colour, metric names, the first one logged is plotted).
 # Only series on one scale share the chart. sft: the assistant's train and eval loss, both cross-entropy.
@@ -61,9 +61,9 @@ REFRESH_S = 1.0  # the reader reads the store this often (and at once when the s
 # what the reader imports in its thread before its first read: the run store (and with it the config schema),
 # and the two widgets that replace their placeholders then (plotext; RichLog brings rich.pretty and attrs)
 READER_IMPORTS = (
-    "engine.core.runs",
-    "engine.core.events",
-    "engine.core.render",
+    "engine.store.runs",
+    "engine.store.events",
+    "engine.store.render",
     "textual_plotext",
     "textual.widgets:RichLog",
 )
@@ -190,7 +190,7 @@ class StagesTab(Vertical):
         """The run store (opened on first use; imports it and may read the config: not on the event loop)."""
         with self._store_lock:
             if self._store is None:
-                from engine.core.runs import RunStore
+                from engine.store.runs import RunStore
 
                 self._store = RunStore(self._runs_dir() if callable(self._runs_dir) else self._runs_dir)
             return self._store
@@ -251,8 +251,8 @@ class StagesTab(Vertical):
 
     def _read(self, selection: int, run_id: str | None, stage: str) -> StoreSnapshot:
         """Read the store for one selection (in a thread: touches no widget and no selection state)."""
-        from engine.core.events import EventTail
-        from engine.core.runs import read_json
+        from engine.store.events import EventTail
+        from engine.store.runs import read_json
 
         runs = self.store.list()
         summaries, selected = [], None
@@ -280,7 +280,7 @@ class StagesTab(Vertical):
     @staticmethod
     def _losses(run: Run, stage: str) -> dict[str, list[tuple[int, float]]]:
         """The selected stage's loss curves (LOSS_SERIES), by label; none for a stage that does not train."""
-        from engine.core.events import read_events
+        from engine.store.events import read_events
 
         wanted = {name for _, _, names in LOSS_SERIES.get(stage, ()) for name in names}
         if not wanted:
@@ -304,7 +304,7 @@ class StagesTab(Vertical):
     # --------------------------------------------------------------------------------- showing
 
     def _show(self, snapshot: StoreSnapshot) -> None:
-        from engine.core.render import event_line
+        from engine.store.render import event_line
 
         self.run_id = snapshot.run_id
         self._stages = snapshot.stages
@@ -358,7 +358,7 @@ class StagesTab(Vertical):
         last column is cut to the room the others leave, so no column is pushed out of sight."""
         from rich.cells import cell_len
 
-        from engine.core.render import STATE_STYLE, bar, duration, metrics_text, number
+        from engine.store.render import STATE_STYLE, bar, duration, metrics_text, number
 
         table = self.query_one("#pipeline", DataTable)
         rows = []
@@ -406,7 +406,7 @@ class StagesTab(Vertical):
             detail.display = False
             return
         width = max(20, (self.query_one("#right").size.width or 60) - 2)
-        from engine.core.render import STATE_STYLE
+        from engine.store.render import STATE_STYLE
 
         glyph = STATE_STYLE.get(status.state, ("?", ""))[0]
         detail.styles.color = "magenta" if status.state == "cancelled" else None  # else the CSS colour ($text-error)
@@ -450,7 +450,7 @@ class StagesTab(Vertical):
         plot.refresh()
 
     def _show_metrics(self, report: dict | None = None) -> None:
-        from engine.core.render import duration, number
+        from engine.store.render import duration, number
 
         status = next((s for s in self._stages if s.name == self.stage), None)
         panel = self.query_one("#metrics", Static)
@@ -532,8 +532,9 @@ class StagesTab(Vertical):
     @work(thread=True, group="stages-actions")
     def _start(self, stages: list[str], run_id: str | None, config_path: str) -> None:
         """Start `stages` in run `run_id`, or in a new run of `config_path` when there is none."""
-        from engine.core import launcher
-        from engine.core.config import ConfigError, load_config
+        from engine.config.errors import ConfigError
+        from engine.config.load import load_config
+        from engine.runner import launcher
 
         try:
             if run_id is None:
@@ -589,8 +590,8 @@ class StagesTab(Vertical):
         runs in a process of its own, as the CLI runs it)."""
         import subprocess
 
-        from engine.core.export import ExportRefused, check_out_dir, default_out_dir, export_command, export_source
-        from engine.core.runs import RunIsLive
+        from engine.export.plan import ExportRefused, check_out_dir, default_out_dir, export_command, export_source
+        from engine.store.runs import RunIsLive
 
         notify = self.app.call_from_thread
         try:
@@ -616,7 +617,7 @@ class StagesTab(Vertical):
 
     @work(thread=True, group="stages-actions")
     def _cancel(self, run_id: str) -> None:
-        from engine.core import launcher
+        from engine.runner import launcher
 
         run = self.store.get(run_id)
         self.app.call_from_thread(self.notify, f"cancelling run {run_id}…")

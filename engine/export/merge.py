@@ -4,10 +4,10 @@ Heavy module (torch, transformers, peft inside the functions). `export_run(run, 
 the KD student, the CE-only control student or the fine-tuned assistant of a run, merges a LoRA adapter
 into a full-precision copy of its base (the sft stage trains it on a 4-bit base: QLoRA; users expect the
 merged model unquantized), and writes safetensors weights, the tokenizer, a generation config and the model
-card (`engine.core.export.model_card`). What is exported, the checks and the push live in the light
-`engine.core.export`; `tas export` runs this module as a process of its own:
+card (`engine.export.card.model_card`). What is exported, the checks and the push live in the light
+`engine.export.plan`; `tas export` runs this module as a process of its own:
 
-    python -m engine.models.export --run RUN_DIR [--target kd|ce|assistant] [--out DIR] [--repo OWNER/NAME]
+    python -m engine.export.merge --run RUN_DIR [--target kd|ce|assistant] [--out DIR] [--repo OWNER/NAME]
 
 The folder is written next to its destination and renamed into place, so a failed export leaves the
 previous one (if any) untouched.
@@ -23,18 +23,18 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.core.export import (
+from engine.core.secrets import redact
+from engine.export.card import model_card
+from engine.export.plan import (
     EXPORT_TARGETS,
     ExportRefused,
     ExportSource,
     check_out_dir,
     default_out_dir,
     export_source,
-    model_card,
 )
-from engine.core.runs import Run, RunIsLive
-from engine.core.secrets import redact
 from engine.models.loading import ModelNotFound, load_causal_lm, load_tokenizer, resolve_model_path
+from engine.store.runs import Run, RunIsLive
 
 
 def export_run(
@@ -143,7 +143,7 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.models.export", description="Export a run's model as a servable Hugging Face folder."
+        prog="python -m engine.export.merge", description="Export a run's model as a servable Hugging Face folder."
     )
     parser.add_argument("--run", required=True, help="the run directory")
     parser.add_argument("--target", choices=EXPORT_TARGETS, default="kd")

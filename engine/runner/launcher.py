@@ -19,10 +19,10 @@ import threading
 import time
 from pathlib import Path
 
-from engine.core.events import EventWriter
 from engine.core.fsio import atomic_write, file_lock
-from engine.core.pipeline import check_stage_names
-from engine.core.runs import CANCEL_REQUEST, SUPERVISOR_FILE, ProcessRecord, Run
+from engine.pipeline.stages import check_stage_names
+from engine.store.events import EventWriter
+from engine.store.runs import CANCEL_REQUEST, SUPERVISOR_FILE, ProcessRecord, Run
 
 
 class CannotStart(RuntimeError):

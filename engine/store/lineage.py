@@ -20,9 +20,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from engine.core.config import TASConfig
+from engine.config.prompts import load_system_prompts
+from engine.config.schema import TASConfig
 from engine.core.fsio import atomic_write_json, read_json
-from engine.core.prompts import load_system_prompts
 
 RUN_OUTPUT_KEYS = (
     "data.output_path",

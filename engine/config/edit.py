@@ -15,7 +15,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from engine.core.config import TASConfig, _dotted, parse_config
+from engine.config.errors import dotted_key
+from engine.config.load import parse_config
+from engine.config.schema import TASConfig
 from engine.core.fsio import atomic_write
 
 
@@ -60,7 +62,7 @@ def field_help(path: tuple[str | int, ...]) -> FieldHelp | None:
         return None
     default = "" if info.is_required() else repr(info.get_default(call_default_factory=True))
     kind = getattr(info.annotation, "__name__", None) or str(info.annotation).replace("typing.", "")
-    return FieldHelp(_dotted(path), info.description or "", kind, default if len(default) < 80 else "")
+    return FieldHelp(dotted_key(path), info.description or "", kind, default if len(default) < 80 else "")
 
 
 def _inner_model(annotation: Any) -> Any:
@@ -88,11 +90,11 @@ def set_yaml_value(text: str, path: tuple[str | int, ...], value: Any) -> str:
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             child = node.value[part]
         if child is None:
-            raise KeyError(f"{_dotted(path)} is not in the file")
+            raise KeyError(f"{dotted_key(path)} is not in the file")
         node = child
     rendered = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=1000).strip()
     rendered = rendered.removesuffix("\n...").removesuffix("...").strip()
     if isinstance(node, (yaml.MappingNode,)) or (isinstance(node, yaml.SequenceNode) and not node.flow_style):
-        raise KeyError(f"{_dotted(path)} is a section; edit its keys")
+        raise KeyError(f"{dotted_key(path)} is a section; edit its keys")
     start, end = node.start_mark.index, node.end_mark.index
     return text[:start] + rendered + text[end:]

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from engine.core.runs import Run, StageStatus
+from engine.store.runs import Run, StageStatus
 
 STATE_STYLE = {
     "pending": ("·", "dim"),

@@ -26,11 +26,13 @@ from typing import Any
 
 import psutil
 
-from engine.core.config import ConfigError, TASConfig, load_config
-from engine.core.events import FINAL_STATES, read_events
+from engine.config.errors import ConfigError
+from engine.config.load import load_config
+from engine.config.schema import TASConfig
 from engine.core.fsio import atomic_write, file_lock, read_json
-from engine.core.lineage import resolve_outputs
-from engine.core.pipeline import PIPELINE
+from engine.pipeline.stages import PIPELINE
+from engine.store.events import FINAL_STATES, read_events
+from engine.store.lineage import resolve_outputs
 
 RUN_FILE = "run.json"
 SUPERVISOR_FILE = "supervisor.json"
@@ -265,7 +267,7 @@ class Run:
         return self.path / stage
 
     def config(self) -> TASConfig:
-        """The frozen config, its relative output paths resolved inside this run (engine.core.lineage)."""
+        """The frozen config, its relative output paths resolved inside this run (engine.store.lineage)."""
         return resolve_outputs(load_config(self.path / FROZEN_CONFIG), self.path)
 
     def supervisor(self) -> tuple[ProcessRecord | None, list[str]]:

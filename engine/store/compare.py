@@ -10,10 +10,10 @@ from typing import Any
 
 import yaml
 
-from engine.core.events import read_events
 from engine.core.fsio import read_json
-from engine.core.pipeline import PIPELINE
-from engine.core.runs import FROZEN_CONFIG, Run
+from engine.pipeline.stages import PIPELINE
+from engine.store.events import read_events
+from engine.store.runs import FROZEN_CONFIG, Run
 
 REPORT_METRICS = ("loss", "perplexity", "kl_to_assistant", "pass@1")
 
