@@ -1,13 +1,16 @@
-"""Errors that say where: the real line of a bad byte in a CSV, and a full disk while a model is saved."""
+"""Errors that say where: the real line of a bad byte in a CSV, and a full disk while a model is saved or
+teacher answers are appended."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from engine.core.datafiles import DataFileError, iter_records
 from engine.core.fsio import FileWriteError
+from engine.teacher.output import TeacherOutput
 from engine.train.callbacks import saving
 
 
@@ -34,3 +37,15 @@ def test_full_disk_while_saving_names_path_key_and_what_to_do(tmp_path: Path):
 def test_other_errors_while_saving_pass_through(tmp_path: Path):
     with pytest.raises(ValueError, match="not a disk problem"), saving(tmp_path, "train.sft.save_path"):
         raise ValueError("not a disk problem")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_disk_while_appending_answers_names_path_key_and_what_to_do():
+    """/dev/full refuses every write as a full disk does (ENOSPC). The line a failed flush leaves in the buffer
+    fails again when the file closes: that second error must not replace the first with a nameless one."""
+    with pytest.raises(FileWriteError) as info:
+        TeacherOutput("/dev/full").append([{"id": "p1", "instruction": "q", "output": "a"}])
+    assert str(info.value) == (
+        "teacher.base.output_path: cannot write /dev/full: No space left on device; "
+        "free some disk space, then run the stage again to resume"
+    )

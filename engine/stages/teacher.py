@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.datafiles import DataFileError, iter_records
+from engine.core.fsio import describe_os_error
 from engine.runner.context import StageContext, StageError
 from engine.store.lineage import fingerprint_id, teacher_fingerprint, write_fingerprint
 from engine.teacher.output import TeacherOutput
@@ -97,7 +98,10 @@ def run(ctx: StageContext) -> None:
             for old in [output_path, *shard_files(output_path)]:
                 if old.exists():  # shards of an interrupted multi-GPU run are old answers too
                     backup = old.with_name(f"{old.name}.{stamp}.bak")
-                    old.rename(backup)
+                    try:
+                        old.rename(backup)
+                    except OSError as exc:
+                        raise describe_os_error(exc, old, "teacher.base.output_path") from None
                     ctx.events.log(f"resume is off: previous answers moved to {backup}")
         repaired = output.repair()
         if repaired.torn_bytes:
