@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.datafiles import DataFileError, iter_records
+from engine.core.datafiles import DataFileError, iter_records, read_stage_input
 from engine.core.fsio import FileWriteError
 from engine.teacher.output import TeacherOutput
 from engine.train.callbacks import saving
+from engine.train.pairs import ChatDataError, load_pairs
 
 
 def test_csv_decode_error_names_the_real_line(tmp_path: Path):
@@ -20,6 +21,19 @@ def test_csv_decode_error_names_the_real_line(tmp_path: Path):
     path.write_bytes(("\n".join(lines) + "\n").encode() + b"caf\xe9 on line 2002\nfine again\n")
     with pytest.raises(DataFileError, match=r"prompts\.csv:2002: not UTF-8 text \(byte 0xe9\)"):
         list(iter_records(path))
+
+
+def test_stage_input_errors_name_the_key_and_what_to_run(tmp_path: Path):
+    missing = tmp_path / "teacher.jsonl"
+    with pytest.raises(
+        ChatDataError,
+        match=r"^teacher\.base\.output_path: .*teacher\.jsonl does not exist; run the teacher stage first \(tas run teacher\)$",
+    ):
+        load_pairs(missing)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "instruction": "q"}\nnot json\n')
+    with pytest.raises(DataFileError, match=r"^data\.output_path: .*prompts\.jsonl:2: bad JSON"):
+        read_stage_input(prompts, "data.output_path", made_by="data")
 
 
 def test_full_disk_while_saving_names_path_key_and_what_to_do(tmp_path: Path):

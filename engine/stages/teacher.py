@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.core.datafiles import DataFileError, iter_records
+from engine.core.datafiles import DataFileError, read_stage_input
 from engine.core.fsio import describe_os_error
 from engine.runner.context import StageContext, StageError
 from engine.store.lineage import fingerprint_id, teacher_fingerprint, write_fingerprint
@@ -35,12 +35,10 @@ def shard_files(output: Path) -> list[Path]:
 
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        raise StageError(f"data.output_path: {path} does not exist; run the data stage first (tas run data)")
     try:
-        prompts = [record for _, record in iter_records(path)]
+        prompts = read_stage_input(path, "data.output_path", made_by="data")
     except DataFileError as exc:
-        raise StageError(f"data.output_path: {exc}") from None
+        raise StageError(str(exc)) from None
     bad = [i for i, p in enumerate(prompts, 1) if not p.get("id") or not p.get("instruction")]
     if bad:
         raise StageError(f"data.output_path: {path}:{bad[0]}: record without id or instruction; re-run the data stage")
