@@ -12,6 +12,7 @@ import yaml
 
 from engine.config.edit import save_config_text
 from engine.config.errors import ConfigError
+from engine.config.keys import flatten, get_key, set_key
 from engine.config.load import load_config, parse_config
 from engine.config.prompts import load_system_prompts
 from engine.config.schema import TASConfig
@@ -641,3 +642,16 @@ def test_saving_through_a_symlink_keeps_the_link(tmp_path: Path):
     assert link.is_symlink()
     assert "top_k: 7" in real.read_text()
     assert (tmp_path / "real.yaml.bak").read_text() == _seed_text()
+
+
+def test_dotted_keys_read_set_and_flatten():
+    config = load_config(SEED_CONFIG)
+    set_key(config, "train.sft.learning_rate", 0.5)
+    assert get_key(config, "train.sft.learning_rate") == 0.5 == config.train.sft.learning_rate
+    nested = {"data": {"seed": 1, "tags": ["a", "b"]}, "datasets": [{"name": "x"}, {"name": "y"}]}
+    assert flatten(nested) == {
+        "data.seed": 1,
+        "data.tags": ["a", "b"],  # a list of plain values stays one value
+        "datasets[0].name": "x",
+        "datasets[1].name": "y",
+    }

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -176,6 +178,26 @@ def test_unwritable_output_keeps_old_file(tiny_config, project: Path):
     with pytest.raises(FileWriteError, match=r"data\.output_path: .*in\.jsonl is a file where a folder is needed"):
         data.run(make_context(tiny_config, "data", project))
     assert Path(project / ".data/tiny/prompts.jsonl").read_bytes() == before
+
+
+def test_read_only_output_names_the_configured_path_not_a_temp_file(tiny_config, project: Path, monkeypatch):
+    """On a read-only mount the temp file next to the output cannot be created (EROFS, naming the temp file):
+    the error names `data.output_path` and its file, which is what the user can change."""
+    output = os.path.realpath(tiny_config.data.output_path)
+    ctx = make_context(tiny_config, "data", project)
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(FileWriteError) as info:
+        data.run(ctx)
+    message = str(info.value)
+    assert message.startswith(f"data.output_path: cannot write {output}: Read-only file system; ")
+    assert message.endswith("change the path in the config") and ".tmp" not in message
 
 
 def test_hub_dataset_offline_gives_a_clear_error(tiny_config, project: Path, monkeypatch):

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.config.keys import set_key
 from engine.config.load import load_config
 from engine.export.merge import export_run
 from engine.export.plan import CARD_MARKER, ExportRefused
 from engine.store.events import EventWriter
-from engine.store.lineage import set_key
 from engine.store.runs import ProcessRecord, Run, RunIsLive, RunStore
 
 CONFIG_SECRETS = {

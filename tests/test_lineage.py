@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from engine.config.keys import get_key
 from engine.config.load import load_config
 from engine.runner.context import StageContext
 from engine.stages import data, teacher
 from engine.store.events import EventWriter
-from engine.store.lineage import RUN_OUTPUT_KEYS, ReuseRefused, get_key, resolve_outputs, reuse_teacher
+from engine.store.lineage import RUN_OUTPUT_KEYS, ReuseRefused, resolve_outputs, reuse_teacher
 from engine.store.runs import ProcessRecord, RunIsLive, RunStore, remove_run
 from engine.train.pairs import load_split_pairs
 

@@ -11,6 +11,7 @@ import pytest
 
 from engine.config.load import load_config
 from engine.runner.context import StageCancelled, StageContext, StageError
+from engine.stages import teacher
 from engine.store.events import read_events
 from engine.teacher.closed import BATCH_STATE_FILE, FAILURES_FILE, answer_closed
 from engine.teacher.output import TeacherOutput
@@ -198,6 +199,22 @@ def test_missing_key_without_base_url_is_a_clear_error(project: Path, monkeypatc
     ctx, output = setup(project, None)
     with pytest.raises(StageError, match=r"OPENAI_API_KEY is not set: put it in .env or the environment"):
         answer_closed(ctx, make_prompts(plain(1)), output, None)
+
+
+def test_missing_key_fails_the_stage_before_the_answers_are_touched(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY")
+    ctx, output = setup(project, None)
+    prompts = project / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in make_prompts(plain(3))))
+    ctx.config.data.output_path = str(prompts)
+    output.path.parent.mkdir(parents=True)
+    output.path.write_text(json.dumps({"id": "p000", "instruction": "q", "output": "a", "fp": "other"}) + "\n")
+    before = output.path.read_bytes()
+    with pytest.raises(StageError, match=r"OPENAI_API_KEY is not set"):
+        teacher.run(ctx)
+    assert output.path.read_bytes() == before and not output.stale_path.exists()
 
 
 def test_local_server_without_key_gets_a_placeholder(

@@ -112,6 +112,23 @@ def test_missing_prompts_file_says_run_data_first(config, project: Path):
         teacher.run(make_context(config, "teacher", project))
 
 
+@pytest.mark.parametrize("resume", [True, False])
+def test_missing_model_fails_before_the_answers_are_touched(config, project: Path, resume: bool):
+    """A mistyped teacher.open.model.name fails the stage before repair or resume-off move any answer:
+    answers made with other settings stay where they are, byte for byte."""
+    output = Path(config.teacher.base.output_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    old = [{"id": i, "instruction": "old", "output": "old answer", "fp": "other-settings"} for i in prompt_ids(config)]
+    output.write_text("".join(json.dumps(record) + "\n" for record in old))
+    before = output.read_bytes()
+    config.teacher.open.model.name = str(project / "models" / "no-such-teacher")
+    config.teacher.open.pipeline.resume = resume
+    with pytest.raises(StageError, match=r"^teacher\.open\.model\.name: .*no-such-teacher: no such model folder"):
+        teacher.run(make_context(config, "teacher", project))
+    assert output.read_bytes() == before
+    assert sorted(p.name for p in output.parent.iterdir() if p.name.startswith(output.name)) == [output.name]
+
+
 def test_output_store_never_stores_empty_answers(tmp_path: Path):
     store = TeacherOutput(tmp_path / "t.jsonl")
     with pytest.raises(ValueError, match="empty answer"):

@@ -46,6 +46,7 @@ def test_sft_run_is_tracked_in_mlflow(tmp_path: Path, monkeypatch: pytest.Monkey
     assert row["tags.tas.stage"] == "sft" and row["tags.tas.run_name"] == "tracked"
     assert float(row["params.tas.train.sft.learning_rate"]) == cfg.train.sft.learning_rate
     assert row["params.tas.teacher.open.model.name"] == "tiny:teacher"
+    assert row["params.tas.datasets.0.name"] == cfg.datasets[0].name  # `datasets[0].name`: MLflow allows no brackets
     assert row["metrics.loss"] > 0
     artifacts = mlflow.artifacts.list_artifacts(run_id=row["run_id"], artifact_path="tas")
     assert any(a.path.endswith("config.yaml") for a in artifacts)

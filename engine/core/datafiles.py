@@ -34,6 +34,18 @@ def dataset_files(path: Path) -> list[Path]:
     raise DataFileError(f"{path}: no such file or folder")
 
 
+def read_stage_input(path: str | Path, key: str, made_by: str) -> list[dict[str, Any]]:
+    """Every record of a file that one stage writes and the next reads, for instance the prompts
+    (`data.output_path`). Errors name the config key; a missing file says which stage to run first."""
+    path = Path(path)
+    if not path.exists():
+        raise DataFileError(f"{key}: {path} does not exist; run the {made_by} stage first (tas run {made_by})")
+    try:
+        return [record for _, record in iter_records(path)]
+    except DataFileError as exc:
+        raise DataFileError(f"{key}: {exc}") from None
+
+
 def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line or row number, record) pairs of one file."""
     kind = SUFFIXES.get(path.suffix.lower())

@@ -213,14 +213,22 @@ class JsonlWriter:
         return text.count("\n")
 
     def close(self) -> None:
+        # close() flushes what a failed write left in the buffer: that error needs the path too
         with self._lock:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as exc:
+                raise describe_os_error(exc, self.path, self.key) from None
 
     def __enter__(self) -> JsonlWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        with contextlib.suppress(OSError):  # the write's own error says it first; the file closes either way
+            self.close()
 
 
 def append_jsonl(
@@ -312,9 +320,10 @@ def read_json(path: PathLike) -> dict[str, Any] | None:
 
 def _replace_with(path: Path, data: bytes, mode_of: Path) -> None:
     directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    directory.mkdir(parents=True, exist_ok=True)  # its error names the folder in the way: the real culprit
+    tmp_name = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
         with os.fdopen(fd, "wb") as tmp:
             tmp.write(data)
             tmp.flush()
@@ -322,9 +331,12 @@ def _replace_with(path: Path, data: bytes, mode_of: Path) -> None:
         if mode_of.exists():
             os.chmod(tmp_name, mode_of.stat().st_mode & 0o7777)
         os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+    except BaseException as exc:
+        if tmp_name is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+        if isinstance(exc, OSError):  # the temp file is ours: name the file the user knows
+            exc.filename, exc.filename2 = str(path), None
         raise
     fsync_dir(directory)
 

@@ -35,8 +35,6 @@ is never trained, so its template has none.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -45,6 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from engine.core.fsio import file_lock
 from engine.models.shipped import ASSETS, SHIPPED_DATASETS, TOKENIZER_CORPUS, is_tiny, tiny_name
 
 TINY_VERSION = "v6"  # bump when the recipe changes: old caches are then rebuilt, never reused
@@ -153,7 +152,7 @@ def _resolve_in(root: Path, key: str) -> Path:
     # the assistant's family shares the tokenizer folder (built first, before taking the lock); the
     # teacher's tokenizer is its own and is built with the teacher
     tokenizer_dir = _resolve_in(root, "tokenizer") if key in ("assistant", "student") else None
-    with _locked(root / ".build.lock"):  # two workers starting at once build it once
+    with file_lock(root / ".build.lock"):  # two workers starting at once build it once
         if not (target / "READY").exists():
             if key == "tokenizer":
                 _publish(target, lambda tmp: build_tokenizer().save_pretrained(tmp))
@@ -176,16 +175,6 @@ def _wait_until_ready(target: Path, timeout_s: float = 900.0) -> Path:
             raise TimeoutError(f"{target}: rank 0 did not build this tiny model within {timeout_s:g}s")
         time.sleep(0.2)
     return target
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _publish(target: Path, write) -> None:
@@ -215,46 +204,40 @@ def training_texts() -> list[str]:
     return texts
 
 
-def _bpe_trainer(vocab_size: int, special_tokens: list[str]):
-    from tokenizers import pre_tokenizers, trainers
+def _train_bpe(pre_tokenizer, vocab_size: int, special_tokens: list[str]):
+    """(vocab, merges) of a byte-level BPE trained on `training_texts()`: NFC, then `pre_tokenizer`, as the
+    transformers class that wraps it rebuilds it on reload."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
 
-    return trainers.BpeTrainer(
+    bpe = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizer
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=special_tokens,  # ids 0.. in this order
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is a token: no unknowns, ever
         show_progress=False,
     )
-
-
-def _empty_bpe():
-    from tokenizers import Tokenizer
-    from tokenizers.models import BPE
-
-    return Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
-
-
-def _vocab_and_merges(bpe) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    bpe.train_from_iterator(training_texts(), trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     return model["vocab"], [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
 
 
 def build_tokenizer():
     """Train the assistant's tiny byte-level BPE and wrap it as the Qwen2Tokenizer transformers reloads."""
-    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+    from tokenizers import Regex, pre_tokenizers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    bpe = _empty_bpe()
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+    split = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(training_texts(), trainer=_bpe_trainer(TOKENIZER_VOCAB, SPECIAL_TOKENS))
-    vocab, merges = _vocab_and_merges(bpe)
+    vocab, merges = _train_bpe(split, TOKENIZER_VOCAB, SPECIAL_TOKENS)
     return Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
@@ -271,16 +254,12 @@ def build_tokenizer():
 
 def build_teacher_tokenizer():
     """Train the teacher's own byte-level BPE (GPT-NeoX style) and wrap it as a GPTNeoXTokenizer."""
-    from tokenizers import decoders, normalizers, pre_tokenizers
+    from tokenizers import pre_tokenizers
     from transformers import GPTNeoXTokenizer
 
-    bpe = _empty_bpe()
-    bpe.normalizer = normalizers.NFC()
     # GPT-2's split regex inside the byte-level step: other token boundaries than Qwen2's
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(training_texts(), trainer=_bpe_trainer(TEACHER_VOCAB, TEACHER_SPECIAL_TOKENS))
-    vocab, merges = _vocab_and_merges(bpe)
+    split = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    vocab, merges = _train_bpe(split, TEACHER_VOCAB, TEACHER_SPECIAL_TOKENS)
     return GPTNeoXTokenizer(
         vocab=vocab,
         merges=merges,

@@ -59,6 +59,9 @@ def run(ctx: StageContext) -> None:
     kd = config.train.distillation
     device = pick_device(config)
 
+    # 3. data, split as sft split it; read first, so a missing answers file fails before any model loads
+    train_pairs, eval_pairs, system = load_split_pairs(ctx)
+
     # 1. KD teacher (the fine-tuned assistant) and the tokenizer check
     teacher, tokenizer = load_tuned_assistant(ctx, device)
     student_tokenizer = load_tokenizer(config.student.base_model_name, key="student.base_model_name")
@@ -67,8 +70,7 @@ def run(ctx: StageContext) -> None:
     except ValueError as exc:
         raise StageError(str(exc)) from None
 
-    # 3. data, split as sft split it
-    train_pairs, eval_pairs, system = load_split_pairs(ctx)
+    # the data as token ids, now that the tokenizer is loaded
     max_length = min(kd.max_length, config.student.max_position_embeddings)
     train_set = [tokenize_pair(tokenizer, p, system, max_length) for p in train_pairs]
     eval_set = [tokenize_pair(tokenizer, p, system, max_length) for p in eval_pairs]

@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.core.datafiles import DataFileError, iter_records
+from engine.core.datafiles import DataFileError, read_stage_input
+from engine.core.fsio import describe_os_error
+from engine.models.loading import resolve_model_path
 from engine.runner.context import StageContext, StageError
 from engine.store.lineage import fingerprint_id, teacher_fingerprint, write_fingerprint
 from engine.teacher.output import TeacherOutput
@@ -34,18 +36,38 @@ def shard_files(output: Path) -> list[Path]:
 
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        raise StageError(f"data.output_path: {path} does not exist; run the data stage first (tas run data)")
     try:
-        prompts = [record for _, record in iter_records(path)]
+        prompts = read_stage_input(path, "data.output_path", made_by="data")
     except DataFileError as exc:
-        raise StageError(f"data.output_path: {exc}") from None
+        raise StageError(str(exc)) from None
     bad = [i for i, p in enumerate(prompts, 1) if not p.get("id") or not p.get("instruction")]
     if bad:
         raise StageError(f"data.output_path: {path}:{bad[0]}: record without id or instruction; re-run the data stage")
     if not prompts:
         raise StageError(f"data.output_path: {path} has no prompts; re-run the data stage")
     return prompts
+
+
+def check_teacher(ctx: StageContext) -> None:
+    """Fail now if the chosen teacher cannot answer at all (a mistyped or uncached model, no vLLM, no API key):
+    checked before the answers file is touched, so a failed start leaves it as it was (`repair` would move
+    the answers made with other settings aside, a resume-off run would move them all)."""
+    config = ctx.config
+    source = config.teacher.source
+    if source in ("open", "vllm"):
+        resolve_model_path(config.teacher.open.model.name, "teacher.open.model.name", check_hub=True)
+    if source == "vllm":
+        from engine.teacher.vllm import vllm_python
+        from engine.teacher.vllm_server import VllmError, check_python
+
+        try:
+            check_python(vllm_python(config, ctx.run.workdir))
+        except VllmError as exc:
+            raise StageError(f"teacher.vllm: {exc}") from None
+    elif source == "closed":
+        from engine.teacher.closed import closed_endpoint
+
+        closed_endpoint(config.teacher.closed)
 
 
 def answered_ids(output: TeacherOutput) -> set[str]:
@@ -79,25 +101,30 @@ def run(ctx: StageContext) -> None:
     output_path = Path(config.teacher.base.output_path)
     parts = teacher_fingerprint(config, ctx.run.workdir)
     fingerprint = fingerprint_id(parts)
-    if ctx.is_main:
-        write_fingerprint(ctx.stage_dir, parts)
     output = TeacherOutput(output_path, fingerprint)
     if config.teacher.source == "download":
         from engine.teacher.download import download_answers
 
         if ctx.is_main:  # one writer, or every rank would append every answer
-            download_answers(ctx, output)
+            write_fingerprint(ctx.stage_dir, parts)
+            download_answers(ctx, output)  # loads the dataset before it touches the answers
         barrier()
         return
     prompts = read_prompts(Path(config.data.output_path))
+    if not config.teacher.open.pipeline.resume or {p["id"] for p in prompts} - answered_ids(output):
+        check_teacher(ctx)  # there is something to answer: the teacher must be able to
 
     if ctx.is_main:
+        write_fingerprint(ctx.stage_dir, parts)
         if not config.teacher.open.pipeline.resume:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             for old in [output_path, *shard_files(output_path)]:
                 if old.exists():  # shards of an interrupted multi-GPU run are old answers too
                     backup = old.with_name(f"{old.name}.{stamp}.bak")
-                    old.rename(backup)
+                    try:
+                        old.rename(backup)
+                    except OSError as exc:
+                        raise describe_os_error(exc, old, "teacher.base.output_path") from None
                     ctx.events.log(f"resume is off: previous answers moved to {backup}")
         repaired = output.repair()
         if repaired.torn_bytes:

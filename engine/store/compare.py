@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from engine.config.keys import flatten
 from engine.core.fsio import read_json
 from engine.pipeline.stages import PIPELINE
 from engine.store.events import read_events
@@ -35,7 +36,7 @@ def compare_runs(runs: list[Run]) -> Comparison:
             values = [(report.get("models") or {}).get(model, {}).get(metric) for report in reports]
             if any(v is not None for v in values):
                 result.eval_rows.append((model, metric, values))
-    flat = [_flatten(_frozen(run)) for run in runs]
+    flat = [flatten(_frozen(run)) for run in runs]
     for key in sorted(set().union(*flat)):
         values = [f.get(key) for f in flat]
         if any(v != values[0] for v in values):
@@ -56,20 +57,6 @@ def _frozen(run: Run) -> dict[str, Any]:
         return yaml.safe_load((run.path / FROZEN_CONFIG).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         return {}
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, inner in value.items():
-            out.update(_flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
-        out = {}
-        for index, inner in enumerate(value):
-            out.update(_flatten(inner, f"{prefix}[{index}]"))
-        return out
-    return {prefix: value}
 
 
 def _final_metrics(run: Run) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from engine.config.keys import get_key, set_key
 from engine.config.prompts import load_system_prompts
 from engine.config.schema import TASConfig
 from engine.core.fsio import atomic_write_json, read_json
@@ -38,21 +39,6 @@ REUSABLE_STAGES = ("teacher",)
 
 class ReuseRefused(ValueError):
     """Another run's outputs do not fit this run (different fingerprint, nothing to reuse)."""
-
-
-def get_key(config: TASConfig, key: str) -> Any:
-    value: Any = config
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def set_key(config: TASConfig, key: str, value: Any) -> None:
-    *parents, last = key.split(".")
-    target: Any = config
-    for part in parents:
-        target = getattr(target, part)
-    setattr(target, last, value)
 
 
 def resolve_outputs(config: TASConfig, run_path: Path) -> TASConfig:

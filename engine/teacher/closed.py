@@ -77,7 +77,7 @@ def answer_closed(
     ledger = _Ledger(ctx, output, total=len(prompts))
     if not prompts:
         return ledger.summary()
-    endpoint = _endpoint(closed)
+    endpoint = closed_endpoint(closed)
     ctx.check_cancelled()
     mode = "Batch API jobs" if closed.pipeline.use_batch_api else "chat requests"
     ctx.events.log(f"closed teacher {closed.model.name} at {endpoint.where}: {len(prompts)} prompts by {mode}")
@@ -109,8 +109,9 @@ class _Endpoint:
         return self.base_url or "the OpenAI API"
 
 
-def _endpoint(closed: ClosedTeacher) -> _Endpoint:
-    """Base URL from the config, else OPENAI_BASE_URL, else OpenAI; the key from OPENAI_API_KEY."""
+def closed_endpoint(closed: ClosedTeacher) -> _Endpoint:
+    """Base URL from the config, else OPENAI_BASE_URL, else OpenAI; the key from OPENAI_API_KEY (a StageError
+    when OpenAI itself is asked without one: the teacher stage checks this before it touches its answers)."""
     base_url = closed.base_url or os.environ.get("OPENAI_BASE_URL") or None
     key = os.environ.get("OPENAI_API_KEY", "").strip()
     if key:

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from engine.core.datafiles import DataFileError, iter_records
+from engine.core.datafiles import DataFileError, iter_records, read_stage_input
 from engine.runner.context import StageContext, StageError
 
 
@@ -23,12 +23,10 @@ class ChatDataError(ValueError):
 def load_pairs(path: str | Path, key: str = "teacher.base.output_path") -> list[dict[str, Any]]:
     """Teacher records with non-empty instruction and output, in file order."""
     path = Path(path)
-    if not path.exists():
-        raise ChatDataError(f"{key}: {path} does not exist; run the teacher stage first (tas run teacher)")
     try:
-        records = [r for _, r in iter_records(path)]
+        records = read_stage_input(path, key, made_by="teacher")
     except DataFileError as exc:
-        raise ChatDataError(f"{key}: {exc}") from None
+        raise ChatDataError(str(exc)) from None
     pairs = [r for r in records if str(r.get("instruction", "")).strip() and str(r.get("output", "")).strip()]
     if len(pairs) < 2:
         raise ChatDataError(f"{key}: {path} has {len(pairs)} usable answers; training needs at least 2")

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any
 
 from transformers import TrainerCallback
 
+from engine.config.keys import flatten
 from engine.config.schema import ExperimentConfig
 from engine.runner.context import StageContext
 from engine.store.runs import FROZEN_CONFIG
@@ -65,7 +66,8 @@ class FrozenConfigToMlflow(TrainerCallback):
         import yaml
 
         frozen = self.ctx.run.path / FROZEN_CONFIG
-        params = {f"tas.{k}"[:250]: str(v)[:6000] for k, v in flatten(yaml.safe_load(frozen.read_text())).items()}
+        flat = flatten(yaml.safe_load(frozen.read_text()))
+        params = {f"tas.{param_key(k)}"[:250]: str(v)[:6000] for k, v in flat.items()}
         mlflow.log_params(params)
         mlflow.log_artifact(str(frozen), artifact_path="tas")
 
@@ -81,15 +83,6 @@ def log_report(ctx: StageContext, experiment: ExperimentConfig, report_path: Pat
         mlflow.log_artifact(str(report_path), artifact_path="tas")
 
 
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, inner in value.items():
-            out.update(flatten(inner, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    if isinstance(value, list):
-        out = {}
-        for index, inner in enumerate(value):
-            out.update(flatten(inner, f"{prefix}.{index}"))  # MLflow keys allow no brackets
-        return out or {prefix: "[]"}
-    return {prefix: value}
+def param_key(key: str) -> str:
+    """A dotted config key as MLflow accepts it (no brackets): `datasets[0].name` -> `datasets.0.name`."""
+    return re.sub(r"\[(\d+)\]", r".\1", key)
