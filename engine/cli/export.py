@@ -16,7 +16,6 @@ from engine.cli.common import console, errors, fail
 from engine.core.secrets import redact
 from engine.export.plan import (
     EXPORT_TARGETS,
-    TARGET_LABELS,
     ExportRefused,
     check_out_dir,
     default_out_dir,
@@ -26,6 +25,7 @@ from engine.export.plan import (
     push_folder,
     push_repo,
 )
+from engine.pipeline.models import STUDENT_KD
 from engine.store.runs import RunStore, runs_root
 
 
@@ -42,7 +42,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     export.add_argument(
         "--target",
         choices=EXPORT_TARGETS,
-        default="kd",
+        default=STUDENT_KD.target,
         help="kd: KD student (default), ce: CE-only control student, "
         "assistant: the fine-tuned assistant with its LoRA adapter merged",
     )
@@ -63,7 +63,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     run = RunStore(runs_root(args.config)).get(args.run)
     try:
-        export_source(run, args.target)  # RunIsLive / ExportRefused before anything is loaded
+        source = export_source(run, args.target)  # RunIsLive / ExportRefused before anything is loaded
         out = check_out_dir(Path(args.out) if args.out else default_out_dir(run, args.target)).resolve()
         repo = token = None
         if args.push:
@@ -71,7 +71,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             token = hub_token(run.workdir)
     except ExportRefused as exc:
         return fail(str(exc))
-    errors.print(f"exporting the {TARGET_LABELS[args.target]} of run {run.label} to {out}", markup=False)
+    errors.print(f"exporting the {source.label} of run {run.label} to {out}", markup=False)
     result = subprocess.run(export_command(run, args.target, out, repo or args.repo), stdout=subprocess.DEVNULL)
     if result.returncode != 0:
         return result.returncode if result.returncode > 0 else 1  # the export process said why on stderr

@@ -34,12 +34,13 @@ from engine.export.plan import (
     export_source,
 )
 from engine.models.loading import ModelNotFound, load_causal_lm, load_tokenizer, resolve_model_path
+from engine.pipeline.models import STUDENT_KD
 from engine.store.runs import Run, RunIsLive
 
 
 def export_run(
     run: Run,
-    target: str = "kd",
+    target: str = STUDENT_KD.target,
     out_dir: str | os.PathLike[str] | None = None,
     repo: str | None = None,
     log: Callable[[str], None] | None = None,
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m engine.export.merge", description="Export a run's model as a servable Hugging Face folder."
     )
     parser.add_argument("--run", required=True, help="the run directory")
-    parser.add_argument("--target", choices=EXPORT_TARGETS, default="kd")
+    parser.add_argument("--target", choices=EXPORT_TARGETS, default=STUDENT_KD.target)
     parser.add_argument("--out", default=None, help="output folder (default: <run>/export/<target>)")
     parser.add_argument("--repo", default=None, help="hub repository named in the model card")
     args = parser.parse_args(argv)
