@@ -25,14 +25,7 @@ from pathlib import Path
 
 from engine.core.secrets import redact
 from engine.export.card import model_card
-from engine.export.plan import (
-    EXPORT_TARGETS,
-    ExportRefused,
-    ExportSource,
-    check_out_dir,
-    default_out_dir,
-    export_source,
-)
+from engine.export.plan import EXPORT_TARGETS, ExportRefused, ExportSource, prepare
 from engine.models.loading import ModelNotFound, load_causal_lm, load_tokenizer, resolve_model_path
 from engine.pipeline.models import STUDENT_KD
 from engine.store.runs import Run, RunIsLive
@@ -51,9 +44,8 @@ def export_run(
     example. Raises RunIsLive while the run works and ExportRefused when it has no such model.
     """
     say = log or (lambda text: None)
-    source = export_source(run, target)
+    source, out = prepare(run, target, out_dir)
     config = run.config()
-    out = check_out_dir(out_dir if out_dir is not None else default_out_dir(run, target)).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

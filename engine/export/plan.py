@@ -2,9 +2,10 @@
 
 Light module (stdlib, PyYAML; huggingface_hub only inside `push_folder`; the model card is
 `engine.export.card`). It knows what can be exported (`export_source`; the models themselves are
-engine.pipeline.models), where it goes (`default_out_dir`), the checks made before any model is loaded,
-and the upload. The heavy half, which loads, merges and saves the weights, is `engine.export.merge`;
-`tas export` and the panel run it in a process of its own (`export_command`), so neither imports torch.
+engine.pipeline.models), where it goes (`default_out_dir`), the checks made before any model is loaded
+(`prepare`), and the upload. The heavy half, which loads, merges and saves the weights, is
+`engine.export.merge`; `tas export` and the panel run it in a process of its own (`run_export`), so
+neither imports torch.
 
     runs/<run>/export/<target>/   model.safetensors, config.json, generation_config.json, tokenizer files,
                                   README.md (model card: eval report + the run's config, secrets redacted)
@@ -13,6 +14,7 @@ and the upload. The heavy half, which loads, merges and saves the weights, is `e
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +120,34 @@ def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
     return out
 
 
-# ------------------------------------------------------------------------------------------- the card
+def prepare(run: Run, target: str, out_dir: str | os.PathLike[str] | None = None) -> tuple[ExportSource, Path]:
+    """The checks made before any model is loaded, and where the export goes: (what is exported, the absolute
+    folder; default runs/<run>/export/<target>/). RunIsLive while the run works; ExportRefused otherwise."""
+    source = export_source(run, target)
+    return source, check_out_dir(out_dir if out_dir is not None else default_out_dir(run, target)).resolve()
+
+
+# --------------------------------------------------------------------------------- the export process
+
+
+def run_export(
+    run: Run, target: str, out_dir: str | os.PathLike[str], repo: str | None = None, *, capture_errors: bool = False
+) -> tuple[int, str]:
+    """Export in a process of its own (`export_command`) and wait for it: (its exit code, why it failed).
+
+    Its stdout (the folder) is dropped: the caller knows it. Its stderr (progress, then the error) goes to
+    ours, where a terminal shows it; with `capture_errors` (the panel has no terminal) it is read instead,
+    and its last line is why it failed."""
+    result = subprocess.run(
+        export_command(run, target, out_dir, repo),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE if capture_errors else None,
+        text=True,
+        errors="replace",
+    )
+    if result.returncode == 0:
+        return 0, ""
+    return result.returncode, ((result.stderr or "").strip().splitlines() or [f"exit code {result.returncode}"])[-1]
 
 
 def export_command(run: Run, target: str, out_dir: str | os.PathLike[str], repo: str | None = None) -> list[str]:

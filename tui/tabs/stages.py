@@ -589,29 +589,19 @@ class StagesTab(Vertical):
     def _export(self, run_id: str) -> None:
         """`tas export RUN`: the KD student as a merged, servable folder (the merge loads the ML stack, so it
         runs in a process of its own, as the CLI runs it)."""
-        import subprocess
-
-        from engine.export.plan import ExportRefused, check_out_dir, default_out_dir, export_command, export_source
+        from engine.export.plan import ExportRefused, prepare, run_export
         from engine.store.runs import RunIsLive
 
         notify = self.app.call_from_thread
         try:
             run = self.store.get(run_id)
-            export_source(run, "kd")
-            out = check_out_dir(default_out_dir(run, "kd"))
+            source, out = prepare(run, STUDENT_KD.target)
         except (ExportRefused, RunIsLive, LookupError, OSError) as exc:
             notify(self.notify, str(exc), title="cannot export", severity="error", timeout=8)
             return
-        notify(self.notify, f"exporting the KD student of run {run_id} …", timeout=4)
-        result = subprocess.run(
-            export_command(run, "kd", out),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-        )
-        if result.returncode != 0:
-            why = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
+        notify(self.notify, f"exporting the {source.label} of run {run_id} …", timeout=4)
+        code, why = run_export(run, source.target, out, capture_errors=True)
+        if code != 0:
             notify(self.notify, why, title="export failed", severity="error", timeout=10)
             return
         notify(self.notify, f"{out}\n(tas export {run_id} --push uploads it)", title="exported", timeout=10)
