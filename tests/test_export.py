@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -285,6 +286,28 @@ def test_cli_push_needs_a_repo_and_a_token_before_exporting(project: Path, capsy
     assert cli("export", with_repo.id, "--push") == 2
     assert "set HF_TOKEN" in capsys.readouterr().err
     assert not (run.path / "export").exists() and not (with_repo.path / "export").exists()
+
+
+def test_run_export_waits_for_the_export_process_and_says_why_it_failed(tmp_path: Path, monkeypatch, capfd):
+    """One home for the export process, two ways to report: the CLI lets its stderr through to the terminal,
+    the panel (no terminal) gets its last line."""
+    from engine.export import plan
+
+    def process(code: int):
+        script = (
+            "import sys; print('/the/folder'); print('loading', file=sys.stderr); "
+            f"print('error: why', file=sys.stderr); sys.exit({code})"
+        )
+        monkeypatch.setattr(plan, "export_command", lambda run, target, out, repo=None: [sys.executable, "-c", script])
+
+    process(3)
+    assert plan.run_export(None, "kd", tmp_path, capture_errors=True) == (3, "error: why")
+    assert capfd.readouterr().err == ""  # captured: the panel shows it
+    assert plan.run_export(None, "kd", tmp_path) == (3, "exit code 3")  # its stderr went to ours:
+    seen = capfd.readouterr()
+    assert "error: why" in seen.err and "/the/folder" not in seen.out  # through to the terminal; the folder dropped
+    process(0)
+    assert plan.run_export(None, "kd", tmp_path, capture_errors=True) == (0, "")
 
 
 @pytest.mark.e2e  # the export runs in its own process, as it does for a user

@@ -2,7 +2,7 @@
 and the teacher (to compare the student with where it came from).
 
 Light module: stdlib (+ the light prompt loader), never torch or transformers. Used by the Chat tab and
-`tas chat`; the paths come from the config (the same keys the stages write to).
+`tas chat`; the paths come from the config, by the keys engine.pipeline.models names (those the stages write to).
 """
 
 from __future__ import annotations
@@ -11,20 +11,25 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-TARGET_KEYS = ("kd", "ce", "assistant", "base", "teacher")
-TARGET_LABELS = {
-    "kd": "KD student",
-    "ce": "CE-only student",
-    "assistant": "Assistant + LoRA",
-    "base": "Base assistant",
-    "teacher": "Teacher",
-}
+from engine.pipeline.models import (
+    ASSISTANT,
+    ASSISTANT_BASE,
+    MODELS,
+    STUDENT_CE,
+    STUDENT_KD,
+    TEACHER,
+    best_first,
+    by_target,
+)
+
+TARGET_KEYS = tuple(m.target for m in best_first() if m.chattable)
+"""kd, ce, assistant, base, teacher: the `--target` of `tas chat` (engine.pipeline.models names them)."""
 CONFIG_KEYS = {
-    "kd": "train.distillation.output_dir",
-    "ce": "train.distillation.output_dir (+ _ce)",
-    "assistant": "assistant.model.name",
-    "base": "assistant.model.name",
-    "teacher": "teacher.open.model.name",
+    STUDENT_KD.target: STUDENT_KD.output_where,
+    STUDENT_CE.target: STUDENT_CE.output_where,
+    ASSISTANT.target: "assistant.model.name",  # the base its adapter goes on: what fails to load
+    ASSISTANT_BASE.target: "assistant.model.name",
+    TEACHER.target: "teacher.open.model.name",
 }
 VLLM = "vllm"
 """`ChatTarget.endpoint` for the teacher's own vLLM server, which the chat worker starts from the config."""
@@ -38,7 +43,12 @@ class ChatTarget(NamedTuple):
 
     @property
     def key(self) -> str:
-        return next((k for k, v in TARGET_LABELS.items() if v == self.label), "model")
+        return next((m.target for m in MODELS if m.chat_label == self.label), "model")
+
+    @property
+    def is_assistant(self) -> bool:
+        """The assistant, with or without its adapter: loaded in 4-bit when assistant.quantization says so."""
+        return self.key in (ASSISTANT.target, ASSISTANT_BASE.target)
 
     @property
     def config_key(self) -> str:
@@ -49,18 +59,17 @@ class ChatTarget(NamedTuple):
 def _target_paths(config, root: Path | None) -> dict[str, tuple[str, str | None, Path, str]]:
     """key → (model, adapter, the path whose file proves it exists, that file)."""
 
-    def at(path: str) -> Path:
-        p = Path(path).expanduser()
+    def at(path: Path) -> Path:
+        p = path.expanduser()
         return p if p.is_absolute() or root is None else root / p
 
-    out_dir = config.train.distillation.output_dir
+    kd, ce, sft = (at(model.output(config)) for model in (STUDENT_KD, STUDENT_CE, ASSISTANT))
     base = config.assistant.model.name
-    sft = config.train.sft.save_path
     return {
-        "kd": (str(at(out_dir)), None, at(out_dir), "config.json"),
-        "ce": (str(at(f"{out_dir}_ce")), None, at(f"{out_dir}_ce"), "config.json"),
-        "assistant": (base, str(at(sft)), at(sft), "adapter_config.json"),
-        "base": (base, None, Path(), ""),
+        STUDENT_KD.target: (str(kd), None, kd, STUDENT_KD.proof),
+        STUDENT_CE.target: (str(ce), None, ce, STUDENT_CE.proof),
+        ASSISTANT.target: (base, str(sft), sft, ASSISTANT.proof),
+        ASSISTANT_BASE.target: (base, None, Path(), ""),
     }
 
 
@@ -71,8 +80,8 @@ def chat_targets(config, root: str | os.PathLike[str] | None = None) -> list[Cha
     as for the stages)."""
     targets = []
     for key, (model, adapter, path, proof) in _target_paths(config, Path(root) if root else None).items():
-        if key == "base" or (path / proof).exists():
-            targets.append(ChatTarget(TARGET_LABELS[key], model, adapter))
+        if key == ASSISTANT_BASE.target or (path / proof).exists():
+            targets.append(ChatTarget(by_target(key).chat_label, model, adapter))
     return targets + [teacher_target(config)]
 
 
@@ -82,28 +91,27 @@ def teacher_target(config) -> ChatTarget:
     teacher = config.teacher
     if teacher.source == "closed":
         base_url = teacher.closed.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-        return ChatTarget(TARGET_LABELS["teacher"], teacher.closed.model.name, None, base_url)
+        return ChatTarget(TEACHER.chat_label, teacher.closed.model.name, None, base_url)
     if teacher.source == VLLM:
-        return ChatTarget(TARGET_LABELS["teacher"], teacher.open.model.name, None, VLLM)
-    return ChatTarget(TARGET_LABELS["teacher"], teacher.open.model.name, None)
+        return ChatTarget(TEACHER.chat_label, teacher.open.model.name, None, VLLM)
+    return ChatTarget(TEACHER.chat_label, teacher.open.model.name, None)
 
 
 def chat_target(config, key: str, root: str | os.PathLike[str] | None = None) -> ChatTarget:
     """The target named kd / ce / assistant / base; ValueError saying which stage makes it when missing."""
-    if key == "teacher":
+    if key == TEACHER.target:
         return teacher_target(config)
     paths = _target_paths(config, Path(root) if root else None)
     if key not in paths:
         raise ValueError(f"unknown target {key!r}; targets are {', '.join(TARGET_KEYS)}")
     model, adapter, path, proof = paths[key]
-    if key != "base" and not (path / proof).exists():
-        made_by = {
-            "kd": "the distill stage (train.distillation.output_dir)",
-            "ce": "the distill stage with train.distillation.ce_only_control: true",
-            "assistant": "the sft stage (train.sft.save_path)",
-        }[key]
-        raise ValueError(f"no {TARGET_LABELS[key]} yet: {path / proof} is missing; it is made by {made_by}")
-    return ChatTarget(TARGET_LABELS[key], model, adapter)
+    wanted = by_target(key)
+    if wanted is not ASSISTANT_BASE and not (path / proof).exists():
+        made_by = f"the {wanted.stage} stage " + (
+            f"with {wanted.switch}: true" if wanted.switch else f"({wanted.output_key})"
+        )
+        raise ValueError(f"no {wanted.chat_label} yet: {path / proof} is missing; it is made by {made_by}")
+    return ChatTarget(wanted.chat_label, model, adapter)
 
 
 def with_run_outputs(config, config_path: str | os.PathLike[str] | None, run_ref: str | None = None):
@@ -123,7 +131,7 @@ def with_run_outputs(config, config_path: str | os.PathLike[str] | None, run_ref
             resolved = run.config()
         except Exception:  # an unreadable frozen config: skip that run
             continue
-        if any(t.label not in (TARGET_LABELS["base"], TARGET_LABELS["teacher"]) for t in chat_targets(resolved)):
+        if any(t.label not in (ASSISTANT_BASE.chat_label, TEACHER.chat_label) for t in chat_targets(resolved)):
             return resolved, run.id
     return config, None
 

@@ -224,7 +224,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         key=target.config_key if from_config else "--model",
         visible_devices=config.launch.cuda_visible_devices if config is not None else None,
         load_in_4bit=getattr(args, "load_in_4bit", False)
-        or bool(from_config and target.key in ("assistant", "base") and config.assistant.quantization.load_in_4bit),
+        or bool(from_config and target.is_assistant and config.assistant.quantization.load_in_4bit),
     )
     where = target.model + (f" + {target.adapter}" if target.adapter else "")
     say(f"loading {target.label}: {where} …")

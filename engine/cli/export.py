@@ -2,30 +2,18 @@
 
 Light: the checks (is there such a model, is the run finished, can it be pushed) happen here, before
 anything is loaded; the weights are merged and saved by `python -m engine.export.merge` in a process of
-its own (engine.export.plan.export_command), so `tas` never imports torch. The push (huggingface_hub)
+its own (engine.export.plan.run_export), so `tas` never imports torch. The push (huggingface_hub)
 runs here. stdout gets the folder (and the repository URL after a push); everything else goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
-from pathlib import Path
 
 from engine.cli.common import console, errors, fail
 from engine.core.secrets import redact
-from engine.export.plan import (
-    EXPORT_TARGETS,
-    TARGET_LABELS,
-    ExportRefused,
-    check_out_dir,
-    default_out_dir,
-    export_command,
-    export_source,
-    hub_token,
-    push_folder,
-    push_repo,
-)
+from engine.export.plan import EXPORT_TARGETS, ExportRefused, hub_token, prepare, push_folder, push_repo, run_export
+from engine.pipeline.models import STUDENT_KD
 from engine.store.runs import RunStore, runs_root
 
 
@@ -42,7 +30,7 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
     export.add_argument(
         "--target",
         choices=EXPORT_TARGETS,
-        default="kd",
+        default=STUDENT_KD.target,
         help="kd: KD student (default), ce: CE-only control student, "
         "assistant: the fine-tuned assistant with its LoRA adapter merged",
     )
@@ -63,18 +51,17 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     run = RunStore(runs_root(args.config)).get(args.run)
     try:
-        export_source(run, args.target)  # RunIsLive / ExportRefused before anything is loaded
-        out = check_out_dir(Path(args.out) if args.out else default_out_dir(run, args.target)).resolve()
+        source, out = prepare(run, args.target, args.out or None)  # RunIsLive / ExportRefused before anything is loaded
         repo = token = None
         if args.push:
             repo = push_repo(run.config(), args.target, args.repo)
             token = hub_token(run.workdir)
     except ExportRefused as exc:
         return fail(str(exc))
-    errors.print(f"exporting the {TARGET_LABELS[args.target]} of run {run.label} to {out}", markup=False)
-    result = subprocess.run(export_command(run, args.target, out, repo or args.repo), stdout=subprocess.DEVNULL)
-    if result.returncode != 0:
-        return result.returncode if result.returncode > 0 else 1  # the export process said why on stderr
+    errors.print(f"exporting the {source.label} of run {run.label} to {out}", markup=False)
+    code, _ = run_export(run, args.target, out, repo or args.repo)
+    if code != 0:
+        return code if code > 0 else 1  # the export process said why on stderr
     console.print(str(out), markup=False)
     if args.push:
         errors.print(f"pushing {out} to the hub repository {repo}", markup=False)

@@ -17,7 +17,8 @@ from engine.config.load import load_config
 from engine.config.schema import TASConfig
 from engine.core.fsio import read_json
 from engine.core.secrets import redact
-from engine.export.plan import CARD_MARKER, REPORT_NAMES, ExportSource
+from engine.export.plan import CARD_MARKER, ExportSource
+from engine.pipeline.models import ASSISTANT, STUDENT_KD, by_target, order_key
 from engine.store.render import number
 from engine.store.runs import FROZEN_CONFIG, Run
 
@@ -94,7 +95,7 @@ def _what_it_is(config: TASConfig, source: ExportSource) -> str:
     assistant = config.assistant.model.name
     kd = config.train.distillation
     teacher = f"`{teacher_name(config)}` (teacher.source: {config.teacher.source})"
-    if source.target == "assistant":
+    if source.target == ASSISTANT.target:
         lora = config.train.sft.peft.lora
         quant = config.assistant.quantization
         how = (
@@ -109,7 +110,7 @@ def _what_it_is(config: TASConfig, source: ExportSource) -> str:
             f"like any `transformers` model, without `peft` or `bitsandbytes`."
         )
     loss = kd.knowledgedistillation
-    if source.target == "kd":
+    if source.target == STUDENT_KD.target:
         return (
             f"A student distilled from the fine-tuned assistant (`{assistant}` + LoRA) with answer-only "
             f"knowledge distillation: loss = (1 − w)·CE + w·T²·KL(assistant ‖ student), w = {loss.weight}, "
@@ -129,11 +130,15 @@ def model_card(run: Run, source: ExportSource, repo: str | None = None, report: 
     config = load_config(run.path / FROZEN_CONFIG)
     if report is None:
         report = read_json(run.stage_dir("eval") / "report.json")
-    base = _hub_id(source.base_name) if source.target == "assistant" else None
+    base = _hub_id(source.base_name) if source.target == ASSISTANT.target else None
     front = {
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
-        "tags": ["tas-panel", "distillation", *(["knowledge-distillation"] if source.target == "kd" else [])],
+        "tags": [
+            "tas-panel",
+            "distillation",
+            *(["knowledge-distillation"] if source.target == STUDENT_KD.target else []),
+        ],
     }
     if base:
         front["base_model"] = base
@@ -170,7 +175,7 @@ def model_card(run: Run, source: ExportSource, repo: str | None = None, report: 
         "",
         "## Evaluation",
         "",
-        *_report_section(run, report, REPORT_NAMES[source.target]),
+        *_report_section(run, report, by_target(source.target).name),
         "",
         "## Training configuration",
         "",
@@ -195,8 +200,7 @@ def _report_section(run: Run, report: dict[str, Any] | None, ours: str) -> list[
     )
     headers = {"loss": "loss", "perplexity": "perplexity", "kl_to_assistant": "KL to assistant"}
     columns = metrics + passes
-    order = ("teacher", "assistant", "student_kd", "student_ce")
-    names = sorted(models, key=lambda n: (order.index(n) if n in order else len(order), n))
+    names = sorted(models, key=order_key)
     split = report.get("split") or {}
     lines = [
         f"From `runs/{run.id}/eval/report.json`: loss and perplexity per answer token on "

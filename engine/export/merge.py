@@ -25,21 +25,15 @@ from pathlib import Path
 
 from engine.core.secrets import redact
 from engine.export.card import model_card
-from engine.export.plan import (
-    EXPORT_TARGETS,
-    ExportRefused,
-    ExportSource,
-    check_out_dir,
-    default_out_dir,
-    export_source,
-)
+from engine.export.plan import EXPORT_TARGETS, ExportRefused, ExportSource, prepare
 from engine.models.loading import ModelNotFound, load_causal_lm, load_tokenizer, resolve_model_path
+from engine.pipeline.models import STUDENT_KD
 from engine.store.runs import Run, RunIsLive
 
 
 def export_run(
     run: Run,
-    target: str = "kd",
+    target: str = STUDENT_KD.target,
     out_dir: str | os.PathLike[str] | None = None,
     repo: str | None = None,
     log: Callable[[str], None] | None = None,
@@ -50,9 +44,8 @@ def export_run(
     example. Raises RunIsLive while the run works and ExportRefused when it has no such model.
     """
     say = log or (lambda text: None)
-    source = export_source(run, target)
+    source, out = prepare(run, target, out_dir)
     config = run.config()
-    out = check_out_dir(out_dir if out_dir is not None else default_out_dir(run, target)).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -146,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m engine.export.merge", description="Export a run's model as a servable Hugging Face folder."
     )
     parser.add_argument("--run", required=True, help="the run directory")
-    parser.add_argument("--target", choices=EXPORT_TARGETS, default="kd")
+    parser.add_argument("--target", choices=EXPORT_TARGETS, default=STUDENT_KD.target)
     parser.add_argument("--out", default=None, help="output folder (default: <run>/export/<target>)")
     parser.add_argument("--repo", default=None, help="hub repository named in the model card")
     args = parser.parse_args(argv)

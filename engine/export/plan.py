@@ -1,10 +1,11 @@
 """Export a run's model as a servable Hugging Face folder, and push it to the hub: the light half.
 
-Light module (stdlib, PyYAML; huggingface_hub only inside `push_folder`; the model card is `engine.export.card`). It knows what can be exported
-(`export_source`), where it goes (`default_out_dir`), the checks
-made before any model is loaded, and the upload. The heavy half, which loads, merges and saves the
-weights, is `engine.export.merge`; `tas export` and the panel run it in a process of its own
-(`export_command`), so neither imports torch.
+Light module (stdlib, PyYAML; huggingface_hub only inside `push_folder`; the model card is
+`engine.export.card`). It knows what can be exported (`export_source`; the models themselves are
+engine.pipeline.models), where it goes (`default_out_dir`), the checks made before any model is loaded
+(`prepare`), and the upload. The heavy half, which loads, merges and saves the weights, is
+`engine.export.merge`; `tas export` and the panel run it in a process of its own (`run_export`), so
+neither imports torch.
 
     runs/<run>/export/<target>/   model.safetensors, config.json, generation_config.json, tokenizer files,
                                   README.md (model card: eval report + the run's config, secrets redacted)
@@ -13,6 +14,7 @@ weights, is `engine.export.merge`; `tas export` and the panel run it in a proces
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +22,11 @@ from pathlib import Path
 from engine.config.schema import TASConfig
 from engine.core.fsio import read_json
 from engine.core.secrets import load_dotenv_secrets
+from engine.pipeline.models import ASSISTANT, STUDENT_KD, best_first, by_target
 from engine.store.runs import Run, RunIsLive
 
-EXPORT_TARGETS = ("kd", "ce", "assistant")
-TARGET_LABELS = {
-    "kd": "KD student",
-    "ce": "CE-only control student",
-    "assistant": "fine-tuned assistant (LoRA merged)",
-}
-REPORT_NAMES = {"kd": "student_kd", "ce": "student_ce", "assistant": "assistant"}
-"""The name each target has in runs/<run>/eval/report.json."""
+EXPORT_TARGETS = tuple(m.target for m in best_first() if m.exportable)
+"""kd, ce, assistant: the `--target` of `tas export` (engine.pipeline.models names them)."""
 TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 CARD_MARKER = "<!-- exported by tas export -->"
 """Marks a folder as ours: only such a folder (or an empty one) is replaced by a new export."""
@@ -63,21 +60,20 @@ def export_source(run: Run, target: str) -> ExportSource:
             f"run {run.id} is running; export it when it has finished, or stop it first (tas cancel {run.id})"
         )
     config = run.config()
-    label = TARGET_LABELS[target]
-    if target == "assistant":
-        adapter = Path(config.train.sft.save_path)
-        if not (adapter / "adapter_config.json").is_file():
-            raise ExportRefused(_missing(run, stages, "sft", label, adapter / "adapter_config.json"))
+    model = by_target(target)
+    label = model.title
+    if model is ASSISTANT:
+        adapter = ASSISTANT.output(config)
+        if not (adapter / ASSISTANT.proof).is_file():
+            raise ExportRefused(_missing(run, stages, ASSISTANT.stage, label, adapter / ASSISTANT.proof))
         base = config.assistant.model.name
         tokenizer = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
         return ExportSource(target, label, base, str(adapter), tokenizer, base)
-    kd = config.train.distillation
-    if target == "ce" and not kd.ce_only_control:
+    if not model.enabled(config):
         raise ExportRefused(
-            f"run {run.id} trained no CE-only control student "
-            "(train.distillation.ce_only_control was off); export --target kd instead"
+            f"run {run.id} trained no {label} ({model.switch} was off); export --target {STUDENT_KD.target} instead"
         )
-    folder = Path(kd.output_dir if target == "kd" else f"{kd.output_dir}_ce")
+    folder = model.output(config)
     tokenizer = str(folder) if (folder / "tokenizer_config.json").is_file() else config.assistant.model.name
     if (folder / "config.json").is_file() and any((folder / name).is_file() for name in _WEIGHTS):
         return ExportSource(target, label, str(folder), None, tokenizer, config.student.base_model_name)
@@ -85,7 +81,7 @@ def export_source(run: Run, target: str) -> ExportSource:
         adapter_config = read_json(folder / "adapter_config.json") or {}
         base = adapter_config.get("base_model_name_or_path") or config.student.base_model_name
         return ExportSource(target, label, str(base), str(folder), tokenizer, config.student.base_model_name)
-    raise ExportRefused(_missing(run, stages, "distill", label, folder / "config.json"))
+    raise ExportRefused(_missing(run, stages, model.stage, label, folder / model.proof))
 
 
 def _missing(run: Run, stages, stage: str, label: str, proof: Path) -> str:
@@ -124,7 +120,34 @@ def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
     return out
 
 
-# ------------------------------------------------------------------------------------------- the card
+def prepare(run: Run, target: str, out_dir: str | os.PathLike[str] | None = None) -> tuple[ExportSource, Path]:
+    """The checks made before any model is loaded, and where the export goes: (what is exported, the absolute
+    folder; default runs/<run>/export/<target>/). RunIsLive while the run works; ExportRefused otherwise."""
+    source = export_source(run, target)
+    return source, check_out_dir(out_dir if out_dir is not None else default_out_dir(run, target)).resolve()
+
+
+# --------------------------------------------------------------------------------- the export process
+
+
+def run_export(
+    run: Run, target: str, out_dir: str | os.PathLike[str], repo: str | None = None, *, capture_errors: bool = False
+) -> tuple[int, str]:
+    """Export in a process of its own (`export_command`) and wait for it: (its exit code, why it failed).
+
+    Its stdout (the folder) is dropped: the caller knows it. Its stderr (progress, then the error) goes to
+    ours, where a terminal shows it; with `capture_errors` (the panel has no terminal) it is read instead,
+    and its last line is why it failed."""
+    result = subprocess.run(
+        export_command(run, target, out_dir, repo),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE if capture_errors else None,
+        text=True,
+        errors="replace",
+    )
+    if result.returncode == 0:
+        return 0, ""
+    return result.returncode, ((result.stderr or "").strip().splitlines() or [f"exit code {result.returncode}"])[-1]
 
 
 def export_command(run: Run, target: str, out_dir: str | os.PathLike[str], repo: str | None = None) -> list[str]:
@@ -152,7 +175,7 @@ def push_repo(config: TASConfig, target: str, repo: str | None = None) -> str:
             "student.repo is not set: put the hub repository (e.g. your-name/tas-student) under "
             "student.repo in the config, or pass --repo"
         )
-    return config.student.repo if target == "kd" else f"{config.student.repo}-{target}"
+    return config.student.repo if target == STUDENT_KD.target else f"{config.student.repo}-{target}"
 
 
 def hub_token(workdir: str | os.PathLike[str] | None = None) -> str:

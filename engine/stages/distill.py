@@ -30,6 +30,7 @@ from transformers import TrainingArguments
 
 from engine.models.device import pick_device, pick_dtype
 from engine.models.loading import load_tokenizer
+from engine.pipeline.models import STUDENT_CE, STUDENT_KD
 from engine.runner.context import StageContext, StageError
 from engine.train.assistant import load_tuned_assistant
 from engine.train.callbacks import (
@@ -81,9 +82,9 @@ def run(ctx: StageContext) -> None:
         * kd.gradient_accumulation_steps
     )
 
-    runs = [("KD student", Path(kd.output_dir), kd.knowledgedistillation.weight, "")]
-    if kd.ce_only_control:
-        runs.append(("CE-only control student", Path(f"{kd.output_dir}_ce"), 0.0, "control/"))
+    runs = [(STUDENT_KD.title, STUDENT_KD.output(config), kd.knowledgedistillation.weight, "")]
+    if STUDENT_CE.enabled(config):
+        runs.append((STUDENT_CE.title, STUDENT_CE.output(config), 0.0, "control/"))
     for index, (label, output_dir, weight, prefix) in enumerate(runs):
         ctx.check_cancelled()
         # 2. a fresh student, the same one for both runs

@@ -28,6 +28,7 @@ from engine.evals.generate import generate_completions
 from engine.models.device import peak_memory, pick_device, pick_dtype
 from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.models.tiny_python import BENCHMARK as TINY_PYTHON
+from engine.pipeline.models import ASSISTANT, ASSISTANT_BASE, STUDENT_KD, STUDENTS, TEACHER
 from engine.runner.context import StageContext, StageError
 from engine.train.assistant import load_tuned_assistant
 from engine.train.callbacks import report_to
@@ -39,15 +40,16 @@ from engine.train.tracking import log_report
 
 
 def students(ctx: StageContext) -> dict[str, Path]:
-    out = Path(ctx.config.train.distillation.output_dir)
-    found = {
-        name: path
-        for name, path in (("student_kd", out), ("student_ce", Path(f"{out}_ce")))
-        if (path / "config.json").exists()
-    }
+    found = {}
+    for student in STUDENTS:
+        path = student.output(ctx.config)
+        if (path / student.proof).exists():
+            found[student.name] = path
     if not found:
         ctx.events.log(
-            f"no trained student in {out} (train.distillation.output_dir); scoring the assistant only", level="warning"
+            f"no trained student in {STUDENT_KD.output(ctx.config)} ({STUDENT_KD.output_key}); "
+            "scoring the assistant only",
+            level="warning",
         )
     return found
 
@@ -114,9 +116,9 @@ def run(ctx: StageContext) -> None:
     results: dict[str, Any] = {}
     student_dtype = pick_dtype(config.train.distillation.bf16, device)  # as the students were trained
     candidates: dict[str, Path | str | None] = {}  # in pipeline order: the report lists them so
-    if config.eval.include_base_assistant and (Path(config.train.sft.save_path) / "adapter_config.json").exists():
-        candidates["assistant_base"] = "base"  # the assistant before SFT: what the fine-tuning changed
-    candidates["assistant"] = None
+    if config.eval.include_base_assistant and (ASSISTANT.output(config) / ASSISTANT.proof).exists():
+        candidates[ASSISTANT_BASE.name] = "base"  # the assistant before SFT: what the fine-tuning changed
+    candidates[ASSISTANT.name] = None
     candidates.update(students(ctx))
     problems = code_problems(ctx)
     for done, (name, path) in enumerate(candidates.items()):
@@ -157,9 +159,9 @@ def run(ctx: StageContext) -> None:
             .eval()
         )
         results = {
-            "teacher": {
+            TEACHER.name: {
                 "path": teacher_name,
-                **code_eval(ctx, "teacher", teacher, teacher_tokenizer, problems, ctx.system_prompt("Teacher")),
+                **code_eval(ctx, TEACHER.name, teacher, teacher_tokenizer, problems, ctx.system_prompt("Teacher")),
             },
             **results,
         }

@@ -12,6 +12,7 @@ import yaml
 
 from engine.config.keys import flatten
 from engine.core.fsio import read_json
+from engine.pipeline.models import order_key
 from engine.pipeline.stages import PIPELINE
 from engine.store.events import read_events
 from engine.store.runs import FROZEN_CONFIG, Run
@@ -30,7 +31,7 @@ class Comparison:
 def compare_runs(runs: list[Run]) -> Comparison:
     result = Comparison(runs)
     reports = [read_json(run.stage_dir("eval") / "report.json") or {} for run in runs]
-    models = sorted({m for report in reports for m in (report.get("models") or {})}, key=_model_order)
+    models = sorted({m for report in reports for m in (report.get("models") or {})}, key=order_key)
     for model in models:
         for metric in REPORT_METRICS:
             values = [(report.get("models") or {}).get(model, {}).get(metric) for report in reports]
@@ -45,11 +46,6 @@ def compare_runs(runs: list[Run]) -> Comparison:
     for key in sorted(set().union(*finals), key=lambda k: (PIPELINE.index(k.split("/")[0]), k)):
         result.final_metrics.append((key, [f.get(key) for f in finals]))
     return result
-
-
-def _model_order(name: str) -> tuple[int, str]:
-    order = ("teacher", "assistant_base", "assistant", "student_kd", "student_ce")
-    return (order.index(name) if name in order else len(order), name)
 
 
 def _frozen(run: Run) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.markup import escape
 
+from engine.pipeline.models import STUDENT_CE, STUDENT_KD
 from engine.store.runs import Run, StageStatus
 
 STATE_STYLE = {
@@ -76,7 +77,7 @@ def kd_vs_ce(status: StageStatus) -> str:
     """The eval stage's answer to "did KD help?": the KD student against the CE-only control."""
     parts = []
     for metric, label in (("pass@1", "pass@1"), ("kl_to_assistant", "KL"), ("loss", "loss")):
-        kd, ce = status.metrics.get(f"student_kd/{metric}"), status.metrics.get(f"student_ce/{metric}")
+        kd, ce = status.metrics.get(f"{STUDENT_KD.name}/{metric}"), status.metrics.get(f"{STUDENT_CE.name}/{metric}")
         if kd and ce:
             parts.append(f"{label} {number(kd.get('value'))} vs {number(ce.get('value'))}")
     return ("KD vs CE: " + ", ".join(parts)) if parts else ""

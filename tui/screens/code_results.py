@@ -24,7 +24,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Select, Static
 
-MODEL_LABELS = {"teacher": "teacher", "assistant": "assistant", "student_kd": "KD student", "student_ce": "CE student"}
+from engine.pipeline.models import label_of, order_key
 
 
 @dataclass
@@ -45,10 +45,7 @@ def read_code_results(code_dir: Path) -> list[ModelResults]:
     named (file and line), never fatal: the rest of the file is still worth reading."""
     from engine.core.fsio import iter_jsonl
 
-    order = list(MODEL_LABELS)
-    paths = sorted(
-        code_dir.glob("*.jsonl"), key=lambda p: (order.index(p.stem) if p.stem in order else len(order), p.stem)
-    )
+    paths = sorted(code_dir.glob("*.jsonl"), key=lambda p: order_key(p.stem))
     results = []
     for path in paths:
         samples: list[dict] = []
@@ -135,7 +132,7 @@ class CodeResultsScreen(ModalScreen[None]):
 
     @staticmethod
     def _model_label(results: ModelResults) -> str:
-        return f"{MODEL_LABELS.get(results.model, results.model)} {results.passed}/{len(results.samples)}"
+        return f"{label_of(results.model)} {results.passed}/{len(results.samples)}"
 
     @on(Select.Changed, "#code-model")
     def model_changed(self, event: Select.Changed) -> None:

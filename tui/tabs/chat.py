@@ -407,7 +407,7 @@ class ChatTab(Vertical):
             endpoint=target.endpoint,
             config_path=self.config_path,
             visible_devices=self.visible_devices,
-            load_in_4bit=self.assistant_4bit and target.key in ("assistant", "base"),
+            load_in_4bit=self.assistant_4bit and target.is_assistant,
             key=target.config_key,
             on_reply=lambda reply: self.post_message(ChatReply(client, reply)),
         )

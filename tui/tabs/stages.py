@@ -37,6 +37,7 @@ from textual.css.query import NoMatches
 from textual.widgets import DataTable, OptionList, Static
 from textual.widgets.option_list import Option
 
+from engine.pipeline.models import STUDENT_KD, label_of
 from engine.pipeline.stages import PIPELINE
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 LOSS_SERIES = {
     "sft": [("train", "cyan", ("loss",)), ("eval", "magenta", ("eval_loss",))],
     "distill": [
-        ("KD student", "cyan", ("ce_loss",)),
+        (STUDENT_KD.label, "cyan", ("ce_loss",)),
         ("CE-only control", "magenta", ("control/ce_loss", "control/loss")),
     ],
 }
@@ -137,7 +138,7 @@ class StagesTab(Vertical):
         Binding("n", "new_run", "New run"),
         Binding("c", "cancel", "Cancel"),
         Binding("v", "code_results", "Results"),
-        Binding("x", "export", "Export KD student", show=False),
+        Binding("x", "export", f"Export {STUDENT_KD.title}", show=False),
     ]
 
     def __init__(self, config_path: str, runs_dir: Path | Callable[[], Path]):
@@ -588,29 +589,19 @@ class StagesTab(Vertical):
     def _export(self, run_id: str) -> None:
         """`tas export RUN`: the KD student as a merged, servable folder (the merge loads the ML stack, so it
         runs in a process of its own, as the CLI runs it)."""
-        import subprocess
-
-        from engine.export.plan import ExportRefused, check_out_dir, default_out_dir, export_command, export_source
+        from engine.export.plan import ExportRefused, prepare, run_export
         from engine.store.runs import RunIsLive
 
         notify = self.app.call_from_thread
         try:
             run = self.store.get(run_id)
-            export_source(run, "kd")
-            out = check_out_dir(default_out_dir(run, "kd"))
+            source, out = prepare(run, STUDENT_KD.target)
         except (ExportRefused, RunIsLive, LookupError, OSError) as exc:
             notify(self.notify, str(exc), title="cannot export", severity="error", timeout=8)
             return
-        notify(self.notify, f"exporting the KD student of run {run_id} …", timeout=4)
-        result = subprocess.run(
-            export_command(run, "kd", out),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-        )
-        if result.returncode != 0:
-            why = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
+        notify(self.notify, f"exporting the {source.label} of run {run_id} …", timeout=4)
+        code, why = run_export(run, source.target, out, capture_errors=True)
+        if code != 0:
             notify(self.notify, why, title="export failed", severity="error", timeout=10)
             return
         notify(self.notify, f"{out}\n(tas export {run_id} --push uploads it)", title="exported", timeout=10)
@@ -698,15 +689,6 @@ def _shown_path(path: Path) -> str:
         return str(path)
 
 
-EVAL_LABELS = {
-    "teacher": "teacher",
-    "assistant_base": "base asst.",
-    "assistant": "assistant",
-    "student_kd": "KD student",
-    "student_ce": "CE student",
-}
-
-
 def _cell(numbers: dict, key: str, width: int, spec: str) -> str:
     value = numbers.get(key)
     return f"{value:>{width}{spec}}" if isinstance(value, (int, float)) else f"{'—':>{width}}"
@@ -723,7 +705,7 @@ def eval_table(report: dict) -> Text:
         if not isinstance(numbers, dict):
             continue
         text.append(
-            f"{EVAL_LABELS.get(name, name)[:10]:<10}{_cell(numbers, 'loss', 6, '.2f')}"
+            f"{label_of(name)[:10]:<10}{_cell(numbers, 'loss', 6, '.2f')}"
             f"{_cell(numbers, 'perplexity', 6, '.0f')}{_cell(numbers, 'kl_to_assistant', 6, '.3f')}"
             f"{_cell(numbers, 'pass@1', 7, '.2f')}\n"
         )
@@ -731,6 +713,6 @@ def eval_table(report: dict) -> Text:
     note = f"{report.get('examples', '?')} answers; KL to assistant"
     if code:
         note += f"; {code.get('benchmark')} {code.get('problems')} problems (v: each problem)"
-    note += "; x exports the KD student"
+    note += f"; x exports the {STUDENT_KD.title}"
     text.append(note, style="dim")
     return text
