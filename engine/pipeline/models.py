@@ -2,15 +2,16 @@
 
 The one place their names and labels are spelled: the eval report, the code results, the model card, `tas
 compare`, `tas export`, `tas chat` and the panel all read them from here (tests/test_model_registry.py keeps
-it so). Light: stdlib only; a config is only read (attributes by their dotted keys), never imported.
+it so). Light: stdlib and `engine.config.keys` (a config is read by its dotted keys).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from engine.config.keys import get_key
 
 if TYPE_CHECKING:
     from engine.config.schema import TASConfig
@@ -38,7 +39,7 @@ class Model:
         """Where the stage writes this model (relative paths count from the run's working directory)."""
         if self.output_key is None:
             return None
-        return Path(f"{config_value(config, self.output_key)}{self.output_suffix}")
+        return Path(f"{get_key(config, self.output_key)}{self.output_suffix}")
 
     @property
     def output_where(self) -> str:
@@ -47,7 +48,7 @@ class Model:
 
     def enabled(self, config: TASConfig) -> bool:
         """Whether this config makes the model at all (its `switch` is on, or it has none)."""
-        return self.switch is None or bool(config_value(config, self.switch))
+        return self.switch is None or bool(get_key(config, self.switch))
 
 
 TEACHER = Model(
@@ -135,8 +136,3 @@ def order_key(name: str) -> tuple[int, str]:
     """Sorts model names in pipeline order; names that are not ours come last, alphabetically."""
     names = [m.name for m in MODELS]
     return (names.index(name) if name in names else len(names), name)
-
-
-def config_value(config: Any, key: str) -> Any:
-    """The value of a dotted config key (`train.distillation.output_dir`) in a loaded config."""
-    return functools.reduce(getattr, key.split("."), config)
