@@ -17,10 +17,11 @@ import torch
 
 from engine.config.keys import set_key
 from engine.config.load import load_config
+from engine.core.process import ProcessRecord, write_pid_file
 from engine.export.merge import export_run
 from engine.export.plan import CARD_MARKER, ExportRefused
 from engine.store.events import EventWriter
-from engine.store.runs import ProcessRecord, Run, RunIsLive, RunStore
+from engine.store.runs import Run, RunIsLive, RunStore
 
 CONFIG_SECRETS = {
     "env": "env-var-secret-value-0042",  # teacher.vllm.env.HF_TOKEN (not key-shaped: found by its name)
@@ -246,7 +247,7 @@ def test_refusals_name_the_stage_to_run(project: Path):
 def test_a_live_run_is_refused(project: Path):
     run = make_run(project)
     add_students(run)
-    ProcessRecord.of(os.getpid()).write(run.path / "supervisor.json", stages=["eval"])
+    write_pid_file(run.path / "supervisor.json", ProcessRecord.of(os.getpid()), stages=["eval"])
     with pytest.raises(RunIsLive, match="running"):
         export_run(run, "kd")
 
@@ -267,7 +268,7 @@ def test_cli_refusals_exit_non_zero_with_what_to_do(project: Path, capsys):
     assert cli("export", "no-such-run") == 2
     assert "no run 'no-such-run'" in capsys.readouterr().err
     add_students(run)
-    ProcessRecord.of(os.getpid()).write(run.path / "supervisor.json", stages=["eval"])
+    write_pid_file(run.path / "supervisor.json", ProcessRecord.of(os.getpid()), stages=["eval"])
     assert cli("export", run.id) == 2
     assert f"tas cancel {run.id}" in capsys.readouterr().err
     assert not (run.path / "export").exists()

@@ -17,6 +17,7 @@ import pytest
 
 from engine.cli.gpu import add_parser as add_gpu_command
 from engine.cli.gpu import cmd_gpu
+from engine.core.process import ProcessRecord, write_pid_file
 from engine.gpu import fake as fake_mod
 from engine.gpu.fake import FAKE_ENV, FakeBackend
 from engine.gpu.format import render_snapshot
@@ -24,7 +25,7 @@ from engine.gpu.labels import label_processes
 from engine.gpu.model import GIB, GpuProcess, GpuSnapshot, GpuUnavailable
 from engine.gpu.nvml import NO_DRIVER, NvmlBackend
 from engine.gpu.sampler import Sampler, open_backend
-from engine.store.runs import ProcessRecord, RunStore
+from engine.store.runs import RunStore
 from tests.helpers import TINY_CONFIG
 from tests.helpers import wait_for as wait_until_true
 
@@ -65,8 +66,8 @@ def worker(tmp_path: Path):
     runs = tmp_path / "runs"
     run = RunStore(runs).create(load_config(TINY_CONFIG), "configs/tiny.yaml")
     run.stage_dir("teacher").mkdir(parents=True, exist_ok=True)
-    ProcessRecord.of(proc.pid).write(run.stage_dir("teacher") / "pid")
-    ProcessRecord.of(os.getpid()).write(run.path / "supervisor.json", stages=["teacher"])
+    write_pid_file(run.stage_dir("teacher") / "pid", ProcessRecord.of(proc.pid))
+    write_pid_file(run.path / "supervisor.json", ProcessRecord.of(os.getpid()), stages=["teacher"])
     try:
         yield types.SimpleNamespace(pid=proc.pid, child=child_pid, run=run, runs=runs)
     finally:
@@ -361,7 +362,7 @@ def test_label_processes_finds_our_workers_and_their_children(worker, tmp_path: 
     assert (labelled[3].label, labelled[3].name) == (None, "gone")
 
     # a pid file whose start time does not match (the pid was reused by another program) is not ours
-    ProcessRecord(worker.pid, 1.0).write(worker.run.stage_dir("teacher") / "pid")
+    write_pid_file(worker.run.stage_dir("teacher") / "pid", ProcessRecord(worker.pid, 1.0))
     assert [p.label for p in label_processes(processes, worker.runs)] == [None] * 4
     assert label_processes(processes, tmp_path / "no-runs")[0].label is None
 
@@ -581,15 +582,15 @@ def test_snapshot_gpu_tab_120x40(snap_compare, tmp_path, monkeypatch) -> None:
 def test_a_vllm_server_group_is_labelled_even_without_its_worker(worker, tmp_path: Path) -> None:
     """The teacher's vLLM server runs in its own process group and may outlive its worker: its processes
     (leader and children) are found by the pid file the server writes, and a stale pid file is not ours."""
-    from engine.teacher.vllm_server import _start_ticks, _write_pid_file
+    from engine.core.process import start_ticks_of
 
     leader = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True)
     try:
         wait_until_true(lambda: len(group_pids(leader.pid)) == 2, timeout=10)
         child = next(pid for pid in group_pids(leader.pid) if pid != leader.pid)
         pid_file = worker.run.stage_dir("teacher") / "vllm.pid"
-        _write_pid_file(pid_file, leader.pid)
-        assert json.loads(pid_file.read_text())["start_ticks"] == _start_ticks(leader.pid)
+        write_pid_file(pid_file, ProcessRecord.of(leader.pid))
+        assert json.loads(pid_file.read_text())["start_ticks"] == start_ticks_of(leader.pid)
         server = f"run {worker.run.id} · teacher · vLLM server"
         labelled = label_processes([GpuProcess(0, leader.pid, GIB), GpuProcess(0, child, GIB)], worker.runs)
         assert [p.label for p in labelled] == [server, server]
@@ -748,7 +749,7 @@ async def test_gpu_tab_k_refuses_a_foreign_process_and_stops_ours_after_confirma
         run = RunStore(runs).create(load_config(TINY_CONFIG), "configs/tiny.yaml")
         stage_dir = run.stage_dir("distill")
         stage_dir.mkdir(parents=True, exist_ok=True)
-        ProcessRecord.of(sleep.pid).write(stage_dir / "pid")
+        write_pid_file(stage_dir / "pid", ProcessRecord.of(sleep.pid))
         events = EventWriter(stage_dir / "events.jsonl")
         events.status("running", pid=sleep.pid)
         events.close()

@@ -11,11 +11,12 @@ import pytest
 
 from engine.config.keys import get_key
 from engine.config.load import load_config
+from engine.core.process import ProcessRecord, write_pid_file
 from engine.runner.context import StageContext
 from engine.stages import data, teacher
 from engine.store.events import EventWriter
 from engine.store.lineage import RUN_OUTPUT_KEYS, ReuseRefused, resolve_outputs, reuse_teacher
-from engine.store.runs import ProcessRecord, RunIsLive, RunStore, remove_run
+from engine.store.runs import RunIsLive, RunStore, remove_run
 from engine.train.pairs import load_split_pairs
 
 
@@ -138,7 +139,7 @@ def test_rm_refuses_a_live_run(project: Path):
     run = new_run(project, "live")
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        ProcessRecord.of(sleeper.pid).write(run.path / "supervisor.json", stages=["data"])
+        write_pid_file(run.path / "supervisor.json", ProcessRecord.of(sleeper.pid), stages=["data"])
         with pytest.raises(RunIsLive, match="cancel it first"):
             remove_run(RunStore(project / "runs").get(run.id))
         assert run.path.exists()

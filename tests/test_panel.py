@@ -408,7 +408,7 @@ def write_run(
     import calendar
     import os
 
-    from engine.store.runs import ProcessRecord
+    from engine.core.process import ProcessRecord, write_pid_file
 
     if created is None:
         created = float(calendar.timegm(time.strptime(run_id[:15], "%Y%m%d-%H%M%S")))
@@ -428,8 +428,8 @@ def write_run(
     if live:
         me = ProcessRecord.of(os.getpid())
         record = ProcessRecord(me.pid, me.create_time, me.start_ticks, recorded_at=created)
-        record.write(fixed / "supervisor.json", stages=[live])
-        record.write(fixed / live / "pid")
+        write_pid_file(fixed / "supervisor.json", record, stages=[live])
+        write_pid_file(fixed / live / "pid", record)
 
 
 def training(prefixes: dict[str, float], steps: int, every: int = 2, total: int | None = None) -> list[dict]:

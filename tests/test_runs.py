@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from engine.config.load import load_config
+from engine.core.process import ProcessRecord, write_pid_file
 from engine.store.events import EventTail, EventWriter, read_events
 from engine.store.lineage import resolve_outputs
-from engine.store.runs import ProcessRecord, RunNotFound, RunStore, stage_status
+from engine.store.runs import RunNotFound, RunStore, stage_status
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ def test_stage_states_from_events(run):
     assert status.state == "died" and "run the stage again" in status.error
     assert status.fraction == 0.5 and status.metrics["loss"]["value"] == 2.0
     # our own pid is alive: running
-    ProcessRecord.of(os.getpid()).write(data_dir / "pid")
+    write_pid_file(data_dir / "pid", ProcessRecord.of(os.getpid()))
     assert stage_status(data_dir, "data").state == "running"
     writer.status("failed", error="boom")
     status = stage_status(data_dir, "data")
@@ -83,7 +84,7 @@ def test_reused_pid_is_not_our_worker(tmp_path: Path):
 
 
 def test_queued_while_supervisor_alive(run):
-    ProcessRecord.of(os.getpid()).write(run.path / "supervisor.json", stages=["data", "teacher"])
+    write_pid_file(run.path / "supervisor.json", ProcessRecord.of(os.getpid()), stages=["data", "teacher"])
     states = {s.name: s.state for s in run.stages()}
     assert states == {"data": "queued", "teacher": "queued", "sft": "pending", "distill": "pending", "eval": "pending"}
     assert run.is_live()
@@ -171,7 +172,7 @@ def test_a_queued_stage_does_not_show_the_last_attempts_error(run):
     writer.close()
     supervisor = subprocess.Popen(["sleep", "30"])  # started after the failure, like a new attempt's
     try:
-        ProcessRecord.of(supervisor.pid).write(run.path / "supervisor.json", stages=["data"])
+        write_pid_file(run.path / "supervisor.json", ProcessRecord.of(supervisor.pid), stages=["data"])
         status = next(s for s in run.stages() if s.name == "data")
         assert status.state == "queued" and status.error is None and status.progress is None
     finally:

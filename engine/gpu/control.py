@@ -12,8 +12,7 @@ import os
 import signal
 from pathlib import Path
 
-import psutil
-
+from engine.core.process import ProcessRecord, current
 from engine.gpu.labels import label_processes
 from engine.gpu.model import GpuProcess
 
@@ -51,12 +50,11 @@ def terminate(process: GpuProcess, runs_root: str | os.PathLike[str]) -> str:
     """Stop `process` if it is still the same process and still ours; returns what was done.
 
     Raises NotOurs when it is foreign, gone, or its pid now belongs to another process."""
-    try:
-        current = psutil.Process(process.pid)
-        created = current.create_time()
-    except (psutil.Error, OSError):
-        raise NotOurs(f"pid {process.pid} has ended: nothing to stop") from None
-    if process.create_time is not None and abs(created - process.create_time) > 0.05:
+    running = current(process.pid)
+    if running is None:
+        raise NotOurs(f"pid {process.pid} has ended: nothing to stop")
+    shown = ProcessRecord(process.pid, process.create_time)  # the start the tab sampled
+    if process.create_time is not None and not shown.same_start(running):
         raise NotOurs(f"pid {process.pid} is now another process: not signalled")
     (now,) = label_processes([GpuProcess(process.gpu_index, process.pid)], runs_root)
     if not now.is_ours:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import psutil
 
+from engine.core.process import ProcessRecord, read_pid_file
 from engine.gpu.model import GpuProcess
 
 
@@ -21,7 +22,7 @@ class Worker:
 
     run_id: str
     stage: str
-    create_time: float
+    record: ProcessRecord
 
 
 def live_workers(runs_root: str | os.PathLike[str] | None) -> dict[int, Worker]:
@@ -34,14 +35,14 @@ def live_workers(runs_root: str | os.PathLike[str] | None) -> dict[int, Worker]:
     if runs_root is None:
         return {}
     from engine.pipeline.stages import PIPELINE
-    from engine.store.runs import ProcessRecord, RunStore
+    from engine.store.runs import RunStore
 
     workers: dict[int, Worker] = {}
     for run in RunStore(runs_root).list():
         for stage in PIPELINE:
-            record = ProcessRecord.read(run.stage_dir(stage) / "pid")
+            record = read_pid_file(run.stage_dir(stage) / "pid")
             if record is not None and record.is_alive():
-                workers[record.pid] = Worker(run.id, stage, record.create_time)
+                workers[record.pid] = Worker(run.id, stage, record)
     return workers
 
 
@@ -157,7 +158,7 @@ def _owner(process: psutil.Process, workers: dict[int, Worker]) -> Owner:
     if not workers:
         return Owner()
     worker = workers.get(process.pid)
-    if worker is not None and _same_start(process, worker):
+    if worker is not None and worker.record.is_alive():
         return Owner(f"run {worker.run_id} · {worker.stage}", worker.run_id, worker.stage, "worker")
     try:
         ancestors = process.parents()
@@ -165,18 +166,11 @@ def _owner(process: psutil.Process, workers: dict[int, Worker]) -> Owner:
         return Owner()
     for ancestor in ancestors:
         worker = workers.get(ancestor.pid)
-        if worker is not None and _same_start(ancestor, worker):
+        if worker is not None and worker.record.is_alive():
             rank = process_rank(process)
             label = f"run {worker.run_id} · {worker.stage}" + (f" · rank {rank}" if rank is not None else "")
             return Owner(label, worker.run_id, worker.stage, "child")
     return Owner()
-
-
-def _same_start(process: psutil.Process, worker: Worker) -> bool:
-    try:
-        return abs(process.create_time() - worker.create_time) <= 0.05
-    except (psutil.Error, OSError):
-        return False
 
 
 def process_rank(process: psutil.Process) -> str | None:

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 from engine.core.fsio import atomic_write, file_lock
+from engine.core.process import ProcessRecord, read_pid_file, write_pid_file
 from engine.pipeline.stages import check_stage_names
 from engine.store.events import EventWriter
-from engine.store.runs import CANCEL_REQUEST, SUPERVISOR_FILE, ProcessRecord, Run
+from engine.store.runs import CANCEL_REQUEST, SUPERVISOR_FILE, Run
 
 
 class CannotStart(RuntimeError):
@@ -73,7 +74,7 @@ def start(run: Run, stages: list[str]) -> ProcessRecord:
         finally:
             log.close()
         record = ProcessRecord.of(process.pid)
-        record.write(run.path / SUPERVISOR_FILE, stages=stages, started=time.time())
+        write_pid_file(run.path / SUPERVISOR_FILE, record, stages=stages, started=time.time())
         _reap_when_done(process)
         return record
 
@@ -108,7 +109,7 @@ def cancel(run: Run, grace_s: float | None = None, wait: bool = True) -> bool:
         targets = [supervisor] if supervisor is not None and supervisor.is_alive() else []
         workers = {}  # stage -> the worker record we signal
         for status in run.stages():
-            record = ProcessRecord.read(run.stage_dir(status.name) / "pid")
+            record = read_pid_file(run.stage_dir(status.name) / "pid")
             if status.state == "running" and record is not None and record.is_alive():
                 workers[status.name] = record
         targets += list(workers.values())
@@ -133,7 +134,7 @@ def cancel(run: Run, grace_s: float | None = None, wait: bool = True) -> bool:
     _signal_groups(groups, signal.SIGKILL)
     time.sleep(0.2)
     for stage, record in workers.items():
-        if ProcessRecord.read(run.stage_dir(stage) / "pid") == record and run_stage_state(run, stage) == "died":
+        if read_pid_file(run.stage_dir(stage) / "pid") == record and run_stage_state(run, stage) == "died":
             writer = EventWriter(run.stage_dir(stage) / "events.jsonl")
             writer.status("cancelled", message=f"killed after the grace period of {grace_s:g}s")
             writer.close()

@@ -22,10 +22,11 @@ import time
 import psutil
 
 from engine.config.schema import TASConfig
+from engine.core.process import ProcessRecord, write_pid_file
 from engine.pipeline.stages import MULTI_PROCESS_STAGES
 from engine.runner import hub
 from engine.store.events import FINAL_STATES, EventWriter, read_events
-from engine.store.runs import CANCEL_REQUEST, ProcessRecord, Run, read_json
+from engine.store.runs import CANCEL_REQUEST, Run, read_json
 
 
 def worker_command(stage: str, run: Run, config: TASConfig) -> list[str]:
@@ -156,7 +157,7 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 env=env,
             )
-        ProcessRecord.of(self.child.pid).write(stage_dir / "pid")
+        write_pid_file(stage_dir / "pid", ProcessRecord.of(self.child.pid))
         if self.cancel_requested_at is not None:  # SIGTERM arrived while we were starting it
             self.child.send_signal(signal.SIGTERM)
         killed = False

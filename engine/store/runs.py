@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from engine.config.errors import ConfigError
 from engine.config.load import load_config
 from engine.config.schema import TASConfig
 from engine.core.fsio import atomic_write, file_lock, read_json
+from engine.core.process import ProcessRecord, read_pid_file
 from engine.pipeline.stages import PIPELINE
 from engine.store.events import FINAL_STATES, read_events
 from engine.store.lineage import resolve_outputs
@@ -40,79 +39,6 @@ FROZEN_CONFIG = "config.yaml"
 CANCEL_REQUEST = "cancel_request.json"
 DEFAULT_CONFIG = "config.yaml"
 """The config file every command uses unless told otherwise."""
-
-
-# ------------------------------------------------------------------------------------------ processes
-
-
-@dataclass(frozen=True)
-class ProcessRecord:
-    """A pid plus its start time: a pid reused by another program after ours died is not mistaken for it.
-
-    Identity uses the kernel's start tick count (/proc/<pid>/stat), which a wall-clock step (NTP, VM
-    resume) does not move; `create_time` (wall clock) is kept to compare with event timestamps.
-    """
-
-    pid: int
-    create_time: float
-    start_ticks: int | None = None
-    recorded_at: float | None = None  # time.time() when recorded: comparable with event timestamps
-
-    @classmethod
-    def of(cls, pid: int) -> ProcessRecord:
-        return cls(pid, psutil.Process(pid).create_time(), _start_ticks(pid), time.time())
-
-    @property
-    def started(self) -> float:
-        """Wall-clock start, to compare with event `ts` (psutil's create_time can be off by up to 1 s)."""
-        return self.recorded_at if self.recorded_at is not None else self.create_time
-
-    def is_alive(self) -> bool:
-        try:
-            process = psutil.Process(self.pid)
-            ticks = _start_ticks(self.pid)
-            if self.start_ticks is not None and ticks is not None:
-                same = ticks == self.start_ticks
-            else:
-                same = abs(process.create_time() - self.create_time) <= 0.05
-            return same and process.status() != psutil.STATUS_ZOMBIE
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            return False
-
-    def write(self, path: Path, **extra: Any) -> None:
-        data = {
-            "pid": self.pid,
-            "create_time": self.create_time,
-            "start_ticks": self.start_ticks,
-            "recorded_at": self.recorded_at,
-            **extra,
-        }
-        atomic_write(path, json.dumps(data).encode())
-
-    @classmethod
-    def read(cls, path: Path) -> ProcessRecord | None:
-        data = read_json(path)
-        if not data or "pid" not in data:
-            return None
-        ticks, recorded = data.get("start_ticks"), data.get("recorded_at")
-        return cls(
-            int(data["pid"]),
-            float(data["create_time"]),
-            int(ticks) if ticks is not None else None,
-            float(recorded) if recorded is not None else None,
-        )
-
-
-def _start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat: start time in clock ticks after boot (Linux); None elsewhere."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # the command name (field 2) may contain spaces and parentheses: split after its closing one
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return int(fields[19])
 
 
 # ---------------------------------------------------------------------------------------- stage state
@@ -178,7 +104,7 @@ def stage_status(stage_dir: Path, name: str, queued_since: float | None = None) 
     """
     events = read_events(stage_dir / "events.jsonl")
     status = StageStatus(name=name, state="pending", events=len(events))
-    record = ProcessRecord.read(stage_dir / "pid")
+    record = read_pid_file(stage_dir / "pid")
     status.pid = record.pid if record else None
     last_state = None
     for event in events:
@@ -272,8 +198,7 @@ class Run:
 
     def supervisor(self) -> tuple[ProcessRecord | None, list[str]]:
         data = read_json(self.path / SUPERVISOR_FILE) or {}
-        record = ProcessRecord.read(self.path / SUPERVISOR_FILE)
-        return record, list(data.get("stages", []))
+        return ProcessRecord.from_json(data), list(data.get("stages", []))
 
     def stages(self) -> list[StageStatus]:
         record, planned = self.supervisor()

@@ -1,6 +1,6 @@
 """A vLLM OpenAI-compatible server managed by the teacher's worker: started, health-checked, stopped.
 
-Light module (standard library only): it runs in the project's venv and never imports vllm or torch.
+Light module (standard library and engine.core): it runs in the project's venv and never imports vllm or torch.
 vLLM pins torch and transformers to versions that clash with the project's, so it lives in a venv of
 its own (built by `scripts/build-vllm-env.sh`); this module starts that venv's python as
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import ctypes
 import http.client
-import json
 import os
 import re
 import signal
@@ -45,6 +44,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from engine.core.process import ProcessRecord, read_pid_file, stat_fields, write_pid_file
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 BUILD_HINT = (
@@ -208,7 +209,7 @@ class VllmServer:
                 raise VllmNotInstalled(f"cannot run {self.argv[0]} ({exc}): {BUILD_HINT}") from exc
         if pid_file is not None:
             self.pid_file = Path(pid_file)
-            _write_pid_file(self.pid_file, self.process.pid, port=self.port, argv=self.argv)
+            write_pid_file(self.pid_file, ProcessRecord.of(self.process.pid), port=self.port, argv=self.argv)
         return self
 
     def wait_healthy(
@@ -288,23 +289,21 @@ class VllmServer:
 def stop_leftover(pid_file: str | os.PathLike, grace_s: float = 10.0) -> bool:
     """End the server group an earlier worker of this run recorded in `pid_file`, if any of it still runs.
 
-    The pid file holds the leader's pid and its start time (field 22 of /proc/<pid>/stat): a pid the
-    kernel has since given to another program has another start time, and is left alone. When the
-    leader is gone but its group is not (the death signal reached only the leader), the group id
-    cannot have been reused either: Linux keeps a pid number reserved while it names a live group.
+    The pid file holds the leader's pid and its start (engine.core.process): a pid the kernel has since
+    given to another program has another start, and is left alone. When the leader is gone but its
+    group is not (the death signal reached only the leader), the group id cannot have been reused
+    either: Linux keeps a pid number reserved while it names a live group.
     Returns True when something was ended.
     """
     path = Path(pid_file)
-    record = _read_pid_file(path)
+    record = read_pid_file(path)
     if record is None:
         return False
-    pid, start_ticks = record
-    now = _start_ticks(pid)
     ended = False
-    if now is not None and now != start_ticks:
+    if record.is_reused():
         pass  # the pid belongs to another program now, and our group is long gone
-    elif now is not None or group_members(pid):
-        _end_group(pid, grace_s)
+    elif group_members(record.pid):  # the leader, if it still runs, is a member of its own group
+        _end_group(record.pid, grace_s)
         ended = True
     path.unlink(missing_ok=True)
     return ended
@@ -314,14 +313,10 @@ def server_processes(pid_file: str | os.PathLike) -> list[int]:
     """Pids of the live server group recorded in `pid_file` (leader, API server, engine cores), or [].
 
     The same rule as stop_leftover: a leader pid with another start time is someone else's now."""
-    record = _read_pid_file(Path(pid_file))
-    if record is None:
+    record = read_pid_file(pid_file)
+    if record is None or record.is_reused():
         return []
-    pid, start_ticks = record
-    now = _start_ticks(pid)
-    if now is not None and start_ticks is not None and now != start_ticks:
-        return []
-    return group_members(pid)
+    return group_members(record.pid)
 
 
 def _end_group(pgid: int, grace_s: float, leader: subprocess.Popen[bytes] | None = None) -> None:
@@ -365,49 +360,17 @@ def group_members(pgid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        fields = _stat_fields(int(entry))
+        fields = stat_fields(int(entry))
         # after the command name: state is field 3 (index 0), pgrp field 5 (index 2)
         if fields and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
             members.append(int(entry))
     return members
 
 
-def _stat_fields(pid: int) -> list[bytes] | None:
-    """Fields 3.. of /proc/<pid>/stat (the command name, field 2, may hold spaces and parentheses)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return stat[stat.rfind(b")") + 2 :].split()
-
-
-def _start_ticks(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat: the start time in clock ticks after boot; None if no such process."""
-    fields = _stat_fields(pid)
-    return int(fields[19]) if fields else None
-
-
-def _write_pid_file(path: Path, pid: int, **extra: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"pid": pid, "start_ticks": _start_ticks(pid), "recorded_at": time.time(), **extra}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)  # a reader never sees half a file
-
-
-def _read_pid_file(path: Path) -> tuple[int, int | None] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return int(data["pid"]), (int(data["start_ticks"]) if data.get("start_ticks") is not None else None)
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return None
-
-
 def _remove_pid_file(path: Path, pid: int) -> None:
     """Remove the pid file if it still names `pid` (a newer server may have replaced it)."""
-    record = _read_pid_file(path)
-    if record is not None and record[0] == pid:
+    record = read_pid_file(path)
+    if record is not None and record.pid == pid:
         path.unlink(missing_ok=True)
 
 
