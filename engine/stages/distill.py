@@ -162,7 +162,7 @@ def train_one(
         gradient_accumulation_steps=kd.gradient_accumulation_steps,
         learning_rate=kd.learning_rate,
         eval_strategy=kd.eval_strategy,
-        logging_steps=kd.logging_steps or max(1, min(ctx.config.train.sft.logging_steps, 50)),
+        logging_steps=kd.effective_logging_steps,
         save_steps=kd.save_steps,
         save_total_limit=2,
         report_to=trackers,
@@ -171,7 +171,7 @@ def train_one(
         disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        seed=ctx.config.train.sft.dataset.seed,
+        seed=kd.effective_seed,
         **precision(ctx, kd.bf16, False, device.type),
     )
     cancel = CancelCallback(ctx)
