@@ -15,7 +15,7 @@ from engine.config.errors import ConfigError
 from engine.config.keys import flatten, get_key, set_key
 from engine.config.load import load_config, parse_config
 from engine.config.prompts import load_system_prompts
-from engine.config.schema import TASConfig
+from engine.config.schema import DistillationConfig, ExperimentConfig, SftConfig, TASConfig
 from engine.core import fsio as config_module
 
 from .helpers import ROOT, SEED_CONFIG
@@ -86,6 +86,78 @@ def test_seed_config_gets_the_tas_defaults_of_the_added_keys(seed_config_path: P
     cfg = load_config(seed_config_path)
     assert cfg.train.sft.peft.lora.bias == "none"
     assert cfg.train.distillation.logging_steps is None  # unset: distill falls back to train.sft.logging_steps
+
+
+def test_sft_and_distillation_keep_their_keys_and_defaults():
+    """The two sections share their trainer keys through one base class: the YAML keys and defaults
+    of each stay what they were (only `train.distillation.seed` is new)."""
+    shared = {
+        "num_train_epochs": 11,
+        "max_steps": -1,
+        "gradient_accumulation_steps": 2,
+        "report_to": "none",
+        "overwrite_output_dir": True,
+        "save_steps": 10000,
+    }
+    sft, kd = SftConfig(), DistillationConfig()
+    sft_scalars = {
+        **shared,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 1e-4,
+        "eval_strategy": "no",
+        "model_name": "Assistant",
+        "save_path": ".model/assistant/Assistant",
+        "bfloat16": False,
+        "fp16": True,
+        "logging_steps": 1000,
+        "merge_adapter": False,
+    }
+    kd_scalars = {
+        **shared,
+        "per_device_train_batch_size": 12,
+        "learning_rate": 5e-5,
+        "eval_strategy": "epoch",
+        "output_dir": ".model/student/Student",
+        "bf16": True,
+        "run_name": "KnowledgeDistillation",
+        "student_init": "random",
+        "peft": None,
+        "logging_steps": None,
+        "seed": None,
+        "ce_only_control": False,
+        "loss_chunk_size": 1024,
+        "max_length": 1024,
+    }
+    assert set(SftConfig.model_fields) == set(sft_scalars) | {"experiment", "dataset", "tokenizer", "peft"}
+    assert set(DistillationConfig.model_fields) == set(kd_scalars) | {"experiment", "knowledgedistillation"}
+    assert {k: getattr(sft, k) for k in sft_scalars} == sft_scalars
+    assert {k: getattr(kd, k) for k in kd_scalars} == kd_scalars
+    assert sft.experiment == kd.experiment == ExperimentConfig()
+    # the old key name of eval_strategy, in both sections (TAS's file uses it in distillation)
+    cfg = parse_config(_edit(SEED_CONFIG.read_text(), 'eval_strategy: "no"', 'evaluation_strategy: "steps"'))
+    assert cfg.train.sft.eval_strategy == "steps" and cfg.train.distillation.eval_strategy == "epoch"
+
+
+def test_distillation_keys_left_out_follow_sft():
+    """distill logs and seeds its trainer as train.sft says unless train.distillation says otherwise."""
+    kd = load_config(SEED_CONFIG).train.distillation  # TAS's file: neither key
+    assert (kd.effective_logging_steps, kd.effective_seed) == (50, 19)  # sft's 1000 capped at 50; sft's seed
+
+    text = _edit(SEED_CONFIG.read_text(), "    logging_steps: 1000\n", "    logging_steps: 7\n")
+    text = _edit(text, "      seed: 19\n", "      seed: 3\n")
+    cfg = parse_config(text)
+    assert (cfg.train.distillation.effective_logging_steps, cfg.train.distillation.effective_seed) == (7, 3)
+    # frozen for a run, the keys stay unset: the run's own sft values decide there too
+    assert parse_config(cfg.to_yaml()).train.distillation.logging_steps is None
+    # an edit of train.sft after loading still counts, in a copy too
+    copy = cfg.model_copy(deep=True)
+    copy.train.sft.logging_steps, copy.train.sft.dataset.seed = 2, 5
+    assert (copy.train.distillation.effective_logging_steps, copy.train.distillation.effective_seed) == (2, 5)
+    assert (cfg.train.distillation.effective_logging_steps, cfg.train.distillation.effective_seed) == (7, 3)
+
+    own = _edit(text, "  distillation:\n", "  distillation:\n    logging_steps: 4\n    seed: 11\n")
+    kd = parse_config(own).train.distillation
+    assert (kd.logging_steps, kd.seed, kd.effective_logging_steps, kd.effective_seed) == (4, 11, 4, 11)
 
 
 def _tas_config_with_references() -> str:

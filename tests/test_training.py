@@ -234,6 +234,34 @@ def test_pick_dtype_follows_the_config_and_the_device(monkeypatch):
     assert pick_dtype(False, torch.device("cuda", 0)) == torch.float32
 
 
+def test_distill_logs_and_seeds_as_sft_unless_its_own_keys_say(tmp_path, monkeypatch):
+    """train.distillation.{logging_steps,seed} left out: distill's trainer gets train.sft's (logging capped
+    at 50); set: its own. Only the TrainingArguments are built, nothing trains."""
+    import torch
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def training_arguments(**kwargs):
+        seen.append((kwargs["logging_steps"], kwargs["seed"]))
+        raise Built
+
+    monkeypatch.setattr(distill, "TrainingArguments", training_arguments)
+    cfg = load_config(TINY_CONFIG)
+    cfg.train.sft.logging_steps, cfg.train.sft.dataset.seed = 70, 3
+    for own in (False, True):
+        if own:
+            cfg.train.distillation.logging_steps, cfg.train.distillation.seed = 4, 11
+        ctx = make_context(cfg, "distill", tmp_path)
+        with pytest.raises(Built):
+            distill.train_one(
+                ctx, "KD student", None, None, None, [], [], tmp_path, 0.3, 8, 1.0, torch.device("cpu"), ""
+            )
+    assert seen == [(50, 3), (4, 11)]
+
+
 @pytest.mark.train
 def test_sft_resumes_from_its_newest_checkpoint(trained, tmp_path, monkeypatch):
     """A crash after checkpoint-2 (the process dies: no final save); the re-run continues from step 2."""

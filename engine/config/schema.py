@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from pydantic_core import PydanticCustomError
 
 from engine.config.references import escape_references
@@ -316,25 +316,49 @@ class PeftConfig(Section):
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
-class SftConfig(Section):
-    model_name: str = Field("Assistant", description="Name of the fine-tuned model.")
-    save_path: str = Field(".model/assistant/Assistant", description="Where the adapter (and merged model) go.")
+BatchSize = Annotated[int, Field(gt=0, description="Batch size per device.")]
+LearningRate = Annotated[float, Field(gt=0, description="Peak learning rate.")]
+EvalStrategyKey = Annotated[
+    EvalStrategy,
+    Field(
+        validation_alias=AliasChoices("eval_strategy", "evaluation_strategy"),
+        description="When to evaluate (evaluation_strategy is accepted as the old name).",
+    ),
+]
+
+
+class TrainerSection(Section):
+    """The keys both training stages (`train.sft`, `train.distillation`) hand the HF Trainer, declared once.
+
+    The three whose defaults differ between the stages (batch size, learning rate, eval_strategy) get
+    their default in each stage's class. Precision keys are not here: TAS named them differently
+    (`bfloat16`/`fp16` in sft, `bf16` in distillation) and existing files keep those names.
+    """
+
     num_train_epochs: float = Field(11, gt=0, description="Training epochs.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
-    per_device_train_batch_size: int = Field(8, gt=0, description="Batch size per device.")
+    per_device_train_batch_size: BatchSize
     gradient_accumulation_steps: int = Field(2, gt=0, description="Batches per optimizer step.")
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    learning_rate: LearningRate
+    eval_strategy: EvalStrategyKey
+    report_to: ReportTo | list[ReportTo] = Field("none", description="Experiment tracker.")
+    overwrite_output_dir: bool = Field(
+        True, description="Train again when the stage's output is already trained to the end (else refuse)."
+    )
+    save_steps: int = Field(10000, gt=0, description="Checkpoint every N steps.")
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+
+
+class SftConfig(TrainerSection):
+    per_device_train_batch_size: BatchSize = 8
+    learning_rate: LearningRate = 1e-4
+    eval_strategy: EvalStrategyKey = "no"
+    model_name: str = Field("Assistant", description="Name of the fine-tuned model.")
+    save_path: str = Field(".model/assistant/Assistant", description="Where the adapter (and merged model) go.")
     bfloat16: bool = Field(False, description="Train in bfloat16.")
     fp16: bool = Field(True, description="Train in float16 (GPU only).")
-    eval_strategy: EvalStrategy = Field(
-        "no", validation_alias=AliasChoices("eval_strategy", "evaluation_strategy"), description="When to evaluate."
-    )
-    report_to: ReportTo | list[ReportTo] = Field("none", description="Experiment tracker.")
-    overwrite_output_dir: bool = Field(True, description="Overwrite save_path.")
     logging_steps: int = Field(1000, gt=0, description="Log every N steps.")
-    save_steps: int = Field(10000, gt=0, description="Checkpoint every N steps.")
     merge_adapter: bool = Field(False, description="Also save the assistant with the adapter merged in.")
-    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     dataset: SftDataset = Field(default_factory=SftDataset)
     tokenizer: SftTokenizer = Field(default_factory=SftTokenizer)
     peft: PeftConfig = Field(default_factory=PeftConfig)
@@ -350,24 +374,13 @@ class KnowledgeDistillation(Section):
     loss: KdLoss = Field(default_factory=KdLoss)
 
 
-class DistillationConfig(Section):
+class DistillationConfig(TrainerSection):
     output_dir: str = Field(".model/student/Student", description="Where the student and checkpoints go.")
-    overwrite_output_dir: bool = Field(True, description="Overwrite output_dir.")
-    num_train_epochs: float = Field(11, gt=0, description="Training epochs.")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
-    per_device_train_batch_size: int = Field(12, gt=0, description="Batch size per device.")
-    gradient_accumulation_steps: int = Field(2, gt=0, description="Batches per optimizer step.")
-    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    per_device_train_batch_size: BatchSize = 12
+    learning_rate: LearningRate = 5e-5
+    eval_strategy: EvalStrategyKey = "epoch"
     bf16: bool = Field(True, description="Train in bfloat16.")
-    eval_strategy: EvalStrategy = Field(
-        "epoch",
-        validation_alias=AliasChoices("eval_strategy", "evaluation_strategy"),
-        description="When to evaluate (evaluation_strategy is accepted as the old name).",
-    )
-    save_steps: int = Field(10000, gt=0, description="Checkpoint every N steps.")
-    report_to: ReportTo | list[ReportTo] = Field("none", description="Experiment tracker.")
     run_name: str = Field("KnowledgeDistillation", description="Run name for the tracker.")
-    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     knowledgedistillation: KnowledgeDistillation = Field(default_factory=KnowledgeDistillation)
     student_init: Literal["pretrained", "random", "assistant_layers"] = Field(
         "random",
@@ -380,16 +393,43 @@ class DistillationConfig(Section):
     logging_steps: int | None = Field(
         None, gt=0, description="Log every N steps (unset: train.sft.logging_steps, capped at 50)."
     )
+    seed: int | None = Field(
+        None,
+        description="Seed of the trainer: batch order, dropout (unset: train.sft.dataset.seed). The train/eval "
+        "split is always sft's (train.sft.dataset), so eval's held-out answers are unseen by both stages.",
+    )
     ce_only_control: bool = Field(
         False, description="Also train the same student with CE only (no KD) into <output_dir>_ce, for comparison."
     )
     loss_chunk_size: int = Field(1024, gt=0, description="Response tokens per chunk of the KD loss (memory bound).")
     max_length: int = Field(1024, gt=0, description="Maximum tokens per training example.")
 
+    _sft: SftConfig = PrivateAttr(default_factory=SftConfig)
+    """The `train.sft` section beside this one (TrainConfig links it): what keys left unset follow."""
+
+    @property
+    def effective_logging_steps(self) -> int:
+        """logging_steps, or else sft's capped at 50: distill's steps are few, and each should show."""
+        if self.logging_steps is not None:
+            return self.logging_steps
+        return max(1, min(self._sft.logging_steps, 50))
+
+    @property
+    def effective_seed(self) -> int:
+        """seed, or else sft's (TAS seeded both trainings with train.sft.dataset.seed)."""
+        return self.seed if self.seed is not None else self._sft.dataset.seed
+
 
 class TrainConfig(Section):
     sft: SftConfig = Field(default_factory=SftConfig)
     distillation: DistillationConfig = Field(default_factory=DistillationConfig)
+
+    @model_validator(mode="after")
+    def _link_sft(self) -> TrainConfig:
+        """Distill's keys left unset follow sft's: the link is read when the stage runs, so an edit of
+        `train.sft` after loading still counts, as it did when the stage read `train.sft` itself."""
+        self.distillation._sft = self.sft
+        return self
 
 
 class CodeEvalConfig(Section):

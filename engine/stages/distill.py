@@ -32,16 +32,9 @@ from engine.models.device import pick_device, pick_dtype
 from engine.models.loading import load_tokenizer
 from engine.pipeline.models import STUDENT_CE, STUDENT_KD
 from engine.runner.context import StageContext, StageError
+from engine.train.arguments import save_trained, trainer_arguments
 from engine.train.assistant import load_tuned_assistant
-from engine.train.callbacks import (
-    CancelCallback,
-    EventsCallback,
-    mark_completed,
-    precision,
-    report_to,
-    saving,
-    train_resumable,
-)
+from engine.train.callbacks import CancelCallback, EventsCallback, train_resumable
 from engine.train.kd_trainer import KDCollator, KDTrainer
 from engine.train.pairs import load_split_pairs, tokenize_pair
 from engine.train.student import (
@@ -52,7 +45,6 @@ from engine.train.student import (
     merged_student,
     with_lora,
 )
-from engine.train.tracking import prepare_mlflow
 
 
 def run(ctx: StageContext) -> None:
@@ -154,29 +146,18 @@ def train_one(
     """4 + 5: train one student into output_dir, resuming from its newest checkpoint."""
     kd = ctx.config.train.distillation
     checkpoints = output_dir / "checkpoints"
-    trackers = report_to(ctx, kd.report_to)
-    tracking = prepare_mlflow(ctx, kd.experiment) if "mlflow" in trackers else []
-    args = TrainingArguments(
-        output_dir=str(checkpoints),
-        num_train_epochs=kd.num_train_epochs,
-        max_steps=kd.max_steps,
-        per_device_train_batch_size=kd.per_device_train_batch_size,
-        per_device_eval_batch_size=kd.per_device_train_batch_size,
-        gradient_accumulation_steps=kd.gradient_accumulation_steps,
-        learning_rate=kd.learning_rate,
-        eval_strategy=kd.eval_strategy,
-        logging_steps=kd.logging_steps or max(1, min(ctx.config.train.sft.logging_steps, 50)),
-        save_steps=kd.save_steps,
-        save_total_limit=2,
-        report_to=trackers,
+    shared, tracking = trainer_arguments(
+        ctx,
+        kd,
+        checkpoints,
+        device,
         run_name=kd.run_name + ("-ce" if prefix else ""),
-        use_cpu=device.type == "cpu",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        seed=ctx.config.train.sft.dataset.seed,
-        **precision(ctx, kd.bf16, False, device.type),
+        logging_steps=kd.effective_logging_steps,
+        seed=kd.effective_seed,
+        bf16=kd.bf16,
+        fp16=False,
     )
+    args = TrainingArguments(**shared, remove_unused_columns=False)
     cancel = CancelCallback(ctx)
     trainer = KDTrainer(
         model=student,
@@ -205,10 +186,7 @@ def train_one(
     )
     if not ctx.is_main:  # rank 0 alone writes the model
         return
-    with saving(output_dir, "train.distillation.output_dir"):
-        # LoRA merged in (a plain model folder), in the precision it trained in: bf16 training saves a bf16
-        # model, so eval, chat and export load the model the run produced, at half the size of float32
-        merged_student(student).to(pick_dtype(kd.bf16, device)).save_pretrained(output_dir)
-        tokenizer.save_pretrained(output_dir)
-    mark_completed(checkpoints)
-    ctx.events.artifact(output_dir, label)
+    # LoRA merged in (a plain model folder), in the precision it trained in: bf16 training saves a bf16
+    # model, so eval, chat and export load the model the run produced, at half the size of float32
+    final = merged_student(student).to(pick_dtype(kd.bf16, device))
+    save_trained(ctx, final, tokenizer, output_dir, "train.distillation.output_dir", label)

@@ -25,18 +25,10 @@ import torch
 from engine.models.device import pick_attention, pick_device, pick_dtype
 from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.runner.context import StageContext, StageError
+from engine.train.arguments import save_trained, trainer_arguments
 from engine.train.assistant import quantization_config
-from engine.train.callbacks import (
-    CancelCallback,
-    EventsCallback,
-    mark_completed,
-    precision,
-    report_to,
-    saving,
-    train_resumable,
-)
+from engine.train.callbacks import CancelCallback, EventsCallback, train_resumable
 from engine.train.pairs import load_split_pairs, to_prompt_completion
-from engine.train.tracking import prepare_mlflow
 
 
 def lora_config(ctx: StageContext, model):
@@ -123,29 +115,21 @@ def prepare(ctx: StageContext) -> SftSetup:
     )
 
     # 3 + 4. LoRA and trainer
-    trackers = report_to(ctx, sft.report_to)
-    tracking = prepare_mlflow(ctx, sft.experiment) if "mlflow" in trackers else []
-    args = SFTConfig(
-        output_dir=str(checkpoints),
-        num_train_epochs=sft.num_train_epochs,
-        max_steps=sft.max_steps,
-        per_device_train_batch_size=sft.per_device_train_batch_size,
-        per_device_eval_batch_size=sft.per_device_train_batch_size,
-        gradient_accumulation_steps=sft.gradient_accumulation_steps,
-        learning_rate=sft.learning_rate,
-        eval_strategy=sft.eval_strategy,
-        logging_steps=sft.logging_steps,
-        save_steps=sft.save_steps,
-        save_total_limit=2,
-        report_to=trackers,
+    shared, tracking = trainer_arguments(
+        ctx,
+        sft,
+        checkpoints,
+        device,
         run_name=sft.experiment.run_name,
+        logging_steps=sft.logging_steps,
+        seed=sft.dataset.seed,
+        bf16=sft.bfloat16,
+        fp16=sft.fp16,
+    )
+    args = SFTConfig(
+        **shared,
         max_length=sft.tokenizer.max_length if sft.tokenizer.truncation else None,
         completion_only_loss=True,
-        use_cpu=device.type == "cpu",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=sft.dataset.seed,
-        **precision(ctx, sft.bfloat16, sft.fp16, device.type),
     )
     cancel = CancelCallback(ctx)
     trainer = SFTTrainer(
@@ -181,11 +165,7 @@ def train(ctx: StageContext, setup: SftSetup) -> None:
         trainer.evaluate()  # eval_loss reaches the events through EventsCallback.on_log
     if not ctx.is_main:
         return
-    with saving(save_path, "train.sft.save_path"):
-        trainer.model.save_pretrained(save_path)
-        tokenizer.save_pretrained(save_path)
-    mark_completed(save_path / "checkpoints")
-    ctx.events.artifact(save_path, "assistant LoRA adapter")
+    save_trained(ctx, trainer.model, tokenizer, save_path, "train.sft.save_path", "assistant LoRA adapter")
     if sft.merge_adapter:
         merged_path = save_path / "merged"
         merge_adapter(ctx, save_path, merged_path)

@@ -123,13 +123,15 @@ def response_positions(labels: Tensor) -> tuple[Tensor, Tensor]:
 # ---------------------------------------------------------------------------------------- arguments
 
 
-def _check_args(weight: float, temperature: float, reduction: str) -> None:
+def _check_args(weight: float, temperature: float, reduction: str, chunk_size: int | None = None) -> None:
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"knowledgedistillation.weight must be in [0, 1], got {weight}")
     if not temperature > 0:
         raise ValueError(f"knowledgedistillation.loss.temperature must be > 0, got {temperature}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"knowledgedistillation.loss.reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
 
 
 def _check_positions(student: Tensor, teacher: Tensor | None, labels: Tensor, what: str) -> None:
@@ -258,6 +260,17 @@ def _needs_checkpoint(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _sum_over_chunks(chunk_sums, chunks, checkpointed: bool) -> tuple[Tensor, Tensor]:
+    """(Σ CE, Σ KL) of `chunk_sums(*chunk)` over the chunks, in order; each chunk under activation
+    checkpointing when `checkpointed`, so backward recomputes its logits instead of keeping them."""
+    ce_sum = kl_sum = None
+    for args in chunks:
+        ce, kl = checkpoint(chunk_sums, *args, use_reentrant=False) if checkpointed else chunk_sums(*args)
+        ce_sum = ce if ce_sum is None else ce_sum + ce
+        kl_sum = kl if kl_sum is None else kl_sum + kl
+    return ce_sum, kl_sum
+
+
 def chunked_kd_loss(
     student_hidden: Tensor,
     student_lm_head_weight: Tensor,
@@ -285,9 +298,7 @@ def chunked_kd_loss(
     and teacher matmuls run twice (bench/kd_loss_memory.py: 4.2x less memory, 1.8x the time on CPU, at
     B=2, S=1024, V=151,936).
     """
-    _check_args(weight, temperature, reduction)
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    _check_args(weight, temperature, reduction, chunk_size)
     use_teacher = weight > 0
     if use_teacher and (teacher_hidden is None or teacher_lm_head_weight is None):
         raise ValueError("weight > 0 needs the teacher's hidden states and lm-head weight")
@@ -320,12 +331,9 @@ def chunked_kd_loss(
         h_teacher.split(chunk_size) if use_teacher else itertools.repeat(None),
         targets.split(chunk_size),
     )
-    ce_sum = kl_sum = None
-    for h_s, h_t, y in chunks:
-        args = (h_s, w_student, h_t, w_teacher if use_teacher else None, y)
-        ce, kl = checkpoint(chunk_sums, *args, use_reentrant=False) if checkpointed else chunk_sums(*args)
-        ce_sum = ce if ce_sum is None else ce_sum + ce
-        kl_sum = kl if kl_sum is None else kl_sum + kl
+    teacher_weight = w_teacher if use_teacher else None
+    args = ((h_s, w_student, h_t, teacher_weight, y) for h_s, h_t, y in chunks)
+    ce_sum, kl_sum = _sum_over_chunks(chunk_sums, args, checkpointed)
     return _combine(ce_sum, kl_sum, tokens, weight, temperature, reduction)
 
 
@@ -345,9 +353,7 @@ def chunked_kd_loss_from_logits(
     backward allocate a full-size zero gradient per chunk); the teacher's rows are read per chunk under
     no_grad. Each chunk's softmaxes are checkpointed, so only the logits themselves are kept for backward.
     """
-    _check_args(weight, temperature, reduction)
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    _check_args(weight, temperature, reduction, chunk_size)
     use_teacher = weight > 0
     if use_teacher and teacher_logits is None:
         raise ValueError("weight > 0 needs the teacher's logits")
@@ -371,9 +377,6 @@ def chunked_kd_loss_from_logits(
                 z_t = teacher_rows.index_select(0, row_ids)[:, :vocab]
         return _chunk_sums(z_s, z_t, y, temperature)
 
-    ce_sum = kl_sum = None
-    for args in zip(z_student.split(chunk_size), targets.split(chunk_size), rows.split(chunk_size)):
-        ce, kl = checkpoint(chunk_sums, *args, use_reentrant=False) if checkpointed else chunk_sums(*args)
-        ce_sum = ce if ce_sum is None else ce_sum + ce
-        kl_sum = kl if kl_sum is None else kl_sum + kl
+    chunks = zip(z_student.split(chunk_size), targets.split(chunk_size), rows.split(chunk_size))
+    ce_sum, kl_sum = _sum_over_chunks(chunk_sums, chunks, checkpointed)
     return _combine(ce_sum, kl_sum, tokens, weight, temperature, reduction)
