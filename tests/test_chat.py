@@ -48,6 +48,8 @@ from engine.cli.chat import add_parser as add_chat_command
 from engine.cli.chat import cmd_chat
 from engine.config.load import load_config
 
+from .helpers import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 # e2e (spawns chat workers, or compares snapshots): the tests marked so; the protocol's own tests are light
 
@@ -690,21 +692,6 @@ def _set_assistant(config_path: Path, name: str) -> None:
     config_path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-async def _until(pilot, predicate, timeout: float = 60.0, step: float = 0.05, drain: bool = True) -> None:
-    """Poll `predicate`. With drain=False, poll between messages instead of after the app has handled every
-    queued one (pilot.pause), so intermediate states of a stream can be seen."""
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting: {getattr(predicate, 'debug', lambda: '')()}")
-        if drain:
-            await pilot.pause(step)
-        else:
-            await asyncio.sleep(step)
-
-
 @pytest.mark.e2e
 async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
     from textual.widgets import Button, Input, Markdown, Select
@@ -724,7 +711,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
         await pilot.press(*"hello", "enter")
 
         # the bad model: a clear message and a retry, never a frozen panel
-        await _until(pilot, lambda: tab.state == "failed")
+        await wait_until(pilot, lambda: tab.state == "failed")
         assert "cannot load /nonexistent/model" in tab.status and "no such model folder" in tab.status
         assert tab.query_one("#chat-retry", Button).display
         assert tab.history == []  # the failed question is not kept
@@ -738,7 +725,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
         app.query_one("#chat-input", MessageInput).focus()
         await pilot.press("ctrl+r")
         assert [t.label for t in tab.targets] == ["KD student", "Base assistant", "Teacher"]
-        await _until(pilot, lambda: tab.state == "ready", timeout=120)
+        await wait_until(pilot, lambda: tab.state == "ready", timeout=120)
         assert not tab.query_one("#chat-retry", Button).display
         assert ".model/tiny/student/Student on cpu" in tab.status
 
@@ -761,7 +748,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
             return len(states) >= 4
 
         seen_states.debug = lambda: (len(states), tab.status, tab.current_id)
-        await _until(pilot, seen_states, step=0.005, drain=False)
+        await wait_until(pilot, seen_states, step=0.005, drain=False)
         assert all(later.startswith(earlier) for earlier, later in zip(states, states[1:]))
         assert tab.current_id is not None  # still streaming
         box = tab.current_box
@@ -769,7 +756,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
 
         # Esc stops it; the status shows the reply's figures
         await pilot.press("escape")
-        await _until(pilot, lambda: tab.current_id is None, timeout=20)
+        await wait_until(pilot, lambda: tab.current_id is None, timeout=20)
         assert "stopped" in tab.status and "ttft" in tab.status and "tok/s" in tab.status
         tokens = int(re.search(r"(\d+) tokens", tab.status).group(1))
         assert 1 <= tokens < 1000
@@ -778,33 +765,33 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
 
         # a worker that dies between turns: said so, with a retry
         os.kill(tab.client.process.pid, signal.SIGKILL)
-        await _until(pilot, lambda: tab.state == "failed", timeout=20)
+        await wait_until(pilot, lambda: tab.state == "failed", timeout=20)
         assert "exited unexpectedly" in tab.status and "SIGKILL" in tab.status
         assert tab.query_one("#chat-retry", Button).display
         assert tab.client is None
 
         # Retry (the button) starts a fresh worker; click it once it is laid out on screen
         retry = tab.query_one("#chat-retry", Button)
-        await _until(pilot, lambda: retry.region.width > 0 and retry.region.height > 0)
+        await wait_until(pilot, lambda: retry.region.width > 0 and retry.region.height > 0)
         assert await pilot.click("#chat-retry"), "the click did not land on the Retry button"
 
         def ready_again() -> bool:
             return tab.state == "ready"
 
         ready_again.debug = lambda: (tab.state, tab.status)
-        await _until(pilot, ready_again, timeout=120)
+        await wait_until(pilot, ready_again, timeout=120)
         client = tab.client
 
         # another target: the running worker switches models (op load); the history goes on
         tab.query_one("#chat-target", Select).value = 1
-        await _until(pilot, lambda: tab.state == "ready" and "tiny:assistant on cpu" in tab.status, timeout=60)
+        await wait_until(pilot, lambda: tab.state == "ready" and "tiny:assistant on cpu" in tab.status, timeout=60)
         assert tab.client is client and tab.client_target.label == "Base assistant"
         assert "now chatting with Base assistant" in str(app.query(".chat-note").last().render())
         max_input.value = "5"
         tab.extra_params = {"min_new_tokens": 5}
         app.query_one("#chat-input", MessageInput).focus()
         await pilot.press(*"and now?", "enter")
-        await _until(pilot, lambda: tab.current_id is None and len(tab.history) == 4, timeout=30)
+        await wait_until(pilot, lambda: tab.current_id is None and len(tab.history) == 4, timeout=30)
         assert "5 tokens" in tab.status
     # leaving the app closes the worker
     await _wait_exit(client)
@@ -930,7 +917,7 @@ async def test_chat_tab_message_box_keys_paste_and_save(project, tmp_path, monke
         assert box.size.height == 5  # four lines and the empty one after the pasted newline
         # Enter sends it all as one message
         await pilot.press("enter")
-        await _until(pilot, lambda: len(tab.history) == 2)
+        await wait_until(pilot, lambda: len(tab.history) == 2)
         assert tab.history[0] == {"role": "user", "content": FUNCTION}
         assert clients[0].sent[-1][-1] == {"role": "user", "content": FUNCTION}  # what went to the worker
         bubble = app.query(".chat-user").last(Static)
@@ -939,7 +926,7 @@ async def test_chat_tab_message_box_keys_paste_and_save(project, tmp_path, monke
         assert tab.history[1]["content"] == _FakeClient.REPLY
         # ctrl+s: Markdown + JSON with both turns, the params and the model
         await pilot.press("ctrl+s")
-        await _until(pilot, lambda: tab.last_saved is not None)
+        await wait_until(pilot, lambda: tab.last_saved is not None)
         md_path, json_path = tab.last_saved
         assert (
             md_path.parent == Path(".chats") and md_path.suffix == ".md" and json_path == md_path.with_suffix(".json")
@@ -965,10 +952,10 @@ async def test_chat_tab_message_box_keys_paste_and_save(project, tmp_path, monke
         assert f"## Base assistant\n\n{_FakeClient.REPLY}\n" in markdown
         # a second save of the same conversation replaces its files; ctrl+n starts new ones
         await pilot.press(*"and?", "enter")
-        await _until(pilot, lambda: len(tab.history) == 4)
+        await wait_until(pilot, lambda: len(tab.history) == 4)
         tab.last_saved = None
         await pilot.press("ctrl+s")
-        await _until(pilot, lambda: tab.last_saved is not None)
+        await wait_until(pilot, lambda: tab.last_saved is not None)
         assert tab.last_saved == (md_path, json_path)
         assert len(json.loads(json_path.read_text())["messages"]) == 5
         assert sorted(p.name for p in Path(".chats").iterdir()) == [".gitignore", json_path.name, md_path.name]
@@ -1000,11 +987,11 @@ async def test_chat_tab_pasted_code_reply_and_save_in_the_run(project, tmp_path)
         await pilot.pause()
         assert box.text == FUNCTION
         await box.action_submit()
-        await _until(pilot, lambda: len(tab.history) == 2, timeout=120)
+        await wait_until(pilot, lambda: len(tab.history) == 2, timeout=120)
         client = tab.client
         assert tab.history[0]["content"] == FUNCTION and "6 tokens" in tab.status
         await pilot.press("ctrl+s")
-        await _until(pilot, lambda: tab.last_saved is not None)
+        await wait_until(pilot, lambda: tab.last_saved is not None)
         md_path, json_path = tab.last_saved
         assert md_path.resolve().parent == (run.path / "chat").resolve()
         record = json.loads(json_path.read_text())
