@@ -261,7 +261,8 @@ def test_detokenizer_gives_whole_characters_and_the_same_text():
 
 
 def test_token_stream_sends_the_first_piece_at_once_then_one_line_per_window():
-    from engine.chat.worker import Channel, TokenStream
+    from engine.chat.wire import Channel
+    from engine.chat.worker import TokenStream
 
     written: list[str] = []
 
@@ -284,6 +285,42 @@ def test_token_stream_sends_the_first_piece_at_once_then_one_line_per_window():
     assert [parse_reply(line).text for line in written] == ["a", "bcd", "e"]
     stream.close()
     assert len(written) == 3
+
+
+def test_a_workers_stdin_stops_at_once_queues_the_rest_and_stops_all_at_eof(tmp_path: Path):
+    """engine.chat.wire, what both workers serve their stdin with: lines longer than one read (64 KiB) arrive
+    whole, blank lines are skipped, a malformed one is answered, a last line without its newline still counts."""
+    from engine.chat.wire import Channel, read_requests
+
+    long = _generate(id="r1", messages=[{"role": "user", "content": "x" * 100_000}])
+    stdin = tmp_path / "stdin"
+    stdin.write_text(f'{long}\n{{"op": "stop", "id": "r1"}}\n\nnot json\n{{"op": "load", "model": "tiny:student"}}')
+    written: list[str] = []
+
+    class Pipe:
+        def write(self, data):
+            written.append(bytes(data).decode())
+            return len(data)
+
+    stops, queued = [], []
+    with open(stdin, "rb") as f:
+        read_requests(f, Channel(Pipe()), stops.append, queued.append)
+    assert stops == ["r1", None]  # None: EOF, the client is gone
+    assert [type(r) for r in queued] == [GenerateRequest, LoadRequest] and len(queued[0].messages[0].content) == 100_000
+    [error] = [parse_reply(line) for line in written]
+    assert isinstance(error, ErrorReply) and error.message.startswith("bad request: not a JSON object")
+
+
+def test_end_reply_figures():
+    from engine.chat.wire import end_reply
+
+    end = end_reply("r1", "length", tokens=5, prompt_tokens=7, began=10.0, first=10.5, last=11.5, ended=12.25)
+    assert (end.ttft_s, end.tokens_per_s, end.elapsed_s, end.prompt_tokens) == (0.5, 4.0, 2.25, 7)
+    assert not end.stopped and end.finish == "length"
+    assert end_reply("r1", "stop", tokens=1, began=1.0, first=2.0, last=2.0, ended=2.0).tokens_per_s is None
+    assert end_reply("r2") == EndReply(  # stopped while it waited
+        id="r2", tokens=0, elapsed_s=0.0, prompt_tokens=0, stopped=True, finish="stopped"
+    )
 
 
 @pytest.mark.e2e
