@@ -6,12 +6,17 @@ Paths: tests read configs only from `tests/data/`, never the user-editable `conf
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from engine.config.keys import set_key
+from engine.config.load import load_config
+from engine.store.runs import Run, RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
@@ -40,21 +45,51 @@ def wait_for(predicate: Callable[[], T], timeout: float = 60, interval: float = 
         time.sleep(interval)
 
 
+async def wait_until(
+    pilot, predicate: Callable[[], object], timeout: float = 60.0, step: float = 0.05, drain: bool = True
+) -> None:
+    """Let a Textual app under test (driven by `pilot`) run until `predicate()` holds; fail after `timeout` s.
+
+    drain=False polls between messages (asyncio.sleep) instead of after the app has handled every queued
+    one (pilot.pause), so the intermediate states of a stream can be seen. A predicate may carry a `debug`
+    function: what it returns is shown when the wait fails.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            debug = getattr(predicate, "debug", None)
+            raise AssertionError(
+                f"timed out after {timeout:g}s waiting for {getattr(predicate, '__name__', predicate)}"
+                + (f": {debug()}" if debug else "")
+            )
+        await (pilot.pause(step) if drain else asyncio.sleep(step))
+
+
+def python(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A fresh Python process (`-c SCRIPT`, `-m MODULE ...`) in `cwd` (else ours), its output captured as text: for what
+    must be seen from a process of its own (which modules an import pulls in, a command's exit code)."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+
+
 def tas(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
     """The `tas` command line, as a user runs it, in `cwd`."""
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    return python("-m", "engine.cli.main", *args, cwd=cwd, timeout=timeout)
 
 
 def lines_of(path: Path) -> list[str]:
     """The lines of a file that may not exist yet."""
     return path.read_text().splitlines() if path.exists() else []
+
+
+def make_run(project: Path, config_path: str | Path, overrides: Mapping[str, Any] = {}, name: str = "") -> Run:
+    """A new run in `project/runs` of the config file at `config_path` (relative to `project`), with
+    `overrides` applied first: dotted config keys, as a user reads them (`{"train.sft.max_steps": 3}`)."""
+    config = load_config(project / config_path)
+    for key, value in overrides.items():
+        set_key(config, key, value)
+    return RunStore(project / "runs").create(config, str(config_path), workdir=str(project), name=name)
 
 
 def make_context(config, stage: str, root: Path):

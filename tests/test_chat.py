@@ -48,6 +48,8 @@ from engine.cli.chat import add_parser as add_chat_command
 from engine.cli.chat import cmd_chat
 from engine.config.load import load_config
 
+from .helpers import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 # e2e (spawns chat workers, or compares snapshots): the tests marked so; the protocol's own tests are light
 
@@ -259,7 +261,8 @@ def test_detokenizer_gives_whole_characters_and_the_same_text():
 
 
 def test_token_stream_sends_the_first_piece_at_once_then_one_line_per_window():
-    from engine.chat.worker import Channel, TokenStream
+    from engine.chat.wire import Channel
+    from engine.chat.worker import TokenStream
 
     written: list[str] = []
 
@@ -282,6 +285,42 @@ def test_token_stream_sends_the_first_piece_at_once_then_one_line_per_window():
     assert [parse_reply(line).text for line in written] == ["a", "bcd", "e"]
     stream.close()
     assert len(written) == 3
+
+
+def test_a_workers_stdin_stops_at_once_queues_the_rest_and_stops_all_at_eof(tmp_path: Path):
+    """engine.chat.wire, what both workers serve their stdin with: lines longer than one read (64 KiB) arrive
+    whole, blank lines are skipped, a malformed one is answered, a last line without its newline still counts."""
+    from engine.chat.wire import Channel, read_requests
+
+    long = _generate(id="r1", messages=[{"role": "user", "content": "x" * 100_000}])
+    stdin = tmp_path / "stdin"
+    stdin.write_text(f'{long}\n{{"op": "stop", "id": "r1"}}\n\nnot json\n{{"op": "load", "model": "tiny:student"}}')
+    written: list[str] = []
+
+    class Pipe:
+        def write(self, data):
+            written.append(bytes(data).decode())
+            return len(data)
+
+    stops, queued = [], []
+    with open(stdin, "rb") as f:
+        read_requests(f, Channel(Pipe()), stops.append, queued.append)
+    assert stops == ["r1", None]  # None: EOF, the client is gone
+    assert [type(r) for r in queued] == [GenerateRequest, LoadRequest] and len(queued[0].messages[0].content) == 100_000
+    [error] = [parse_reply(line) for line in written]
+    assert isinstance(error, ErrorReply) and error.message.startswith("bad request: not a JSON object")
+
+
+def test_end_reply_figures():
+    from engine.chat.wire import end_reply
+
+    end = end_reply("r1", "length", tokens=5, prompt_tokens=7, began=10.0, first=10.5, last=11.5, ended=12.25)
+    assert (end.ttft_s, end.tokens_per_s, end.elapsed_s, end.prompt_tokens) == (0.5, 4.0, 2.25, 7)
+    assert not end.stopped and end.finish == "length"
+    assert end_reply("r1", "stop", tokens=1, began=1.0, first=2.0, last=2.0, ended=2.0).tokens_per_s is None
+    assert end_reply("r2") == EndReply(  # stopped while it waited
+        id="r2", tokens=0, elapsed_s=0.0, prompt_tokens=0, stopped=True, finish="stopped"
+    )
 
 
 @pytest.mark.e2e
@@ -690,21 +729,6 @@ def _set_assistant(config_path: Path, name: str) -> None:
     config_path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-async def _until(pilot, predicate, timeout: float = 60.0, step: float = 0.05, drain: bool = True) -> None:
-    """Poll `predicate`. With drain=False, poll between messages instead of after the app has handled every
-    queued one (pilot.pause), so intermediate states of a stream can be seen."""
-    import asyncio
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting: {getattr(predicate, 'debug', lambda: '')()}")
-        if drain:
-            await pilot.pause(step)
-        else:
-            await asyncio.sleep(step)
-
-
 @pytest.mark.e2e
 async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
     from textual.widgets import Button, Input, Markdown, Select
@@ -724,7 +748,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
         await pilot.press(*"hello", "enter")
 
         # the bad model: a clear message and a retry, never a frozen panel
-        await _until(pilot, lambda: tab.state == "failed")
+        await wait_until(pilot, lambda: tab.state == "failed")
         assert "cannot load /nonexistent/model" in tab.status and "no such model folder" in tab.status
         assert tab.query_one("#chat-retry", Button).display
         assert tab.history == []  # the failed question is not kept
@@ -738,7 +762,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
         app.query_one("#chat-input", MessageInput).focus()
         await pilot.press("ctrl+r")
         assert [t.label for t in tab.targets] == ["KD student", "Base assistant", "Teacher"]
-        await _until(pilot, lambda: tab.state == "ready", timeout=120)
+        await wait_until(pilot, lambda: tab.state == "ready", timeout=120)
         assert not tab.query_one("#chat-retry", Button).display
         assert ".model/tiny/student/Student on cpu" in tab.status
 
@@ -761,7 +785,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
             return len(states) >= 4
 
         seen_states.debug = lambda: (len(states), tab.status, tab.current_id)
-        await _until(pilot, seen_states, step=0.005, drain=False)
+        await wait_until(pilot, seen_states, step=0.005, drain=False)
         assert all(later.startswith(earlier) for earlier, later in zip(states, states[1:]))
         assert tab.current_id is not None  # still streaming
         box = tab.current_box
@@ -769,7 +793,7 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
 
         # Esc stops it; the status shows the reply's figures
         await pilot.press("escape")
-        await _until(pilot, lambda: tab.current_id is None, timeout=20)
+        await wait_until(pilot, lambda: tab.current_id is None, timeout=20)
         assert "stopped" in tab.status and "ttft" in tab.status and "tok/s" in tab.status
         tokens = int(re.search(r"(\d+) tokens", tab.status).group(1))
         assert 1 <= tokens < 1000
@@ -778,33 +802,33 @@ async def test_chat_tab_bad_model_retry_stream_and_stop(project, tmp_path):
 
         # a worker that dies between turns: said so, with a retry
         os.kill(tab.client.process.pid, signal.SIGKILL)
-        await _until(pilot, lambda: tab.state == "failed", timeout=20)
+        await wait_until(pilot, lambda: tab.state == "failed", timeout=20)
         assert "exited unexpectedly" in tab.status and "SIGKILL" in tab.status
         assert tab.query_one("#chat-retry", Button).display
         assert tab.client is None
 
         # Retry (the button) starts a fresh worker; click it once it is laid out on screen
         retry = tab.query_one("#chat-retry", Button)
-        await _until(pilot, lambda: retry.region.width > 0 and retry.region.height > 0)
+        await wait_until(pilot, lambda: retry.region.width > 0 and retry.region.height > 0)
         assert await pilot.click("#chat-retry"), "the click did not land on the Retry button"
 
         def ready_again() -> bool:
             return tab.state == "ready"
 
         ready_again.debug = lambda: (tab.state, tab.status)
-        await _until(pilot, ready_again, timeout=120)
+        await wait_until(pilot, ready_again, timeout=120)
         client = tab.client
 
         # another target: the running worker switches models (op load); the history goes on
         tab.query_one("#chat-target", Select).value = 1
-        await _until(pilot, lambda: tab.state == "ready" and "tiny:assistant on cpu" in tab.status, timeout=60)
+        await wait_until(pilot, lambda: tab.state == "ready" and "tiny:assistant on cpu" in tab.status, timeout=60)
         assert tab.client is client and tab.client_target.label == "Base assistant"
         assert "now chatting with Base assistant" in str(app.query(".chat-note").last().render())
         max_input.value = "5"
         tab.extra_params = {"min_new_tokens": 5}
         app.query_one("#chat-input", MessageInput).focus()
         await pilot.press(*"and now?", "enter")
-        await _until(pilot, lambda: tab.current_id is None and len(tab.history) == 4, timeout=30)
+        await wait_until(pilot, lambda: tab.current_id is None and len(tab.history) == 4, timeout=30)
         assert "5 tokens" in tab.status
     # leaving the app closes the worker
     await _wait_exit(client)
@@ -930,7 +954,7 @@ async def test_chat_tab_message_box_keys_paste_and_save(project, tmp_path, monke
         assert box.size.height == 5  # four lines and the empty one after the pasted newline
         # Enter sends it all as one message
         await pilot.press("enter")
-        await _until(pilot, lambda: len(tab.history) == 2)
+        await wait_until(pilot, lambda: len(tab.history) == 2)
         assert tab.history[0] == {"role": "user", "content": FUNCTION}
         assert clients[0].sent[-1][-1] == {"role": "user", "content": FUNCTION}  # what went to the worker
         bubble = app.query(".chat-user").last(Static)
@@ -939,7 +963,7 @@ async def test_chat_tab_message_box_keys_paste_and_save(project, tmp_path, monke
         assert tab.history[1]["content"] == _FakeClient.REPLY
         # ctrl+s: Markdown + JSON with both turns, the params and the model
         await pilot.press("ctrl+s")
-        await _until(pilot, lambda: tab.last_saved is not None)
+        await wait_until(pilot, lambda: tab.last_saved is not None)
         md_path, json_path = tab.last_saved
         assert (
             md_path.parent == Path(".chats") and md_path.suffix == ".md" and json_path == md_path.with_suffix(".json")
@@ -965,10 +989,10 @@ async def test_chat_tab_message_box_keys_paste_and_save(project, tmp_path, monke
         assert f"## Base assistant\n\n{_FakeClient.REPLY}\n" in markdown
         # a second save of the same conversation replaces its files; ctrl+n starts new ones
         await pilot.press(*"and?", "enter")
-        await _until(pilot, lambda: len(tab.history) == 4)
+        await wait_until(pilot, lambda: len(tab.history) == 4)
         tab.last_saved = None
         await pilot.press("ctrl+s")
-        await _until(pilot, lambda: tab.last_saved is not None)
+        await wait_until(pilot, lambda: tab.last_saved is not None)
         assert tab.last_saved == (md_path, json_path)
         assert len(json.loads(json_path.read_text())["messages"]) == 5
         assert sorted(p.name for p in Path(".chats").iterdir()) == [".gitignore", json_path.name, md_path.name]
@@ -1000,11 +1024,11 @@ async def test_chat_tab_pasted_code_reply_and_save_in_the_run(project, tmp_path)
         await pilot.pause()
         assert box.text == FUNCTION
         await box.action_submit()
-        await _until(pilot, lambda: len(tab.history) == 2, timeout=120)
+        await wait_until(pilot, lambda: len(tab.history) == 2, timeout=120)
         client = tab.client
         assert tab.history[0]["content"] == FUNCTION and "6 tokens" in tab.status
         await pilot.press("ctrl+s")
-        await _until(pilot, lambda: tab.last_saved is not None)
+        await wait_until(pilot, lambda: tab.last_saved is not None)
         md_path, json_path = tab.last_saved
         assert md_path.resolve().parent == (run.path / "chat").resolve()
         record = json.loads(json_path.read_text())

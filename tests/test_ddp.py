@@ -15,28 +15,24 @@ from engine.config.load import load_config
 from engine.runner import launcher
 from engine.runner.supervisor import worker_command, worker_env
 from engine.store.events import read_events
-from engine.store.runs import RunStore
 
-from .helpers import wait_for
+from .helpers import make_run, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
+DDP = {
+    "data.limit": 48,
+    "teacher.open.pipeline.max_new_tokens": 16,
+    "launch.nproc_per_node": 2,
+    "device.cpu_threads": 1,  # two ranks on two cores: one thread each, not two each fighting over them
+    "train.sft.max_steps": 3,  # sft only makes the assistant the tests need (its DDP test sets its own)
+    "train.distillation.ce_only_control": False,
+}
+
+
 def ddp_run(project: Path, name: str, **changes):
-    cfg = load_config(project / "configs" / "tiny.yaml")
-    cfg.data.limit = 48
-    cfg.teacher.open.pipeline.max_new_tokens = 16
-    cfg.launch.nproc_per_node = 2
-    cfg.device.cpu_threads = 1  # two ranks on two cores: one thread each, not two each fighting over them
-    cfg.train.sft.max_steps = 3  # sft only makes the assistant the tests need (its DDP test sets its own)
-    cfg.train.distillation.ce_only_control = False
-    for key, value in changes.items():
-        target = cfg
-        *parents, last = key.split(".")
-        for part in parents:
-            target = getattr(target, part)
-        setattr(target, last, value)
-    return RunStore(project / "runs").create(cfg, "configs/tiny.yaml", workdir=str(project), name=name)
+    return make_run(project, "configs/tiny.yaml", {**DDP, **changes}, name=name)
 
 
 def final(run, stage: str) -> dict:

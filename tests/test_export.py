@@ -23,6 +23,8 @@ from engine.export.plan import CARD_MARKER, ExportRefused
 from engine.store.events import EventWriter
 from engine.store.runs import Run, RunIsLive, RunStore
 
+from .helpers import wait_until
+
 CONFIG_SECRETS = {
     "env": "env-var-secret-value-0042",  # teacher.vllm.env.HF_TOKEN (not key-shaped: found by its name)
     "flag": "flag-secret-value-0042",  # teacher.vllm.extra_args after --api-key
@@ -390,32 +392,21 @@ async def test_panel_x_exports_the_kd_student_of_the_selected_run(project: Path,
     monkeypatch.setattr(app, "notify", lambda message, **kw: notes.append(f"{kw.get('title', '')}: {message}"))
     async with app.run_test(size=(80, 24)) as pilot:
         tab = app.query_one(StagesTab)
-        await wait_for_async(pilot, lambda: tab.ready)
+        await wait_until(pilot, lambda: tab.ready)
         # through the run list, as a user does: a run_id set behind the list's back was undone by the list's
         # own highlight of the newest run when that message came later (seen under CI load)
         runs = app.query_one("#runs", OptionList)
         runs.highlighted = runs.get_option_index(empty.id)  # as a user picks a run
-        await wait_for_async(pilot, lambda: tab.shown and tab.shown[0] == empty.id)
+        await wait_until(pilot, lambda: tab.shown and tab.shown[0] == empty.id)
         await pilot.press("x")
-        await wait_for_async(pilot, lambda: any("cannot export" in n for n in notes))
+        await wait_until(pilot, lambda: any("cannot export" in n for n in notes))
         assert any("distill" in n for n in notes if "cannot export" in n)
         assert not (empty.path / "export").exists()
         runs.highlighted = runs.get_option_index(done.id)  # as a user picks a run
-        await wait_for_async(pilot, lambda: tab.shown and tab.shown[0] == done.id)
+        await wait_until(pilot, lambda: tab.shown and tab.shown[0] == done.id)
         notes.clear()
         await pilot.press("x")
-        await wait_for_async(
-            pilot, lambda: any(n.startswith(("exported", "export failed")) for n in notes), timeout=180
-        )
+        await wait_until(pilot, lambda: any(n.startswith(("exported", "export failed")) for n in notes), timeout=180)
     out = done.path / "export" / "kd"
     assert any(n.startswith("exported") and str(out) in n for n in notes), notes
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
-
-
-async def wait_for_async(pilot, predicate, timeout: float = 30.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await pilot.pause(0.1)

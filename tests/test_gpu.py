@@ -26,7 +26,7 @@ from engine.gpu.model import GIB, GpuProcess, GpuSnapshot, GpuUnavailable
 from engine.gpu.nvml import NO_DRIVER, NvmlBackend
 from engine.gpu.sampler import Sampler, open_backend
 from engine.store.runs import RunStore
-from tests.helpers import TINY_CONFIG
+from tests.helpers import TINY_CONFIG, wait_until
 from tests.helpers import wait_for as wait_until_true
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -420,14 +420,6 @@ def test_tas_gpu_without_a_gpu_exits_1_with_the_message(no_fake, capsys) -> None
 # -------------------------------------------------------------------------------------------- GPU tab
 
 
-async def wait_for(pilot, condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for the GPU tab")
-        await pilot.pause(0.02)
-
-
 def row_keys(table) -> list[str]:
     return [row.key.value for row in table.ordered_rows]
 
@@ -449,10 +441,10 @@ async def test_gpu_tab_shows_fake_gpus_and_labels_our_worker(worker, tmp_path, m
     app = panel(worker.runs, 0.25)
     async with app.run_test(size=(80, 24)) as pilot:
         tab = app.query_one(GpuTab)
-        await wait_for(pilot, lambda: tab.snapshot is not None)
+        await wait_until(pilot, lambda: tab.snapshot is not None)
         await pilot.press("f3")
         table = tab.query_one(DataTable)
-        await wait_for(pilot, lambda: len(tab.query(GpuCard)) == 2 and row_keys(table) == [f"0:{worker.pid}"])
+        await wait_until(pilot, lambda: len(tab.query(GpuCard)) == 2 and row_keys(table) == [f"0:{worker.pid}"])
         assert app.focused is table
         row = [str(cell) for cell in table.get_row_at(0)]
         assert row[:3] == ["0", str(worker.pid), "30.5 GiB"] and row[5] == f"run {worker.run.id} · teacher"
@@ -469,18 +461,18 @@ async def test_gpu_tab_shows_fake_gpus_and_labels_our_worker(worker, tmp_path, m
 
         # the worker leaves the GPU in the fake: still running, it stays listed as ours, on no GPU
         fake_file(spec, [])
-        await wait_for(pilot, lambda: row_keys(table) == [f"-:{worker.pid}"])
+        await wait_until(pilot, lambda: row_keys(table) == [f"-:{worker.pid}"])
         assert [str(cell) for cell in table.get_row_at(0)][:3] == ["-", str(worker.pid), "-"]
         # no longer a worker of ours (its pid file gone) and on no GPU: the table follows
         (worker.run.stage_dir("teacher") / "pid").unlink()
-        await wait_for(pilot, lambda: row_keys(table) == [NO_PROCESS])
+        await wait_until(pilot, lambda: row_keys(table) == [NO_PROCESS])
         assert "no process" in str(table.get_row_at(0)[5])
 
         # GPUs come and go (a GPU falls off the bus, MIG reconfigured): the list follows
         fake_file(spec, [], gpus=3)
-        await wait_for(pilot, lambda: [c.index for c in tab.query(GpuCard)] == [0, 1, 2])
+        await wait_until(pilot, lambda: [c.index for c in tab.query(GpuCard)] == [0, 1, 2])
         fake_file(spec, [], gpus=1)
-        await wait_for(pilot, lambda: [c.index for c in tab.query(GpuCard)] == [0])
+        await wait_until(pilot, lambda: [c.index for c in tab.query(GpuCard)] == [0])
 
 
 async def test_gpu_tab_with_many_gpus_fits_80x24_and_scrolls(tmp_path, monkeypatch) -> None:
@@ -493,9 +485,9 @@ async def test_gpu_tab_with_many_gpus_fits_80x24_and_scrolls(tmp_path, monkeypat
     app = panel(tmp_path / "runs", 60)
     async with app.run_test(size=(80, 24)) as pilot:
         tab = app.query_one(GpuTab)
-        await wait_for(pilot, lambda: tab.snapshot is not None)
+        await wait_until(pilot, lambda: tab.snapshot is not None)
         await pilot.press("f3")
-        await wait_for(pilot, lambda: len(tab.query(GpuCard)) == 8)
+        await wait_until(pilot, lambda: len(tab.query(GpuCard)) == 8)
         await pilot.pause()
         cards = tab.query_one("#gpu-cards")
         table = tab.query_one(DataTable)
@@ -521,7 +513,7 @@ async def test_gpu_tab_without_gpu_shows_the_message(tmp_path, monkeypatch) -> N
     app = panel(tmp_path / "runs", 0.25)
     async with app.run_test(size=(80, 24)) as pilot:
         tab = app.query_one(GpuTab)
-        await wait_for(pilot, lambda: tab.snapshot is not None)
+        await wait_until(pilot, lambda: tab.snapshot is not None)
         await pilot.press("f3")
         await pilot.pause()
         message = tab.query_one("#gpu-message", Static)
@@ -566,7 +558,7 @@ async def _sampled(pilot) -> None:
     from tui.tabs.gpu import GpuTab
 
     tab = pilot.app.query_one(GpuTab)
-    await wait_for(pilot, lambda: tab.snapshot is not None)
+    await wait_until(pilot, lambda: tab.snapshot is not None)
 
 
 def test_snapshot_gpu_tab_80x24(snap_compare, tmp_path, monkeypatch) -> None:
@@ -764,10 +756,10 @@ async def test_gpu_tab_k_refuses_a_foreign_process_and_stops_ours_after_confirma
         app = panel(runs, 0.25)
         async with app.run_test(size=(80, 24)) as pilot:
             tab = app.query_one(GpuTab)
-            await wait_for(pilot, lambda: tab.snapshot is not None)
+            await wait_until(pilot, lambda: tab.snapshot is not None)
             await pilot.press("f3")
             table = tab.query_one(DataTable)
-            await wait_for(pilot, lambda: row_keys(table) == [f"0:{sleep.pid}", f"1:{os.getpid()}"])
+            await wait_until(pilot, lambda: row_keys(table) == [f"0:{sleep.pid}", f"1:{os.getpid()}"])
 
             table.move_cursor(row=1)
             await pilot.press("k")
@@ -777,22 +769,22 @@ async def test_gpu_tab_k_refuses_a_foreign_process_and_stops_ours_after_confirma
 
             table.move_cursor(row=0)
             await pilot.press("k")
-            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
             assert app.screen.question == f"Send SIGTERM to pid {sleep.pid} (run {run.id} · distill)?"
             await pilot.press("n")
-            await wait_for(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
+            await wait_until(pilot, lambda: not isinstance(app.screen, ConfirmScreen))
             await pilot.pause(0.3)
             assert sleep.poll() is None and not (run.path / "cancel_request.json").exists()
 
             await pilot.press("k")
-            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
             await pilot.press("y")
-            await wait_for(pilot, lambda: sleep.poll() is not None)
+            await wait_until(pilot, lambda: sleep.poll() is not None)
             assert sleep.returncode == -signal.SIGTERM
             assert (run.path / "cancel_request.json").exists()
-            await wait_for(pilot, lambda: any("SIGTERM sent" in n.message for n in app._notifications))
+            await wait_until(pilot, lambda: any("SIGTERM sent" in n.message for n in app._notifications))
             # the fake still lists the pid on GPU 0, but it is no longer a live worker of ours: N/A, unlabelled
-            await wait_for(pilot, lambda: [str(c) for c in table.get_row_at(0)][3:] == ["n/a", "n/a", "?"])
+            await wait_until(pilot, lambda: [str(c) for c in table.get_row_at(0)][3:] == ["n/a", "n/a", "?"])
     finally:
         if sleep.poll() is None:
             sleep.kill()

@@ -19,6 +19,8 @@ from engine.store.lineage import RUN_OUTPUT_KEYS, ReuseRefused, resolve_outputs,
 from engine.store.runs import RunIsLive, RunStore, remove_run
 from engine.train.pairs import load_split_pairs
 
+from .helpers import make_run
+
 
 def stage(run, name: str) -> StageContext:
     """A stage of `run` in-process, with the run's own (resolved) config, as its worker would see it."""
@@ -26,15 +28,7 @@ def stage(run, name: str) -> StageContext:
 
 
 def new_run(project: Path, name: str, **changes):
-    cfg = load_config(project / "configs" / "tiny.yaml")
-    cfg.teacher.open.pipeline.max_new_tokens = 8
-    for key, value in changes.items():
-        target = cfg
-        *parents, last = key.split(".")
-        for part in parents:
-            target = getattr(target, part)
-        setattr(target, last, value)
-    return RunStore(project / "runs").create(cfg, "configs/tiny.yaml", workdir=str(project), name=name)
+    return make_run(project, "configs/tiny.yaml", {"teacher.open.pipeline.max_new_tokens": 8, **changes}, name=name)
 
 
 def answers(run) -> list[dict]:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,20 +11,11 @@ from textual.widgets import DataTable, Input, Tree
 
 from engine.config.load import load_config
 from engine.store.runs import RunStore
-from tests.helpers import TINY_CONFIG
+from tests.helpers import TINY_CONFIG, python, wait_until
 from tui.app import TASPanel
 from tui.screens.confirm import ConfirmScreen
 from tui.tabs.config import ConfigTab, DiffScreen
 from tui.tabs.stages import StagesTab
-
-
-async def wait_until(pilot, predicate: Callable[[], object], timeout: float = 10.0, step: float = 0.05) -> None:
-    """Let the app run, in small steps, until `predicate()` holds; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {getattr(predicate, '__name__', predicate)}")
-        await pilot.pause(step)
 
 
 def stage_state(app, stage: str) -> str:
@@ -46,6 +34,8 @@ def find_node(tree: Tree, path: tuple):
 
 
 async def select_key(pilot, app, path: tuple):
+    """Open the Config tab (F2) and put its tree's cursor on the key at `path`."""
+    await pilot.press("f2")
     tree = app.query_one("#tree", Tree)
     node = find_node(tree, path)
     parent = node.parent
@@ -65,7 +55,6 @@ async def test_config_edit_diff_and_save(project: Path):
     original = path.read_text()
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs")
     async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.press("f2")
         await select_key(pilot, app, ("teacher", "open", "pipeline", "batch_size"))
         value = app.query_one("#value", Input)
         assert value.value == "32"
@@ -95,7 +84,6 @@ async def test_config_invalid_edit_is_never_saved(project: Path):
     original = path.read_text()
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs")
     async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.press("f2")
         await select_key(pilot, app, ("student", "hidden_size"))
         value = app.query_one("#value", Input)
         value.value = "-64"
@@ -596,52 +584,60 @@ def test_snapshot_config(project: Path, snap_compare, size):
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
 
     async def open_key(pilot):
-        await pilot.press("f2")
         await select_key(pilot, app, ("train", "sft", "learning_rate"))
 
     assert snap_compare(app, terminal_size=size, run_before=open_key)
 
 
+MOUNT_EVERY_TAB = """
+import asyncio, sys
+from tui.app import TASPanel
+from tui.tabs.stages import StagesTab
+from tui.widgets.lazy_pane import LazyPane
+
+async def main():
+    app = TASPanel(config_path='configs/tiny.yaml', runs_dir='runs')
+    async with app.run_test(size=(120, 40)) as pilot:
+        for key in ('f2', 'f3', 'f4', 'f1'):
+            await pilot.press(key)
+        stages = app.query_one(StagesTab)
+        while not (stages.ready and all(p.built for p in app.query(LazyPane))):
+            await pilot.pause(0.05)
+
+asyncio.run(main())
+heavy = [m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets', 'bitsandbytes', 'accelerate') if m in sys.modules]
+print('HEAVY', heavy)
+"""
+
+
 def test_panel_never_imports_the_ml_stack(project: Path):
     """Mount every tab in a fresh process, then look at sys.modules."""
-    script = (
-        "import asyncio, sys\n"
-        "from tui.app import TASPanel\n"
-        "from tui.tabs.stages import StagesTab\n"
-        "from tui.widgets.lazy_pane import LazyPane\n"
-        "async def main():\n"
-        "    app = TASPanel(config_path='configs/tiny.yaml', runs_dir='runs')\n"
-        "    async with app.run_test(size=(120, 40)) as pilot:\n"
-        "        for key in ('f2', 'f3', 'f4', 'f1'):\n"
-        "            await pilot.press(key)\n"
-        "        stages = app.query_one(StagesTab)\n"
-        "        while not (stages.ready and all(p.built for p in app.query(LazyPane))):\n"
-        "            await pilot.pause(0.05)\n"
-        "asyncio.run(main())\n"
-        "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl', 'datasets', 'bitsandbytes', 'accelerate')"
-        " if m in sys.modules]\n"
-        "print('HEAVY', heavy)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], cwd=project, capture_output=True, text=True, timeout=120)
+    result = python("-c", MOUNT_EVERY_TAB, cwd=project)
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
+
+
+FIRST_FRAME = """
+import sys
+from tui.app import TASPanel
+
+DEFERRED = ('pydantic', 'engine.config.schema', 'engine.store.runs', 'plotext', 'textual_plotext', 'rich.pretty',
+            'tui.tabs.config', 'tui.tabs.gpu', 'tui.tabs.chat', 'engine.chat.client', 'engine.gpu.sampler')
+
+class Timed(TASPanel):
+    def on_mount(self):
+        self.call_after_refresh(self.first_frame)
+
+    def first_frame(self):
+        print('LOADED', [m for m in DEFERRED if m in sys.modules])
+        self.exit()
+
+Timed(config_path='configs/tiny.yaml', gpu_interval=3600).run(headless=True, size=(120, 40))
+"""
 
 
 def test_the_first_frame_does_not_wait_for_what_it_does_not_show(project: Path):
     """Start-up: the config schema (pydantic), the run store, plotext and the other tabs load after the first frame."""
-    script = (
-        "import sys\n"
-        "from tui.app import TASPanel\n"
-        "class Timed(TASPanel):\n"
-        "    def on_mount(self):\n"
-        "        self.call_after_refresh(self.first_frame)\n"
-        "    def first_frame(self):\n"
-        "        print('LOADED', [m for m in DEFERRED if m in sys.modules])\n"
-        "        self.exit()\n"
-        "DEFERRED = ('pydantic', 'engine.config.schema', 'engine.store.runs', 'plotext', 'textual_plotext', 'rich.pretty',"
-        " 'tui.tabs.config', 'tui.tabs.gpu', 'tui.tabs.chat', 'engine.chat.client', 'engine.gpu.sampler')\n"
-        "Timed(config_path='configs/tiny.yaml', gpu_interval=3600).run(headless=True, size=(120, 40))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], cwd=project, capture_output=True, text=True, timeout=120)
+    result = python("-c", FIRST_FRAME, cwd=project)
     assert "LOADED []" in result.stdout, result.stdout + result.stderr
 
 

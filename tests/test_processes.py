@@ -18,18 +18,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config.load import load_config
 from engine.runner import launcher
 from engine.store.events import read_events
 from engine.store.runs import RunStore
 
-from .helpers import tas, wait_for
+from .helpers import make_run, python, tas, wait_for
 
 
 def stage_events(project: Path, stage: str = "data") -> list[dict]:
     paths = list((project / "runs").glob(f"*/{stage}/events.jsonl"))
     assert len(paths) == 1
     return read_events(paths[0])
+
+
+@pytest.fixture
+def slow_run(project: Path, slow_config: Path):
+    """A run whose data stage has started on `slow_config`: it goes on for a few seconds, time to act on it."""
+    run = make_run(project, slow_config)
+    launcher.start(run, ["data"])
+    return run
 
 
 @pytest.mark.e2e
@@ -187,53 +194,44 @@ def test_cancel_ends_a_running_stage_with_cancelled(project: Path, slow_config: 
 
 
 @pytest.mark.e2e
-def test_stuck_worker_is_killed_after_the_grace_period(project: Path, slow_config: Path):
-    config = load_config(slow_config)
-    run = RunStore(project / "runs").create(config, str(slow_config))
-    launcher.start(run, ["data"])
-    events_path = run.stage_dir("data") / "events.jsonl"
+def test_stuck_worker_is_killed_after_the_grace_period(slow_run):
+    events_path = slow_run.stage_dir("data") / "events.jsonl"
     wait_for(lambda: any(e["kind"] == "progress" for e in read_events(events_path)), timeout=30)
-    worker = run.stages()[0].pid
+    worker = slow_run.stages()[0].pid
     os.kill(worker, signal.SIGSTOP)  # a worker that cannot react to SIGTERM
     try:
         started = time.monotonic()
-        assert launcher.cancel(run, grace_s=1.0)
+        assert launcher.cancel(slow_run, grace_s=1.0)
         assert time.monotonic() - started < 15
     finally:
         try:
             os.kill(worker, signal.SIGCONT)
         except ProcessLookupError:
             pass
-    status = run.stages()[0]
+    status = slow_run.stages()[0]
     assert status.state == "cancelled"
     assert "killed after the grace period of 1s" in status.message
 
 
 @pytest.mark.e2e
-def test_a_hard_killed_worker_is_reported_failed(project: Path, slow_config: Path):
-    config = load_config(slow_config)
-    run = RunStore(project / "runs").create(config, str(slow_config))
-    launcher.start(run, ["data"])
-    wait_for(lambda: run.stages()[0].state == "running" and run.stages()[0].pid, timeout=10)
-    os.kill(run.stages()[0].pid, signal.SIGKILL)
-    wait_for(lambda: not run.is_live(), timeout=20)
-    status = run.stages()[0]
+def test_a_hard_killed_worker_is_reported_failed(slow_run):
+    wait_for(lambda: slow_run.stages()[0].state == "running" and slow_run.stages()[0].pid, timeout=10)
+    os.kill(slow_run.stages()[0].pid, signal.SIGKILL)
+    wait_for(lambda: not slow_run.is_live(), timeout=20)
+    status = slow_run.stages()[0]
     assert status.state == "failed"
     assert "stopped by SIGKILL" in status.error
 
 
 @pytest.mark.e2e
-def test_starting_a_running_stage_again_is_refused(project: Path, slow_config: Path):
-    config = load_config(slow_config)
-    run = RunStore(project / "runs").create(config, str(slow_config))
-    launcher.start(run, ["data"])
+def test_starting_a_running_stage_again_is_refused(project: Path, slow_run):
     try:
-        with pytest.raises(launcher.RunBusy, match=f"run {run.id} is busy"):
-            launcher.start(run, ["data"])
-        result = tas("run", "data", "--run", run.id, cwd=project)
+        with pytest.raises(launcher.RunBusy, match=f"run {slow_run.id} is busy"):
+            launcher.start(slow_run, ["data"])
+        result = tas("run", "data", "--run", slow_run.id, cwd=project)
         assert result.returncode == 2 and "is busy" in result.stderr
     finally:
-        launcher.cancel(run, grace_s=5)
+        launcher.cancel(slow_run, grace_s=5)
 
 
 @pytest.mark.e2e
@@ -261,22 +259,20 @@ def test_panel_and_cli_never_import_the_ml_stack():
         " if m in sys.modules]\n"
         "print(heavy)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = python("-c", code, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr
 
 
 @pytest.mark.e2e
 def test_logs_follow_of_a_stage_that_never_started_returns(project: Path):
-    config = load_config(project / "configs" / "tiny.yaml")
-    RunStore(project / "runs").create(config, "configs/tiny.yaml")
+    make_run(project, "configs/tiny.yaml")
     result = tas("logs", "last", "sft", "-f", cwd=project, timeout=20)
     assert result.returncode == 0
 
 
 @pytest.mark.e2e
 def test_a_frozen_config_that_no_longer_validates_is_refused(project: Path):
-    config = load_config(project / "configs" / "tiny.yaml")
-    run = RunStore(project / "runs").create(config, "configs/tiny.yaml")
+    run = make_run(project, "configs/tiny.yaml")
     frozen = run.path / "config.yaml"
     frozen.write_text(frozen.read_text() + "\nobsolete_section: {}\n")
     result = tas("run", "data", "--run", run.id, cwd=project)
@@ -291,8 +287,7 @@ def test_the_starter_reaps_its_supervisor(project: Path, monkeypatch: pytest.Mon
     import psutil
 
     monkeypatch.chdir(project)
-    config = load_config(project / "configs" / "tiny.yaml")
-    run = RunStore(project / "runs").create(config, "configs/tiny.yaml", workdir=str(project))
+    run = make_run(project, "configs/tiny.yaml")
     record = launcher.start(run, ["data"])
     wait_for(lambda: not run.is_live(), timeout=120, what="the data stage to end")
 

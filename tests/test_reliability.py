@@ -31,21 +31,14 @@ from engine.store.runs import RunStore
 from engine.teacher.output import TeacherOutput
 
 from .fake_openai import FakeOpenAI
-from .helpers import lines_of, tas, wait_for
+from .helpers import lines_of, make_run, tas, wait_for
 
 KILL_ROUNDS = int(os.environ.get("TAS_KILL_ROUNDS", "8"))
 
 
 def tiny_run(project: Path, **overrides):
     """A run of the tiny profile with its prompts extracted; overrides are dotted keys."""
-    cfg = load_config(project / "configs" / "tiny.yaml")
-    for dotted, value in overrides.items():
-        *parents, last = dotted.split(".")
-        target = cfg
-        for part in parents:
-            target = getattr(target, part)
-        setattr(target, last, value)
-    run = RunStore(project / "runs").create(cfg, "configs/tiny.yaml")
+    run = make_run(project, "configs/tiny.yaml", overrides)
     assert run_stage("data", run) == 0  # in-process, into the run: its later stages find the prompts
     return run.config(), run  # the run's own view of the config: where its stages read and write
 

@@ -21,10 +21,9 @@ from engine.config.load import load_config
 from engine.runner import launcher
 from engine.runner.worker import run_stage
 from engine.store.events import read_events
-from engine.store.runs import RunStore
 from engine.teacher.vllm_server import group_members
 
-from .helpers import DATA, lines_of, wait_for
+from .helpers import DATA, lines_of, make_run, wait_for
 
 pytestmark = pytest.mark.vllm
 
@@ -46,15 +45,7 @@ def vllm_project(project: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatc
 
 def vllm_run(project: Path, **overrides):
     """A run of configs/tiny-vllm.yaml (dotted-key overrides) whose data stage has run."""
-    cfg = load_config(project / "configs" / "tiny-vllm.yaml")
-    cfg.teacher.vllm.startup_timeout_s = STARTUP_S
-    for dotted, value in overrides.items():
-        *parents, last = dotted.split(".")
-        target = cfg
-        for part in parents:
-            target = getattr(target, part)
-        setattr(target, last, value)
-    run = RunStore(project / "runs").create(cfg, "configs/tiny-vllm.yaml")
+    run = make_run(project, "configs/tiny-vllm.yaml", {"teacher.vllm.startup_timeout_s": STARTUP_S, **overrides})
     assert run_stage("data", run) == 0
     return run.config(), run
 

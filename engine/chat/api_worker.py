@@ -29,19 +29,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from engine.chat.protocol import (
-    EndReply,
-    ErrorReply,
-    GenerateRequest,
-    LoadRequest,
-    ProtocolError,
-    ReadyReply,
-    StopRequest,
-    encode,
-    encode_token,
-    parse_request,
-)
-from engine.chat.worker import EXIT_BAD_MODEL  # the same exit code as the local worker's
+from engine.chat.protocol import ErrorReply, GenerateRequest, LoadRequest, ReadyReply, encode_token
+from engine.chat.wire import EXIT_BAD_MODEL, Channel, end_reply, protocol_channel, read_requests
 from engine.core.secrets import load_dotenv_secrets, redact
 from engine.teacher.vllm import PLACEHOLDER_KEY  # our own vLLM server checks no key; the client insists on one
 
@@ -56,14 +45,14 @@ def where(base_url: str) -> str:
 class ApiChat:
     """One endpoint and model; serves requests one at a time, streaming each reply as `token` lines."""
 
-    def __init__(self, base_url: str, model: str, api_key: str, vllm_extras: dict | None, send):
+    def __init__(self, base_url: str, model: str, api_key: str, vllm_extras: dict | None, channel: Channel):
         """`vllm_extras`: request fields only our vLLM server knows (its `stop_token_ids`), or None."""
         import openai
 
         self.base_url = base_url
         self.model = model
         self.vllm_extras = vllm_extras
-        self.send = send  # writes one protocol line
+        self.channel = channel
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=600.0, max_retries=1)
         self.stop_ids: set[str | None] = set()
         self.lock = threading.Lock()
@@ -130,7 +119,7 @@ class ApiChat:
                         first = first or now
                         last = now
                         pieces += 1
-                        self.send(encode_token(request.id, text))
+                        self.channel.write(encode_token(request.id, text))
                     if choice.finish_reason:
                         finish = "length" if choice.finish_reason == "length" else "stop"
                 if self._stopped(request.id):
@@ -138,20 +127,16 @@ class ApiChat:
                     break
         finally:
             stream.close()  # a stop closes the connection: the server ends the generation
-        tokens = usage.completion_tokens if usage is not None and not stopped else pieces
-        rate = (tokens - 1) / (last - first) if first is not None and last and last > first and tokens > 1 else None
-        self.send(
-            encode(
-                EndReply(
-                    id=request.id,
-                    tokens=tokens,
-                    ttft_s=round(first - began, 4) if first else None,
-                    tokens_per_s=round(rate, 2) if rate else None,
-                    elapsed_s=round(time.monotonic() - began, 4),
-                    prompt_tokens=usage.prompt_tokens if usage is not None else 0,
-                    stopped=stopped,
-                    finish=finish,
-                )
+        self.channel.send(
+            end_reply(
+                request.id,
+                finish,
+                tokens=usage.completion_tokens if usage is not None and not stopped else pieces,
+                prompt_tokens=usage.prompt_tokens if usage is not None else 0,
+                began=began,
+                first=first,
+                last=last,
+                ended=time.monotonic(),
             )
         )
 
@@ -197,17 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=".", help="where the config's relative paths count from")
     args = parser.parse_args(argv)
 
-    out = sys.stdout.buffer
-    write_lock = threading.Lock()
-
-    def send(line: str) -> None:
-        with write_lock:
-            try:
-                out.write(line.encode("utf-8"))
-                out.flush()
-            except (BrokenPipeError, ValueError, OSError):
-                pass
-
+    channel = protocol_channel()
     started = time.monotonic()
     server = None
     try:
@@ -220,59 +195,40 @@ def main(argv: list[str] | None = None) -> int:
             load_dotenv_secrets()
             base_url, model, extras = args.base_url, args.model, None
             api_key = os.environ.get("OPENAI_API_KEY") or PLACEHOLDER_KEY
-        chat = ApiChat(base_url, model, api_key, extras, send)
-        send(encode(chat.check(started)))
+        chat = ApiChat(base_url, model, api_key, extras, channel)
+        channel.send(chat.check(started))
     except Exception as exc:  # any failure to start is reported, then exit 2
         message = describe(exc) if not isinstance(exc, RuntimeError) else redact(str(exc))
-        send(encode(ErrorReply(message=f"cannot chat with {args.model or args.vllm_config}: {message}", fatal=True)))
+        channel.send(ErrorReply(message=f"cannot chat with {args.model or args.vllm_config}: {message}", fatal=True))
         if server is not None:
             server.stop()
         return EXIT_BAD_MODEL
 
     work: queue.Queue = queue.Queue()
 
-    def read_requests() -> None:
-        """stdin → requests; `stop` acts at once (it flags the running generation), the rest queue up."""
-        for raw in sys.stdin.buffer:
-            try:
-                request = parse_request(raw.decode("utf-8", "replace"))
-            except ProtocolError as exc:
-                send(encode(ErrorReply(id=exc.id, message=str(exc))))
-                continue
-            if isinstance(request, StopRequest):
-                chat.stop(request.id)
-            else:
-                work.put(request)
-        chat.stop(None)
-        work.put(None)
+    def read_stdin() -> None:
+        read_requests(sys.stdin.buffer, channel, chat.stop, work.put)
+        work.put(None)  # EOF: the client is gone
 
-    threading.Thread(target=read_requests, name="api-chat-stdin", daemon=True).start()
+    threading.Thread(target=read_stdin, name="api-chat-stdin", daemon=True).start()
     try:
         while (request := work.get()) is not None:
             if isinstance(request, LoadRequest):
-                send(
-                    encode(
-                        ErrorReply(
-                            id=request.id,
-                            op="load",
-                            message="this worker serves one endpoint; choose the target again to start a new one",
-                        )
+                channel.send(
+                    ErrorReply(
+                        id=request.id,
+                        op="load",
+                        message="this worker serves one endpoint; choose the target again to start a new one",
                     )
                 )
                 continue
             if chat._stopped(request.id):
-                send(
-                    encode(
-                        EndReply(
-                            id=request.id, tokens=0, elapsed_s=0.0, prompt_tokens=0, stopped=True, finish="stopped"
-                        )
-                    )
-                )
+                channel.send(end_reply(request.id))
                 continue
             try:
                 chat.generate(request)
             except Exception as exc:  # the worker keeps serving after a failed request
-                send(encode(ErrorReply(id=request.id, message=describe(exc))))
+                channel.send(ErrorReply(id=request.id, message=describe(exc)))
     finally:
         if server is not None:
             server.stop()

@@ -45,9 +45,9 @@ from engine.chat.protocol import (
     make,
     parse_reply,
 )
+from engine.chat.wire import read_lines, write_all
 
 LOG_TAIL_LINES = 12
-_READ_CHUNK = 1 << 16
 log = logging.getLogger(__name__)
 
 
@@ -262,11 +262,7 @@ class ChatClient:
         """The only writer of the worker's stdin: a full pipe (a worker still loading) blocks it, not the caller."""
         stdin = self.process.stdin  # type: ignore[union-attr]
         while (data := self._outbox.get()) is not None:
-            view = memoryview(data)
-            try:
-                while view:
-                    view = view[stdin.write(view) :]
-            except (BrokenPipeError, ValueError, OSError):
+            if not write_all(stdin, data):
                 self._broken = True  # the reader sees the EOF and reports the exit
                 return
 
@@ -321,31 +317,15 @@ class ChatClient:
             self.replies.put(reply)
 
     def _read(self) -> None:
-        """The reader thread: whole lines of the worker's stdout → reply models, in order.
-
-        Reads what the pipe holds (up to 64 KiB at a time) and splits it into lines: a readline on the
-        unbuffered pipe would cost a system call per byte, on the CPU the worker decodes with."""
+        """The reader thread: whole lines of the worker's stdout → reply models, in order."""
         process = self.process
         assert process is not None and process.stdout is not None
-        fd = process.stdout.fileno()
-        partial = b""
-        while True:
+        for line in read_lines(process.stdout):
             try:
-                chunk = os.read(fd, _READ_CHUNK)
-            except OSError:
-                break
-            if not chunk:
-                break
-            lines = chunk.split(b"\n")
-            if partial:
-                lines[0] = partial + lines[0]
-            partial = lines.pop()  # b"" when the chunk ended with a newline
-            for line in lines:
-                try:
-                    reply = parse_reply(line)
-                except ProtocolError:
-                    continue  # the worker keeps fd 1 for JSON lines; anything else is not a reply
-                self._deliver(reply)
+                reply = parse_reply(line)
+            except ProtocolError:
+                continue  # the worker keeps fd 1 for JSON lines; anything else is not a reply
+            self._deliver(reply)
         try:
             code = process.wait(timeout=10)
         except subprocess.TimeoutExpired:  # stdout closed but still alive: not a worker we can talk to

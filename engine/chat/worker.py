@@ -32,7 +32,7 @@ ended is ignored (it crossed the `end` on the wire).
 
 Times: `ttft_s` runs from the moment the worker starts the request (chat template, prefill) to the
 first generated token; `tokens_per_s` is the decode rate after it, (tokens - 1) / (last - first token);
-`elapsed_s` is the whole request.
+`elapsed_s` is the whole request (engine.chat.wire.end_reply, for both workers).
 
 `params` (all optional, bounds in engine.chat.protocol.GenerationParams): temperature (0 means greedy),
 top_p, top_k, max_new_tokens, min_new_tokens (no EOS before), do_sample, repetition_penalty, seed
@@ -66,24 +66,19 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from engine.chat.protocol import (
     DEFAULT_PARAMS,
-    EndReply,
     ErrorReply,
     GenerateRequest,
     GenerationParams,
     LoadRequest,
-    ProtocolError,
     ReadyReply,
-    StopRequest,
-    encode,
     encode_token,
-    parse_request,
 )
+from engine.chat.wire import EXIT_BAD_MODEL, Channel, end_reply, protocol_channel, read_requests
 
-EXIT_BAD_MODEL = 2
 DEFAULT_MAX_NEW_TOKENS = DEFAULT_PARAMS.max_new_tokens
 TOKEN_WINDOW_S = 0.02
 """After a `token` line, text that decodes within this long is held back and goes out with the first piece
@@ -96,34 +91,6 @@ class RequestError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- output
-
-
-class Channel:
-    """The protocol channel: whole JSON lines on the real stdout, one writer at a time, unbuffered."""
-
-    def __init__(self, stream: BinaryIO):
-        self.stream = stream
-        self.lock = threading.Lock()
-
-    def send(self, reply: ReadyReply | EndReply | ErrorReply) -> None:
-        self.write(encode(reply))
-
-    def write(self, line: str) -> None:
-        data = memoryview(line.encode("utf-8"))
-        with self.lock:
-            try:
-                while data:
-                    data = data[self.stream.write(data) :]
-            except (BrokenPipeError, ValueError, OSError):  # the client is gone; the stdin EOF ends us
-                pass
-
-
-def protocol_channel() -> Channel:
-    """Keep fd 1 for the protocol only: stray prints of any library go to stderr (the client's log)."""
-    out = os.fdopen(os.dup(1), "wb", buffering=0)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return Channel(out)
 
 
 class TokenStream:
@@ -462,26 +429,13 @@ class ChatServer:
         self.current: Job | None = None
         self.waiting: dict[str, Job] = {}
 
-    # ---- stdin side (main thread): never blocks on the model
-    def read_requests(self, stdin) -> None:
-        for raw in iter(stdin.readline, b""):
-            line = raw.decode("utf-8", errors="replace").strip()
-            if not line:
-                continue
-            try:
-                request = parse_request(line)
-            except ProtocolError as exc:
-                self.channel.send(ErrorReply(id=exc.id, message=f"bad request: {exc}"))
-                continue
-            if isinstance(request, StopRequest):
-                self.stop(request.id)
-                continue
-            job = Job(request)
-            if isinstance(request, GenerateRequest):
-                with self.lock:
-                    self.waiting[request.id] = job
-            self.jobs.put(job)
-        self.stop(None)  # EOF: the client is gone
+    # ---- stdin side (main thread, engine.chat.wire.read_requests): never blocks on the model
+    def enqueue(self, request: GenerateRequest | LoadRequest) -> None:
+        job = Job(request)
+        if isinstance(request, GenerateRequest):
+            with self.lock:
+                self.waiting[request.id] = job
+        self.jobs.put(job)
 
     def stop(self, rid: str | None) -> None:
         with self.lock:
@@ -514,9 +468,7 @@ class ChatServer:
     def generate(self, job: Job, request: GenerateRequest) -> None:
         start = time.perf_counter()
         if job.stop.is_set():  # stopped while it waited
-            self.channel.send(
-                EndReply(id=request.id, tokens=0, elapsed_s=0.0, prompt_tokens=0, stopped=True, finish="stopped")
-            )
+            self.channel.send(end_reply(request.id))
             return
         import torch
 
@@ -555,26 +507,22 @@ class ChatServer:
             tokens_out.close()  # every token line goes out before the end (or error) line
         end = time.perf_counter()
         tokens = int(out.shape[1]) - prompt_tokens
-        stopped = job.cut
-        if stopped:
+        if job.cut:
             finish = "stopped"
         elif tokens and int(out[0, -1]) in eos:
             finish = "stop"
         else:
             finish = "length"
-        first, last = streamer.first, streamer.last
-        ttft = round(first - start, 4) if first else None
-        rate = round((tokens - 1) / (last - first), 2) if first and last and tokens > 1 and last > first else None
         self.channel.send(
-            EndReply(
-                id=request.id,
+            end_reply(
+                request.id,
+                finish,
                 tokens=tokens,
-                ttft_s=ttft,
-                tokens_per_s=rate,
-                elapsed_s=round(end - start, 4),
                 prompt_tokens=prompt_tokens,
-                stopped=stopped,
-                finish=finish,
+                began=start,
+                first=streamer.first,
+                last=streamer.last,
+                ended=end,
             )
         )
 
@@ -696,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     server = ChatServer(loaded, channel, device_name=args.device, load_in_4bit=args.load_in_4bit)
     runner = threading.Thread(target=server.run_jobs, name="chat-runner", daemon=True)
     runner.start()
-    server.read_requests(sys.stdin.buffer)
+    read_requests(sys.stdin.buffer, channel, server.stop, server.enqueue)
     server.jobs.put(None)
     runner.join(timeout=10)
     return 0

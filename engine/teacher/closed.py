@@ -81,10 +81,11 @@ def answer_closed(
     ctx.check_cancelled()
     mode = "Batch API jobs" if closed.pipeline.use_batch_api else "chat requests"
     ctx.events.log(f"closed teacher {closed.model.name} at {endpoint.where}: {len(prompts)} prompts by {mode}")
+    asking = _Asking(ctx, closed, endpoint, system_prompt, ledger)
     if closed.pipeline.use_batch_api:
-        _answer_by_batches(ctx, closed, endpoint, prompts, system_prompt, ledger)
+        _answer_by_batches(asking, prompts)
     else:
-        asyncio.run(_answer_by_chat(ctx, closed, endpoint, prompts, system_prompt, ledger, extra_body))
+        asyncio.run(_answer_by_chat(asking, prompts, extra_body))
     summary = ledger.summary()
     ctx.events.log(
         f"closed teacher: {summary['answered']} answered, {summary['failed']} failed"
@@ -130,20 +131,30 @@ def _client_options(endpoint: _Endpoint, pipeline: ClosedTeacherPipeline) -> dic
     }
 
 
-def _chat_request(closed: ClosedTeacher, system_prompt: str | None, instruction: str) -> dict[str, Any]:
-    """The body of one chat completion: the same for chat calls and Batch API lines."""
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": instruction})
-    pipeline = closed.pipeline
-    request = {
-        "model": closed.model.name,
-        "messages": messages,
-        "temperature": pipeline.temperature,
-        "top_p": pipeline.top_p,
-    }
-    if pipeline.max_tokens is not None:
-        request["max_tokens"] = pipeline.max_tokens
-    return request
+@dataclass(frozen=True)
+class _Asking:
+    """One answer_closed call: what both ways of asking (chat calls, Batch API jobs) work with."""
+
+    ctx: StageContext
+    closed: ClosedTeacher
+    endpoint: _Endpoint
+    system_prompt: str | None
+    ledger: _Ledger
+
+    def request(self, instruction: str) -> dict[str, Any]:
+        """The body of one chat completion: the same for chat calls and Batch API lines."""
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages.append({"role": "user", "content": instruction})
+        pipeline = self.closed.pipeline
+        request = {
+            "model": self.closed.model.name,
+            "messages": messages,
+            "temperature": pipeline.temperature,
+            "top_p": pipeline.top_p,
+        }
+        if pipeline.max_tokens is not None:
+            request["max_tokens"] = pipeline.max_tokens
+        return request
 
 
 # ------------------------------------------------------------------------------------ answers, errors
@@ -314,15 +325,8 @@ class _Ledger:
 # ---------------------------------------------------------------------------------------- chat calls
 
 
-async def _answer_by_chat(
-    ctx: StageContext,
-    closed: ClosedTeacher,
-    endpoint: _Endpoint,
-    prompts: list[dict],
-    system_prompt: str | None,
-    ledger: _Ledger,
-    extra_body: dict[str, Any] | None = None,
-) -> None:
+async def _answer_by_chat(asking: _Asking, prompts: list[dict], extra_body: dict[str, Any] | None = None) -> None:
+    ctx, closed, endpoint, ledger = asking.ctx, asking.closed, asking.endpoint, asking.ledger
     pipeline = closed.pipeline
     gate = asyncio.Semaphore(pipeline.max_concurrency)
     waves = range(0, len(prompts), pipeline.batch_size)
@@ -336,7 +340,7 @@ async def _answer_by_chat(
                 async with gate:
                     if ctx.cancel_requested:
                         return None  # not asked: stays unanswered for the next run
-                    request = _chat_request(closed, system_prompt, prompt["instruction"])
+                    request = asking.request(prompt["instruction"])
                     if extra_body:
                         request["extra_body"] = extra_body
                     response = await client.chat.completions.create(**request)
@@ -344,7 +348,7 @@ async def _answer_by_chat(
                     raise _BadResponse(f"malformed response: not a chat completion: {clip(str(response), 100)!r}")
                 return _parse_completion(response.model_dump())
 
-            errors = await _run_wave(ctx, closed, endpoint, wave, ask, ledger)
+            errors = await _run_wave(asking, wave, ask)
             ctx.check_cancelled()
 
             failed = ledger.failed - failed_before
@@ -362,18 +366,14 @@ async def _answer_by_chat(
 
 
 async def _run_wave(
-    ctx: StageContext,
-    closed: ClosedTeacher,
-    endpoint: _Endpoint,
-    wave: list[dict],
-    ask: Callable[[dict], Awaitable[_Answer | None]],
-    ledger: _Ledger,
+    asking: _Asking, wave: list[dict], ask: Callable[[dict], Awaitable[_Answer | None]]
 ) -> list[BaseException]:
     """Ask every prompt of the wave; store outcomes as they arrive. Returns the failed prompts' errors.
 
     Waits in short slices so a cancel request stops new requests within CANCEL_CHECK_S; whatever
     happens (cancel, fatal error), the answers already received are stored before leaving.
     """
+    ctx, closed, ledger = asking.ctx, asking.closed, asking.ledger
     tasks = {asyncio.create_task(ask(prompt)): prompt for prompt in wave}
     pending = set(tasks)
     errors: list[BaseException] = []
@@ -388,7 +388,7 @@ async def _run_wave(
                     if (answer := task.result()) is not None:
                         ledger.answer(prompt, answer, closed.model.name)
                     continue
-                if (stop := _fatal(exc, endpoint, closed.model.name)) is not None:
+                if (stop := _fatal(exc, asking.endpoint, closed.model.name)) is not None:
                     fatal = fatal or stop  # every prompt would fail the same way: not a per-prompt failure
                     continue
                 errors.append(exc)
@@ -417,15 +417,9 @@ def _all_unreachable(errors: list[BaseException], wave_size: int) -> bool:
 # ----------------------------------------------------------------------------------------- Batch API
 
 
-def _answer_by_batches(
-    ctx: StageContext,
-    closed: ClosedTeacher,
-    endpoint: _Endpoint,
-    prompts: list[dict],
-    system_prompt: str | None,
-    ledger: _Ledger,
-) -> None:
+def _answer_by_batches(asking: _Asking, prompts: list[dict]) -> None:
     """Collect a job left by an earlier run, then submit and collect one job per `batch_size` prompts."""
+    ctx, closed, endpoint = asking.ctx, asking.closed, asking.endpoint
     state_path = ctx.stage_dir / BATCH_STATE_FILE
     pending = {p["id"]: p for p in prompts}
     with _batch_api_errors(endpoint, closed), openai.OpenAI(**_client_options(endpoint, closed.pipeline)) as client:
@@ -441,12 +435,12 @@ def _answer_by_batches(
             state = None
         if state is not None:
             ctx.events.log(f"resuming batch {state['batch_id']} ({len(state['ids'])} prompts) from an earlier run")
-            _collect_batch(ctx, client, closed, state, pending, ledger, resumed=True)
+            _collect_batch(asking, client, state, pending, resumed=True)
         while pending:
             ctx.check_cancelled()
             chunk = list(pending.values())[: closed.pipeline.batch_size]
-            state = _submit_batch(ctx, client, closed, chunk, system_prompt)
-            _collect_batch(ctx, client, closed, state, pending, ledger, resumed=False)
+            state = _submit_batch(asking, client, chunk)
+            _collect_batch(asking, client, state, pending, resumed=False)
 
 
 @contextlib.contextmanager
@@ -478,17 +472,11 @@ def _read_state(ctx: StageContext, path: Path) -> dict[str, Any] | None:
     return state
 
 
-def _submit_batch(
-    ctx: StageContext, client: openai.OpenAI, closed: ClosedTeacher, chunk: list[dict], system_prompt: str | None
-) -> dict[str, Any]:
+def _submit_batch(asking: _Asking, client: openai.OpenAI, chunk: list[dict]) -> dict[str, Any]:
     """Upload the requests, create the job, and remember it before anything else can go wrong."""
+    ctx = asking.ctx
     lines = [
-        {
-            "custom_id": p["id"],
-            "method": "POST",
-            "url": BATCH_ENDPOINT,
-            "body": _chat_request(closed, system_prompt, p["instruction"]),
-        }
+        {"custom_id": p["id"], "method": "POST", "url": BATCH_ENDPOINT, "body": asking.request(p["instruction"])}
         for p in chunk
     ]
     data = "".join(dumps_line(line) for line in lines).encode("utf-8")
@@ -497,7 +485,7 @@ def _submit_batch(
     state = {
         "batch_id": batch.id,
         "input_file_id": upload.id,
-        "model": closed.model.name,
+        "model": asking.closed.model.name,
         "ids": [p["id"] for p in chunk],
         "submitted": round(time.time(), 3),
     }
@@ -507,19 +495,14 @@ def _submit_batch(
 
 
 def _collect_batch(
-    ctx: StageContext,
-    client: openai.OpenAI,
-    closed: ClosedTeacher,
-    state: dict[str, Any],
-    pending: dict[str, dict],
-    ledger: _Ledger,
-    resumed: bool,
+    asking: _Asking, client: openai.OpenAI, state: dict[str, Any], pending: dict[str, dict], resumed: bool
 ) -> None:
     """Wait for the job, store its answers and failures, then forget it.
 
     Prompts of the job without any result line are failures, except in a job resumed from an earlier
     run that was cancelled or expired: those were never tried, so they go into the next job instead.
     """
+    ctx, closed, ledger = asking.ctx, asking.closed, asking.ledger
     batch_id = state["batch_id"]
     failed_before = ledger.failed
     batch = _wait_for_batch(ctx, client, batch_id, closed.pipeline.batch_poll_interval_s, ledger)
