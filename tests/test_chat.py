@@ -551,6 +551,12 @@ def _chat_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(["chat", *argv])
 
 
+def _tiny_student_chat_args(max_new_tokens: int, save: str) -> argparse.Namespace:
+    """`tas chat` on configs/tiny.yaml's tiny student, greedy, `max_new_tokens` a reply, saving to `save`."""
+    argv = ["--config", "configs/tiny.yaml", "--model", "tiny:student", "--temperature", "0", "--save", save]
+    return _chat_args([*argv, "--max-new-tokens", str(max_new_tokens)])
+
+
 class _Terminal(io.StringIO):
     """Typed input: a stdin that says it is a terminal (so `tas chat` runs its REPL)."""
 
@@ -563,20 +569,7 @@ ADD = 'def add(a, b):\n    """Add two numbers."""\n    return a + b'  # a docstr
 
 @pytest.mark.e2e
 def test_tas_chat_repl(project, monkeypatch, capsys):
-    args = _chat_args(
-        [
-            "--config",
-            "configs/tiny.yaml",
-            "--model",
-            "tiny:student",
-            "--max-new-tokens",
-            "8",
-            "--temperature",
-            "0",
-            "--save",
-            "talk.md",
-        ]
-    )
+    args = _tiny_student_chat_args(8, save="talk.md")
     assert args.func is cmd_chat and args.max_new_tokens == 8 and args.temperature == 0.0
     typed = (
         "Write a function that adds two numbers.\n/reset\n"
@@ -607,20 +600,7 @@ def test_tas_chat_piped_stdin_is_one_message(project, monkeypatch, capsys):
     reply alone (the chrome goes to stderr); the command exits after it."""
     code = "def add(a, b):\n    return a + b\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO(code))
-    args = _chat_args(
-        [
-            "--config",
-            "configs/tiny.yaml",
-            "--model",
-            "tiny:student",
-            "--max-new-tokens",
-            "6",
-            "--temperature",
-            "0",
-            "--save",
-            "out/piped.json",
-        ]
-    )
+    args = _tiny_student_chat_args(6, save="out/piped.json")
     assert cmd_chat(args) == 0
     captured = capsys.readouterr()
     assert len(re.findall(r"\[6 tokens", captured.err)) == 1, captured.err  # one reply

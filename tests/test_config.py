@@ -552,129 +552,54 @@ def _without(section: str) -> str:
     return yaml.safe_dump(data)
 
 
+# One edit of the seed config a row (left unformatted, as a table): (id, a text of the seed config, what
+# replaces it, a fragment the message must contain).
+# fmt: off
+SEED_EDITS = [
+    ("lr not a number", "learning_rate: 1e-4", "learning_rate: fast", "train.sft.learning_rate"),
+    ("lr negative", "learning_rate: 1e-4", "learning_rate: -1e-4", "train.sft.learning_rate"),
+    ("epochs zero", "num_train_epochs: 11\n    per_device_train_batch_size: 8", "num_train_epochs: 0\n    per_device_train_batch_size: 8", "train.sft.num_train_epochs"),
+    ("batch size text", "per_device_train_batch_size: 8", "per_device_train_batch_size: eight", "train.sft.per_device_train_batch_size"),
+    ("batch size float", "batch_size: 256", "batch_size: 2.5", "teacher.open.pipeline.batch_size"),
+    ("max_new_tokens negative", "max_new_tokens: 1024\n      temperature", "max_new_tokens: -1\n      temperature", "teacher.open.pipeline.max_new_tokens"),
+    ("top_p above one", "top_p: 0.95", "top_p: 1.5", "teacher.open.pipeline.top_p"),
+    ("temperature negative", "temperature: 0.5", "temperature: -0.5", "teacher.open.pipeline.temperature"),
+    ("use_cache not bool", "use_cache: False", "use_cache: sometimes", "teacher.open.pipeline.use_cache"),
+    ("device enum", 'type: "auto"', 'type: "tpu"', "device.type"),
+    ("padding side enum", 'padding_side: "left"\n      add_generation_prompt', 'padding_side: "up"\n      add_generation_prompt', "teacher.open.tokenizer.padding_side"),
+    ("quant type enum", 'bnb_4bit_quant_type: "nf4"', 'bnb_4bit_quant_type: "int4"', "assistant.quantization.bnb_4bit_quant_type"),
+    ("lora bias enum", 'bias: "none"', 'bias: "some"', "assistant.lora.bias"),
+    ("eval strategy enum", 'evaluation_strategy: "epoch"', 'evaluation_strategy: "sometimes"', "train.distillation.evaluation_strategy"),
+    ("report_to enum", 'report_to: "mlflow"\n    overwrite_output_dir', 'report_to: "excel"\n    overwrite_output_dir', "train.sft.report_to"),
+    ("reduction enum", 'reduction: "batchmean"', 'reduction: "median"', "train.distillation.knowledgedistillation.loss.reduction"),
+    ("kd weight above one", "weight: 0.3", "weight: 2", "train.distillation.knowledgedistillation.weight"),
+    ("temperature zero", "temperature: 0.5\n        reduction", "temperature: 0\n        reduction", "train.distillation.knowledgedistillation.loss.temperature"),
+    ("hidden size negative", "hidden_size: 1280", "hidden_size: -1", "student.hidden_size"),
+    ("layers zero", "num_hidden_layers: 24", "num_hidden_layers: 0", "student.num_hidden_layers"),
+    ("test_size above one", "test_size: 0.1", "test_size: 1.5", "train.sft.dataset.test_size"),
+    ("lora dropout one", "lora_dropout: 0.05\n        target_modules", "lora_dropout: 1.0\n        target_modules", "train.sft.peft.lora.lora_dropout"),
+    ("special tokens not a list", 'additional_special_tokens: [ "<|im_end|>" ]', "additional_special_tokens: {a: 1}", "teacher.open.tokenizer.additional_special_tokens"),
+    ("unknown nested key", "top_k: 100", "top_k: 100\n      beam_width: 3", "teacher.open.pipeline.beam_width"),
+    ("typo in section name", "assistant:\n  model:", "asistant:\n  model:", "asistant"),
+    ("yaml tab indentation", '  type: "auto"', '\ttype: "auto"', "YAML syntax error"),
+    ("yaml unclosed bracket", '[ "<|im_end|>" ]', '[ "<|im_end|>"', "YAML syntax error"),
+    ("yaml bad indentation", "    prompt_length: 17", "      prompt_length: 17\n    bad", "YAML syntax error"),
+    ("duplicate key", "top_k: 100", "top_k: 100\n      top_k: 5", "duplicate key"),
+    ("unresolved reference", "top_k: 100", "top_k: ${teacher.open.pipeline.top_kk}", "teacher.open.pipeline.top_kk is not in the config"),
+    ("empty model name", '"stabilityai/stable-code-instruct-3b"', '""', "teacher.open.model.name: is empty"),
+]
+# fmt: on
+
 MALFORMED = [
     # (id, text, a fragment the message must contain)
-    ("lr not a number", _seed_text().replace("learning_rate: 1e-4", "learning_rate: fast"), "train.sft.learning_rate"),
-    ("lr negative", _seed_text().replace("learning_rate: 1e-4", "learning_rate: -1e-4"), "train.sft.learning_rate"),
-    (
-        "epochs zero",
-        _seed_text().replace(
-            "num_train_epochs: 11\n    per_device_train_batch_size: 8",
-            "num_train_epochs: 0\n    per_device_train_batch_size: 8",
-        ),
-        "train.sft.num_train_epochs",
-    ),
-    (
-        "batch size text",
-        _seed_text().replace("per_device_train_batch_size: 8", "per_device_train_batch_size: eight"),
-        "train.sft.per_device_train_batch_size",
-    ),
-    (
-        "batch size float",
-        _seed_text().replace("batch_size: 256", "batch_size: 2.5"),
-        "teacher.open.pipeline.batch_size",
-    ),
-    (
-        "max_new_tokens negative",
-        _seed_text().replace("max_new_tokens: 1024\n      temperature", "max_new_tokens: -1\n      temperature"),
-        "teacher.open.pipeline.max_new_tokens",
-    ),
-    ("top_p above one", _seed_text().replace("top_p: 0.95", "top_p: 1.5"), "teacher.open.pipeline.top_p"),
-    (
-        "temperature negative",
-        _seed_text().replace("temperature: 0.5", "temperature: -0.5"),
-        "teacher.open.pipeline.temperature",
-    ),
-    (
-        "use_cache not bool",
-        _seed_text().replace("use_cache: False", "use_cache: sometimes"),
-        "teacher.open.pipeline.use_cache",
-    ),
-    ("device enum", _seed_text().replace('type: "auto"', 'type: "tpu"'), "device.type"),
-    (
-        "padding side enum",
-        _seed_text().replace(
-            'padding_side: "left"\n      add_generation_prompt', 'padding_side: "up"\n      add_generation_prompt'
-        ),
-        "teacher.open.tokenizer.padding_side",
-    ),
-    (
-        "quant type enum",
-        _seed_text().replace('bnb_4bit_quant_type: "nf4"', 'bnb_4bit_quant_type: "int4"'),
-        "assistant.quantization.bnb_4bit_quant_type",
-    ),
-    ("lora bias enum", _seed_text().replace('bias: "none"', 'bias: "some"'), "assistant.lora.bias"),
-    (
-        "eval strategy enum",
-        _seed_text().replace('evaluation_strategy: "epoch"', 'evaluation_strategy: "sometimes"'),
-        "train.distillation.evaluation_strategy",
-    ),
-    (
-        "report_to enum",
-        _seed_text().replace(
-            'report_to: "mlflow"\n    overwrite_output_dir', 'report_to: "excel"\n    overwrite_output_dir'
-        ),
-        "train.sft.report_to",
-    ),
-    (
-        "reduction enum",
-        _seed_text().replace('reduction: "batchmean"', 'reduction: "median"'),
-        "train.distillation.knowledgedistillation.loss.reduction",
-    ),
-    (
-        "kd weight above one",
-        _seed_text().replace("weight: 0.3", "weight: 2"),
-        "train.distillation.knowledgedistillation.weight",
-    ),
-    (
-        "temperature zero",
-        _seed_text().replace("temperature: 0.5\n        reduction", "temperature: 0\n        reduction"),
-        "train.distillation.knowledgedistillation.loss.temperature",
-    ),
-    ("hidden size negative", _seed_text().replace("hidden_size: 1280", "hidden_size: -1"), "student.hidden_size"),
-    ("layers zero", _seed_text().replace("num_hidden_layers: 24", "num_hidden_layers: 0"), "student.num_hidden_layers"),
-    ("test_size above one", _seed_text().replace("test_size: 0.1", "test_size: 1.5"), "train.sft.dataset.test_size"),
-    (
-        "lora dropout one",
-        _seed_text().replace("lora_dropout: 0.05\n        target_modules", "lora_dropout: 1.0\n        target_modules"),
-        "train.sft.peft.lora.lora_dropout",
-    ),
-    (
-        "special tokens not a list",
-        _seed_text().replace('additional_special_tokens: [ "<|im_end|>" ]', "additional_special_tokens: {a: 1}"),
-        "teacher.open.tokenizer.additional_special_tokens",
-    ),
+    *((name, _seed_text().replace(old, new), fragment) for name, old, new, fragment in SEED_EDITS),
     ("unknown top-level key", _seed_text() + "\nextras:\n  x: 1\n", "extras: unknown key"),
-    (
-        "unknown nested key",
-        _seed_text().replace("top_k: 100", "top_k: 100\n      beam_width: 3"),
-        "teacher.open.pipeline.beam_width",
-    ),
-    ("typo in section name", _seed_text().replace("assistant:\n  model:", "asistant:\n  model:"), "asistant"),
     ("missing section student", _without("student"), "student: missing section"),
     ("missing section teacher", _without("teacher"), "teacher: missing section"),
     ("missing section datasets", _without("datasets"), "datasets: missing section"),
     ("empty datasets list", _seed_text().split("datasets:")[0] + "datasets: []\n", "datasets"),
     ("dataset entry not a mapping", _seed_text().split("datasets:")[0] + "datasets:\n  - just-a-name\n", "datasets[0]"),
     ("section is a list", _replaced("cuda", ["expandable_segments:True"]), "cuda: Input should be a valid dictionary"),
-    ("yaml tab indentation", _seed_text().replace('  type: "auto"', '\ttype: "auto"'), "YAML syntax error"),
-    ("yaml unclosed bracket", _seed_text().replace('[ "<|im_end|>" ]', '[ "<|im_end|>"'), "YAML syntax error"),
-    (
-        "yaml bad indentation",
-        _seed_text().replace("    prompt_length: 17", "      prompt_length: 17\n    bad"),
-        "YAML syntax error",
-    ),
-    ("duplicate key", _seed_text().replace("top_k: 100", "top_k: 100\n      top_k: 5"), "duplicate key"),
-    (
-        "unresolved reference",
-        _seed_text().replace("top_k: 100", "top_k: ${teacher.open.pipeline.top_kk}"),
-        "teacher.open.pipeline.top_kk is not in the config",
-    ),
-    (
-        "empty model name",
-        _seed_text().replace('"stabilityai/stable-code-instruct-3b"', '""'),
-        "teacher.open.model.name: is empty",
-    ),
     ("empty file", "", "empty"),
     ("only a comment", "# nothing here\n", "empty"),
     ("top level scalar", "hello\n", "top level must be a mapping"),

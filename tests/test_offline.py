@@ -169,37 +169,31 @@ def test_a_cached_hub_model_loads_from_the_cache_when_the_hub_is_unreachable(tmp
     assert "Retrying" not in result.stderr
 
 
-def test_the_chat_worker_fails_at_once_naming_assistant_model_name(tmp_path: Path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    began = time.monotonic()
+def _offline_chat_worker_reply(cwd: Path, *args: str) -> dict:
+    """Start the chat worker offline on the hub name, send it nothing: its last reply (JSON line)."""
     result = subprocess.run(
-        [sys.executable, "-m", "engine.chat.worker", "--model", HUB_NAME, "--device", "cpu"],
-        env=env,
-        cwd=tmp_path,
+        [sys.executable, "-m", "engine.chat.worker", "--model", HUB_NAME, *args],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+        cwd=cwd,
         input="",
         capture_output=True,
         text=True,
         timeout=120,
     )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_the_chat_worker_fails_at_once_naming_assistant_model_name(tmp_path: Path):
+    began = time.monotonic()
+    reply = _offline_chat_worker_reply(tmp_path, "--device", "cpu")
     seconds = time.monotonic() - began
-    reply = json.loads(result.stdout.strip().splitlines()[-1])
     assert reply["kind"] == "error" and reply["fatal"] is True
     message = reply["message"]
     assert message.startswith(f"assistant.model.name (or --model): cannot load '{HUB_NAME}'"), message
     assert "HF_HUB_OFFLINE is set" in message and message.endswith("or tiny:<name>.")  # whole, not clipped
     assert seconds < 20, seconds  # a process start and a few imports; it was ~50 s of hub retries
-    keyed = subprocess.run(
-        [sys.executable, "-m", "engine.chat.worker", "--model", HUB_NAME, "--key", "student.base_model_name"],
-        env=env,
-        cwd=tmp_path,
-        input="",
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert json.loads(keyed.stdout.strip().splitlines()[-1])["message"].startswith(
-        "student.base_model_name: cannot load"
-    )
+    keyed = _offline_chat_worker_reply(tmp_path, "--key", "student.base_model_name")
+    assert keyed["message"].startswith("student.base_model_name: cannot load")
 
 
 def test_the_supervisor_runs_a_stage_offline_when_the_hub_is_unreachable(online):

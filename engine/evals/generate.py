@@ -13,7 +13,7 @@ import torch
 
 from engine.config.schema import CodeEvalConfig
 from engine.evals.code import chat_messages, extract_code, truncate_completion
-from engine.models.loading import stop_token_ids
+from engine.models.loading import encode_prompts, max_positions, stop_token_ids
 
 
 def prompt_format(tokenizer, wanted: str) -> str:
@@ -43,8 +43,7 @@ def generate_completions(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    limit = getattr(model.config, "max_position_embeddings", 4096)
-    max_input = max(1, limit - cfg.max_new_tokens)
+    limit = max_positions(model)
     sampled = cfg.n_samples > 1
     kwargs = {
         "max_new_tokens": min(cfg.max_new_tokens, limit - 1),
@@ -68,14 +67,7 @@ def generate_completions(
         batch = items[start : start + cfg.batch_size]
         texts = [prompt_text(tokenizer, p, fmt, system) for p in batch]
         tokenizer.truncation_side = "left"  # keep the end of an over-long prompt: the signature to complete
-        encoded = tokenizer(
-            texts,
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_input,
-            add_special_tokens=fmt == "base",
-        ).to(model.device)
+        encoded = encode_prompts(tokenizer, texts, model, cfg.max_new_tokens, add_special_tokens=fmt == "base")
         generated = model.generate(**encoded, **kwargs)
         new_tokens = generated[:, encoded["input_ids"].shape[1] :]
         replies = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)

@@ -158,3 +158,21 @@ def stop_token_ids(tokenizer, model=None, extra_tokens: list[str] | tuple[str, .
     wanted = [*extra_tokens, *(token for token in TURN_END_TOKENS if token in template)]
     ids += [vocab[token] for token in wanted if token in vocab]
     return sorted({int(i) for i in ids})
+
+
+def max_positions(model) -> int:
+    """The longest sequence `model` takes: its config's max_position_embeddings (4096 when it names none)."""
+    return getattr(model.config, "max_position_embeddings", 4096)
+
+
+def encode_prompts(tokenizer, texts: list[str], model, max_new_tokens: int, add_special_tokens: bool = False):
+    """A batch of prompt texts as `model.generate`'s input, on the model's device: padded on the tokenizer's
+    side (left, for generation), each cut to the room `max_new_tokens` leaves (on its truncation side)."""
+    return tokenizer(
+        texts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max(1, max_positions(model) - max_new_tokens),
+        add_special_tokens=add_special_tokens,
+    ).to(model.device)

@@ -51,52 +51,31 @@ class Model:
         return self.switch is None or bool(get_key(config, self.switch))
 
 
+# The registry as a table (left unformatted: ruff would give every field a line of its own), one record a
+# model: on its first line how the model is called, on the next how it is made.
+# fmt: off
 TEACHER = Model(
-    name="teacher", target="teacher", label="teacher", title="teacher", chat_label="Teacher", stage="teacher"
+    name="teacher", target="teacher", label="teacher", title="teacher", chat_label="Teacher",
+    stage="teacher",
 )
 ASSISTANT_BASE = Model(
-    name="assistant_base",
-    target="base",
-    label="base asst.",
-    title="base assistant",
-    chat_label="Base assistant",
+    name="assistant_base", target="base", label="base asst.", title="base assistant", chat_label="Base assistant",
     stage=None,
 )
 ASSISTANT = Model(
-    name="assistant",
-    target="assistant",
-    label="assistant",
-    title="fine-tuned assistant (LoRA merged)",
-    chat_label="Assistant + LoRA",
-    stage="sft",
-    output_key="train.sft.save_path",
-    proof="adapter_config.json",
-    exportable=True,
+    name="assistant", target="assistant", label="assistant", title="fine-tuned assistant (LoRA merged)", chat_label="Assistant + LoRA",
+    stage="sft", output_key="train.sft.save_path", proof="adapter_config.json", exportable=True,
 )
 STUDENT_KD = Model(
-    name="student_kd",
-    target="kd",
-    label="KD student",
-    title="KD student",
-    chat_label="KD student",
-    stage="distill",
-    output_key="train.distillation.output_dir",
-    proof="config.json",
-    exportable=True,
+    name="student_kd", target="kd", label="KD student", title="KD student", chat_label="KD student",
+    stage="distill", output_key="train.distillation.output_dir", proof="config.json", exportable=True,
 )
 STUDENT_CE = Model(
-    name="student_ce",
-    target="ce",
-    label="CE student",
-    title="CE-only control student",
-    chat_label="CE-only student",
-    stage="distill",
-    output_key="train.distillation.output_dir",
-    output_suffix="_ce",
-    proof="config.json",
-    switch="train.distillation.ce_only_control",
-    exportable=True,
+    name="student_ce", target="ce", label="CE student", title="CE-only control student", chat_label="CE-only student",
+    stage="distill", output_key="train.distillation.output_dir", output_suffix="_ce", proof="config.json",
+    switch="train.distillation.ce_only_control", exportable=True,
 )
+# fmt: on
 
 MODELS: tuple[Model, ...] = (TEACHER, ASSISTANT_BASE, ASSISTANT, STUDENT_KD, STUDENT_CE)
 """Every model in pipeline order: the order of the eval report, the code results, the model card and compare."""

@@ -22,8 +22,20 @@ STATE_STYLE = {
     "cancelled": ("■", "magenta"),
     "died": ("†", "bold red"),
 }
-RUN_STYLE = {"live": "bold yellow", "finished": "green", "stopped": "yellow", "new": "dim"}
-"""Colour of a run's overall state (Run.overall_state); failed / cancelled / died are red."""
+"""A stage's state (StageStatus.state): its glyph and colour, in the terminal and the panel alike."""
+
+RUN_STYLE = {
+    "live": STATE_STYLE["running"],
+    "finished": STATE_STYLE["done"],
+    "failed": (STATE_STYLE["failed"][0], "red"),  # the stage's glyph, not bold: a run list need not shout
+    "died": (STATE_STYLE["died"][0], "red"),
+    "cancelled": STATE_STYLE["cancelled"],
+    "stopped": ("‖", "yellow"),
+    "new": STATE_STYLE["pending"],
+}
+"""A run's overall state (Run.overall_state): its glyph and colour, in `tas status` and the panel's run list.
+A run looks like the stage it takes its state from (running, done, pending, the last stage's end)."""
+
 WIDTH = 80
 
 
@@ -124,7 +136,7 @@ def run_block(run: Run) -> str:
     stages = run.stages()
     state = run.overall_state(stages)
     label = "not started" if state == "new" else state
-    overall = f"[{RUN_STYLE.get(state, 'red')}]{label}[/]"
+    overall = f"[{RUN_STYLE.get(state, ('?', 'red'))[1]}]{label}[/]"
     source = run.config_source
     room = WIDTH - len(run.id) - len(ago(run.created)) - 20
     if len(source) > room:

@@ -29,7 +29,7 @@ from engine.models.device import (
     pick_device,
     pick_dtype,
 )
-from engine.models.loading import load_causal_lm, load_tokenizer, stop_token_ids
+from engine.models.loading import encode_prompts, load_causal_lm, load_tokenizer, stop_token_ids
 from engine.runner.context import StageContext, StageError
 from engine.teacher.output import TeacherOutput
 
@@ -145,23 +145,36 @@ def generate_batches(
     order = list(range(len(texts)))
     if sort_by_length:
         order.sort(key=lambda i: -lengths[i])
-    max_input = max(1, getattr(model.config, "max_position_embeddings", 4096) - gen_kwargs["max_new_tokens"])
     stop_ids = torch.tensor(gen_kwargs["eos_token_id"] or [-1])
+
+    def answer(chunk: list[int]) -> Batch:
+        """The prompts at `chunk` answered in one batch: a frame of its own, so that dropping an out-of-memory
+        exception frees the batch's tensors with it."""
+        encoded = encode_prompts(tokenizer, [texts[i] for i in chunk], model, gen_kwargs["max_new_tokens"])
+        began = time.perf_counter()
+        with torch.inference_mode():
+            output = model.generate(**encoded, **gen_kwargs)
+        seconds = time.perf_counter() - began
+        new = output[:, encoded["input_ids"].shape[1] :].cpu()
+        answers, counted = [], 0
+        for row in new:
+            stops = torch.isin(row, stop_ids).nonzero()
+            length = int(stops[0]) + 1 if len(stops) else len(row)
+            counted += length
+            answers.append(
+                tokenizer.decode(
+                    row[:length],
+                    skip_special_tokens=skip_special_tokens,
+                    clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+                ).strip()
+            )
+        return Batch([prompts[i] for i in chunk], answers, counted, seconds)
+
     start = 0
     while start < len(order):
         chunk = order[start : start + batch_size]
         try:
-            batch = _generate_batch(
-                model,
-                tokenizer,
-                [prompts[i] for i in chunk],
-                [texts[i] for i in chunk],
-                gen_kwargs,
-                max_input,
-                stop_ids,
-                skip_special_tokens,
-                clean_up_tokenization_spaces,
-            )
+            batch = answer(chunk)
         except Exception as exc:
             if not is_out_of_memory(exc) or batch_size == 1:
                 raise
@@ -173,45 +186,6 @@ def generate_batches(
             continue  # the same prompts, in smaller batches
         start += len(chunk)
         yield batch
-
-
-def _generate_batch(
-    model,
-    tokenizer,
-    prompts: list[dict[str, Any]],
-    texts: list[str],
-    gen_kwargs: dict[str, Any],
-    max_input: int,
-    stop_ids: torch.Tensor,
-    skip_special_tokens: bool,
-    clean_up_tokenization_spaces: bool,
-) -> Batch:
-    encoded = tokenizer(
-        texts,
-        return_tensors="pt",
-        padding=True,
-        truncation=True,
-        max_length=max_input,
-        add_special_tokens=False,
-    ).to(model.device)
-    began = time.perf_counter()
-    with torch.inference_mode():
-        output = model.generate(**encoded, **gen_kwargs)
-    seconds = time.perf_counter() - began
-    new = output[:, encoded["input_ids"].shape[1] :].cpu()
-    answers, counted = [], 0
-    for row in new:
-        stops = torch.isin(row, stop_ids).nonzero()
-        length = int(stops[0]) + 1 if len(stops) else len(row)
-        counted += length
-        answers.append(
-            tokenizer.decode(
-                row[:length],
-                skip_special_tokens=skip_special_tokens,
-                clean_up_tokenization_spaces=clean_up_tokenization_spaces,
-            ).strip()
-        )
-    return Batch(prompts, answers, counted, seconds)
 
 
 def answer_open(

@@ -49,6 +49,19 @@ from engine.chat.transcript import message_text
 _request_ids = itertools.count(1)
 PLACEHOLDER = "Enter sends · ctrl+j (or shift+enter): new line · ctrl+s saves"
 
+BAR_PARAMS = (
+    # (param, its label, its type, its tooltip: {} stands for its bounds)
+    ("temperature", "temp", float, "temperature {} (0 = greedy)"),
+    ("top_p", "top-p", float, "nucleus sampling threshold, {}"),
+    ("max_new_tokens", "max", int, "max new tokens per reply, {}"),
+)
+"""The generation params the chat bar edits, in its order; the others come from DEFAULT_PARAMS (+ extra_params)."""
+
+
+def _param_id(name: str) -> str:
+    """The id of a param's box in the chat bar: `chat-top-p` for top_p."""
+    return "chat-" + name.replace("_", "-")
+
 
 class ChatReply(Message):
     """A reply of a chat worker, posted from the client's reader thread."""
@@ -252,33 +265,18 @@ class ChatTab(Vertical):
                 value=0 if options else Select.NULL,
                 prompt="no model (config error)",
             )
-            yield Label("temp", classes="chat-param-label")
-            yield Input(
-                str(DEFAULT_PARAMS.temperature),
-                id="chat-temperature",
-                type="number",
-                compact=True,
-                classes="chat-param",
-                tooltip=f"temperature {param_bounds('temperature')} (0 = greedy)",
-            )
-            yield Label("top-p", classes="chat-param-label")
-            yield Input(
-                str(DEFAULT_PARAMS.top_p),
-                id="chat-top-p",
-                type="number",
-                compact=True,
-                classes="chat-param",
-                tooltip=f"nucleus sampling threshold, {param_bounds('top_p')}",
-            )
-            yield Label("max", classes="chat-param-label")
-            yield Input(
-                str(self.max_new_tokens),
-                id="chat-max-new-tokens",
-                type="integer",
-                compact=True,
-                classes="chat-param",
-                tooltip=f"max new tokens per reply, {param_bounds('max_new_tokens')}",
-            )
+            # the boxes start from DEFAULT_PARAMS, max_new_tokens from the config
+            first = {**DEFAULT_PARAMS.given(), "max_new_tokens": self.max_new_tokens}
+            for name, label, cast, tooltip in BAR_PARAMS:
+                yield Label(label, classes="chat-param-label")
+                yield Input(
+                    str(first[name]),
+                    id=_param_id(name),
+                    type="integer" if cast is int else "number",
+                    compact=True,
+                    classes="chat-param",
+                    tooltip=tooltip.format(param_bounds(name)),
+                )
         with Horizontal(id="chat-system-row"):
             yield Label("system", id="chat-system-label")
             yield Input(self.system, id="chat-system", compact=True, placeholder="(no system prompt)")
@@ -386,9 +384,7 @@ class ChatTab(Vertical):
 
         return make_params(
             DEFAULT_PARAMS,
-            temperature=read("#chat-temperature", "temperature", float),
-            top_p=read("#chat-top-p", "top_p", float),
-            max_new_tokens=read("#chat-max-new-tokens", "max_new_tokens", int),
+            **{name: read(f"#{_param_id(name)}", name, cast) for name, _, cast, _ in BAR_PARAMS},
             **self.extra_params,
         )
 

@@ -102,17 +102,6 @@ class StoreSnapshot:
     report: dict | None = None  # the eval stage's report.json, when the eval stage is selected
 
 
-RUN_GLYPH = {
-    "live": ("▶", "bold yellow"),
-    "finished": ("✓", "green"),
-    "failed": ("✗", "red"),
-    "died": ("†", "red"),
-    "cancelled": ("■", "magenta"),
-    "stopped": ("‖", "yellow"),
-    "new": ("·", "dim"),
-}
-
-
 class StagesTab(Vertical):
     DEFAULT_CSS = """
     StagesTab { height: 1fr; }
@@ -328,6 +317,8 @@ class StagesTab(Vertical):
     def _show_runs(self, runs: list[RunSummary]) -> None:
         """One line a run (its glyph and its id less the date, which heads each day's runs), and the user's
         name for it, if any, on a second line: ids never wrap in the narrow list."""
+        from engine.store.render import RUN_STYLE
+
         option_list = self.query_one("#runs", OptionList)
         room = max(8, option_list.scrollable_content_region.width or RUNS_ROOM)
         options, day = [], None
@@ -336,7 +327,7 @@ class StagesTab(Vertical):
             if date != day:
                 day = date
                 options.append(Option(Text(date or "other runs", style="dim"), id=f"day:{date}", disabled=True))
-            glyph, style = RUN_GLYPH.get(run.state, ("?", ""))
+            glyph, style = RUN_STYLE.get(run.state, ("?", ""))
             label = Text.assemble((f"{glyph} ", style), clip(short, room - 2))
             if run.name:
                 label.append("\n  " + clip(run.name, room - 2), style="italic")
