@@ -4,11 +4,13 @@ connection to the hub's host (HF_ENDPOINT) within a second."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -208,3 +210,64 @@ def test_the_supervisor_runs_a_stage_offline_when_the_hub_is_unreachable(online)
     online.delenv("HF_HUB_OFFLINE")
     online.setattr(hub, "_connect", lambda host, port, timeout: None)  # the hub answers
     assert hub_offline_note(env) is None and env == {}
+
+
+class _FakeHub(http.server.BaseHTTPRequestHandler):
+    """The hub's model API as huggingface_hub reads it: one model there, every other id answered as the hub
+    answers a missing repository (404 + X-Error-Code: RepoNotFound), `broken/*` with a server error."""
+
+    def do_GET(self):
+        if self.path.startswith("/api/models/known/model"):
+            body, status, headers = {"id": "known/model", "sha": "0" * 40, "private": False}, 200, {}
+        elif self.path.startswith("/api/models/broken/"):
+            body, status, headers = {"error": "internal"}, 500, {}
+        else:
+            body, status, headers = {"error": "Repository not found"}, 404, {"X-Error-Code": "RepoNotFound"}
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("name", "verdict"),
+    [("someone/mistyped-model", "not found"), ("known/model", "ok"), ("broken/model", "ok")],
+)
+def test_a_reachable_hub_is_asked_whether_the_model_is_there(tmp_path: Path, name: str, verdict: str):
+    """Online, a mistyped hub id fails in the check a stage makes before it touches its outputs; a model the
+    hub has passes, and a hub error is no verdict (loading decides). A real HTTP server stands in for the hub,
+    in a fresh process: huggingface_hub reads HF_ENDPOINT when it is imported."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if "PROXY" not in k.upper() and not k.endswith("_OFFLINE")}
+    env.update(
+        HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HOME=str(tmp_path / "hf"), HF_HUB_ETAG_TIMEOUT="5"
+    )
+    script = (
+        "import sys\n"
+        "from engine.models.loading import ModelNotFound, check_hub_model\n"
+        "try:\n"
+        "    check_hub_model(sys.argv[1], 'teacher.open.model.name')\n"
+        "    print('ok')\n"
+        "except ModelNotFound as exc:\n"
+        "    print('not found:', exc)\n"
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", script, name], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        server.shutdown()
+    assert result.stdout.startswith(verdict), result.stdout + result.stderr
+    if verdict == "not found":
+        assert f"teacher.open.model.name: '{name}' is neither a local folder nor a model on the Hugging Face hub" in (
+            result.stdout
+        )
+        assert "check the spelling" in result.stdout

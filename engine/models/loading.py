@@ -62,6 +62,8 @@ def check_hub_model(name: str, key: str | None = None) -> None:
     naming `key`, the cache and what to do."""
     reason = hub.unreachable_reason()
     if reason is None:
+        if not in_hub_cache(name):
+            _check_on_hub(name, key)
         return
     if in_hub_cache(name):
         hub.work_offline()
@@ -72,6 +74,24 @@ def check_hub_model(name: str, key: str | None = None) -> None:
         f"and the hub is unreachable ({reason}); download it where there is internet (hf download {name}) and "
         f"copy the cache folder here, or set {setting} to a local model folder or tiny:<name>."
     )
+
+
+def _check_on_hub(name: str, key: str | None) -> None:
+    """A hub that answers is asked whether `name` is there, so a mistyped id fails before a stage touches its
+    outputs, not at loading. Only a clear "no such repository" fails: a hub error or a timeout proves nothing,
+    and loading decides. A private or gated repository counts as there when the token can see it."""
+    from huggingface_hub import repo_exists
+
+    try:
+        exists = repo_exists(name)
+    except Exception:  # the hub's own trouble (5xx, timeout, rate limit): not a verdict on the name
+        return
+    if not exists:
+        raise ModelNotFound(
+            f"{key + ': ' if key else ''}{name!r} is neither a local folder nor a model on the Hugging Face hub; "
+            "check the spelling, or log in (hf auth login, or HF_TOKEN in .env) if it is "
+            "a private or gated model."
+        )
 
 
 def in_hub_cache(name: str) -> bool:
