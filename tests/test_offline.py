@@ -113,7 +113,10 @@ def test_the_probe_goes_to_the_proxy_when_one_applies(online):
 
 
 def test_reachable_hub_lets_a_hub_name_through(online):
+    import huggingface_hub
+
     online.setattr(hub, "_connect", lambda host, port, timeout: None)
+    online.setattr(huggingface_hub, "repo_exists", lambda name: name == HUB_NAME)  # the hub has it; no network
     assert resolve_model_path(HUB_NAME, "assistant.model.name", check_hub=True) == HUB_NAME
     assert os.environ.get("HF_HUB_OFFLINE") is None
 
