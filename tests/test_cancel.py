@@ -87,3 +87,59 @@ def test_cancel_saves_one_checkpoint_and_skips_evaluation(answered, tmp_path: Pa
     assert recorder.evaluations_after == 0
     assert recorder.predictions_after <= 1  # an evaluation in progress stops at its next batch
     assert seconds < cfg.launch.cancel_grace_s
+
+
+class ResumeRecorder:
+    """Stands in for the Trainer: records the checkpoint `train_resumable` resumes from."""
+
+    def __init__(self):
+        self.resumed_from = "never trained"
+
+    def train(self, resume_from_checkpoint=None):
+        self.resumed_from = resume_from_checkpoint
+
+
+def checkpoint(folder: Path, weights: str, state: str | None) -> Path:
+    """A checkpoint folder as HF's Trainer leaves it: weights and optimizer first, trainer_state.json last."""
+    folder.mkdir(parents=True)
+    (folder / weights).write_bytes(b"\0" * 64)
+    (folder / "optimizer.pt").write_bytes(b"\0" * 64)
+    if state is not None:
+        (folder / "trainer_state.json").write_text(state)
+    return folder
+
+
+def resume(tmp_path: Path, checkpoints: Path) -> tuple[ResumeRecorder, list[dict]]:
+    from engine.store.events import read_events
+    from engine.train.callbacks import CancelCallback, train_resumable
+    from tests.helpers import TINY_CONFIG
+
+    ctx = make_context(load_config(TINY_CONFIG), "distill", tmp_path)
+    trainer = ResumeRecorder()
+    train_resumable(ctx, trainer, CancelCallback(ctx), checkpoints, "batch", 4, False, "train.distillation.overwrite")
+    return trainer, read_events(ctx.stage_dir / "events.jsonl")
+
+
+@pytest.mark.parametrize("weights", ["adapter_model.safetensors", "model.safetensors"], ids=["lora", "full"])
+@pytest.mark.parametrize("state", [None, '{"global_step": 4, "log_hi'], ids=["no state", "torn state"])
+def test_resume_skips_a_checkpoint_whose_save_was_cut(tmp_path: Path, weights: str, state: str | None):
+    """A save killed mid-way (SIGKILL after the grace) leaves weights without a readable trainer_state.json:
+    the next run resumes from the newest complete checkpoint, says which folder it skipped, and removes it."""
+    checkpoints = tmp_path / "out" / "checkpoints"
+    good = checkpoint(checkpoints / "checkpoint-2", weights, '{"global_step": 2}')
+    cut = checkpoint(checkpoints / "checkpoint-4", weights, state)
+    trainer, events = resume(tmp_path, checkpoints)
+    assert trainer.resumed_from == str(good)
+    skipped = [e for e in events if e["kind"] == "log" and str(cut) in e["msg"]]
+    assert skipped and "skipped" in skipped[0]["msg"], events
+    assert not cut.exists() and good.exists()
+
+
+def test_resume_with_only_cut_checkpoints_trains_from_the_start(tmp_path: Path):
+    checkpoints = tmp_path / "out" / "checkpoints"
+    checkpoint(checkpoints / "checkpoint-2", "model.safetensors", None)
+    checkpoint(checkpoints / "checkpoint-4", "model.safetensors", "")
+    trainer, events = resume(tmp_path, checkpoints)
+    assert trainer.resumed_from is None
+    assert sum("skipped" in e.get("msg", "") for e in events) == 2
+    assert list(checkpoints.iterdir()) == []

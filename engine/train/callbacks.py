@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from engine.core.fsio import describe_os_error
 from engine.models.device import any_rank, barrier, peak_memory
@@ -115,12 +116,57 @@ class CancelCallback(TrainerCallback):
             raise EvaluationAborted()
 
 
-def last_checkpoint(output_dir: str | Path) -> str | None:
-    """Newest `checkpoint-N` folder in output_dir, or None."""
+TRAINER_STATE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME (a heavy module to import for it)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """True when the Trainer saved this checkpoint to the end.
+
+    `Trainer._save_checkpoint` writes the weights (a LoRA adapter or the full model), then the optimizer,
+    scheduler and RNG states, and `trainer_state.json` last, in place: a save cut by SIGKILL leaves no
+    state file, or a torn one that does not read as JSON.
+    """
+    try:
+        json.loads((checkpoint / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def checkpoints_by_step(output_dir: str | Path) -> list[Path]:
+    """The `checkpoint-N` folders in output_dir, highest step first."""
     path = Path(output_dir)
     if not path.is_dir():
-        return None
-    return get_last_checkpoint(str(path))
+        return []
+    steps: dict[Path, int] = {}
+    for folder in path.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = folder.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if step.isdigit() and folder.is_dir():
+            steps[folder] = int(step)
+    return sorted(steps, key=steps.__getitem__, reverse=True)
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """Newest complete `checkpoint-N` folder in output_dir, or None."""
+    return next((str(folder) for folder in checkpoints_by_step(output_dir) if is_complete(folder)), None)
+
+
+def remove_incomplete_checkpoints(ctx: StageContext, checkpoints: Path, prefix: str = "") -> None:
+    """Delete the checkpoint folders a killed save left half-written, with a `log` event for each.
+
+    Deleted, not kept aside: nothing can resume from them, a distill one can hold gigabytes, and left in
+    place HF's rotation (`save_total_limit`) counts them: when it falls back to ordering by step number it
+    keeps the half-written folder as "the most recent" and deletes the good checkpoints saved after it.
+    """
+    import shutil
+
+    for folder in checkpoints_by_step(checkpoints):
+        if not is_complete(folder):
+            shutil.rmtree(folder)
+            ctx.events.log(
+                f"{prefix}skipped {folder}: its save was cut short (no readable {TRAINER_STATE}); removed it",
+                level="warning",
+            )
 
 
 def report_to(ctx: StageContext, wanted: str | list[str]) -> list[str]:
@@ -216,6 +262,8 @@ def train_resumable(
         if ctx.is_main:
             shutil.rmtree(checkpoints)
             ctx.events.log(f"{prefix}the previous training finished; training again ({overwrite_key})")
+    if ctx.is_main:
+        remove_incomplete_checkpoints(ctx, checkpoints, prefix)
     barrier()  # under torchrun: no rank looks for checkpoints while rank 0 removes them
     resume = last_checkpoint(checkpoints)
     if resume:
