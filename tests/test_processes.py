@@ -123,6 +123,21 @@ def test_worker_env_makes_the_tiny_profile_repeatable_whatever_the_users_env(mon
     assert env["OMP_NUM_THREADS"] == "7" and env["ATEN_CPU_CAPABILITY"] == "avx512" and "MKL_CBWR" not in env
 
 
+def test_torchrun_waits_the_cancel_grace_before_killing_its_workers(tmp_path: Path):
+    """torchrun's agent SIGKILLs its workers 30 s after passing on a cancel unless told otherwise: a longer
+    launch.cancel_grace_s would be cut short, and a slow checkpoint save with it."""
+    from engine.config.load import load_config as load
+    from engine.runner.supervisor import worker_command
+    from tests.helpers import TINY_CONFIG
+
+    config = load(TINY_CONFIG)
+    config.launch.nproc_per_node, config.launch.cancel_grace_s = 2, 120.0
+    run = RunStore(tmp_path / "runs").create(config, "tiny.yaml", workdir=str(tmp_path))
+    command = worker_command("distill", run, config)
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert "--shutdown-timeout=120" in command[: command.index("engine.runner.worker")]
+
+
 def test_a_repeated_warning_is_written_once(tmp_path: Path):
     """In a worker, the same warning from a library that warns on every call (and from two places, and
     under an "always" filter) is one line in worker.log."""

@@ -12,6 +12,7 @@ Light process, started by `engine.runner.launcher.start` in a session of its own
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import signal
@@ -56,6 +57,9 @@ def worker_command(stage: str, run: Run, config: TASConfig) -> list[str]:
             "torch.distributed.run",
             *where,
             f"--nproc_per_node={launch.nproc_per_node}",
+            # the agent SIGKILLs its workers this long after passing on a cancel (its default is 30 s):
+            # without it a longer cancel_grace_s is cut short and a slow checkpoint save is killed mid-way
+            f"--shutdown-timeout={math.ceil(launch.cancel_grace_s)}",
             *worker,
         ]
     return [sys.executable, "-u", *worker]
