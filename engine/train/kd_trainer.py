@@ -52,10 +52,11 @@ class KDTrainer(Trainer):
     Gradient accumulation: in training the Trainer passes `num_items_in_batch`, the response tokens of the
     whole accumulated batch (all micro-batches of the optimizer step, summed over the ranks), and takes the
     loss it gets back as already scaled for accumulation (`model_accepts_loss_kwargs`). So each
-    micro-batch returns its CE and KL *sums* divided by that count: summed over the micro-batches (and
-    averaged over the ranks by DDP, hence the rank factor) this is the token mean of the whole step, for
-    both terms, exactly what one micro-batch of the whole step would give. A per-micro-batch mean was
-    counted `gradient_accumulation_steps` times over (issue 22): 2x gradients, clipping at half the norm.
+    micro-batch returns its CE and KL *sums* divided by that count (by 1 with reduction `sum`): summed over
+    the micro-batches (and averaged over the ranks by DDP, hence the rank factor) this is the token mean of
+    the whole step, for both terms, exactly what one micro-batch of the whole step would give. A
+    per-micro-batch mean was counted `gradient_accumulation_steps` times over (issue 22): 2x gradients,
+    clipping at half the norm.
     """
 
     def __init__(
