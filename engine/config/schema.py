@@ -355,8 +355,12 @@ class SftConfig(TrainerSection):
     eval_strategy: EvalStrategyKey = "no"
     model_name: str = Field("Assistant", description="Name of the fine-tuned model.")
     save_path: str = Field(".model/assistant/Assistant", description="Where the adapter (and merged model) go.")
-    bfloat16: bool = Field(False, description="Train in bfloat16.")
-    fp16: bool = Field(True, description="Train in float16 (GPU only).")
+    bfloat16: bool = Field(False, description="Train in bfloat16 (float16 on a GPU without native bfloat16).")
+    fp16: bool = Field(
+        True,
+        description="Train in half precision on a GPU: bfloat16 where the GPU has it natively (Qwen2/2.5 "
+        "activations overflow float16), float16 where it does not (V100, T4). CPUs train in float32.",
+    )
     logging_steps: int = Field(1000, gt=0, description="Log every N steps.")
     merge_adapter: bool = Field(False, description="Also save the assistant with the adapter merged in.")
     dataset: SftDataset = Field(default_factory=SftDataset)
@@ -379,7 +383,7 @@ class DistillationConfig(TrainerSection):
     per_device_train_batch_size: BatchSize = 12
     learning_rate: LearningRate = 5e-5
     eval_strategy: EvalStrategyKey = "epoch"
-    bf16: bool = Field(True, description="Train in bfloat16.")
+    bf16: bool = Field(True, description="Train in bfloat16 (float16 on a GPU without native bfloat16).")
     run_name: str = Field("KnowledgeDistillation", description="Run name for the tracker.")
     knowledgedistillation: KnowledgeDistillation = Field(default_factory=KnowledgeDistillation)
     student_init: Literal["pretrained", "random", "assistant_layers"] = Field(

@@ -49,12 +49,21 @@ def select_device(wanted: str, allow_tf32: bool = True) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def has_native_bf16() -> bool:
+    """Whether the current GPU computes in bfloat16 in hardware (Ampere and newer).
+
+    torch's `is_bf16_supported()` also says yes where bf16 is only emulated (V100, T4: slowly, in float32
+    units), so the float16 fallback never fired there; emulation does not count here.
+    """
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def pick_dtype(bfloat16: bool, device: torch.device) -> torch.dtype:
     """The dtype a config's `bfloat16: true` means on this device: bfloat16 where the device has it; on a
-    GPU without it (V100, T4) float16, as TAS did; float32 when the config asks for full precision."""
+    GPU without it natively (V100, T4) float16, as TAS did; float32 when the config asks for full precision."""
     if not bfloat16:
         return torch.float32
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and not has_native_bf16():
         return torch.float16
     return torch.bfloat16
 

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from engine.core.fsio import describe_os_error
-from engine.models.device import any_rank, barrier, peak_memory
+from engine.models.device import any_rank, barrier, has_native_bf16, peak_memory
 from engine.runner.context import StageContext
 
 
@@ -187,17 +187,24 @@ def report_to(ctx: StageContext, wanted: str | list[str]) -> list[str]:
 
 
 def precision(ctx: StageContext, bf16: bool, fp16: bool, device_type: str) -> dict[str, bool]:
-    """bf16 / fp16 flags the device supports; TAS configs ask for fp16, which CPUs cannot train in."""
-    import torch
+    """The Trainer's bf16 / fp16 flags for a config's precision keys on this device.
 
+    On a GPU either key asks for half precision: bfloat16 where the GPU has it natively, float16 only where
+    it does not (V100, T4). TAS's sft asks for `fp16: true`, but Qwen2/2.5 activations overflow float16,
+    so a GPU that can train in bfloat16 does. CPUs cannot train in float16: float32 there.
+    """
     if device_type != "cuda":
         if fp16:
             ctx.events.log("fp16 training needs a GPU; training in float32 on CPU", level="warning")
         return {"bf16": bool(bf16), "fp16": False}
-    if bf16 and not torch.cuda.is_bf16_supported():
-        ctx.events.log("this GPU has no bfloat16; using fp16", level="warning")
-        return {"bf16": False, "fp16": True}
-    return {"bf16": bool(bf16), "fp16": bool(fp16 and not bf16)}
+    if not (bf16 or fp16):
+        return {"bf16": False, "fp16": False}
+    if has_native_bf16():
+        if fp16 and not bf16:
+            ctx.events.log("fp16: true trains in bfloat16 on this GPU (float16 overflows Qwen2 activations)")
+        return {"bf16": True, "fp16": False}
+    ctx.events.log("this GPU has no native bfloat16; training in fp16", level="warning")
+    return {"bf16": False, "fp16": True}
 
 
 @contextmanager

@@ -47,7 +47,17 @@ def last_hidden_state(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class KDTrainer(Trainer):
-    """Trainer whose loss is the chunked, answer-only KD loss; logs ce_loss and kd_loss beside loss."""
+    """Trainer whose loss is the chunked, answer-only KD loss; logs ce_loss and kd_loss beside loss.
+
+    Gradient accumulation: in training the Trainer passes `num_items_in_batch`, the response tokens of the
+    whole accumulated batch (all micro-batches of the optimizer step, summed over the ranks), and takes the
+    loss it gets back as already scaled for accumulation (`model_accepts_loss_kwargs`). So each
+    micro-batch returns its CE and KL *sums* divided by that count (by 1 with reduction `sum`): summed over
+    the micro-batches (and averaged over the ranks by DDP, hence the rank factor) this is the token mean of
+    the whole step, for both terms, exactly what one micro-batch of the whole step would give. A
+    per-micro-batch mean was counted `gradient_accumulation_steps` times over (issue 22): 2x gradients,
+    clipping at half the norm.
+    """
 
     def __init__(
         self,
@@ -61,13 +71,15 @@ class KDTrainer(Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        # compute_loss below takes num_items_in_batch, whatever the student's forward signature says
+        self.model_accepts_loss_kwargs = True
         self.kd_teacher = kd_teacher
         self.kd_weight = kd_weight
         self.temperature = temperature
         self.reduction = reduction
         self.chunk_size = chunk_size
         self.vocab_size = vocab_size
-        self._sums = {"ce_loss": 0.0, "kd_loss": 0.0, "n": 0}
+        self._sums = self._no_sums()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
@@ -88,19 +100,41 @@ class KDTrainer(Trainer):
             labels,
             weight=self.kd_weight,
             temperature=self.temperature,
-            reduction=self.reduction,
+            reduction=self.reduction if num_items_in_batch is None else "sum",
             chunk_size=self.chunk_size,
             vocab_size=self.vocab_size,
         )
+        scale = self._share_of_step(num_items_in_batch)
+        loss = out.loss * scale
         if model.training:
-            self._sums["ce_loss"] += float(out.ce_loss.detach())
-            self._sums["kd_loss"] += float(out.kd_loss.detach())
-            self._sums["n"] += 1
-        return (out.loss, {"loss": out.loss}) if return_outputs else out.loss
+            if self._sums["since"] is None:
+                self._sums["since"] = self.state.global_step
+            self._sums["ce_loss"] += float((out.ce_loss * scale).detach().mean())
+            self._sums["kd_loss"] += float((out.kd_loss * scale).detach().mean())
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _share_of_step(self, num_items_in_batch) -> float | torch.Tensor:
+        """The factor from this micro-batch's sums to its share of the step's loss (see the class docstring).
+
+        Without `num_items_in_batch` (a direct call) the loss is already this batch's own reduction: 1.
+        """
+        if num_items_in_batch is None:
+            return 1.0
+        ranks = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        if self.reduction == "sum":
+            return float(ranks)
+        return ranks / num_items_in_batch
+
+    @staticmethod
+    def _no_sums() -> dict:
+        """The logged parts since the last log, and the optimizer step they started at."""
+        return {"ce_loss": 0.0, "kd_loss": 0.0, "since": None}
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._sums["n"]:
-            logs["ce_loss"] = round(self._sums["ce_loss"] / self._sums["n"], 6)
-            logs["kd_loss"] = round(self._sums["kd_loss"] / self._sums["n"], 6)
-            self._sums = {"ce_loss": 0.0, "kd_loss": 0.0, "n": 0}
+        if "loss" in logs and self._sums["since"] is not None:
+            # each step's parts add up to that step's loss: average them per optimizer step, as `loss` is
+            steps = max(self.state.global_step - self._sums["since"], 1)
+            logs["ce_loss"] = round(self._sums["ce_loss"] / steps, 6)
+            logs["kd_loss"] = round(self._sums["kd_loss"] / steps, 6)
+            self._sums = self._no_sums()
         super().log(logs, *args, **kwargs)
