@@ -93,8 +93,17 @@ def init_distributed() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(hours=12))
+        if torch.cuda.is_available():
+            # Each rank on its own GPU before the group exists, and the group bound to it: otherwise NCCL's
+            # first barrier runs on the current device, cuda:0, on every rank ("Duplicate GPU detected" or a
+            # hang) when a stage, like the teacher, joins the group before it picks its device (issue 22).
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group(
+                backend="nccl", timeout=timedelta(hours=12), device_id=torch.device("cuda", local_rank)
+            )
+        else:
+            dist.init_process_group(backend="gloo", timeout=timedelta(hours=12))
     return dist.get_rank(), dist.get_world_size()
 
 
