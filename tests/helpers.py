@@ -100,3 +100,34 @@ def make_context(config, stage: str, root: Path):
 
     run = RunStore(root / "runs").create(config, "test.yaml", workdir=str(root))
     return StageContext(stage, run, config, EventWriter(run.stage_dir(stage) / "events.jsonl"))
+
+
+def tiny_kd_trainer(output_dir: Path, examples: list[dict], student, teacher, pad_token_id: int, **options: Any):
+    """A KDTrainer over `examples` on CPU that saves and reports nothing: the in-process KD step tests build.
+
+    `options` go to TrainingArguments, except the KD ones (`kd_weight`, `chunk_size`, `vocab_size`)."""
+    from transformers import TrainingArguments
+
+    from engine.train.kd_trainer import KDCollator, KDTrainer
+
+    kd = {key: options.pop(key) for key in ("kd_weight", "chunk_size", "vocab_size")}
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        remove_unused_columns=False,
+        logging_steps=1,
+        **options,
+    )
+    return KDTrainer(
+        model=student,
+        args=args,
+        train_dataset=examples,
+        data_collator=KDCollator(pad_token_id),
+        kd_teacher=teacher,
+        temperature=2.0,
+        reduction="batchmean",
+        **kd,
+    )

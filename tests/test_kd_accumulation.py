@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import TrainingArguments
 
 from engine.models.loading import load_causal_lm, load_tokenizer
-from engine.train.kd_trainer import KDCollator, KDTrainer
+from tests.helpers import tiny_kd_trainer
 
 ANSWERS = [
     "return a + b",
@@ -38,28 +37,17 @@ def one_step(tmp_path, per_device: int, accumulation: int, kd_weight: float) -> 
         prompt = tokenizer("def f(xs):\n    ")["input_ids"]
         ids = prompt + tokenizer(answer)["input_ids"]
         examples.append({"input_ids": ids, "labels": [-100] * len(prompt) + ids[len(prompt) :]})
-    args = TrainingArguments(
-        output_dir=str(tmp_path / f"{per_device}x{accumulation}"),
+    trainer = tiny_kd_trainer(
+        tmp_path / f"{per_device}x{accumulation}",
+        examples,
+        student,
+        teacher,
+        tokenizer.pad_token_id,
         max_steps=1,
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=accumulation,
-        use_cpu=True,
         seed=0,
-        report_to=[],
-        disable_tqdm=True,
-        save_strategy="no",
-        remove_unused_columns=False,
-        logging_steps=1,
-    )
-    trainer = KDTrainer(
-        model=student,
-        args=args,
-        train_dataset=examples,
-        data_collator=KDCollator(tokenizer.pad_token_id),
-        kd_teacher=teacher,
         kd_weight=kd_weight,
-        temperature=2.0,
-        reduction="batchmean",
         chunk_size=16,
         vocab_size=len(tokenizer),
     )

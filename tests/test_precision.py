@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import TrainingArguments
 
 from engine.models.loading import load_causal_lm, load_tokenizer
-from engine.train.kd_trainer import KDCollator, KDTrainer
+from tests.helpers import tiny_kd_trainer
 
 
 @pytest.mark.parametrize("bf16", [True, False])
@@ -24,27 +23,16 @@ def test_kd_step_runs_the_student_in_the_configured_precision(tmp_path, bf16: bo
     projection.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
     ids = tokenizer("def add(a, b):\n    return a + b")["input_ids"]
     examples = [{"input_ids": ids, "labels": [-100] * 4 + ids[4:]} for _ in range(4)]
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
+    trainer = tiny_kd_trainer(
+        tmp_path,
+        examples,
+        student,
+        teacher,
+        tokenizer.pad_token_id,
         max_steps=2,
         per_device_train_batch_size=2,
-        use_cpu=True,
         bf16=bf16,
-        report_to=[],
-        disable_tqdm=True,
-        save_strategy="no",
-        remove_unused_columns=False,
-        logging_steps=1,
-    )
-    trainer = KDTrainer(
-        model=student,
-        args=args,
-        train_dataset=examples,
-        data_collator=KDCollator(tokenizer.pad_token_id),
-        kd_teacher=teacher,
         kd_weight=0.5,
-        temperature=2.0,
-        reduction="batchmean",
         chunk_size=64,
         vocab_size=teacher.config.vocab_size,
     )
