@@ -219,7 +219,10 @@ class _FakeHub(http.server.BaseHTTPRequestHandler):
     """The hub's model API as huggingface_hub reads it: one model there, every other id answered as the hub
     answers a missing repository (404 + X-Error-Code: RepoNotFound), `broken/*` with a server error."""
 
+    asked: list[str] = []
+
     def do_GET(self):
+        self.asked.append(self.path.split("?")[0])
         if self.path.startswith("/api/models/known/model"):
             body, status, headers = {"id": "known/model", "sha": "0" * 40, "private": False}, 200, {}
         elif self.path.startswith("/api/models/broken/"):
@@ -258,6 +261,7 @@ def test_a_reachable_hub_is_asked_whether_the_model_is_there(tmp_path: Path, nam
         "from engine.models.loading import ModelNotFound, check_hub_model\n"
         "try:\n"
         "    check_hub_model(sys.argv[1], 'teacher.open.model.name')\n"
+        "    check_hub_model(sys.argv[1], 'teacher.open.model.name')  # the loaders ask again\n"
         "    print('ok')\n"
         "except ModelNotFound as exc:\n"
         "    print('not found:', exc)\n"
@@ -269,6 +273,8 @@ def test_a_reachable_hub_is_asked_whether_the_model_is_there(tmp_path: Path, nam
     finally:
         server.shutdown()
     assert result.stdout.startswith(verdict), result.stdout + result.stderr
+    if not name.startswith("broken/"):  # (a server error may be retried)
+        assert _FakeHub.asked.count(f"/api/models/{name}") == 1, _FakeHub.asked  # once per process
     if verdict == "not found":
         assert f"teacher.open.model.name: '{name}' is neither a local folder nor a model on the Hugging Face hub" in (
             result.stdout

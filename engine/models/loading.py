@@ -10,6 +10,7 @@ fails at once with the config key to change, and a cached one loads from the cac
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -80,18 +81,24 @@ def _check_on_hub(name: str, key: str | None) -> None:
     """A hub that answers is asked whether `name` is there, so a mistyped id fails before a stage touches its
     outputs, not at loading. Only a clear "no such repository" fails: a hub error or a timeout proves nothing,
     and loading decides. A private or gated repository counts as there when the token can see it."""
-    from huggingface_hub import repo_exists
-
-    try:
-        exists = repo_exists(name)
-    except Exception:  # the hub's own trouble (5xx, timeout, rate limit): not a verdict on the name
-        return
-    if not exists:
+    if _hub_lacks(name):
         raise ModelNotFound(
             f"{key + ': ' if key else ''}{name!r} is neither a local folder nor a model on the Hugging Face hub; "
             "check the spelling, or log in (hf auth login, or HF_TOKEN in .env) if it is "
             "a private or gated model."
         )
+
+
+@functools.cache
+def _hub_lacks(name: str) -> bool:
+    """The hub's answer for `name`, asked once per process: a stage checks its model first, then its
+    tokenizer and model loaders check the same name again."""
+    from huggingface_hub import repo_exists
+
+    try:
+        return not repo_exists(name)
+    except Exception:  # the hub's own trouble (5xx, timeout, rate limit): not a verdict on the name
+        return False
 
 
 def in_hub_cache(name: str) -> bool:
