@@ -5,7 +5,9 @@ output going to a file, never to a pipe: nothing the panel does (or fails to do)
 SSH hang-up or a killed panel leaves it running. The supervisor starts one worker per stage.
 
 `cancel` sends SIGTERM to that session's process group: each worker saves what it can and reports
-`cancelled`; whatever is still alive after the grace period gets SIGKILL.
+`cancelled`; whatever is still alive after the grace period gets SIGKILL. A stage run on several nodes
+(engine.runner.node) is signalled on this host; the node agents of other hosts read `cancel_request.json`
+and stop their workers themselves.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from engine.core.fsio import atomic_write, file_lock
 from engine.core.process import ProcessRecord, read_pid_file, write_pid_file
 from engine.pipeline.stages import check_stage_names
 from engine.store.events import EventWriter
-from engine.store.runs import CANCEL_REQUEST, SUPERVISOR_FILE, Run
+from engine.store.runs import CANCEL_REQUEST, SUPERVISOR_FILE, Run, StageProcess, read_stage_process, stage_processes
 
 
 class CannotStart(RuntimeError):
@@ -34,27 +36,34 @@ class RunBusy(CannotStart):
     """The run already has stages running."""
 
 
-def _run_lock(run: Run):
-    """Serialises start/cancel of one run between processes (panel, CLI); the OS drops it if we die."""
+def run_lock(run: Run):
+    """Serialises start/cancel of one run between processes (panel, CLI, node agents); the OS drops it if we die."""
     return file_lock(run.path / ".lock")
+
+
+def check_idle(run: Run, job: str | None = None) -> None:
+    """Raise RunBusy while anything of the run runs, except the node agents of `job` (engine.runner.node: the
+    nodes of one job register one after another). Call it holding `run_lock`."""
+    record, planned = run.supervisor()
+    if record is not None and record.is_alive():
+        raise RunBusy(
+            f"run {run.id} is busy (stages {', '.join(planned)}; pid {record.pid}); "
+            f"wait for it or `tas cancel {run.id}`"
+        )
+    for status in run.stages():
+        others = [p for p in stage_processes(run.stage_dir(status.name)) if p.is_alive() and p.job != job]
+        if status.state == "running" and (job is None or others):  # also a worker whose supervisor was killed
+            raise RunBusy(
+                f"stage {status.name} of run {run.id} is still running (pid {status.pid}); "
+                f"wait for it or `tas cancel {run.id}`"
+            )
 
 
 def start(run: Run, stages: list[str]) -> ProcessRecord:
     """Run `stages` (in pipeline order) in the background; returns the supervisor's process record."""
     stages = check_stage_names(stages)
-    with _run_lock(run):
-        record, planned = run.supervisor()
-        if record is not None and record.is_alive():
-            raise RunBusy(
-                f"run {run.id} is busy (stages {', '.join(planned)}; pid {record.pid}); "
-                f"wait for it or `tas cancel {run.id}`"
-            )
-        for status in run.stages():
-            if status.state == "running":  # also a worker whose supervisor was killed: it still writes
-                raise RunBusy(
-                    f"stage {status.name} of run {run.id} is still running (pid {status.pid}); "
-                    f"wait for it or `tas cancel {run.id}`"
-                )
+    with run_lock(run):
+        check_idle(run)
         if not Path(run.workdir).is_dir():
             raise CannotStart(f"run {run.id} was started in {run.workdir}, which no longer exists; start a new run")
         run.config()  # a frozen config that no longer validates fails here, with its message
@@ -103,17 +112,22 @@ def cancel(run: Run, grace_s: float | None = None, wait: bool = True) -> bool:
     """
     if grace_s is None:
         grace_s = run.config().launch.cancel_grace_s
-    with _run_lock(run):
+    with run_lock(run):
         atomic_write(run.path / CANCEL_REQUEST, json.dumps({"grace_s": grace_s, "ts": time.time()}).encode())
         supervisor, _ = run.supervisor()
         targets = [supervisor] if supervisor is not None and supervisor.is_alive() else []
-        workers = {}  # stage -> the worker record we signal
+        workers = {}  # pid file -> the worker record we signal
+        remote = []  # node agents on other hosts: they read the cancel request themselves
         for status in run.stages():
-            record = read_pid_file(run.stage_dir(status.name) / "pid")
-            if status.state == "running" and record is not None and record.is_alive():
-                workers[status.name] = record
+            if status.state != "running":
+                continue
+            for process in stage_processes(run.stage_dir(status.name)):
+                if process.is_alive() and process.is_local:
+                    workers[process.path] = process.record
+                elif process.is_alive():
+                    remote.append(process)
         targets += list(workers.values())
-        if not targets:
+        if not targets and not remote:
             return False
         groups = set()
         for record in targets:
@@ -128,17 +142,25 @@ def cancel(run: Run, grace_s: float | None = None, wait: bool = True) -> bool:
     # processes signalled here: a run started again meanwhile is not ours to kill or mark.
     deadline = time.monotonic() + grace_s + 5
     while time.monotonic() < deadline:
-        if not any(record.is_alive() for record in targets):
+        remote = [process for process in remote if still_alive(process)]
+        if not any(record.is_alive() for record in targets) and not remote:
             return True
         time.sleep(0.2)
     _signal_groups(groups, signal.SIGKILL)
     time.sleep(0.2)
-    for stage, record in workers.items():
-        if read_pid_file(run.stage_dir(stage) / "pid") == record and run_stage_state(run, stage) == "died":
+    for path, record in workers.items():
+        stage = path.parent.name
+        if read_pid_file(path) == record and run_stage_state(run, stage) == "died":
             writer = EventWriter(run.stage_dir(stage) / "events.jsonl")
             writer.status("cancelled", message=f"killed after the grace period of {grace_s:g}s")
             writer.close()
     return True
+
+
+def still_alive(process: StageProcess) -> bool:
+    """The process of a pid file read earlier is still alive (its file read again: a fresh heartbeat)."""
+    now = read_stage_process(process.path)
+    return now is not None and now.record == process.record and now.is_alive()
 
 
 def run_stage_state(run: Run, stage: str) -> str:

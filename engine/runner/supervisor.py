@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
@@ -111,6 +112,8 @@ def hub_offline_note(env: dict[str, str]) -> str | None:
 
 
 class Supervisor:
+    log_name = "worker.log"
+
     def __init__(self, run: Run, stages: list[str]):
         self.run = run
         self.stages = stages
@@ -148,7 +151,7 @@ class Supervisor:
         seen = len(read_events(events_path))
         env = worker_env(self.config)
         offline = hub_offline_note(env)
-        with open(stage_dir / "worker.log", "ab") as log:
+        with open(stage_dir / self.log_name, "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start {stage}\n".encode())
             if offline:
                 log.write(f"=== {offline}\n".encode())
@@ -161,7 +164,7 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 env=env,
             )
-        write_pid_file(stage_dir / "pid", ProcessRecord.of(self.child.pid))
+        self.register(stage_dir, self.child)
         if self.cancel_requested_at is not None:  # SIGTERM arrived while we were starting it
             self.child.send_signal(signal.SIGTERM)
         killed = False
@@ -171,13 +174,24 @@ class Supervisor:
                 self.child.wait()
                 killed = True
                 break
+            self.watch()
             time.sleep(0.1)
         returncode = self.child.returncode
         self.child = None
         final = _final_state(read_events(events_path)[seen:])
         if final is not None:
             return final
-        # The worker could not report: write the final status for it.
+        return self.report_end(stage_dir, events_path, seen, returncode, killed)
+
+    def register(self, stage_dir: Path, child: subprocess.Popen[bytes]) -> None:
+        """Record the worker in the stage's pid file: `tas status`, `tas cancel` and the panel find it there."""
+        write_pid_file(stage_dir / "pid", ProcessRecord.of(child.pid))
+
+    def watch(self) -> None:
+        """Called every 0.1 s while the worker runs (engine.runner.node adds its heartbeat here)."""
+
+    def report_end(self, stage_dir: Path, events_path: Path, seen: int, returncode: int | None, killed: bool) -> str:
+        """The worker ended without a final status (events after the first `seen`): write one for it."""
         writer = EventWriter(events_path)
         if self.cancel_requested_at is not None:
             how = f"killed after the grace period of {self.grace_s:g}s" if killed else _exit_reason(returncode)

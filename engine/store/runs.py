@@ -8,6 +8,7 @@ Light module (stdlib, psutil, PyYAML, pydantic). Layout (see DESIGN.md):
     runs/<run-id>/<stage>/events.jsonl   the stage's event stream
     runs/<run-id>/<stage>/worker.log     the worker's stdout + stderr
     runs/<run-id>/<stage>/pid            pid + start time of the stage's worker
+    runs/<run-id>/<stage>/pid.node<N>    node N's agent of a stage run on several nodes (engine.runner.node)
 
 State is never kept in memory only: everything the panel or `tas status` shows is derived from these
 files, so a panel started later (or `tas status` over another SSH session) sees exactly the same.
@@ -19,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from engine.config.errors import ConfigError
 from engine.config.load import load_config
 from engine.config.schema import TASConfig
 from engine.core.fsio import atomic_write, file_lock, read_json
-from engine.core.process import ProcessRecord, read_pid_file
+from engine.core.process import ProcessRecord
 from engine.pipeline.stages import PIPELINE
 from engine.store.events import FINAL_STATES, read_events
 from engine.store.lineage import resolve_outputs
@@ -39,6 +41,61 @@ FROZEN_CONFIG = "config.yaml"
 CANCEL_REQUEST = "cancel_request.json"
 DEFAULT_CONFIG = "config.yaml"
 """The config file every command uses unless told otherwise."""
+
+
+# ------------------------------------------------------------------------------------ stage processes
+
+HEARTBEAT_S = 5.0
+"""How often a node agent (engine.runner.node) rewrites its pid file with a fresh `heartbeat`."""
+HEARTBEAT_STALE_S = 30.0
+"""A pid file of another host whose heartbeat is older than this is a process that died without a word."""
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+@dataclass(frozen=True)
+class StageProcess:
+    """A process that runs a stage, read from its pid file: the supervisor's worker (`pid`, this host), or
+    one node's agent of a stage run on several nodes (`pid` for node 0, `pid.node<N>`, with `host`).
+
+    A pid means something only on its own host, where it is checked exactly (engine.core.process); any other
+    host (the login node, the other nodes) sees the agent alive while its heartbeat is recent. An agent that
+    has ended clears its heartbeat, so other hosts see the end at once."""
+
+    path: Path
+    record: ProcessRecord
+    host: str | None  # None: written by the supervisor, on the machine that reads it
+    heartbeat: float | None
+    job: str | None = None  # the Slurm job (or rendezvous) the node agent belongs to
+
+    @property
+    def is_local(self) -> bool:
+        return self.host is None or self.host == this_host()
+
+    def is_alive(self) -> bool:
+        if self.is_local:
+            return self.record.is_alive()
+        return self.heartbeat is not None and time.time() - self.heartbeat < HEARTBEAT_STALE_S
+
+
+def stage_processes(stage_dir: Path) -> list[StageProcess]:
+    """Every process recorded for the stage: `pid` first, then `pid.node<N>` in node order."""
+    nodes = sorted(stage_dir.glob("pid.node*"), key=lambda p: (len(p.name), p.name))
+    processes = [read_stage_process(path) for path in [stage_dir / "pid", *nodes]]
+    return [process for process in processes if process is not None]
+
+
+def read_stage_process(path: Path) -> StageProcess | None:
+    """The process in one pid file (its heartbeat as of now); None when it is missing, torn or corrupt."""
+    data = read_json(path)
+    record = ProcessRecord.from_json(data)
+    if record is None:
+        return None
+    heartbeat, host, job = data.get("heartbeat"), data.get("host"), data.get("job")
+    heartbeat = float(heartbeat) if isinstance(heartbeat, (int, float)) else None
+    return StageProcess(path, record, str(host) if host else None, heartbeat, str(job) if job else None)
 
 
 # ---------------------------------------------------------------------------------------- stage state
@@ -104,8 +161,8 @@ def stage_status(stage_dir: Path, name: str, queued_since: float | None = None) 
     """
     events = read_events(stage_dir / "events.jsonl")
     status = StageStatus(name=name, state="pending", events=len(events))
-    record = read_pid_file(stage_dir / "pid")
-    status.pid = record.pid if record else None
+    processes = stage_processes(stage_dir)
+    status.pid = processes[0].record.pid if processes else None
     last_state = None
     for event in events:
         kind = event.get("kind")
@@ -125,9 +182,8 @@ def stage_status(stage_dir: Path, name: str, queued_since: float | None = None) 
                 status.first_progress = event
         elif kind == "metric" and "name" in event:
             status.metrics[event["name"]] = event
-    worker_alive = record is not None and record.is_alive()
     last_ts = events[-1].get("ts", 0) if events else 0
-    if worker_alive and (last_state not in FINAL_STATES or record.started > last_ts):
+    if any(p.is_alive() and (last_state not in FINAL_STATES or p.record.started > last_ts) for p in processes):
         status.state = "running"  # a worker that has reported its end may still be exiting: the report wins
     elif queued_since is not None and (not events or last_ts < queued_since or last_state not in FINAL_STATES):
         # a live supervisor will (re)start this stage, or is about to write its final status
