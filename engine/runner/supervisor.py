@@ -24,7 +24,7 @@ import psutil
 
 from engine.config.schema import TASConfig
 from engine.core.process import ProcessRecord, write_pid_file
-from engine.pipeline.stages import MULTI_PROCESS_STAGES
+from engine.pipeline.stages import runs_under_torchrun
 from engine.runner import hub
 from engine.store.events import FINAL_STATES, EventWriter, read_events
 from engine.store.runs import CANCEL_REQUEST, Run, read_json
@@ -33,7 +33,7 @@ from engine.store.runs import CANCEL_REQUEST, Run, read_json
 def worker_command(stage: str, run: Run, config: TASConfig) -> list[str]:
     worker = ["-m", "engine.runner.worker", stage, "--run", str(run.path)]
     launch = config.launch
-    if (launch.nproc_per_node > 1 or launch.nnodes > 1) and stage in MULTI_PROCESS_STAGES:
+    if runs_under_torchrun(stage, config):
         # torchrun's own parser would take `--run` for an abbreviation of its `--run-path`
         worker = ["-m", "engine.runner.worker", stage, "--run-dir", str(run.path)]
         if launch.nnodes > 1:  # every node runs the same command; node 0 hosts the rendezvous
