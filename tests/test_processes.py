@@ -135,7 +135,8 @@ def test_torchrun_waits_the_cancel_grace_before_killing_its_workers(tmp_path: Pa
     run = RunStore(tmp_path / "runs").create(config, "tiny.yaml", workdir=str(tmp_path))
     command = worker_command("distill", run, config)
     assert command[1:3] == ["-m", "torch.distributed.run"]
-    assert "--shutdown-timeout=120" in command[: command.index("engine.runner.worker")]
+    (timeout,) = [o for o in command[: command.index("engine.runner.worker")] if o.startswith("--shutdown-timeout=")]
+    assert int(timeout.split("=", 1)[1]) >= 120  # at least the grace; the supervisor enforces the deadline
 
 
 def test_a_repeated_warning_is_written_once(tmp_path: Path):

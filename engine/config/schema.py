@@ -504,7 +504,8 @@ class LaunchConfig(Section):
         1,
         gt=0,
         description="Processes (GPUs) per node for teacher, sft and distill; >1 runs them under torchrun "
-        "(teacher: one shard of the prompts per GPU; training: data-parallel, one GPU per process).",
+        "(open teacher: one shard of the prompts per GPU; a vllm, closed or download teacher stays one "
+        "process; training: data-parallel, one GPU per process).",
     )
     nnodes: int = Field(1, gt=0, description="Nodes taking part (torchrun --nnodes); >1 needs rdzv_endpoint.")
     node_rank: int = Field(0, ge=0, description="This node's rank (0 on the node that runs the panel).")

@@ -124,6 +124,21 @@ def start_ticks_of(pid: int) -> int | None:
     return int(fields[19]) if fields else None
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and all its descendants, found by parent pid: torchrun's ranks run in sessions of
+    their own, out of reach of a signal to their agent's process group."""
+    try:
+        parent = psutil.Process(pid)
+        processes = parent.children(recursive=True) + [parent]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 # ------------------------------------------------------------------------------------------ pid files
 
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from engine.core.fsio import atomic_write, file_lock
-from engine.core.process import ProcessRecord, read_pid_file, write_pid_file
+from engine.core.process import ProcessRecord, kill_tree, read_pid_file, write_pid_file
 from engine.pipeline.stages import check_stage_names
 from engine.store.events import EventWriter
 from engine.store.runs import CANCEL_REQUEST, SUPERVISOR_FILE, Run, StageProcess, read_stage_process, stage_processes
@@ -146,6 +146,9 @@ def cancel(run: Run, grace_s: float | None = None, wait: bool = True) -> bool:
         if not any(record.is_alive() for record in targets) and not remote:
             return True
         time.sleep(0.2)
+    for record in targets:  # torchrun's ranks first: they live in sessions of their own
+        if record.is_alive():
+            kill_tree(record.pid)
     _signal_groups(groups, signal.SIGKILL)
     time.sleep(0.2)
     for path, record in workers.items():

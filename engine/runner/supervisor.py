@@ -5,14 +5,14 @@ Light process, started by `engine.runner.launcher.start` in a session of its own
 * several stages run back to back (`tas run all`) without anyone watching,
 * every stage ends with a final status even when its worker dies hard (SIGKILL, OOM killer, segfault):
   the supervisor writes `failed` with the exit code the worker could not report itself,
-* a cancel is enforced: SIGTERM is passed on, and a worker still alive after `launch.cancel_grace_s`
-  is killed and marked `cancelled`.
+* a cancel is enforced: SIGTERM is passed on, and a worker still alive after the grace period
+  (`launch.cancel_grace_s`, or `tas cancel --grace`) is killed, torchrun's ranks with it, and marked
+  `cancelled`.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import signal
@@ -21,20 +21,25 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-
 from engine.config.schema import TASConfig
-from engine.core.process import ProcessRecord, write_pid_file
-from engine.pipeline.stages import MULTI_PROCESS_STAGES
+from engine.core.process import ProcessRecord, kill_tree, write_pid_file
+from engine.pipeline.stages import runs_under_torchrun
 from engine.runner import hub
 from engine.store.events import FINAL_STATES, EventWriter, read_events
 from engine.store.runs import CANCEL_REQUEST, Run, read_json
+
+TORCHRUN_SHUTDOWN_S = 24 * 3600
+"""How long torchrun's agent waits for its ranks after passing on a cancel before it SIGKILLs them (its own
+default is 30 s). Longer than any grace period: the grace of a cancel (`launch.cancel_grace_s`, or the
+`--grace` of `tas cancel`, known only when it comes) is enforced by the supervisor, which kills the whole
+tree, ranks included, when it runs out. The agent's own deadline cut a longer grace short, and a slow
+checkpoint save with it."""
 
 
 def worker_command(stage: str, run: Run, config: TASConfig) -> list[str]:
     worker = ["-m", "engine.runner.worker", stage, "--run", str(run.path)]
     launch = config.launch
-    if (launch.nproc_per_node > 1 or launch.nnodes > 1) and stage in MULTI_PROCESS_STAGES:
+    if runs_under_torchrun(stage, config):
         # torchrun's own parser would take `--run` for an abbreviation of its `--run-path`
         worker = ["-m", "engine.runner.worker", stage, "--run-dir", str(run.path)]
         if launch.nnodes > 1:  # every node runs the same command; node 0 hosts the rendezvous
@@ -58,9 +63,7 @@ def worker_command(stage: str, run: Run, config: TASConfig) -> list[str]:
             "torch.distributed.run",
             *where,
             f"--nproc_per_node={launch.nproc_per_node}",
-            # the agent SIGKILLs its workers this long after passing on a cancel (its default is 30 s):
-            # without it a longer cancel_grace_s is cut short and a slow checkpoint save is killed mid-way
-            f"--shutdown-timeout={math.ceil(launch.cancel_grace_s)}",
+            f"--shutdown-timeout={TORCHRUN_SHUTDOWN_S}",
             *worker,
         ]
     return [sys.executable, "-u", *worker]
@@ -170,7 +173,7 @@ class Supervisor:
         killed = False
         while self.child.poll() is None:
             if self.cancel_requested_at is not None and time.monotonic() - self.cancel_requested_at > self.grace_s:
-                _kill_tree(self.child.pid)
+                kill_tree(self.child.pid)
                 self.child.wait()
                 killed = True
                 break
@@ -227,19 +230,6 @@ def _exit_reason(returncode: int | None) -> str:
         hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
         return f"the worker was stopped by {name}{hint} before reporting a result"
     return f"the worker exited with code {returncode} without reporting a result"
-
-
-def _kill_tree(pid: int) -> None:
-    try:
-        parent = psutil.Process(pid)
-        processes = parent.children(recursive=True) + [parent]
-    except psutil.NoSuchProcess:
-        return
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from engine.models.device import pick_device, pick_dtype
 from engine.models.loading import load_tokenizer
 from engine.pipeline.models import STUDENT_CE, STUDENT_KD
 from engine.runner.context import StageContext, StageError
-from engine.train.arguments import save_trained, trainer_arguments
+from engine.train.arguments import one_gpu, save_trained, trainer_arguments
 from engine.train.assistant import load_tuned_assistant
 from engine.train.callbacks import CancelCallback, EventsCallback, train_resumable
 from engine.train.kd_trainer import KDCollator, KDTrainer
@@ -158,6 +158,7 @@ def train_one(
         fp16=False,
     )
     args = TrainingArguments(**shared, remove_unused_columns=False)
+    one_gpu(args)
     cancel = CancelCallback(ctx)
     trainer = KDTrainer(
         model=student,

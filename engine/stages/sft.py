@@ -25,7 +25,7 @@ import torch
 from engine.models.device import pick_attention, pick_device, pick_dtype
 from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.runner.context import StageContext, StageError
-from engine.train.arguments import save_trained, trainer_arguments
+from engine.train.arguments import one_gpu, save_trained, trainer_arguments
 from engine.train.assistant import quantization_config
 from engine.train.callbacks import CancelCallback, EventsCallback, train_resumable
 from engine.train.pairs import load_split_pairs, to_prompt_completion
@@ -131,6 +131,7 @@ def prepare(ctx: StageContext) -> SftSetup:
         max_length=sft.tokenizer.max_length if sft.tokenizer.truncation else None,
         completion_only_loss=True,
     )
+    one_gpu(args)
     cancel = CancelCallback(ctx)
     trainer = SFTTrainer(
         model=model,

@@ -6,8 +6,9 @@ append-only JSONL keyed by prompt id (see engine/teacher/output.py). Re-running 
 already answered are skipped, a torn last line is cut and regenerated. `teacher.open.pipeline.resume:
 false` starts over, keeping the old file as a timestamped backup.
 
-Under torchrun (launch.nproc_per_node > 1) every rank answers a shard into `<output>.rank<N>`; after
-a barrier rank 0 appends the shards to the output and removes them.
+With the open teacher under torchrun (launch.nproc_per_node > 1) every rank answers a shard into
+`<output>.rank<N>`; after a barrier rank 0 appends the shards to the output and removes them. The other
+teachers run as one process (engine.pipeline.stages.runs_under_torchrun).
 """
 
 from __future__ import annotations
@@ -179,8 +180,8 @@ def run(ctx: StageContext) -> None:
 
         if world > 1:  # one server serves every GPU: tensor / data parallel inside vLLM, not torchrun
             raise StageError(
-                "teacher.source vllm runs one server: set launch.nproc_per_node to 1 and use "
-                "teacher.vllm.tensor_parallel_size / data_parallel_size for more GPUs"
+                "teacher.source vllm runs one server from one process, not under torchrun (`tas run` starts it "
+                "so); teacher.vllm.tensor_parallel_size / data_parallel_size spread it over more GPUs"
             )
         summary = answer_vllm(ctx, mine, target, system_prompt)
         progress(0)

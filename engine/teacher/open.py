@@ -59,25 +59,17 @@ def load_teacher(ctx: StageContext):
         padding_side=cfg.tokenizer.padding_side,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    # device.type auto in a single process with several GPUs visible: TAS's meaning, device_map="auto" (a
-    # teacher larger than one GPU is split over them; under torchrun each rank holds its own copy instead)
-    split = (
-        ctx.config.device.type == "auto"
-        and ctx.world_size == 1
-        and device.type == "cuda"
-        and torch.cuda.device_count() > 1
-    )
+    # on the one GPU the stage picked, also in one process that sees several: device_map="auto" split the
+    # model layer by layer over all of them, each GPU waiting for the one before (slower than one GPU).
+    # More GPUs: launch.nproc_per_node (one copy per rank, each answering a shard) or teacher.source vllm.
     model = load_causal_lm(
         cfg.model.name,
         key="teacher.open.model.name",
         dtype=pick_dtype(cfg.model.bfloat16, device),
         attn_implementation=attention,
         trust_remote_code=cfg.model.trust_remote_code,
-        device_map="auto" if split else ({"": device} if device.type == "cuda" else None),
+        device_map={"": device} if device.type == "cuda" else None,
     )
-    if split:
-        ctx.events.log(f"teacher split over {torch.cuda.device_count()} GPUs (device.type: auto, device_map auto)")
-        return model.eval(), tokenizer
     return model.to(device).eval(), tokenizer
 
 

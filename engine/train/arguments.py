@@ -67,6 +67,19 @@ def trainer_arguments(
     return arguments, tracking
 
 
+def one_gpu(args) -> None:
+    """Keep the Trainer of `args` (TrainingArguments or a subclass) to one GPU per process.
+
+    In one process that sees several GPUs, HF's Trainer takes them all: it wraps the model in
+    `nn.DataParallel` and multiplies the batch by the GPU count (`n_gpu`, read from
+    `torch.cuda.device_count()`), and TRL's SFTTrainer refuses to start. A stage here trains on the one GPU
+    `select_device` picked (cuda:0 in one process, where the Trainer places the model); more GPUs are
+    torchrun's, one process each (`launch.nproc_per_node`), where `n_gpu` is 1 already.
+    """
+    if args.n_gpu > 1:
+        args._n_gpu = 1  # the Trainer's own lever: it does the same for a model split with device_map
+
+
 def save_trained(ctx: StageContext, model, tokenizer, out: Path, key: str, label: str) -> None:
     """Rank 0's last step: model and tokenizer into `out` (a failed write names `key`), its checkpoints
     marked completed so that a re-run trains anew, and the artifact reported."""
