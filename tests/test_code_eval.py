@@ -303,11 +303,12 @@ def test_processes_left_behind_are_killed(problems, escape):
 
 @pytest.fixture
 def outside_dir():
-    """A root-owned 0755 directory holding a 0644 file: what `nobody` may read but not change.
+    """A root-owned 0755 directory holding a 0644 file: what the sandbox's user may read but not change.
 
-    Not under pytest's tmp_path, whose parents are 0700 and would stop the program before the file.
+    Under /usr/local, which the sandbox shows read-only (the host's /tmp and pytest's tmp_path are not
+    in its file system at all).
     """
-    folder = Path(tempfile.mkdtemp(prefix="tas-sentinel-"))
+    folder = Path(tempfile.mkdtemp(prefix="tas-sentinel-", dir="/usr/local"))
     folder.chmod(0o755)
     sentinel = folder / "sentinel.txt"
     sentinel.write_text("original")
