@@ -326,6 +326,12 @@ def drop_privileges(opts: dict, isolate: bool) -> None:
         os.setgroups([])
         os.setgid(int(opts["gid"]))
         os.setuid(int(opts["uid"]))  # as root: the sample's own uid, with no capabilities left
+        stdlib = os.path.dirname(os.__file__)
+        if not isolate and not os.access(stdlib, os.R_OK | os.X_OK):  # isolated, it is bound where all can read
+            raise SetupError(
+                f"the standard library ({stdlib}) is not readable by uid {os.getuid()}: without a mount "
+                "namespace, install Python where every user can read it"
+            )
     elif isolate:
         _drop_capabilities()  # an ordinary user owns the user namespace: it holds every capability in it
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid, which clears it
@@ -495,6 +501,8 @@ def init(opts: dict, program: str, isolate: bool, root: bool) -> None:
             "checker_exit": os.waitstatus_to_exitcode(checker_status),
             "exit": program_status,
         }
+        if SETUP_FAILED in (report["checker_exit"], program_status):  # its reason is on stderr
+            report["setup_error"] = f"a sandbox process could not start (exit status {SETUP_FAILED})"
     except BaseException as exc:
         report = {"setup_error": f"{type(exc).__name__}: {exc}"}
     send(1, report)
