@@ -252,19 +252,10 @@ def write_results(path: str | Path, results: list[dict]) -> None:
 
     The results are the completions' words, so links are never followed (a link planted at `path` in a
     shared folder must not make us overwrite its target): a new file is created next to `path` with
-    O_EXCL|O_NOFOLLOW and renamed over it, which replaces a link rather than writing through it. A
-    folder that others may write to without the sticky bit, or that another user owns, is refused: they
-    could swap it for a link between our checks and our writes.
+    O_EXCL|O_NOFOLLOW and renamed over it, which replaces a link rather than writing through it.
     """
     path = Path(path)
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    info = os.lstat(folder)
-    others_write = info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX
-    if others_write or info.st_uid not in (0, os.geteuid()):
-        raise InputError(f"{path}: refusing to write in {folder}, which another user can replace; pick another folder")
-    if os.path.islink(path):
-        raise InputError(f"{path} is a symbolic link: refusing to write through it; remove it or pick another path")
+    folder = check_out_path(path)
     temp = folder / f".{path.name}.{secrets.token_hex(8)}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
@@ -277,6 +268,21 @@ def write_results(path: str | Path, results: list[dict]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
+
+
+def check_out_path(path: Path) -> Path:
+    """The folder `write_results` writes `path` in, made if missing; InputError when `path` is a link, or the
+    folder one that others may write to without the sticky bit or that another user owns: they could
+    swap it for a link between our checks and our writes."""
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    info = os.lstat(folder)
+    others_write = info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX
+    if others_write or info.st_uid not in (0, os.geteuid()):
+        raise InputError(f"{path}: refusing to write in {folder}, which another user can replace; pick another folder")
+    if os.path.islink(path):
+        raise InputError(f"{path} is a symbolic link: refusing to write through it; remove it or pick another path")
+    return folder
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -388,6 +394,8 @@ def eval_code_main(argv: list[str] | None = None) -> int:
 
 def run_from_args(args: argparse.Namespace) -> int:
     try:
+        if args.out:
+            check_out_path(args.out)  # before the run, not after it
         everything = load_problems(args.benchmark)
         records = read_completions(args.completions, everything)
     except InputError as exc:
