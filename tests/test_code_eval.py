@@ -596,3 +596,25 @@ def test_the_eval_stage_refuses_before_loading_a_model_without_isolation(monkeyp
         "code sandbox: NOT isolated (allowed by eval.code.allow_unsandboxed): no user namespaces here",
     ) in logged
     assert "sandbox isolation: none" in logged[-1][1]
+
+
+def test_plain_data_crosses_between_program_and_checker_exactly():
+    from engine.evals.sandbox_child import decode, encode
+
+    values = [None, True, False, 0, -5, 10**50, 1.5, float("inf"), "héllo", b"\x00;", "", [[[]]]]
+    values += [[1, (2, 3), {4, 5}, frozenset([6])], {"a": [1.0], (1, 2): None}]
+    for value in values:
+        back = decode(b"".join(encode(value)))
+        assert repr(back) == repr(value) and type(back) is type(value)
+    assert math.isnan(decode(b"".join(encode(float("nan")))))
+
+    class Anything(int):
+        def __eq__(self, other):
+            return True
+
+    for foreign in (Anything(1), object(), [iter([])], {"k": Anything(0)}):
+        with pytest.raises(TypeError, match="plain data only"):
+            encode(foreign)
+    for bad in (b"", b"i12", b"s5;ab", b"x", b"l2;N", b"NN", b"s-1;", b"l1;" * 200 + b"N"):
+        with pytest.raises(ValueError):
+            decode(bad)

@@ -38,7 +38,6 @@ Only the standard library is importable (-S: no site-packages), which is all Hum
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import shutil
@@ -55,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core.secrets import redact
+from engine.evals.sandbox_child import decode
 
 CHILD_SCRIPT = Path(__file__).with_name("sandbox_child.py")
 ERROR_CHARS = 2000  # how much of the end of stderr a result keeps
@@ -275,15 +275,16 @@ def _kill_group(pgid: int) -> None:
 
 
 def _read_report(out) -> dict:
-    """The supervisor's messages (4-byte length, then a JSON object), merged. Only it writes there."""
+    """The supervisor's messages (4-byte length, then a dict in sandbox_child's format), merged. Only it
+    writes there."""
     out.seek(0)
     data = out.read(1 << 20)
     report: dict = {}
     while len(data) >= 4:
         size = struct.unpack(">I", data[:4])[0]
         try:
-            report.update(json.loads(data[4 : 4 + size]))
-        except ValueError:
+            report.update(decode(data[4 : 4 + size]))
+        except (ValueError, TypeError):
             break
         data = data[4 + size :]
     return report
