@@ -618,3 +618,13 @@ def test_plain_data_crosses_between_program_and_checker_exactly():
     for bad in (b"", b"i12", b"s5;ab", b"x", b"l2;N", b"NN", b"s-1;", b"l1;" * 200 + b"N"):
         with pytest.raises(ValueError):
             decode(bad)
+
+
+@pytest.mark.e2e
+def test_the_error_text_is_redacted(problems, monkeypatch):
+    secret = "tas-redact-" + secrets.token_hex(12)
+    monkeypatch.setenv("TAS_PLANTED_TOKEN", secret)  # a name redact() treats as secret
+    completion = f"    raise AssertionError({secret!r} + ' sk-' + 'x' * 30)\n"
+    result = run_completion(problems, completion)
+    assert not result.passed and "AssertionError" in result.error
+    assert secret not in result.error and "sk-xxxx" not in result.error and "***" in result.error
