@@ -382,6 +382,27 @@ def test_a_fork_bomb_does_not_starve_the_other_samples(place, mode):
     assert [r["passed"] for r in rows[1:]] == [True] * 4, [r["error"][-300:] for r in rows]
 
 
+def test_each_sample_has_its_own_process_limit(place, mode):
+    counter = (
+        "import os, time\n"
+        "def add_11(x):\n"
+        "    started = 0\n"
+        "    try:\n"
+        "        while started < 1000:\n"
+        "            if os.fork() == 0:\n"
+        "                time.sleep(5)\n"
+        "                os._exit(0)\n"
+        "            started += 1\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    raise AssertionError('started=%d' % started)\n"
+    )
+    code, _, rows, _ = eval_code(place, mode, [counter, counter])
+    assert code == 0
+    for row in rows:  # 64 processes a sample (its program and checker among them), whoever else runs
+        assert 50 <= int(row["error"].split("started=")[1].split()[0]) < 64, row["error"]
+
+
 @pytest.mark.parametrize("mode", ["root"])  # the attack makes root overwrite a root-owned file
 def test_out_does_not_follow_a_link_planted_in_a_shared_folder(place, mode):
     if not IS_ROOT:
