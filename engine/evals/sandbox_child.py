@@ -250,75 +250,22 @@ def _bind_read_only(source: str, target: str, writable: bool = False) -> None:
     _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_NOSUID | kept | (0 if writable else MS_RDONLY))
 
 
-# Syscalls a program never needs and an escape often does. x86_64 and aarch64 numbers.
-_SYSCALLS = {
-    "x86_64": dict(
-        arch=0xC000003E,
-        pivot_root=155,
-        clone=56,
-        clone3=435,
-        unshare=272,
-        setns=308,
-        mount=165,
-        umount2=166,
-        ptrace=101,
-        process_vm_readv=310,
-        process_vm_writev=311,
-        bpf=321,
-        keyctl=250,
-        add_key=248,
-        request_key=249,
-        perf_event_open=298,
-        userfaultfd=323,
-        chroot=161,
-        open_by_handle_at=304,
-        name_to_handle_at=303,
-        open_tree=428,
-        move_mount=429,
-        fsopen=430,
-        fsconfig=431,
-        fsmount=432,
-        fspick=433,
-        mount_setattr=442,
-        io_uring_setup=425,
-        kexec_load=246,
-        init_module=175,
-        finit_module=313,
-    ),
-    "aarch64": dict(
-        arch=0xC00000B7,
-        pivot_root=41,
-        clone=220,
-        clone3=435,
-        unshare=97,
-        setns=268,
-        mount=40,
-        umount2=39,
-        ptrace=117,
-        process_vm_readv=270,
-        process_vm_writev=271,
-        bpf=280,
-        keyctl=219,
-        add_key=217,
-        request_key=218,
-        perf_event_open=241,
-        userfaultfd=282,
-        chroot=51,
-        open_by_handle_at=265,
-        name_to_handle_at=264,
-        open_tree=428,
-        move_mount=429,
-        fsopen=430,
-        fsconfig=431,
-        fsmount=432,
-        fspick=433,
-        mount_setattr=442,
-        io_uring_setup=425,
-        kexec_load=104,
-        init_module=105,
-        finit_module=273,
-    ),
-}.get(os.uname().machine)
+# Syscalls a program never needs and an escape often does (after `arch`, the audit arch of the filter),
+# with their numbers on x86_64 and aarch64.
+_SYSCALL_NAMES = (  # noqa: SIM905 (names on a few lines, read next to their numbers)
+    "arch pivot_root clone clone3 unshare setns mount umount2 ptrace process_vm_readv process_vm_writev bpf keyctl "
+    "add_key request_key perf_event_open userfaultfd chroot open_by_handle_at name_to_handle_at open_tree "
+    "move_mount fsopen fsconfig fsmount fspick mount_setattr io_uring_setup kexec_load init_module finit_module"
+).split()
+# fmt: off
+_SYSCALL_NUMBERS = {
+    "x86_64": (0xC000003E, 155, 56, 435, 272, 308, 165, 166, 101, 310, 311, 321, 250, 248, 249, 298, 323, 161, 304, 303, 428, 429, 430, 431, 432, 433, 442, 425, 246, 175, 313),
+    "aarch64": (0xC00000B7, 41, 220, 435, 97, 268, 40, 39, 117, 270, 271, 280, 219, 217, 218, 241, 282, 51, 265, 264, 428, 429, 430, 431, 432, 433, 442, 425, 104, 105, 273),
+}
+# fmt: on
+_SYSCALLS = (
+    dict(zip(_SYSCALL_NAMES, _SYSCALL_NUMBERS[os.uname().machine])) if os.uname().machine in _SYSCALL_NUMBERS else None
+)
 _PIVOT_ROOT = _SYSCALLS["pivot_root"] if _SYSCALLS else -1
 
 
