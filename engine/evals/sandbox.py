@@ -58,7 +58,8 @@ from engine.evals.sandbox_child import decode
 
 CHILD_SCRIPT = Path(__file__).with_name("sandbox_child.py")
 ERROR_CHARS = 2000  # how much of the end of stderr a result keeps
-SANDBOX_UID_BASE = 1_610_612_736  # as root, sample slot N runs as uid/gid BASE + N: ids no account uses
+SANDBOX_UID_BASE = 1_610_612_736  # as root, sample slot N runs as uid/gid _sandbox_uid(N): ids no account uses
+SLOTS_PER_PROCESS = 1024
 ISOLATED, UNSANDBOXED = "namespaces", "none"
 
 
@@ -136,13 +137,19 @@ class _Slots:
 _SLOTS = _Slots()
 
 
+def _sandbox_uid(slot: int) -> int:
+    """A uid for this process's sample slot: a block of uids per process (by pid), so that two evals
+    running at once do not share a uid, hence a process limit. Below 2**32 - 1 for every pid < 2**21."""
+    return SANDBOX_UID_BASE + (os.getpid() % (1 << 21)) * SLOTS_PER_PROCESS + slot % SLOTS_PER_PROCESS
+
+
 def run_program(
     program: Program, timeout_s: float = 10.0, limits: Limits = Limits(), isolate: bool = True
 ) -> SandboxResult:
     """Run `program` in a fresh sandbox; passed only if its tests, run by the checker, all passed."""
     started = time.monotonic()
     slot = _SLOTS.take()
-    uid = SANDBOX_UID_BASE + slot if os.geteuid() == 0 else os.getuid()
+    uid = _sandbox_uid(slot) if os.geteuid() == 0 else os.getuid()
     # Without isolation the program needs a folder of the host: a fresh 0700 one, removed afterwards.
     workdir = "/work" if isolate else tempfile.mkdtemp(prefix="tas-sandbox-")
     try:
