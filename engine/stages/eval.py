@@ -25,6 +25,7 @@ import torch
 from engine.core.fsio import atomic_write_json
 from engine.evals.code import load_problems, score_completions, write_results
 from engine.evals.generate import generate_completions
+from engine.evals.sandbox import ISOLATED, UNSANDBOXED, isolation_problem
 from engine.models.device import peak_memory, pick_device, pick_dtype
 from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.models.tiny_python import BENCHMARK as TINY_PYTHON
@@ -182,6 +183,7 @@ def run(ctx: StageContext) -> None:
             "n_samples": code.n_samples,
             "max_new_tokens": code.max_new_tokens,
             "results_dir": str(ctx.stage_dir / "code"),
+            "isolation": UNSANDBOXED if isolation_problem() else ISOLATED,
         }
     path = ctx.stage_dir / "report.json"
     atomic_write_json(path, report)
@@ -207,12 +209,24 @@ def code_problems(ctx: StageContext) -> dict[str, dict]:
     if code.benchmark == "none":
         return {}
     problems = load_problems(code.benchmark, code.limit)
+    isolation = code_isolation(ctx)  # refuse now, before a model is loaded, when the sandbox cannot isolate
     which = f"{code.benchmark} (held-out split)" if code.benchmark == TINY_PYTHON else code.benchmark
     ctx.events.log(
         f"code benchmark: {which}, {len(problems)} problems × {code.n_samples} samples, "
-        f"up to {code.max_new_tokens} new tokens"
+        f"up to {code.max_new_tokens} new tokens; sandbox isolation: {isolation}"
     )
     return problems
+
+
+def code_isolation(ctx: StageContext) -> str:
+    """The sandbox's isolation on this host (engine.evals.sandbox); a StageError (a message, no traceback)
+    when there is none and eval.code.allow_unsandboxed is off. A probe of a fraction of a second."""
+    problem = isolation_problem()
+    if problem and not ctx.config.eval.code.allow_unsandboxed:
+        raise StageError(f"{problem}; or set eval.code.allow_unsandboxed: true")
+    if problem:
+        ctx.events.log(f"code sandbox: NOT isolated (allowed by eval.code.allow_unsandboxed): {problem}", "warning")
+    return UNSANDBOXED if problem else ISOLATED
 
 
 def code_eval(
@@ -223,7 +237,14 @@ def code_eval(
     started = time.perf_counter()
     records = generate_completions(model, tokenizer, problems, code, system, check_cancelled=ctx.check_cancelled)
     workers = code.workers or os.cpu_count() or 1
-    scored, summary = score_completions(records, problems, workers=workers, timeout_s=code.timeout_s, ks=code.ks)
+    scored, summary = score_completions(
+        records,
+        problems,
+        workers=workers,
+        timeout_s=code.timeout_s,
+        ks=code.ks,
+        allow_unsandboxed=code.allow_unsandboxed,
+    )
     path = ctx.stage_dir / "code" / f"{name}.jsonl"
     write_results(path, scored)
     figures = {key: value for key, value in summary.items() if key.startswith("pass@")}
@@ -232,6 +253,7 @@ def code_eval(
     ctx.events.log(
         f"{name:<11} {code.benchmark} "
         + "  ".join(f"{k} {v:.3f}" for k, v in figures.items())
-        + f"  ({summary['n_passed']}/{summary['n_samples']} passed, {time.perf_counter() - started:.0f}s)"
+        + f"  ({summary['n_passed']}/{summary['n_samples']} passed, {time.perf_counter() - started:.0f}s, "
+        + f"isolation {summary['sandbox']['isolation']})"
     )
     return {**figures, "code_results": str(path)}

@@ -1,0 +1,480 @@
+"""Hostile completions through `tas eval-code` (as `python -m engine.evals.code`), as root and as an ordinary
+user: each attack of the sandbox audit (issue 23) must be contained, or the run refused, with nothing left
+behind on the host.
+
+As root the ordinary user is a system user made for the purpose (`tassbx`) and reached with setpriv; as
+a non-root user the tests run as that user and skip the root-only ones. The user runs the system Python
+(/usr/bin/python3) on tiny-python (the HumanEval data lives in our venv, which it may not read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IS_ROOT = os.geteuid() == 0
+USER = "tassbx"
+TASK = "tiny-python/add_11"
+RIGHT = "def add_11(x):\n    return x + 11\n"
+WRONG = "def add_11(x):\n    return x\n"
+
+pytestmark = pytest.mark.e2e
+
+
+def _ordinary_user() -> tuple[int, int] | None:
+    """(uid, gid) of the ordinary user the tests run `tas eval-code` as, creating it as root."""
+    if not IS_ROOT:
+        return os.getuid(), os.getgid()
+    try:
+        entry = pwd.getpwnam(USER)
+    except KeyError:
+        made = subprocess.run(["useradd", "--system", "--no-create-home", USER], capture_output=True)
+        if made.returncode != 0:
+            return None
+        entry = pwd.getpwnam(USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def _python_for(mode: str) -> str:
+    return sys.executable if mode == "root" else "/usr/bin/python3"
+
+
+@pytest.fixture(params=["root", "user"])
+def mode(request) -> str:
+    if request.param == "root" and not IS_ROOT:
+        pytest.skip("not root: the root half of these tests needs root")
+    if request.param == "user":
+        ids = _ordinary_user()
+        if ids is None or not shutil.which("setpriv") and IS_ROOT:
+            pytest.skip("cannot switch to an ordinary user here (useradd or setpriv missing)")
+        probe = _run(["-c", "import engine.evals.code"], "user", cwd=ROOT)
+        if probe.returncode != 0:
+            pytest.skip(f"the ordinary user cannot import engine from {ROOT}: {probe.stderr[-300:]}")
+    return request.param
+
+
+def _run(args: list[str], mode: str, cwd: Path, env: dict | None = None, wrap: list[str] | None = None):
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **(env or {})}
+    command = [_python_for(mode), *args]
+    if mode == "user" and IS_ROOT:
+        uid, gid = _ordinary_user()
+        command = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *command]
+    return subprocess.run([*(wrap or []), *command], cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture
+def place(mode):
+    """A home and a project folder of the user that runs the eval, with the secrets an audit went after."""
+    base = Path(tempfile.mkdtemp(prefix="tas-attack-"))
+    home, project = base / "home", base / "project"
+    (home / ".cache" / "huggingface").mkdir(parents=True)
+    project.mkdir()
+    secret = {
+        "env": "sk-dotenv" + secrets.token_hex(16),
+        "hf": "hf_" + secrets.token_hex(16),
+        "openai": "sk-environ" + secrets.token_hex(16),
+    }
+    (project / ".env").write_text(f"OPENAI_API_KEY={secret['env']}\n")
+    (home / ".cache" / "huggingface" / "token").write_text(secret["hf"])
+    (home / ".bashrc").write_text("# rc\n")
+    (project / "source.py").write_text("VALUE = 1\n")
+    owner = _ordinary_user() if mode == "user" else (0, 0)
+    for path in [base, *base.rglob("*")]:
+        os.chown(path, *owner) if IS_ROOT else None
+        if path.is_file():
+            path.chmod(0o600)
+    base.chmod(0o755)
+    yield {"base": base, "home": home, "project": project, "secret": secret}
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def eval_code(place: dict, mode: str, completions: list[str], *extra: str, env: dict | None = None, wrap=None):
+    """Run `tas eval-code` on these completions (all for TASK); returns (returncode, summary, rows, output)."""
+    samples = place["project"] / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"task_id": TASK, "completion": c}) + "\n" for c in completions))
+    if IS_ROOT and mode == "user":
+        os.chown(samples, *_ordinary_user())
+    out = place["project"] / "results.jsonl"
+    env = {"HOME": str(place["home"]), "OPENAI_API_KEY": place["secret"]["openai"], **(env or {})}
+    before = set(os.listdir("/tmp"))
+    done = _run(
+        ["-m", "engine.evals.code", str(samples), "--benchmark", "tiny-python", "--workers", "2", "--timeout", "8",
+         "--k", "1", "--out", str(out), *extra],
+        mode, cwd=place["project"], env=env, wrap=wrap,
+    )  # fmt: skip
+    assert not {n for n in set(os.listdir("/tmp")) - before if n.startswith("tas-sandbox")}  # nothing left there
+    assert_no_sandbox_processes()
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    summary = json.loads(done.stdout) if done.returncode == 0 else {}
+    return done.returncode, summary, rows, done.stdout + done.stderr
+
+
+def assert_no_sandbox_processes(within_s: float = 5.0) -> None:
+    def alive():
+        found = []
+        for proc in psutil.process_iter(["cmdline", "status"]):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and "sandbox_child.py" in " ".join(
+                proc.info["cmdline"] or []
+            ):
+                found.append(proc.pid)
+        return found
+
+    deadline = time.monotonic() + within_s
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive()
+
+
+def test_secrets_of_the_user_are_out_of_reach(place, mode):
+    attack = (
+        "def add_11(x):\n"
+        "    import os, glob\n"
+        "    found = []\n"
+        f"    for path in [{str(place['project'] / '.env')!r}, {str(place['home'] / '.cache/huggingface/token')!r},\n"
+        "                 os.path.expanduser('~/.cache/huggingface/token'), '.env'] + glob.glob('/proc/*/environ'):\n"
+        "        try:\n"
+        "            found.append(open(path).read())\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    raise AssertionError('searched: ' + repr(found) + repr(dict(os.environ)))\n"
+    )
+    code, summary, rows, output = eval_code(place, mode, [attack])
+    assert code == 0 and summary["sandbox"]["isolation"] == "namespaces"
+    assert "searched: " in rows[0]["error"]  # it ran
+    text = place["project"].joinpath("results.jsonl").read_text() + output
+    for value in place["secret"].values():
+        assert value not in text
+
+
+def test_files_of_the_user_cannot_be_changed(place, mode):
+    attack = (
+        "def add_11(x):\n"
+        "    import os\n"
+        "    done = []\n"
+        f"    for path in [{str(place['home'] / '.bashrc')!r}, {str(place['project'] / 'source.py')!r},\n"
+        "                 os.path.expanduser('~/.bashrc')]:\n"
+        "        try:\n"
+        "            with open(path, 'a') as f:\n"
+        "                f.write('echo owned\\n')\n"
+        "            done.append(path)\n"
+        "        except OSError as exc:\n"
+        "            done.append(repr(exc))\n"
+        "    raise AssertionError(repr(done))\n"
+    )
+    code, _, rows, _ = eval_code(place, mode, [attack])
+    assert code == 0 and not rows[0]["passed"]
+    assert (place["home"] / ".bashrc").read_text() == "# rc\n"
+    assert (place["project"] / "source.py").read_text() == "VALUE = 1\n"
+
+
+def test_one_sample_cannot_tamper_with_the_others(place, mode):
+    """The audit's poller found the other samples' programs in /tmp and rewrote them to pass."""
+    poller = (
+        "import os, time\n"
+        "def add_11(x):\n"
+        "    import glob\n"
+        "    deadline = time.time() + 4\n"
+        "    while time.time() < deadline:\n"
+        "        for top in ('/tmp/tas-sandbox-*', '/var/tmp/*', '/dev/shm/*', '/work/*'):\n"
+        "            for path in glob.glob(top) + glob.glob(top + '/*'):\n"
+        "                try:\n"
+        "                    with open(path, 'w') as f:\n"
+        f"                        f.write({RIGHT!r})\n"
+        "                except OSError:\n"
+        "                    pass\n"
+        "    return x\n"
+    )
+    code, summary, rows, _ = eval_code(place, mode, [poller] + [WRONG] * 12)
+    assert code == 0
+    assert summary["pass@1"] == 0.0 and [r["passed"] for r in rows] == [False] * 13
+
+
+def test_no_signals_network_or_daemons_outside(place, mode):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    unix_path = place["base"] / "host.sock"
+    unix_listener = socket.socket(socket.AF_UNIX)
+    unix_listener.bind(str(unix_path))
+    unix_listener.listen(1)
+    unix_path.chmod(0o777)
+    owner = _ordinary_user() if mode == "user" else (0, 0)
+    sleeper = subprocess.Popen(
+        ["sleep", "300"], user=owner[0] if IS_ROOT else None, group=owner[1] if IS_ROOT else None
+    )  # one of the user's processes
+    attack = (
+        "import os, signal, socket\n"
+        "def add_11(x):\n"
+        "    notes = []\n"
+        "    if os.fork() == 0:\n"  # a daemon that would outlive the eval
+        "        os.setsid()\n"
+        "        if os.fork() == 0:\n"
+        "            import time\n"
+        "            time.sleep(300)\n"
+        "        os._exit(0)\n"
+        f"    for pid in (-1, {sleeper.pid}, {os.getpid()}):\n"
+        "        try:\n"
+        "            os.kill(pid, signal.SIGKILL)\n"
+        "        except OSError as exc:\n"
+        "            notes.append(exc.errno)\n"
+        "    try:\n"
+        f"        socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+        "        notes.append('tcp connected')\n"
+        "    except OSError:\n"
+        "        notes.append('no tcp')\n"
+        "    try:\n"
+        "        s = socket.socket(socket.AF_UNIX)\n"
+        f"        s.connect({str(unix_path)!r})\n"
+        "        notes.append('unix connected')\n"
+        "    except OSError:\n"
+        "        notes.append('no unix')\n"
+        "    raise AssertionError(repr(notes))\n"
+    )
+    try:
+        code, _, rows, _ = eval_code(place, mode, [attack])
+        assert code == 0 and not rows[0]["passed"]
+        assert "no tcp" in rows[0]["error"] and "no unix" in rows[0]["error"], rows[0]["error"]
+        assert sleeper.poll() is None and psutil.Process().is_running()
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        listener.close()
+        unix_listener.close()
+
+
+def test_nothing_persists_and_limits_hold(place, mode):
+    marker = "tas-attack-marker-" + secrets.token_hex(4)
+    attack = (
+        "import ctypes, os, socket\n"
+        "def add_11(x):\n"
+        "    notes = []\n"
+        "    for folder in ('/tmp', '/var/tmp', '/dev/shm'):\n"
+        f"        open(os.path.join(folder, {marker!r}), 'w').write('x')\n"
+        f"    socket.socket(socket.AF_UNIX).bind('/tmp/{marker}.sock')\n"
+        "    files = []\n"
+        "    try:\n"
+        "        while len(files) < 20000:\n"
+        "            files.append(open('/dev/null'))\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    notes.append('files=%d' % len(files))\n"
+        "    libc = ctypes.CDLL(None, use_errno=True)\n"
+        "    denied = [libc.unshare(0x10000000), libc.mount(b'none', b'/tmp', b'tmpfs', 0, None),\n"
+        "              libc.ptrace(16, 1, 0, 0), libc.syscall(321, 0, 0, 0), libc.syscall(250, 0, 0, 0)]\n"
+        "    notes.append('calls=%r' % denied)\n"
+        "    raise AssertionError(' '.join(notes))\n"
+    )
+    code, _, rows, _ = eval_code(place, mode, [attack])
+    assert code == 0 and not rows[0]["passed"]
+    error = rows[0]["error"]
+    assert "calls=[-1, -1, -1, -1, -1]" in error, error  # unshare, mount, ptrace, bpf, keyctl all refused
+    opened = int(error.split("files=")[1].split()[0])
+    assert opened < 300
+    for folder in ("/tmp", "/var/tmp", "/dev/shm"):
+        assert not [n for n in os.listdir(folder) if n.startswith(marker)]
+
+
+FIND_THE_TOKEN = (  # the old sandbox kept its completion token in a local of the frame that ran the program
+    "def forge():\n"
+    "    frame = sys._getframe(1)\n"
+    "    while frame is not None:\n"
+    "        seen = frame.f_locals\n"
+    "        if isinstance(seen.get('token'), bytes) and isinstance(seen.get('token_fd'), int):\n"
+    "            os.write(seen['token_fd'], seen['token'])\n"
+    "            os._exit(0)\n"
+    "        frame = frame.f_back\n"
+)
+FORGERIES = {
+    "token-in-frames": ("import os, sys\n" + FIND_THE_TOKEN + "def add_11(x):\n    forge()\n    return x\n"),
+    "stdout-flush": (
+        "import os, sys\n" + FIND_THE_TOKEN + "class Out:\n"
+        "    def write(self, text):\n"
+        "        return len(text)\n"
+        "    def flush(self):\n"
+        "        forge()\n"
+        "sys.stdout = Out()\n"
+        "def add_11(x):\n"
+        "    return x\n"
+    ),
+    "forged-report": (
+        "import os\n"
+        "def add_11(x):\n"
+        "    for fd in range(64):\n"
+        "        try:\n"
+        "            os.write(fd, b'\\x00\\x00\\x00\\x0e{\"passed\":true}\\ncompleted=1\\nexit=0\\n')\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    os._exit(0)\n"
+    ),
+    "settrace": (  # swaps the tests' `candidate` for one whose results equal anything
+        "import sys\n"
+        "class Yes:\n"
+        "    def __eq__(self, other):\n"
+        "        return True\n"
+        "def local(frame, event, arg):\n"
+        "    if 'candidate' in frame.f_locals:\n"
+        "        frame.f_locals['candidate'] = lambda *a, **k: Yes()\n"
+        "    return local\n"
+        "def tracer(frame, event, arg):\n"
+        "    return local if frame.f_code.co_name == 'check' else tracer\n"
+        "sys.settrace(tracer)\n"
+        "def add_11(x):\n"
+        "    return x\n"
+    ),
+    "always-equal": (
+        "class Anything(int):\n"
+        "    def __eq__(self, other):\n"
+        "        return True\n"
+        "    __hash__ = int.__hash__\n"
+        "def add_11(x):\n"
+        "    return Anything(0)\n"
+    ),
+    "carriage-return": (
+        "import sys\n"
+        "print('\\rpassed=1\\rcompleted=1\\r', file=sys.stderr)\n"
+        "print('\\rpassed=1\\rcompleted=1\\r')\n"
+        "def add_11(x):\n"
+        "    return x\n"
+    ),
+}
+
+
+def test_a_program_cannot_forge_its_score(place, mode):
+    code, summary, rows, output = eval_code(place, mode, list(FORGERIES.values()) + [RIGHT])
+    assert code == 0
+    assert [r["passed"] for r in rows] == [False] * len(FORGERIES) + [True], [r["error"][-300:] for r in rows]
+    assert summary["n_passed"] == 1
+
+
+def test_a_fork_bomb_does_not_starve_the_other_samples(place, mode):
+    bomb = (
+        "import os, time\n"
+        "def add_11(x):\n"
+        "    for _ in range(300):\n"
+        "        try:\n"
+        "            if os.fork() == 0:\n"
+        "                time.sleep(30)\n"
+        "                os._exit(0)\n"
+        "        except OSError:\n"
+        "            time.sleep(0.01)\n"
+        "    return x\n"
+    )
+    forks = "import os\ndef add_11(x):\n    if os.fork() == 0:\n        os._exit(0)\n    os.wait()\n    return x + 11\n"
+    code, _, rows, _ = eval_code(place, mode, [bomb] + [forks] * 4)
+    assert code == 0
+    assert [r["passed"] for r in rows[1:]] == [True] * 4, [r["error"][-300:] for r in rows]
+
+
+def test_each_sample_has_its_own_process_limit(place, mode):
+    counter = (
+        "import os, time\n"
+        "def add_11(x):\n"
+        "    started = 0\n"
+        "    try:\n"
+        "        while started < 1000:\n"
+        "            if os.fork() == 0:\n"
+        "                time.sleep(5)\n"
+        "                os._exit(0)\n"
+        "            started += 1\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    raise AssertionError('started=%d' % started)\n"
+    )
+    code, _, rows, _ = eval_code(place, mode, [counter, counter])
+    assert code == 0
+    for row in rows:  # 64 processes a sample (its program and checker among them), whoever else runs
+        assert 50 <= int(row["error"].split("started=")[1].split()[0]) < 64, row["error"]
+
+
+@pytest.mark.parametrize("mode", ["root"])  # the attack makes root overwrite a root-owned file
+def test_out_does_not_follow_a_link_planted_in_a_shared_folder(place, mode):
+    if not IS_ROOT:
+        pytest.skip("not root: the attack makes root overwrite a root-owned file")
+    shared = Path(tempfile.mkdtemp(prefix="tas-shared-"))
+    victim = place["base"] / "victim"
+    victim.write_text("root's file\n")
+    try:
+        shared.chmod(0o1777)
+        (shared / "results.jsonl").symlink_to(victim)
+        samples = place["project"] / "samples.jsonl"
+        samples.write_text(json.dumps({"task_id": TASK, "completion": RIGHT}) + "\n")
+        args = ["-m", "engine.evals.code", str(samples), "--benchmark", "tiny-python", "--out"]
+        done = _run([*args, str(shared / "results.jsonl")], "root", cwd=place["project"])
+        assert done.returncode == 2 and "symbolic link" in done.stderr
+        assert victim.read_text() == "root's file\n"
+        shared.chmod(0o777)  # writable by all without the sticky bit: anyone could swap in a link later
+        done = _run([*args, str(shared / "new.jsonl")], "root", cwd=place["project"])
+        assert done.returncode == 2 and "another user" in done.stderr
+        assert not (shared / "new.jsonl").exists()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+NO_USERNS = """
+import os, sys, ctypes
+uid, gid = int(sys.argv[1]), int(sys.argv[2])
+unshared, mapped = os.pipe(), os.pipe()
+child = os.fork()
+if child == 0:
+    ctypes.CDLL(None).unshare(0x10000000)
+    os.write(unshared[1], b"x")
+    os.read(mapped[0], 1)
+    with open("/proc/sys/user/max_user_namespaces", "w") as f:
+        f.write("0")
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    os.execv(sys.argv[3], sys.argv[3:])
+os.read(unshared[0], 1)
+for name, inner in (("uid_map", uid), ("gid_map", gid)):
+    with open(f"/proc/{child}/{name}", "w") as f:
+        f.write(f"0 0 1\\n{inner} {inner} 1\\n")
+os.write(mapped[1], b"x")
+_, status = os.waitpid(child, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.parametrize("mode", ["user"])
+def test_without_user_namespaces_the_eval_refuses_unless_allowed(place, mode):
+    if not IS_ROOT:
+        pytest.skip("needs root to make an ordinary user's namespace where user namespaces are switched off")
+    uid, gid = _ordinary_user()
+    wrap = [sys.executable, "-c", NO_USERNS, str(uid), str(gid)]
+    # _run puts setpriv in front for the user; here the wrapper switches user itself
+    env = {"HOME": str(place["home"]), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    samples = place["project"] / "samples.jsonl"
+    samples.write_text(json.dumps({"task_id": TASK, "completion": RIGHT}) + "\n")
+    os.chown(samples, uid, gid)
+    command = [*wrap, "/usr/bin/python3", "-m", "engine.evals.code", str(samples), "--benchmark", "tiny-python"]
+    before = set(os.listdir("/tmp"))
+    done = subprocess.run(command, cwd=place["project"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "user namespaces" in done.stderr and "--allow-unsandboxed" in done.stderr
+    done = subprocess.run(
+        [*command, "--allow-unsandboxed", "--out", str(place["project"] / "results.jsonl")],
+        cwd=place["project"], env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["sandbox"]["isolation"] == "none" and summary["pass@1"] == 1.0
+    rows = [json.loads(line) for line in (place["project"] / "results.jsonl").read_text().splitlines()]
+    assert rows[0]["isolation"] == "none"
+    assert not [n for n in set(os.listdir("/tmp")) - before if n.startswith("tas-sandbox")]
