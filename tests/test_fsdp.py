@@ -23,7 +23,7 @@ from engine.config.errors import ConfigError
 from engine.config.keys import set_key
 from engine.config.load import load_config, parse_config
 
-from .helpers import ROOT, TINY_CONFIG
+from .helpers import ROOT, TINY_CONFIG, make_context
 
 SCRIPT = ROOT / "tests" / "fsdp_kd_steps.py"
 
@@ -52,6 +52,16 @@ def test_fsdp_with_a_lora_student_is_refused():
     set_key(config, "train.distillation.peft", {"lora": {"r": 4}})
     with pytest.raises(ValidationError, match=r"train\.distillation\.peft"):
         set_key(config, "train.distillation.fsdp", True)
+
+
+def test_fsdp_on_cpu_is_refused_before_any_model_loads(tmp_path):
+    """accelerate shards on GPUs only; on CPU ranks it would keep a whole student on each, without a word."""
+    from engine.runner.context import StageError
+    from engine.stages import distill
+
+    config = parse_config(tiny_with(**{"train.distillation.fsdp": True, "launch.nproc_per_node": 2}))
+    with pytest.raises(StageError, match=r"train\.distillation\.fsdp .* runs on cpu"):
+        distill.run(make_context(config, "distill", tmp_path))
 
 
 # ------------------------------------------------------------------------------------- two gloo ranks
