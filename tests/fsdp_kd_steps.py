@@ -7,6 +7,7 @@ Writes to OUT: `steps.json` (the logged steps, and whether the head was sharded)
 `--untied` gives the student a head of its own (Qwen2.5 from 1.5B up) instead of the tiny model's tied one.
 `--reshard-head` makes every FSDP unit reshard after its forward, the head's included: how accelerate
 before 1.16 wrapped the root that held the head, and torch's own default for a unit that is not the root.
+`--save-every-step` writes the Trainer's checkpoints; `--resume CHECKPOINT` starts from one.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--untied", action="store_true")
     parser.add_argument("--reshard-head", action="store_true")
+    parser.add_argument("--save-every-step", action="store_true", help="a checkpoint at each step")
+    parser.add_argument("--resume", help="the checkpoint folder to resume from")
     options = parser.parse_args()
     if options.fsdp:
         let_accelerate_shard_on_cpu()
@@ -95,8 +98,9 @@ def main() -> None:
         chunk_size=8,
         vocab_size=len(tokenizer),
         **sharding(options.fsdp),
+        **({"save_strategy": "steps", "save_steps": 1} if options.save_every_step else {}),
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=options.resume)
     sharded = isinstance(trainer.model.get_output_embeddings().weight, DTensor)
     for dtype, folder in ((torch.float32, "model"), (torch.bfloat16, "model-bf16")):
         final = trained_student(trainer, dtype)  # every rank: under FSDP the gather is a collective

@@ -11,6 +11,7 @@ accelerate enables FSDP on GPUs only; tests/fsdp_kd_steps.py lets it shard on CP
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,18 @@ def test_two_fsdp_ranks_take_the_steps_of_one_process(tmp_path, one_process, hea
     bf16 = weights(tmp_path / "model-bf16")
     assert all(bf16[name].equal(got[name].bfloat16()) for name in got)
     assert json.loads((tmp_path / "model-bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.e2e
+def test_an_fsdp_run_resumed_from_its_checkpoint_ends_with_the_same_student(tmp_path):
+    """Checkpoints of a sharded student (the full state dict, written by rank 0) resume on both ranks."""
+    from engine.train.callbacks import last_checkpoint
+
+    whole = kd_steps(tmp_path / "whole", "--fsdp", "--save-every-step", ranks=2)
+    resume = tmp_path / "resumed" / "checkpoint-1"
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "checkpoint-1", resume)
+    assert last_checkpoint(resume.parent) == str(resume)  # a complete checkpoint, as resume picks them
+    resumed = kd_steps(tmp_path / "resumed", "--fsdp", "--resume", str(resume), ranks=2)
+    assert resumed["steps"][-1] == whole["steps"][-1]
+    got, want = weights(tmp_path / "resumed" / "model"), weights(tmp_path / "whole" / "model")
+    assert all(got[name].equal(want[name]) for name in want)
