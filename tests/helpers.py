@@ -105,7 +105,8 @@ def make_context(config, stage: str, root: Path):
 def tiny_kd_trainer(output_dir: Path, examples: list[dict], student, teacher, pad_token_id: int, **options: Any):
     """A KDTrainer over `examples` on CPU that saves and reports nothing: the in-process KD step tests build.
 
-    `options` go to TrainingArguments, except the KD ones (`kd_weight`, `chunk_size`, `vocab_size`)."""
+    `options` go to TrainingArguments (saving nothing unless they say `save_strategy`), except the KD ones
+    (`kd_weight`, `chunk_size`, `vocab_size`)."""
     from transformers import TrainingArguments
 
     from engine.train.kd_trainer import KDCollator, KDTrainer
@@ -116,10 +117,9 @@ def tiny_kd_trainer(output_dir: Path, examples: list[dict], student, teacher, pa
         use_cpu=True,
         report_to=[],
         disable_tqdm=True,
-        save_strategy="no",
         remove_unused_columns=False,
         logging_steps=1,
-        **options,
+        **{"save_strategy": "no", **options},
     )
     return KDTrainer(
         model=student,

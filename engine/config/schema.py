@@ -407,8 +407,26 @@ class DistillationConfig(TrainerSection):
     )
     loss_chunk_size: int = Field(1024, gt=0, description="Response tokens per chunk of the KD loss (memory bound).")
     max_length: int = Field(1024, gt=0, description="Maximum tokens per training example.")
+    fsdp: bool = Field(
+        False,
+        description="Shard the student's weights, gradients and optimizer state over the GPUs (FSDP2) instead of "
+        "a whole copy on each: for a student too big for one GPU. Needs several processes "
+        "(launch.nproc_per_node or launch.nnodes > 1), GPUs, and a fully trained student (no peft).",
+    )
 
     _sft: SftConfig = PrivateAttr(default_factory=SftConfig)
+
+    @model_validator(mode="after")
+    def _fsdp_trains_every_weight(self) -> DistillationConfig:
+        """A LoRA student's trained weights are a few MB and its frozen ones smaller than the teacher each GPU
+        holds anyway: FSDP would save little, and its sharded weights cannot be merged for the save."""
+        if self.fsdp and self.peft is not None:
+            raise ValueError(
+                "train.distillation.fsdp shards a fully trained student; train.distillation.peft (LoRA) trains "
+                "adapters only: unset one of them"
+            )
+        return self
+
     """The `train.sft` section beside this one (TrainConfig links it): what keys left unset follow."""
 
     @property
@@ -545,6 +563,17 @@ class TASConfig(Section):
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     panel: PanelConfig = Field(default_factory=PanelConfig)
+
+    @model_validator(mode="after")
+    def _fsdp_needs_several_processes(self) -> TASConfig:
+        """FSDP shards over the processes of the run; with one there is nothing to shard over (and HF's
+        Trainer would stop with "Using fsdp only works in distributed training" once the models are loaded)."""
+        if self.train.distillation.fsdp and self.launch.nproc_per_node * self.launch.nnodes == 1:
+            raise ValueError(
+                "train.distillation.fsdp shards the student over several processes, but launch.nproc_per_node "
+                "and launch.nnodes are 1: set launch.nproc_per_node to the number of GPUs, or fsdp to false"
+            )
+        return self
 
     def to_yaml(self) -> str:
         """Full YAML of this config, defaults included (what a run freezes).

@@ -11,7 +11,9 @@ Recipe, top to bottom:
 3. the teacher answers as chat examples, split exactly as `sft` split them, loss on the answer only;
 4. HF Trainer with loss = (1 - w)·CE + w·T²·KL over answer tokens only, computed in chunks from the
    last hidden states (engine/train/kd_loss.py), so the logits of a whole batch never sit in memory at
-   once; KD compares the tokenizer's columns, each model keeping its own (padded) embedding size;
+   once; KD compares the tokenizer's columns, each model keeping its own (padded) embedding size. With
+   `train.distillation.fsdp` (several GPUs) the Trainer shards the student with FSDP2 (each rank keeps 1/N
+   of its weights, gradients and optimizer state; the KD teacher stays whole on every rank);
 5. the student (+ tokenizer) saved to `train.distillation.output_dir` as a plain model folder (LoRA
    adapters merged in), which `eval` and the chat load like any checkpoint.
 
@@ -32,7 +34,7 @@ from engine.models.device import pick_device, pick_dtype
 from engine.models.loading import load_tokenizer
 from engine.pipeline.models import STUDENT_CE, STUDENT_KD
 from engine.runner.context import StageContext, StageError
-from engine.train.arguments import one_gpu, save_trained, trainer_arguments
+from engine.train.arguments import one_gpu, save_trained, sharding, trainer_arguments
 from engine.train.assistant import load_tuned_assistant
 from engine.train.callbacks import CancelCallback, EventsCallback, train_resumable
 from engine.train.kd_trainer import KDCollator, KDTrainer
@@ -42,7 +44,7 @@ from engine.train.student import (
     check_same_tokenizer,
     check_vocab_compatibility,
     embedding_rows,
-    merged_student,
+    trained_student,
     with_lora,
 )
 
@@ -51,6 +53,9 @@ def run(ctx: StageContext) -> None:
     config = ctx.config
     kd = config.train.distillation
     device = pick_device(config)
+    if kd.fsdp and device.type != "cuda":
+        # accelerate shards on GPUs only: on CPU ranks it would silently keep a whole student on each
+        raise StageError(f"train.distillation.fsdp shards the student over GPUs; this stage runs on {device.type}")
 
     # 3. data, split as sft split it; read first, so a missing answers file fails before any model loads
     train_pairs, eval_pairs, system = load_split_pairs(ctx)
@@ -90,7 +95,8 @@ def run(ctx: StageContext) -> None:
                 student = with_lora(student, kd.peft.lora)
         except ValueError as exc:
             raise StageError(str(exc)) from None
-        student.to(device)
+        if not kd.fsdp:  # FSDP moves each rank's shards to its GPU: the whole student may not fit on one
+            student.to(device)
         ctx.events.log(
             f"{label}: {describe(ctx, student)}, KD weight {weight}, "
             f"T={kd.knowledgedistillation.loss.temperature}; {len(train_set)} train / {len(eval_set)} eval; "
@@ -157,7 +163,7 @@ def train_one(
         bf16=kd.bf16,
         fp16=False,
     )
-    args = TrainingArguments(**shared, remove_unused_columns=False)
+    args = TrainingArguments(**shared, **sharding(kd.fsdp), remove_unused_columns=False)
     one_gpu(args)
     cancel = CancelCallback(ctx)
     trainer = KDTrainer(
@@ -185,9 +191,9 @@ def train_one(
         "train.distillation.overwrite_output_dir",
         label,
     )
-    if not ctx.is_main:  # rank 0 alone writes the model
-        return
     # LoRA merged in (a plain model folder), in the precision it trained in: bf16 training saves a bf16
-    # model, so eval, chat and export load the model the run produced, at half the size of float32
-    final = merged_student(student).to(pick_dtype(kd.bf16, device))
-    save_trained(ctx, final, tokenizer, output_dir, "train.distillation.output_dir", label)
+    # model, so eval, chat and export load the model the run produced, at half the size of float32. Under
+    # FSDP every rank takes part in gathering the shards; rank 0 alone writes the model.
+    final = trained_student(trainer, pick_dtype(kd.bf16, device))
+    if ctx.is_main:
+        save_trained(ctx, final, tokenizer, output_dir, "train.distillation.output_dir", label)

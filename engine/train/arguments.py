@@ -80,6 +80,16 @@ def one_gpu(args) -> None:
         args._n_gpu = 1  # the Trainer's own lever: it does the same for a model split with device_map
 
 
+def sharding(fsdp: bool) -> dict[str, Any]:
+    """The TrainingArguments that shard the student with FSDP2 (`train.distillation.fsdp`), or none.
+
+    accelerate's FSDP2 gives each decoder layer (the model's `_no_split_modules`) a unit of its own, and the
+    embeddings, final norm and lm head others: each rank keeps 1/N of every weight, gradient and optimizer
+    state and gathers a unit's weights only while it computes. Checkpoints hold the full state dict.
+    """
+    return {"fsdp": True, "fsdp_config": {"version": 2}} if fsdp else {}
+
+
 def save_trained(ctx: StageContext, model, tokenizer, out: Path, key: str, label: str) -> None:
     """Rank 0's last step: model and tokenizer into `out` (a failed write names `key`), its checkpoints
     marked completed so that a re-run trains anew, and the artifact reported."""

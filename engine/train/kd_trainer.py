@@ -46,6 +46,26 @@ def last_hidden_state(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.hidden_states[-1]
 
 
+def whole_head_weight(model) -> torch.Tensor:
+    """The student's lm-head weight for the loss, which multiplies by it outside the model's forward: whole,
+    also when FSDP2 shards the model (`train.distillation.fsdp`).
+
+    Outside its unit's forward an FSDP2 parameter is this rank's shard (a DTensor), unless the unit keeps it
+    gathered: accelerate 1.16 happens to keep its [final norm, (embeddings,) lm_head] unit gathered after the
+    forward; releases before it resharded the head with the rest of the root, and the loss failed ("got
+    mixed torch.Tensor and DTensor"). `unshard()` on the unit that owns the head (its own, else the root's)
+    gathers it, a no-op when it is already gathered; the gradient the loss gives the gathered weight is
+    reduce-scattered into the shards by FSDP's post-backward, like the forward's own.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    head = model.get_output_embeddings()
+    owner = head if isinstance(head, FSDPModule) else model
+    if isinstance(owner, FSDPModule):
+        owner.unshard()
+    return head.weight
+
+
 class KDTrainer(Trainer):
     """Trainer whose loss is the chunked, answer-only KD loss; logs ce_loss and kd_loss beside loss.
 
@@ -86,7 +106,7 @@ class KDTrainer(Trainer):
         # through the wrapped model's own forward: DDP's gradient sync, DataParallel's scatter and the
         # autocast of bf16/fp16 training live there, not in the inner `model.model`
         student_hidden = last_hidden_state(model, inputs)
-        student_head = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+        student_head = whole_head_weight(self.accelerator.unwrap_model(model))
         teacher_hidden = teacher_head = None
         if self.kd_weight > 0:
             with torch.no_grad():

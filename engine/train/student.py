@@ -430,6 +430,30 @@ def merged_student(model):
     return model
 
 
+def trained_student(trainer, dtype: torch.dtype):
+    """The student a Trainer trained, as a plain model in `dtype` to save; None on every rank but rank 0.
+
+    Under FSDP (`train.distillation.fsdp`) each rank holds a shard of every weight: the full weights are
+    gathered onto rank 0 (a collective, so every rank must call this), which puts them into a copy of the
+    architecture built on the meta device (nothing allocated, nothing initialised twice), so the saved
+    folder and its config say `dtype` like an unsharded run's. Without FSDP: `merged_student`.
+    """
+    model = trainer.model
+    gathered = trainer.accelerator.get_state_dict(model) if trainer.is_fsdp_enabled else None
+    if not trainer.accelerator.is_main_process:
+        return None
+    if gathered is None:
+        return merged_student(model).to(dtype)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+    plain.load_state_dict({name: weight.to(dtype) for name, weight in gathered.items()}, assign=True)
+    plain.tie_weights()  # tied embeddings (Qwen2.5-0.5B, the tiny models) share one tensor again
+    plain.generation_config = model.generation_config
+    return plain
+
+
 # ----------------------------------------------------------------------------------------- vocabulary
 
 
