@@ -5,7 +5,8 @@ output going to a file, never to a pipe: nothing the panel does (or fails to do)
 SSH hang-up or a killed panel leaves it running. The supervisor starts one worker per stage.
 
 `cancel` sends SIGTERM to that session's process group: each worker saves what it can and reports
-`cancelled`; whatever is still alive after the grace period gets SIGKILL.
+`cancelled`; whatever is still alive after the grace period gets SIGKILL. Only processes whose command
+line is this run's are signalled (`is_run_process`): a pid file written by someone else names nothing.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from engine.core.fsio import atomic_write, file_lock
-from engine.core.process import ProcessRecord, read_pid_file, write_pid_file
+from engine.core.process import ProcessRecord, read_pid_file, send_signal, write_pid_file
 from engine.pipeline.stages import check_stage_names
 from engine.store.events import EventWriter
 from engine.store.runs import CANCEL_REQUEST, SUPERVISOR_FILE, Run
@@ -113,15 +116,10 @@ def cancel(run: Run, grace_s: float | None = None, wait: bool = True) -> bool:
             if status.state == "running" and record is not None and record.is_alive():
                 workers[status.name] = record
         targets += list(workers.values())
+        targets = _signal_groups(run, targets, signal.SIGTERM)
+        workers = {stage: record for stage, record in workers.items() if record in targets}
         if not targets:
             return False
-        groups = set()
-        for record in targets:
-            try:
-                groups.add(os.getpgid(record.pid))
-            except ProcessLookupError:
-                pass
-        _signal_groups(groups, signal.SIGTERM)
     if not wait:
         return True
     # The supervisor enforces grace_s itself; this is the backstop for when it cannot. Wait only on the
@@ -131,7 +129,7 @@ def cancel(run: Run, grace_s: float | None = None, wait: bool = True) -> bool:
         if not any(record.is_alive() for record in targets):
             return True
         time.sleep(0.2)
-    _signal_groups(groups, signal.SIGKILL)
+    _signal_groups(run, targets, signal.SIGKILL)
     time.sleep(0.2)
     for stage, record in workers.items():
         if read_pid_file(run.stage_dir(stage) / "pid") == record and run_stage_state(run, stage) == "died":
@@ -145,9 +143,42 @@ def run_stage_state(run: Run, stage: str) -> str:
     return next(s.state for s in run.stages() if s.name == stage)
 
 
-def _signal_groups(groups: set[int], sig: int) -> None:
-    for group in groups:
+def _signal_groups(run: Run, targets: list[ProcessRecord], sig: int) -> list[ProcessRecord]:
+    """Send `sig` once to the process group of each target that is `run`'s; returns those targets.
+
+    A pid file is only a claim (anyone who can write `runs/` can write one): a target whose command line
+    is not this run's, or whose group is not the recorded one, is refused (engine.core.process.send_signal).
+    """
+    ours, groups = [], set()
+    for record in targets:
         try:
-            os.killpg(group, sig)
-        except ProcessLookupError:
-            pass
+            group = os.getpgid(record.pid)
+        except OSError:
+            continue
+        # the supervisor and its workers share a group: one SIGTERM each, a second may mean "hurry"
+        if send_signal(record, 0 if group in groups else sig, lambda p: is_run_process(p, run), group=True):
+            ours.append(record)
+            groups.add(group)
+    return ours
+
+
+RUN_MODULES = ("engine.runner.supervisor", "engine.runner.worker")
+
+
+def is_run_process(process: psutil.Process, run: Run) -> bool:
+    """`process` is one of `run`'s, by its command line: the supervisor (`engine.runner.supervisor --run
+    <run>`), a stage worker (`engine.runner.worker <stage> --run <run>`), or torchrun running one
+    (`--run-dir <run>`). The run folder is compared as a file, from the process's working directory."""
+    argv = process.cmdline()
+    if not any(module in argv for module in RUN_MODULES):
+        return False
+    named = [argv[i + 1] for i, word in enumerate(argv[:-1]) if word in ("--run", "--run-dir")]
+    named += [word.split("=", 1)[1] for word in argv if word.startswith(("--run=", "--run-dir="))]
+    return any(_same_folder(os.path.join(process.cwd(), folder), run.path) for folder in named)
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

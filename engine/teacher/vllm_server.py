@@ -45,6 +45,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from engine.core.process import ProcessRecord, read_pid_file, stat_fields, write_pid_file
 from engine.core.secrets import is_secret_name, redact
 
@@ -237,7 +239,7 @@ class VllmServer:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=server_env(self.settings),
+                    env=server_env(self.settings) | _marker(pid_file),
                     start_new_session=True,  # own session and process group: stop() signals them all
                     preexec_fn=_die_with_parent_fn() if self.settings.die_with_worker else None,
                 )
@@ -338,7 +340,7 @@ def stop_leftover(pid_file: str | os.PathLike, grace_s: float = 10.0) -> bool:
     ended = False
     if record.is_reused():
         pass  # the pid belongs to another program now, and our group is long gone
-    elif group_members(record.pid):  # the leader, if it still runs, is a member of its own group
+    elif group_members(record.pid) and is_our_server(path, record.pid):  # the leader is a member of its group
         _end_group(record.pid, grace_s)
         ended = True
     path.unlink(missing_ok=True)
@@ -350,9 +352,28 @@ def server_processes(pid_file: str | os.PathLike) -> list[int]:
 
     The same rule as stop_leftover: a leader pid with another start time is someone else's now."""
     record = read_pid_file(pid_file)
-    if record is None or record.is_reused():
+    if record is None or record.is_reused() or not is_our_server(pid_file, record.pid):
         return []
     return group_members(record.pid)
+
+
+PID_FILE_ENV = "TAS_VLLM_PID_FILE"
+"""Set in the server's environment to its pid file: what proves a group is the server we started for it."""
+
+
+def _marker(pid_file: str | os.PathLike | None) -> dict[str, str]:
+    return {PID_FILE_ENV: str(Path(pid_file).resolve())} if pid_file is not None else {}
+
+
+def is_our_server(pid_file: str | os.PathLike, pgid: int) -> bool:
+    """Every live process of group `pgid` carries the marker of `pid_file` in its environment: the pid file
+    is only a claim (anyone who can write `runs/` can write one), the environment is what we started."""
+    members = group_members(pgid)
+    marker = _marker(pid_file)[PID_FILE_ENV]
+    try:
+        return bool(members) and all(psutil.Process(pid).environ().get(PID_FILE_ENV) == marker for pid in members)
+    except (psutil.Error, OSError):
+        return False
 
 
 def _end_group(pgid: int, grace_s: float, leader: subprocess.Popen[bytes] | None = None) -> None:
