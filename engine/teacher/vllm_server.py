@@ -366,14 +366,18 @@ def _marker(pid_file: str | os.PathLike | None) -> dict[str, str]:
 
 
 def is_our_server(pid_file: str | os.PathLike, pgid: int) -> bool:
-    """Every live process of group `pgid` carries the marker of `pid_file` in its environment: the pid file
-    is only a claim (anyone who can write `runs/` can write one), the environment is what we started."""
-    members = group_members(pgid)
+    """A live process of group `pgid` carries the marker of `pid_file` in its environment: the pid file is
+    only a claim (anyone who can write `runs/` can write one), the environment is what we started. Only
+    we start processes with it, and no process can join a group of another session, so one suffices."""
     marker = _marker(pid_file)[PID_FILE_ENV]
+    return any(_environ(pid).get(PID_FILE_ENV) == marker for pid in group_members(pgid))
+
+
+def _environ(pid: int) -> dict[str, str]:
     try:
-        return bool(members) and all(psutil.Process(pid).environ().get(PID_FILE_ENV) == marker for pid in members)
+        return psutil.Process(pid).environ()
     except (psutil.Error, OSError):
-        return False
+        return {}
 
 
 def _end_group(pgid: int, grace_s: float, leader: subprocess.Popen[bytes] | None = None) -> None:
