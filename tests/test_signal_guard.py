@@ -38,12 +38,15 @@ def innocent():
 def forged_run(root: Path, pid: int) -> Run:
     """A run whose supervisor.json and running teacher stage both name `pid`, with its real start."""
     run = RunStore(root / "runs").create(load_config(TINY_CONFIG), "configs/tiny.yaml", workdir=str(root))
-    record = ProcessRecord.of(pid)
-    write_pid_file(run.path / SUPERVISOR_FILE, record, stages=["teacher"], started=time.time())
-    stage_dir = run.stage_dir("teacher")
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    write_pid_file(stage_dir / "pid", record)
-    events = EventWriter(stage_dir / "events.jsonl")
+    write_pid_file(run.path / SUPERVISOR_FILE, ProcessRecord.of(pid), stages=["teacher"], started=time.time())
+    return mark_running(run, "teacher", pid)
+
+
+def mark_running(run: Run, stage: str, pid: int) -> Run:
+    """`stage` of `run` is running as `pid`: its pid file and a `running` status."""
+    run.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+    write_pid_file(run.stage_dir(stage) / "pid", ProcessRecord.of(pid))
+    events = EventWriter(run.stage_dir(stage) / "events.jsonl")
     events.status("running", pid=pid)
     events.close()
     return run
@@ -116,12 +119,7 @@ def test_our_own_worker_is_still_cancelled(tmp_path: Path):
             time.sleep(0.05)
         forged_run_files = forged_run(tmp_path, worker.pid)  # a second run naming our worker: not its run
         assert launcher.cancel(forged_run_files, grace_s=1) is False and survives(worker)
-        stage_dir = run.stage_dir("teacher")
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        write_pid_file(stage_dir / "pid", ProcessRecord.of(worker.pid))
-        events = EventWriter(stage_dir / "events.jsonl")
-        events.status("running", pid=worker.pid)
-        events.close()
+        mark_running(run, "teacher", worker.pid)
         assert launcher.cancel(run, grace_s=1, wait=False) is True
         assert worker.wait(timeout=10) == -signal.SIGTERM
     finally:
