@@ -59,12 +59,16 @@ def worker(tmp_path: Path):
     """A live 'stage worker' (a shell) with a child (a torchrun rank, say), recorded as run · teacher."""
     from engine.config.load import load_config
 
-    proc = subprocess.Popen(
-        ["/bin/sh", "-c", "sleep 30 & echo $!; wait"], stdout=subprocess.PIPE, text=True, start_new_session=True
-    )
-    child_pid = int(proc.stdout.readline())
     runs = tmp_path / "runs"
     run = RunStore(runs).create(load_config(TINY_CONFIG), "configs/tiny.yaml")
+    # its command line names the run as a worker's does ($0.. of the script): only such a process is ours
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", "sleep 30 & echo $!; wait", "engine.runner.worker", "teacher", "--run", str(run.path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    child_pid = int(proc.stdout.readline())
     run.stage_dir("teacher").mkdir(parents=True, exist_ok=True)
     write_pid_file(run.stage_dir("teacher") / "pid", ProcessRecord.of(proc.pid))
     write_pid_file(run.path / "supervisor.json", ProcessRecord.of(os.getpid()), stages=["teacher"])
@@ -575,12 +579,14 @@ def test_a_vllm_server_group_is_labelled_even_without_its_worker(worker, tmp_pat
     """The teacher's vLLM server runs in its own process group and may outlive its worker: its processes
     (leader and children) are found by the pid file the server writes, and a stale pid file is not ours."""
     from engine.core.process import start_ticks_of
+    from engine.teacher.vllm_server import PID_FILE_ENV
 
-    leader = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True)
+    pid_file = worker.run.stage_dir("teacher") / "vllm.pid"
+    marked = {**os.environ, PID_FILE_ENV: str(pid_file.resolve())}  # as VllmServer.start marks its server
+    leader = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True, env=marked)
     try:
         wait_until_true(lambda: len(group_pids(leader.pid)) == 2, timeout=10)
         child = next(pid for pid in group_pids(leader.pid) if pid != leader.pid)
-        pid_file = worker.run.stage_dir("teacher") / "vllm.pid"
         write_pid_file(pid_file, ProcessRecord.of(leader.pid))
         assert json.loads(pid_file.read_text())["start_ticks"] == start_ticks_of(leader.pid)
         server = f"run {worker.run.id} · teacher · vLLM server"
@@ -735,10 +741,14 @@ async def test_gpu_tab_k_refuses_a_foreign_process_and_stops_ours_after_confirma
     from tui.tabs.gpu import GpuTab
 
     monkeypatch.chdir(ROOT)
-    sleep = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    runs = tmp_path / "runs"
+    run = RunStore(runs).create(load_config(TINY_CONFIG), "configs/tiny.yaml")
+    # a sleeper whose command line is the run's distill worker's: only such a process is ours to stop
+    worker_argv = ["engine.runner.worker", "distill", "--run", str(run.path)]
+    sleep = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", *worker_argv], start_new_session=True
+    )
     try:
-        runs = tmp_path / "runs"
-        run = RunStore(runs).create(load_config(TINY_CONFIG), "configs/tiny.yaml")
         stage_dir = run.stage_dir("distill")
         stage_dir.mkdir(parents=True, exist_ok=True)
         write_pid_file(stage_dir / "pid", ProcessRecord.of(sleep.pid))

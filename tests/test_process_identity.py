@@ -118,10 +118,11 @@ def test_pid_files_written_by_earlier_code_read(tmp_path: Path, child) -> None:
 
 def test_a_leftover_server_group_is_ended_and_a_reused_one_left_alone(tmp_path: Path) -> None:
     """engine.teacher.vllm_server finds a server group by its pid file, with the same rule."""
-    from engine.teacher.vllm_server import group_members, server_processes, stop_leftover
+    from engine.teacher.vllm_server import PID_FILE_ENV, group_members, server_processes, stop_leftover
 
-    leader = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True)
     pid_file = tmp_path / "vllm.pid"
+    marked = {**os.environ, PID_FILE_ENV: str(pid_file.resolve())}  # as VllmServer.start marks its server
+    leader = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True, env=marked)
     try:
         wait_for(lambda: len(group_members(leader.pid)) == 2, timeout=10, what="the group's two processes")
         record = ProcessRecord.of(leader.pid)

@@ -1,6 +1,7 @@
 """The chat worker for a model behind an OpenAI-compatible server: the teacher, to compare with the student.
 
     python -m engine.chat.api_worker --base-url URL --model NAME          # any OpenAI-compatible endpoint
+    TAS_CHAT_BASE_URL=URL python -m engine.chat.api_worker --model NAME   # the same, URL not in argv
     python -m engine.chat.api_worker --vllm-config CONFIG [--workdir DIR]  # starts the teacher's vLLM server
 
 It speaks exactly the protocol of engine.chat.worker (engine.chat.protocol: `generate`, `stop`, `load` in;
@@ -30,7 +31,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from engine.chat.protocol import ErrorReply, GenerateRequest, LoadRequest, ReadyReply, encode_token
-from engine.chat.wire import EXIT_BAD_MODEL, Channel, end_reply, protocol_channel, read_requests
+from engine.chat.wire import BASE_URL_ENV, EXIT_BAD_MODEL, Channel, end_reply, protocol_channel, read_requests
 from engine.core.secrets import load_dotenv_secrets, redact
 from engine.teacher.vllm import PLACEHOLDER_KEY  # our own vLLM server checks no key; the client insists on one
 
@@ -176,7 +177,11 @@ def start_vllm(config_path: str, workdir: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", help="an OpenAI-compatible endpoint (…/v1)")
+    parser.add_argument(
+        "--base-url",
+        default=os.environ.get(BASE_URL_ENV),
+        help=f"an OpenAI-compatible endpoint (…/v1); or ${BASE_URL_ENV}",
+    )
     parser.add_argument("--model", help="the model name the endpoint serves")
     parser.add_argument("--vllm-config", help="start the teacher's vLLM server of this config")
     parser.add_argument("--workdir", default=".", help="where the config's relative paths count from")
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("give --base-url and --model, or --vllm-config")
             load_dotenv_secrets()
             base_url, model, extras = args.base_url, args.model, None
-            api_key = os.environ.get("OPENAI_API_KEY") or PLACEHOLDER_KEY
+            api_key = os.environ.get("OPENAI_API_KEY", "").strip() or PLACEHOLDER_KEY  # as the teacher sends it
         chat = ApiChat(base_url, model, api_key, extras, channel)
         channel.send(chat.check(started))
     except Exception as exc:  # any failure to start is reported, then exit 2

@@ -45,7 +45,7 @@ from engine.chat.protocol import (
     make,
     parse_reply,
 )
-from engine.chat.wire import read_lines, write_all
+from engine.chat.wire import BASE_URL_ENV, read_lines, write_all
 
 LOG_TAIL_LINES = 12
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class ChatClient:
                 stdout=subprocess.PIPE,
                 stderr=log,
                 cwd=self.cwd,
-                env=_worker_env(self.visible_devices),
+                env=self._env(),
                 start_new_session=True,  # Ctrl-C in a terminal is ours to turn into `stop`
                 close_fds=True,
                 bufsize=0,
@@ -137,6 +137,12 @@ class ChatClient:
             self._closing = False
             self.close()
         return self
+
+    def _env(self) -> dict[str, str]:
+        env = _worker_env(self.visible_devices)
+        if self.endpoint and self.endpoint != "vllm":
+            env[BASE_URL_ENV] = self.endpoint  # not in argv: `ps` and the GPU tab show argv to everyone
+        return env
 
     def _command(self) -> list[str]:
         if self.endpoint == "vllm":
@@ -152,17 +158,8 @@ class ChatClient:
                 "--workdir",
                 str(self.cwd or os.getcwd()),
             ]
-        if self.endpoint:
-            return [
-                self.python,
-                "-u",
-                "-m",
-                "engine.chat.api_worker",
-                "--base-url",
-                self.endpoint,
-                "--model",
-                self.model,
-            ]
+        if self.endpoint:  # the URL itself goes by environment (BASE_URL_ENV): it may hold a password
+            return [self.python, "-u", "-m", "engine.chat.api_worker", "--model", self.model]
         command = [self.python, "-u", "-m", "engine.chat.worker", "--model", self.model, "--device", self.device]
         command += ["--load-in-4bit"] if self.load_in_4bit else []
         command += [f"--key={self.key}"] if self.key else []  # one word: a key may start with --

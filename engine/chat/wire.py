@@ -31,6 +31,8 @@ from engine.chat.protocol import (
 
 EXIT_BAD_MODEL = 2
 """A worker's exit code when its model (or endpoint) cannot be used: its last line, a fatal `error`, says why."""
+BASE_URL_ENV = "TAS_CHAT_BASE_URL"
+"""The API worker's base URL goes by environment, not argv: a user:password@ in it would show in `ps`."""
 READ_CHUNK = 1 << 16
 
 

@@ -10,6 +10,11 @@ compared by one rule (`ProcessRecord.same_start`):
 * otherwise psutil's create_time, to within 0.05 s: where /proc is missing, or for a record written
   without ticks (by older code, or by the GPU tab, which only keeps create_time).
 
+A pid file says which process to signal, but anyone who can write `runs/` can write one: `send_signal`
+signals only a process that is still the recorded one, whose command line its caller recognises as ours
+for that run, and whose process group is the recorded one, through a pidfd where the kernel has them, so
+that the pid cannot change hands between the check and the signal.
+
 Pid files (`runs/<run>/supervisor.json`, `runs/<run>/<stage>/pid`, `runs/<run>/teacher/vllm.pid`) are one
 JSON object: the record's keys plus whatever the writer adds (`stages`, `port`, `argv`). They are
 replaced atomically (engine.core.fsio); a missing, torn or corrupt one reads as None.
@@ -17,7 +22,11 @@ replaced atomically (engine.core.fsio); a missing, torn or corrupt one reads as 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,11 +46,12 @@ class ProcessRecord:
     create_time: float | None  # psutil's wall-clock start (None in vllm.pid files of older code)
     start_ticks: int | None = None  # kernel start ticks (None without /proc)
     recorded_at: float | None = None  # time.time() when recorded: comparable with event timestamps
+    pgid: int | None = None  # its process group when recorded (None in pid files of older code)
 
     @classmethod
     def of(cls, pid: int) -> ProcessRecord:
         """The process running as `pid` now (a zombie too); raises psutil.NoSuchProcess if there is none."""
-        return cls(pid, psutil.Process(pid).create_time(), start_ticks_of(pid), time.time())
+        return cls(pid, psutil.Process(pid).create_time(), start_ticks_of(pid), time.time(), _pgid_of(pid))
 
     @property
     def started(self) -> float | None:
@@ -88,6 +98,7 @@ class ProcessRecord:
                 _optional(float, data.get("create_time")),
                 _optional(int, data.get("start_ticks")),
                 _optional(float, data.get("recorded_at")),
+                _optional(int, data.get("pgid")),
             )
         except (TypeError, ValueError):
             return None
@@ -104,6 +115,65 @@ def current(pid: int) -> ProcessRecord | None:
         return ProcessRecord.of(pid)
     except psutil.Error:
         return None
+
+
+def _pgid_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------- signals
+
+
+def send_signal(
+    record: ProcessRecord, sig: int, is_ours: Callable[[psutil.Process], bool], group: bool = False
+) -> bool:
+    """Send `sig` to the process of `record` (with `group`, to its process group), only if it is still that
+    process, `is_ours` accepts it (its command line, in the caller's terms) and its group is the recorded
+    one. Returns whether the signal was sent; a refusal sends nothing.
+
+    A pidfd, opened before the checks, pins the process: the final signal goes through it, so a pid
+    reused meanwhile gets nothing. A group signal cannot go through a pidfd; it is sent right after the
+    pidfd shows the checked member still alive, while that member keeps the group's number taken.
+    """
+    with _pidfd(record.pid) as fd:
+        now = current(record.pid)
+        if now is None or not record.same_start(now):
+            return False
+        try:
+            if not is_ours(psutil.Process(record.pid)):
+                return False
+        except (psutil.Error, OSError):
+            return False
+        pgid = _pgid_of(record.pid)
+        if pgid is None or (record.pgid is not None and pgid != record.pgid) or pgid <= 1:
+            return False
+        try:
+            if fd is not None:
+                signal.pidfd_send_signal(fd, 0 if group else sig)  # still the process checked above
+            if group:
+                os.killpg(pgid, sig)
+            elif fd is None:
+                os.kill(record.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _pidfd(pid: int) -> Iterator[int | None]:
+    """A pidfd of `pid`, or None where the kernel or Python has none (then the pid is signalled)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def stat_fields(pid: int) -> list[bytes] | None:

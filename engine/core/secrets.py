@@ -1,9 +1,20 @@
 """Keep secrets out of everything a run writes or a command prints.
 
-Light module. Replaced by `***`: the values of secret environment variables (the known ones, and any
-whose name ends in KEY, TOKEN, SECRET or PASSWORD; also those loaded from `.env`), and anything shaped
-like an OpenAI or Hugging Face key.
+Light module. `redact(text)` replaces with `***`:
+- known secret values, and every piece of 8 or more characters of one (a server that echoes a key's
+  prefix and its suffix separately leaks neither). Known: the values of secret environment variables
+  (the named ones, and any whose name ends in KEY, TOKEN, SECRET or PASSWORD), the passwords of URLs in
+  the environment (`OPENAI_BASE_URL=http://user:password@host`), and the same from every `.env` read by
+  `load_dotenv_secrets` (even where the environment overrides it). Each both as written and stripped:
+  a key with a trailing newline is sent stripped, and the stripped form is what a server echoes;
+- shapes, whatever their value: the password of a URL (`scheme://user:***@host`), `api_key=`/`token=`
+  assignments and query values, `--api-key X` / `--hf-token=X` flags, `Bearer X`, and anything shaped
+  like an OpenAI or Hugging Face key.
 
+`redact_data` does the same to plain data (a config as dicts and lists), where names say more: any value
+under a key named like a secret, and the item after a secret flag in a list of arguments.
+
+It runs on every event line, so the matcher is built once per set of secret values and cached.
 Redact *before* cutting a message short: a key cut in half no longer matches, and its first part would
 survive. `clip(text, n)` does both in the right order.
 """
@@ -13,24 +24,148 @@ from __future__ import annotations
 import io
 import os
 import re
+from functools import lru_cache
+from typing import Any
+from urllib.parse import quote
 
 SECRET_ENV_VARS = ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "WANDB_API_KEY")
 _SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)$", re.IGNORECASE)
-_KEY_SHAPES = re.compile(r"\b(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,})\b")
-_MIN_SECRET_LEN = 8  # shorter values would redact ordinary words
+_MIN_SECRET_LEN = 8  # shorter values (and pieces) would redact ordinary words
+MASK = "***"
+
+# a name that holds a secret in text: api_key, OPENAI_API_KEY, hf-token, client_secret, db_password, x_key
+_NAME = r"(?:[A-Za-z0-9]+[_-])*(?:api[_-]?key|access[_-]?key|token|secret|password|passwd)|(?:[A-Za-z0-9]+[_-])+key"
+_SHAPES = (
+    # scheme://user:password@host -> scheme://user:***@host
+    (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^\s/@:?#]*:)[^\s/@?#]+(?=@)"), r"\1" + MASK),
+    # ?key=X &token=X (query values) and api_key=X, api_key='X', OPENAI_API_KEY=X (assignments)
+    (re.compile(r"(?i)([?&;](?:" + _NAME + r"|key)=)[^&\s#\"'<>]+"), r"\1" + MASK),
+    (re.compile(r"(?i)((?<![\w-])(?:" + _NAME + r")\s*=\s*['\"]?)(?!\*\*\*)[^\s'\"&,;)}\]]+"), r"\1" + MASK),
+    (re.compile(r"(?i)(\"(?:" + _NAME + r")\"\s*:\s*\")[^\"]+"), r"\1" + MASK),  # "api_key": "X" (JSON)
+    # --api-key X, --api-key=X, --hf-token X (a next word that is another flag is not a value)
+    (re.compile(r"(?i)((?<![\w-])--?(?:" + _NAME + r")(?:=|\s+))(?!-)\S+"), r"\1" + MASK),
+    (re.compile(r"(?i)(\bbearer\s+)[\w.~+/=-]{8,}"), r"\1" + MASK),
+    (re.compile(r"\b(?:sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,})\b"), MASK),
+)
+_SHAPE_HINT = re.compile(r"(?i)key|token|secret|passw|bearer|://|sk-|hf_")
+_SECRET_FLAG = re.compile(r"(?i)^--?(?:" + _NAME + r"|key)$")  # an item of an argument list: hide the next one
+_URL_PASSWORD = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s/@:?#]*:([^\s/@?#]+)@")
+
+_dotenv_secrets: set[str] = set()  # values read from .env files: known even where the environment wins
 
 
 def secret_values() -> list[str]:
-    names = set(SECRET_ENV_VARS) | {name for name in os.environ if _SECRET_NAME.search(name)}
-    values = {os.environ.get(name, "") for name in names}
-    return sorted((v for v in values if len(v) >= _MIN_SECRET_LEN), key=len, reverse=True)
+    """Every known secret value, in each form it can appear in (as written, stripped, URL-quoted)."""
+    found = set(_dotenv_secrets)
+    for name, value in os.environ.items():
+        found.update(_secrets_of(name, value))
+    return sorted(_forms(found), key=len, reverse=True)
+
+
+def is_secret_name(name: str) -> bool:
+    """An environment variable (or config key) whose value is a secret: HF_TOKEN, OPENAI_API_KEY, X_PASSWORD."""
+    return name in SECRET_ENV_VARS or bool(_SECRET_NAME.search(name))
+
+
+def _secrets_of(name: str, value: str) -> list[str]:
+    secrets = [value] if is_secret_name(name) else []
+    if "://" in value and "@" in value:
+        secrets += _URL_PASSWORD.findall(value)
+    return secrets
+
+
+def _forms(values: set[str]) -> set[str]:
+    forms = set()
+    for value in values:
+        for form in (value, value.strip(), quote(value.strip(), safe="")):
+            if len(form) >= _MIN_SECRET_LEN:
+                forms.add(form)
+    return forms
+
+
+class _Known:
+    """The known secrets of one environment, as the pieces of 8 characters they are made of.
+
+    Every piece of 8 or more characters of a secret contains one of its 8-character pieces, so masking
+    each run of text covered by such pieces hides every piece of a secret; a whole value is one run.
+    One regular expression finds the first piece (fast: most lines hold none); runs are extended here.
+    Path-like values (`/home/...`, with spaces) are matched whole only: their pieces are ordinary words.
+    """
+
+    def __init__(self, values: tuple[str, ...]):
+        self.whole = tuple(v for v in values if _path_like(v))
+        n = _MIN_SECRET_LEN
+        self.pieces = frozenset(v[i : i + n] for v in values if not _path_like(v) for i in range(len(v) - n + 1))
+        self.first = re.compile("|".join(map(re.escape, sorted(self.pieces)))) if self.pieces else None
+
+    def redact(self, text: str) -> str:
+        for value in self.whole:
+            text = text.replace(value, MASK)
+        if self.first is None:
+            return text
+        n, out, done = _MIN_SECRET_LEN, [], 0
+        while match := self.first.search(text, done):
+            start, end = match.start(), match.end()
+            while end < len(text) and text[end - n + 1 : end + 1] in self.pieces:
+                end += 1
+            out += [text[done:start], MASK]
+            done = end
+        return "".join(out) + text[done:] if out else text
+
+
+def _path_like(value: str) -> bool:
+    return value.startswith(("/", "~", "./", "../")) or any(c.isspace() for c in value)
+
+
+_cache: tuple[dict, frozenset[str], _Known] | None = None
+
+
+def _known() -> _Known:
+    """The matcher for the current environment and `.env` values, rebuilt only when either changes.
+
+    Comparing the environment's own mapping (`os.environ._data`, bytes) costs a microsecond; decoding
+    it on every line would cost more than the redaction itself."""
+    global _cache
+    environ = getattr(os.environ, "_data", None) or dict(os.environ)
+    dotenv = frozenset(_dotenv_secrets)
+    if _cache is None or _cache[0] != environ or _cache[1] != dotenv:
+        _cache = (dict(environ), dotenv, _matcher(tuple(secret_values())))
+    return _cache[2]
+
+
+@lru_cache(maxsize=16)
+def _matcher(values: tuple[str, ...]) -> _Known:
+    return _Known(values)
 
 
 def redact(text: str) -> str:
-    for value in secret_values():
-        if value in text:
-            text = text.replace(value, "***")
-    return _KEY_SHAPES.sub("***", text)
+    text = _known().redact(text)
+    if _SHAPE_HINT.search(text):  # every shape holds one of these words; most lines hold none
+        for pattern, replacement in _SHAPES:
+            text = pattern.sub(replacement, text)
+    return text
+
+
+def redact_data(value: Any, name: str = "") -> Any:
+    """Plain data (dicts, lists, strings) with secrets replaced: by `redact`, plus the value of any key
+    named like a secret (`HF_TOKEN` in an env mapping) and the item after a secret flag in a list."""
+    if isinstance(value, dict):
+        return {k: redact_data(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        out, hide_next = [], False
+        for item in value:
+            if hide_next and isinstance(item, str):
+                out.append(MASK)
+                hide_next = False
+                continue
+            hide_next = isinstance(item, str) and bool(_SECRET_FLAG.match(item))
+            if isinstance(item, str) and "=" in item and _SECRET_FLAG.match(item.split("=", 1)[0]):
+                item = item.split("=", 1)[0] + "=" + MASK
+            out.append(redact_data(item))
+        return out
+    if isinstance(value, str):
+        return MASK if value and is_secret_name(name) else redact(value)
+    return value
 
 
 def clip(text: str, limit: int) -> str:
@@ -40,12 +175,16 @@ def clip(text: str, limit: int) -> str:
 
 
 def load_dotenv_secrets(workdir: str | os.PathLike[str] = ".") -> None:
-    """Read `.env` into the environment (without overriding it), so a key known only there is redacted too."""
+    """Read `.env` into the environment (without overriding it), and remember its secrets for `redact`:
+    a key known only there, or one the environment overrides, is redacted too."""
     try:
-        from dotenv import load_dotenv
+        from dotenv import dotenv_values, load_dotenv
     except ImportError:  # pragma: no cover - python-dotenv is a dependency
         return
-    load_dotenv(os.path.join(workdir, ".env"), override=False)
+    path = os.path.join(workdir, ".env")
+    load_dotenv(path, override=False)
+    for name, value in dotenv_values(path).items():
+        _dotenv_secrets.update(_secrets_of(name, value or ""))
 
 
 class RedactingStream(io.TextIOBase):

@@ -5,74 +5,25 @@ Light (stdlib, PyYAML). Secrets never reach the card: the config is written thro
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 
 from engine.config.load import load_config
 from engine.config.schema import TASConfig
 from engine.core.fsio import read_json
-from engine.core.secrets import redact
+from engine.core.secrets import redact, redact_data
 from engine.export.plan import CARD_MARKER, ExportSource
 from engine.pipeline.models import ASSISTANT, STUDENT_KD, by_target, order_key
 from engine.store.render import number
 from engine.store.runs import FROZEN_CONFIG, Run
 
-_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)$", re.IGNORECASE)
-_SECRET_FLAG = re.compile(r"^--?[\w-]*(key|token|secret|password)$", re.IGNORECASE)
-
 
 def redacted_config(config: TASConfig) -> dict[str, Any]:
-    """The config as plain data with secrets replaced by ***: values of keys named like a secret (env
-    entries such as HF_TOKEN), the value after a flag like --api-key, passwords and key-like query
-    parameters in URLs, and anything `engine.core.secrets.redact` recognises."""
-    return _scrub(config.model_dump(mode="json"))
-
-
-def _scrub(value: Any, name: str = "") -> Any:
-    if isinstance(value, dict):
-        return {k: _scrub(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        out, hide_next = [], False
-        for item in value:
-            if hide_next and isinstance(item, str):
-                out.append("***")
-                hide_next = False
-                continue
-            hide_next = False
-            if isinstance(item, str) and "=" in item and _SECRET_FLAG.match(item.split("=", 1)[0]):
-                out.append(item.split("=", 1)[0] + "=***")
-                continue
-            if isinstance(item, str) and _SECRET_FLAG.match(item):
-                hide_next = True
-            out.append(_scrub(item))
-        return out
-    if isinstance(value, str):
-        if value and _SECRET_NAME.search(name):
-            return "***"
-        return redact(_scrub_url(value))
-    return value
-
-
-def _scrub_url(text: str) -> str:
-    if "://" not in text:
-        return text
-    try:
-        parts = urlsplit(text)
-        netloc = parts.netloc
-        if "@" in netloc:
-            netloc = "***@" + netloc.rsplit("@", 1)[1]
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode([(k, "***" if _SECRET_NAME.search(k) else v) for k, v in pairs], safe="*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return text
+    """The config as plain data with secrets replaced by *** (engine.core.secrets.redact_data)."""
+    return redact_data(config.model_dump(mode="json"))
 
 
 def teacher_name(config: TASConfig) -> str:

@@ -12,7 +12,7 @@ import os
 import signal
 from pathlib import Path
 
-from engine.core.process import ProcessRecord, current
+from engine.core.process import ProcessRecord, current, send_signal
 from engine.gpu.labels import label_processes
 from engine.gpu.model import GpuProcess
 
@@ -66,11 +66,9 @@ def terminate(process: GpuProcess, runs_root: str | os.PathLike[str]) -> str:
         run = RunStore(Path(runs_root)).get(now.run_id)
         if launcher.cancel(run, wait=False):
             return f"cancelling run {now.run_id} ({now.stage}): SIGTERM sent, the cancel is recorded"
-    # a vLLM server, or a worker whose run records show nothing running (its supervisor is gone)
-    try:
-        os.kill(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        raise NotOurs(f"pid {process.pid} has ended: nothing to stop") from None
-    except PermissionError:
-        raise NotOurs(f"pid {process.pid}: no permission to signal it") from None
+    # a vLLM server, or a worker whose run records show nothing running: this pid alone, through a pidfd,
+    # if it is still the process labelled ours above
+    still_ours = lambda p: label_processes([GpuProcess(process.gpu_index, p.pid)], runs_root)[0].is_ours  # noqa: E731
+    if not send_signal(running, signal.SIGTERM, still_ours):
+        raise NotOurs(f"pid {process.pid} has ended or is not ours to signal: not signalled")
     return f"SIGTERM sent to pid {process.pid} ({now.label})"

@@ -28,7 +28,8 @@ class Worker:
 def live_workers(runs_root: str | os.PathLike[str] | None) -> dict[int, Worker]:
     """pid -> (run, stage) of every stage worker alive now, from runs/<run>/<stage>/pid.
 
-    Only a pid file whose process is alive with the recorded start time counts (a reused pid does not).
+    Only a pid file whose process is alive with the recorded start time counts (a reused pid does not), and
+    only if its command line is that run's worker (a pid file anyone wrote names nothing).
     Every run's pid files are looked at, not only runs whose supervisor is alive: a worker that outlived
     a killed supervisor still holds its GPU memory and is still ours. Only pid files are read (no events).
     """
@@ -41,9 +42,19 @@ def live_workers(runs_root: str | os.PathLike[str] | None) -> dict[int, Worker]:
     for run in RunStore(runs_root).list():
         for stage in PIPELINE:
             record = read_pid_file(run.stage_dir(stage) / "pid")
-            if record is not None and record.is_alive():
+            if record is not None and record.is_alive() and _is_process_of(record.pid, run):
                 workers[record.pid] = Worker(run.id, stage, record)
     return workers
+
+
+def _is_process_of(pid: int, run) -> bool:
+    """The process `pid` is one of `run`'s by its command line; False when it cannot be read."""
+    from engine.runner.launcher import is_run_process
+
+    try:
+        return is_run_process(psutil.Process(pid), run)
+    except (psutil.Error, OSError):
+        return False
 
 
 def live_servers(runs_root: str | os.PathLike[str] | None) -> dict[int, str]:

@@ -5,9 +5,10 @@ output going to a file, never to a pipe: nothing the panel does (or fails to do)
 SSH hang-up or a killed panel leaves it running. The supervisor starts one worker per stage.
 
 `cancel` sends SIGTERM to that session's process group: each worker saves what it can and reports
-`cancelled`; whatever is still alive after the grace period gets SIGKILL. A stage run on several nodes
-(engine.runner.node) is signalled on this host; the node agents of other hosts read `cancel_request.json`
-and stop their workers themselves.
+`cancelled`; whatever is still alive after the grace period gets SIGKILL. Only processes whose command
+line is this run's are signalled (`is_run_process`): a pid file written by someone else names nothing.
+A stage run on several nodes (engine.runner.node) is signalled on this host; the node agents of other
+hosts read `cancel_request.json` and stop their workers themselves.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from engine.core.fsio import atomic_write, file_lock
-from engine.core.process import ProcessRecord, kill_tree, read_pid_file, write_pid_file
+from engine.core.process import ProcessRecord, kill_tree, read_pid_file, send_signal, write_pid_file
 from engine.pipeline.stages import check_stage_names
 from engine.store.events import EventWriter
 from engine.store.runs import CANCEL_REQUEST, SUPERVISOR_FILE, Run, StageProcess, read_stage_process, stage_processes
@@ -127,15 +130,10 @@ def cancel(run: Run, grace_s: float | None = None, wait: bool = True) -> bool:
                 elif process.is_alive():
                     remote.append(process)
         targets += list(workers.values())
+        targets = _signal_groups(run, targets, signal.SIGTERM)
+        workers = {path: record for path, record in workers.items() if record in targets}
         if not targets and not remote:
             return False
-        groups = set()
-        for record in targets:
-            try:
-                groups.add(os.getpgid(record.pid))
-            except ProcessLookupError:
-                pass
-        _signal_groups(groups, signal.SIGTERM)
     if not wait:
         return True
     # The supervisor enforces grace_s itself; this is the backstop for when it cannot. Wait only on the
@@ -147,9 +145,9 @@ def cancel(run: Run, grace_s: float | None = None, wait: bool = True) -> bool:
             return True
         time.sleep(0.2)
     for record in targets:  # torchrun's ranks first: they live in sessions of their own
-        if record.is_alive():
+        if record.is_alive():  # (each target was checked to be this run's before its SIGTERM)
             kill_tree(record.pid)
-    _signal_groups(groups, signal.SIGKILL)
+    _signal_groups(run, targets, signal.SIGKILL)
     time.sleep(0.2)
     for path, record in workers.items():
         stage = path.parent.name
@@ -170,9 +168,45 @@ def run_stage_state(run: Run, stage: str) -> str:
     return next(s.state for s in run.stages() if s.name == stage)
 
 
-def _signal_groups(groups: set[int], sig: int) -> None:
-    for group in groups:
+def _signal_groups(run: Run, targets: list[ProcessRecord], sig: int) -> list[ProcessRecord]:
+    """Send `sig` once to the process group of each target that is `run`'s; returns those targets.
+
+    A pid file is only a claim (anyone who can write `runs/` can write one): a target whose command line
+    is not this run's, or whose group is not the recorded one, is refused (engine.core.process.send_signal).
+    """
+    ours, groups = [], set()
+    for record in targets:
         try:
-            os.killpg(group, sig)
-        except ProcessLookupError:
-            pass
+            group = os.getpgid(record.pid)
+        except OSError:
+            continue
+        # the supervisor and its workers share a group: one SIGTERM each, a second may mean "hurry"
+        if send_signal(record, 0 if group in groups else sig, lambda p: is_run_process(p, run), group=True):
+            ours.append(record)
+            groups.add(group)
+    return ours
+
+
+RUN_MODULES = ("engine.runner.supervisor", "engine.runner.worker", "engine.runner.node")
+
+
+def is_run_process(process: psutil.Process, run: Run) -> bool:
+    """`process` is one of `run`'s, by its command line: the supervisor (`engine.runner.supervisor --run
+    <run>`), a stage worker (`engine.runner.worker <stage> --run <run>`), or torchrun running one
+    (`--run-dir <run>`), or a Slurm node agent (`engine.runner.node --run <run folder, id or name>`). The
+    run folder is compared as a file, from the process's working directory."""
+    argv = process.cmdline()
+    if not any(module in argv for module in RUN_MODULES):
+        return False
+    named = [argv[i + 1] for i, word in enumerate(argv[:-1]) if word in ("--run", "--run-dir")]
+    named += [word.split("=", 1)[1] for word in argv if word.startswith(("--run=", "--run-dir="))]
+    if "engine.runner.node" in argv and any(name in (run.id, run.name) for name in named):
+        return True
+    return any(_same_folder(os.path.join(process.cwd(), folder), run.path) for folder in named)
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

@@ -12,6 +12,7 @@ import yaml
 
 from engine.config.keys import flatten
 from engine.core.fsio import read_json
+from engine.core.secrets import redact_data
 from engine.pipeline.models import order_key
 from engine.pipeline.stages import PIPELINE
 from engine.store.events import read_events
@@ -49,8 +50,9 @@ def compare_runs(runs: list[Run]) -> Comparison:
 
 
 def _frozen(run: Run) -> dict[str, Any]:
+    """The run's frozen config, secrets redacted: `tas compare` prints it."""
     try:
-        return yaml.safe_load((run.path / FROZEN_CONFIG).read_text(encoding="utf-8")) or {}
+        return redact_data(yaml.safe_load((run.path / FROZEN_CONFIG).read_text(encoding="utf-8")) or {})
     except (OSError, yaml.YAMLError):
         return {}
 

@@ -45,7 +45,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from engine.core.process import ProcessRecord, read_pid_file, stat_fields, write_pid_file
+from engine.core.secrets import is_secret_name, redact
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 BUILD_HINT = (
@@ -107,20 +110,55 @@ def server_argv(settings: VllmSettings, port: int) -> list[str]:
         argv += ["--max-model-len", str(settings.max_model_len)]
     if settings.enforce_eager:
         argv += ["--enforce-eager"]
-    return argv + list(settings.extra_args)
+    return argv + secret_args(settings.extra_args)[0]
+
+
+SECRET_FLAGS = {"--api-key": "VLLM_API_KEY", "--hf-token": "HF_TOKEN"}
+"""Flags of `extra_args` whose value is a secret, and the environment variable vLLM reads it from instead."""
+
+
+def secret_args(extra_args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`extra_args` without the secret flags' values, and those values as environment variables:
+    argv shows in `ps`, in the GPU tab and in vllm.log's first line; the environment does not."""
+    args, env, i = [], {}, 0
+    while i < len(extra_args):
+        flag, _, value = extra_args[i].partition("=")
+        values = [value] if value else []
+        if flag in SECRET_FLAGS and not value:  # `--api-key KEY` (vLLM would take several keys: not by env)
+            while i + 1 < len(extra_args) and not extra_args[i + 1].startswith("-"):
+                values.append(extra_args[i + 1])
+                i += 1
+        if flag in SECRET_FLAGS and len(values) > 1:
+            raise VllmError(f"give one {flag}: vLLM reads it from {SECRET_FLAGS[flag]}, which holds one")
+        if flag in SECRET_FLAGS and values:
+            env[SECRET_FLAGS[flag]] = values[0]
+        else:
+            args.append(extra_args[i])  # --hf-token alone: vLLM uses the token it has stored
+        i += 1
+    return args, env
 
 
 def server_env(settings: VllmSettings) -> dict[str, str]:
-    """The worker's environment plus the settings' additions.
+    """The worker's environment less the secrets the server does not need, plus the settings' additions
+    and the secrets of `extra_args` (secret_args).
 
+    The server runs code we do not control and logs freely: it gets no OPENAI_API_KEY, OPENAI_BASE_URL
+    or other key of the user's, only the Hugging Face token (a gated model) and its own VLLM_ variables.
     VLLM_HOST_IP defaults to loopback: a single-node server's processes talk over sockets, and vLLM
     otherwise binds them to the address of the machine's outward interface.
     """
-    env = dict(os.environ)
+    env = {name: value for name, value in os.environ.items() if _server_may_see(name)}
     env.setdefault("VLLM_HOST_IP", "127.0.0.1")
     env["PYTHONUNBUFFERED"] = "1"  # the log shows each line as it happens, not at exit
     env.update(settings.env)
+    env.update(secret_args(settings.extra_args)[1])
     return env
+
+
+def _server_may_see(name: str) -> bool:
+    if name.startswith(("HF_", "HUGGING", "VLLM_")):
+        return True
+    return not (name.startswith("OPENAI_") or is_secret_name(name))
 
 
 def check_python(python: str) -> None:
@@ -193,7 +231,7 @@ class VllmServer:
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start: {redact(' '.join(self.argv))}\n".encode())
             log.flush()
             try:
                 self.process = subprocess.Popen(
@@ -201,7 +239,7 @@ class VllmServer:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=server_env(self.settings),
+                    env=server_env(self.settings) | _marker(pid_file),
                     start_new_session=True,  # own session and process group: stop() signals them all
                     preexec_fn=_die_with_parent_fn() if self.settings.die_with_worker else None,
                 )
@@ -302,7 +340,7 @@ def stop_leftover(pid_file: str | os.PathLike, grace_s: float = 10.0) -> bool:
     ended = False
     if record.is_reused():
         pass  # the pid belongs to another program now, and our group is long gone
-    elif group_members(record.pid):  # the leader, if it still runs, is a member of its own group
+    elif group_members(record.pid) and is_our_server(path, record.pid):  # the leader is a member of its group
         _end_group(record.pid, grace_s)
         ended = True
     path.unlink(missing_ok=True)
@@ -314,9 +352,32 @@ def server_processes(pid_file: str | os.PathLike) -> list[int]:
 
     The same rule as stop_leftover: a leader pid with another start time is someone else's now."""
     record = read_pid_file(pid_file)
-    if record is None or record.is_reused():
+    if record is None or record.is_reused() or not is_our_server(pid_file, record.pid):
         return []
     return group_members(record.pid)
+
+
+PID_FILE_ENV = "TAS_VLLM_PID_FILE"
+"""Set in the server's environment to its pid file: what proves a group is the server we started for it."""
+
+
+def _marker(pid_file: str | os.PathLike | None) -> dict[str, str]:
+    return {PID_FILE_ENV: str(Path(pid_file).resolve())} if pid_file is not None else {}
+
+
+def is_our_server(pid_file: str | os.PathLike, pgid: int) -> bool:
+    """A live process of group `pgid` carries the marker of `pid_file` in its environment: the pid file is
+    only a claim (anyone who can write `runs/` can write one), the environment is what we started. Only
+    we start processes with it, and no process can join a group of another session, so one suffices."""
+    marker = _marker(pid_file)[PID_FILE_ENV]
+    return any(_environ(pid).get(PID_FILE_ENV) == marker for pid in group_members(pgid))
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        return psutil.Process(pid).environ()
+    except (psutil.Error, OSError):
+        return {}
 
 
 def _end_group(pgid: int, grace_s: float, leader: subprocess.Popen[bytes] | None = None) -> None:

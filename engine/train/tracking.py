@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from engine.config.keys import flatten
 from engine.config.schema import ExperimentConfig
+from engine.core.secrets import redact_data
 from engine.runner.context import StageContext
 from engine.store.runs import FROZEN_CONFIG
 
@@ -53,7 +55,8 @@ def prepare_mlflow(ctx: StageContext, experiment: ExperimentConfig) -> list[Trai
 
 
 class FrozenConfigToMlflow(TrainerCallback):
-    """Logs the run's frozen config (flattened, keys prefixed `tas.`) and the file itself to the active run."""
+    """Logs the run's frozen config, secrets redacted, to the active run: flattened as params (keys
+    prefixed `tas.`) and as the artifact `tas/config.yaml`."""
 
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
@@ -65,11 +68,14 @@ class FrozenConfigToMlflow(TrainerCallback):
             return
         import yaml
 
-        frozen = self.ctx.run.path / FROZEN_CONFIG
-        flat = flatten(yaml.safe_load(frozen.read_text()))
-        params = {f"tas.{param_key(k)}"[:250]: str(v)[:6000] for k, v in flat.items()}
+        # secrets redacted: a base URL's password, api_key, --api-key in extra_args, the vLLM env's HF_TOKEN
+        config = redact_data(yaml.safe_load((self.ctx.run.path / FROZEN_CONFIG).read_text()))
+        params = {f"tas.{param_key(k)}"[:250]: str(v)[:6000] for k, v in flatten(config).items()}
         mlflow.log_params(params)
-        mlflow.log_artifact(str(frozen), artifact_path="tas")
+        with tempfile.TemporaryDirectory(prefix="tas-mlflow-") as folder:
+            copy = Path(folder) / FROZEN_CONFIG
+            copy.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+            mlflow.log_artifact(str(copy), artifact_path="tas")
 
 
 def log_report(ctx: StageContext, experiment: ExperimentConfig, report_path: Path, metrics: dict[str, float]) -> None:
