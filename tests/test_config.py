@@ -127,6 +127,7 @@ def test_sft_and_distillation_keep_their_keys_and_defaults():
         "ce_only_control": False,
         "loss_chunk_size": 1024,
         "max_length": 1024,
+        "gradient_checkpointing": False,
     }
     assert set(SftConfig.model_fields) == set(sft_scalars) | {"experiment", "dataset", "tokenizer", "peft"}
     assert set(DistillationConfig.model_fields) == set(kd_scalars) | {"experiment", "knowledgedistillation"}

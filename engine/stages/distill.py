@@ -127,6 +127,18 @@ def describe(ctx: StageContext, student) -> str:
     return text
 
 
+def student_arguments(shared: dict[str, Any], kd) -> TrainingArguments:
+    """The student's TrainingArguments: the shared ones, the collator's columns kept, and with
+    `train.distillation.gradient_checkpointing` each layer's activations recomputed in backward (non-reentrant:
+    the inputs need not require grad, and it composes with DDP and LoRA)."""
+    return TrainingArguments(
+        **shared,
+        remove_unused_columns=False,
+        activation_checkpointing=kd.gradient_checkpointing,  # transformers 5's name of gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if kd.gradient_checkpointing else None,
+    )
+
+
 def train_one(
     ctx: StageContext,
     label: str,
@@ -157,7 +169,7 @@ def train_one(
         bf16=kd.bf16,
         fp16=False,
     )
-    args = TrainingArguments(**shared, remove_unused_columns=False)
+    args = student_arguments(shared, kd)
     cancel = CancelCallback(ctx)
     trainer = KDTrainer(
         model=student,
