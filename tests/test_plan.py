@@ -243,8 +243,9 @@ def test_gpus_are_read_from_the_backend_or_their_absence_said():
 # ------------------------------------------------------------------------------------------- tas plan
 
 
-def local_root_config(tmp_path: Path, **keys) -> Path:
-    """The root config with its hub models as local folders (the config.json they have on the hub)."""
+def local_root_config(folder: Path, name: str = "config.yaml", **keys) -> Path:
+    """The root config with its hub models as local folders (the config.json they have on the hub), as
+    `folder/name`."""
     text = PROJECT_CONFIG.read_text()
     for repo in (
         "stabilityai/stable-code-instruct-3b",
@@ -252,7 +253,7 @@ def local_root_config(tmp_path: Path, **keys) -> Path:
         "Qwen/Qwen2.5-Coder-0.5B-Instruct",
     ):
         text = text.replace(f'"{repo}"', f'"{PLAN_DATA / repo.split("/")[-1].lower()}"')
-    config = tmp_path / "config.yaml"
+    config = folder / name
     config.write_text(text)
     loaded = load_config(config)
     for key, value in keys.items():
@@ -462,3 +463,51 @@ def test_a_tiny_kd_step_peaks_within_25_percent_of_the_plan(tmp_path, batch, len
         trainer.compute_loss(student, inputs).backward()
         optimizer.step()
     assert predicted == pytest.approx(measured.peak, rel=0.25)
+
+
+# --------------------------------------------------------------------------- the panel's confirmation
+
+
+def panel_project(project: Path, monkeypatch) -> None:
+    """The root config without checkpointing, its models as local folders, on one fake 24 GB GPU."""
+    local_root_config(project / "configs", "big.yaml", **{"train.distillation.gradient_checkpointing": False})
+    spec = project / "gpus.json"
+    gpu = {"name": "NVIDIA GeForce RTX 4090", "memory_used": 0, "memory_total": 24564 * 1024**2}
+    spec.write_text(json.dumps({"frozen": True, "driver_version": "550.54.15", "gpus": [gpu]}))
+    monkeypatch.setenv("TAS_FAKE_GPUS", str(spec))
+
+
+async def test_the_start_confirmation_warns_before_a_stage_that_will_not_fit(project: Path, monkeypatch):
+    from tests.helpers import wait_until
+    from tui.app import TASPanel
+    from tui.screens.confirm import ConfirmScreen
+    from tui.tabs.stages import StagesTab
+
+    panel_project(project, monkeypatch)
+    app = TASPanel(config_path="configs/big.yaml", runs_dir=project / "runs", gpu_interval=3600)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: app.query_one(StagesTab).ready)
+        await pilot.press("n")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        shown = "\n".join(str(widget.render()) for widget in app.screen.query("Static"))
+        assert "teacher  16.6 GiB of 23.0 GiB per GPU: fits" in shown
+        assert "distill  32.7 GiB of 23.0 GiB per GPU: will not fit (over by 9.7 GiB);" in shown
+        assert "train.distillation.gradient_checkpointing: true" in shown
+        assert "distill will run out of GPU memory as configured" in app.screen.query_one("#warning").render().plain
+
+
+def test_snapshot_start_confirmation_with_the_plan(project: Path, snap_compare, monkeypatch):
+    from tests.helpers import wait_until
+    from tui.app import TASPanel
+    from tui.screens.confirm import ConfirmScreen
+    from tui.tabs.stages import StagesTab
+
+    panel_project(project, monkeypatch)
+    app = TASPanel(config_path="configs/big.yaml", runs_dir=project / "runs", gpu_interval=3600)
+
+    async def confirm(pilot):
+        await wait_until(pilot, lambda: app.query_one(StagesTab).ready)
+        await pilot.press("n")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=confirm)

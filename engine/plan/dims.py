@@ -100,19 +100,20 @@ class ModelDims:
         return 2 * self.layers * self.kv_heads * self.head_dim * 2
 
 
-def config_json(name: str, key: str) -> dict:
-    """The parsed config.json of model `name` (from config key `key`); PlanError when it cannot be found."""
-    return json.loads(_config_path(name, key).read_text(encoding="utf-8"))
+def config_json(name: str, key: str, download: bool = True) -> dict:
+    """The parsed config.json of model `name` (from config key `key`); PlanError when it cannot be found.
+    `download=False` never touches the network (the panel: a hub id must then be in the cache)."""
+    return json.loads(_config_path(name, key, download).read_text(encoding="utf-8"))
 
 
-def load_dims(name: str, key: str) -> ModelDims:
+def load_dims(name: str, key: str, download: bool = True) -> ModelDims:
     try:
-        return ModelDims.from_config(name, config_json(name, key))
+        return ModelDims.from_config(name, config_json(name, key, download))
     except (KeyError, TypeError, ValueError) as exc:
         raise PlanError(f"{key}: {name}'s config.json lacks a size the plan needs ({exc})") from None
 
 
-def _config_path(name: str, key: str) -> Path:
+def _config_path(name: str, key: str, download: bool) -> Path:
     if is_tiny(name):
         path = ASSETS / "tiny" / tiny_name(name) / "config.json"
         if not path.is_file():
@@ -123,17 +124,17 @@ def _config_path(name: str, key: str) -> Path:
         if not (folder / "config.json").is_file():
             raise PlanError(f"{key}: {name} holds no config.json (not a Hugging Face model folder)")
         return folder / "config.json"
-    return _hub_config(name, key)
+    return _hub_config(name, key, download)
 
 
-def _hub_config(name: str, key: str) -> Path:
+def _hub_config(name: str, key: str, download: bool) -> Path:
     """config.json of hub id `name`: the local HF cache first, else downloaded alone when the hub answers."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     cached = try_to_load_from_cache(name, "config.json")
     if isinstance(cached, str):
         return Path(cached)
-    reason = hub.unreachable_reason()
+    reason = hub.unreachable_reason() if download else "not asked here: `tas plan` asks it"
     if reason is not None:
         raise PlanError(
             f"{key}: {name}'s config.json is not in the local Hugging Face cache and the hub is unreachable "

@@ -3,8 +3,14 @@ each made for the GPUs given or, when none are given, the machine's."""
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config.errors import ConfigError
+from engine.config.load import load_config
 from engine.config.schema import TASConfig
-from engine.plan.dims import PlanError
+from engine.plan.dims import PlanError, load_dims
 from engine.plan.gpus import Gpus, detect_gpus
 from engine.plan.memory import CUDA_RESERVE, Verdict, gib, plan
 
@@ -75,15 +81,35 @@ def plan_text(config: TASConfig, stages: list[str], gpus: Gpus | None = None) ->
     return render(verdicts_for(config, stages, gpus), gpus, reason, config.launch.nproc_per_node)
 
 
-def summary(config: TASConfig, stages: list[str]) -> list[tuple[str, str]]:
-    """(stage, one line) for each stage that uses a GPU, for this machine's GPUs; a line saying why when the
-    plan cannot be made. Never raises: a start confirmation must show, plan or no plan."""
-    gpus, reason = detect_gpus()
+@dataclass(frozen=True)
+class Summary:
+    """The plan in a few lines for a start confirmation: (stage, line) pairs and a warning ("" when all fit)."""
+
+    lines: list[tuple[str, str]]
+    warning: str = ""
+
+
+def summary(config_path: str | Path, stages: list[str]) -> Summary:
+    """The plan of `stages` of the config at `config_path`, for this machine's GPUs, without network access.
+    Never raises: a start confirmation must show, plan or no plan."""
     try:
-        verdicts = verdicts_for(config, stages, gpus)
-    except PlanError as exc:
-        return [("memory", f"no plan: {exc}")]
+        config = load_config(config_path)
+        gpus, reason = detect_gpus()
+        verdicts = plan(
+            config,
+            stages,
+            gpus.memory if gpus else None,
+            gpus.count if gpus else None,
+            functools.partial(load_dims, download=False),
+        )
+    except (ConfigError, PlanError) as exc:
+        return Summary([("memory", f"no plan: {exc}")])
     lines = [(v.plan.stage, summary_line(v)) for v in verdicts if v.plan.gpu]
     if gpus is None and lines:
         lines.append(("GPUs", f"none found ({reason})"))
-    return lines
+    failing = [v for v in verdicts if v.fits is False]
+    warning = ""
+    if failing:
+        names = " and ".join(v.plan.stage for v in failing)
+        warning = f"{names} will run out of GPU memory as configured: set the keys above first (details: tas plan)"
+    return Summary(lines, warning)
