@@ -465,6 +465,36 @@ def test_a_tiny_kd_step_peaks_within_25_percent_of_the_plan(tmp_path, batch, len
     assert predicted == pytest.approx(measured.peak, rel=0.25)
 
 
+@pytest.mark.train  # slow: every op of every step goes through the counting dispatch mode
+@pytest.mark.parametrize("batch, new_tokens", [(32, 32), (4, 192)], ids=["wide", "long"])
+def test_a_tiny_teacher_generation_peaks_within_25_percent_of_the_plan(batch, new_tokens):
+    """The teacher's generate (weights, KV cache, sampling) over prompts of the plan's prompt length."""
+    import torch
+
+    from engine.models.loading import load_causal_lm
+    from engine.plan.memory import PROMPT_TOKENS, teacher_plan
+
+    config = tiny_config(
+        **{"teacher.open.pipeline.batch_size": batch, "teacher.open.pipeline.max_new_tokens": new_tokens}
+    )
+    predicted = teacher_plan(config, load_dims).peak
+    torch.manual_seed(0)
+    model = load_causal_lm("tiny:teacher", dtype=torch.float32).eval()
+    ids = torch.randint(10, 1500, (batch, PROMPT_TOKENS))
+    with live_bytes_mode(model) as measured, torch.inference_mode():
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,  # every answer as long as the plan assumes
+            do_sample=True,
+            top_k=50,
+            pad_token_id=0,
+            eos_token_id=0,
+        )
+    assert predicted == pytest.approx(measured.peak, rel=0.25)
+
+
 # --------------------------------------------------------------------------- the panel's confirmation
 
 
