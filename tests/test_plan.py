@@ -373,6 +373,36 @@ def test_the_student_trains_with_gradient_checkpointing_when_the_key_says_so(tmp
     assert not off.activation_checkpointing
 
 
+@pytest.mark.train
+def test_the_distill_trainer_checkpoints_the_student_when_the_key_says_so(tmp_path):
+    """student_arguments reach the Trainer, which turns checkpointing on in the student before the first step."""
+    import torch
+
+    from engine.models.loading import load_causal_lm
+    from engine.stages.distill import student_arguments
+    from engine.train.kd_trainer import KDCollator, KDTrainer
+
+    kd = tiny_config(**{"train.distillation.gradient_checkpointing": True}).train.distillation
+    shared = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1, save_strategy="no")
+    student = load_causal_lm("tiny:student", dtype=torch.float32)
+    teacher = load_causal_lm("tiny:assistant", dtype=torch.float32).eval().requires_grad_(False)
+    trainer = KDTrainer(
+        model=student,
+        args=student_arguments(shared, kd),
+        train_dataset=[{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}] * 2,
+        data_collator=KDCollator(0),
+        kd_teacher=teacher,
+        kd_weight=0.5,
+        temperature=2.0,
+        reduction="batchmean",
+        chunk_size=16,
+        vocab_size=2048,
+    )
+    assert not student.is_activation_checkpointing
+    trainer.train()
+    assert student.is_activation_checkpointing
+
+
 # -------------------------------------------------------------------------------- measured on CPU
 
 
