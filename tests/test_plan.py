@@ -571,3 +571,15 @@ def test_snapshot_start_confirmation_with_the_plan(project: Path, snap_compare, 
         await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
 
     assert snap_compare(app, terminal_size=(80, 24), run_before=confirm)
+
+
+def test_the_panel_never_downloads_a_config_json(tmp_path, monkeypatch):
+    """The start confirmation must open at once: a hub id outside the cache is named, not fetched."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(dims_module.hub, "unreachable_reason", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("downloaded"))
+    with pytest.raises(PlanError, match="student.base_model_name: .* not in the local Hugging Face cache; `tas plan`"):
+        load_dims("Qwen/Qwen2.5-Coder-0.5B-Instruct", "student.base_model_name", download=False)

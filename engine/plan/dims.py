@@ -134,7 +134,11 @@ def _hub_config(name: str, key: str, download: bool) -> Path:
     cached = try_to_load_from_cache(name, "config.json")
     if isinstance(cached, str):
         return Path(cached)
-    reason = hub.unreachable_reason() if download else "not asked here: `tas plan` asks it"
+    if not download:
+        raise PlanError(
+            f"{key}: {name}'s config.json is not in the local Hugging Face cache; `tas plan` fetches it (a few KB)"
+        )
+    reason = hub.unreachable_reason()
     if reason is not None:
         raise PlanError(
             f"{key}: {name}'s config.json is not in the local Hugging Face cache and the hub is unreachable "
