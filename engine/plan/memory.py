@@ -345,42 +345,38 @@ def _kd_working_set(config: TASConfig, s: ModelDims, a: ModelDims, tokens: int, 
 
 
 def eval_plan(config: TASConfig, dims_of: DimsOf) -> StagePlan:
-    """The assistant stays loaded while each other model (students, base assistant, open teacher) is scored."""
+    """The fine-tuned assistant stays loaded while each other model is scored beside it, one at a time (the
+    base assistant, the students, the open teacher for the code benchmark): the largest of them counts."""
     e = config.eval
     a = dims_of(config.assistant.model.name, "assistant.model.name")
     s = student_dims(config, dims_of)
-    others = [
-        (
-            f"student ({'bf16' if config.train.distillation.bf16 else 'float32'})",
-            s,
-            2 if config.train.distillation.bf16 else 4,
-        )
-    ]
-    if e.code.include_teacher and config.teacher.source in ("open", "vllm"):
+    student_size = 2 if config.train.distillation.bf16 else 4
+    # (label, dims, weight bytes, bytes per KV element)
+    others = [(f"student ({'bf16' if student_size == 2 else 'float32'})", s, s.params * student_size, student_size)]
+    if e.include_base_assistant:
+        base = sum(t.bytes for t in _assistant_weights(config, a, trainable_copies=False))
+        others.append(("base assistant", a, base, 2))
+    if e.code.benchmark != "none" and e.code.include_teacher and config.teacher.source == "open":
         t = dims_of(config.teacher.open.model.name, "teacher.open.model.name")
-        others.append(("open teacher", t, 2 if config.teacher.open.model.bfloat16 else 4))
-    label, big, size = max(others, key=lambda o: o[1].params * o[2])
+        t_size = 2 if config.teacher.open.model.bfloat16 else 4
+        others.append(("open teacher", t, t.params * t_size, t_size))
+    label, big, weights, size = max(others, key=lambda other: other[2])
     length = min(config.train.distillation.max_length, config.student.max_position_embeddings)
-    code_kv = e.code.batch_size * (CODE_PROMPT_TOKENS + e.code.max_new_tokens) * big.kv_bytes_per_token * size // 2
+    code_tokens = CODE_PROMPT_TOKENS + e.code.max_new_tokens
+    code_kv = e.code.batch_size * code_tokens * big.kv_bytes_per_token * size // 2
     scoring = (
         e.batch_size * length * (big.layers + 1) * big.hidden * size
         + config.train.distillation.loss_chunk_size * big.vocab * 4 * 3
     )
     terms = _assistant_weights(config, a, trainable_copies=False) + [
-        Term(f"{label} weights", big.params * size, f"{_count(big.params)} × {size} B, the largest scored beside it"),
+        Term(f"{label} weights", weights, f"{_count(big.params)} parameters, the largest model scored beside it"),
     ]
     if e.code.benchmark != "none" and code_kv >= scoring:
-        terms.append(
-            Term(
-                "code benchmark KV cache",
-                code_kv,
-                f"{e.code.batch_size} problems (eval.code.batch_size) × {CODE_PROMPT_TOKENS + e.code.max_new_tokens} tokens",
-            )
-        )
+        what = f"{e.code.batch_size} problems (eval.code.batch_size) × {code_tokens} tokens"
+        terms.append(Term("code benchmark KV cache", code_kv, what))
     else:
-        terms.append(
-            Term("scoring working set", scoring, f"{e.batch_size} answers (eval.batch_size) × {length} tokens")
-        )
+        what = f"{e.batch_size} answers (eval.batch_size) × {length} tokens: hidden states, a loss chunk"
+        terms.append(Term("scoring working set", scoring, what))
     return StagePlan("eval", terms)
 
 
