@@ -121,6 +121,15 @@ def test_a_smaller_batch_keeps_the_effective_batch():
     assert batch < 8 and batch * steps == 8 * 2
 
 
+def test_the_teacher_gets_the_largest_batch_that_fits():
+    config = root_config(teacher__open__pipeline__batch_size=128)
+    [verdict] = plan(config, ["teacher"], 24 * GIB, 1, hub_dims)
+    [(key, batch)] = verdict.fixes
+    set_key(config, key, batch + 1)
+    [one_more] = plan(config, ["teacher"], 24 * GIB, 1, hub_dims)
+    assert key == "teacher.open.pipeline.batch_size" and 32 < batch < 64 and one_more.fits is False
+
+
 def test_more_ranks_than_gpus_is_named_and_ddp_buckets_are_counted():
     config = root_config(launch__nproc_per_node=2)
     teacher, distill = plan(config, ["teacher", "distill"], 80 * GIB, 1, hub_dims)

@@ -415,7 +415,8 @@ def _batch_fix(config, planner, dims_of, budget, batch_key, accumulation_key=Non
     batch (batch × accumulation) is preferred, so that the effective batch, and the training, stay the same."""
     batch = get_key(config, batch_key)
     steps = get_key(config, accumulation_key) if accumulation_key else 1
-    candidates = sorted(range(1, batch), key=lambda b: ((batch * steps) % b != 0, -b))
+    exact = (lambda b: (batch * steps) % b == 0) if accumulation_key else (lambda b: True)
+    candidates = sorted(range(1, batch), key=lambda b: (not exact(b), -b))
     for smaller in candidates:
         trial = config.model_copy(deep=True)
         set_key(trial, batch_key, smaller)
