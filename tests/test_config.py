@@ -128,6 +128,7 @@ def test_sft_and_distillation_keep_their_keys_and_defaults():
         "loss_chunk_size": 1024,
         "max_length": 1024,
         "fsdp": False,
+        "gradient_checkpointing": False,
     }
     assert set(SftConfig.model_fields) == set(sft_scalars) | {"experiment", "dataset", "tokenizer", "peft"}
     assert set(DistillationConfig.model_fields) == set(kd_scalars) | {"experiment", "knowledgedistillation"}

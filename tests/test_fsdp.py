@@ -26,9 +26,6 @@ from engine.config.load import load_config, parse_config
 
 from .helpers import ROOT, TINY_CONFIG, make_context
 
-SCRIPT = ROOT / "tests" / "fsdp_kd_steps.py"
-
-
 # ------------------------------------------------------------------------------------------ the config
 
 
@@ -69,9 +66,10 @@ def test_fsdp_on_cpu_is_refused_before_any_model_loads(tmp_path):
 
 
 def kd_steps(out: Path, *flags: str, ranks: int = 1) -> dict:
-    """tests/fsdp_kd_steps.py on `ranks` processes (torchrun, gloo); its steps.json."""
+    """tests/fsdp_kd_steps.py (`-m tests.fsdp_kd_steps`) on `ranks` processes (torchrun, gloo); its steps.json."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    command = [*(launcher if ranks > 1 else [sys.executable]), str(SCRIPT), str(out), *flags]
+    # as a module from the project root, so that the script imports `tests.helpers` without an installed path
+    command = [*(launcher if ranks > 1 else [sys.executable]), "-m", "tests.fsdp_kd_steps", str(out), *flags]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads((out / "steps.json").read_text())

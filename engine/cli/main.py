@@ -11,6 +11,7 @@
     tas gpu [--watch] [--interval S]
     tas chat [--target kd|ce|assistant|base] [--model NAME]
     tas export RUN [--target kd|ce|assistant] [--out DIR] [--push]
+    tas plan [STAGE...] [--gpus 8x80GB]
 
 Light: argparse + the run store; never imports the ML stack, so every command answers at once.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.cli import cancel, chat, compare, eval_code, export, gpu, logs, manage, run, status
+from engine.cli import cancel, chat, compare, eval_code, export, gpu, logs, manage, plan, run, status
 from engine.cli.common import fail
 from engine.config.errors import ConfigError
 from engine.core.secrets import load_dotenv_secrets
@@ -29,7 +30,7 @@ from engine.runner import launcher
 from engine.store.lineage import ReuseRefused
 from engine.store.runs import DEFAULT_CONFIG, RunIsLive, RunNotFound
 
-COMMANDS = (run, status, logs, cancel, compare, manage, gpu, chat, eval_code, export)
+COMMANDS = (run, status, logs, cancel, compare, manage, gpu, plan, chat, eval_code, export)
 
 
 def package_version() -> str:

@@ -406,6 +406,11 @@ class DistillationConfig(TrainerSection):
         False, description="Also train the same student with CE only (no KD) into <output_dir>_ce, for comparison."
     )
     loss_chunk_size: int = Field(1024, gt=0, description="Response tokens per chunk of the KD loss (memory bound).")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute the student's layer activations in backward instead of keeping them: about a "
+        "third more time, a fraction of the memory (`tas plan` says when a GPU needs it).",
+    )
     max_length: int = Field(1024, gt=0, description="Maximum tokens per training example.")
     fsdp: bool = Field(
         False,

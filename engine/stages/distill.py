@@ -133,6 +133,14 @@ def describe(ctx: StageContext, student) -> str:
     return text
 
 
+def student_arguments(shared: dict[str, Any], kd) -> TrainingArguments:
+    """The student's TrainingArguments: the shared ones, the collator's columns kept, FSDP and gradient
+    checkpointing as configured (engine.train.arguments.sharding), on one GPU per process."""
+    args = TrainingArguments(**shared, **sharding(kd.fsdp, kd.gradient_checkpointing), remove_unused_columns=False)
+    one_gpu(args)
+    return args
+
+
 def train_one(
     ctx: StageContext,
     label: str,
@@ -163,8 +171,7 @@ def train_one(
         bf16=kd.bf16,
         fp16=False,
     )
-    args = TrainingArguments(**shared, **sharding(kd.fsdp), remove_unused_columns=False)
-    one_gpu(args)
+    args = student_arguments(shared, kd)
     cancel = CancelCallback(ctx)
     trainer = KDTrainer(
         model=student,

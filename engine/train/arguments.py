@@ -80,14 +80,23 @@ def one_gpu(args) -> None:
         args._n_gpu = 1  # the Trainer's own lever: it does the same for a model split with device_map
 
 
-def sharding(fsdp: bool) -> dict[str, Any]:
-    """The TrainingArguments that shard the student with FSDP2 (`train.distillation.fsdp`), or none.
+def sharding(fsdp: bool, checkpointing: bool = False) -> dict[str, Any]:
+    """The TrainingArguments that shard the student with FSDP2 (`train.distillation.fsdp`) and recompute
+    its activations in backward (`train.distillation.gradient_checkpointing`).
 
     accelerate's FSDP2 gives each decoder layer (the model's `_no_split_modules`) a unit of its own, and the
     embeddings, final norm and lm head others: each rank keeps 1/N of every weight, gradient and optimizer
     state and gathers a unit's weights only while it computes. Checkpoints hold the full state dict.
+    Under FSDP checkpointing is FSDP's own (`fsdp_config.activation_checkpointing`: the Trainer refuses the
+    plain argument beside it); otherwise the Trainer's, non-reentrant (the inputs need not require grad,
+    and it composes with DDP and LoRA).
     """
-    return {"fsdp": True, "fsdp_config": {"version": 2}} if fsdp else {}
+    if fsdp:
+        return {"fsdp": True, "fsdp_config": {"version": 2, "activation_checkpointing": checkpointing}}
+    if checkpointing:
+        # transformers 5's name of gradient checkpointing
+        return {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
+    return {}
 
 
 def save_trained(ctx: StageContext, model, tokenizer, out: Path, key: str, label: str) -> None:

@@ -490,7 +490,9 @@ class StagesTab(Vertical):
         self._confirm_start(list(PIPELINE), None, self.config_path)
 
     def _confirm_start(self, stages: list[str], run_id: str | None, config_path: str) -> None:
-        """Starting may take hours: say what will start (stages, run, config file) and wait for y / Enter."""
+        """Starting may take hours: say what will start (stages, run, config file), whether each stage fits its GPU
+        (engine.plan), and wait for y / Enter."""
+        from engine.plan.render import summary
         from tui.screens.confirm import ConfirmScreen
 
         if run_id is None:
@@ -503,12 +505,14 @@ class StagesTab(Vertical):
             )
             run, config = run_id, f"{_shown_path(frozen)} (the run's frozen copy)"
         details = [("stages", " → ".join(stages)), ("run", run), ("config", config)]
+        memory = summary(config_path if run_id is None else frozen, stages)  # engine.plan: will each stage fit?
 
         def answered(yes: bool | None) -> None:
             if yes:
                 self._start(stages, run_id, config_path)
 
-        self.app.push_screen(ConfirmScreen(question, details, yes="start", no="cancel"), answered)
+        screen = ConfirmScreen(question, details + memory.lines, yes="start", no="cancel", warning=memory.warning)
+        self.app.push_screen(screen, answered)
 
     def action_cancel(self) -> None:
         if self.run_id is None:
