@@ -50,3 +50,38 @@ def test_sft_run_is_tracked_in_mlflow(tmp_path: Path, monkeypatch: pytest.Monkey
     assert row["metrics.loss"] > 0
     artifacts = mlflow.artifacts.list_artifacts(run_id=row["run_id"], artifact_path="tas")
     assert any(a.path.endswith("config.yaml") for a in artifacts)
+
+
+def test_sft_final_evaluation_is_logged_on_the_training_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The evaluation after training logs eval_loss into the training's MLflow run, not into a second run
+    with a random name (the Trainer's callback ends its run when training ends)."""
+    mlflow = pytest.importorskip("mlflow")
+    shutil.copy(PROMPTS, tmp_path / "prompt.yaml")
+    monkeypatch.chdir(tmp_path)
+    store_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)
+    for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_TAGS"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = load_config(TINY_CONFIG)
+    cfg.teacher.base.output_path = str(tmp_path / "teacher.jsonl")
+    Path(cfg.teacher.base.output_path).write_text(
+        "".join(json.dumps({"id": f"p{i}", "instruction": q, "output": a}) + "\n" for i, (q, a) in enumerate(RECORDS))
+    )
+    cfg.train.sft.report_to = "mlflow"
+    cfg.train.sft.max_steps = 2
+    cfg.train.sft.logging_steps = 1
+    cfg.train.sft.eval_strategy = "no"  # the only evaluation is the one after training
+    cfg.train.sft.experiment.name = "tas-eval-experiment"
+    run = RunStore(tmp_path / "runs").create(cfg, "tiny.yaml", workdir=str(tmp_path), name="tracked")
+    ctx = StageContext("sft", run, run.config(), EventWriter(run.stage_dir("sft") / "events.jsonl"))
+    setup = sft.prepare(ctx)
+    assert setup.eval_set is not None
+    sft.train(ctx, setup)
+
+    client = mlflow.MlflowClient(tracking_uri=store_uri)
+    experiment = client.get_experiment_by_name("tas-eval-experiment")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_name for r in runs] == [cfg.train.sft.experiment.run_name]
+    (only,) = runs
+    assert only.data.tags["tas.run"] == run.id and only.info.status == "FINISHED"
+    assert "loss" in only.data.metrics and "eval_loss" in only.data.metrics
