@@ -17,7 +17,7 @@ from engine.models.loading import load_causal_lm
 from engine.stages import sft
 from engine.train.assistant import quantization_config, trained_dtype
 
-from .helpers import PROMPTS, TINY_CONFIG, make_context
+from .helpers import PROMPTS, TINY_CONFIG, make_context, write_teacher_answers
 from .test_masking import RECORDS
 
 EMBEDDINGS = ["lm_head", "embed_token"]  # as the root config spells them ("embed_token": TAS's typo, fixed by sft)
@@ -25,10 +25,7 @@ EMBEDDINGS = ["lm_head", "embed_token"]  # as the root config spells them ("embe
 
 def tiny_config(tmp_path: Path):
     cfg = load_config(TINY_CONFIG)
-    cfg.teacher.base.output_path = str(tmp_path / "teacher.jsonl")
-    Path(cfg.teacher.base.output_path).write_text(
-        "".join(json.dumps({"id": f"p{i}", "instruction": q, "output": a}) + "\n" for i, (q, a) in enumerate(RECORDS))
-    )
+    write_teacher_answers(cfg, tmp_path / "teacher.jsonl", RECORDS)
     cfg.train.sft.save_path = str(tmp_path / "adapter")
     cfg.train.sft.peft.lora.modules_to_save = list(EMBEDDINGS)
     return cfg

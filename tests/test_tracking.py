@@ -14,7 +14,7 @@ from engine.runner.context import StageContext
 from engine.stages import sft
 from engine.store.events import EventWriter
 from engine.store.runs import RunStore
-from tests.helpers import PROMPTS, TINY_CONFIG
+from tests.helpers import PROMPTS, TINY_CONFIG, write_teacher_answers
 from tests.test_masking import RECORDS
 
 
@@ -63,10 +63,7 @@ def test_sft_final_evaluation_is_logged_on_the_training_run(tmp_path: Path, monk
     for name in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_TAGS"):
         monkeypatch.delenv(name, raising=False)
     cfg = load_config(TINY_CONFIG)
-    cfg.teacher.base.output_path = str(tmp_path / "teacher.jsonl")
-    Path(cfg.teacher.base.output_path).write_text(
-        "".join(json.dumps({"id": f"p{i}", "instruction": q, "output": a}) + "\n" for i, (q, a) in enumerate(RECORDS))
-    )
+    write_teacher_answers(cfg, tmp_path / "teacher.jsonl", RECORDS)
     cfg.train.sft.report_to = "mlflow"
     cfg.train.sft.max_steps = 2
     cfg.train.sft.logging_steps = 1
