@@ -7,6 +7,7 @@ Paths: tests read configs only from `tests/data/`, never the user-editable `conf
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -90,6 +91,14 @@ def make_run(project: Path, config_path: str | Path, overrides: Mapping[str, Any
     for key, value in overrides.items():
         set_key(config, key, value)
     return RunStore(project / "runs").create(config, str(config_path), workdir=str(project), name=name)
+
+
+def write_teacher_answers(config, path: Path, records: list[tuple[str, str]]) -> None:
+    """(question, answer) records as the teacher stage writes them, at `path`, which `config` then reads."""
+    config.teacher.base.output_path = str(path)
+    path.write_text(
+        "".join(json.dumps({"id": f"p{i}", "instruction": q, "output": a}) + "\n" for i, (q, a) in enumerate(records))
+    )
 
 
 def make_context(config, stage: str, root: Path):

@@ -410,3 +410,25 @@ async def test_panel_x_exports_the_kd_student_of_the_selected_run(project: Path,
     out = done.path / "export" / "kd"
     assert any(n.startswith("exported") and str(out) in n for n in notes), notes
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+def test_the_card_says_which_assistant_the_scores_were_measured_on(project: Path):
+    """eval scores the assistant as the pipeline used it (4-bit base + adapter); an assistant export is the
+    adapter merged into the unquantized base: the card must not pass the one's scores off as the other's."""
+    from engine.export.card import model_card
+    from engine.export.plan import ExportSource
+
+    run = make_run(project)
+    assert run.config().assistant.quantization.load_in_4bit
+    merged = ExportSource("assistant", "fine-tuned assistant", "tiny:assistant", "adapter", "tiny:assistant")
+    card = model_card(run, merged, report=REPORT)
+    evaluation = card.split("## Evaluation")[1].split("## Training configuration")[0]
+    assert "loaded in 4-bit (bitsandbytes nf4) with its LoRA adapter" in evaluation
+    assert "merged into the unquantized base, which the eval did not score" in evaluation
+    student = ExportSource("kd", "KD student", "student", None, "student")
+    evaluation = model_card(run, student, report=REPORT).split("## Evaluation")[1]
+    assert "loaded in 4-bit" in evaluation and "did not score" not in evaluation
+
+    unquantized = make_run(project, assistant__quantization__load_in_4bit=False)
+    evaluation = model_card(unquantized, merged, report=REPORT).split("## Evaluation")[1]
+    assert "4-bit" not in evaluation.split("## Training configuration")[0]

@@ -126,7 +126,7 @@ def model_card(run: Run, source: ExportSource, repo: str | None = None, report: 
         "",
         "## Evaluation",
         "",
-        *_report_section(run, report, by_target(source.target).name),
+        *_report_section(run, report, by_target(source.target).name, _scored_assistant(config, source)),
         "",
         "## Training configuration",
         "",
@@ -140,7 +140,29 @@ def model_card(run: Run, source: ExportSource, repo: str | None = None, report: 
     return redact("\n".join(lines))
 
 
-def _report_section(run: Run, report: dict[str, Any] | None, ours: str) -> list[str]:
+def _scored_assistant(config: TASConfig, source: ExportSource) -> str:
+    """Which assistant the eval report scored, when that is not the model an export holds.
+
+    The eval stage scores the assistant as the pipeline trained and used it: with a 4-bit base, the 4-bit
+    base + LoRA adapter. An assistant export is that adapter merged into the unquantized base: close, but
+    not the model the eval scored, so the card says which one its scores are of."""
+    quant = config.assistant.quantization
+    if not quant.load_in_4bit:
+        return ""
+    note = (
+        f"The assistant rows were measured on `{config.assistant.model.name}` loaded in 4-bit (bitsandbytes "
+        f"{quant.bnb_4bit_quant_type}) with its LoRA adapter, as `sft` trained it and `distill` distilled from "
+        "it; KL to assistant is to that model."
+    )
+    if source.target == ASSISTANT.target:
+        note += (
+            " This folder is the adapter merged into the unquantized base, which the eval did not score: "
+            "its own loss and pass@k can differ slightly from the assistant row."
+        )
+    return note
+
+
+def _report_section(run: Run, report: dict[str, Any] | None, ours: str, note: str = "") -> list[str]:
     models = (report or {}).get("models") or {}
     if not models:
         return [f"No eval report in this run: run the eval stage (`tas run eval --run {run.id}`) and export again."]
@@ -173,7 +195,7 @@ def _report_section(run: Run, report: dict[str, Any] | None, ours: str) -> list[
         cells = ["—" if values.get(c) is None else _cell(values[c]) for c in columns]
         label = f"**{name} (this model)**" if name == ours else name
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
+    return [*lines, "", note] if note else lines
 
 
 def _cell(value: Any) -> str:

@@ -74,14 +74,12 @@ def load_merged(source: ExportSource, say: Callable[[str], None] = lambda text: 
         say(f"loading the {source.label} from {source.model}")
         model = load_causal_lm(source.model, key=f"export {source.target}", dtype="auto")
         return model.eval(), tokenizer
-    from peft import PeftModel
+    from engine.train.assistant import merge_lora
 
     saved = _checkpoint_dtype(source.model)
     say(f"loading {source.model} in float32 and merging the LoRA adapter {source.adapter}")
-    base = load_causal_lm(source.model, key="assistant.model.name", dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, source.adapter).merge_and_unload()
-    if saved in (torch.bfloat16, torch.float16):  # keep the base checkpoint's precision
-        model = model.to(saved)
+    # in the base checkpoint's precision: the machine that exports need not be the one that trained
+    model = merge_lora(source.model, source.adapter, saved if saved in (torch.bfloat16, torch.float16) else None)
     return model.eval(), tokenizer
 
 

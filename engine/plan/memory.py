@@ -105,9 +105,10 @@ def lora_params(dims: ModelDims, r: int, targets: str | list[str]) -> int:
 
 
 def _saved_copies(dims: ModelDims, modules_to_save: list[str] | None) -> int:
-    """Embedding matrices peft trains a full copy of (`modules_to_save`: lm_head, embed_tokens)."""
-    names = {m.rstrip("s") for m in modules_to_save or []}
-    return len(names & {"lm_head", "embed_token"}) * dims.vocab * dims.hidden
+    """Embedding matrices peft trains a full copy of (`modules_to_save`: lm_head, embed_tokens). Tied
+    embeddings stay tied (sft's `ensure_weight_tying`): one trained copy serves both."""
+    copies = len({m.rstrip("s") for m in modules_to_save or []} & {"lm_head", "embed_token"})
+    return min(copies, 1 if dims.tied else 2) * dims.vocab * dims.hidden
 
 
 def _ranks(config: TASConfig) -> int:

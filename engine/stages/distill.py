@@ -19,7 +19,8 @@ Recipe, top to bottom:
 
 With `train.distillation.ce_only_control`, the same student (same init, data, steps) is then trained
 with CE only into `<output_dir>_ce`: the control that says whether KD helped. Checkpoints live in
-`<output_dir>/checkpoints`; re-running resumes; SIGTERM saves and ends `cancelled`.
+`<output_dir>/checkpoints`; re-running resumes (a stage stopped during the control keeps the KD student
+it trained and resumes the control); SIGTERM saves and ends `cancelled`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from engine.pipeline.models import STUDENT_CE, STUDENT_KD
 from engine.runner.context import StageContext, StageError
 from engine.train.arguments import one_gpu, save_trained, sharding, trainer_arguments
 from engine.train.assistant import load_tuned_assistant
-from engine.train.callbacks import CancelCallback, EventsCallback, train_resumable
+from engine.train.callbacks import COMPLETED, CancelCallback, EventsCallback, train_resumable
 from engine.train.kd_trainer import KDCollator, KDTrainer
 from engine.train.pairs import load_split_pairs, tokenize_pair
 from engine.train.student import (
@@ -82,8 +83,15 @@ def run(ctx: StageContext) -> None:
     runs = [(STUDENT_KD.title, STUDENT_KD.output(config), kd.knowledgedistillation.weight, "")]
     if STUDENT_CE.enabled(config):
         runs.append((STUDENT_CE.title, STUDENT_CE.output(config), 0.0, "control/"))
+    # A stage stopped during the CE-only control resumes there: the KD student this run trained to the end is
+    # kept (train_resumable would refuse it, or with overwrite_output_dir train it again from step 0). Only
+    # once every student is trained to the end does a re-run mean training again.
+    done = [finished_in_this_run(ctx, output_dir) for _, output_dir, _, _ in runs]
     for index, (label, output_dir, weight, prefix) in enumerate(runs):
         ctx.check_cancelled()
+        if done[index] and not all(done):
+            ctx.events.log(f"{label}: trained to the end in {output_dir} by this run; kept, not trained again")
+            continue
         # 2. a fresh student, the same one for both runs
         try:
             student = build_student(config.student, teacher, tokenizer, init=kd.student_init)
@@ -118,6 +126,12 @@ def run(ctx: StageContext) -> None:
             prefix,
             (index, len(runs)),
         )
+
+
+def finished_in_this_run(ctx: StageContext, output_dir: Path) -> bool:
+    """Whether this run trained the model in output_dir to the end (the folder may hold an older run's)."""
+    marker = output_dir / "checkpoints" / COMPLETED
+    return marker.exists() and marker.stat().st_mtime >= ctx.run.created
 
 
 def describe(ctx: StageContext, student) -> str:

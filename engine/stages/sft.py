@@ -20,15 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from engine.models.device import pick_attention, pick_device, pick_dtype
 from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.runner.context import StageContext, StageError
 from engine.train.arguments import one_gpu, save_trained, trainer_arguments
-from engine.train.assistant import quantization_config
+from engine.train.assistant import merge_lora, quantization_config, trained_dtype
 from engine.train.callbacks import CancelCallback, EventsCallback, train_resumable
 from engine.train.pairs import load_split_pairs, to_prompt_completion
+from engine.train.tracking import training_run
 
 
 def lora_config(ctx: StageContext, model):
@@ -57,7 +56,21 @@ def lora_config(ctx: StageContext, model):
         modules_to_save=modules_to_save,
         bias=lora.bias,
         task_type=lora.task_type,
+        ensure_weight_tying=ties_embeddings(model, modules_to_save),
     )
+
+
+def ties_embeddings(model, modules_to_save: list[str] | None) -> bool:
+    """Whether PEFT must keep the model's tied embeddings tied: Qwen's embed_tokens and lm_head are one matrix.
+
+    Without `ensure_weight_tying`, `modules_to_save` trains a copy of each, so the head and the embeddings
+    drift apart (two 233M-parameter copies for Qwen2.5-3B), and older PEFT merged a model that, reloaded
+    with its config's tie_word_embeddings, took the untrained embeddings as its head (peft#2777)."""
+    if not modules_to_save or not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    embeddings = (model.get_input_embeddings(), model.get_output_embeddings())
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module in embeddings}
+    return any(m in names for m in modules_to_save)
 
 
 @dataclass
@@ -97,7 +110,7 @@ def prepare(ctx: StageContext) -> SftSetup:
     if warning:
         ctx.events.log(warning, level="warning")
     tokenizer = load_tokenizer(model_cfg.name, key="assistant.model.name", padding_side="right")
-    quant = quantization_config(config)
+    quant = quantization_config(config, device)
     model = load_causal_lm(
         model_cfg.name,
         key="assistant.model.name",
@@ -150,20 +163,22 @@ def train(ctx: StageContext, setup: SftSetup) -> None:
     sft = ctx.config.train.sft
     save_path = Path(sft.save_path)
     trainer, cancel, tokenizer, eval_set = setup.trainer, setup.cancel, setup.tokenizer, setup.eval_set
-    train_resumable(
-        ctx,
-        trainer,
-        cancel,
-        save_path / "checkpoints",
-        "train.sft.per_device_train_batch_size",
-        sft.per_device_train_batch_size,
-        sft.overwrite_output_dir,
-        "train.sft.overwrite_output_dir",
-    )
+    with training_run(trainer):  # one MLflow run (with report_to: mlflow) for training and the last evaluation
+        train_resumable(
+            ctx,
+            trainer,
+            cancel,
+            save_path / "checkpoints",
+            "train.sft.per_device_train_batch_size",
+            sft.per_device_train_batch_size,
+            sft.overwrite_output_dir,
+            "train.sft.overwrite_output_dir",
+        )
+        # every rank evaluates its share; eval_loss reaches the events through EventsCallback.on_log
+        if eval_set is not None:
+            trainer.evaluate()
 
-    # 5. save (every rank evaluates its share; rank 0 alone writes)
-    if eval_set is not None:
-        trainer.evaluate()  # eval_loss reaches the events through EventsCallback.on_log
+    # 5. save (rank 0 alone writes)
     if not ctx.is_main:
         return
     save_trained(ctx, trainer.model, tokenizer, save_path, "train.sft.save_path", "assistant LoRA adapter")
@@ -174,11 +189,9 @@ def train(ctx: StageContext, setup: SftSetup) -> None:
 
 
 def merge_adapter(ctx: StageContext, adapter_path: Path, out: Path) -> None:
-    """Merge the adapter into a full-precision copy of the base model (4-bit weights cannot be merged)."""
-    from peft import PeftModel
-
-    model_cfg = ctx.config.assistant.model
-    base = load_causal_lm(model_cfg.name, key="assistant.model.name", dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
+    """Merge the adapter into an unquantized copy of the base model, saved in the dtype sft trained in
+    (bfloat16, or float16 on a GPU without it; float32 when the config asks for full precision)."""
+    dtype = trained_dtype(ctx.config, pick_device(ctx.config))
+    merged = merge_lora(ctx.config.assistant.model.name, adapter_path, dtype)
     merged.save_pretrained(out)
     load_tokenizer(str(adapter_path)).save_pretrained(out)

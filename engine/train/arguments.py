@@ -62,6 +62,9 @@ def trainer_arguments(
         disable_tqdm=True,
         dataloader_num_workers=0,
         seed=seed,
+        # every trainable parameter takes part in each forward (LoRA, modules_to_save, the student); left
+        # unset, HF asks DDP to search the autograd graph for unused ones after every forward
+        ddp_find_unused_parameters=False,
         **precision(ctx, bf16, fp16, device.type),
     )
     return arguments, tracking

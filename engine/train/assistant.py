@@ -16,8 +16,11 @@ from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.runner.context import StageContext
 
 
-def quantization_config(config: TASConfig):
-    """4-bit NF4/FP4 settings of `assistant.quantization`, or None when the assistant loads unquantized."""
+def quantization_config(config: TASConfig, device: torch.device):
+    """4-bit NF4/FP4 settings of `assistant.quantization`, or None when the assistant loads unquantized.
+
+    The compute dtype is what `quantization.bfloat16` means on `device` (`pick_dtype`): float16 on a GPU
+    without native bfloat16 (V100, T4), where bfloat16 matmuls are emulated, slowly."""
     from transformers import BitsAndBytesConfig
 
     q = config.assistant.quantization
@@ -27,8 +30,27 @@ def quantization_config(config: TASConfig):
         load_in_4bit=True,
         bnb_4bit_quant_type=q.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=torch.bfloat16 if q.bfloat16 else torch.float32,
+        bnb_4bit_compute_dtype=pick_dtype(q.bfloat16, device),
     )
+
+
+def trained_dtype(config: TASConfig, device: torch.device) -> torch.dtype:
+    """The dtype the assistant's weights computed in during `sft` on `device`: the 4-bit compute dtype when
+    quantized, else the dtype it was loaded in. Its merged copy is saved in it."""
+    q = config.assistant.quantization
+    return pick_dtype(q.bfloat16 if q.load_in_4bit else config.assistant.model.bfloat16, device)
+
+
+def merge_lora(base_name: str, adapter: str | Path, dtype: torch.dtype | None = None):
+    """The base model with the LoRA adapter merged in, cast to `dtype` (None: float32).
+
+    The base loads in float32 for the merge: 4-bit weights cannot be merged, and the small LoRA deltas would
+    be lost in a half-precision sum. Tied embeddings stay tied (`ensure_weight_tying` in the adapter)."""
+    from peft import PeftModel
+
+    base = load_causal_lm(base_name, key="assistant.model.name", dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    return merged.to(dtype) if dtype is not None else merged
 
 
 def load_tuned_assistant(ctx: StageContext, device: torch.device, *, with_adapter: bool = True):
@@ -37,7 +59,7 @@ def load_tuned_assistant(ctx: StageContext, device: torch.device, *, with_adapte
     `with_adapter=False` gives the base assistant as `sft` started from (eval's "before SFT" row)."""
     config = ctx.config
     name = config.assistant.model.name
-    quant = quantization_config(config)
+    quant = quantization_config(config, device)
     model = load_causal_lm(
         name,
         key="assistant.model.name",

@@ -17,6 +17,8 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -24,7 +26,7 @@ from transformers import TrainerCallback
 from engine.config.keys import flatten
 from engine.config.schema import ExperimentConfig
 from engine.core.secrets import redact_data
-from engine.runner.context import StageContext
+from engine.runner.context import StageCancelled, StageContext
 from engine.store.runs import FROZEN_CONFIG
 
 
@@ -76,6 +78,39 @@ class FrozenConfigToMlflow(TrainerCallback):
             copy = Path(folder) / FROZEN_CONFIG
             copy.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
             mlflow.log_artifact(str(copy), artifact_path="tas")
+
+
+@contextmanager
+def training_run(trainer) -> Iterator[None]:
+    """Keep the MLflow run of one training open from before `train()` until after the stage's last evaluation.
+
+    Left to itself, the Trainer's MLflowCallback starts its run when training begins and ends it when
+    training ends; the evaluation after training then logs into a new run of a random name
+    (`angry-snake-916` beside `tiny-sft`). Started here, the callback finds the run active, logs into it
+    and leaves it open. Does nothing without MLflow or off rank 0 (which alone logs)."""
+    from transformers.integrations import MLflowCallback
+
+    if not trainer.is_world_process_zero() or not any(
+        isinstance(c, MLflowCallback) for c in trainer.callback_handler.callbacks
+    ):
+        yield
+        return
+    import mlflow
+
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        mlflow.set_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
+    mlflow.start_run(run_name=trainer.args.run_name, tags=json.loads(os.environ.get("MLFLOW_TAGS") or "{}"))
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except StageCancelled:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
 
 
 def log_report(ctx: StageContext, experiment: ExperimentConfig, report_path: Path, metrics: dict[str, float]) -> None:
