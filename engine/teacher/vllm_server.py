@@ -81,8 +81,10 @@ class VllmSettings:
     port: int = 0  # 0: pick a free port at start
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
-    # Port the data-parallel replicas coordinate on (vLLM's fixed default, 29550, is the same for every
-    # server on the machine: two runs with data_parallel_size > 1 would collide). 0: a free one at start.
+    # Port the data-parallel replicas hand shake on (`--data-parallel-rpc-port`). vLLM's default, 29550, is
+    # the same for every server: two runs whose engines use it would collide. (vLLM 0.32 uses it when
+    # engines are remote, several nodes or an external load balancer; on one node it talks over IPC
+    # sockets.) 0: a free one at start, with data_parallel_size > 1.
     data_parallel_rpc_port: int = 0
     max_num_seqs: int | None = None  # sequences one replica schedules at once (vLLM's default: by hardware)
     gpu_memory_utilization: float | None = None  # fraction of each GPU vLLM may take (vLLM: 0.9)
