@@ -11,7 +11,7 @@ N chat prompts (the shipped python-instructions, with the teacher's system promp
 offline: the vLLM venv's python runs this file with `--offline-worker`: `LLM(...)` with the same engine
 settings, then one `LLM.chat` over the same conversations.
 Both greedy, and `ignore_eos` so every answer is exactly `--max-tokens` long: runs compare equal work.
-Start-up and a warm-up round are not counted; each path is then timed `--repeat` times.
+Start-up and one untimed full round (lazy initialisation, the batch shapes' first runs) are not counted; each path is then timed `--repeat` times.
 Prints one JSON object: per path the tokens/s of each repeat and their median, start-up seconds, and
 `vllm_server_vs_offline`, the ratio of the medians.
 """
@@ -31,7 +31,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM_PROMPT = "You are a senior Python developer."
-WARM_UP = 8  # prompts in the untimed first round: lazy initialisation, first compiled shapes
 
 
 def conversations(count: int) -> list[list[dict]]:
@@ -102,7 +101,7 @@ async def send_all(base_url: str, chats: list[list[dict]], args: argparse.Namesp
         tokens = sum(await asyncio.gather(*(ask(messages) for messages in batch)))
         return tokens, tokens / (time.perf_counter() - began)
 
-    await round_(chats[:WARM_UP])
+    await round_(chats)  # warm-up
     rounds = [await round_(chats) for _ in range(args.repeat)]
     await client.close()
     return {"rates": [rate for _, rate in rounds], "tokens": rounds[0][0]}
@@ -168,7 +167,7 @@ def offline_worker(spec_file: str) -> None:
     )
     startup = time.perf_counter() - began
     params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)
-    llm.chat(chats[:WARM_UP], params, use_tqdm=False)
+    llm.chat(chats, params, use_tqdm=False)  # warm-up
     rates, tokens = [], 0
     for _ in range(spec["repeat"]):
         began = time.perf_counter()
