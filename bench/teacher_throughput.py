@@ -1,14 +1,16 @@
-"""Teacher generation throughput: our HF loop vs the original TAS loop vs the vLLM server, same model,
-prompts and token counts.
+"""Teacher generation throughput: our HF loop vs the original TAS loop vs the vLLM server vs vLLM offline,
+same model, prompts and token counts.
 
     python bench/teacher_throughput.py                      # tiny teacher, CPU, shipped prompts
-    python bench/teacher_throughput.py --vllm               # also the vLLM path (the vLLM venv), with the ratio
+    python bench/teacher_throughput.py --vllm               # also the vLLM paths (the vLLM venv), with the ratios
     python bench/teacher_throughput.py --model Qwen/Qwen2.5-Coder-1.5B-Instruct --device cuda --batch-size 64
 
 "stage": KV cache on, batches sorted by prompt length (engine/teacher/open.py).
 "seed-style": KV cache off (TAS `use_cache: False`), batches in file order; otherwise identical.
-"vllm" (--vllm): the managed vLLM server of `teacher.source: vllm`, measured by bench/vllm_teacher_probe.py
-in its own process (the vLLM venv), server start-up not counted.
+"vllm" (--vllm): bench/vllm_teacher_probe.py, in its own process: the managed vLLM server of
+`teacher.source: vllm` ("server", as many requests in flight as the stage keeps) and vLLM's own offline
+`LLM.chat` in the vLLM venv ("offline"), start-up not counted; `vllm_server_vs_offline` is the ratio of
+their medians over --vllm-repeat rounds.
 Every path does the same work: greedy, exactly --max-new-tokens new tokens per prompt (HF: min_new_tokens;
 vLLM: ignore_eos), so an early EOS cannot make one path look faster. Prints one JSON object.
 """
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--vllm", action="store_true", help="also measure the vLLM server path")
     parser.add_argument("--vllm-python", default=None, help="python of the vLLM venv (default: the probe's)")
+    parser.add_argument("--vllm-repeat", type=int, default=3, help="timed rounds per vLLM path")
     parser.add_argument("--skip-seed", action="store_true", help="skip the (slow) seed-style loop")
     args = parser.parse_args()
     if args.threads:
@@ -90,13 +93,15 @@ def main() -> None:
         del model  # the server gets the memory (and, on CPU, the cores) to itself
         vllm = measure_vllm(args)
         result["vllm"] = vllm
-        if "tokens_per_s" in vllm:
-            result["vllm_vs_stage"] = round(vllm["tokens_per_s"] / stage["tokens_per_s"], 2)
+        if "server" in vllm:
+            result["vllm_vs_stage"] = round(vllm["server"]["tokens_per_s"] / stage["tokens_per_s"], 2)
+            result["vllm_offline_vs_stage"] = round(vllm["offline"]["tokens_per_s"] / stage["tokens_per_s"], 2)
+            result["vllm_server_vs_offline"] = vllm["vllm_server_vs_offline"]
     print(json.dumps(result, indent=2))
 
 
 def measure_vllm(args: argparse.Namespace) -> dict:
-    """The vLLM path, measured in its own process by the probe (it starts and stops the server)."""
+    """The vLLM paths, measured in their own processes by the probe (server, then offline)."""
     command = [
         sys.executable,
         str(Path(__file__).with_name("vllm_teacher_probe.py")),
@@ -106,6 +111,8 @@ def measure_vllm(args: argparse.Namespace) -> dict:
         str(args.prompts),
         "--max-tokens",
         str(args.max_new_tokens),
+        "--repeat",
+        str(args.vllm_repeat),
     ]
     if args.vllm_python:
         command += ["--vllm-python", args.vllm_python]

@@ -206,3 +206,32 @@ def test_chat_with_the_teacher_through_its_own_vllm_server(vllm_project: Path):
         timeout=60,
         what="the chat's vLLM server to end with the chat worker",
     )
+
+
+def test_greedy_answers_from_the_real_server_when_do_sample_is_false(vllm_project: Path):
+    """The request fields the stage sends (top_k, stop ids, the template and decoding flags) are accepted by
+    vLLM itself, and `do_sample: false` decodes greedily: the same prompt twice gives the same answer (the
+    tiny teacher's untrained weights make sampled answers differ every time)."""
+    from engine.teacher.output import TeacherOutput
+    from engine.teacher.vllm import ask_server, server_settings, teacher_stop_ids
+    from engine.teacher.vllm_server import VllmServer
+
+    from .helpers import make_context
+
+    config = load_config(vllm_project / "configs" / "tiny-vllm.yaml")
+    pipeline = config.teacher.open.pipeline
+    pipeline.do_sample, pipeline.temperature, pipeline.top_k, pipeline.max_new_tokens = False, 0.8, 0, 24
+    config.teacher.base.output_path = str(vllm_project / "out" / "teacher.jsonl")
+    ctx = make_context(config, "teacher", vllm_project)
+    output = TeacherOutput(config.teacher.base.output_path)
+    texts = ["Write a function that adds two numbers.", "Reverse a list in place."]
+    prompts = [{"id": f"p{i}", "instruction": texts[i % 2]} for i in range(4)]
+    settings = server_settings(config, vllm_project)
+    with VllmServer(settings).start(vllm_project / "vllm.log") as server:
+        server.wait_healthy(STARTUP_S)
+        summary = ask_server(
+            ctx, server.base_url, teacher_stop_ids(config, settings.model), prompts, output, "Be brief."
+        )
+    assert summary["answered"] == 4 and summary["failed"] == 0, (vllm_project / "vllm.log").read_text()[-2000:]
+    answers = {r["id"]: r["output"] for r in output.records()}
+    assert answers["p0"] == answers["p2"] and answers["p1"] == answers["p3"]

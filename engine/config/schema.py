@@ -192,7 +192,18 @@ class VllmTeacher(Section):
         default_factory=dict, description="Extra environment for the server (e.g. VLLM_CPU_KVCACHE_SPACE: '1')."
     )
     startup_timeout_s: float = Field(900.0, gt=0, description="Seconds the server may take to become healthy.")
-    max_concurrency: int = Field(64, gt=0, description="Requests in flight at once against the server.")
+    max_num_seqs: int = Field(
+        256,
+        gt=0,
+        description="Sequences one replica runs at once (vLLM's --max-num-seqs; vLLM's own default is 128 per "
+        "CPU worker, 256 on most GPUs, 1024 on H100/H200-class ones).",
+    )
+    max_concurrency: int | None = Field(
+        None,
+        gt=0,
+        description="Requests kept in flight against the server, a new one as soon as one ends "
+        "(null: max_num_seqs x data_parallel_size, what the server can run at once).",
+    )
 
 
 class TeacherConfig(Section):

@@ -3,9 +3,11 @@
 Called by the teacher stage with the prompts not yet in the output store. Two ways to ask, picked by
 `teacher.closed.pipeline.use_batch_api`:
 
-* Chat calls: concurrent `chat.completions` requests (at most `max_concurrency` in flight) in waves of
-  `batch_size` prompts. Answers are appended to the output store every few seconds and at the end of
-  each wave, so a killed worker loses little. Retries on 429 / 5xx / timeouts / connection errors are the
+* Chat calls: concurrent `chat.completions` requests, exactly `max_concurrency` in flight from the first
+  prompt to the last (a new request starts as soon as one ends; nothing waits for a slow one to drain).
+  Prompts are counted in waves of `batch_size` for the failure report and the unreachable-server check.
+  Answers are appended to the output store every few seconds and when a wave has ended, so a killed
+  worker loses little. Retries on 429 / 5xx / timeouts / connection errors are the
   openai client's own (`max_retries`, exponential backoff, honours Retry-After).
 * The Batch API: one job of at most `batch_size` prompts at a time (upload the requests, create the
   batch, poll it, download the results). The job's id is kept in `<stage_dir>/batch_state.json` until its
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -326,83 +329,91 @@ class _Ledger:
 
 
 async def _answer_by_chat(asking: _Asking, prompts: list[dict], extra_body: dict[str, Any] | None = None) -> None:
-    ctx, closed, endpoint, ledger = asking.ctx, asking.closed, asking.endpoint, asking.ledger
-    pipeline = closed.pipeline
-    gate = asyncio.Semaphore(pipeline.max_concurrency)
-    waves = range(0, len(prompts), pipeline.batch_size)
-    async with openai.AsyncOpenAI(**_client_options(endpoint, pipeline)) as client:
-        for number, start in enumerate(waves, 1):
-            ctx.check_cancelled()
-            wave = prompts[start : start + pipeline.batch_size]
-            answered_before, failed_before = ledger.answered, ledger.failed
+    closed, endpoint = asking.closed, asking.endpoint
+    async with openai.AsyncOpenAI(**_client_options(endpoint, closed.pipeline)) as client:
 
-            async def ask(prompt: dict) -> _Answer | None:
-                async with gate:
-                    if ctx.cancel_requested:
-                        return None  # not asked: stays unanswered for the next run
-                    request = asking.request(prompt["instruction"])
-                    if extra_body:
-                        request["extra_body"] = extra_body
-                    response = await client.chat.completions.create(**request)
-                if not hasattr(response, "model_dump"):  # a body that is not JSON comes back as text
-                    raise _BadResponse(f"malformed response: not a chat completion: {clip(str(response), 100)!r}")
-                return _parse_completion(response.model_dump())
+        async def ask(prompt: dict) -> _Answer:
+            request = asking.request(prompt["instruction"])
+            if extra_body:
+                request["extra_body"] = extra_body
+            response = await client.chat.completions.create(**request)
+            if not hasattr(response, "model_dump"):  # a body that is not JSON comes back as text
+                raise _BadResponse(f"malformed response: not a chat completion: {clip(str(response), 100)!r}")
+            return _parse_completion(response.model_dump())
 
-            errors = await _run_wave(asking, wave, ask)
-            ctx.check_cancelled()
-
-            failed = ledger.failed - failed_before
-            if failed:
-                ctx.events.log(
-                    f"wave {number}/{len(waves)}: {failed} of {len(wave)} prompts failed "
-                    f"(details in {FAILURES_FILE}); the next run asks them again",
-                    level="error",
-                )
-            if ledger.answered == answered_before and _all_unreachable(errors, len(wave)):
-                raise StageError(
-                    f"cannot reach {endpoint.where}: {_describe(errors[0], pipeline)}; "
-                    "check teacher.closed.base_url (or OPENAI_BASE_URL) and that the server is running"
-                )
+        await _feed(asking, prompts, ask)
+    asking.ctx.check_cancelled()
 
 
-async def _run_wave(
-    asking: _Asking, wave: list[dict], ask: Callable[[dict], Awaitable[_Answer | None]]
-) -> list[BaseException]:
-    """Ask every prompt of the wave; store outcomes as they arrive. Returns the failed prompts' errors.
+@dataclass
+class _Wave:
+    """`batch_size` consecutive prompts: what ended of them, and how the failed ones failed."""
+
+    number: int
+    size: int
+    ended: int = 0
+    errors: list[BaseException] = field(default_factory=list)
+
+
+async def _feed(asking: _Asking, prompts: list[dict], ask: Callable[[dict], Awaitable[_Answer]]) -> None:
+    """Ask every prompt with `max_concurrency` requests in flight, starting the next as soon as one ends.
 
     Waits in short slices so a cancel request stops new requests within CANCEL_CHECK_S; whatever
     happens (cancel, fatal error), the answers already received are stored before leaving.
     """
     ctx, closed, ledger = asking.ctx, asking.closed, asking.ledger
-    tasks = {asyncio.create_task(ask(prompt)): prompt for prompt in wave}
-    pending = set(tasks)
-    errors: list[BaseException] = []
+    pipeline = closed.pipeline
+    sizes = range(0, len(prompts), pipeline.batch_size)
+    waves = [_Wave(n, min(pipeline.batch_size, len(prompts) - start)) for n, start in enumerate(sizes, 1)]
+    queue = iter(enumerate(prompts))
+    tasks: dict[asyncio.Task, tuple[int, dict]] = {}
     try:
-        while pending and not ctx.cancel_requested:
-            done, pending = await asyncio.wait(pending, timeout=CANCEL_CHECK_S, return_when=asyncio.FIRST_COMPLETED)
-            fatal = None
+        while not ctx.cancel_requested:
+            for index, prompt in itertools.islice(queue, pipeline.max_concurrency - len(tasks)):
+                tasks[asyncio.create_task(ask(prompt))] = (index, prompt)
+            if not tasks:
+                break
+            done, _ = await asyncio.wait(set(tasks), timeout=CANCEL_CHECK_S, return_when=asyncio.FIRST_COMPLETED)
+            fatal, ended = None, []
             for task in done:  # every finished task is read, so none is left holding an unread exception
-                prompt = tasks[task]
-                exc = task.exception()
-                if exc is None:
-                    if (answer := task.result()) is not None:
-                        ledger.answer(prompt, answer, closed.model.name)
-                    continue
-                if (stop := _fatal(exc, asking.endpoint, closed.model.name)) is not None:
+                index, prompt = tasks.pop(task)
+                wave = waves[index // pipeline.batch_size]
+                wave.ended += 1
+                if wave.ended == wave.size:
+                    ended.append(wave)
+                if (exc := task.exception()) is None:
+                    ledger.answer(prompt, task.result(), closed.model.name)
+                elif (stop := _fatal(exc, asking.endpoint, closed.model.name)) is not None:
                     fatal = fatal or stop  # every prompt would fail the same way: not a per-prompt failure
-                    continue
-                errors.append(exc)
-                ledger.fail(prompt["id"], _describe(exc, closed.pipeline))
+                else:
+                    wave.errors.append(exc)
+                    ledger.fail(prompt["id"], _describe(exc, pipeline))
             if fatal is not None:
                 raise fatal from None
-            if time.monotonic() - ledger.last_flush >= FLUSH_EVERY_S:
+            if ended or time.monotonic() - ledger.last_flush >= FLUSH_EVERY_S:
                 ledger.flush()
+            for wave in ended:
+                _report_wave(asking, wave, len(waves))
     finally:
-        for task in pending:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)  # retrieved: asyncio prints nothing
+        await asyncio.gather(*tasks, return_exceptions=True)  # retrieved: asyncio prints nothing
         ledger.flush()
-    return errors
+
+
+def _report_wave(asking: _Asking, wave: _Wave, waves: int) -> None:
+    """Log a wave's failures; stop the stage when not one prompt of it reached the server."""
+    if wave.errors:
+        asking.ctx.events.log(
+            f"wave {wave.number}/{waves}: {len(wave.errors)} of {wave.size} prompts failed "
+            f"(details in {FAILURES_FILE}); the next run asks them again",
+            level="error",
+        )
+    if _all_unreachable(wave.errors, wave.size):
+        raise StageError(
+            f"cannot reach {asking.endpoint.where}: {_describe(wave.errors[0], asking.closed.pipeline)}; "
+            "check teacher.closed.base_url (or OPENAI_BASE_URL) and that the server is running"
+        )
 
 
 def _all_unreachable(errors: list[BaseException], wave_size: int) -> bool:

@@ -10,9 +10,9 @@ The teacher stage calls `answer_vllm` with the prompts not yet answered. It
 3. waits for /health (`teacher.vllm.startup_timeout_s`); a server that dies on the way fails the
    stage with a StageError quoting the server's own error line;
 4. sends the prompts through the closed teacher's client (engine/teacher/closed.py) pointed at the
-   server, with the open teacher's sampling (temperature, top_p, max_new_tokens) and
-   `teacher.vllm.max_concurrency` requests in flight: resume by prompt id, failures.jsonl, progress
-   and cancel come from there;
+   server (`ask_server`), with the open teacher's sampling (do_sample, temperature, top_p, top_k,
+   max_new_tokens) and as many requests in flight as the server runs at once (`in_flight`), a new one
+   as soon as one ends: resume by prompt id, failures.jsonl, progress and cancel come from there;
 5. stops the server on every way out: done, error, cancel (SIGTERM sets ctx.cancel_event).
 """
 
@@ -66,6 +66,7 @@ def server_settings(config: TASConfig, workdir: str | Path) -> VllmSettings:
         served_model_name=name,
         tensor_parallel_size=v.tensor_parallel_size,
         data_parallel_size=v.data_parallel_size,
+        max_num_seqs=v.max_num_seqs,
         gpu_memory_utilization=v.gpu_memory_utilization,
         max_model_len=v.max_model_len,
         dtype=v.dtype,
@@ -75,19 +76,65 @@ def server_settings(config: TASConfig, workdir: str | Path) -> VllmSettings:
     )
 
 
+def in_flight(config: TASConfig) -> int:
+    """Requests kept in flight: `teacher.vllm.max_concurrency` when set, else what the server runs at once
+    (`max_num_seqs` per replica): fewer leave its batch part empty, more only wait in its queue."""
+    v = config.teacher.vllm
+    return v.max_concurrency or v.max_num_seqs * v.data_parallel_size
+
+
 def closed_config(config: TASConfig, base_url: str) -> TASConfig:
-    """A copy of the config whose `teacher.closed` asks our server, with the open teacher's sampling."""
+    """A copy of the config whose `teacher.closed` asks our server, with the open teacher's sampling.
+
+    `do_sample: false` (or temperature 0) is greedy decoding, as in the open teacher: temperature 0."""
     pipeline = config.teacher.open.pipeline
     copy = config.model_copy(deep=True)
     closed = copy.teacher.closed
     closed.base_url = base_url
     closed.model.name = config.teacher.open.model.name  # the server's --served-model-name
-    closed.pipeline.temperature = pipeline.temperature
+    closed.pipeline.temperature = pipeline.temperature if pipeline.do_sample else 0.0
     closed.pipeline.top_p = pipeline.top_p
     closed.pipeline.max_tokens = pipeline.max_new_tokens
-    closed.pipeline.max_concurrency = config.teacher.vllm.max_concurrency
+    closed.pipeline.max_concurrency = in_flight(config)
     closed.pipeline.use_batch_api = False  # vLLM serves chat completions, not OpenAI's Batch API
     return copy
+
+
+def vllm_fields(config: TASConfig, stop_ids: list[int]) -> dict:
+    """What the open teacher honours that OpenAI's chat API has no field for, as vLLM's own request fields
+    (sent in the body's extra fields): top_k (0: no cut-off, vLLM's -1), the ids answers stop at, and the
+    chat template's generation prompt and special-token decoding of teacher.open.tokenizer."""
+    open_ = config.teacher.open
+    return {
+        "top_k": open_.pipeline.top_k or -1,
+        "stop_token_ids": stop_ids,
+        "add_generation_prompt": open_.tokenizer.add_generation_prompt,
+        "skip_special_tokens": open_.tokenizer.skip_special_tokens,
+    }
+
+
+def ask_server(
+    ctx: StageContext,
+    base_url: str,
+    stop_ids: list[int],
+    prompts: list[dict],
+    output: TeacherOutput,
+    system_prompt: str | None,
+) -> dict:
+    """Answer `prompts` through the vLLM server at `base_url`; returns answer_closed's summary."""
+    from engine.teacher.closed import answer_closed
+
+    vllm_ctx = StageContext(
+        ctx.stage,
+        ctx.run,
+        closed_config(ctx.config, base_url),
+        ctx.events,
+        ctx.rank,
+        ctx.world_size,
+        ctx.cancel_event,
+    )
+    with placeholder_api_key():
+        return answer_closed(vllm_ctx, prompts, output, system_prompt, extra_body=vllm_fields(ctx.config, stop_ids))
 
 
 @contextlib.contextmanager
@@ -122,8 +169,6 @@ def answer_vllm(ctx: StageContext, prompts: list[dict], output: TeacherOutput, s
 
     Must run in the worker's main thread (the server's death signal follows the thread that started it).
     """
-    from engine.teacher.closed import answer_closed
-
     config = ctx.config
     v = config.teacher.vllm
     settings = server_settings(config, ctx.run.workdir)
@@ -137,8 +182,9 @@ def answer_vllm(ctx: StageContext, prompts: list[dict], output: TeacherOutput, s
             server.start(log_path, pid_file)
         except VllmError as exc:
             raise StageError(f"teacher.vllm: {exc}") from None
+        rpc = f", replicas' RPC port {server.rpc_port}" if server.rpc_port else ""
         ctx.events.log(
-            f"vLLM server for {config.teacher.open.model.name} starting (pid {server.pid}, port {server.port}); "
+            f"vLLM server for {config.teacher.open.model.name} starting (pid {server.pid}, port {server.port}{rpc}); "
             f"log: {log_path}"
         )
         try:
@@ -147,23 +193,13 @@ def answer_vllm(ctx: StageContext, prompts: list[dict], output: TeacherOutput, s
             raise StageError(f"teacher.vllm: {exc}") from None
         if not healthy:
             raise StageCancelled("cancelled by request while the vLLM server was starting")
-        ctx.events.log(f"vLLM server ready at {server.base_url}")
-        vllm_ctx = StageContext(
-            ctx.stage,
-            ctx.run,
-            closed_config(config, server.base_url),
-            ctx.events,
-            ctx.rank,
-            ctx.world_size,
-            ctx.cancel_event,
-        )
+        ctx.events.log(f"vLLM server ready at {server.base_url}, {in_flight(config)} requests in flight")
         stops = teacher_stop_ids(config, settings.model)
         ctx.events.log(
             f"answers end at token ids {stops} (EOS, the chat template's end of turn, "
             "teacher.open.tokenizer.additional_special_tokens)"
         )
-        with placeholder_api_key():
-            return answer_closed(vllm_ctx, prompts, output, system_prompt, extra_body={"stop_token_ids": stops})
+        return ask_server(ctx, server.base_url, stops, prompts, output, system_prompt)
     finally:
         if server.process is not None:
             server.stop(grace_s=stop_grace_s)

@@ -32,6 +32,7 @@ of its own (stop() signals the whole group, never just the leader) and is not le
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import http.client
 import os
@@ -83,6 +84,12 @@ class VllmSettings:
     port: int = 0  # 0: pick a free port at start
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    # Port the data-parallel replicas hand shake on (`--data-parallel-rpc-port`). vLLM's default, 29550, is
+    # the same for every server: two runs whose engines use it would collide. (vLLM 0.32 uses it when
+    # engines are remote, several nodes or an external load balancer; on one node it talks over IPC
+    # sockets.) 0: a free one at start, with data_parallel_size > 1.
+    data_parallel_rpc_port: int = 0
+    max_num_seqs: int | None = None  # sequences one replica schedules at once (vLLM's default: by hardware)
     gpu_memory_utilization: float | None = None  # fraction of each GPU vLLM may take (vLLM: 0.9)
     max_model_len: int | None = None
     dtype: str = "auto"  # auto, float32, bfloat16, float16 (CPU: float32 or bfloat16)
@@ -94,8 +101,9 @@ class VllmSettings:
     die_with_worker: bool = True  # PR_SET_PDEATHSIG; tests turn it off to leave a server behind
 
 
-def server_argv(settings: VllmSettings, port: int) -> list[str]:
-    """The command line that starts the server on `port` (settings.port may be 0, this may not)."""
+def server_argv(settings: VllmSettings, port: int, rpc_port: int | None = None) -> list[str]:
+    """The command line that starts the server on `port`, its replicas coordinating on `rpc_port`
+    (settings' ports may be 0, these may not)."""
     argv = list(settings.command) if settings.command else [settings.python, "-m", SERVER_MODULE]
     argv += ["--model", settings.model, "--host", settings.host, "--port", str(port), "--dtype", settings.dtype]
     if settings.served_model_name:
@@ -104,6 +112,10 @@ def server_argv(settings: VllmSettings, port: int) -> list[str]:
         argv += ["--tensor-parallel-size", str(settings.tensor_parallel_size)]
     if settings.data_parallel_size != 1:
         argv += ["--data-parallel-size", str(settings.data_parallel_size)]
+    if rpc_port is not None:
+        argv += ["--data-parallel-rpc-port", str(rpc_port)]
+    if settings.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(settings.max_num_seqs)]
     if settings.gpu_memory_utilization is not None:
         argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
     if settings.max_model_len is not None:
@@ -179,12 +191,15 @@ def check_python(python: str) -> None:
         raise VllmNotInstalled(f"{python} has no vllm package ({detail}): {BUILD_HINT}")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on now. (Another program could take it before vLLM binds it: then the
-    server fails at start and wait_healthy() says so; it does not end up talking to someone else.)"""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` different ports nobody listens on now (all held open until each is known, so no two are the
+    same). Another program could take one before vLLM binds it: then the server fails at start and
+    wait_healthy() says so; it does not end up talking to someone else."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 # ------------------------------------------------------------------------------------------- server
@@ -196,6 +211,7 @@ class VllmServer:
     def __init__(self, settings: VllmSettings):
         self.settings = settings
         self.port: int | None = None
+        self.rpc_port: int | None = None  # data_parallel_size > 1 only
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
         self.pid_file: Path | None = None
@@ -226,8 +242,8 @@ class VllmServer:
             stop_leftover(pid_file)
         if not self.settings.command:
             check_python(self.settings.python)
-        self.port = self.settings.port or free_port(self.settings.host)
-        self.argv = server_argv(self.settings, self.port)
+        self.port, self.rpc_port = self._ports()
+        self.argv = server_argv(self.settings, self.port, self.rpc_port)
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
@@ -301,6 +317,15 @@ class VllmServer:
         self.stop()
 
     # -------------------------------------------------------------------------------- internals
+
+    def _ports(self) -> tuple[int, int | None]:
+        """The HTTP port and, with several replicas, their RPC port: the settings' own, else free ones."""
+        settings = self.settings
+        free = iter([p for p in free_ports(2, settings.host) if p != settings.port])  # one is left at least
+        port = settings.port or next(free)
+        if settings.data_parallel_size == 1:
+            return port, None
+        return port, settings.data_parallel_rpc_port or next(free)
 
     def _health(self) -> int | None:
         connection = http.client.HTTPConnection(self.settings.host, self.port, timeout=5)
