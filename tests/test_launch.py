@@ -126,7 +126,11 @@ def test_the_cancel_backstop_kills_torchrun_ranks_in_their_own_sessions(tmp_path
     from engine.runner import launcher
 
     run = RunStore(tmp_path / "runs").create(load_config(TINY_CONFIG), "tiny.yaml", workdir=str(tmp_path))
-    agent = subprocess.Popen([sys.executable, "-c", AGENT], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    # the command line of a torchrun agent of this run (only those are signalled): extra words in sys.argv
+    ours = ["-m", "engine.runner.worker", "distill", "--run-dir", str(run.path)]
+    agent = subprocess.Popen(
+        [sys.executable, "-c", AGENT, *ours], start_new_session=True, stdout=subprocess.PIPE, text=True
+    )
     started = [ProcessRecord.of(agent.pid), ProcessRecord.of(int(agent.stdout.readline()))]
     try:
         run.stage_dir("distill").mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from engine.config.schema import TASConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the panel imports this module for its first frame; pydantic's schema can wait
+    from engine.config.schema import TASConfig
 
 PIPELINE = ("data", "teacher", "sft", "distill", "eval")
 """Every stage in pipeline order; each is a module `engine.stages.<name>` with `run(ctx: StageContext)`."""

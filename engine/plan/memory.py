@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from engine.config.keys import get_key, set_key
 from engine.config.schema import TASConfig
+from engine.pipeline.models import ASSISTANT_BASE
 from engine.plan.dims import ModelDims, load_dims
 
 GIB = 1024**3
@@ -358,7 +359,7 @@ def eval_plan(config: TASConfig, dims_of: DimsOf) -> StagePlan:
     others = [(f"student ({'bf16' if student_size == 2 else 'float32'})", s, s.params * student_size, student_size)]
     if e.include_base_assistant:
         base = sum(t.bytes for t in _assistant_weights(config, a, trainable_copies=False))
-        others.append(("base assistant", a, base, 2))
+        others.append((ASSISTANT_BASE.title, a, base, 2))
     if e.code.benchmark != "none" and e.code.include_teacher and config.teacher.source == "open":
         t = dims_of(config.teacher.open.model.name, "teacher.open.model.name")
         t_size = 2 if config.teacher.open.model.bfloat16 else 4
