@@ -639,8 +639,17 @@ def test_host_stats_are_sampled_and_become_na_when_psutil_raises(tmp_path, monke
 
 
 def test_per_process_cpu_and_rss_of_a_real_child_and_na_when_gone(tmp_path) -> None:
-    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"])
+    busy = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nprint('ready', flush=True)\nt = time.time()\nwhile time.time() - t < 30: pass",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+        assert busy.stdout.readline() == "ready\n"  # an interpreter running, not a fork still starting (RSS)
         backend = FakeBackend(
             1,
             frozen=True,

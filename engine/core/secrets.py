@@ -3,13 +3,15 @@
 Light module. `redact(text)` replaces with `***`:
 - known secret values, and every piece of 8 or more characters of one (a server that echoes a key's
   prefix and its suffix separately leaks neither). Known: the values of secret environment variables
-  (the named ones, and any whose name ends in KEY, TOKEN, SECRET or PASSWORD), the passwords of URLs in
+  (the named ones, and any whose name ends in KEY, TOKEN, SECRET, PASSWORD, PASSWD, PASS, PASSPHRASE or
+  CREDENTIALS), the passwords of URLs in
   the environment (`OPENAI_BASE_URL=http://user:password@host`), and the same from every `.env` read by
   `load_dotenv_secrets` (even where the environment overrides it). Each both as written and stripped:
   a key with a trailing newline is sent stripped, and the stripped form is what a server echoes;
 - shapes, whatever their value: the password of a URL (`scheme://user:***@host`), `api_key=`/`token=`
-  assignments and query values, `--api-key X` / `--hf-token=X` flags, `Bearer X`, and anything shaped
-  like an OpenAI or Hugging Face key.
+  assignments and query values, `api_key: X` (YAML, HTTP headers, Python reprs), `--api-key X` /
+  `--hf-token=X` flags, `Bearer X`, `Authorization: Basic X`, and anything shaped like an OpenAI or
+  Hugging Face key.
 
 `redact_data` does the same to plain data (a config as dicts and lists), where names say more: any value
 under a key named like a secret, and the item after a secret flag in a list of arguments.
@@ -21,6 +23,7 @@ survive. `clip(text, n)` does both in the right order.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import re
@@ -29,12 +32,16 @@ from typing import Any
 from urllib.parse import quote
 
 SECRET_ENV_VARS = ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "WANDB_API_KEY")
-_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)$", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|CREDENTIALS?|(?:^|_)PASS)$", re.IGNORECASE)
 _MIN_SECRET_LEN = 8  # shorter values (and pieces) would redact ordinary words
 MASK = "***"
 
 # a name that holds a secret in text: api_key, OPENAI_API_KEY, hf-token, client_secret, db_password, x_key
 _NAME = r"(?:[A-Za-z0-9]+[_-])*(?:api[_-]?key|access[_-]?key|token|secret|password|passwd)|(?:[A-Za-z0-9]+[_-])+key"
+_COLON_NAME = (
+    r"(?:[A-Za-z0-9]+[_-])*(?:api[_-]?key|access[_-]?key|secret|password|passwd)|(?:[A-Za-z0-9]+[_-])+key"
+    r"|(?:(?:hf|api|auth|access|refresh|bearer|id|github|openai|wandb)[_-]?)?token"
+)
 _SHAPES = (
     # scheme://user:password@host -> scheme://user:***@host
     (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://[^\s/@:?#]*:)[^\s/@?#]+(?=@)"), r"\1" + MASK),
@@ -42,12 +49,16 @@ _SHAPES = (
     (re.compile(r"(?i)([?&;](?:" + _NAME + r"|key)=)[^&\s#\"'<>]+"), r"\1" + MASK),
     (re.compile(r"(?i)((?<![\w-])(?:" + _NAME + r")\s*=\s*['\"]?)(?!\*\*\*)[^\s'\"&,;)}\]]+"), r"\1" + MASK),
     (re.compile(r"(?i)(\"(?:" + _NAME + r")\"\s*:\s*\")[^\"]+"), r"\1" + MASK),  # "api_key": "X" (JSON)
+    # api_key: X (YAML), x-api-key: X (an HTTP header), {'api_key': 'X'} (a Python repr); `token` alone or
+    # with a known prefix only: pad_token / eos_token are a tokenizer's ordinary settings
+    (re.compile(r"(?i)((?<![\w-])(?:" + _COLON_NAME + r")['\"]?\s*:\s*['\"]?)(?!\*\*\*)[^\s'\",;)}\]]+"), r"\1" + MASK),
+    (re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?basic\s+)[A-Za-z0-9+/=]{8,}"), r"\1" + MASK),
     # --api-key X, --api-key=X, --hf-token X (a next word that is another flag is not a value)
     (re.compile(r"(?i)((?<![\w-])--?(?:" + _NAME + r")(?:=|\s+))(?!-)\S+"), r"\1" + MASK),
     (re.compile(r"(?i)(\bbearer\s+)[\w.~+/=-]{8,}"), r"\1" + MASK),
     (re.compile(r"\b(?:sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,})\b"), MASK),
 )
-_SHAPE_HINT = re.compile(r"(?i)key|token|secret|passw|bearer|://|sk-|hf_")
+_SHAPE_HINT = re.compile(r"(?i)key|token|secret|passw|bearer|basic|://|sk-|hf_")
 _SECRET_FLAG = re.compile(r"(?i)^--?(?:" + _NAME + r"|key)$")  # an item of an argument list: hide the next one
 _URL_PASSWORD = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s/@:?#]*:([^\s/@?#]+)@")
 
@@ -77,9 +88,23 @@ def _secrets_of(name: str, value: str) -> list[str]:
 def _forms(values: set[str]) -> set[str]:
     forms = set()
     for value in values:
-        for form in (value, value.strip(), quote(value.strip(), safe="")):
+        for form in (value, value.strip(), quote(value.strip(), safe=""), *_base64_forms(value.strip())):
             if len(form) >= _MIN_SECRET_LEN:
                 forms.add(form)
+    return forms
+
+
+def _base64_forms(value: str) -> list[str]:
+    """The base64 text of `value` wherever it starts inside encoded data (`Basic b64(user:key)`): one
+    form per alignment (0, 1 or 2 bytes before it), keeping only the characters that depend on the value
+    alone (a partial group at either end also encodes its neighbours)."""
+    raw = value.encode()
+    forms = []
+    for before in range(3):
+        encoded = base64.b64encode(b"\0" * before + raw).decode()
+        start = 4 if before else 0  # the first group mixes the filler with the value
+        end = 4 * ((before + len(raw)) // 3)  # the last partial group would mix it with what follows
+        forms.append(encoded[start:end])
     return forms
 
 
