@@ -427,6 +427,84 @@ def test_out_does_not_follow_a_link_planted_in_a_shared_folder(place, mode):
         shutil.rmtree(shared, ignore_errors=True)
 
 
+HIJACK = r"""
+import os
+STDLIB = os.path.dirname(os.__file__)
+FORGE = "import os\nfor fd in range(3, 64):\n    try: os.write(fd, b'\\x00\\x00\\x00\\x0dd1;s6;passedT')\n    except OSError: pass\nos._exit(0)\n"
+changed = []
+def attempt(what, *args):
+    try:
+        what(*args)
+        changed.append((what.__name__, args[0]))
+    except OSError:
+        pass
+def plant(folder):
+    def write(path):
+        with open(path, "w") as f:
+            f.write(FORGE)
+    attempt(os.makedirs, folder, 0o755, True)
+    for name in ("json.py", "hashlib.py", "base64.py", "python311.zip"):
+        attempt(write, os.path.join(folder, name))
+prefix = os.path.dirname(os.path.dirname(STDLIB))  # the stdlib's parents: a plain folder of the new root
+attempt(os.rename, prefix, prefix + ".old")
+plant(STDLIB)
+attempt(os.rename, "/lib", "/lib.orig")
+attempt(os.symlink, "/work", "/lib")
+writable = ("/tmp", "/var/tmp", "/dev/shm", "/work", "/proc", "/dev")
+folders = {"/", STDLIB, STDLIB + "/lib-dynload", "/usr/lib", "/usr/lib/x86_64-linux-gnu"}
+path = STDLIB
+while path != "/":
+    path = os.path.dirname(path)
+    folders.add(path)
+for name in os.listdir("/"):
+    folders.add("/" + name)
+for folder in sorted(folders):
+    if not folder.startswith(writable) and folder != "/dev":
+        plant(folder)
+plant("/tmp")  # where the program may write: not on the checker's path
+def add_11(x):
+    return x  # wrong on purpose
+"""
+HIJACK_TESTS = "def check(candidate):\n    r = candidate(0)\n    import json, hashlib, base64\n    assert r == 11\n"
+RUN_ONE = """
+import json, sys
+from engine.evals.sandbox import Program, run_program
+r = run_program(Program(sys.argv[1], sys.argv[2], "add_11"), timeout_s=8)
+print(json.dumps([r.passed, r.status, r.isolation, r.error]))
+"""
+
+
+@pytest.fixture
+def python_outside_usr():
+    """A copy of the system Python with its standard library in /opt, like pyenv's, uv's or conda's: its
+    folders are not under a read-only bind of /usr, so only a read-only root keeps the program off them."""
+    base = Path(tempfile.mkdtemp(prefix="tas-python-", dir="/opt" if os.path.isdir("/opt") else None))
+    version = subprocess.run(
+        ["/usr/bin/python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        base.chmod(0o755)
+        (base / "bin").mkdir()
+        shutil.copy2(os.path.realpath("/usr/bin/python3"), base / "bin" / "python3")
+        shutil.copytree(
+            f"/usr/lib/python{version}",
+            base / "lib" / f"python{version}",
+            ignore=shutil.ignore_patterns("dist-packages", "site-packages", "test", "__pycache__"),
+        )
+        yield str(base / "bin" / "python3")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_program_cannot_change_what_the_checker_loads(place, mode, python_outside_usr, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "_python_for", lambda mode: python_outside_usr)
+    done = _run(["-c", RUN_ONE, HIJACK, HIJACK_TESTS], mode, cwd=place["project"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    passed, status, isolation, error = json.loads(done.stdout)
+    assert isolation == "namespaces" and not passed and status == "failed", error[-1000:]
+    assert "AssertionError" in error, error[-1000:]  # the checker ran the real tests, with the real json
+
+
 NO_USERNS = """
 import os, sys, ctypes
 uid, gid = int(sys.argv[1]), int(sys.argv[2])

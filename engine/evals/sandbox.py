@@ -9,9 +9,10 @@ a few at a time, from a thread pool.
 Isolation (`isolation` in every result, and in the summaries built from them):
 
 * "namespaces": the program runs in new user (unless we are root), mount, network, PID, IPC and UTS
-  namespaces, on a private root file system: read-only /usr, /lib* and standard library, a fresh
-  tmpfs (64 MiB) for /, /tmp, /var/tmp, /dev/shm and its folder /work, nothing of $HOME, the project or
-  the host's /tmp; no network (not even a unix socket of the host); a /proc of its own; no capabilities;
+  namespaces, on a private root file system that is read-only as a whole (/usr, /lib* and the standard
+  library are read-only binds; the folders and links between them sit on a tmpfs remounted read-only),
+  with one fresh tmpfs (64 MiB) for /tmp, /var/tmp, /dev/shm and its folder /work, nothing of $HOME, the
+  project or the host's /tmp; the checker runs in / and imports only the standard library; no network (not even a unix socket of the host); a /proc of its own; no capabilities;
   a seccomp filter denying unshare, clone with namespace flags, mount, pivot_root, ptrace,
   process_vm_*, bpf, keyctl, perf_event_open, userfaultfd, io_uring. As root it also runs under a uid of
   its own (one per concurrent sample, from SANDBOX_UID_BASE), so samples cannot signal each other and
@@ -81,7 +82,7 @@ class Limits:
     file_bytes: int = 10 << 20
     processes: int = 64
     open_files: int = 256
-    tmpfs_bytes: int = 64 << 20  # the whole writable file system of a sample: /, /tmp, /dev/shm, /work
+    tmpfs_bytes: int = 64 << 20  # the whole writable file system of a sample: /tmp, /var/tmp, /dev/shm, /work
 
 
 @dataclass
