@@ -427,6 +427,30 @@ def test_out_does_not_follow_a_link_planted_in_a_shared_folder(place, mode):
         shutil.rmtree(shared, ignore_errors=True)
 
 
+def test_sockets_only_of_the_families_the_network_namespace_isolates(place, mode):
+    attack = (
+        "import socket\n"
+        "def add_11(x):\n"
+        "    made = []\n"
+        "    for name in ('AF_VSOCK', 'AF_NETLINK', 'AF_PACKET', 'AF_UNIX', 'AF_INET'):\n"
+        "        kind = socket.SOCK_STREAM if name in ('AF_VSOCK', 'AF_UNIX', 'AF_INET') else socket.SOCK_DGRAM\n"
+        "        try:\n"
+        "            socket.socket(getattr(socket, name), kind).close()\n"
+        "            made.append(name)\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    try:\n"
+        "        socket.socketpair(socket.AF_VSOCK)\n"
+        "        made.append('pair')\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    raise AssertionError('made=' + ','.join(made) + ';')\n"
+    )
+    code, _, rows, _ = eval_code(place, mode, [attack])
+    assert code == 0
+    assert "made=AF_UNIX,AF_INET;" in rows[0]["error"], rows[0]["error"][-500:]
+
+
 HIJACK = r"""
 import os
 STDLIB = os.path.dirname(os.__file__)

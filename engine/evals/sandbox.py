@@ -12,9 +12,11 @@ Isolation (`isolation` in every result, and in the summaries built from them):
   namespaces, on a private root file system that is read-only as a whole (/usr, /lib* and the standard
   library are read-only binds; the folders and links between them sit on a tmpfs remounted read-only),
   with one fresh tmpfs (64 MiB) for /tmp, /var/tmp, /dev/shm and its folder /work, nothing of $HOME, the
-  project or the host's /tmp; the checker runs in / and imports only the standard library; no network (not even a unix socket of the host); a /proc of its own; no capabilities;
-  a seccomp filter denying unshare, clone with namespace flags, mount, pivot_root, ptrace,
-  process_vm_*, bpf, keyctl, perf_event_open, userfaultfd, io_uring. As root it also runs under a uid of
+  project or the host's /tmp; the checker runs in / and imports only the standard library; no network
+  (not even a unix socket of the host); a /proc of its own; no capabilities; a seccomp filter denying
+  unshare, clone with namespace flags, mount, pivot_root, ptrace, process_vm_*, bpf, keyctl,
+  perf_event_open, userfaultfd, io_uring, and sockets of any family but unix and IP (AF_VSOCK would
+  reach the hypervisor's host past the network namespace). As root it also runs under a uid of
   its own (one per concurrent sample, from SANDBOX_UID_BASE), so samples cannot signal each other and
   each has its own RLIMIT_NPROC; as an ordinary user its user namespace gives it the same (Linux >= 5.14
   counts RLIMIT_NPROC per user namespace). Needs root or unprivileged user namespaces

@@ -286,11 +286,17 @@ _SYSCALLS = (
     dict(zip(_SYSCALL_NAMES, _SYSCALL_NUMBERS[os.uname().machine])) if os.uname().machine in _SYSCALL_NUMBERS else None
 )
 _PIVOT_ROOT = _SYSCALLS["pivot_root"] if _SYSCALLS else -1
+# socket() and socketpair(): only the families a new network namespace isolates (AF_UNIX, AF_INET,
+# AF_INET6). Others are not per namespace: AF_VSOCK reaches the hypervisor's host, netlink and packet
+# families widen the kernel's surface.
+_SOCKET_CALLS = {"x86_64": (41, 53), "aarch64": (198, 199)}.get(os.uname().machine, ())
+_SOCKET_FAMILIES = (1, 2, 10)
+EAFNOSUPPORT = 97
 
 
 def seccomp_filter() -> bytes:
     """A classic BPF program: EPERM for the syscalls above and for clone() with a namespace flag,
-    ENOSYS for clone3 (whose flags a filter cannot read; libc then falls back to clone), allow the rest."""
+    EAFNOSUPPORT for a socket of a family other than _SOCKET_FAMILIES, ENOSYS for clone3 (whose flags a filter cannot read; libc then falls back to clone), allow the rest."""
     LD, JEQ, JSET, JGE, RET = 0x20, 0x15, 0x45, 0x35, 0x06
     ALLOW, ERRNO, KILL = 0x7FFF0000, 0x00050000, 0x80000000
     op = lambda code, k, jt=0, jf=0: struct.pack("HBBI", code, jt, jf, k)  # noqa: E731
@@ -300,6 +306,10 @@ def seccomp_filter() -> bytes:
     prog += [op(JEQ, _SYSCALLS["clone3"], 0, 1), op(RET, ERRNO | 38)]
     for number in denied:
         prog += [op(JEQ, number, 0, 1), op(RET, ERRNO | 1)]
+    socket, socketpair = _SOCKET_CALLS
+    prog += [op(JEQ, socket, 1, 0), op(JEQ, socketpair, 0, 6), op(LD, 16)]  # the family: first argument
+    prog += [op(JEQ, family, 3 - i, 0) for i, family in enumerate(_SOCKET_FAMILIES)]
+    prog += [op(RET, ERRNO | EAFNOSUPPORT), op(RET, ALLOW)]
     prog += [op(JEQ, _SYSCALLS["clone"], 0, 3), op(LD, 16)]  # clone: its flags are the first argument
     prog += [op(JSET, CLONE_NEWUSER | NAMESPACE_FLAGS, 0, 1), op(RET, ERRNO | 1)]
     prog += [op(RET, ALLOW)]
