@@ -451,6 +451,20 @@ def test_sockets_only_of_the_families_the_network_namespace_isolates(place, mode
     assert "made=AF_UNIX,AF_INET;" in rows[0]["error"], rows[0]["error"][-500:]
 
 
+def test_signals_to_the_sandbox_init_change_neither_verdict_nor_isolation(place, mode):
+    signals = "import os, signal, time\nfor sig in ('SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGALRM'):\n"
+    signals += (
+        "    try:\n        os.kill(1, getattr(signal, sig))\n    except OSError:\n        pass\ntime.sleep(0.2)\n"
+    )
+    code, summary, rows, _ = eval_code(place, mode, [signals + RIGHT, signals + WRONG])
+    assert code == 0
+    assert [(r["passed"], r["status"], r["isolation"]) for r in rows] == [
+        (True, "passed", "namespaces"),
+        (False, "failed", "namespaces"),
+    ], [r["error"][-300:] for r in rows]
+    assert summary["sandbox"]["isolation"] == "namespaces"
+
+
 HIJACK = r"""
 import os
 STDLIB = os.path.dirname(os.__file__)

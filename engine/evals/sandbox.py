@@ -197,7 +197,9 @@ def run_program(
             writer.join()
             report = _read_report(out)
             stderr_tail = _tail(err)
-        isolation = ISOLATED if isolate and "setup_error" not in report else UNSANDBOXED
+        # Said by the supervisor once it is in the namespaces, before any of the sample runs: nothing the
+        # program does later (crash init, make setup fail) can turn an isolated run into an unsandboxed one.
+        isolation = ISOLATED if isolate and report.get("isolated") is True else UNSANDBOXED
         return _result(report, finished, stderr_tail, proc, timeout_s, time.monotonic() - started, isolation, uid)
     finally:
         _SLOTS.give_back(slot)

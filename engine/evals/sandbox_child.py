@@ -480,6 +480,9 @@ def init(opts: dict, program: str, isolate: bool, root: bool) -> None:
     """PID 1 of the sandbox (or a plain child without isolation): builds the root, starts the program
     and the checker, reports. Never returns."""
     report = {}
+    # The program may signal us (as an ordinary user it has our uid). As PID 1 of a namespace the kernel
+    # drops those signals for which we have no handler; Python's only one is SIGINT's: ignore it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if isolate:
@@ -560,6 +563,7 @@ def main() -> None:
         except (SetupError, OSError) as exc:
             send(1, {"setup_error": f"{exc}"})
             os._exit(0)
+        send(1, {"isolated": True})  # from here on nothing of the sample runs outside the namespaces
     pid = os.fork()  # with a PID namespace: its PID 1
     if pid == 0:
         init(opts, program, isolate, root)
