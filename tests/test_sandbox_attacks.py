@@ -543,6 +543,34 @@ def test_the_program_cannot_change_what_the_checker_loads(place, mode, python_ou
     assert "AssertionError" in error, error[-1000:]  # the checker ran the real tests, with the real json
 
 
+@pytest.mark.parametrize("mode", ["root"])  # the attack makes root write into a folder of root's
+def test_out_does_not_follow_a_link_planted_above_it(place, mode):
+    if not IS_ROOT:
+        pytest.skip("not root: the attack makes root write into a folder of root's")
+    shared = Path(tempfile.mkdtemp(prefix="tas-shared-"))
+    roots = place["base"] / "roots"
+    (roots / "run1").mkdir(parents=True)
+    try:
+        shared.chmod(0o1777)
+        (shared / "evals").symlink_to(roots)  # as an ordinary user could plant it in a sticky shared folder
+        samples = place["project"] / "samples.jsonl"
+        samples.write_text(json.dumps({"task_id": TASK, "completion": RIGHT}) + "\n")
+        args = ["-m", "engine.evals.code", str(samples), "--benchmark", "tiny-python", "--out"]
+        for out in (shared / "evals" / "run1" / "out.jsonl", shared / "evals" / "run2" / "out.jsonl"):
+            done = _run([*args, str(out)], "root", cwd=place["project"])
+            assert done.returncode == 2 and "symbolic link" in done.stderr, done.stderr[-500:]
+        assert sorted(p.name for p in roots.rglob("*")) == ["run1"]
+        relative = Path("evals") / "run1" / "out.jsonl"  # the same, reached from the folder
+        done = _run([*args, str(relative)], "root", cwd=shared)
+        assert done.returncode == 2 and "symbolic link" in done.stderr, done.stderr[-500:]
+        assert sorted(p.name for p in roots.rglob("*")) == ["run1"]
+        good = shared / "mine" / "deeper" / "out.jsonl"  # made as we go: no link on the way
+        done = _run([*args, str(good)], "root", cwd=place["project"])
+        assert done.returncode == 0 and json.loads(good.read_text())["passed"] is True, done.stderr[-500:]
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 NO_USERNS = """
 import os, sys, ctypes
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
