@@ -567,6 +567,9 @@ def test_out_does_not_follow_a_link_planted_above_it(place, mode):
         good = shared / "mine" / "deeper" / "out.jsonl"  # made as we go: no link on the way
         done = _run([*args, str(good)], "root", cwd=place["project"])
         assert done.returncode == 0 and json.loads(good.read_text())["passed"] is True, done.stderr[-500:]
+        (place["base"] / "runs").symlink_to(roots)  # root's own link in root's own 0755 folder: followed
+        done = _run([*args, str(place["base"] / "runs" / "run1" / "out.jsonl")], "root", cwd=place["project"])
+        assert done.returncode == 0 and (roots / "run1" / "out.jsonl").exists(), done.stderr[-500:]
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 

@@ -251,10 +251,10 @@ def score_completions(
 def write_results(path: str | Path, results: list[dict]) -> None:
     """Per-sample results of one model: task_id, completion, passed, status, error, isolation.
 
-    The results are the completions' words, so links are never followed (a link planted at `path` or at
-    any folder above it in a shared folder must not make us write through it): the folder is reached
-    one O_NOFOLLOW step at a time, and a new file is created in it with O_EXCL|O_NOFOLLOW and renamed
-    over `path`, which replaces a link rather than writing through it.
+    The results are the completions' words, so a link someone else planted (at `path`, or at a folder
+    above it, in a shared folder) must not make us write through it: the folder is reached one
+    O_NOFOLLOW step at a time (`check_out_path`), and a new file is created in it with
+    O_EXCL|O_NOFOLLOW and renamed over `path`, which replaces a link rather than writing through it.
     """
     path = Path(path)
     folder = check_out_path(path)
@@ -278,26 +278,15 @@ def write_results(path: str | Path, results: list[dict]) -> None:
 
 def check_out_path(path: Path) -> int:
     """An fd of the folder `write_results` writes `path` in, each folder on the way made if missing and
-    opened without following a link (so no link anywhere in `path` can send us elsewhere); InputError
-    when one is a link, when `path` is, or when the folder is one that others may write to without the
-    sticky bit or that another user owns: they could swap `path` for a link between our checks and
-    our writes. The caller closes the fd."""
+    opened one step at a time; InputError when `path` is a link, when the folder is one that others may
+    write to without the sticky bit or that another user owns (they could swap `path` for a link between
+    our checks and our writes), or when a link on the way sits in a folder another user could have
+    planted it in. The caller closes the fd."""
     path = Path(path)
     if not path.name or path.name in (".", ".."):
         raise InputError(f"{path}: not a file name")
-    folder = os.open("/" if path.is_absolute() else ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    folder = _walk(os.open("/" if path.is_absolute() else ".", _FOLDER), path.parent.parts, path, 0)
     try:
-        for name in path.parent.parts[1 if path.is_absolute() else 0 :]:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o777, dir_fd=folder)
-            try:
-                step = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
-            except OSError as exc:  # a link gives ENOTDIR (O_DIRECTORY) or ELOOP
-                link = exc.errno in (errno.ENOTDIR, errno.ELOOP) and stat.S_ISLNK(os.lstat(name, dir_fd=folder).st_mode)
-                why = "a symbolic link" if link else exc.strerror
-                raise InputError(f"{path}: {name!r} on the way is {why}: refusing to write through it") from None
-            os.close(folder)
-            folder = step
         info = os.fstat(folder)
         others_write = info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX
         if others_write or info.st_uid not in (0, os.geteuid()):
@@ -309,6 +298,44 @@ def check_out_path(path: Path) -> int:
                 raise InputError(
                     f"{path} is a symbolic link: refusing to write through it; remove it or pick another path"
                 )
+    except BaseException:
+        os.close(folder)
+        raise
+    return folder
+
+
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _walk(folder: int, parts: Iterable[str], path: Path, links: int) -> int:
+    """From the folder `folder` (an fd, which this takes over) down `parts`, making missing folders; the fd
+    of the last. A link is followed (its target walked the same way) only where no one else could have
+    put it: in a folder of ours or root's that neither group nor others may write."""
+    try:
+        for name in parts:
+            if name == "/":
+                continue
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o777, dir_fd=folder)
+            try:
+                step = os.open(name, _FOLDER | os.O_NOFOLLOW, dir_fd=folder)
+            except OSError as exc:  # a link gives ENOTDIR (with O_DIRECTORY) or ELOOP
+                if exc.errno not in (errno.ENOTDIR, errno.ELOOP) or not stat.S_ISLNK(
+                    os.lstat(name, dir_fd=folder).st_mode
+                ):
+                    raise InputError(f"{path}: cannot use the folder {name!r} on the way ({exc.strerror})") from None
+                info = os.fstat(folder)
+                shared = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or info.st_uid not in (0, os.geteuid())
+                if shared or links >= 40:
+                    raise InputError(
+                        f"{path}: {name!r} on the way is a symbolic link in a folder others may write to: "
+                        "refusing to follow it; pick another path"
+                    ) from None
+                target = os.readlink(name, dir_fd=folder)
+                start = os.open("/" if target.startswith("/") else ".", _FOLDER, dir_fd=folder)
+                step = _walk(start, Path(target).parts, path, links + 1)
+            os.close(folder)
+            folder = step
     except BaseException:
         os.close(folder)
         raise
