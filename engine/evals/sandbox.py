@@ -35,8 +35,10 @@ included), RLIMIT_NOFILE, RLIMIT_CORE 0, an environment of our own (no API keys)
 
 What it does not protect against: kernel exploits (it is a namespace sandbox, not a VM); reading
 world-readable files under /usr; tests that can be answered by reading them (HumanEval's expected
-values sit in its asserts, which the program never sees, but a model may have memorised them).
-Only the standard library is importable (-S: no site-packages), which is all HumanEval needs.
+values sit in its asserts, which the program never sees, but a model may have memorised them);
+memory of a sample as a whole: RLIMIT_AS is per process, so a program that forks may hold up to
+`processes` x `memory_bytes` (no cgroup: an ordinary user rarely has one delegated, and hosts with
+cgroup v1 have none to give). Only the standard library is importable (-S: no site-packages), which is all HumanEval needs.
 """
 
 from __future__ import annotations
