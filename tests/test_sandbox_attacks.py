@@ -427,6 +427,153 @@ def test_out_does_not_follow_a_link_planted_in_a_shared_folder(place, mode):
         shutil.rmtree(shared, ignore_errors=True)
 
 
+def test_sockets_only_of_the_families_the_network_namespace_isolates(place, mode):
+    attack = (
+        "import socket\n"
+        "def add_11(x):\n"
+        "    made = []\n"
+        "    for name in ('AF_VSOCK', 'AF_NETLINK', 'AF_PACKET', 'AF_UNIX', 'AF_INET'):\n"
+        "        kind = socket.SOCK_STREAM if name in ('AF_VSOCK', 'AF_UNIX', 'AF_INET') else socket.SOCK_DGRAM\n"
+        "        try:\n"
+        "            socket.socket(getattr(socket, name), kind).close()\n"
+        "            made.append(name)\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    try:\n"
+        "        socket.socketpair(socket.AF_VSOCK)\n"
+        "        made.append('pair')\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    raise AssertionError('made=' + ','.join(made) + ';')\n"
+    )
+    code, _, rows, _ = eval_code(place, mode, [attack])
+    assert code == 0
+    assert "made=AF_UNIX,AF_INET;" in rows[0]["error"], rows[0]["error"][-500:]
+
+
+def test_signals_to_the_sandbox_init_change_neither_verdict_nor_isolation(place, mode):
+    signals = "import os, signal, time\nfor sig in ('SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGALRM'):\n"
+    signals += (
+        "    try:\n        os.kill(1, getattr(signal, sig))\n    except OSError:\n        pass\ntime.sleep(0.2)\n"
+    )
+    code, summary, rows, _ = eval_code(place, mode, [signals + RIGHT, signals + WRONG])
+    assert code == 0
+    assert [(r["passed"], r["status"], r["isolation"]) for r in rows] == [
+        (True, "passed", "namespaces"),
+        (False, "failed", "namespaces"),
+    ], [r["error"][-300:] for r in rows]
+    assert summary["sandbox"]["isolation"] == "namespaces"
+
+
+HIJACK = r"""
+import os
+STDLIB = os.path.dirname(os.__file__)
+FORGE = "import os\nfor fd in range(3, 64):\n    try: os.write(fd, b'\\x00\\x00\\x00\\x0dd1;s6;passedT')\n    except OSError: pass\nos._exit(0)\n"
+changed = []
+def attempt(what, *args):
+    try:
+        what(*args)
+        changed.append((what.__name__, args[0]))
+    except OSError:
+        pass
+def plant(folder):
+    def write(path):
+        with open(path, "w") as f:
+            f.write(FORGE)
+    attempt(os.makedirs, folder, 0o755, True)
+    for name in ("json.py", "hashlib.py", "base64.py", "python311.zip"):
+        attempt(write, os.path.join(folder, name))
+prefix = os.path.dirname(os.path.dirname(STDLIB))  # the stdlib's parents: a plain folder of the new root
+attempt(os.rename, prefix, prefix + ".old")
+plant(STDLIB)
+attempt(os.rename, "/lib", "/lib.orig")
+attempt(os.symlink, "/work", "/lib")
+writable = ("/tmp", "/var/tmp", "/dev/shm", "/work", "/proc", "/dev")
+folders = {"/", STDLIB, STDLIB + "/lib-dynload", "/usr/lib", "/usr/lib/x86_64-linux-gnu"}
+path = STDLIB
+while path != "/":
+    path = os.path.dirname(path)
+    folders.add(path)
+for name in os.listdir("/"):
+    folders.add("/" + name)
+for folder in sorted(folders):
+    if not folder.startswith(writable) and folder != "/dev":
+        plant(folder)
+plant("/tmp")  # where the program may write: not on the checker's path
+def add_11(x):
+    return x  # wrong on purpose
+"""
+HIJACK_TESTS = "def check(candidate):\n    r = candidate(0)\n    import json, hashlib, base64\n    assert r == 11\n"
+RUN_ONE = """
+import json, sys
+from engine.evals.sandbox import Program, run_program
+r = run_program(Program(sys.argv[1], sys.argv[2], "add_11"), timeout_s=8)
+print(json.dumps([r.passed, r.status, r.isolation, r.error]))
+"""
+
+
+@pytest.fixture
+def python_outside_usr():
+    """A copy of the system Python with its standard library in /opt, like pyenv's, uv's or conda's: its
+    folders are not under a read-only bind of /usr, so only a read-only root keeps the program off them."""
+    base = Path(tempfile.mkdtemp(prefix="tas-python-", dir="/opt" if os.path.isdir("/opt") else None))
+    version = subprocess.run(
+        ["/usr/bin/python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        base.chmod(0o755)
+        (base / "bin").mkdir()
+        shutil.copy2(os.path.realpath("/usr/bin/python3"), base / "bin" / "python3")
+        shutil.copytree(
+            f"/usr/lib/python{version}",
+            base / "lib" / f"python{version}",
+            ignore=shutil.ignore_patterns("dist-packages", "site-packages", "test", "__pycache__"),
+        )
+        yield str(base / "bin" / "python3")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_program_cannot_change_what_the_checker_loads(place, mode, python_outside_usr, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "_python_for", lambda mode: python_outside_usr)
+    done = _run(["-c", RUN_ONE, HIJACK, HIJACK_TESTS], mode, cwd=place["project"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    passed, status, isolation, error = json.loads(done.stdout)
+    assert isolation == "namespaces" and not passed and status == "failed", error[-1000:]
+    assert "AssertionError" in error, error[-1000:]  # the checker ran the real tests, with the real json
+
+
+@pytest.mark.parametrize("mode", ["root"])  # the attack makes root write into a folder of root's
+def test_out_does_not_follow_a_link_planted_above_it(place, mode):
+    if not IS_ROOT:
+        pytest.skip("not root: the attack makes root write into a folder of root's")
+    shared = Path(tempfile.mkdtemp(prefix="tas-shared-"))
+    roots = place["base"] / "roots"
+    (roots / "run1").mkdir(parents=True)
+    try:
+        shared.chmod(0o1777)
+        (shared / "evals").symlink_to(roots)  # as an ordinary user could plant it in a sticky shared folder
+        samples = place["project"] / "samples.jsonl"
+        samples.write_text(json.dumps({"task_id": TASK, "completion": RIGHT}) + "\n")
+        args = ["-m", "engine.evals.code", str(samples), "--benchmark", "tiny-python", "--out"]
+        for out in (shared / "evals" / "run1" / "out.jsonl", shared / "evals" / "run2" / "out.jsonl"):
+            done = _run([*args, str(out)], "root", cwd=place["project"])
+            assert done.returncode == 2 and "symbolic link" in done.stderr, done.stderr[-500:]
+        assert sorted(p.name for p in roots.rglob("*")) == ["run1"]
+        relative = Path("evals") / "run1" / "out.jsonl"  # the same, reached from the folder
+        done = _run([*args, str(relative)], "root", cwd=shared)
+        assert done.returncode == 2 and "symbolic link" in done.stderr, done.stderr[-500:]
+        assert sorted(p.name for p in roots.rglob("*")) == ["run1"]
+        good = shared / "mine" / "deeper" / "out.jsonl"  # made as we go: no link on the way
+        done = _run([*args, str(good)], "root", cwd=place["project"])
+        assert done.returncode == 0 and json.loads(good.read_text())["passed"] is True, done.stderr[-500:]
+        (place["base"] / "runs").symlink_to(roots)  # root's own link in root's own 0755 folder: followed
+        done = _run([*args, str(place["base"] / "runs" / "run1" / "out.jsonl")], "root", cwd=place["project"])
+        assert done.returncode == 0 and (roots / "run1" / "out.jsonl").exists(), done.stderr[-500:]
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 NO_USERNS = """
 import os, sys, ctypes
 uid, gid = int(sys.argv[1]), int(sys.argv[2])

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gzip
 import json
 import os
@@ -250,38 +251,94 @@ def score_completions(
 def write_results(path: str | Path, results: list[dict]) -> None:
     """Per-sample results of one model: task_id, completion, passed, status, error, isolation.
 
-    The results are the completions' words, so links are never followed (a link planted at `path` in a
-    shared folder must not make us overwrite its target): a new file is created next to `path` with
-    O_EXCL|O_NOFOLLOW and renamed over it, which replaces a link rather than writing through it.
+    The results are the completions' words, so a link someone else planted (at `path`, or at a folder
+    above it, in a shared folder) must not make us write through it: the folder is reached one
+    O_NOFOLLOW step at a time (`check_out_path`), and a new file is created in it with
+    O_EXCL|O_NOFOLLOW and renamed over `path`, which replaces a link rather than writing through it.
     """
     path = Path(path)
     folder = check_out_path(path)
-    temp = folder / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    temp = f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write("".join(dumps_line(r) for r in results).encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(temp, flags, 0o644, dir_fd=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write("".join(dumps_line(r) for r in results).encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=folder)
+            raise
+    finally:
+        os.close(folder)
+
+
+def check_out_path(path: Path) -> int:
+    """An fd of the folder `write_results` writes `path` in, each folder on the way made if missing and
+    opened one step at a time; InputError when `path` is a link, when the folder is one that others may
+    write to without the sticky bit or that another user owns (they could swap `path` for a link between
+    our checks and our writes), or when a link on the way sits in a folder another user could have
+    planted it in. The caller closes the fd."""
+    path = Path(path)
+    if not path.name or path.name in (".", ".."):
+        raise InputError(f"{path}: not a file name")
+    folder = _walk(os.open("/" if path.is_absolute() else ".", _FOLDER), path.parent.parts, path, 0)
+    try:
+        info = os.fstat(folder)
+        others_write = info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX
+        if others_write or info.st_uid not in (0, os.geteuid()):
+            raise InputError(
+                f"{path}: refusing to write in {path.parent}, which another user can replace; pick another folder"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISLNK(os.lstat(path.name, dir_fd=folder).st_mode):
+                raise InputError(
+                    f"{path} is a symbolic link: refusing to write through it; remove it or pick another path"
+                )
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
+        os.close(folder)
         raise
+    return folder
 
 
-def check_out_path(path: Path) -> Path:
-    """The folder `write_results` writes `path` in, made if missing; InputError when `path` is a link, or the
-    folder one that others may write to without the sticky bit or that another user owns: they could
-    swap it for a link between our checks and our writes."""
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    info = os.lstat(folder)
-    others_write = info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX
-    if others_write or info.st_uid not in (0, os.geteuid()):
-        raise InputError(f"{path}: refusing to write in {folder}, which another user can replace; pick another folder")
-    if os.path.islink(path):
-        raise InputError(f"{path} is a symbolic link: refusing to write through it; remove it or pick another path")
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _walk(folder: int, parts: Iterable[str], path: Path, links: int) -> int:
+    """From the folder `folder` (an fd, which this takes over) down `parts`, making missing folders; the fd
+    of the last. A link is followed (its target walked the same way) only where no one else could have
+    put it: in a folder of ours or root's that neither group nor others may write."""
+    try:
+        for name in parts:
+            if name == "/":
+                continue
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o777, dir_fd=folder)
+            try:
+                step = os.open(name, _FOLDER | os.O_NOFOLLOW, dir_fd=folder)
+            except OSError as exc:  # a link gives ENOTDIR (with O_DIRECTORY) or ELOOP
+                if exc.errno not in (errno.ENOTDIR, errno.ELOOP) or not stat.S_ISLNK(
+                    os.lstat(name, dir_fd=folder).st_mode
+                ):
+                    raise InputError(f"{path}: cannot use the folder {name!r} on the way ({exc.strerror})") from None
+                info = os.fstat(folder)
+                shared = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or info.st_uid not in (0, os.geteuid())
+                if shared or links >= 40:
+                    raise InputError(
+                        f"{path}: {name!r} on the way is a symbolic link in a folder others may write to: "
+                        "refusing to follow it; pick another path"
+                    ) from None
+                target = os.readlink(name, dir_fd=folder)
+                start = os.open("/" if target.startswith("/") else ".", _FOLDER, dir_fd=folder)
+                step = _walk(start, Path(target).parts, path, links + 1)
+            os.close(folder)
+            folder = step
+    except BaseException:
+        os.close(folder)
+        raise
     return folder
 
 
@@ -395,7 +452,7 @@ def eval_code_main(argv: list[str] | None = None) -> int:
 def run_from_args(args: argparse.Namespace) -> int:
     try:
         if args.out:
-            check_out_path(args.out)  # before the run, not after it
+            os.close(check_out_path(args.out))  # before the run, not after it
         everything = load_problems(args.benchmark)
         records = read_completions(args.completions, everything)
     except InputError as exc:

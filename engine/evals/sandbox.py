@@ -9,11 +9,14 @@ a few at a time, from a thread pool.
 Isolation (`isolation` in every result, and in the summaries built from them):
 
 * "namespaces": the program runs in new user (unless we are root), mount, network, PID, IPC and UTS
-  namespaces, on a private root file system: read-only /usr, /lib* and standard library, a fresh
-  tmpfs (64 MiB) for /, /tmp, /var/tmp, /dev/shm and its folder /work, nothing of $HOME, the project or
-  the host's /tmp; no network (not even a unix socket of the host); a /proc of its own; no capabilities;
-  a seccomp filter denying unshare, clone with namespace flags, mount, pivot_root, ptrace,
-  process_vm_*, bpf, keyctl, perf_event_open, userfaultfd, io_uring. As root it also runs under a uid of
+  namespaces, on a private root file system that is read-only as a whole (/usr, /lib* and the standard
+  library are read-only binds; the folders and links between them sit on a tmpfs remounted read-only),
+  with one fresh tmpfs (64 MiB) for /tmp, /var/tmp, /dev/shm and its folder /work, nothing of $HOME, the
+  project or the host's /tmp; the checker runs in / and imports only the standard library; no network
+  (not even a unix socket of the host); a /proc of its own; no capabilities; a seccomp filter denying
+  unshare, clone with namespace flags, mount, pivot_root, ptrace, process_vm_*, bpf, keyctl,
+  perf_event_open, userfaultfd, io_uring, and sockets of any family but unix and IP (AF_VSOCK would
+  reach the hypervisor's host past the network namespace). As root it also runs under a uid of
   its own (one per concurrent sample, from SANDBOX_UID_BASE), so samples cannot signal each other and
   each has its own RLIMIT_NPROC; as an ordinary user its user namespace gives it the same (Linux >= 5.14
   counts RLIMIT_NPROC per user namespace). Needs root or unprivileged user namespaces
@@ -32,8 +35,10 @@ included), RLIMIT_NOFILE, RLIMIT_CORE 0, an environment of our own (no API keys)
 
 What it does not protect against: kernel exploits (it is a namespace sandbox, not a VM); reading
 world-readable files under /usr; tests that can be answered by reading them (HumanEval's expected
-values sit in its asserts, which the program never sees, but a model may have memorised them).
-Only the standard library is importable (-S: no site-packages), which is all HumanEval needs.
+values sit in its asserts, which the program never sees, but a model may have memorised them);
+memory of a sample as a whole: RLIMIT_AS is per process, so a program that forks may hold up to
+`processes` x `memory_bytes` (no cgroup: an ordinary user rarely has one delegated, and hosts with
+cgroup v1 have none to give). Only the standard library is importable (-S: no site-packages), which is all HumanEval needs.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ class Limits:
     file_bytes: int = 10 << 20
     processes: int = 64
     open_files: int = 256
-    tmpfs_bytes: int = 64 << 20  # the whole writable file system of a sample: /, /tmp, /dev/shm, /work
+    tmpfs_bytes: int = 64 << 20  # the whole writable file system of a sample: /tmp, /var/tmp, /dev/shm, /work
 
 
 @dataclass
@@ -194,7 +199,9 @@ def run_program(
             writer.join()
             report = _read_report(out)
             stderr_tail = _tail(err)
-        isolation = ISOLATED if isolate and "setup_error" not in report else UNSANDBOXED
+        # Said by the supervisor once it is in the namespaces, before any of the sample runs: nothing the
+        # program does later (crash init, make setup fail) can turn an isolated run into an unsandboxed one.
+        isolation = ISOLATED if isolate and report.get("isolated") is True else UNSANDBOXED
         return _result(report, finished, stderr_tail, proc, timeout_s, time.monotonic() - started, isolation, uid)
     finally:
         _SLOTS.give_back(slot)

@@ -8,8 +8,9 @@ the tests (prompt + the benchmark's `check`: trusted). Nothing of either is ever
 
 With isolate=1 this process (the *supervisor*) enters new namespaces -- user (unless root), mount,
 network, PID, IPC, UTS -- and forks *init*, PID 1 of the new PID namespace. Init builds a private root
-file system on a fresh size-limited tmpfs (read-only binds of /usr, /lib*, the standard library and a
-few devices; empty /tmp, /var/tmp, /dev/shm and /work; no /home, no project, no host /tmp), a /proc
+file system on a fresh size-limited tmpfs, remounted read-only (read-only binds of /usr, /lib*, the
+standard library and a few devices; empty /tmp, /var/tmp, /dev/shm and /work, binds of one more tmpfs
+and the only writable places; no /home, no project, no host /tmp), a /proc
 that lists only the sandbox's processes, and pivots into it. Then it forks two processes, each with
 resource limits, no capabilities, no_new_privs and a seccomp filter (no unshare, mount, ptrace, bpf,
 keyctl...):
@@ -51,6 +52,7 @@ PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 1, 4, 2
 SETUP_FAILED = 125  # exit status of a process that could not even start its part
 NEW_ROOT = "/tmp"  # where init mounts the new root's tmpfs before pivoting into it (hidden from then on)
 WORKDIR = "/work"  # the program's working folder inside the sandbox
+WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", WORKDIR)  # all else in the sandbox is read-only
 DEVICES = ("null", "zero", "full", "random", "urandom")
 MESSAGE_LIMIT = 16 << 20  # longest call or reply between checker and program
 
@@ -203,7 +205,15 @@ def enter_namespaces(root: bool) -> None:
 
 
 def build_root(stdlib: str, tmpfs_bytes: int, owner: tuple[int, int]) -> None:
-    """As init: a private root on a fresh tmpfs, then pivot into it and drop the host's view."""
+    """As init: a private root on a fresh tmpfs, then pivot into it and drop the host's view.
+
+    The root ends read-only: as an ordinary user its tmpfs (and every folder and link on it: /lib, the
+    parents of the standard library's bind) is owned by the program's own uid, which could otherwise
+    rename them and make the checker load its code. The only writable places are /tmp, /var/tmp,
+    /dev/shm and /work: binds of one more tmpfs (one size limit for all four), none on the checker's
+    import path."""
+    if any(stdlib == path or stdlib.startswith(path + "/") for path in WRITABLE):
+        raise SetupError(f"the standard library ({stdlib}) sits in {', '.join(WRITABLE)}, which the program may write")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # our mounts stay ours
     _mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_bytes},mode=0755")
     new = lambda path: NEW_ROOT + path  # noqa: E731
@@ -219,10 +229,18 @@ def build_root(stdlib: str, tmpfs_bytes: int, owner: tuple[int, int]) -> None:
         _bind_read_only(f"/dev/{name}", new(f"/dev/{name}"), writable=True)
     for name, fd in (("fd", ""), ("stdin", "/0"), ("stdout", "/1"), ("stderr", "/2")):
         os.symlink(f"/proc/self/fd{fd}", new(f"/dev/{name}"))
-    for path in ("/tmp", "/var/tmp", "/dev/shm", WORKDIR):
+    scratch = new("/scratch")  # the writable tmpfs, mounted here only until its folders are bound
+    os.mkdir(scratch)
+    _mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_bytes},mode=0755")
+    for path in WRITABLE:
+        folder = scratch + "/" + path.strip("/").replace("/", "_")
+        os.mkdir(folder)
+        os.chown(folder, *owner)
+        os.chmod(folder, 0o1777 if path != WORKDIR else 0o700)
         os.makedirs(new(path), exist_ok=True)
-        os.chown(new(path), *owner)
-        os.chmod(new(path), 0o1777 if path != WORKDIR else 0o700)
+        _mount(folder, new(path), None, MS_BIND)
+    _check(_libc.umount2(scratch.encode(), MNT_DETACH) == 0, "detach the scratch tmpfs")
+    os.rmdir(scratch)
     os.mkdir(new("/proc"))
     # A /proc of our own PID namespace: only the sandbox's processes, so no /proc/<pid>/environ of the
     # stage. Mounted before the host's /proc goes away (the kernel wants one fully visible to allow it).
@@ -234,6 +252,7 @@ def build_root(stdlib: str, tmpfs_bytes: int, owner: tuple[int, int]) -> None:
     os.chdir(NEW_ROOT)
     _check(_libc.syscall(_PIVOT_ROOT, b".", b".") == 0, "pivot_root")
     _check(_libc.umount2(b".", MNT_DETACH) == 0, "detach the host's root")
+    _mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.chdir(WORKDIR)
 
 
@@ -267,11 +286,17 @@ _SYSCALLS = (
     dict(zip(_SYSCALL_NAMES, _SYSCALL_NUMBERS[os.uname().machine])) if os.uname().machine in _SYSCALL_NUMBERS else None
 )
 _PIVOT_ROOT = _SYSCALLS["pivot_root"] if _SYSCALLS else -1
+# socket() and socketpair(): only the families a new network namespace isolates (AF_UNIX, AF_INET,
+# AF_INET6). Others are not per namespace: AF_VSOCK reaches the hypervisor's host, netlink and packet
+# families widen the kernel's surface.
+_SOCKET_CALLS = {"x86_64": (41, 53), "aarch64": (198, 199)}.get(os.uname().machine, ())
+_SOCKET_FAMILIES = (1, 2, 10)
+EAFNOSUPPORT = 97
 
 
 def seccomp_filter() -> bytes:
     """A classic BPF program: EPERM for the syscalls above and for clone() with a namespace flag,
-    ENOSYS for clone3 (whose flags a filter cannot read; libc then falls back to clone), allow the rest."""
+    EAFNOSUPPORT for a socket of a family other than _SOCKET_FAMILIES, ENOSYS for clone3 (whose flags a filter cannot read; libc then falls back to clone), allow the rest."""
     LD, JEQ, JSET, JGE, RET = 0x20, 0x15, 0x45, 0x35, 0x06
     ALLOW, ERRNO, KILL = 0x7FFF0000, 0x00050000, 0x80000000
     op = lambda code, k, jt=0, jf=0: struct.pack("HBBI", code, jt, jf, k)  # noqa: E731
@@ -281,6 +306,10 @@ def seccomp_filter() -> bytes:
     prog += [op(JEQ, _SYSCALLS["clone3"], 0, 1), op(RET, ERRNO | 38)]
     for number in denied:
         prog += [op(JEQ, number, 0, 1), op(RET, ERRNO | 1)]
+    socket, socketpair = _SOCKET_CALLS
+    prog += [op(JEQ, socket, 1, 0), op(JEQ, socketpair, 0, 6), op(LD, 16)]  # the family: first argument
+    prog += [op(JEQ, family, 3 - i, 0) for i, family in enumerate(_SOCKET_FAMILIES)]
+    prog += [op(RET, ERRNO | EAFNOSUPPORT), op(RET, ALLOW)]
     prog += [op(JEQ, _SYSCALLS["clone"], 0, 3), op(LD, 16)]  # clone: its flags are the first argument
     prog += [op(JSET, CLONE_NEWUSER | NAMESPACE_FLAGS, 0, 1), op(RET, ERRNO | 1)]
     prog += [op(RET, ALLOW)]
@@ -380,6 +409,10 @@ def checker_process(opts: dict, tests: str, calls: int, replies: int, verdict: i
     try:
         _only_fds(calls, replies, verdict)
         _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no /proc/<pid>/mem, fd, environ for the program
+        # Out of the program's writable folder. Its imports come only from sys.path, which under -I -S
+        # holds the standard library alone (read-only, like everything outside /tmp, /var/tmp, /dev/shm
+        # and /work); nothing there was imported by the program first, as they share no interpreter.
+        os.chdir("/" if isolate else os.path.dirname(os.__file__))
         drop_privileges(opts, isolate)
     except BaseException as exc:
         _setup_failed(exc)
@@ -447,6 +480,9 @@ def init(opts: dict, program: str, isolate: bool, root: bool) -> None:
     """PID 1 of the sandbox (or a plain child without isolation): builds the root, starts the program
     and the checker, reports. Never returns."""
     report = {}
+    # The program may signal us (as an ordinary user it has our uid). As PID 1 of a namespace the kernel
+    # drops those signals for which we have no handler; Python's only one is SIGINT's: ignore it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if isolate:
@@ -527,6 +563,7 @@ def main() -> None:
         except (SetupError, OSError) as exc:
             send(1, {"setup_error": f"{exc}"})
             os._exit(0)
+        send(1, {"isolated": True})  # from here on nothing of the sample runs outside the namespaces
     pid = os.fork()  # with a PID namespace: its PID 1
     if pid == 0:
         init(opts, program, isolate, root)
