@@ -734,7 +734,7 @@ async def test_code_results_show_each_failed_problem_with_its_completion_and_err
     code_dir = project / "runs" / "20261125-080000-tiny" / "eval" / "code"
     code_dir.mkdir(parents=True)
 
-    def sample(task, passed, completion, error="", status=None):
+    def sample(task, passed, completion, error="", status=None, isolation="namespaces"):
         record = {
             "task_id": task,
             "completion": completion,
@@ -742,6 +742,7 @@ async def test_code_results_show_each_failed_problem_with_its_completion_and_err
             "status": status or ("passed" if passed else "failed"),
             "error": error,
             "duration_s": 0.1,
+            "isolation": isolation,
         }
         return json.dumps(record) + "\n"
 
@@ -756,7 +757,7 @@ async def test_code_results_show_each_failed_problem_with_its_completion_and_err
         + "{not json\n"
         + sample("HumanEval/2", False, "    while True: pass\n", "timed out after 10 s", "timeout")
     )
-    (code_dir / "assistant.jsonl").write_text(sample("HumanEval/0", True, "    return sum((a, b))\n"))
+    (code_dir / "assistant.jsonl").write_text(sample("HumanEval/0", True, "    return sum((a, b))\n", isolation="none"))
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
     async with app.run_test(size=(80, 24)) as pilot:
         tab = app.query_one(StagesTab)
@@ -765,6 +766,7 @@ async def test_code_results_show_each_failed_problem_with_its_completion_and_err
         await wait_until(pilot, lambda: isinstance(app.screen, CodeResultsScreen) and app.screen.rows)
         screen = app.screen
         assert screen.model == "assistant"  # the report's model order: assistant before the students
+        assert "NOT sandboxed" in str(screen.query_one("#code-summary").render())  # its code ran as the user
         await pilot.press("m")
         await wait_until(pilot, lambda: screen.model == "student_kd")
         table = screen.query_one("#code-table", DataTable)
@@ -776,6 +778,7 @@ async def test_code_results_show_each_failed_problem_with_its_completion_and_err
         assert "NameError: name 'b_typo' is not defined" in str(table.get_row_at(0)[2])
         summary = str(screen.query_one("#code-summary").render())
         assert "2 failed, 1 passed" in summary and "student_kd.jsonl:3" in summary
+        assert "sandboxed (namespaces)" in summary
         detail = screen.query_one("#code-detail-text")
         await pilot.press("down")  # the timed-out one
         await pilot.pause()

@@ -5,7 +5,7 @@ The eval stage writes one file per model (`runs/<run>/eval/code/<model>.jsonl`: 
 passed, status, error); this screen only reads them (in a thread: a run may hold thousands of samples).
 A user who sees "pass@1 0.25" wants to know *why* the other problems failed — a syntax error from a
 truncated completion, a wrong answer, a timeout — so failed problems come first and the detail pane shows
-the whole completion with the error under it.
+the whole completion with the error under it. The summary line says whether the code ran isolated.
 """
 
 from __future__ import annotations
@@ -59,6 +59,17 @@ def read_code_results(code_dir: Path) -> list[ModelResults]:
             bad.append(f"{path}: {exc.strerror or exc}")
         results.append(ModelResults(path.stem, samples, [str(b) for b in bad]))
     return results
+
+
+def isolation_note(samples: list[dict]) -> Text:
+    """How the samples ran (the eval writes `isolation` into every row): a run whose code was not isolated
+    (`eval.code.allow_unsandboxed`) says so in red; files written before the field existed say nothing."""
+    levels = {s.get("isolation") for s in samples} - {None}
+    if not levels:
+        return Text("")
+    if levels == {"namespaces"}:
+        return Text("sandboxed (namespaces) · ", style="green")
+    return Text("NOT sandboxed: the code ran as you (eval.code.allow_unsandboxed) · ", style="bold red")
 
 
 def sort_failed_first(samples: list[dict]) -> list[dict]:
@@ -152,9 +163,10 @@ class CodeResultsScreen(ModalScreen[None]):
             )
             table.add_row(str(sample.get("task_id")), result, "" if passed else first_line(sample.get("error")))
         failed = len(results.samples) - results.passed
-        summary = f"{failed} failed, {results.passed} passed (failed first)"
+        summary = isolation_note(results.samples)
+        summary.append(f"{failed} failed, {results.passed} passed (failed first)")
         if results.bad_lines:
-            summary += f" · skipped {len(results.bad_lines)} unreadable line(s): {results.bad_lines[0]}"
+            summary.append(f" · skipped {len(results.bad_lines)} unreadable line(s): {results.bad_lines[0]}")
         self.query_one("#code-summary", Static).update(summary)
         if self.rows:
             table.move_cursor(row=0)
