@@ -123,14 +123,26 @@ def eval_code(place: dict, mode: str, completions: list[str], *extra: str, env: 
 
 
 def assert_no_sandbox_processes(within_s: float = 5.0) -> None:
+    """No sandbox process outlives its eval. A leftover is an orphan: the top of its tree of sandbox
+    processes has no live eval above it (its parent is init, pid 1). A sandbox with a live eval above it
+    belongs to a run still going on, such as another test's in a parallel pytest worker."""
+
+    def is_sandbox(proc: psutil.Process) -> bool:
+        try:
+            return proc.status() != psutil.STATUS_ZOMBIE and "sandbox_child.py" in " ".join(proc.cmdline())
+        except psutil.Error:
+            return False
+
+    def orphaned(proc: psutil.Process) -> bool:
+        try:
+            while (parent := proc.parent()) is not None and is_sandbox(parent):
+                proc = parent
+            return parent is None or parent.pid == 1
+        except psutil.Error:
+            return False
+
     def alive():
-        found = []
-        for proc in psutil.process_iter(["cmdline", "status"]):
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and "sandbox_child.py" in " ".join(
-                proc.info["cmdline"] or []
-            ):
-                found.append(proc.pid)
-        return found
+        return [proc.pid for proc in psutil.process_iter() if is_sandbox(proc) and orphaned(proc)]
 
     deadline = time.monotonic() + within_s
     while alive() and time.monotonic() < deadline:
