@@ -554,7 +554,7 @@ def test_the_light_modules_import_no_heavy_libraries():
 def test_without_isolation_scoring_refuses_unless_allowed(problems, monkeypatch, tmp_path, capsys):
     import engine.evals.code as code
 
-    monkeypatch.setattr(code, "isolation_problem", lambda: "no user namespaces here")
+    monkeypatch.setattr(code, "isolation_problem", lambda sandbox="auto": "no user namespaces here")
     records = [{"task_id": "HumanEval/0", "completion": problems["HumanEval/0"]["canonical_solution"]}]
     with pytest.raises(SandboxUnavailable, match="no user namespaces here.*allow_unsandboxed"):
         score_completions(records, first(problems, 1))
@@ -580,13 +580,13 @@ def test_the_eval_stage_refuses_before_loading_a_model_without_isolation(monkeyp
     from engine.runner.context import StageError
 
     logged = []
-    code = CodeEvalConfig(benchmark="humaneval", limit=2)
+    code = CodeEvalConfig(benchmark="humaneval", limit=2, sandbox="builtin")
     ctx = SimpleNamespace(
         config=SimpleNamespace(eval=SimpleNamespace(code=code)),
         events=SimpleNamespace(log=lambda msg, level="info": logged.append((level, msg))),
     )
     assert eval_stage.code_isolation(ctx) == "namespaces" or not IS_ROOT
-    monkeypatch.setattr(eval_stage, "isolation_problem", lambda: "no user namespaces here")
+    monkeypatch.setattr(eval_stage, "isolation_problem", lambda sandbox="auto": "no user namespaces here")
     with pytest.raises(StageError, match="no user namespaces here.*eval.code.allow_unsandboxed: true"):
         eval_stage.code_problems(ctx)
     code.allow_unsandboxed = True
