@@ -651,3 +651,59 @@ def test_without_user_namespaces_the_eval_refuses_unless_allowed(place, mode):
     rows = [json.loads(line) for line in (place["project"] / "results.jsonl").read_text().splitlines()]
     assert rows[0]["isolation"] == "none"
     assert not [n for n in set(os.listdir("/tmp")) - before if n.startswith("tas-sandbox")]
+
+
+@pytest.fixture
+def setuid_bwrap():
+    """A setuid-root copy of bwrap, as hosts without unprivileged user namespaces install it."""
+    if not IS_ROOT or shutil.which("bwrap") is None:
+        pytest.skip("needs root and bubblewrap (apt-get install bubblewrap) to make a setuid bwrap")
+    folder = Path(tempfile.mkdtemp(prefix="tas-bwrap-", dir="/opt" if os.path.isdir("/opt") else None))
+    try:
+        folder.chmod(0o755)
+        shutil.copy2(shutil.which("bwrap"), folder / "bwrap")
+        (folder / "bwrap").chmod(0o4755)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode", ["user"])
+def test_without_user_namespaces_a_setuid_bwrap_still_isolates(place, mode, setuid_bwrap):
+    """What the bwrap backend is for: where user namespaces are off, our own backend refuses (above), but a
+    setuid bwrap makes the namespaces, and `--sandbox auto` picks it."""
+    uid, gid = _ordinary_user()
+    attack = (
+        "def add_11(x):\n"
+        "    import glob, os\n"
+        "    found = []\n"
+        f"    for path in [{str(place['project'] / '.env')!r}, {str(place['home'] / '.cache/huggingface/token')!r}]"
+        " + glob.glob('/proc/*/environ'):\n"
+        "        try:\n"
+        "            found.append(open(path).read())\n"
+        "        except OSError:\n"
+        "            pass\n"
+        f"    for path in [{str(place['home'] / '.bashrc')!r}, {str(place['project'] / 'source.py')!r}]:\n"
+        "        try:\n"
+        "            open(path, 'a').write('echo owned\\n')\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    raise AssertionError('searched: ' + repr(found) + repr(dict(os.environ)))\n"
+    )
+    samples, out = place["project"] / "samples.jsonl", place["project"] / "results.jsonl"
+    samples.write_text("".join(json.dumps({"task_id": TASK, "completion": c}) + "\n" for c in (attack, RIGHT)))
+    os.chown(samples, uid, gid)
+    env = {"HOME": str(place["home"]), "PATH": f"{setuid_bwrap}:/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    env["OPENAI_API_KEY"] = place["secret"]["openai"]
+    command = [sys.executable, "-c", NO_USERNS, str(uid), str(gid), "/usr/bin/python3", "-m", "engine.evals.code"]
+    command += [str(samples), "--benchmark", "tiny-python", "--k", "1", "--out", str(out)]
+    done = subprocess.run(command, cwd=place["project"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary, rows = json.loads(done.stdout), [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["sandbox"]["isolation"] == "bwrap" and [r["passed"] for r in rows] == [False, True]
+    assert "searched: " in rows[0]["error"]  # it ran
+    for value in place["secret"].values():
+        assert value not in out.read_text() + done.stdout + done.stderr
+    assert (place["home"] / ".bashrc").read_text() == "# rc\n"
+    assert (place["project"] / "source.py").read_text() == "VALUE = 1\n"
+    assert_no_sandbox_processes()

@@ -59,6 +59,7 @@ import os
 import select
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -350,7 +351,11 @@ def _bwrap_command(limits: Limits) -> tuple[str, ...]:
         command += ["--dev-bind", f"/dev/{name}", f"/dev/{name}"]
     for name, fd in (("fd", ""), ("stdin", "/0"), ("stdout", "/1"), ("stderr", "/2")):
         command += ["--symlink", f"/proc/self/fd{fd}", f"/dev/{name}"]
-    command += ["--proc", "/proc", "--size", str(limits.tmpfs_bytes), "--perms", "1777", "--tmpfs", "/tmp"]
+    # A setuid bwrap (run by an ordinary user) refuses --size: there the tmpfs has the kernel's default
+    # size, and only RLIMIT_FSIZE and the timeout bound what a sample writes (it goes when the sample ends).
+    setuid = not root and os.stat(command[0]).st_mode & stat.S_ISUID
+    size = [] if setuid else ["--size", str(limits.tmpfs_bytes)]
+    command += ["--proc", "/proc", *size, "--perms", "1777", "--tmpfs", "/tmp"]
     for path in WRITABLE[1:]:  # /var/tmp, /dev/shm, /work: links into the one tmpfs, so one size limit
         inside = "/tmp/." + path.strip("/").replace("/", "-")
         command += ["--perms", "1777", "--dir", inside, *_folders_above(path), "--symlink", inside, path]
