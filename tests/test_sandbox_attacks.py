@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from engine.evals.sandbox import ISOLATION
+from engine.evals.sandbox_child import encode
 
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
@@ -317,6 +318,11 @@ def test_nothing_persists_and_limits_hold(place, mode, sandbox):
         assert not [n for n in os.listdir(folder) if n.startswith(marker)]
 
 
+def _message(value) -> bytes:
+    data = b"".join(encode(value))
+    return len(data).to_bytes(4, "big") + data
+
+
 FIND_THE_TOKEN = (  # the old sandbox kept its completion token in a local of the frame that ran the program
     "def forge():\n"
     "    frame = sys._getframe(1)\n"
@@ -327,6 +333,9 @@ FIND_THE_TOKEN = (  # the old sandbox kept its completion token in a local of th
     "            os._exit(0)\n"
     "        frame = frame.f_back\n"
 )
+# What init reports for a wrong answer, and a message saying "passed" (sandbox_child's format)
+INIT_REPORT = _message({"passed": False, "program_exited": False, "checker_exit": 1, "exit": 0})
+FORGED_PASS = _message({"passed": True})
 FORGERIES = {
     "token-in-frames": ("import os, sys\n" + FIND_THE_TOKEN + "def add_11(x):\n    forge()\n    return x\n"),
     "stdout-flush": (
@@ -348,6 +357,12 @@ FORGERIES = {
         "        except OSError:\n"
         "            pass\n"
         "    os._exit(0)\n"
+    ),
+    "init-report": (  # a pass where init's report ends: init writes its report over the start of the file
+        "def add_11(x):\n"
+        "    with open('/proc/1/fd/1', 'ab') as report:\n"
+        f"        report.write(bytes({len(INIT_REPORT)}) + {FORGED_PASS!r})\n"
+        "    return x\n"
     ),
     "settrace": (  # swaps the tests' `candidate` for one whose results equal anything
         "import sys\n"

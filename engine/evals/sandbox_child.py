@@ -498,6 +498,9 @@ def init(opts: dict, program: str, isolate: bool, root: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # Not dumpable: no /proc/1/fd/1 (the report) or /proc/1/mem for the program, which as an ordinary
+        # user has our uid (under builtin our capabilities kept it out; under bwrap we have none either).
+        _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
         if opts["backend"] == "builtin":
             owner = (int(opts["uid"]), int(opts["gid"])) if root else (os.getuid(), os.getgid())
             build_root(os.path.dirname(os.__file__), int(opts["tmpfs"]), owner)
