@@ -9,20 +9,22 @@ a few at a time, from a thread pool.
 Isolation (`isolation` in every result, and in the summaries built from them) names the backend that
 gave it. `choose_backend("auto")` prefers bubblewrap when it is installed and works here, else our own:
 
-* "bwrap" (backend `bwrap`): bubblewrap (`bwrap` on PATH, >= 0.5 for `--size`) makes the namespaces and
-  the file system view described below -- as an ordinary user with a user namespace of its own, or,
-  when bwrap is installed setuid root, even where unprivileged user namespaces are switched off, which
-  our own backend cannot do; as root without a user namespace, keeping only CAP_SETUID/CAP_SETGID so
-  that the child can take the sample's own uid. Its writable places are one tmpfs of
-  `Limits.tmpfs_bytes` on /tmp, with /var/tmp, /dev/shm and /work links into it. The child script
-  (bound read-only, alone, at /sandbox_child.py) then does all the rest as below: limits, seccomp,
-  the checker, the report. Without a user namespace of its own (setuid bwrap, user namespaces off)
-  RLIMIT_NPROC counts every process of the user, so a sample may fork less, never more.
-* "namespaces" (backend `builtin`): the program runs in new user (unless we are root), mount, network, PID, IPC and UTS
-  namespaces, on a private root file system that is read-only as a whole (/usr, /lib* and the standard
-  library are read-only binds; the folders and links between them sit on a tmpfs remounted read-only),
-  with one fresh tmpfs (64 MiB) for /tmp, /var/tmp, /dev/shm and its folder /work, nothing of $HOME, the
-  project or the host's /tmp; the checker runs in / and imports only the standard library; no network
+* "bwrap" (backend `bwrap`, `_bwrap_command`): bubblewrap (`bwrap` on PATH, >= 0.5) makes the
+  namespaces and the same read-only file system view as the builtin backend below. As an ordinary
+  user it needs a user namespace, unless bwrap is installed setuid root: then it isolates even where
+  unprivileged user namespaces are switched off, which the builtin backend cannot. As root it makes
+  no user namespace and keeps only CAP_SETUID/CAP_SETGID, so that the child can take the sample's own
+  uid. The writable places are one tmpfs of `Limits.tmpfs_bytes` on /tmp, with /var/tmp, /dev/shm and
+  /work links into it. bwrap starts the child script (bound read-only, alone, at /sandbox_child.py)
+  as PID 1 of the new PID namespace; it does all the rest as below: limits, seccomp, checker, report.
+  A setuid bwrap refuses --size, so there the tmpfs is bounded only by RLIMIT_FSIZE per file and the
+  timeout; and without a user namespace RLIMIT_NPROC counts all of the user's processes (a sample may
+  fork less, never more).
+* "namespaces" (backend `builtin`): the program runs in new user (unless we are root), mount, network,
+  PID, IPC and UTS namespaces, on a private root file system that is read-only as a whole (/usr, /lib*
+  and the standard library are read-only binds; the folders and links between them sit on a tmpfs
+  remounted read-only), with one fresh tmpfs (64 MiB) for /tmp, /var/tmp, /dev/shm and its folder
+  /work, nothing of $HOME, the project or the host's /tmp; the checker runs in / and imports only the standard library; no network
   (not even a unix socket of the host); a /proc of its own; no capabilities; a seccomp filter denying
   unshare, clone with namespace flags, mount, pivot_root, ptrace, process_vm_*, bpf, keyctl,
   perf_event_open, userfaultfd, io_uring, and sockets of any family but unix and IP (AF_VSOCK would
@@ -33,12 +35,11 @@ gave it. `choose_backend("auto")` prefers bubblewrap when it is installed and wo
   (`sysctl user.max_user_namespaces` > 0; on Debian/Ubuntu also `kernel.unprivileged_userns_clone=1`
   and, on Ubuntu >= 23.10, `kernel.apparmor_restrict_unprivileged_userns=0`). `isolation_problem()`
   says whether this host can, and what is missing.
-
 * "none": only when the user allowed it (`eval.code.allow_unsandboxed`, `--allow-unsandboxed`): the
   same processes and limits in a fresh 0700 folder, as the user who runs the stage, with all that user
   may do (read `.env` and tokens, write $HOME, signal its processes, reach the network).
 
-In both, the verdict is not the program's to give: the tests run in a second interpreter (the
+In all, the verdict is not the program's to give: the tests run in a second interpreter (the
 checker), which calls the program's function through a pipe and gets back plain data. A pass means the
 checker ran `check(candidate)` to its end. Always: a wall-clock timeout that SIGKILLs everything,
 RLIMIT_CPU, RLIMIT_AS (memory bombs become MemoryError), RLIMIT_FSIZE (10 MiB a file, stderr
