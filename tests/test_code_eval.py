@@ -554,7 +554,7 @@ def test_the_light_modules_import_no_heavy_libraries():
 def test_without_isolation_scoring_refuses_unless_allowed(problems, monkeypatch, tmp_path, capsys):
     import engine.evals.code as code
 
-    monkeypatch.setattr(code, "isolation_problem", lambda: "no user namespaces here")
+    monkeypatch.setattr(code, "isolation_problem", lambda sandbox="auto": "no user namespaces here")
     records = [{"task_id": "HumanEval/0", "completion": problems["HumanEval/0"]["canonical_solution"]}]
     with pytest.raises(SandboxUnavailable, match="no user namespaces here.*allow_unsandboxed"):
         score_completions(records, first(problems, 1))
@@ -580,13 +580,13 @@ def test_the_eval_stage_refuses_before_loading_a_model_without_isolation(monkeyp
     from engine.runner.context import StageError
 
     logged = []
-    code = CodeEvalConfig(benchmark="humaneval", limit=2)
+    code = CodeEvalConfig(benchmark="humaneval", limit=2, sandbox="builtin")
     ctx = SimpleNamespace(
         config=SimpleNamespace(eval=SimpleNamespace(code=code)),
         events=SimpleNamespace(log=lambda msg, level="info": logged.append((level, msg))),
     )
     assert eval_stage.code_isolation(ctx) == "namespaces" or not IS_ROOT
-    monkeypatch.setattr(eval_stage, "isolation_problem", lambda: "no user namespaces here")
+    monkeypatch.setattr(eval_stage, "isolation_problem", lambda sandbox="auto": "no user namespaces here")
     with pytest.raises(StageError, match="no user namespaces here.*eval.code.allow_unsandboxed: true"):
         eval_stage.code_problems(ctx)
     code.allow_unsandboxed = True
@@ -628,3 +628,70 @@ def test_the_error_text_is_redacted(problems, monkeypatch):
     result = run_completion(problems, completion)
     assert not result.passed and "AssertionError" in result.error
     assert secret not in result.error and "sk-xxxx" not in result.error and "***" in result.error
+
+
+# --- sandbox backends ---------------------------------------------------------------------------------------
+
+
+def test_the_sandbox_backend_is_a_checked_config_key():
+    import yaml
+
+    from engine.config.errors import ConfigError
+    from engine.config.load import parse_config
+    from tests.helpers import SEED_CONFIG
+
+    config = yaml.safe_load(SEED_CONFIG.read_text())
+    config.setdefault("eval", {}).setdefault("code", {})["sandbox"] = "nsjail"
+    with pytest.raises(ConfigError, match=r"eval\.code\.sandbox: Input should be 'auto', 'bwrap' or 'builtin'"):
+        parse_config(yaml.safe_dump(config), source="cfg.yaml")
+    config["eval"]["code"]["sandbox"] = "bwrap"
+    assert parse_config(yaml.safe_dump(config), source="cfg.yaml").eval.code.sandbox == "bwrap"
+
+
+def test_the_panel_names_the_backend_that_isolated_the_code():
+    from tui.screens.code_results import isolation_note
+
+    assert isolation_note([{"isolation": "bwrap"}] * 2).plain == "sandboxed (bwrap) · "
+    assert isolation_note([{"isolation": "namespaces"}]).plain == "sandboxed (namespaces) · "
+    assert "NOT sandboxed" in isolation_note([{"isolation": "bwrap"}, {"isolation": "none"}]).plain
+
+
+@pytest.fixture
+def fresh_probes():
+    """Backend probes are cached per process: start and end these tests without them."""
+    from engine.evals import sandbox
+
+    sandbox._probe.cache_clear()
+    yield sandbox
+    sandbox._probe.cache_clear()
+
+
+@pytest.mark.e2e
+def test_auto_prefers_bwrap_and_falls_back_to_builtin(fresh_probes, monkeypatch):
+    sandbox = fresh_probes
+    if shutil.which("bwrap"):
+        assert sandbox.choose_backend("auto") == ("bwrap", None)
+        assert sandbox.isolation_level("auto") == "bwrap"
+    sandbox._probe.cache_clear()
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)  # no bwrap on PATH
+    backend, problem = sandbox.choose_backend("bwrap")
+    assert backend == "none" and "bwrap is not installed (apt-get install bubblewrap)" in problem
+    if IS_ROOT:
+        assert sandbox.choose_backend("auto") == ("builtin", None)
+        assert sandbox.isolation_level("auto") == "namespaces"
+    with pytest.raises(ValueError, match="unknown sandbox backend 'nsjail'"):
+        sandbox.choose_backend("nsjail")
+
+
+@pytest.mark.e2e
+def test_cli_sandbox_flag_names_the_backend_in_every_row(problems, tmp_path, capsys):
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed (apt-get install bubblewrap)")
+    records = [{"task_id": "HumanEval/0", "completion": problems["HumanEval/0"]["canonical_solution"]}]
+    completions = write_completions(tmp_path / "samples.jsonl", records)
+    for backend, level in (("bwrap", "bwrap"), ("builtin", "namespaces")):
+        out = tmp_path / f"{backend}.jsonl"
+        assert eval_code_main([str(completions), "--limit", "1", "--sandbox", backend, "--out", str(out)]) == 0
+        assert json.loads(capsys.readouterr().out)["sandbox"]["isolation"] == level
+        row = json.loads(out.read_text())
+        assert row["passed"] and row["isolation"] == level

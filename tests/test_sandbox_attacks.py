@@ -3,7 +3,8 @@ user: each attack of the sandbox audit (issue 23) must be contained, or the run 
 behind on the host.
 
 As root the ordinary user is a system user made for the purpose (`tassbx`) and reached with setpriv; as
-a non-root user the tests run as that user and skip the root-only ones. The user runs the system Python
+a non-root user the tests run as that user and skip the root-only ones. Each attack runs under both
+sandbox backends (`sandbox`: builtin, and bwrap where bubblewrap is installed). The user runs the system Python
 (/usr/bin/python3) on tiny-python (the HumanEval data lives in our venv, which it may not read).
 """
 
@@ -23,6 +24,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from engine.evals.sandbox import ISOLATION
+from engine.evals.sandbox_child import encode
 
 ROOT = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
@@ -66,6 +70,14 @@ def mode(request) -> str:
     return request.param
 
 
+@pytest.fixture(params=["builtin", "bwrap"])
+def sandbox(request) -> str:
+    """The sandbox backend `tas eval-code --sandbox` gets."""
+    if request.param == "bwrap" and shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed (apt-get install bubblewrap): the bwrap backend is untested here")
+    return request.param
+
+
 def _run(args: list[str], mode: str, cwd: Path, env: dict | None = None, wrap: list[str] | None = None):
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **(env or {})}
     command = [_python_for(mode), *args]
@@ -101,8 +113,11 @@ def place(mode):
     shutil.rmtree(base, ignore_errors=True)
 
 
-def eval_code(place: dict, mode: str, completions: list[str], *extra: str, env: dict | None = None, wrap=None):
-    """Run `tas eval-code` on these completions (all for TASK); returns (returncode, summary, rows, output)."""
+def eval_code(
+    place: dict, mode: str, completions: list[str], *extra: str, env: dict | None = None, wrap=None, sandbox="builtin"
+):
+    """Run `tas eval-code --sandbox SANDBOX` on these completions (all for TASK); returns (returncode,
+    summary, rows, output)."""
     samples = place["project"] / "samples.jsonl"
     samples.write_text("".join(json.dumps({"task_id": TASK, "completion": c}) + "\n" for c in completions))
     if IS_ROOT and mode == "user":
@@ -112,7 +127,7 @@ def eval_code(place: dict, mode: str, completions: list[str], *extra: str, env: 
     before = set(os.listdir("/tmp"))
     done = _run(
         ["-m", "engine.evals.code", str(samples), "--benchmark", "tiny-python", "--workers", "2", "--timeout", "8",
-         "--k", "1", "--out", str(out), *extra],
+         "--k", "1", "--out", str(out), "--sandbox", sandbox, *extra],
         mode, cwd=place["project"], env=env, wrap=wrap,
     )  # fmt: skip
     assert not {n for n in set(os.listdir("/tmp")) - before if n.startswith("tas-sandbox")}  # nothing left there
@@ -150,7 +165,7 @@ def assert_no_sandbox_processes(within_s: float = 5.0) -> None:
     assert not alive()
 
 
-def test_secrets_of_the_user_are_out_of_reach(place, mode):
+def test_secrets_of_the_user_are_out_of_reach(place, mode, sandbox):
     attack = (
         "def add_11(x):\n"
         "    import os, glob\n"
@@ -163,15 +178,15 @@ def test_secrets_of_the_user_are_out_of_reach(place, mode):
         "            pass\n"
         "    raise AssertionError('searched: ' + repr(found) + repr(dict(os.environ)))\n"
     )
-    code, summary, rows, output = eval_code(place, mode, [attack])
-    assert code == 0 and summary["sandbox"]["isolation"] == "namespaces"
+    code, summary, rows, output = eval_code(place, mode, [attack], sandbox=sandbox)
+    assert code == 0 and summary["sandbox"]["isolation"] == ISOLATION[sandbox]
     assert "searched: " in rows[0]["error"]  # it ran
     text = place["project"].joinpath("results.jsonl").read_text() + output
     for value in place["secret"].values():
         assert value not in text
 
 
-def test_files_of_the_user_cannot_be_changed(place, mode):
+def test_files_of_the_user_cannot_be_changed(place, mode, sandbox):
     attack = (
         "def add_11(x):\n"
         "    import os\n"
@@ -186,13 +201,13 @@ def test_files_of_the_user_cannot_be_changed(place, mode):
         "            done.append(repr(exc))\n"
         "    raise AssertionError(repr(done))\n"
     )
-    code, _, rows, _ = eval_code(place, mode, [attack])
+    code, _, rows, _ = eval_code(place, mode, [attack], sandbox=sandbox)
     assert code == 0 and not rows[0]["passed"]
     assert (place["home"] / ".bashrc").read_text() == "# rc\n"
     assert (place["project"] / "source.py").read_text() == "VALUE = 1\n"
 
 
-def test_one_sample_cannot_tamper_with_the_others(place, mode):
+def test_one_sample_cannot_tamper_with_the_others(place, mode, sandbox):
     """The audit's poller found the other samples' programs in /tmp and rewrote them to pass."""
     poller = (
         "import os, time\n"
@@ -209,12 +224,12 @@ def test_one_sample_cannot_tamper_with_the_others(place, mode):
         "                    pass\n"
         "    return x\n"
     )
-    code, summary, rows, _ = eval_code(place, mode, [poller] + [WRONG] * 12)
+    code, summary, rows, _ = eval_code(place, mode, [poller] + [WRONG] * 12, sandbox=sandbox)
     assert code == 0
     assert summary["pass@1"] == 0.0 and [r["passed"] for r in rows] == [False] * 13
 
 
-def test_no_signals_network_or_daemons_outside(place, mode):
+def test_no_signals_network_or_daemons_outside(place, mode, sandbox):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
@@ -258,7 +273,7 @@ def test_no_signals_network_or_daemons_outside(place, mode):
         "    raise AssertionError(repr(notes))\n"
     )
     try:
-        code, _, rows, _ = eval_code(place, mode, [attack])
+        code, _, rows, _ = eval_code(place, mode, [attack], sandbox=sandbox)
         assert code == 0 and not rows[0]["passed"]
         assert "no tcp" in rows[0]["error"] and "no unix" in rows[0]["error"], rows[0]["error"]
         assert sleeper.poll() is None and psutil.Process().is_running()
@@ -271,7 +286,7 @@ def test_no_signals_network_or_daemons_outside(place, mode):
         unix_listener.close()
 
 
-def test_nothing_persists_and_limits_hold(place, mode):
+def test_nothing_persists_and_limits_hold(place, mode, sandbox):
     marker = "tas-attack-marker-" + secrets.token_hex(4)
     attack = (
         "import ctypes, os, socket\n"
@@ -293,7 +308,7 @@ def test_nothing_persists_and_limits_hold(place, mode):
         "    notes.append('calls=%r' % denied)\n"
         "    raise AssertionError(' '.join(notes))\n"
     )
-    code, _, rows, _ = eval_code(place, mode, [attack])
+    code, _, rows, _ = eval_code(place, mode, [attack], sandbox=sandbox)
     assert code == 0 and not rows[0]["passed"]
     error = rows[0]["error"]
     assert "calls=[-1, -1, -1, -1, -1]" in error, error  # unshare, mount, ptrace, bpf, keyctl all refused
@@ -301,6 +316,11 @@ def test_nothing_persists_and_limits_hold(place, mode):
     assert opened < 300
     for folder in ("/tmp", "/var/tmp", "/dev/shm"):
         assert not [n for n in os.listdir(folder) if n.startswith(marker)]
+
+
+def _message(value) -> bytes:
+    data = b"".join(encode(value))
+    return len(data).to_bytes(4, "big") + data
 
 
 FIND_THE_TOKEN = (  # the old sandbox kept its completion token in a local of the frame that ran the program
@@ -313,6 +333,9 @@ FIND_THE_TOKEN = (  # the old sandbox kept its completion token in a local of th
     "            os._exit(0)\n"
     "        frame = frame.f_back\n"
 )
+# What init reports for a wrong answer, and a message saying "passed" (sandbox_child's format)
+INIT_REPORT = _message({"passed": False, "program_exited": False, "checker_exit": 1, "exit": 0})
+FORGED_PASS = _message({"passed": True})
 FORGERIES = {
     "token-in-frames": ("import os, sys\n" + FIND_THE_TOKEN + "def add_11(x):\n    forge()\n    return x\n"),
     "stdout-flush": (
@@ -334,6 +357,12 @@ FORGERIES = {
         "        except OSError:\n"
         "            pass\n"
         "    os._exit(0)\n"
+    ),
+    "init-report": (  # a pass where init's report ends: init writes its report over the start of the file
+        "def add_11(x):\n"
+        "    with open('/proc/1/fd/1', 'ab') as report:\n"
+        f"        report.write(bytes({len(INIT_REPORT)}) + {FORGED_PASS!r})\n"
+        "    return x\n"
     ),
     "settrace": (  # swaps the tests' `candidate` for one whose results equal anything
         "import sys\n"
@@ -368,14 +397,14 @@ FORGERIES = {
 }
 
 
-def test_a_program_cannot_forge_its_score(place, mode):
-    code, summary, rows, output = eval_code(place, mode, list(FORGERIES.values()) + [RIGHT])
+def test_a_program_cannot_forge_its_score(place, mode, sandbox):
+    code, summary, rows, output = eval_code(place, mode, list(FORGERIES.values()) + [RIGHT], sandbox=sandbox)
     assert code == 0
     assert [r["passed"] for r in rows] == [False] * len(FORGERIES) + [True], [r["error"][-300:] for r in rows]
     assert summary["n_passed"] == 1
 
 
-def test_a_fork_bomb_does_not_starve_the_other_samples(place, mode):
+def test_a_fork_bomb_does_not_starve_the_other_samples(place, mode, sandbox):
     bomb = (
         "import os, time\n"
         "def add_11(x):\n"
@@ -389,12 +418,12 @@ def test_a_fork_bomb_does_not_starve_the_other_samples(place, mode):
         "    return x\n"
     )
     forks = "import os\ndef add_11(x):\n    if os.fork() == 0:\n        os._exit(0)\n    os.wait()\n    return x + 11\n"
-    code, _, rows, _ = eval_code(place, mode, [bomb] + [forks] * 4)
+    code, _, rows, _ = eval_code(place, mode, [bomb] + [forks] * 4, sandbox=sandbox)
     assert code == 0
     assert [r["passed"] for r in rows[1:]] == [True] * 4, [r["error"][-300:] for r in rows]
 
 
-def test_each_sample_has_its_own_process_limit(place, mode):
+def test_each_sample_has_its_own_process_limit(place, mode, sandbox):
     counter = (
         "import os, time\n"
         "def add_11(x):\n"
@@ -409,7 +438,7 @@ def test_each_sample_has_its_own_process_limit(place, mode):
         "        pass\n"
         "    raise AssertionError('started=%d' % started)\n"
     )
-    code, _, rows, _ = eval_code(place, mode, [counter, counter])
+    code, _, rows, _ = eval_code(place, mode, [counter, counter], sandbox=sandbox)
     assert code == 0
     for row in rows:  # 64 processes a sample (its program and checker among them), whoever else runs
         assert 50 <= int(row["error"].split("started=")[1].split()[0]) < 64, row["error"]
@@ -439,7 +468,7 @@ def test_out_does_not_follow_a_link_planted_in_a_shared_folder(place, mode):
         shutil.rmtree(shared, ignore_errors=True)
 
 
-def test_sockets_only_of_the_families_the_network_namespace_isolates(place, mode):
+def test_sockets_only_of_the_families_the_network_namespace_isolates(place, mode, sandbox):
     attack = (
         "import socket\n"
         "def add_11(x):\n"
@@ -458,23 +487,23 @@ def test_sockets_only_of_the_families_the_network_namespace_isolates(place, mode
         "        pass\n"
         "    raise AssertionError('made=' + ','.join(made) + ';')\n"
     )
-    code, _, rows, _ = eval_code(place, mode, [attack])
+    code, _, rows, _ = eval_code(place, mode, [attack], sandbox=sandbox)
     assert code == 0
     assert "made=AF_UNIX,AF_INET;" in rows[0]["error"], rows[0]["error"][-500:]
 
 
-def test_signals_to_the_sandbox_init_change_neither_verdict_nor_isolation(place, mode):
+def test_signals_to_the_sandbox_init_change_neither_verdict_nor_isolation(place, mode, sandbox):
     signals = "import os, signal, time\nfor sig in ('SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT', 'SIGUSR1', 'SIGALRM'):\n"
     signals += (
         "    try:\n        os.kill(1, getattr(signal, sig))\n    except OSError:\n        pass\ntime.sleep(0.2)\n"
     )
-    code, summary, rows, _ = eval_code(place, mode, [signals + RIGHT, signals + WRONG])
+    code, summary, rows, _ = eval_code(place, mode, [signals + RIGHT, signals + WRONG], sandbox=sandbox)
     assert code == 0
     assert [(r["passed"], r["status"], r["isolation"]) for r in rows] == [
-        (True, "passed", "namespaces"),
-        (False, "failed", "namespaces"),
+        (True, "passed", ISOLATION[sandbox]),
+        (False, "failed", ISOLATION[sandbox]),
     ], [r["error"][-300:] for r in rows]
-    assert summary["sandbox"]["isolation"] == "namespaces"
+    assert summary["sandbox"]["isolation"] == ISOLATION[sandbox]
 
 
 HIJACK = r"""
@@ -519,7 +548,7 @@ HIJACK_TESTS = "def check(candidate):\n    r = candidate(0)\n    import json, ha
 RUN_ONE = """
 import json, sys
 from engine.evals.sandbox import Program, run_program
-r = run_program(Program(sys.argv[1], sys.argv[2], "add_11"), timeout_s=8)
+r = run_program(Program(sys.argv[1], sys.argv[2], "add_11"), timeout_s=8, backend=sys.argv[3])
 print(json.dumps([r.passed, r.status, r.isolation, r.error]))
 """
 
@@ -546,12 +575,12 @@ def python_outside_usr():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_the_program_cannot_change_what_the_checker_loads(place, mode, python_outside_usr, monkeypatch):
+def test_the_program_cannot_change_what_the_checker_loads(place, mode, sandbox, python_outside_usr, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "_python_for", lambda mode: python_outside_usr)
-    done = _run(["-c", RUN_ONE, HIJACK, HIJACK_TESTS], mode, cwd=place["project"])
+    done = _run(["-c", RUN_ONE, HIJACK, HIJACK_TESTS, sandbox], mode, cwd=place["project"])
     assert done.returncode == 0, done.stderr[-2000:]
     passed, status, isolation, error = json.loads(done.stdout)
-    assert isolation == "namespaces" and not passed and status == "failed", error[-1000:]
+    assert isolation == ISOLATION[sandbox] and not passed and status == "failed", error[-1000:]
     assert "AssertionError" in error, error[-1000:]  # the checker ran the real tests, with the real json
 
 
@@ -637,3 +666,59 @@ def test_without_user_namespaces_the_eval_refuses_unless_allowed(place, mode):
     rows = [json.loads(line) for line in (place["project"] / "results.jsonl").read_text().splitlines()]
     assert rows[0]["isolation"] == "none"
     assert not [n for n in set(os.listdir("/tmp")) - before if n.startswith("tas-sandbox")]
+
+
+@pytest.fixture
+def setuid_bwrap():
+    """A setuid-root copy of bwrap, as hosts without unprivileged user namespaces install it."""
+    if not IS_ROOT or shutil.which("bwrap") is None:
+        pytest.skip("needs root and bubblewrap (apt-get install bubblewrap) to make a setuid bwrap")
+    folder = Path(tempfile.mkdtemp(prefix="tas-bwrap-", dir="/opt" if os.path.isdir("/opt") else None))
+    try:
+        folder.chmod(0o755)
+        shutil.copy2(shutil.which("bwrap"), folder / "bwrap")
+        (folder / "bwrap").chmod(0o4755)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode", ["user"])
+def test_without_user_namespaces_a_setuid_bwrap_still_isolates(place, mode, setuid_bwrap):
+    """What the bwrap backend is for: where user namespaces are off, our own backend refuses (above), but a
+    setuid bwrap makes the namespaces, and `--sandbox auto` picks it."""
+    uid, gid = _ordinary_user()
+    attack = (
+        "def add_11(x):\n"
+        "    import glob, os\n"
+        "    found = []\n"
+        f"    for path in [{str(place['project'] / '.env')!r}, {str(place['home'] / '.cache/huggingface/token')!r}]"
+        " + glob.glob('/proc/*/environ'):\n"
+        "        try:\n"
+        "            found.append(open(path).read())\n"
+        "        except OSError:\n"
+        "            pass\n"
+        f"    for path in [{str(place['home'] / '.bashrc')!r}, {str(place['project'] / 'source.py')!r}]:\n"
+        "        try:\n"
+        "            open(path, 'a').write('echo owned\\n')\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    raise AssertionError('searched: ' + repr(found) + repr(dict(os.environ)))\n"
+    )
+    samples, out = place["project"] / "samples.jsonl", place["project"] / "results.jsonl"
+    samples.write_text("".join(json.dumps({"task_id": TASK, "completion": c}) + "\n" for c in (attack, RIGHT)))
+    os.chown(samples, uid, gid)
+    env = {"HOME": str(place["home"]), "PATH": f"{setuid_bwrap}:/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    env["OPENAI_API_KEY"] = place["secret"]["openai"]
+    command = [sys.executable, "-c", NO_USERNS, str(uid), str(gid), "/usr/bin/python3", "-m", "engine.evals.code"]
+    command += [str(samples), "--benchmark", "tiny-python", "--k", "1", "--out", str(out)]
+    done = subprocess.run(command, cwd=place["project"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary, rows = json.loads(done.stdout), [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["sandbox"]["isolation"] == "bwrap" and [r["passed"] for r in rows] == [False, True]
+    assert "searched: " in rows[0]["error"]  # it ran
+    for value in place["secret"].values():
+        assert value not in out.read_text() + done.stdout + done.stderr
+    assert (place["home"] / ".bashrc").read_text() == "# rc\n"
+    assert (place["project"] / "source.py").read_text() == "VALUE = 1\n"
+    assert_no_sandbox_processes()

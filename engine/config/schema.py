@@ -492,6 +492,12 @@ class CodeEvalConfig(Section):
     limit: int | None = Field(None, gt=0, description="Only the first N problems (quick checks).")
     ks: list[int] = Field(default_factory=lambda: [1, 10], description="pass@k values to report.")
     include_teacher: bool = Field(True, description="Also score the teacher when it is an open model.")
+    sandbox: Literal["auto", "bwrap", "builtin"] = Field(
+        "auto",
+        description="How completions are isolated: bwrap (bubblewrap: works where user namespaces are off "
+        "if it is installed setuid), builtin (our own user namespaces; root or unprivileged user namespaces), "
+        "auto: bwrap when installed and working here, else builtin.",
+    )
     allow_unsandboxed: bool = Field(
         False,
         description="Run the completions even where the sandbox cannot isolate them (no root, no user "

@@ -45,11 +45,14 @@ from pathlib import Path
 
 from engine.core.fsio import dumps_line
 from engine.evals.sandbox import (
-    ISOLATED,
+    BACKENDS,
+    ISOLATION,
+    UNSANDBOXED,
     Limits,
     Program,
     SandboxResult,
     SandboxUnavailable,
+    choose_backend,
     isolation_problem,
     run_programs,
 )
@@ -183,28 +186,31 @@ def score_completions(
     limits: Limits = Limits(),
     on_result: Callable[[int, SandboxResult], None] | None = None,
     allow_unsandboxed: bool = False,
+    sandbox: str = "auto",
 ) -> tuple[list[dict], dict]:
     """Run every record {"task_id", "completion"} against its problem's tests.
 
     Returns one result per record, in order ({task_id, completion, passed, status, error, duration_s,
     isolation}), and a summary: pass@k for each k that every problem has at least k samples for (the
     estimator is undefined otherwise), n_problems, n_samples, n_passed, statuses, and what isolation
-    the sandbox got. Raises SandboxUnavailable, before running anything, when the host cannot isolate
-    the programs, unless `allow_unsandboxed`.
+    the sandbox got. `sandbox` is the backend (engine.evals.sandbox.BACKENDS). Raises SandboxUnavailable,
+    before running anything, when the host cannot isolate the programs, unless `allow_unsandboxed`.
     """
     for record in records:
         if record["task_id"] not in problems:
             raise InputError(f"unknown task_id {record['task_id']!r}")
-    problem = isolation_problem()
+    problem = isolation_problem(sandbox)
     if problem and not allow_unsandboxed:
         raise SandboxUnavailable(
             f"{problem}; or allow unsandboxed runs (eval.code.allow_unsandboxed: true, --allow-unsandboxed)"
         )
     started = time.monotonic()
     programs = [build_program(problems[r["task_id"]], r["completion"]) for r in records]
+    backend = UNSANDBOXED if problem else choose_backend(sandbox)[0]
     outcomes = run_programs(
-        programs, workers=workers, timeout_s=timeout_s, limits=limits, on_result=on_result, isolate=not problem
+        programs, workers=workers, timeout_s=timeout_s, limits=limits, on_result=on_result, backend=backend
     )
+    isolation = ISOLATION.get(backend, UNSANDBOXED)
     results = [
         {
             "task_id": record["task_id"],
@@ -239,7 +245,7 @@ def score_completions(
         statuses=dict(Counter(r["status"] for r in results)),
         seconds=round(time.monotonic() - started, 3),
         sandbox={
-            "isolation": ISOLATED if all(o.isolation == ISOLATED for o in outcomes) else "none",
+            "isolation": isolation if all(o.isolation == isolation for o in outcomes) else UNSANDBOXED,
             "network_isolated": all(o.network_isolated for o in outcomes),
             "pid_namespace": all(o.pid_namespace for o in outcomes),
             "uids": sorted({o.uid for o in outcomes if o.uid is not None}),
@@ -432,6 +438,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the completions even where the sandbox cannot isolate them (no user namespaces): "
         "they can then read and change whatever your user can",
     )
+    parser.add_argument(
+        "--sandbox",
+        choices=BACKENDS,
+        default="auto",
+        help="how to isolate the programs: bwrap (bubblewrap), builtin (our own user namespaces), or auto "
+        "(default: bwrap when installed and working, else builtin)",
+    )
 
 
 def eval_code_main(argv: list[str] | None = None) -> int:
@@ -476,6 +489,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             ks=args.k,
             allow_unsandboxed=args.allow_unsandboxed,
+            sandbox=args.sandbox,
         )
         if args.out:
             write_results(args.out, results)

@@ -6,13 +6,25 @@ in its own session and process group, with an environment of four harmless varia
 its tests travel over that interpreter's stdin, never through a file. `run_programs` runs many of them,
 a few at a time, from a thread pool.
 
-Isolation (`isolation` in every result, and in the summaries built from them):
+Isolation (`isolation` in every result, and in the summaries built from them) names the backend that
+gave it. `choose_backend("auto")` prefers bubblewrap when it is installed and works here, else our own:
 
-* "namespaces": the program runs in new user (unless we are root), mount, network, PID, IPC and UTS
-  namespaces, on a private root file system that is read-only as a whole (/usr, /lib* and the standard
-  library are read-only binds; the folders and links between them sit on a tmpfs remounted read-only),
-  with one fresh tmpfs (64 MiB) for /tmp, /var/tmp, /dev/shm and its folder /work, nothing of $HOME, the
-  project or the host's /tmp; the checker runs in / and imports only the standard library; no network
+* "bwrap" (backend `bwrap`, `_bwrap_command`): bubblewrap (`bwrap` on PATH, >= 0.5) makes the
+  namespaces and the same read-only file system view as the builtin backend below. As an ordinary
+  user it needs a user namespace, unless bwrap is installed setuid root: then it isolates even where
+  unprivileged user namespaces are switched off, which the builtin backend cannot. As root it makes
+  no user namespace and keeps only CAP_SETUID/CAP_SETGID, so that the child can take the sample's own
+  uid. The writable places are one tmpfs of `Limits.tmpfs_bytes` on /tmp, with /var/tmp, /dev/shm and
+  /work links into it. bwrap starts the child script (bound read-only, alone, at /sandbox_child.py)
+  as PID 1 of the new PID namespace; it does all the rest as below: limits, seccomp, checker, report.
+  A setuid bwrap refuses --size, so there the tmpfs is bounded only by RLIMIT_FSIZE per file and the
+  timeout; and without a user namespace RLIMIT_NPROC counts all of the user's processes (a sample may
+  fork less, never more).
+* "namespaces" (backend `builtin`): the program runs in new user (unless we are root), mount, network,
+  PID, IPC and UTS namespaces, on a private root file system that is read-only as a whole (/usr, /lib*
+  and the standard library are read-only binds; the folders and links between them sit on a tmpfs
+  remounted read-only), with one fresh tmpfs (64 MiB) for /tmp, /var/tmp, /dev/shm and its folder
+  /work, nothing of $HOME, the project or the host's /tmp; the checker runs in / and imports only the standard library; no network
   (not even a unix socket of the host); a /proc of its own; no capabilities; a seccomp filter denying
   unshare, clone with namespace flags, mount, pivot_root, ptrace, process_vm_*, bpf, keyctl,
   perf_event_open, userfaultfd, io_uring, and sockets of any family but unix and IP (AF_VSOCK would
@@ -27,7 +39,7 @@ Isolation (`isolation` in every result, and in the summaries built from them):
   same processes and limits in a fresh 0700 folder, as the user who runs the stage, with all that user
   may do (read `.env` and tokens, write $HOME, signal its processes, reach the network).
 
-In both, the verdict is not the program's to give: the tests run in a second interpreter (the
+In all, the verdict is not the program's to give: the tests run in a second interpreter (the
 checker), which calls the program's function through a pipe and gets back plain data. A pass means the
 checker ran `check(candidate)` to its end. Always: a wall-clock timeout that SIGKILLs everything,
 RLIMIT_CPU, RLIMIT_AS (memory bombs become MemoryError), RLIMIT_FSIZE (10 MiB a file, stderr
@@ -43,13 +55,16 @@ cgroup v1 have none to give). Only the standard library is importable (-S: no si
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -59,13 +74,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.core.secrets import redact
-from engine.evals.sandbox_child import decode
+from engine.evals.sandbox_child import DEVICES, WORKDIR, WRITABLE, decode
 
 CHILD_SCRIPT = Path(__file__).with_name("sandbox_child.py")
 ERROR_CHARS = 2000  # how much of the end of stderr a result keeps
 SANDBOX_UID_BASE = 1_610_612_736  # as root, sample slot N runs as uid/gid _sandbox_uid(N): ids no account uses
 SLOTS_PER_PROCESS = 1024
-ISOLATED, UNSANDBOXED = "namespaces", "none"
+BUILTIN, BWRAP, UNSANDBOXED = "builtin", "bwrap", "none"  # backends; "none" is also the isolation of no sandbox
+BACKENDS = ("auto", BWRAP, BUILTIN)  # what eval.code.sandbox and --sandbox accept; auto: bwrap, else builtin
+ISOLATION = {BUILTIN: "namespaces", BWRAP: "bwrap"}  # the isolation level each backend records
+BWRAP_CHILD = "/sandbox_child.py"  # where bwrap shows the child script (nothing else of the project)
 
 
 @dataclass(frozen=True)
@@ -96,17 +114,17 @@ class SandboxResult:
     error: str  # the end of stderr, or why it failed, redacted; "" when passed
     duration_s: float
     exit_code: int | None = None  # of the program; negative: killed by that signal
-    isolation: str = UNSANDBOXED  # ISOLATED or UNSANDBOXED
+    isolation: str = UNSANDBOXED  # a value of ISOLATION, or UNSANDBOXED
     uid: int | None = None  # the program ran as this user (outside any user namespace)
     pid: int | None = None  # of the sandbox's supervisor: also the session and process group id of the run
 
     @property
     def network_isolated(self) -> bool:
-        return self.isolation == ISOLATED
+        return self.isolation != UNSANDBOXED
 
     @property
     def pid_namespace(self) -> bool:
-        return self.isolation == ISOLATED
+        return self.isolation != UNSANDBOXED
 
 
 class SandboxUnavailable(RuntimeError):
@@ -149,9 +167,11 @@ def _sandbox_uid(slot: int) -> int:
 
 
 def run_program(
-    program: Program, timeout_s: float = 10.0, limits: Limits = Limits(), isolate: bool = True
+    program: Program, timeout_s: float = 10.0, limits: Limits = Limits(), backend: str = BUILTIN
 ) -> SandboxResult:
-    """Run `program` in a fresh sandbox; passed only if its tests, run by the checker, all passed."""
+    """Run `program` in a fresh sandbox of `backend` (BUILTIN, BWRAP, or UNSANDBOXED); passed only if its
+    tests, run by the checker, all passed."""
+    isolate = backend != UNSANDBOXED
     started = time.monotonic()
     slot = _SLOTS.take()
     uid = _sandbox_uid(slot) if os.geteuid() == 0 else os.getuid()
@@ -161,7 +181,7 @@ def run_program(
         if not isolate and os.geteuid() == 0:
             os.chown(workdir, uid, uid)
         args = {
-            "isolate": int(isolate),
+            "backend": backend,
             "uid": uid,
             "gid": uid,
             "cpu_s": int(timeout_s) + 1,
@@ -173,7 +193,10 @@ def run_program(
             "workdir": workdir,
             "entry_point": program.entry_point,
         }
-        command = [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT), *(f"{k}={v}" for k, v in args.items())]
+        child = [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT)]
+        if backend == BWRAP:  # the interpreter itself, not a venv's link to it: the venv is not in the view
+            child = [*_bwrap_command(limits), "--", os.path.realpath(sys.executable), "-I", "-S", "-B", BWRAP_CHILD]
+        command = [*child, *(f"{k}={v}" for k, v in args.items())]
         # stdout carries the supervisor's report; stderr the tracebacks. Both are unnamed files, not
         # pipes: a chatty program cannot fill our memory, and no pipe can keep us waiting.
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -201,7 +224,7 @@ def run_program(
             stderr_tail = _tail(err)
         # Said by the supervisor once it is in the namespaces, before any of the sample runs: nothing the
         # program does later (crash init, make setup fail) can turn an isolated run into an unsandboxed one.
-        isolation = ISOLATED if isolate and report.get("isolated") is True else UNSANDBOXED
+        isolation = ISOLATION[backend] if isolate and report.get("isolated") is True else UNSANDBOXED
         return _result(report, finished, stderr_tail, proc, timeout_s, time.monotonic() - started, isolation, uid)
     finally:
         _SLOTS.give_back(slot)
@@ -215,7 +238,7 @@ def run_programs(
     timeout_s: float = 10.0,
     limits: Limits = Limits(),
     on_result: Callable[[int, SandboxResult], None] | None = None,
-    isolate: bool = True,
+    backend: str = BUILTIN,
 ) -> list[SandboxResult]:
     """Run many programs, `workers` at a time; results in the order of `programs`.
 
@@ -224,7 +247,7 @@ def run_programs(
 
     def one(item: tuple[int, Program]) -> SandboxResult:
         index, program = item
-        result = run_program(program, timeout_s, limits, isolate)
+        result = run_program(program, timeout_s, limits, backend)
         if on_result is not None:
             on_result(index, result)
         return result
@@ -233,23 +256,122 @@ def run_programs(
         return list(pool.map(one, enumerate(programs)))
 
 
-_PROBE = Program("def probe():\n    return 41 + 1\n", "def check(candidate):\n    assert candidate() == 42\n", "probe")
+# Both halves import a module that is not frozen into the interpreter: the standard library must be
+# readable by the sample's uid, not only by the supervisor.
+_PROBE = Program(
+    "import string\ndef probe():\n    return 41 + 1\n",
+    "import string\ndef check(candidate):\n    assert candidate() == 42\n",
+    "probe",
+)
 
 
-def isolation_problem() -> str | None:
-    """None when this host can run programs isolated; else what is missing and how to allow it."""
-    result = run_program(_PROBE, timeout_s=20.0)
-    if result.passed and result.isolation == ISOLATED:
-        return None
+def choose_backend(wanted: str = "auto") -> tuple[str, str | None]:
+    """(the backend to run programs with, None); or (UNSANDBOXED, what is missing and how to allow it).
+
+    `wanted` is a value of BACKENDS; "auto" tries bwrap first (it also works where bwrap is setuid and
+    user namespaces are off), then our own namespaces. Each backend is probed once per process."""
+    if wanted not in BACKENDS:
+        raise ValueError(f"unknown sandbox backend {wanted!r} (one of {', '.join(BACKENDS)})")
+    problems = []
+    for backend in (BWRAP, BUILTIN) if wanted == "auto" else (wanted,):
+        problem = _probe(backend)
+        if problem is None:
+            return backend, None
+        problems.append(f"{backend}: {problem}")
     if os.geteuid() == 0:
         how = "this kernel refused the namespaces even to root (a container without CAP_SYS_ADMIN?)"
     else:
         how = (
             "an ordinary user needs unprivileged user namespaces: sysctl user.max_user_namespaces=10000 "
             "(and on Debian/Ubuntu kernel.unprivileged_userns_clone=1; on Ubuntu >= 23.10 "
-            "kernel.apparmor_restrict_unprivileged_userns=0), or run as root"
+            "kernel.apparmor_restrict_unprivileged_userns=0), or a setuid bwrap (bubblewrap), or run as root"
         )
-    return f"the code sandbox cannot isolate programs here ({result.error.strip() or result.status}): {how}"
+    return UNSANDBOXED, f"the code sandbox cannot isolate programs here ({'; '.join(problems)}): {how}"
+
+
+def isolation_problem(wanted: str = "auto") -> str | None:
+    """None when this host can run programs isolated with `wanted`; else what is missing and how to allow it."""
+    return choose_backend(wanted)[1]
+
+
+def isolation_level(wanted: str = "auto") -> str:
+    """The isolation programs get here with `wanted`: a value of ISOLATION, or UNSANDBOXED."""
+    return ISOLATION.get(choose_backend(wanted)[0], UNSANDBOXED)
+
+
+@functools.cache
+def _probe(backend: str) -> str | None:
+    """None when `backend` runs a program isolated on this host; else why not. Once per process."""
+    if backend == BWRAP:
+        path = shutil.which("bwrap")
+        if path is None:
+            return "bwrap is not installed (apt-get install bubblewrap)"
+        try:
+            usage = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"{path} --help failed: {exc}"
+        if "--size" not in usage:
+            return f"{path} is too old: it has no --size for a size-limited tmpfs (bubblewrap >= 0.5 does)"
+    result = run_program(_PROBE, timeout_s=20.0, backend=backend)
+    if result.passed and result.isolation == ISOLATION[backend]:
+        return None
+    return (result.error.strip() or result.status)[-500:]
+
+
+@functools.cache
+def _bwrap_command(limits: Limits) -> tuple[str, ...]:
+    """bwrap's part of the command: the namespaces and the file system view of engine.evals.sandbox_child
+    (the same as its builtin backend's), before the child script's own command line.
+
+    As root: no user namespace, so the child (keeping CAP_SETUID and CAP_SETGID, and nothing else) can
+    become the sample's uid, whose RLIMIT_NPROC is its own. As an ordinary user: a user namespace when
+    the kernel allows one (a setuid bwrap makes the others without it)."""
+    root = os.geteuid() == 0
+    command = [shutil.which("bwrap") or "bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts"]
+    command += ["--unshare-cgroup-try", "--die-with-parent", "--new-session", "--as-pid-1", "--cap-drop", "ALL"]
+    command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"] if root else ["--unshare-user-try"]
+    bound = []
+    for path in ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin"):
+        if os.path.islink(path):  # merged /usr: /bin -> usr/bin
+            command += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            command += ["--ro-bind-try", path, path]
+            bound.append(path)
+    command += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    # The interpreter, its libpython and its standard library where they are not under /usr (pyenv, uv,
+    # conda): without its own libpython the loader could find another Python's under /usr.
+    ours = [os.path.realpath(sys.executable), os.path.dirname(os.__file__)]
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        ours.append(os.path.join(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")))
+    for path in ours:
+        if not any(path.startswith(top + "/") for top in bound):
+            command += [*_folders_above(path), "--ro-bind-try", path, path]
+    command += ["--ro-bind", str(CHILD_SCRIPT), BWRAP_CHILD]
+    command += _folders_above("/dev/null")
+    for name in DEVICES:
+        command += ["--dev-bind", f"/dev/{name}", f"/dev/{name}"]
+    for name, fd in (("fd", ""), ("stdin", "/0"), ("stdout", "/1"), ("stderr", "/2")):
+        command += ["--symlink", f"/proc/self/fd{fd}", f"/dev/{name}"]
+    # A setuid bwrap (run by an ordinary user) refuses --size: there the tmpfs has the kernel's default
+    # size, and only RLIMIT_FSIZE and the timeout bound what a sample writes (it goes when the sample ends).
+    setuid = not root and os.stat(command[0]).st_mode & stat.S_ISUID
+    size = [] if setuid else ["--size", str(limits.tmpfs_bytes)]
+    command += ["--proc", "/proc", *size, "--perms", "1777", "--tmpfs", "/tmp"]
+    for path in WRITABLE[1:]:  # /var/tmp, /dev/shm, /work: links into the one tmpfs, so one size limit
+        inside = "/tmp/." + path.strip("/").replace("/", "-")
+        command += ["--perms", "1777", "--dir", inside, *_folders_above(path), "--symlink", inside, path]
+    return (*command, "--chdir", WORKDIR, "--remount-ro", "/")
+
+
+def _folders_above(path: str) -> list[str]:
+    """bwrap arguments making the folders above `path` readable by the sample's uid (as root bwrap would
+    make them 0700)."""
+    return [
+        arg
+        for parent in reversed(Path(path).parents)
+        if str(parent) != "/"
+        for arg in ("--perms", "0755", "--dir", str(parent))
+    ]
 
 
 def _send_program(stdin, program: Program) -> None:

@@ -1,12 +1,12 @@
 """The trusted half of one sandboxed run. engine.evals.sandbox starts it as
 
-    python -I -S -B sandbox_child.py isolate=0|1 uid=N gid=N cpu_s=N memory=N file_size=N processes=N
-                                     nofile=N tmpfs=N workdir=DIR entry_point=NAME
+    python -I -S -B sandbox_child.py backend=builtin|bwrap|none uid=N gid=N cpu_s=N memory=N file_size=N
+                                     processes=N nofile=N tmpfs=N workdir=DIR entry_point=NAME
 
 and writes two length-prefixed texts to its stdin: the program (prompt + completion: untrusted) and
 the tests (prompt + the benchmark's `check`: trusted). Nothing of either is ever written to a file.
 
-With isolate=1 this process (the *supervisor*) enters new namespaces -- user (unless root), mount,
+With backend=builtin this process (the *supervisor*) enters new namespaces -- user (unless root), mount,
 network, PID, IPC, UTS -- and forks *init*, PID 1 of the new PID namespace. Init builds a private root
 file system on a fresh size-limited tmpfs, remounted read-only (read-only binds of /usr, /lib*, the
 standard library and a few devices; empty /tmp, /var/tmp, /dev/shm and /work, binds of one more tmpfs
@@ -28,8 +28,10 @@ program's and the checker's stdout are /dev/null; their stderr is the parent's e
 length-prefixed messages of plain data (`encode`), which only the parent reads. When init exits, the kernel kills every
 process left in its PID namespace, and the tmpfs goes with the last of them.
 
-With isolate=0 (only when the user allowed an unsandboxed run) the same processes run without any of
-the namespaces, in `workdir`. Kept to the standard library and cheap to import: it starts once per
+With backend=bwrap, bubblewrap has made the namespaces and the root file system already (see
+engine.evals.sandbox._bwrap_command) and started this script inside them as PID 1: the supervisor
+checks that it is, then becomes init itself, and the rest is the same. With backend=none (only when the user allowed an unsandboxed run) the
+same processes run without any of the namespaces, in `workdir`. Kept to the standard library and cheap to import: it starts once per
 program.
 """
 
@@ -44,7 +46,7 @@ CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 CLONE_NEWCGROUP = 0x02000000
 NAMESPACE_FLAGS = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWCGROUP
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32  # also statvfs's ST_ flags
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
 ST_RELATIME = 4096  # statvfs's flag for relatime (the others match the MS_ ones)
 MNT_DETACH = 2
@@ -204,6 +206,16 @@ def enter_namespaces(root: bool) -> None:
     _write("/proc/self/gid_map", f"{gid} {gid} 1")
 
 
+def check_inside_bwrap() -> None:
+    """As the supervisor under bwrap: refuse to claim isolation unless we are PID 1 of a PID namespace of
+    our own (`--as-pid-1`: no reaper of bwrap's, so the program, with our uid as an ordinary user, cannot
+    kill us) on a read-only root, as _bwrap_command asked."""
+    if os.getpid() != 1:
+        raise SetupError(f"not in a PID namespace of its own (pid {os.getpid()})")
+    if not os.statvfs("/").f_flag & MS_RDONLY:
+        raise SetupError("the root file system is writable")
+
+
 def build_root(stdlib: str, tmpfs_bytes: int, owner: tuple[int, int]) -> None:
     """As init: a private root on a fresh tmpfs, then pivot into it and drop the host's view.
 
@@ -327,7 +339,8 @@ def drop_privileges(opts: dict, isolate: bool) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if isolate:
         # Counted per user and, since Linux 5.14, per user namespace: as root each sample has a uid of its
-        # own; as an ordinary user a user namespace of its own. Either way no sample starves another.
+        # own; as an ordinary user a user namespace of its own. Either way no sample starves another. (Under
+        # a setuid bwrap without user namespaces it counts all of the user's processes: a sample may fork less.)
         resource.setrlimit(resource.RLIMIT_NPROC, (int(opts["processes"]),) * 2)
     if os.geteuid() == 0 and int(opts["uid"]) != 0:
         os.setgroups([])
@@ -339,7 +352,7 @@ def drop_privileges(opts: dict, isolate: bool) -> None:
                 f"the standard library ({stdlib}) is not readable by uid {os.getuid()}: without a mount "
                 "namespace, install Python where every user can read it"
             )
-    elif isolate:
+    elif isolate and opts["backend"] == "builtin":
         _drop_capabilities()  # an ordinary user owns the user namespace: it holds every capability in it
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid, which clears it
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0, "no_new_privs")
@@ -485,10 +498,13 @@ def init(opts: dict, program: str, isolate: bool, root: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if isolate:
+        # Not dumpable: no /proc/1/fd/1 (the report) or /proc/1/mem for the program, which as an ordinary
+        # user has our uid (under builtin our capabilities kept it out; under bwrap we have none either).
+        _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        if opts["backend"] == "builtin":
             owner = (int(opts["uid"]), int(opts["gid"])) if root else (os.getuid(), os.getgid())
             build_root(os.path.dirname(os.__file__), int(opts["tmpfs"]), owner)
-        else:
+        else:  # bwrap built the root and made it read-only; without isolation, a folder of the host
             os.chdir(opts["workdir"])
         calls_read, calls_write = os.pipe()
         replies_read, replies_write = os.pipe()
@@ -552,18 +568,23 @@ def _read_text(fd: int) -> str:
 
 def main() -> None:
     opts = dict(arg.split("=", 1) for arg in sys.argv[1:])
-    isolate = opts["isolate"] == "1"
+    isolate = opts["backend"] != "none"
     root = os.geteuid() == 0
     program = _read_text(0)
     if isolate:
         try:
             if not _SYSCALLS:
                 raise SetupError(f"no seccomp filter and no pivot_root number for {os.uname().machine}")
-            enter_namespaces(root)
+            if opts["backend"] == "bwrap":
+                check_inside_bwrap()
+            else:
+                enter_namespaces(root)
         except (SetupError, OSError) as exc:
             send(1, {"setup_error": f"{exc}"})
             os._exit(0)
         send(1, {"isolated": True})  # from here on nothing of the sample runs outside the namespaces
+    if opts["backend"] == "bwrap":  # we are PID 1 already: this process becomes init
+        init(opts, program, isolate, root)
     pid = os.fork()  # with a PID namespace: its PID 1
     if pid == 0:
         init(opts, program, isolate, root)

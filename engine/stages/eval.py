@@ -25,7 +25,7 @@ import torch
 from engine.core.fsio import atomic_write_json
 from engine.evals.code import load_problems, score_completions, write_results
 from engine.evals.generate import generate_completions
-from engine.evals.sandbox import ISOLATED, UNSANDBOXED, isolation_problem
+from engine.evals.sandbox import UNSANDBOXED, isolation_level, isolation_problem
 from engine.models.device import peak_memory, pick_device, pick_dtype
 from engine.models.loading import load_causal_lm, load_tokenizer
 from engine.models.tiny_python import BENCHMARK as TINY_PYTHON
@@ -183,7 +183,7 @@ def run(ctx: StageContext) -> None:
             "n_samples": code.n_samples,
             "max_new_tokens": code.max_new_tokens,
             "results_dir": str(ctx.stage_dir / "code"),
-            "isolation": UNSANDBOXED if isolation_problem() else ISOLATED,
+            "isolation": sandbox_isolation(code.sandbox)[0],
         }
     path = ctx.stage_dir / "report.json"
     atomic_write_json(path, report)
@@ -221,12 +221,18 @@ def code_problems(ctx: StageContext) -> dict[str, dict]:
 def code_isolation(ctx: StageContext) -> str:
     """The sandbox's isolation on this host (engine.evals.sandbox); a StageError (a message, no traceback)
     when there is none and eval.code.allow_unsandboxed is off. A probe of a fraction of a second."""
-    problem = isolation_problem()
+    isolation, problem = sandbox_isolation(ctx.config.eval.code.sandbox)
     if problem and not ctx.config.eval.code.allow_unsandboxed:
         raise StageError(f"{problem}; or set eval.code.allow_unsandboxed: true")
     if problem:
         ctx.events.log(f"code sandbox: NOT isolated (allowed by eval.code.allow_unsandboxed): {problem}", "warning")
-    return UNSANDBOXED if problem else ISOLATED
+    return isolation
+
+
+def sandbox_isolation(backend: str) -> tuple[str, str | None]:
+    """(the isolation level eval.code.sandbox gives here, None), or (UNSANDBOXED, what is missing)."""
+    problem = isolation_problem(backend)
+    return (UNSANDBOXED if problem else isolation_level(backend)), problem
 
 
 def code_eval(
@@ -244,6 +250,7 @@ def code_eval(
         timeout_s=code.timeout_s,
         ks=code.ks,
         allow_unsandboxed=code.allow_unsandboxed,
+        sandbox=code.sandbox,
     )
     path = ctx.stage_dir / "code" / f"{name}.jsonl"
     write_results(path, scored)

@@ -24,6 +24,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Footer, Select, Static
 
+from engine.evals.sandbox import ISOLATION
 from engine.pipeline.models import label_of, order_key
 
 
@@ -67,8 +68,8 @@ def isolation_note(samples: list[dict]) -> Text:
     levels = {s.get("isolation") for s in samples} - {None}
     if not levels:
         return Text("")
-    if levels == {"namespaces"}:
-        return Text("sandboxed (namespaces) · ", style="green")
+    if len(levels) == 1 and levels <= set(ISOLATION.values()):  # "namespaces" or "bwrap": who isolated them
+        return Text(f"sandboxed ({levels.pop()}) · ", style="green")
     return Text("NOT sandboxed: the code ran as you (eval.code.allow_unsandboxed) · ", style="bold red")
 
 
