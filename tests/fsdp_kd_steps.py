@@ -8,6 +8,7 @@ Writes to OUT: `steps.json` (the logged steps, and whether the head was sharded)
 `--reshard-head` makes every FSDP unit reshard after its forward, the head's included: how accelerate
 before 1.16 wrapped the root that held the head, and torch's own default for a unit that is not the root.
 `--save-every-step` writes the Trainer's checkpoints; `--resume CHECKPOINT` starts from one.
+`--on-policy LMBDA` makes that share of the micro-batches on-policy (the student samples the answers).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--reshard-head", action="store_true")
     parser.add_argument("--save-every-step", action="store_true", help="a checkpoint at each step")
     parser.add_argument("--resume", help="the checkpoint folder to resume from")
+    parser.add_argument("--on-policy", type=float, default=0.0, metavar="LMBDA")
     options = parser.parse_args()
     if options.fsdp:
         let_accelerate_shard_on_cpu()
@@ -64,8 +66,9 @@ def main() -> None:
 
     from torch.distributed.tensor import DTensor
 
-    from engine.models.loading import load_causal_lm, load_tokenizer
+    from engine.models.loading import load_causal_lm, load_tokenizer, stop_token_ids
     from engine.train.arguments import sharding
+    from engine.train.on_policy import OnPolicy
     from engine.train.student import trained_student
     from tests.helpers import tiny_kd_trainer
     from tests.test_kd_accumulation import ANSWERS
@@ -85,6 +88,10 @@ def main() -> None:
         examples.append({"input_ids": ids, "labels": [-100] * len(prompt) + ids[len(prompt) :]})
 
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    on_policy = None
+    if options.on_policy:
+        stops = frozenset(stop_token_ids(tokenizer, student))
+        on_policy = OnPolicy(options.on_policy, 12, 1.0, 0, tokenizer.pad_token_id, stops)
     trainer = tiny_kd_trainer(
         options.out / "checkpoints",
         examples,
@@ -99,6 +106,7 @@ def main() -> None:
         vocab_size=len(tokenizer),
         **sharding(options.fsdp),
         **({"save_strategy": "steps", "save_steps": 1} if options.save_every_step else {}),
+        **({"on_policy": on_policy} if on_policy else {}),
     )
     trainer.train(resume_from_checkpoint=options.resume)
     sharded = isinstance(trainer.model.get_output_embeddings().weight, DTensor)

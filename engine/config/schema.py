@@ -384,9 +384,21 @@ class KdLoss(Section):
     reduction: Literal["batchmean", "mean", "sum"] = Field("batchmean", description="Reduction of the KL term.")
 
 
+class OnPolicyConfig(Section):
+    """On-policy distillation (GKD): a share of the batches uses answers the student samples itself,
+    scored by the assistant (engine/train/on_policy.py)."""
+
+    lmbda: float = Field(
+        0.0, ge=0, le=1, description="Share of batches the student generates (0: off-policy only, today's KD)."
+    )
+    max_new_tokens: int = Field(128, gt=0, description="Longest answer the student samples for such a batch.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student's answers.")
+
+
 class KnowledgeDistillation(Section):
     weight: float = Field(0.3, ge=0, le=1, description="w in (1 - w)·CE + w·T²·KL.")
     loss: KdLoss = Field(default_factory=KdLoss)
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
 
 
 class DistillationConfig(TrainerSection):

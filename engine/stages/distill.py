@@ -32,13 +32,14 @@ import torch
 from transformers import TrainingArguments
 
 from engine.models.device import pick_device, pick_dtype
-from engine.models.loading import load_tokenizer
+from engine.models.loading import load_tokenizer, stop_token_ids
 from engine.pipeline.models import STUDENT_CE, STUDENT_KD
 from engine.runner.context import StageContext, StageError
 from engine.train.arguments import one_gpu, save_trained, sharding, trainer_arguments
 from engine.train.assistant import load_tuned_assistant
 from engine.train.callbacks import COMPLETED, CancelCallback, EventsCallback, train_resumable
 from engine.train.kd_trainer import KDCollator, KDTrainer
+from engine.train.on_policy import OnPolicy
 from engine.train.pairs import load_split_pairs, tokenize_pair
 from engine.train.student import (
     build_student,
@@ -155,6 +156,22 @@ def student_arguments(shared: dict[str, Any], kd) -> TrainingArguments:
     return args
 
 
+def on_policy_settings(kd, tokenizer, student) -> OnPolicy | None:
+    """The on-policy settings (None when `on_policy.lmbda` is 0): a sampled answer ends where a chat reply
+    would (engine.models.loading.stop_token_ids)."""
+    config = kd.knowledgedistillation.on_policy
+    if config.lmbda <= 0:
+        return None
+    return OnPolicy(
+        lmbda=config.lmbda,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        seed=kd.effective_seed,
+        pad_id=tokenizer.pad_token_id,
+        stop_ids=frozenset(stop_token_ids(tokenizer, student)),
+    )
+
+
 def train_one(
     ctx: StageContext,
     label: str,
@@ -200,6 +217,7 @@ def train_one(
         reduction=kd.knowledgedistillation.loss.reduction,
         chunk_size=kd.loss_chunk_size,
         vocab_size=vocab,
+        on_policy=on_policy_settings(kd, tokenizer, student),
     )
     train_resumable(
         ctx,
@@ -212,6 +230,8 @@ def train_one(
         "train.distillation.overwrite_output_dir",
         label,
     )
+    if trainer.on_policy is not None:
+        ctx.events.log(f"{label}: {trainer.on_policy_seconds:.1f} s sampling on-policy answers")
     # LoRA merged in (a plain model folder), in the precision it trained in: bf16 training saves a bf16
     # model, so eval, chat and export load the model the run produced, at half the size of float32. Under
     # FSDP every rank takes part in gathering the shards; rank 0 alone writes the model.

@@ -9,6 +9,7 @@ import torch
 from transformers import Trainer
 
 from engine.train.kd_loss import chunked_kd_loss
+from engine.train.on_policy import OnPolicy, generate_answers, response_tokens
 
 
 class KDCollator:
@@ -77,6 +78,13 @@ class KDTrainer(Trainer):
     the whole step, for both terms, exactly what one micro-batch of the whole step would give. A
     per-micro-batch mean was counted `gradient_accumulation_steps` times over (issue 22): 2x gradients,
     clipping at half the norm.
+
+    On-policy micro-batches (`on_policy`, engine.train.on_policy) swap the teacher's answers for the
+    student's own samples and take the KD term alone. They keep the share of the step their original batch
+    had: their KD sum is divided by their own response tokens and multiplied by the original's. `ce_loss`
+    is logged over the batches that have a CE term (not at all in a window without one), `kd_loss` over
+    all, `on_policy_share` (of the micro-batches) and `on_policy_gen_s` (seconds sampling) beside them;
+    with on-policy batches in a step, `loss` is no longer `(1 - w)·ce_loss + w·kd_loss`.
     """
 
     def __init__(
@@ -88,6 +96,7 @@ class KDTrainer(Trainer):
         reduction: str,
         chunk_size: int,
         vocab_size: int,
+        on_policy: OnPolicy | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -99,16 +108,29 @@ class KDTrainer(Trainer):
         self.reduction = reduction
         self.chunk_size = chunk_size
         self.vocab_size = vocab_size
+        self.on_policy = on_policy if kd_weight > 0 else None  # the CE-only control has no teacher to score with
+        self.on_policy_seconds = 0.0  # all sampling of this trainer, for the stage's log
+        self._micro = (-1, 0)  # (optimizer step, micro-batches seen in it): which draw of on_policy.chooses
         self._sums = self._no_sums()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weight, share = self.kd_weight, 1.0
+        if model.training and self._on_policy_now():
+            original_tokens = response_tokens(inputs["labels"])
+            generated = generate_answers(self.accelerator.unwrap_model(model), inputs, self.on_policy)
+            device = inputs["labels"].device
+            inputs = {key: value.to(device) for key, value in self.data_collator(generated.examples).items()}
+            weight, share = 1.0, original_tokens / max(response_tokens(inputs["labels"]), 1)
+            self.on_policy_seconds += generated.seconds
+            self._sums["on_policy"] += 1
+            self._sums["gen_s"] += generated.seconds
         labels = inputs["labels"]
         # through the wrapped model's own forward: DDP's gradient sync, DataParallel's scatter and the
         # autocast of bf16/fp16 training live there, not in the inner `model.model`
         student_hidden = last_hidden_state(model, inputs)
         student_head = whole_head_weight(self.accelerator.unwrap_model(model))
         teacher_hidden = teacher_head = None
-        if self.kd_weight > 0:
+        if weight > 0:
             with torch.no_grad():
                 teacher_hidden = last_hidden_state(self.kd_teacher, inputs)
             teacher_head = self.kd_teacher.get_output_embeddings().weight
@@ -118,20 +140,35 @@ class KDTrainer(Trainer):
             teacher_hidden,
             teacher_head,
             labels,
-            weight=self.kd_weight,
+            weight=weight,
             temperature=self.temperature,
             reduction=self.reduction if num_items_in_batch is None else "sum",
             chunk_size=self.chunk_size,
             vocab_size=self.vocab_size,
         )
-        scale = self._share_of_step(num_items_in_batch)
+        step_share = self._share_of_step(num_items_in_batch)
+        scale = step_share * (share if num_items_in_batch is not None else 1.0)
         loss = out.loss * scale
         if model.training:
             if self._sums["since"] is None:
                 self._sums["since"] = self.state.global_step
-            self._sums["ce_loss"] += float((out.ce_loss * scale).detach().mean())
             self._sums["kd_loss"] += float((out.kd_loss * scale).detach().mean())
+            # this micro-batch's part of its step, to scale ce_loss up to the batches that had a CE term
+            part = float(step_share * out.tokens * share) if num_items_in_batch is not None else 1.0
+            self._sums["micro"] += 1
+            self._sums["part"] += part
+            if weight < 1:
+                self._sums["ce_loss"] += float((out.ce_loss * scale).detach().mean())
+                self._sums["ce_part"] += part
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _on_policy_now(self) -> bool:
+        """Whether this training micro-batch is on-policy (the same draw on every rank, see OnPolicy.chooses)."""
+        if self.on_policy is None:
+            return False
+        step, seen = self._micro
+        self._micro = (self.state.global_step, seen + 1 if step == self.state.global_step else 0)
+        return self.on_policy.chooses(*self._micro)
 
     def _share_of_step(self, num_items_in_batch) -> float | torch.Tensor:
         """The factor from this micro-batch's sums to its share of the step's loss (see the class docstring).
@@ -148,7 +185,8 @@ class KDTrainer(Trainer):
     @staticmethod
     def _no_sums() -> dict:
         """The logged parts since the last log, and the optimizer step they started at."""
-        return {"ce_loss": 0.0, "kd_loss": 0.0, "since": None}
+        parts = {"ce_loss": 0.0, "kd_loss": 0.0, "part": 0.0, "ce_part": 0.0}
+        return {**parts, "since": None, "micro": 0, "on_policy": 0, "gen_s": 0.0}
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._sums["since"] is not None:
@@ -156,5 +194,13 @@ class KDTrainer(Trainer):
             steps = max(self.state.global_step - self._sums["since"], 1)
             logs["ce_loss"] = round(self._sums["ce_loss"] / steps, 6)
             logs["kd_loss"] = round(self._sums["kd_loss"] / steps, 6)
+            if self.on_policy is not None:
+                # ce_loss over the off-policy batches only (none in this window: not logged)
+                if self._sums["ce_part"] > 0:
+                    logs["ce_loss"] = round(logs["ce_loss"] * self._sums["part"] / self._sums["ce_part"], 6)
+                else:
+                    del logs["ce_loss"]
+                logs["on_policy_share"] = round(self._sums["on_policy"] / max(self._sums["micro"], 1), 4)
+                logs["on_policy_gen_s"] = round(self._sums["gen_s"], 3)
             self._sums = self._no_sums()
         super().log(logs, *args, **kwargs)
