@@ -2,6 +2,7 @@
 
     python bench/kd_loss_memory.py                  # every variant, each in a fresh process; prints JSON
     python bench/kd_loss_memory.py --variant naive  # one measurement (what the first form runs)
+    python bench/kd_loss_memory.py --variants chunked --divergence jsd   # another KD divergence
 
 The workload is one forward + backward of the loss at Qwen2.5's vocab (151,936), batch 2 x seq 1024:
 
@@ -87,7 +88,8 @@ def run_variant(args) -> dict:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device = "cpu" if device == "auto" else device
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    kw = dict(weight=args.weight, temperature=args.temperature, reduction="batchmean")
+    divergence = kd_loss.Divergence(args.divergence)
+    kw = dict(weight=args.weight, temperature=args.temperature, reduction="batchmean", divergence=divergence)
 
     def loss_of(h_s, w_s, h_t, w_t, labels):
         if args.variant == "chunked":
@@ -192,6 +194,7 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--weight", type=float, default=0.3)
     p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--divergence", default="forward_kl", help="knowledgedistillation.loss.divergence")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", help="folder for the gradients (set by the driver)")
@@ -214,6 +217,7 @@ def main() -> None:
                 "chunk_size",
                 "weight",
                 "temperature",
+                "divergence",
                 "dtype",
                 "device",
             ):
@@ -228,7 +232,7 @@ def main() -> None:
         comparison = compare(ok, Path(tmp))
     shape = {
         k: getattr(args, k)
-        for k in ("batch", "seq", "vocab", "student_hidden", "teacher_hidden", "chunk_size", "dtype")
+        for k in ("batch", "seq", "vocab", "student_hidden", "teacher_hidden", "chunk_size", "divergence", "dtype")
     }
     print(json.dumps({"shape": shape, "results": results, "vs_naive": comparison}, indent=2))
 

@@ -115,12 +115,14 @@ def tiny_kd_trainer(output_dir: Path, examples: list[dict], student, teacher, pa
     """A KDTrainer over `examples` on CPU that saves and reports nothing: the in-process KD step tests build.
 
     `options` go to TrainingArguments (saving nothing unless they say `save_strategy`), except the KD ones
-    (`kd_weight`, `chunk_size`, `vocab_size`, and `on_policy`, an engine.train.on_policy.OnPolicy)."""
+    (`kd_weight`, `chunk_size`, `vocab_size`; `divergence`, an engine.train.kd_loss.Divergence, and `on_policy`,
+    an engine.train.on_policy.OnPolicy, when given)."""
     from transformers import TrainingArguments
 
     from engine.train.kd_trainer import KDCollator, KDTrainer
 
-    kd = {key: options.pop(key) for key in ("kd_weight", "chunk_size", "vocab_size", "on_policy") if key in options}
+    keys = ("kd_weight", "chunk_size", "vocab_size", "divergence", "on_policy")
+    kd = {key: options.pop(key) for key in keys if key in options}
     args = TrainingArguments(
         output_dir=str(output_dir),
         use_cpu=True,

@@ -140,6 +140,19 @@ def test_sft_and_distillation_keep_their_keys_and_defaults():
     assert cfg.train.sft.eval_strategy == "steps" and cfg.train.distillation.eval_strategy == "epoch"
 
 
+def test_kd_divergence_defaults_to_forward_kl_and_reads_its_parameter(seed_config_path: Path):
+    """The seed file (no divergence key) keeps TAS's forward KL; a chosen divergence, its parameter given the
+    way PyYAML reads `1e-4` (a string), becomes a float."""
+    loss = load_config(seed_config_path).train.distillation.knowledgedistillation.loss
+    assert (loss.divergence, loss.label) == ("forward_kl", "forward_kl")
+    text = seed_config_path.read_text().replace(
+        'reduction: "batchmean"', 'reduction: "batchmean"\n        divergence: jsd\n        beta: 1e-1'
+    )
+    assert yaml.safe_load(text)["train"]["distillation"]["knowledgedistillation"]["loss"]["beta"] == "1e-1"
+    loss = parse_config(text).train.distillation.knowledgedistillation.loss
+    assert loss.divergence == "jsd" and isinstance(loss.beta, float) and loss.label == "jsd(beta=0.1)"
+
+
 def test_distillation_keys_left_out_follow_sft():
     """distill logs and seeds its trainer as train.sft says unless train.distillation says otherwise."""
     kd = load_config(SEED_CONFIG).train.distillation  # TAS's file: neither key
@@ -576,6 +589,9 @@ SEED_EDITS = [
     ("reduction enum", 'reduction: "batchmean"', 'reduction: "median"', "train.distillation.knowledgedistillation.loss.reduction"),
     ("kd weight above one", "weight: 0.3", "weight: 2", "train.distillation.knowledgedistillation.weight"),
     ("temperature zero", "temperature: 0.5\n        reduction", "temperature: 0\n        reduction", "train.distillation.knowledgedistillation.loss.temperature"),
+    ("divergence enum", 'reduction: "batchmean"', 'reduction: "batchmean"\n        divergence: "kl"', "train.distillation.knowledgedistillation.loss.divergence: Input should be 'forward_kl', 'reverse_kl', 'jsd', 'skew_kl' or 'tvd'"),
+    ("jsd beta above one", 'reduction: "batchmean"', 'reduction: "batchmean"\n        beta: 1.5', "train.distillation.knowledgedistillation.loss.beta"),
+    ("skew alpha negative", 'reduction: "batchmean"', 'reduction: "batchmean"\n        alpha: -0.1', "train.distillation.knowledgedistillation.loss.alpha"),
     ("hidden size negative", "hidden_size: 1280", "hidden_size: -1", "student.hidden_size"),
     ("layers zero", "num_hidden_layers: 24", "num_hidden_layers: 0", "student.num_hidden_layers"),
     ("test_size above one", "test_size: 0.1", "test_size: 1.5", "train.sft.dataset.test_size"),

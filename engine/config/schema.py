@@ -381,7 +381,29 @@ class SftConfig(TrainerSection):
 
 class KdLoss(Section):
     temperature: float = Field(0.5, gt=0, description="Softmax temperature of the KD term.")
-    reduction: Literal["batchmean", "mean", "sum"] = Field("batchmean", description="Reduction of the KL term.")
+    reduction: Literal["batchmean", "mean", "sum"] = Field("batchmean", description="Reduction of the KD term.")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"] = Field(
+        "forward_kl",
+        description="What the KD term measures between the assistant's (p) and the student's (q) token "
+        "distributions: forward_kl KL(p‖q), TAS's (mass-covering); reverse_kl KL(q‖p) (mode-seeking); jsd the "
+        "generalized Jensen-Shannon divergence with `beta` (TRL's GKD); skew_kl KL(p‖αp+(1-α)q) with `alpha` "
+        "(DistiLLM); tvd the total variation ½Σ|p-q| (DistillKit). Formulas: engine/train/kd_loss.py.",
+    )
+    beta: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="jsd only: β in β·KL(p‖m) + (1-β)·KL(q‖m), m = βp + (1-β)q; 0 is forward KL, 1 reverse KL (TRL).",
+    )
+    alpha: float = Field(
+        0.1, ge=0, le=1, description="skew_kl only: the assistant's share α of the mixture (0: forward KL; 1: no KD)."
+    )
+
+    @property
+    def label(self) -> str:
+        """The divergence with the parameter it reads, for logs and the model card: `jsd(beta=0.5)`."""
+        param = {"jsd": "beta", "skew_kl": "alpha"}.get(self.divergence)
+        return f"{self.divergence}({param}={getattr(self, param)})" if param else self.divergence
 
 
 class OnPolicyConfig(Section):
@@ -396,7 +418,7 @@ class OnPolicyConfig(Section):
 
 
 class KnowledgeDistillation(Section):
-    weight: float = Field(0.3, ge=0, le=1, description="w in (1 - w)·CE + w·T²·KL.")
+    weight: float = Field(0.3, ge=0, le=1, description="w in (1 - w)·CE + w·T²·D (D: loss.divergence).")
     loss: KdLoss = Field(default_factory=KdLoss)
     on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
 

@@ -61,10 +61,11 @@ def _what_it_is(config: TASConfig, source: ExportSource) -> str:
             f"like any `transformers` model, without `peft` or `bitsandbytes`."
         )
     loss = kd.knowledgedistillation
+    divergence = "KL(assistant ‖ student)" if loss.loss.divergence == "forward_kl" else f"D, D = {loss.loss.label}"
     if source.target == STUDENT_KD.target:
         return (
             f"A student distilled from the fine-tuned assistant (`{assistant}` + LoRA) with answer-only "
-            f"knowledge distillation: loss = (1 − w)·CE + w·T²·KL(assistant ‖ student), w = {loss.weight}, "
+            f"knowledge distillation: loss = (1 − w)·CE + w·T²·{divergence}, w = {loss.weight}, "
             f"T = {loss.loss.temperature}, on the answers of the teacher {teacher}. "
             f"Student initialisation: {kd.student_init}."
         )

@@ -38,6 +38,7 @@ from engine.runner.context import StageContext, StageError
 from engine.train.arguments import one_gpu, save_trained, sharding, trainer_arguments
 from engine.train.assistant import load_tuned_assistant
 from engine.train.callbacks import COMPLETED, CancelCallback, EventsCallback, train_resumable
+from engine.train.kd_loss import Divergence
 from engine.train.kd_trainer import KDCollator, KDTrainer
 from engine.train.on_policy import OnPolicy
 from engine.train.pairs import load_split_pairs, tokenize_pair
@@ -46,6 +47,7 @@ from engine.train.student import (
     check_same_tokenizer,
     check_vocab_compatibility,
     embedding_rows,
+    special_token_differences,
     trained_student,
     with_lora,
 )
@@ -69,6 +71,8 @@ def run(ctx: StageContext) -> None:
         check_same_tokenizer(tokenizer, student_tokenizer)
     except ValueError as exc:
         raise StageError(str(exc)) from None
+    for difference in special_token_differences(tokenizer, student_tokenizer):
+        ctx.events.log(f"the tokenizers' special tokens differ: {difference}", level="warning")
 
     # the data as token ids, now that the tokenizer is loaded
     max_length = min(kd.max_length, config.student.max_position_embeddings)
@@ -108,7 +112,7 @@ def run(ctx: StageContext) -> None:
             student.to(device)
         ctx.events.log(
             f"{label}: {describe(ctx, student)}, KD weight {weight}, "
-            f"T={kd.knowledgedistillation.loss.temperature}; {len(train_set)} train / {len(eval_set)} eval; "
+            f"T={kd.knowledgedistillation.loss.temperature}, {kd.knowledgedistillation.loss.label}; {len(train_set)} train / {len(eval_set)} eval; "
             f"KD over {vocab} token columns"
         )
         train_one(
@@ -204,6 +208,7 @@ def train_one(
     )
     args = student_arguments(shared, kd)
     cancel = CancelCallback(ctx)
+    loss = kd.knowledgedistillation.loss
     trainer = KDTrainer(
         model=student,
         args=args,
@@ -218,6 +223,7 @@ def train_one(
         chunk_size=kd.loss_chunk_size,
         vocab_size=vocab,
         on_policy=on_policy_settings(kd, tokenizer, student),
+        divergence=Divergence(loss.divergence, loss.beta, loss.alpha),
     )
     train_resumable(
         ctx,

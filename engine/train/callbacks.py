@@ -20,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from engine.core.fsio import describe_os_error
 from engine.models.device import any_rank, barrier, has_native_bf16, peak_memory
 from engine.runner.context import StageContext
+from engine.train.kd_trainer import balance_warning
 
 
 class EventsCallback(TrainerCallback):
@@ -36,6 +37,7 @@ class EventsCallback(TrainerCallback):
         self.part = part
         self._last_step_time: float | None = None
         self._last_memory = 0.0
+        self._balance_warned = False  # the KD/CE balance warning is said once per training, not every log
 
     def _progress(self, state) -> None:
         index, count = self.part
@@ -68,6 +70,10 @@ class EventsCallback(TrainerCallback):
             if isinstance(value, (int, float)):
                 metric = {"learning_rate": "lr", "train_loss": "train_loss_avg"}.get(name, name)
                 self.ctx.events.metric(self.prefix + metric, float(value), step=state.global_step)
+        warning = balance_warning(logs["kd_ce_ratio"]) if "kd_ce_ratio" in logs else None
+        if warning and not self._balance_warned:
+            self._balance_warned = True
+            self.ctx.events.log(f"{self.prefix}step {state.global_step}: {warning}", level="warning")
 
     def on_save(self, args, state, control, **kwargs):
         if self.ctx.is_main:

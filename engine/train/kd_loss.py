@@ -1,14 +1,23 @@
-"""The distillation loss of the student stage: (1 - w)·CE + w·T²·KL(teacher_T ‖ student_T).
+"""The distillation loss of the student stage: (1 - w)·CE + w·T²·D(teacher_T, student_T).
 
 Heavy module (torch): import it only in worker processes and tests.
 
 What is computed, per *response token* (a position whose next-token label is not -100):
 
-* CE  = -log p_student(label)                      student softmax at temperature 1;
-* KL  = Σ_v p_teacher,T(v) · (log p_teacher,T(v) - log p_student,T(v))
-                                                    both softmaxes at temperature T;
-* loss = (1 - w)·CE + w·T²·KL                       T² keeps the KD gradient on the same scale as CE's
-                                                    when T changes (Hinton et al., 2015).
+* CE  = -log q(label)                               the student's softmax at temperature 1;
+* D   = a divergence between p = the teacher's and q = the student's softmax, both at temperature T
+        (`train.distillation.knowledgedistillation.loss.divergence`), sums over the vocabulary v:
+    forward_kl  KL(p ‖ q) = Σ p·(log p - log q)            the default, and the original TAS loss: mass-covering;
+    reverse_kl  KL(q ‖ p) = Σ q·(log q - log p)            mode-seeking (on-policy distillation's choice);
+    jsd         β·KL(p ‖ m) + (1 - β)·KL(q ‖ m),  m = β·p + (1 - β)·q
+                the generalized JSD of GKD (Agarwal et al., 2024) exactly as TRL's `generalized_jsd_loss`:
+                `beta` = 0 is forward KL and 1 reverse KL themselves (the formula alone would give 0 there);
+    skew_kl     KL(p ‖ m),  m = α·p + (1 - α)·q            DistiLLM's skew KL (`alpha`; 0: forward KL, 1: 0),
+                finite even where the student gives a token ~0 probability;
+    tvd         ½·Σ |p - q|                                 total variation (DistillKit), always in [0, 1];
+* loss = (1 - w)·CE + w·T²·D                        T² keeps the KD gradient on the same scale as CE's
+                                                    when T changes (Hinton et al., 2015); applied to every
+                                                    divergence, so `weight` means the same for each.
 
 Only response tokens count. The original TAS loss ran the KL over every position of the padded batch,
 prompt and padding included, so a batch's loss depended on how much padding it happened to have and the
@@ -38,7 +47,12 @@ its columns past V are padding no token maps to, so whatever it computes there i
 The student keeps its softmax over *all* of its columns (its real output distribution, the one it samples
 from) and the KL reads it on the first V, so the KL is the exact KL between the padding-free teacher and
 the student: any mass the student puts on its padding columns is mass missing from real tokens, and is
-trained away. CE is the student's real CE. With V equal to both sizes nothing is cropped.
+trained away. CE is the student's real CE. With V equal to both sizes nothing is cropped. For every
+divergence the same holds: each is the exact divergence between the teacher with probability 0 on the
+student's padding columns and the student's full softmax (jsd's and tvd's padding terms are computed in
+closed form from the student's padding mass), except reverse_kl (and jsd at β = 1): Σ q·log(q/p) is
+infinite as soon as the student puts any mass where the teacher has none, so reverse KL compares the teacher
+with the student's softmax over the first V columns alone (renormalised), and leaves the padding mass to CE.
 
 Three entry points:
 
@@ -56,6 +70,7 @@ Three entry points:
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +85,40 @@ REDUCTIONS = ("batchmean", "mean", "sum")
 
 DEFAULT_CHUNK_SIZE = 256
 """Response positions per chunk. At V = 151,936 one float32 chunk of logits is 256·V·4 B ≈ 156 MB, and a
-chunk holds a handful of such tensors at once (logits, log-probs of both models, the KL terms)."""
+chunk holds a handful of such tensors at once (logits, log-probs of both models, the KL terms); jsd and
+skew_kl hold about twice as many (the mixture's log-probs, a second term)."""
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """What the KD term measures (`knowledgedistillation.loss.divergence`), with jsd's `beta` and skew_kl's
+    `alpha` (each read only by its own divergence). The default is forward KL, the original TAS loss."""
+
+    name: str = "forward_kl"
+    beta: float = 0.5
+    alpha: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.name not in DIVERGENCES:
+            raise ValueError(f"knowledgedistillation.loss.divergence must be one of {DIVERGENCES}, got {self.name!r}")
+        for key in ("beta", "alpha"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"knowledgedistillation.loss.{key} must be in [0, 1], got {getattr(self, key)}")
+
+    @property
+    def effective(self) -> str:
+        """The formula that runs: jsd at β = 0 / 1 is forward / reverse KL (TRL's convention), and skew_kl at
+        α = 0 is forward KL (its mixture is the student itself)."""
+        if self.name == "jsd" and self.beta in (0.0, 1.0):
+            return "forward_kl" if self.beta == 0.0 else "reverse_kl"
+        if self.name == "skew_kl" and self.alpha == 0.0:
+            return "forward_kl"
+        return self.name
+
+
+FORWARD_KL = Divergence()
 
 
 @dataclass
@@ -183,8 +231,48 @@ def teacher_logits(hidden: Tensor, head: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------- the two sums
 
 
-def _chunk_sums(student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, temperature: float):
-    """(Σ CE, Σ KL) over a set of rows: student_logits (n, V_s), teacher_logits (n, V) or None, targets (n,).
+def _divergence_terms(z_s: Tensor, z_t: Tensor, temperature: float, divergence: Divergence):
+    """The divergence of each row (the last dimension is the vocabulary) as `terms.sum(-1) + extra`.
+
+    z_s (..., V_s) float student logits, z_t (..., V) teacher logits already cropped to the shared V.
+    `terms` (..., V) are the per-column terms over the shared columns; `extra` (...) the closed-form term of
+    the student's padding columns (past V, where the teacher's probability is 0), or None when it is 0.
+    F.kl_div(input=log a, target=b) is Σ b·(log b - log a) with 0·log 0 = 0, differentiable in both.
+    """
+    vocab = z_t.shape[-1]
+    name = divergence.effective
+    with torch.no_grad():
+        z_t = _as_float(z_t) / temperature
+        p = F.softmax(z_t, dim=-1)
+    if name == "reverse_kl":  # over the first V columns, renormalised (module docstring)
+        log_q = F.log_softmax(z_s[..., :vocab] / temperature, dim=-1)
+        with torch.no_grad():
+            log_p = F.log_softmax(z_t, dim=-1)
+        return F.kl_div(log_p, log_q, reduction="none", log_target=True), None
+    log_q_all = F.log_softmax(z_s / temperature, dim=-1)
+    log_q = log_q_all[..., :vocab]
+    if name == "forward_kl":
+        return F.kl_div(log_q, p, reduction="none"), None
+    pad_mass = torch.logsumexp(log_q_all[..., vocab:], dim=-1).exp()  # 0 when nothing is cropped
+    if name == "tvd":
+        return 0.5 * (p - log_q.exp()).abs(), 0.5 * pad_mass
+    with torch.no_grad():
+        log_p = F.log_softmax(z_t, dim=-1)
+    share = divergence.beta if name == "jsd" else divergence.alpha  # the teacher's share of the mixture m
+    log_m = torch.logaddexp(log_p + math.log(share), log_q + math.log1p(-share)) if share < 1 else log_p
+    if name == "skew_kl":
+        return F.kl_div(log_m, p, reduction="none"), None
+    # jsd; on a padding column m = (1 - β)·q, so KL(q ‖ m) gains q·log(1 / (1 - β)) there
+    terms = share * F.kl_div(log_m, p, reduction="none") + (1 - share) * F.kl_div(
+        log_m, log_q, reduction="none", log_target=True
+    )
+    return terms, -(1 - share) * math.log1p(-share) * pad_mass
+
+
+def _chunk_sums(
+    student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, temperature: float, divergence: Divergence
+):
+    """(Σ CE, Σ D) over a set of rows: student_logits (n, V_s), teacher_logits (n, V) or None, targets (n,).
 
     The teacher's logits arrive already cropped to the shared V columns; the student's log-probs are
     normalised over all V_s of its columns and then read on the shared V (see the module docstring).
@@ -193,13 +281,9 @@ def _chunk_sums(student_logits: Tensor, teacher_logits: Tensor | None, targets: 
     ce_sum = F.cross_entropy(z_s, targets, reduction="sum")
     if teacher_logits is None:
         return ce_sum, z_s.new_zeros(())
-    vocab = teacher_logits.shape[-1]
-    log_p_student = F.log_softmax(z_s / temperature, dim=-1)[:, :vocab]
-    with torch.no_grad():
-        p_teacher = F.softmax(_as_float(teacher_logits) / temperature, dim=-1)
-    # kl_div(input=log q, target=p) = Σ p·(log p - log q), with 0·log 0 = 0 where the teacher gives 0.
-    kl_sum = F.kl_div(log_p_student, p_teacher, reduction="sum")
-    return ce_sum, kl_sum
+    terms, extra = _divergence_terms(z_s, teacher_logits, temperature, divergence)
+    kd_sum = terms.sum()
+    return ce_sum, kd_sum if extra is None else kd_sum + extra.sum()
 
 
 def _combine(ce_sum, kl_sum, tokens, weight, temperature, reduction) -> KDLossOutput:
@@ -232,6 +316,7 @@ def kd_loss_reference(
     temperature: float,
     reduction: str = "batchmean",
     vocab_size: int | None = None,
+    divergence: Divergence = FORWARD_KL,
 ) -> KDLossOutput:
     """The loss computed directly on full logits: every position gets a full softmax, then is masked.
 
@@ -256,11 +341,9 @@ def kd_loss_reference(
     kl_sum = z_s.new_zeros(())
     if use_teacher:
         vocab = shared_vocab(z_s.shape[-1], teacher_logits.shape[-1], vocab_size)
-        log_p_student = F.log_softmax(z_s / temperature, dim=-1)[..., :vocab]
-        with torch.no_grad():
-            p_teacher = F.softmax(_as_float(teacher_logits[..., :vocab]) / temperature, dim=-1)
-        kl_per_position = F.kl_div(log_p_student, p_teacher, reduction="none").sum(-1)  # (B, S)
-        kl_sum = torch.where(mask, kl_per_position, 0.0).sum()
+        terms, extra = _divergence_terms(z_s, teacher_logits[..., :vocab], temperature, divergence)
+        per_position = terms.sum(-1) if extra is None else terms.sum(-1) + extra  # (B, S)
+        kl_sum = torch.where(mask, per_position, 0.0).sum()
     return _combine(ce_sum, kl_sum, tokens, weight, temperature, reduction)
 
 
@@ -304,6 +387,7 @@ def chunked_kd_loss(
     reduction: str = "batchmean",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     vocab_size: int | None = None,
+    divergence: Divergence = FORWARD_KL,
 ) -> KDLossOutput:
     """The loss from last hidden states and lm-head weights, never holding more than a chunk of logits.
 
@@ -342,7 +426,7 @@ def chunked_kd_loss(
 
     def chunk_sums(h_s: Tensor, w_s: Tensor, h_t: Tensor | None, w_t: Tensor | None, y: Tensor):
         z_t = teacher_logits(h_t, w_t) if h_t is not None else None
-        return _chunk_sums(h_s @ w_s.T, z_t, y, temperature)
+        return _chunk_sums(h_s @ w_s.T, z_t, y, temperature, divergence)
 
     # split(), not slicing: backward then concatenates the chunks' gradients once, instead of each
     # slice's backward allocating a zero gradient the size of the whole input.
@@ -366,6 +450,7 @@ def chunked_kd_loss_from_logits(
     reduction: str = "batchmean",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     vocab_size: int | None = None,
+    divergence: Divergence = FORWARD_KL,
 ) -> KDLossOutput:
     """The same loss when the caller already has full logits (B, S, V_s) and (B, S, V_t).
 
@@ -393,7 +478,7 @@ def chunked_kd_loss_from_logits(
         if use_teacher:
             with torch.no_grad():
                 z_t = teacher_rows.index_select(0, row_ids)[:, :vocab]
-        return _chunk_sums(z_s, z_t, y, temperature)
+        return _chunk_sums(z_s, z_t, y, temperature, divergence)
 
     chunks = zip(z_student.split(chunk_size), targets.split(chunk_size), rows.split(chunk_size))
     ce_sum, kl_sum = _sum_over_chunks(chunk_sums, chunks, checkpointed)

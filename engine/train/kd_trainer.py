@@ -8,8 +8,39 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from engine.train.kd_loss import chunked_kd_loss
+from engine.train.kd_loss import FORWARD_KL, Divergence, chunked_kd_loss
 from engine.train.on_policy import OnPolicy, generate_answers, response_tokens
+
+BALANCE_FLOOR = 0.01
+"""Below this share of the other, a weighted loss term is noise: `balance_warning` says so."""
+WEIGHT_KEY = "train.distillation.knowledgedistillation.weight"
+
+
+def kd_ce_ratio(ce_loss: float, kd_loss: float, weight: float) -> float | None:
+    """w·T²·D / ((1 - w)·CE): the two terms as the loss weighs them (`kd_loss` already holds T²).
+
+    None when one term is not in the loss at all (w = 0: the CE-only control; w = 1: KD only) or CE is 0.
+    """
+    ce_term = (1.0 - weight) * ce_loss
+    if not 0.0 < weight < 1.0 or ce_term <= 0:
+        return None
+    return weight * kd_loss / ce_term
+
+
+def balance_warning(ratio: float) -> str | None:
+    """The warning for a KD/CE ratio where one weighted term is < 1 % of the other, naming the key to change:
+    users' most common KD complaint is a weight that does nothing because the terms differ 100-1000x."""
+    if ratio < BALANCE_FLOOR:
+        return (
+            f"the KD term w·T²·D is {ratio:.2%} of the CE term (1 - w)·CE: distillation barely changes the "
+            f"student; raise {WEIGHT_KEY} (or knowledgedistillation.loss.temperature)"
+        )
+    if ratio > 1 / BALANCE_FLOOR:
+        return (
+            f"the CE term (1 - w)·CE is {1 / ratio:.2%} of the KD term w·T²·D: the answers' own tokens barely "
+            f"count; lower {WEIGHT_KEY} (or knowledgedistillation.loss.temperature)"
+        )
+    return None
 
 
 class KDCollator:
@@ -68,7 +99,8 @@ def whole_head_weight(model) -> torch.Tensor:
 
 
 class KDTrainer(Trainer):
-    """Trainer whose loss is the chunked, answer-only KD loss; logs ce_loss and kd_loss beside loss.
+    """Trainer whose loss is the chunked, answer-only KD loss; logs ce_loss and kd_loss beside loss, and
+    kd_ce_ratio, their ratio at the weight in use (`kd_ce_ratio`; EventsCallback warns once when it is off).
 
     Gradient accumulation: in training the Trainer passes `num_items_in_batch`, the response tokens of the
     whole accumulated batch (all micro-batches of the optimizer step, summed over the ranks), and takes the
@@ -97,6 +129,7 @@ class KDTrainer(Trainer):
         chunk_size: int,
         vocab_size: int,
         on_policy: OnPolicy | None = None,
+        divergence: Divergence = FORWARD_KL,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -111,6 +144,7 @@ class KDTrainer(Trainer):
         self.on_policy = on_policy if kd_weight > 0 else None  # the CE-only control has no teacher to score with
         self.on_policy_seconds = 0.0  # all sampling of this trainer, for the stage's log
         self._micro = (-1, 0)  # (optimizer step, micro-batches seen in it): which draw of on_policy.chooses
+        self.divergence = divergence
         self._sums = self._no_sums()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -145,6 +179,7 @@ class KDTrainer(Trainer):
             reduction=self.reduction if num_items_in_batch is None else "sum",
             chunk_size=self.chunk_size,
             vocab_size=self.vocab_size,
+            divergence=self.divergence,
         )
         step_share = self._share_of_step(num_items_in_batch)
         scale = step_share * (share if num_items_in_batch is not None else 1.0)
@@ -202,5 +237,8 @@ class KDTrainer(Trainer):
                     del logs["ce_loss"]
                 logs["on_policy_share"] = round(self._sums["on_policy"] / max(self._sums["micro"], 1), 4)
                 logs["on_policy_gen_s"] = round(self._sums["gen_s"], 3)
+            ratio = kd_ce_ratio(logs.get("ce_loss", 0.0), logs["kd_loss"], self.kd_weight)
+            if ratio is not None:
+                logs["kd_ce_ratio"] = round(ratio, 6)
             self._sums = self._no_sums()
         super().log(logs, *args, **kwargs)

@@ -495,6 +495,44 @@ def check_same_tokenizer(assistant_tokenizer, student_tokenizer) -> None:
         )
 
 
+SPECIAL_ROLES = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+
+def template_special_tokens(tokenizer) -> set[str]:
+    """The special and added tokens the tokenizer's chat template writes (`<|im_start|>`, `<|im_end|>`, ...)."""
+    template = str(tokenizer.chat_template or "")  # a str, or a dict of named templates
+    tokens = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    return {token for token in tokens if token and token in template}
+
+
+def special_token_differences(assistant_tokenizer, student_tokenizer) -> list[str]:
+    """What the two tokenizers' special tokens disagree on, one line each: the bos/eos/pad/unk ids, and the
+    special tokens of their chat templates. Empty when they agree.
+
+    `check_same_tokenizer` has already made every token's id the same; these are the *roles*. Training
+    reads only the assistant's tokenizer (the data, the padding, the saved student's tokenizer), so a
+    difference does not corrupt the KD loss; but a `pretrained` student keeps its checkpoint's
+    generation config, whose end-of-answer id may then not be the one the assistant's answers end with.
+    The distill stage logs these as warnings.
+    """
+    differences = []
+    for role in SPECIAL_ROLES:
+        mine, theirs = getattr(assistant_tokenizer, role, None), getattr(student_tokenizer, role, None)
+        if mine != theirs:
+            name = role.removesuffix("_id")
+            differences.append(
+                f"{name}: assistant.model.name {mine} ({getattr(assistant_tokenizer, name, None)!r}), "
+                f"student.base_model_name {theirs} ({getattr(student_tokenizer, name, None)!r})"
+            )
+    mine, theirs = template_special_tokens(assistant_tokenizer), template_special_tokens(student_tokenizer)
+    if mine != theirs:
+        differences.append(
+            f"chat-template special tokens: assistant.model.name {sorted(mine)}, "
+            f"student.base_model_name {sorted(theirs)}"
+        )
+    return differences
+
+
 def check_vocab_compatibility(
     assistant_tokenizer, student_tokenizer, assistant_vocab_size: int, student_vocab_size: int
 ) -> int:
