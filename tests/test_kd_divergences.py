@@ -144,8 +144,9 @@ def _rank_step(rank: int, port: int, divergence: Divergence, queue) -> None:
         totals = torch.stack([out.loss.detach(), torch.tensor(float(out.tokens), dtype=out.loss.dtype)])
         dist.all_reduce(totals)
         dist.all_reduce(grad)
-        if rank == 0:
-            queue.put((totals[0] / totals[1], grad / totals[1]))
+        if rank == 0:  # as numpy arrays, pickled by value: a tensor would travel as a shared-memory handle,
+            # which the parent can no longer open once this process has exited (ConnectionResetError)
+            queue.put(((totals[0] / totals[1]).numpy(), (grad / totals[1]).numpy()))
     finally:
         dist.destroy_process_group()
 
@@ -165,7 +166,7 @@ def test_two_gloo_ranks_give_the_loss_and_gradient_of_one():
     procs = [ctx.Process(target=_rank_step, args=(rank, port, divergence, queue)) for rank in range(2)]
     for p in procs:
         p.start()
-    loss, grad = queue.get(timeout=120)
+    loss, grad = (torch.from_numpy(array) for array in queue.get(timeout=120))
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
