@@ -15,7 +15,8 @@ from tests.helpers import TINY_CONFIG, python, wait_until
 from tui import store_reader
 from tui.app import TASPanel
 from tui.screens.confirm import ConfirmScreen
-from tui.tabs.config import ConfigTab, DiffScreen
+from tui.screens.diff import DiffScreen
+from tui.tabs.config import ConfigTab
 from tui.tabs.stages import StagesTab
 
 
