@@ -116,6 +116,8 @@ async def follow_worker_log(pilot, app, project: Path, monkeypatch) -> Path:
     await pilot.press("l")
     log_path = project / "runs" / RUNS[0] / "sft" / "worker.log"
     assert not log_path.exists()
+    pane = app.query_one("#worker-log")
+    await wait_until(pilot, lambda: "no worker.log yet" in str(pane.border_subtitle))  # it says so, and waits
     log_path.write_text("\n".join(LOG_START) + "\n")
     log = app.query_one("#worker-log").query_one(Log)
     await wait_until(pilot, lambda: len(log.lines) == 3)

@@ -92,6 +92,7 @@ class StoreSnapshot:
     log_lines: tuple[str, ...] = ()  # worker.log lines (redacted) appended since the last read, when followed
     reset_worker_log: bool = False
     worker_log: str = ""  # the followed worker log, as `<run>/<stage>/worker.log` ("" when not followed)
+    worker_log_missing: bool = False  # it does not exist (yet)
 
     @property
     def selected(self) -> StageRow | None:
@@ -255,7 +256,7 @@ class StoreReader:
             if line and event.get("kind") not in QUIET_EVENTS:
                 lines.append(line)
         report = read_json(run.stage_dir("eval") / "report.json") if stage == "eval" else None
-        log_lines, reset_worker_log, log_path = (), False, ""
+        log_lines, reset_worker_log, log_path, missing = (), False, "", False
         if follow_log:
             log_path = f"{run.id}/{stage}/{WORKER_LOG}"
             reset_worker_log = key != self._log_key
@@ -263,6 +264,7 @@ class StoreReader:
                 self._log, self._log_key = WorkerLogTail(run.stage_dir(stage) / WORKER_LOG), key
             new_lines, restarted = self._log.poll_lines()
             log_lines, reset_worker_log = tuple(new_lines), reset_worker_log or restarted
+            missing = not self._log.path.exists()
         else:
             self._log_key = None
         series = losses(run, stage)
@@ -280,6 +282,7 @@ class StoreReader:
             log_lines,
             reset_worker_log,
             log_path,
+            missing,
         )
 
     def compare(self, run_ids: list[str]) -> CompareSnapshot:

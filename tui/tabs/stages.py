@@ -255,7 +255,7 @@ class StagesTab(Vertical):
             worker_log = self.query_one("#worker-log")
             if snapshot.reset_worker_log:
                 worker_log.reset(snapshot.worker_log)
-            worker_log.add(snapshot.log_lines)
+            worker_log.add(snapshot.log_lines, missing=snapshot.worker_log_missing)
         self.shown = (snapshot.run_id, snapshot.stage)
         self.snapshots_shown += 1
 

@@ -54,6 +54,7 @@ class LogView(Vertical):
         self.path = ""
         self.note = ""  # what the last jump found (the subtitle), until the log is followed again
         self.current: int | None = None  # the line of the match shown: n / N go on from it
+        self.missing = False
 
     def compose(self) -> ComposeResult:
         log = Log(highlight=True, max_lines=LOG_LINES)
@@ -72,9 +73,12 @@ class LogView(Vertical):
         self.current = None
         self._title("")
 
-    def add(self, lines: tuple[str, ...]) -> None:
+    def add(self, lines: tuple[str, ...], missing: bool = False) -> None:
+        """Append the new lines; `missing`: the file does not exist (yet): said until it does."""
         if lines:
             self.log_widget.write_lines(lines)
+        if lines or missing != self.missing:
+            self.missing = missing
             self._title()
 
     def _title(self, note: str | None = None) -> None:
@@ -82,7 +86,10 @@ class LogView(Vertical):
         if note is not None:
             self.note = note
         self.border_title = f"{self.path or 'worker.log'} · {'following' if log.auto_scroll else 'paused (G follows)'}"
-        self.border_subtitle = self.note or f"{log.line_count} lines (last {LOG_LINES} kept)"
+        if self.missing:
+            self.border_subtitle = "no worker.log yet: shown as soon as the stage writes it"
+        else:
+            self.border_subtitle = self.note or f"{log.line_count} lines (last {LOG_LINES} kept)"
 
     # ------------------------------------------------------------------------------------- jumping
 
