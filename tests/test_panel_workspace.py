@@ -82,9 +82,12 @@ async def test_compare_overlays_the_curves_and_sets_reports_and_configs_side_by_
         assert isinstance(app.screen.query_one(StagesTab), StagesTab)
 
 
-@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
-@pytest.mark.parametrize("tab", ["curves", "evals", "config"])
-def test_snapshot_compare_three_runs(project: Path, snap_compare, size, tab):
+@pytest.mark.parametrize(
+    ("tab", "size"),
+    [("curves", (80, 24)), ("curves", (120, 40)), ("evals", (80, 24)), ("evals", (120, 40)), ("config", (80, 24))],
+    ids=["curves-80x24", "curves-120x40", "evals-80x24", "evals-120x40", "config-80x24"],
+)
+def test_snapshot_compare_three_runs(project: Path, snap_compare, tab, size):
     write_three_runs(project / "runs")
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=project / "runs", gpu_interval=3600)
 

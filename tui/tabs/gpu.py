@@ -27,6 +27,7 @@ from engine.gpu.control import NotOurs, describe, terminate
 from engine.gpu.format import fmt_bytes, fmt_load, fmt_memory, fmt_percent
 from engine.gpu.model import GpuProcess, GpuSnapshot, HostStats
 from engine.gpu.sampler import MIN_INTERVAL_S, Sampler
+from tui.screens.confirm import ConfirmScreen
 from tui.widgets.gpu_card import GpuCard, level
 
 INTERVAL_STEPS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -310,8 +311,6 @@ class GpuTab(Vertical):
 
     def action_stop_process(self) -> None:
         """`k`: SIGTERM the selected process after a confirmation; a process not labelled as ours is refused."""
-        from tui.screens.confirm import ConfirmScreen
-
         process = self.selected_process()
         if process is None:
             self.notify("Select a process row first.", severity="warning")

@@ -37,6 +37,7 @@ from textual.widgets import DataTable, OptionList, Static
 
 from engine.pipeline.models import STUDENT_KD
 from engine.pipeline.stages import PIPELINE
+from tui.screens.confirm import ConfirmScreen
 from tui.widgets.metrics_pane import MetricsPane
 from tui.widgets.pipeline_table import PipelineTable
 from tui.widgets.run_list import RunList
@@ -56,7 +57,6 @@ READER_IMPORTS = (
     "tui.widgets.event_log",
     "tui.widgets.log_view",
     "tui.screens.compare",
-    "tui.screens.confirm",
     "engine.runner.launcher",
 )
 
@@ -344,7 +344,6 @@ class StagesTab(Vertical):
         """Starting may take hours: say what will start (stages, run, config file), whether each stage fits its GPU
         (engine.plan), and wait for y / Enter."""
         from engine.plan.render import summary
-        from tui.screens.confirm import ConfirmScreen
 
         if run_id is None:
             question = "Start a new run?"
