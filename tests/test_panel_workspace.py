@@ -71,7 +71,11 @@ async def test_compare_overlays_the_curves_and_sets_reports_and_configs_side_by_
         sft = screen.query_one("#curve-sft")
         legend = rendered(sft.query_one("#legend"))
         assert all(f"lr {n}e-3" in legend for n in (1, 2, 3)), legend
-        assert len(screen.snapshot.curves["sft"][1]) == 3 and len(screen.snapshot.curves["distill"][1]) == 3
+        assert [len(curves) for stage in ("sft", "distill") for _, curves in screen.snapshot.curves[stage]] == [3] * 4
+        assert sft.title == "sft loss (CE): train"
+        await pilot.press("t")  # the next series: sft eval loss, the CE-only control
+        assert sft.title == "sft loss (CE): eval"
+        assert screen.query_one("#curve-distill").title == "distill CE loss: CE-only control"
         evals = screen.eval_text().plain
         assert "KD student" in evals and "assistant" in evals
         assert "0.200*" in evals  # the best pass@1 of the assistant: the third run

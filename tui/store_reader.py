@@ -113,7 +113,8 @@ class CompareSnapshot:
     the frozen configs' differences (engine.store.compare, as `tas compare` prints them)."""
 
     runs: tuple[RunRow, ...]
-    curves: dict[str, tuple[str, tuple[Curve, ...]]]  # stage -> (chart title, one curve a run that logged it)
+    # stage -> its series (LOSS_SERIES order), each (chart title, one curve a run that logged it)
+    curves: dict[str, tuple[tuple[str, tuple[Curve, ...]], ...]]
     comparison: Comparison
 
 
@@ -291,8 +292,12 @@ class StoreReader:
         rows = tuple(run_row(run) for run in runs)
         curves = {}
         for stage, series in LOSS_SERIES.items():
-            label = series[0][0]  # the first series: the assistant's train loss, the KD student's CE
-            found = [(row, losses(run, stage).get(label)) for row, run in zip(rows, runs)]
-            title = f"{LOSS_TITLE[stage]}: {label}"
-            curves[stage] = (title, tuple(Curve(row.title, points) for row, points in found if points))
+            logged = [losses(run, stage) for run in runs]
+            curves[stage] = tuple(
+                (
+                    f"{LOSS_TITLE[stage]}: {label}",
+                    tuple(Curve(row.title, found[label]) for row, found in zip(rows, logged) if found.get(label)),
+                )
+                for label, _, _ in series
+            )
         return CompareSnapshot(rows, curves, compare_runs(runs))

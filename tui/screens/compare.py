@@ -1,5 +1,5 @@
 """Marked runs side by side (`C` in the Stages tab): each training stage's loss curve of every run on one
-axis (a colour a run, the run list's ◆ colours), the eval reports (every model, each run a row, the best per
+axis (a colour a run, the run list's ◆ colours; `t` shows the stage's next series: sft eval, the CE control), the eval reports (every model, each run a row, the best per
 column starred) and what differs in their frozen configs (engine.store.compare, as `tas compare` shows it).
 Esc or q goes back. Everything was read before the screen opens (tui.store_reader.CompareSnapshot)."""
 
@@ -40,12 +40,14 @@ class CompareScreen(Screen):
         Binding("1", "show('curves')", "Curves"),
         Binding("2", "show('evals')", "Evals"),
         Binding("3", "show('config')", "Config diff"),
+        Binding("t", "next_series", "Series"),
     ]
 
     def __init__(self, snapshot: CompareSnapshot):
         super().__init__()
         self.snapshot = snapshot
         self.colours = {run.title: RUN_COLOURS[i % len(RUN_COLOURS)] for i, run in enumerate(snapshot.runs)}
+        self.series = 0  # which of each stage's series the curves show (t: the next)
 
     def compose(self) -> ComposeResult:
         runs = Text("compare ")
@@ -63,9 +65,18 @@ class CompareScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        for stage, (title, curves) in self.snapshot.curves.items():
+        self.show_curves()
+
+    def show_curves(self) -> None:
+        """Each stage's chart: its series number `series` (sft: train, eval; distill: KD student, CE control)."""
+        for stage, all_series in self.snapshot.curves.items():
+            title, curves = all_series[self.series % len(all_series)]
             series = [(c.run, self.colours.get(c.run, ""), c.points) for c in curves]
             self.query_one(f"#curve-{stage}", LossChart).show(title, series, f"{title}: none of these runs logged it")
+
+    def action_next_series(self) -> None:
+        self.series += 1
+        self.show_curves()
 
     def action_show(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab

@@ -22,6 +22,8 @@ class LossChart(Vertical):
     LossChart #no-chart { height: auto; padding: 1 1; color: $text-muted; display: none; }
     """
 
+    title = ""  # what the chart shows
+
     def compose(self) -> ComposeResult:
         yield PlotextPlot(id="loss")
         yield Static(id="no-chart")
@@ -29,6 +31,7 @@ class LossChart(Vertical):
 
     def show(self, title: str, series: list[Series], empty: str) -> bool:
         """Plot `series` under `title`, or say `empty` when there is none; True when something is plotted."""
+        self.title = title
         plot = self.query_one("#loss", PlotextPlot)
         message = self.query_one("#no-chart", Static)
         legend = self.query_one("#legend", Static)
