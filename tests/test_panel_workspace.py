@@ -188,3 +188,24 @@ def test_snapshot_worker_log_at_its_traceback(project: Path, snap_compare, monke
         await pilot.pause(0.2)
 
     assert snap_compare(app, terminal_size=size, run_before=go)
+
+
+def test_worker_log_tail_starts_near_the_end_of_a_long_log_and_keeps_partial_lines(tmp_path, monkeypatch):
+    """A long log is read from its last LOG_START_BYTES (from a whole line on); a line being written is
+    shown once its newline arrives, redacted whole."""
+    from tui import store_reader
+
+    monkeypatch.setattr(store_reader, "LOG_START_BYTES", 100)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    path = tmp_path / "worker.log"
+    path.write_text("".join(f"line {i:03d} padding padding\n" for i in range(100)))  # 26 bytes a line
+    tail = store_reader.WorkerLogTail(path)
+    lines, restarted = tail.poll_lines()
+    assert lines == [f"line {i:03d} padding padding" for i in (97, 98, 99)] and not restarted
+    with open(path, "a") as f:
+        f.write(f"token {SECRET[:10]}")
+    assert tail.poll_lines() == ([], False)
+    with open(path, "a") as f:
+        f.write(f"{SECRET[10:]} read\n")
+    (line,), _ = tail.poll_lines()
+    assert SECRET not in line and line.startswith("token ") and line.endswith(" read")
