@@ -437,7 +437,8 @@ def panel(runs: Path, interval: float):
 async def test_gpu_tab_shows_fake_gpus_and_labels_our_worker(worker, tmp_path, monkeypatch) -> None:
     from textual.widgets import DataTable, Static
 
-    from tui.tabs.gpu import NO_PROCESS, GpuCard, GpuTab
+    from tui.tabs.gpu import NO_PROCESS, GpuTab
+    from tui.widgets.gpu_card import GpuCard
 
     monkeypatch.chdir(ROOT)
     spec = fake_file(tmp_path / "fake.json", [{"gpu": 0, "pid": worker.pid, "used_memory_gib": 30.5}])
@@ -482,7 +483,8 @@ async def test_gpu_tab_shows_fake_gpus_and_labels_our_worker(worker, tmp_path, m
 async def test_gpu_tab_with_many_gpus_fits_80x24_and_scrolls(tmp_path, monkeypatch) -> None:
     from textual.widgets import DataTable
 
-    from tui.tabs.gpu import GpuCard, GpuTab
+    from tui.tabs.gpu import GpuTab
+    from tui.widgets.gpu_card import GpuCard
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv(FAKE_ENV, "8:frozen")

@@ -12,9 +12,11 @@ from textual.widgets import DataTable, Input, Tree
 from engine.config.load import load_config
 from engine.store.runs import RunStore
 from tests.helpers import TINY_CONFIG, python, wait_until
+from tui import store_reader
 from tui.app import TASPanel
 from tui.screens.confirm import ConfirmScreen
-from tui.tabs.config import ConfigTab, DiffScreen
+from tui.screens.diff import DiffScreen
+from tui.tabs.config import ConfigTab
 from tui.tabs.stages import StagesTab
 
 
@@ -571,12 +573,12 @@ async def test_stages_at_80x24_lose_no_text(project: Path, monkeypatch: pytest.M
 
         await select(pilot, app, "20261124-230000-tiny", "distill")
         run = RunStore(project / "runs").get("20261124-230000-tiny")
-        losses = StagesTab._losses(run, "distill")
+        losses = store_reader.losses(run, "distill")
         assert list(losses) == ["KD student", "CE-only control"]
         assert losses["KD student"][0] == (2, 6.96)  # ce_loss, not the KD total (loss = 3.96)
         assert losses["CE-only control"][0] == (2, 7.06)
         assert "KD student" in _rendered(app.query_one("#legend"))
-        assert StagesTab._losses(run, "eval") == {} and StagesTab._losses(run, "data") == {}
+        assert store_reader.losses(run, "eval") == {} and store_reader.losses(run, "data") == {}
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])

@@ -20,19 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from rich.syntax import Syntax
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen
+from textual.containers import Horizontal, Vertical
 from textual.timer import Timer
 from textual.widgets import ContentSwitcher, Input, Label, Select, Static, TextArea, Tree
 
 from engine.config.edit import field_help, save_config_text, set_yaml_value
 from engine.config.errors import ConfigError
 from engine.config.load import MAX_CONFIG_BYTES, parse_config, validate_tree
+from tui.screens.diff import DiffScreen
 
 SECTION_ORDER = ("teacher", "assistant", "student", "train", "datasets")
 VALIDATE_AFTER_S = 0.3  # raw-view typing is validated once the keys rest this long
@@ -86,35 +85,6 @@ def config_files(current: str) -> list[str]:
         if candidate.exists() and str(candidate) not in found:
             found.append(str(candidate))
     return found
-
-
-class DiffScreen(ModalScreen[bool]):
-    """The unified diff of file → buffer; y saves, n / Esc goes back."""
-
-    DEFAULT_CSS = """
-    DiffScreen { align: center middle; }
-    DiffScreen > Vertical { width: 90%; height: 85%; border: thick $primary; background: $surface; }
-    DiffScreen #diff { height: 1fr; }
-    DiffScreen #hint { height: 1; background: $primary 20%; }
-    """
-    BINDINGS = [Binding("y", "save", "Save"), Binding("n,escape", "back", "Back")]
-
-    def __init__(self, path: str, diff: str):
-        super().__init__()
-        self.path = path
-        self.diff = diff
-
-    def compose(self) -> ComposeResult:
-        with Vertical():
-            with VerticalScroll(id="diff"):
-                yield Static(Syntax(self.diff, "diff", theme="ansi_dark", word_wrap=True))
-            yield Label(f" save {self.path}?  y: save (old file kept as .bak)   n / Esc: back", id="hint")
-
-    def action_save(self) -> None:
-        self.dismiss(True)
-
-    def action_back(self) -> None:
-        self.dismiss(False)
 
 
 class ConfigTab(Vertical):

@@ -3,184 +3,41 @@ power and history; the processes on the GPUs, each with its CPU % and RSS, our s
 "run <id> · <stage>" (and listed even when they use no GPU, so a CPU-only run shows something); a clear
 message when there is no GPU or driver.
 
-Sampling (NVML, or fake GPUs with TAS_FAKE_GPUS; the host with psutil) runs in a thread worker of this
-widget, which posts a `GpuTab.Sampled` message per sample; widgets are only touched on the event loop.
+Sampling (NVML, or fake GPUs with TAS_FAKE_GPUS; the host with psutil): a timer of this widget starts a thread
+worker per sample (never two at once: the sampler keeps the history), which posts a `GpuTab.Sampled` message;
+widgets are only touched on the event loop.
 Keys: `+` samples less often, `-` more often (0.25 s to 30 s); `k` stops the selected process after a
 confirmation, only when it is ours (`engine.gpu.control`).
 """
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
-from typing import ClassVar
 
-from rich.style import Style
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
-from textual.widgets import DataTable, Sparkline, Static
-from textual.worker import get_current_worker
+from textual.timer import Timer
+from textual.widgets import DataTable, Static
 
 from engine.gpu.control import NotOurs, describe, terminate
-from engine.gpu.format import bar, fmt_bytes, fmt_load, fmt_memory, fmt_percent, fmt_power, fmt_temp, fmt_util
-from engine.gpu.model import GpuInfo, GpuProcess, GpuSnapshot, HostStats
+from engine.gpu.format import fmt_bytes, fmt_load, fmt_memory, fmt_percent
+from engine.gpu.model import GpuProcess, GpuSnapshot, HostStats
 from engine.gpu.sampler import MIN_INTERVAL_S, Sampler
+from tui.screens.confirm import ConfirmScreen
+from tui.widgets.gpu_card import GpuCard, level
 
 INTERVAL_STEPS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
-BAR_WIDTH = 16
 NO_PROCESS = "-"  # the key of the placeholder row of an empty process table
 CORE_BARS = "▁▂▃▄▅▆▇█"
 COLUMNS = ("gpu", "pid", "vram", "cpu", "rss", "process")
 
 
-def _level(fraction: float | None, warn: float = 0.75, high: float = 0.9) -> str:
-    if fraction is None:
-        return "$text-muted"
-    if fraction >= high:
-        return "$error"
-    if fraction >= warn:
-        return "$warning"
-    return "$success"
-
-
 def _fmt_interval(seconds: float) -> str:
     return f"{seconds:g} s"
-
-
-class HistorySparkline(Sparkline):
-    """A Sparkline on a fixed scale (0 to `maximum`), newest sample on the right.
-
-    Textual's Sparkline scales between the data's own min and max, which turns a 1% wobble of memory
-    into a full-height saw; a monitor wants an absolute scale, and stable output while few samples exist.
-    """
-
-    BARS: ClassVar[str] = "▁▂▃▄▅▆▇█"
-
-    def __init__(self, maximum: float | None = None, *, id: str | None = None, classes: str | None = None):
-        super().__init__([], id=id, classes=classes)
-        self.maximum = maximum
-
-    def set_history(self, values: list[float | None], maximum: float | None) -> None:
-        self.maximum = maximum
-        self.data = list(values)
-
-    def render(self) -> Text:
-        width = max(0, self.size.width)
-        values = list(self.data or [])[-width:] if width else []
-        values = [None] * (width - len(values)) + values
-        _, base = self.background_colors
-        low = base + self.get_component_styles("sparkline--min-color").color
-        high = base + self.get_component_styles("sparkline--max-color").color
-        text = Text(no_wrap=True, overflow="crop")
-        top = self.maximum or max((v for v in values if v is not None), default=0) or 1
-        for value in values:
-            if value is None:
-                text.append(" ")
-                continue
-            fraction = max(0.0, min(1.0, value / top))
-            index = min(len(self.BARS) - 1, int(round(fraction * (len(self.BARS) - 1))))
-            text.append(self.BARS[index], style=Style(color=low.blend(high, fraction).rich_color))
-        return text
-
-
-class GpuCard(Vertical):
-    """One GPU in three lines: name + temperature + power; memory bar + history; utilization bar + history."""
-
-    DEFAULT_CSS = """
-    GpuCard {
-        height: auto;
-        padding: 0 1;
-    }
-    GpuCard.-odd {
-        background: $boost;
-    }
-    GpuCard Horizontal {
-        height: 1;
-    }
-    GpuCard .gpu-title {
-        width: 1fr;
-        text-style: bold;
-        text-wrap: nowrap;
-        text-overflow: ellipsis;
-    }
-    GpuCard .gpu-vitals {
-        width: auto;
-        text-wrap: nowrap;
-    }
-    GpuCard .gpu-meter {
-        width: 37;
-        text-wrap: nowrap;
-    }
-    GpuCard HistorySparkline {
-        width: 1fr;
-        margin-left: 1;
-    }
-    GpuCard HistorySparkline > .sparkline--min-color {
-        color: $success 60%;
-    }
-    GpuCard HistorySparkline > .sparkline--max-color {
-        color: $error;
-    }
-    GpuCard HistorySparkline.-util > .sparkline--min-color {
-        color: $accent 50%;
-    }
-    GpuCard HistorySparkline.-util > .sparkline--max-color {
-        color: $accent;
-    }
-    """
-
-    def __init__(self, index: int):
-        super().__init__(id=f"gpu-card-{index}", classes="-odd" if index % 2 else "")
-        self.index = index
-
-    def compose(self) -> ComposeResult:
-        with Horizontal():
-            yield Static("", classes="gpu-title")
-            yield Static("", classes="gpu-vitals")
-        with Horizontal():
-            yield Static("", classes="gpu-meter gpu-mem")
-            yield HistorySparkline(classes="-mem")
-        with Horizontal():
-            yield Static("", classes="gpu-meter gpu-util")
-            yield HistorySparkline(100.0, classes="-util")
-
-    def show(self, gpu: GpuInfo, memory: list, utilization: list) -> None:
-        if not self.query(".gpu-title"):
-            # mounted but not composed yet (seen on a loaded machine): the next sample fills the card
-            return
-        title = Text(f"GPU {gpu.index} · {gpu.name}")
-        self.query_one(".gpu-title", Static).update(title)
-        temp = gpu.temperature_c
-        temp_style = "" if temp is None else ("$error" if temp >= 85 else "$warning" if temp >= 75 else "")
-        temp_text = "temp n/a" if temp is None else fmt_temp(temp)
-        power = fmt_power(gpu.power_w, gpu.power_limit_w)
-        power_text = "power n/a" if power == "n/a" else power
-        vitals = (f"[{temp_style}]{temp_text}[/]" if temp_style else temp_text) + "  " + _escape(power_text)
-        self.query_one(".gpu-vitals", Static).update(vitals)
-        frac = gpu.memory_fraction
-        self.query_one(".gpu-mem", Static).update(
-            f"mem  {_bar(frac, _level(frac))} {fmt_memory(gpu.memory_used, gpu.memory_total):>15}"
-        )
-        util = gpu.utilization_gpu
-        ufrac = None if util is None else util / 100
-        self.query_one(".gpu-util", Static).update(f"util {_bar(ufrac, '$accent')} {fmt_util(util):>15}")
-        self.query_one(".-mem", HistorySparkline).set_history(memory, gpu.memory_total)
-        self.query_one(".-util", HistorySparkline).set_history(utilization, 100.0)
-
-
-def _bar(fraction: float | None, color: str, width: int = BAR_WIDTH) -> str:
-    """A meter in Textual markup: the filled part in `color`, the rest as a muted track."""
-    text = bar(fraction, width)
-    filled = text.count("█")
-    return f"[{color}]{text[:filled]}[/][$text-disabled]{text[filled:]}[/]"
-
-
-def _escape(text: str) -> str:
-    return text.replace("[", r"\[")
 
 
 def host_markup(host: HostStats | None) -> str:
@@ -191,7 +48,7 @@ def host_markup(host: HostStats | None) -> str:
     cpu = host.cpu_percent
     if host.per_core and len(host.per_core) <= 16:
         cores = " " + "".join(
-            f"[{_level(v / 100)}]{CORE_BARS[min(7, int(round(max(0.0, min(100.0, v)) / 100 * 7)))]}[/]"
+            f"[{level(v / 100)}]{CORE_BARS[min(7, int(round(max(0.0, min(100.0, v)) / 100 * 7)))]}[/]"
             for v in host.per_core
         )
     else:
@@ -201,9 +58,9 @@ def host_markup(host: HostStats | None) -> str:
     swap_text = "none" if host.swap_total == 0 else fmt_memory(host.swap_used, host.swap_total)
     return " · ".join(
         [
-            f"[b]CPU[/] [{_level(None if cpu is None else cpu / 100)}]{fmt_percent(cpu)}[/]{cores}",
-            f"[b]RAM[/] [{_level(ram)}]{fmt_memory(host.memory_used, host.memory_total)}[/]",
-            f"[b]swap[/] [{'$text' if swap is None else _level(swap, 0.5, 0.8)}]{swap_text}[/]",
+            f"[b]CPU[/] [{level(None if cpu is None else cpu / 100)}]{fmt_percent(cpu)}[/]{cores}",
+            f"[b]RAM[/] [{level(ram)}]{fmt_memory(host.memory_used, host.memory_total)}[/]",
+            f"[b]swap[/] [{'$text' if swap is None else level(swap, 0.5, 0.8)}]{swap_text}[/]",
             f"[b]load[/] {fmt_load(host.load_average)}",
         ]
     )
@@ -283,8 +140,9 @@ class GpuTab(Vertical):
         self.interval = max(MIN_INTERVAL_S, float(interval))
         self.snapshot: GpuSnapshot | None = None
         self.samples = 0
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._sampler: Sampler | None = None  # opened by the first sample (NVML init: off the event loop)
+        self._sampling = False
+        self._timer: Timer | None = None
         self._row_keys: list[str] = []
         self._row_processes: dict[str, GpuProcess] = {}
 
@@ -307,11 +165,14 @@ class GpuTab(Vertical):
         yield VerticalScroll(id="gpu-cards")
 
     def on_mount(self) -> None:
-        self._sample_loop()
+        self._timer = self.set_interval(self.interval, self._sample)
+        self._sample()
 
     def on_unmount(self) -> None:
-        self._stop.set()
-        self._wake.set()
+        self._timer.stop()
+        if self._sampler is not None:
+            self._sampler.close()
+            self._sampler = None
 
     def on_show(self) -> None:
         """Coming into view (e.g. F3): take the focus, so the table and the +/- keys work at once."""
@@ -321,18 +182,20 @@ class GpuTab(Vertical):
 
     # ---------------------------------------------------------------------------------------- sampling
 
-    @work(thread=True, exclusive=True, group="gpu-sampler", exit_on_error=False)
-    def _sample_loop(self) -> None:
-        worker = get_current_worker()
-        sampler = Sampler(self.runs_dir)
+    def _sample(self) -> None:
+        """Take a sample in a thread, unless one is being taken (a slow NVML call outlasts a short interval)."""
+        if not self._sampling:
+            self._sampling = True
+            self._take_sample()
+
+    @work(thread=True, group="gpu-sampler", exit_on_error=False)
+    def _take_sample(self) -> None:
         try:
-            while not worker.is_cancelled and not self._stop.is_set():
-                snapshot = sampler.sample()
-                self.post_message(self.Sampled(snapshot, sampler.history()))
-                self._wake.wait(self.interval)
-                self._wake.clear()
+            if self._sampler is None:
+                self._sampler = Sampler(self.runs_dir)
+            self.post_message(self.Sampled(self._sampler.sample(), self._sampler.history()))
         finally:
-            sampler.close()
+            self._sampling = False  # (a bool: the event loop reads it, this thread clears it once)
 
     @on(Sampled)
     async def _on_sampled(self, message: Sampled) -> None:
@@ -426,7 +289,9 @@ class GpuTab(Vertical):
     def change_sample_interval(self, seconds: float) -> None:
         """Sample every `seconds` from now on (not `set_interval`: that is Textual's timer method)."""
         self.interval = max(MIN_INTERVAL_S, float(seconds))
-        self._wake.set()  # the sampling thread picks the new interval up at once
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = self.set_interval(self.interval, self._sample)
         self.query_one("#gpu-status", Static).update(self._status_text())
 
     def action_slower(self) -> None:
@@ -446,8 +311,6 @@ class GpuTab(Vertical):
 
     def action_stop_process(self) -> None:
         """`k`: SIGTERM the selected process after a confirmation; a process not labelled as ours is refused."""
-        from tui.screens.confirm import ConfirmScreen
-
         process = self.selected_process()
         if process is None:
             self.notify("Select a process row first.", severity="warning")
@@ -474,4 +337,4 @@ class GpuTab(Vertical):
         except Exception as exc:  # reported, never raised into the panel
             message, severity = f"could not stop pid {process.pid}: {exc}", "error"
         self.app.call_from_thread(self.notify, message, severity=severity)  # type: ignore[arg-type]
-        self._wake.set()  # sample again now: the table shows the process going
+        self.app.call_from_thread(self._sample)  # sample again now: the table shows the process going
