@@ -78,6 +78,8 @@ def one(project: Path, run_dir: Path, method: str, seed: int) -> dict[str, float
     frozen = run_dir / "config.yaml"
     config = load_config(frozen)
     set_key(config, "train.distillation.ce_only_control", False)
+    set_key(config, "eval.include_base_assistant", False)  # the same for every method: scored once, by the base run
+    set_key(config, "eval.code.include_teacher", False)
     set_key(config, "train.distillation.seed", seed)
     for key, value in METHODS[method].items():
         set_key(config, key, value)
