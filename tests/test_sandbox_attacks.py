@@ -668,11 +668,11 @@ def test_a_writable_mount_below_usr_is_read_only_inside(place, mode):
 
 
 MOUNT_TREE = """
-import os, sys, tempfile
+import os, sys
 from engine.evals import sandbox_child as child
 if sys.argv[1] == "fallback":
     child._read_only_recursively = lambda target: False  # as on Linux < 5.12: no mount_setattr
-base = tempfile.mkdtemp()
+base = sys.argv[2]  # a folder of the test's; the tmpfs on it goes with the mount namespace
 child._mount("tmpfs", base, "tmpfs", 0, "size=1m")
 os.makedirs(base + "/source/sub")
 child._mount("tmpfs", base + "/source/sub", "tmpfs", 0, "size=1m,mode=1777")
@@ -689,11 +689,11 @@ print(written)
 
 
 @pytest.mark.parametrize("how", ["mount_setattr", "fallback"])
-def test_a_read_only_bind_is_read_only_all_the_way_down(how):
+def test_a_read_only_bind_is_read_only_all_the_way_down(how, tmp_path):
     """F1, both ways the child does it: mount_setattr(AT_RECURSIVE), and one remount per mount below."""
     if not IS_ROOT or not shutil.which("unshare"):
         pytest.skip("needs root and unshare for a private mount namespace")
-    command = ["unshare", "-m", "--propagation", "private", sys.executable, "-c", MOUNT_TREE, how]
+    command = ["unshare", "-m", "--propagation", "private", sys.executable, "-c", MOUNT_TREE, how, str(tmp_path)]
     done = subprocess.run(command, cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-1000:]
     assert done.stdout.strip() == "['/source/sub/below']"  # only the original stays writable
