@@ -695,3 +695,42 @@ def test_cli_sandbox_flag_names_the_backend_in_every_row(problems, tmp_path, cap
         assert json.loads(capsys.readouterr().out)["sandbox"]["isolation"] == level
         row = json.loads(out.read_text())
         assert row["passed"] and row["isolation"] == level
+
+
+def test_out_must_be_a_file_of_ours(tmp_path):
+    """A directory (or, as root, another user's file) planted at --out is refused before the run, not
+    found by the final rename after every program has run."""
+    from engine.evals.code import InputError, check_out_path
+
+    (tmp_path / "planted.jsonl").mkdir()
+    with pytest.raises(InputError, match="not a file of yours"):
+        check_out_path(tmp_path / "planted.jsonl")
+    if IS_ROOT:
+        theirs = tmp_path / "theirs.jsonl"
+        theirs.write_text("")
+        os.chown(theirs, 12345, 12345)
+        with pytest.raises(InputError, match="not a file of yours"):
+            check_out_path(theirs)
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("old\n")
+    os.close(check_out_path(mine))  # an earlier run's results: replaced
+
+
+def test_results_survive_a_path_taken_during_the_run(tmp_path, monkeypatch):
+    """When `--out` turns into a directory after the check, the results stay in the temporary file,
+    which the error names."""
+    from engine.evals import code
+
+    checked = code.check_out_path
+
+    def then_planted(path):
+        folder = checked(path)
+        os.mkdir(path)
+        return folder
+
+    monkeypatch.setattr(code, "check_out_path", then_planted)
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(code.InputError, match="the results are in") as caught:
+        code.write_results(out, [{"task_id": "t", "passed": True}])
+    kept = Path(str(caught.value).split("the results are in ")[1])
+    assert kept.parent == tmp_path and json.loads(kept.read_text()) == {"task_id": "t", "passed": True}

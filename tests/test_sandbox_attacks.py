@@ -722,3 +722,130 @@ def test_without_user_namespaces_a_setuid_bwrap_still_isolates(place, mode, setu
     assert (place["home"] / ".bashrc").read_text() == "# rc\n"
     assert (place["project"] / "source.py").read_text() == "VALUE = 1\n"
     assert_no_sandbox_processes()
+
+
+# --- second review (issue 23, findings F1-F8) ------------------------------------------------------------
+
+
+def _a_folder_below_usr() -> str | None:
+    return next((p for p in ("/usr/local/games", "/usr/local/src", "/usr/src", "/usr/games") if os.path.isdir(p)), None)
+
+
+def test_a_writable_mount_below_usr_is_read_only_inside(place, mode):
+    """F1: a remount makes only the top of a bind read-only; a mount below /usr (/usr/local on a disk of
+    its own) stayed writable, and the program's files landed on the host. The mount is made in a private
+    mount namespace, so the host's mounts stay as they are."""
+    folder = _a_folder_below_usr()
+    if not IS_ROOT or folder is None or not shutil.which("unshare"):
+        pytest.skip("needs root, unshare and a folder below /usr to mount a writable tmpfs on")
+    mount = f'mount -t tmpfs -o mode=1777 tmpfs {folder} && exec "$@"'
+    wrap = ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh"]
+    attack = (
+        "def add_11(x):\n"
+        "    try:\n"
+        f"        open({folder + '/written-from-sandbox'!r}, 'w').write('sandbox was here')\n"
+        "        raise AssertionError('wrote=yes;')\n"
+        "    except OSError as exc:\n"
+        "        raise AssertionError('wrote=%s;' % exc.strerror)\n"
+    )
+    code, _, rows, _ = eval_code(place, mode, [attack], wrap=wrap)
+    assert code == 0 and "wrote=Read-only file system;" in rows[0]["error"], rows[0]["error"][-500:]
+
+
+MOUNT_TREE = """
+import os, sys
+from engine.evals import sandbox_child as child
+if sys.argv[1] == "fallback":
+    child._read_only_recursively = lambda target: False  # as on Linux < 5.12: no mount_setattr
+base = sys.argv[2]  # a folder of the test's; the tmpfs on it goes with the mount namespace
+child._mount("tmpfs", base, "tmpfs", 0, "size=1m")
+os.makedirs(base + "/source/sub")
+child._mount("tmpfs", base + "/source/sub", "tmpfs", 0, "size=1m,mode=1777")
+child._bind_read_only(base + "/source", base + "/bound")
+written = []
+for path in ("/bound/top", "/bound/sub/below", "/source/sub/below"):
+    try:
+        open(base + path, "w").close()
+        written.append(path)
+    except OSError:
+        pass
+print(written)
+"""
+
+
+@pytest.mark.parametrize("how", ["mount_setattr", "fallback"])
+def test_a_read_only_bind_is_read_only_all_the_way_down(how, tmp_path):
+    """F1, both ways the child does it: mount_setattr(AT_RECURSIVE), and one remount per mount below."""
+    if not IS_ROOT or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a private mount namespace")
+    command = ["unshare", "-m", "--propagation", "private", sys.executable, "-c", MOUNT_TREE, how, str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert done.stdout.strip() == "['/source/sub/below']"  # only the original stays writable
+
+
+KERNEL_RESOURCES = (
+    "import ctypes, os\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "calls = {'shmget': lambda: libc.shmget(0, 1 << 20, 0o1600), 'msgget': lambda: libc.msgget(0, 0o1600),\n"
+    "         'semget': lambda: libc.semget(0, 1, 0o1600), 'memfd_create': lambda: libc.memfd_create(b'm', 0),\n"
+    "         'inotify_init1': lambda: libc.inotify_init1(0), 'setsid': lambda: libc.setsid(),\n"
+    "         'setpgid': lambda: libc.setpgid(0, 0)}\n"
+    "allowed = [name for name, call in calls.items() if call() >= 0 or ctypes.get_errno() != 1]\n"
+    "made = 0\n"
+    "try:\n"
+    "    while made < 30000:\n"
+    "        os.mkdir('/tmp/%d' % made)\n"
+    "        made += 1\n"
+    "except OSError:\n"
+    "    pass\n"
+    "def add_11(x):\n"
+    "    raise AssertionError('allowed=%s; made=%d;' % (','.join(allowed), made))\n"
+)
+
+
+def test_kernel_resources_no_limit_covers_are_refused(place, mode):
+    """F2, F3, F4, F6: SysV IPC and memfds hold memory past RLIMIT_AS that the OOM killer cannot find;
+    empty folders fill a tmpfs's inodes (kernel memory) while its size says free; inotify uses the
+    user's host-wide quota; setsid gives each process an autogroup of its own (a CPU share)."""
+    code, _, rows, _ = eval_code(place, mode, [KERNEL_RESOURCES])
+    assert code == 0
+    error = rows[0]["error"]
+    assert "allowed=;" in error, error[-500:]
+    assert int(error.split("made=")[1].split(";")[0]) <= 16384, error[-500:]
+
+
+def test_what_the_program_does_is_not_blamed_on_the_sandbox(place, mode):
+    """F7: exit status 125 is the program's, not a setup failure; kill(0) reaches the sandbox's own
+    process group, not its supervisor outside the PID namespace (as an ordinary user it could)."""
+    exit_125 = "import os\nos._exit(125)\n" + RIGHT
+    kill_group = "import os, signal\nos.kill(0, signal.SIGKILL)\n" + RIGHT
+    code, _, rows, _ = eval_code(place, mode, [exit_125, kill_group, RIGHT])
+    assert code == 0
+    assert [r["status"] for r in rows] == ["failed", "failed", "passed"], [r["error"][-300:] for r in rows]
+    assert "could not start" not in rows[0]["error"] and "without a report" not in rows[1]["error"]
+
+
+def test_site_packages_and_the_folders_above_the_standard_library_stay_hidden(
+    place, mode, python_outside_usr, monkeypatch
+):
+    """F8: the folders above the standard library's bind are the sandbox's own; made 0755 they let any
+    sample list what the host keeps behind a 0700 home (site-packages, the pyenv tree)."""
+    stdlib = next(Path(python_outside_usr).parent.parent.glob("lib/python3*"))
+    (stdlib / "site-packages").mkdir()
+    (stdlib / "site-packages" / "secret.pth").write_text("import os\n")
+    monkeypatch.setattr(sys.modules[__name__], "_python_for", lambda mode: python_outside_usr)
+    program = (
+        "import os\n"
+        "stdlib = os.path.dirname(os.__file__)\n"
+        "seen = os.listdir(stdlib + '/site-packages')\n"
+        "listable = [p for p in (os.path.dirname(stdlib), os.path.dirname(os.path.dirname(stdlib))) if os.access(p, os.R_OK)]\n"
+        "def add_11(x):\n"
+        "    raise AssertionError('seen=%r; listable=%r;' % (seen, listable))\n"
+    )
+    done = _run(["-c", RUN_ONE, program, HIJACK_TESTS], mode, cwd=place["project"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    error = json.loads(done.stdout)[3]
+    assert "seen=[];" in error, error[-500:]
+    if mode == "root":  # as an ordinary user the sandbox's folders are the user's own
+        assert "listable=[];" in error, error[-500:]

@@ -261,6 +261,8 @@ def write_results(path: str | Path, results: list[dict]) -> None:
     above it, in a shared folder) must not make us write through it: the folder is reached one
     O_NOFOLLOW step at a time (`check_out_path`), and a new file is created in it with
     O_EXCL|O_NOFOLLOW and renamed over `path`, which replaces a link rather than writing through it.
+    When that rename fails (something planted at `path` during the run), the new file is kept and named
+    in the InputError: the run's results are not lost.
     """
     path = Path(path)
     folder = check_out_path(path)
@@ -273,18 +275,23 @@ def write_results(path: str | Path, results: list[dict]) -> None:
                 f.write("".join(dumps_line(r) for r in results).encode("utf-8"))
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(temp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temp, dir_fd=folder)
             raise
+        try:
+            os.replace(temp, path.name, src_dir_fd=folder, dst_dir_fd=folder)
+        except OSError as exc:
+            where = path.parent / temp
+            raise InputError(f"{path}: cannot write it ({exc.strerror}); the results are in {where}") from None
     finally:
         os.close(folder)
 
 
 def check_out_path(path: Path) -> int:
     """An fd of the folder `write_results` writes `path` in, each folder on the way made if missing and
-    opened one step at a time; InputError when `path` is a link, when the folder is one that others may
+    opened one step at a time; InputError when `path` is a link or anything but a file of ours (or
+    root's), when the folder is one that others may
     write to without the sticky bit or that another user owns (they could swap `path` for a link between
     our checks and our writes), or when a link on the way sits in a folder another user could have
     planted it in. The caller closes the fd."""
@@ -300,10 +307,13 @@ def check_out_path(path: Path) -> int:
                 f"{path}: refusing to write in {path.parent}, which another user can replace; pick another folder"
             )
         with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISLNK(os.lstat(path.name, dir_fd=folder).st_mode):
+            there = os.lstat(path.name, dir_fd=folder)
+            if stat.S_ISLNK(there.st_mode):
                 raise InputError(
                     f"{path} is a symbolic link: refusing to write through it; remove it or pick another path"
                 )
+            if not stat.S_ISREG(there.st_mode) or there.st_uid not in (0, os.geteuid()):
+                raise InputError(f"{path} is not a file of yours: refusing to replace it; pick another path")
     except BaseException:
         os.close(folder)
         raise

@@ -22,12 +22,16 @@ gave it. `choose_backend("auto")` prefers bubblewrap when it is installed and wo
   fork less, never more).
 * "namespaces" (backend `builtin`): the program runs in new user (unless we are root), mount, network,
   PID, IPC and UTS namespaces, on a private root file system that is read-only as a whole (/usr, /lib*
-  and the standard library are read-only binds; the folders and links between them sit on a tmpfs
-  remounted read-only), with one fresh tmpfs (64 MiB) for /tmp, /var/tmp, /dev/shm and its folder
-  /work, nothing of $HOME, the project or the host's /tmp; the checker runs in / and imports only the standard library; no network
+  and the standard library are read-only binds, the mounts below them too; the folders and links between
+  them sit on a tmpfs remounted read-only; the standard library's site-packages is covered by an empty
+  one), with one fresh tmpfs (64 MiB, 16384 inodes) for /tmp, /var/tmp, /dev/shm and its folder /work,
+  nothing of $HOME, the project or the host's /tmp; the checker runs in / and imports only the standard
+  library; no network
   (not even a unix socket of the host); a /proc of its own; no capabilities; a seccomp filter denying
   unshare, clone with namespace flags, mount, pivot_root, ptrace, process_vm_*, bpf, keyctl,
-  perf_event_open, userfaultfd, io_uring, and sockets of any family but unix and IP (AF_VSOCK would
+  perf_event_open, userfaultfd, io_uring, SysV IPC, POSIX message queues, memfds (memory no process is
+  charged for), inotify (a per-user quota of the host), setsid and setpgid (all of a sample stays in one
+  session, so one autogroup: one CPU share), and sockets of any family but unix and IP (AF_VSOCK would
   reach the hypervisor's host past the network namespace). As root it also runs under a uid of
   its own (one per concurrent sample, from SANDBOX_UID_BASE), so samples cannot signal each other and
   each has its own RLIMIT_NPROC; as an ordinary user its user namespace gives it the same (Linux >= 5.14
@@ -50,7 +54,8 @@ world-readable files under /usr; tests that can be answered by reading them (Hum
 values sit in its asserts, which the program never sees, but a model may have memorised them);
 memory of a sample as a whole: RLIMIT_AS is per process, so a program that forks may hold up to
 `processes` x `memory_bytes` (no cgroup: an ordinary user rarely has one delegated, and hosts with
-cgroup v1 have none to give). Only the standard library is importable (-S: no site-packages), which is all HumanEval needs.
+cgroup v1 have none to give); kernel memory charged to no process that the filter leaves (socket
+buffers: small); the host paths of the interpreter and the project (/proc/1/cmdline, mountinfo). Only the standard library is importable (-S: no site-packages), which is all HumanEval needs.
 """
 
 from __future__ import annotations
@@ -117,6 +122,7 @@ class SandboxResult:
     isolation: str = UNSANDBOXED  # a value of ISOLATION, or UNSANDBOXED
     uid: int | None = None  # the program ran as this user (outside any user namespace)
     pid: int | None = None  # of the sandbox's supervisor: also the session and process group id of the run
+    # (isolated, init and the sample's processes have a session of their own, inside the PID namespace)
 
     @property
     def network_isolated(self) -> bool:
@@ -162,7 +168,9 @@ _SLOTS = _Slots()
 
 def _sandbox_uid(slot: int) -> int:
     """A uid for this process's sample slot: a block of uids per process (by pid), so that two evals
-    running at once do not share a uid, hence a process limit. Below 2**32 - 1 for every pid < 2**21."""
+    running at once do not share a uid, hence a process limit. Below 2**32 - 1 for every pid < 2**21.
+    With pid_max above 2**21 (systemd's 4194304) two evals may share a block, and the range overlaps
+    systemd-nspawn's and systemd's foreign uids: harmless while each sample has its own namespaces."""
     return SANDBOX_UID_BASE + (os.getpid() % (1 << 21)) * SLOTS_PER_PROCESS + slot % SLOTS_PER_PROCESS
 
 

@@ -56,6 +56,11 @@ NEW_ROOT = "/tmp"  # where init mounts the new root's tmpfs before pivoting into
 WORKDIR = "/work"  # the program's working folder inside the sandbox
 WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", WORKDIR)  # all else in the sandbox is read-only
 DEVICES = ("null", "zero", "full", "random", "urandom")
+# Files and folders use no blocks, so `size=` alone lets a sample fill the kernel's memory with inodes.
+TMPFS_INODES = 16384
+HIDDEN = ("site-packages", "dist-packages")  # of the standard library's folder: covered by an empty tmpfs
+AT_FDCWD, AT_RECURSIVE = -100, 0x8000
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 1, 2, 4
 MESSAGE_LIMIT = 16 << 20  # longest call or reply between checker and program
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -227,7 +232,7 @@ def build_root(stdlib: str, tmpfs_bytes: int, owner: tuple[int, int]) -> None:
     if any(stdlib == path or stdlib.startswith(path + "/") for path in WRITABLE):
         raise SetupError(f"the standard library ({stdlib}) sits in {', '.join(WRITABLE)}, which the program may write")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # our mounts stay ours
-    _mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_bytes},mode=0755")
+    _mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_bytes},nr_inodes={TMPFS_INODES},mode=0755")
     new = lambda path: NEW_ROOT + path  # noqa: E731
     for path in ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin", "/etc/ld.so.cache", stdlib):
         if not os.path.lexists(path) or os.path.lexists(new(path)):
@@ -236,6 +241,9 @@ def build_root(stdlib: str, tmpfs_bytes: int, owner: tuple[int, int]) -> None:
             os.symlink(os.readlink(path), new(path))
         else:
             _bind_read_only(path, new(path))
+    for name in HIDDEN:  # the host may keep it behind a 0700 home; -S never imports from it
+        if os.path.isdir(new(f"{stdlib}/{name}")):
+            _mount("tmpfs", new(f"{stdlib}/{name}"), "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,nr_inodes=2")
     os.makedirs(new("/dev/shm"))
     for name in DEVICES:
         _bind_read_only(f"/dev/{name}", new(f"/dev/{name}"), writable=True)
@@ -243,7 +251,7 @@ def build_root(stdlib: str, tmpfs_bytes: int, owner: tuple[int, int]) -> None:
         os.symlink(f"/proc/self/fd{fd}", new(f"/dev/{name}"))
     scratch = new("/scratch")  # the writable tmpfs, mounted here only until its folders are bound
     os.mkdir(scratch)
-    _mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_bytes},mode=0755")
+    _mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_bytes},nr_inodes={TMPFS_INODES},mode=0755")
     for path in WRITABLE:
         folder = scratch + "/" + path.strip("/").replace("/", "_")
         os.mkdir(folder)
@@ -269,33 +277,82 @@ def build_root(stdlib: str, tmpfs_bytes: int, owner: tuple[int, int]) -> None:
 
 
 def _bind_read_only(source: str, target: str, writable: bool = False) -> None:
+    """Bind `source` (with the mounts below it) at `target`, read-only, nosuid and nodev all the way down:
+    a remount changes only the top mount, so a writable mount under /usr (/usr/local on its own disk)
+    would stay writable. Folders made on the way are 0711: traversable, not listable (the host may
+    keep them behind a 0700 home)."""
     if os.path.isdir(source):
-        os.makedirs(target, exist_ok=True)
+        _makedirs(target)
     else:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
+        _makedirs(os.path.dirname(target))
         open(target, "w").close()
     _mount(source, target, None, MS_BIND | MS_REC)
+    if writable or not _read_only_recursively(target):  # a device; or Linux < 5.12: one mount at a time
+        for mount_point in [target] if writable else _mounts_under(target):
+            _remount(mount_point, writable)
+
+
+def _makedirs(path: str) -> None:
+    if not os.path.isdir(path):
+        _makedirs(os.path.dirname(path))
+        os.mkdir(path, 0o711)
+
+
+def _read_only_recursively(target: str) -> bool:
+    """mount_setattr(2) with AT_RECURSIVE; False where the kernel does not have it."""
+    attr = ctypes.create_string_buffer(
+        struct.pack("QQQQ", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0)
+    )
+    number = ctypes.c_long(_SYSCALLS["mount_setattr"])
+    done = _libc.syscall(
+        number, ctypes.c_int(AT_FDCWD), target.encode(), ctypes.c_uint(AT_RECURSIVE), attr, ctypes.c_size_t(32)
+    )
+    return done == 0  # else ENOSYS, or a container's seccomp: the fallback's remounts say what is wrong
+
+
+def _mounts_under(target: str) -> list[str]:
+    """`target` and every mount point below it, parents first (the order of /proc/self/mountinfo)."""
+    with open("/proc/self/mountinfo") as f:
+        points = [_unescape(line.split()[4]) for line in f]
+    return [p for p in points if p == target or p.startswith(target + "/")]
+
+
+def _unescape(field: str) -> str:  # mountinfo writes space, tab, newline and backslash as \ooo
+    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
+
+
+def _remount(mount_point: str, writable: bool) -> None:
     # A remount must repeat the flags the original mount has locked (nosuid, nodev... in a user namespace).
-    kept = os.statvfs(source).f_flag & (MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME)
-    kept |= MS_RELATIME if os.statvfs(source).f_flag & ST_RELATIME else 0
-    _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_NOSUID | kept | (0 if writable else MS_RDONLY))
+    flags = os.statvfs(mount_point).f_flag
+    kept = flags & (MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME)
+    kept |= MS_RELATIME if flags & ST_RELATIME else 0
+    rdonly = 0 if writable else MS_RDONLY | MS_NODEV
+    _mount(None, mount_point, None, MS_BIND | MS_REMOUNT | MS_NOSUID | kept | rdonly)
 
 
 # Syscalls a program never needs and an escape often does (after `arch`, the audit arch of the filter),
-# with their numbers on x86_64 and aarch64.
+# with their numbers on x86_64 and aarch64 (-1: none there). The second line: kernel memory no process
+# is charged for (SysV IPC, POSIX queues, memfds: past RLIMIT_AS, and the OOM killer cannot find it),
+# a per-user quota shared with the user's other processes (inotify, which also sees the host's file
+# activity), and leaving the session (setsid: each session is its own autogroup, a CPU share).
 _SYSCALL_NAMES = (  # noqa: SIM905 (names on a few lines, read next to their numbers)
     "arch pivot_root clone clone3 unshare setns mount umount2 ptrace process_vm_readv process_vm_writev bpf keyctl "
     "add_key request_key perf_event_open userfaultfd chroot open_by_handle_at name_to_handle_at open_tree "
-    "move_mount fsopen fsconfig fsmount fspick mount_setattr io_uring_setup kexec_load init_module finit_module"
+    "move_mount fsopen fsconfig fsmount fspick mount_setattr io_uring_setup kexec_load init_module finit_module "
+    "shmget shmat msgget semget mq_open memfd_create memfd_secret inotify_init inotify_init1 fanotify_init setsid setpgid"
 ).split()
 # fmt: off
 _SYSCALL_NUMBERS = {
-    "x86_64": (0xC000003E, 155, 56, 435, 272, 308, 165, 166, 101, 310, 311, 321, 250, 248, 249, 298, 323, 161, 304, 303, 428, 429, 430, 431, 432, 433, 442, 425, 246, 175, 313),
-    "aarch64": (0xC00000B7, 41, 220, 435, 97, 268, 40, 39, 117, 270, 271, 280, 219, 217, 218, 241, 282, 51, 265, 264, 428, 429, 430, 431, 432, 433, 442, 425, 104, 105, 273),
+    "x86_64": (0xC000003E, 155, 56, 435, 272, 308, 165, 166, 101, 310, 311, 321, 250, 248, 249, 298, 323, 161, 304, 303, 428, 429, 430, 431, 432, 433, 442, 425, 246, 175, 313,
+               29, 30, 68, 64, 240, 319, 447, 253, 294, 300, 112, 109),
+    "aarch64": (0xC00000B7, 41, 220, 435, 97, 268, 40, 39, 117, 270, 271, 280, 219, 217, 218, 241, 282, 51, 265, 264, 428, 429, 430, 431, 432, 433, 442, 425, 104, 105, 273,
+                194, 196, 186, 190, 180, 279, 447, -1, 26, 262, 157, 154),
 }
 # fmt: on
 _SYSCALLS = (
-    dict(zip(_SYSCALL_NAMES, _SYSCALL_NUMBERS[os.uname().machine])) if os.uname().machine in _SYSCALL_NUMBERS else None
+    dict(zip(_SYSCALL_NAMES, _SYSCALL_NUMBERS[os.uname().machine], strict=True))
+    if os.uname().machine in _SYSCALL_NUMBERS
+    else None
 )
 _PIVOT_ROOT = _SYSCALLS["pivot_root"] if _SYSCALLS else -1
 # socket() and socketpair(): only the families a new network namespace isolates (AF_UNIX, AF_INET,
@@ -312,7 +369,7 @@ def seccomp_filter() -> bytes:
     LD, JEQ, JSET, JGE, RET = 0x20, 0x15, 0x45, 0x35, 0x06
     ALLOW, ERRNO, KILL = 0x7FFF0000, 0x00050000, 0x80000000
     op = lambda code, k, jt=0, jf=0: struct.pack("HBBI", code, jt, jf, k)  # noqa: E731
-    denied = [n for name, n in _SYSCALLS.items() if name not in ("arch", "clone", "clone3")]
+    denied = [n for name, n in _SYSCALLS.items() if name not in ("arch", "clone", "clone3") and n >= 0]
     prog = [op(LD, 4), op(JEQ, _SYSCALLS["arch"], 1, 0), op(RET, KILL), op(LD, 0)]
     prog += [op(JGE, 0x40000000, 0, 1), op(RET, ERRNO | 1)]  # x32 ABI numbers
     prog += [op(JEQ, _SYSCALLS["clone3"], 0, 1), op(RET, ERRNO | 38)]
@@ -375,14 +432,15 @@ def _drop_capabilities() -> None:
 # --- the three processes --------------------------------------------------------------------------------
 
 
-def program_process(opts: dict, source: str, calls: int, replies: int, isolate: bool) -> None:
+def program_process(opts: dict, source: str, calls: int, replies: int, setup: int, isolate: bool) -> None:
     """Run the untrusted program, then answer calls of its entry point. Never returns."""
     status = 1
     try:
-        _only_fds(calls, replies)
+        _only_fds(calls, replies, setup)
         drop_privileges(opts, isolate)
     except BaseException as exc:
-        _setup_failed(exc)
+        _setup_failed(exc, setup)
+    os.close(setup)  # before the program runs: it cannot say that our setup failed
     try:
         sys.argv = ["program.py"]
         namespace = {"__name__": "__sandbox__", "__file__": "program.py"}
@@ -417,10 +475,10 @@ def program_process(opts: dict, source: str, calls: int, replies: int, isolate: 
         os._exit(status & 0xFF)
 
 
-def checker_process(opts: dict, tests: str, calls: int, replies: int, verdict: int, isolate: bool) -> None:
+def checker_process(opts: dict, tests: str, calls: int, replies: int, verdict: int, setup: int, isolate: bool) -> None:
     """Run the benchmark's tests with `candidate` calling into the program process. Never returns."""
     try:
-        _only_fds(calls, replies, verdict)
+        _only_fds(calls, replies, verdict, setup)
         _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no /proc/<pid>/mem, fd, environ for the program
         # Out of the program's writable folder. Its imports come only from sys.path, which under -I -S
         # holds the standard library alone (read-only, like everything outside /tmp, /var/tmp, /dev/shm
@@ -428,7 +486,8 @@ def checker_process(opts: dict, tests: str, calls: int, replies: int, verdict: i
         os.chdir("/" if isolate else os.path.dirname(os.__file__))
         drop_privileges(opts, isolate)
     except BaseException as exc:
-        _setup_failed(exc)
+        _setup_failed(exc, setup)
+    os.close(setup)
 
     class CandidateError(Exception):
         """The program's function raised."""
@@ -484,8 +543,11 @@ def _print_exception() -> None:
         pass
 
 
-def _setup_failed(exc: BaseException) -> None:
+def _setup_failed(exc: BaseException, setup: int) -> None:
+    """Tell init on the setup pipe (closed before anything untrusted runs: the program's own exit status
+    125 is not a setup failure), and why on stderr."""
     os.write(2, f"sandbox setup failed: {type(exc).__name__}: {exc}\n".encode(errors="replace"))
+    os.write(setup, b"!")
     os._exit(SETUP_FAILED)
 
 
@@ -501,6 +563,12 @@ def init(opts: dict, program: str, isolate: bool, root: bool) -> None:
         # Not dumpable: no /proc/1/fd/1 (the report) or /proc/1/mem for the program, which as an ordinary
         # user has our uid (under builtin our capabilities kept it out; under bwrap we have none either).
         _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        if isolate and os.getsid(0) != os.getpid():  # (bwrap's --new-session may have made us one already)
+            # A session (and process group) without the supervisor, which lives outside the PID namespace:
+            # kill(0) or killpg from the program then reaches only the sandbox. Before the seccomp filter,
+            # which denies setsid to the program and the checker; after PDEATHSIG, which now is what
+            # takes us down with the supervisor (its process group no longer does).
+            os.setsid()
         if opts["backend"] == "builtin":
             owner = (int(opts["uid"]), int(opts["gid"])) if root else (os.getuid(), os.getgid())
             build_root(os.path.dirname(os.__file__), int(opts["tmpfs"]), owner)
@@ -508,16 +576,17 @@ def init(opts: dict, program: str, isolate: bool, root: bool) -> None:
             os.chdir(opts["workdir"])
         calls_read, calls_write = os.pipe()
         replies_read, replies_write = os.pipe()
+        setup_read, setup_write = os.pipe()
         program_pid = os.fork()
         if program_pid == 0:
-            program_process(opts, program, calls_read, replies_write, isolate)
+            program_process(opts, program, calls_read, replies_write, setup_write, isolate)
         del program
         tests = _read_text(0)  # only now: the program process never had the tests in its memory
         verdict_read, verdict_write = os.pipe()
         checker_pid = os.fork()
         if checker_pid == 0:
-            checker_process(opts, tests, calls_write, replies_read, verdict_write, isolate)
-        for fd in (calls_read, calls_write, replies_read, replies_write, verdict_write):
+            checker_process(opts, tests, calls_write, replies_read, verdict_write, setup_write, isolate)
+        for fd in (calls_read, calls_write, replies_read, replies_write, verdict_write, setup_write):
             os.close(fd)
         _, checker_status = os.waitpid(checker_pid, 0)
         verdict = _read_verdict(verdict_read)
@@ -530,8 +599,13 @@ def init(opts: dict, program: str, isolate: bool, root: bool) -> None:
             "checker_exit": os.waitstatus_to_exitcode(checker_status),
             "exit": program_status,
         }
-        if SETUP_FAILED in (report["checker_exit"], program_status):  # its reason is on stderr
-            report["setup_error"] = f"a sandbox process could not start (exit status {SETUP_FAILED})"
+        os.set_blocking(setup_read, False)  # a program killed before it closed its end: no news
+        try:
+            failed = os.read(setup_read, 1)
+        except BlockingIOError:
+            failed = b""
+        if failed:  # its reason is on stderr
+            report["setup_error"] = "a sandbox process could not start"
     except BaseException as exc:
         report = {"setup_error": f"{type(exc).__name__}: {exc}"}
     send(1, report)

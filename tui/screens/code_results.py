@@ -6,11 +6,15 @@ passed, status, error); this screen only reads them (in a thread: a run may hold
 A user who sees "pass@1 0.25" wants to know *why* the other problems failed — a syntax error from a
 truncated completion, a wrong answer, a timeout — so failed problems come first and the detail pane shows
 the whole completion with the error under it. The summary line says whether the code ran isolated.
+
+Completions and errors are the model's and its program's words: shown as plain `Text` (never markup), with
+control characters made visible, so no escape sequence of theirs reaches the terminal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +84,14 @@ def sort_failed_first(samples: list[dict]) -> list[dict]:
 
 def _failed_how(status: object) -> str:
     return "failed" if status in (None, "", "failed") else f"failed ({status})"
+
+
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but tab and newline, DEL, C1 (ESC is \x1b)
+
+
+def visible(text: object) -> str:
+    """`text` with each control character written out (ESC as `\\x1b`): a terminal gets no sequence to run."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
 
 
 def first_line(text: object, width: int = 60) -> str:
@@ -162,12 +174,13 @@ class CodeResultsScreen(ModalScreen[None]):
             result = (
                 Text("✓ pass", style="green") if passed else Text(f"✗ {sample.get('status') or 'fail'}", style="red")
             )
-            table.add_row(str(sample.get("task_id")), result, "" if passed else first_line(sample.get("error")))
+            broke = Text("" if passed else first_line(visible(sample.get("error") or "")))  # a str would be markup
+            table.add_row(Text(visible(sample.get("task_id"))), result, broke)
         failed = len(results.samples) - results.passed
         summary = isolation_note(results.samples)
         summary.append(f"{failed} failed, {results.passed} passed (failed first)")
         if results.bad_lines:
-            summary.append(f" · skipped {len(results.bad_lines)} unreadable line(s): {results.bad_lines[0]}")
+            summary.append(f" · skipped {len(results.bad_lines)} unreadable line(s): {visible(results.bad_lines[0])}")
         self.query_one("#code-summary", Static).update(summary)
         if self.rows:
             table.move_cursor(row=0)
@@ -185,7 +198,7 @@ class CodeResultsScreen(ModalScreen[None]):
         sample = self.rows[index]
         passed = sample.get("passed") is True
         header = Text.assemble(
-            (f"{sample.get('task_id')}  ", "bold"),
+            (f"{visible(sample.get('task_id'))}  ", "bold"),
             ("passed" if passed else _failed_how(sample.get("status")), "green" if passed else "red"),
         )
         if isinstance(sample.get("duration_s"), (int, float)):
@@ -194,7 +207,7 @@ class CodeResultsScreen(ModalScreen[None]):
             header,
             Text("completion:", style="bold"),
             Syntax(
-                str(sample.get("completion") or "(empty completion)"),
+                visible(sample.get("completion") or "(empty completion)"),
                 "python",
                 line_numbers=True,
                 word_wrap=True,
@@ -202,7 +215,7 @@ class CodeResultsScreen(ModalScreen[None]):
             ),
         ]
         if not passed:
-            parts += [Text("error:", style="bold red"), Text(str(sample.get("error") or "(no error text)"))]
+            parts += [Text("error:", style="bold red"), Text(visible(sample.get("error") or "(no error text)"))]
         self.query_one("#code-detail-text", Static).update(Group(*parts))
 
     def action_next_model(self) -> None:
