@@ -827,7 +827,7 @@ def test_what_the_program_does_is_not_blamed_on_the_sandbox(place, mode):
 
 
 def test_site_packages_and_the_folders_above_the_standard_library_stay_hidden(
-    place, mode, python_outside_usr, monkeypatch
+    place, mode, python_outside_usr, monkeypatch, sandbox
 ):
     """F8: the folders above the standard library's bind are the sandbox's own; made 0755 they let any
     sample list what the host keeps behind a 0700 home (site-packages, the pyenv tree)."""
@@ -843,7 +843,7 @@ def test_site_packages_and_the_folders_above_the_standard_library_stay_hidden(
         "def add_11(x):\n"
         "    raise AssertionError('seen=%r; listable=%r;' % (seen, listable))\n"
     )
-    done = _run(["-c", RUN_ONE, program, HIJACK_TESTS], mode, cwd=place["project"])
+    done = _run(["-c", RUN_ONE, program, HIJACK_TESTS, sandbox], mode, cwd=place["project"])
     assert done.returncode == 0, done.stderr[-2000:]
     error = json.loads(done.stdout)[3]
     assert "seen=[];" in error, error[-500:]

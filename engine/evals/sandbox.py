@@ -354,6 +354,12 @@ def _bwrap_command(limits: Limits) -> tuple[str, ...]:
     for path in ours:
         if not any(path.startswith(top + "/") for top in bound):
             command += [*_folders_above(path), "--ro-bind-try", path, path]
+    # what the host installed beside the standard library is none of the sample's business (the builtin
+    # backend covers it the same way): an empty read-only tmpfs over it
+    for name in ("site-packages", "dist-packages"):
+        hidden = os.path.join(os.path.dirname(os.__file__), name)
+        if os.path.isdir(hidden):
+            command += ["--perms", "0555", "--tmpfs", hidden, "--remount-ro", hidden]
     command += ["--ro-bind", str(CHILD_SCRIPT), BWRAP_CHILD]
     command += _folders_above("/dev/null")
     for name in DEVICES:
@@ -372,13 +378,14 @@ def _bwrap_command(limits: Limits) -> tuple[str, ...]:
 
 
 def _folders_above(path: str) -> list[str]:
-    """bwrap arguments making the folders above `path` readable by the sample's uid (as root bwrap would
-    make them 0700)."""
+    """bwrap arguments making the folders above `path` passable by the sample's uid (as root bwrap would
+    make them 0700), not listable: what else the host keeps there (a pyenv tree under a 0700 home) stays
+    unnamed."""
     return [
         arg
         for parent in reversed(Path(path).parents)
         if str(parent) != "/"
-        for arg in ("--perms", "0755", "--dir", str(parent))
+        for arg in ("--perms", "0711", "--dir", str(parent))
     ]
 
 
