@@ -50,7 +50,10 @@ from tui.widgets.chat_column import ChatColumn
 from tui.widgets.message_input import MessageInput
 
 PLACEHOLDER = "Enter sends · ctrl+j (or shift+enter): new line · ctrl+s saves"
-HINT = "Ask the model something. The reply streams as Markdown; the model loads in its own process on the first message (or ctrl+r)."
+HINT = (
+    "Ask the model something. The reply streams as Markdown; the model loads in its own process on the first "
+    "message (or ctrl+r). ctrl+t puts another model beside it: one prompt, every column answers."
+)
 
 BAR_PARAMS = (
     # (param, its label, its type, its tooltip: {} stands for its bounds)
