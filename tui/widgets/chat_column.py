@@ -7,6 +7,8 @@ focused (Tab, a click): Esc then stops this column's reply only.
 
 from __future__ import annotations
 
+import time
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
@@ -22,6 +24,10 @@ STATE_MARK = {
     ChatState.STOPPING: "■",
     ChatState.FAILED: "✗",
 }
+
+
+HEADER_EVERY_S = 0.25
+"""How often a streaming column redraws its tokens/s: four columns of tokens must not also mean four headers a token."""
 
 
 class ChatColumn(Vertical, can_focus=True):
@@ -54,6 +60,7 @@ class ChatColumn(Vertical, can_focus=True):
         self.hint = hint
         self.box: Markdown | None = None  # the reply streaming now
         self._stream = None
+        self._shown_at = 0.0  # when the header was last drawn: while streaming, at most HEADER_EVERY_S apart
 
     def compose(self) -> ComposeResult:
         turns = VerticalScroll(classes="chat-turns")
@@ -72,6 +79,7 @@ class ChatColumn(Vertical, can_focus=True):
 
     def show(self) -> None:
         """The header: which model, and how it is doing (state, live tokens/s or the last reply's figures)."""
+        self._shown_at = time.monotonic()
         session = self.session
         target = session.target
         self.border_title = target.label if target else "no model"
@@ -97,7 +105,8 @@ class ChatColumn(Vertical, can_focus=True):
     async def write(self, text: str) -> None:
         if self._stream is not None:
             await self._stream.write(text)
-        self.show()
+        if time.monotonic() - self._shown_at >= HEADER_EVERY_S:
+            self.show()
 
     async def finish(self, text: str) -> None:
         """The reply is complete (`text`, the whole of it)."""
