@@ -901,6 +901,12 @@ class _FakeClient:
     def close(self):
         pass
 
+    def end(self):  # the tab ends a worker on the event loop, then reaps it in a thread
+        pass
+
+    def reap(self, timeout=5.0):
+        pass
+
 
 async def test_chat_tab_message_box_keys_paste_and_save(project, tmp_path, monkeypatch):
     """The message box takes code: a paste keeps every line, shift+enter and ctrl+j add a line, Enter sends the

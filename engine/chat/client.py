@@ -133,7 +133,7 @@ class ChatClient:
         self._reader.start()
         self._writer = threading.Thread(target=self._write_loop, name="chat-client-writer", daemon=True)
         self._writer.start()
-        if self._closing:  # closed while we were spawning (a panel leaving at once): do not leave it behind
+        if self._closing:  # ended while we were spawning (a panel leaving at once): do not leave it behind
             self._closing = False
             self.close()
         return self
@@ -170,7 +170,14 @@ class ChatClient:
         return self.process is not None and self.process.poll() is None and not self._closing
 
     def close(self, timeout: float = 5.0) -> None:
-        """End the worker: EOF on its stdin (it stops any generation and exits), then TERM, then KILL."""
+        """End the worker and wait for it: `end()`, then `reap(timeout)`."""
+        self.end()
+        self.reap(timeout)
+
+    def end(self) -> None:
+        """The non-blocking half of close, safe on an event loop: no more requests; EOF on the worker's stdin
+        (its writer closes it once the queued requests are out) and SIGTERM, so the worker is ending even if
+        nobody ever waits for it (a panel exiting, whose workers are cancelled before they run)."""
         process = self.process
         if self._closing:
             return
@@ -178,25 +185,29 @@ class ChatClient:
         if process is None:  # not started (yet): start() sees the flag
             return
         self._outbox.put(None)
-        if self._writer is not None:
+        if process.poll() is None:
+            try:
+                process.terminate()  # the worker has nothing to save; api_worker stops its vLLM server on it
+            except OSError:
+                pass
+
+    def reap(self, timeout: float = 5.0) -> None:
+        """The blocking half of close (a thread's): wait for the ended worker, KILL it after `timeout` s, join
+        the reader, and drop our own temp log after a clean exit."""
+        process = self.process
+        if process is None:
+            return
+        if self._writer is not None and self._writer is not threading.current_thread():
             self._writer.join(timeout=1)
-        try:
-            process.stdin.close()  # type: ignore[union-attr]
-        except OSError:
-            pass
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            process.terminate()
-            try:
-                process.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            process.kill()
+            process.wait()
         self.returncode = process.returncode
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(timeout=2)
-        if self._own_log and self.returncode == 0 and not self._fatal_seen and self.log_path is not None:
+        if self._own_log and self.returncode in (0, -15) and not self._fatal_seen and self.log_path is not None:
             self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> ChatClient:
@@ -262,6 +273,10 @@ class ChatClient:
             if not write_all(stdin, data):
                 self._broken = True  # the reader sees the EOF and reports the exit
                 return
+        try:
+            stdin.close()  # end(): EOF, after every queued request
+        except OSError:
+            pass
 
     # ---- replies
     def next_reply(self, timeout: float | None = None) -> AnyReply:

@@ -8,6 +8,7 @@ Light module: stdlib (+ the light prompt loader), never torch or transformers. U
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -114,26 +115,51 @@ def chat_target(config, key: str, root: str | os.PathLike[str] | None = None) ->
     return ChatTarget(wanted.chat_label, model, adapter)
 
 
+class RunModels(NamedTuple):
+    """One run's offer in the Chat tab's run picker: its id (None: the config's own paths), a label, its
+    config (output paths pointing into the run) and what there is to chat with."""
+
+    run_id: str | None
+    label: str
+    config: object
+    targets: list[ChatTarget]
+
+
 def with_run_outputs(config, config_path: str | os.PathLike[str] | None, run_ref: str | None = None):
     """The config whose output paths point at a run's models (outputs live under their run).
 
     `run_ref` names the run (id, name, unique part, last); without it, the newest run that has a trained
     student or assistant. Returns (config, run id or None when no run has one yet).
     """
+    if run_ref:
+        from engine.store.runs import RunStore, runs_root
+
+        run = RunStore(runs_root(str(config_path) if config_path else None)).get(run_ref)
+        return run.config(), run.id
+    newest = next(_run_offers(config_path), None)
+    return (newest.config, newest.run_id) if newest else (config, None)
+
+
+def runs_models(config, config_path: str | os.PathLike[str] | None) -> list[RunModels]:
+    """Every run that made a model (newest first), then the config itself (no run: its paths from the working
+    directory, always with the base assistant and the teacher): the Chat tab's run picker. Labels and order
+    of the models come from engine.pipeline.models."""
+    return [*_run_offers(config_path), RunModels(None, "no run (config paths)", config, chat_targets(config))]
+
+
+def _run_offers(config_path: str | os.PathLike[str] | None) -> Iterator[RunModels]:
+    """The runs that made a model, newest first (read one by one: the first is often all that is wanted)."""
     from engine.store.runs import RunStore, runs_root
 
-    store = RunStore(runs_root(str(config_path) if config_path else None))
-    if run_ref:
-        run = store.get(run_ref)
-        return run.config(), run.id
-    for run in store.list():
+    for run in RunStore(runs_root(str(config_path) if config_path else None)).list():
         try:
             resolved = run.config()
         except Exception:  # an unreadable frozen config: skip that run
             continue
-        if any(t.label not in (ASSISTANT_BASE.chat_label, TEACHER.chat_label) for t in chat_targets(resolved)):
-            return resolved, run.id
-    return config, None
+        targets = chat_targets(resolved)
+        made = [by_target(t.key).label for t in targets if t.key not in (ASSISTANT_BASE.target, TEACHER.target)]
+        if made:
+            yield RunModels(run.id, f"{run.name or run.id} ({', '.join(made)})", resolved, targets)
 
 
 def system_prompt(config) -> str | None:

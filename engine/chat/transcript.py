@@ -10,6 +10,11 @@ Light module (stdlib, engine.chat.client.printable, engine.core.fsio). One conve
 `messages` is what the next turn would send (the system prompt first), so it can be replayed as is; an
 assistant message also carries who answered (`model`), the `params` it was generated with and its `stats`
 line, and `partial: true` when it was still streaming when saved. Both files are replaced atomically.
+
+A side-by-side conversation (one prompt to several models, the Chat tab) adds `"columns": [{"target", "device",
+"messages"}, ...]`, one per model, each with the messages it was sent and gave; the top-level `target`,
+`device` and `messages` stay those of the first column, so a reader of single chats still reads it. `columns`
+reads either kind as a list of columns.
 """
 
 from __future__ import annotations
@@ -55,9 +60,11 @@ def make_record(
     run: str | None = None,
     device: str | None = None,
     saved: float | None = None,
+    columns: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The JSON record of a conversation (`messages` with the system prompt first, if any)."""
-    return {
+    """The JSON record of a conversation (`messages` with the system prompt first, if any); `columns`, the
+    side-by-side ones (see the module docstring), only when there are two or more."""
+    record = {
         "format": FORMAT,
         "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() if saved is None else saved)),
         "run": run,
@@ -66,6 +73,27 @@ def make_record(
         "params": dict(params or {}),
         "messages": [dict(m) for m in messages],
     }
+    if len(columns) > 1:
+        record["columns"] = [
+            {"target": dict(c["target"]), "device": c.get("device"), "messages": [dict(m) for m in c["messages"]]}
+            for c in columns
+        ]
+    return record
+
+
+def columns(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The conversation's columns, {"target", "device", "messages"} each: a single chat (every record written
+    before side by side, too) is one column."""
+    if record.get("columns"):
+        return [dict(c) for c in record["columns"]]
+    return [
+        {"target": record.get("target") or {}, "device": record.get("device"), "messages": record.get("messages") or []}
+    ]
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """A saved conversation's record, from its JSON file (or the Markdown beside it)."""
+    return json.loads(paths_for(path)[1].read_text(encoding="utf-8"))
 
 
 def message_text(raw: str) -> str:
@@ -96,20 +124,49 @@ def _params_line(params: Mapping[str, Any]) -> str:
 def to_markdown(record: Mapping[str, Any]) -> str:
     """The conversation to read: your turns verbatim (fenced, as typed or pasted), replies as the Markdown
     they are (the panel renders them so, terminal controls dropped), each followed by who answered and its
-    stats. The JSON keeps every message exactly."""
-    target = record.get("target") or {}
-    label = target.get("label") or target.get("model") or "model"
-    out = [f"# Chat with {label}", ""]
-    out.append(f"- model: `{target.get('model')}`")
-    if target.get("adapter"):
-        out.append(f"- adapter: `{target['adapter']}`")
-    if record.get("run"):
-        out.append(f"- run: `{record['run']}`")
+    stats; a side-by-side one, column after column. The JSON keeps every message exactly."""
+    out: list[str] = []
+    sides = columns(record)
+    if len(sides) > 1:
+        labels = [_label(c.get("target") or {}) for c in sides]
+        out += [f"# Side by side: {' · '.join(labels)}", ""]
+        out += _header(record, None)
+        for n, side in enumerate(sides, 1):
+            out += ["", f"# Column {n}: {labels[n - 1]}", ""]
+            out += _header({"target": side.get("target"), "device": side.get("device")}, record)
+            out += _messages(side.get("messages") or [], labels[n - 1], record.get("params"))
+        return "\n".join(out) + "\n"
+    label = _label(record.get("target") or {})
+    out += [f"# Chat with {label}", "", *_header(record, record)]
+    out += _messages(record.get("messages") or [], label, record.get("params"))
+    return "\n".join(out) + "\n"
+
+
+def _label(target: Mapping[str, Any]) -> str:
+    return target.get("label") or target.get("model") or "model"
+
+
+def _header(record: Mapping[str, Any], run_record: Mapping[str, Any] | None) -> list[str]:
+    """The list under a title: the model (when `record` has a target) and, from `run_record`, run, params, time."""
+    out = []
+    target = record.get("target")
+    if target:
+        out.append(f"- model: `{target.get('model')}`")
+        if target.get("adapter"):
+            out.append(f"- adapter: `{target['adapter']}`")
+    if run_record is not None and run_record.get("run"):
+        out.append(f"- run: `{run_record['run']}`")
     if record.get("device"):
         out.append(f"- device: {record['device']}")
-    out.append(f"- params: {_params_line(record.get('params') or {})}")
-    out.append(f"- saved: {record.get('saved')}")
-    for message in record.get("messages") or []:
+    if run_record is not None:
+        out.append(f"- params: {_params_line(run_record.get('params') or {})}")
+        out.append(f"- saved: {run_record.get('saved')}")
+    return out
+
+
+def _messages(messages: Sequence[Mapping[str, Any]], label: str, params: Mapping[str, Any] | None) -> list[str]:
+    out: list[str] = []
+    for message in messages:
         role, content = message.get("role"), str(message.get("content", ""))
         out.append("")
         if role == "system":
@@ -119,13 +176,13 @@ def to_markdown(record: Mapping[str, Any]) -> str:
         else:
             out += [f"## {message.get('label') or label}", "", printable(content).strip() or "*(empty reply)*"]
             notes = [n for n in (message.get("model"), message.get("stats")) if n]
-            if message.get("params") and message.get("params") != record.get("params"):
+            if message.get("params") and message.get("params") != params:
                 notes.append(_params_line(message["params"]))
             if message.get("partial"):
                 notes.append("partial: still streaming when saved")
             if notes:
                 out += ["", "*" + " · ".join(notes) + "*"]
-    return "\n".join(out) + "\n"
+    return out
 
 
 def paths_for(path: str | Path) -> tuple[Path, Path]:
