@@ -298,3 +298,25 @@ def test_a_vllm_key_in_the_command_line_is_redacted_in_the_log(tmp_path: Path, c
     server = VllmServer(settings).start(tmp_path / "vllm.log")
     server.process.wait(timeout=60)
     assert not leaks((tmp_path / "vllm.log").read_text())
+
+
+def test_a_secret_typed_into_the_config_is_named_and_its_frozen_copy_is_private(tmp_path):
+    """A key in the config file itself (not .env) is copied into the run's frozen config, which the workers
+    read: `tas run` names the key to move, and the copy is readable by its owner only."""
+    from engine.config.keys import set_key
+    from engine.config.load import load_config
+    from engine.store.runs import RunStore, config_secret_warning
+
+    from .helpers import TINY_CONFIG
+
+    config = load_config(TINY_CONFIG)
+    assert config_secret_warning(config, "configs/tiny.yaml") is None
+
+    set_key(config, "teacher.vllm.extra_args", ["--api-key", "sk-typed-into-the-config-12345"])
+    warning = config_secret_warning(config, "configs/tiny.yaml")
+    assert "teacher.vllm.extra_args" in warning and ".env" in warning
+    assert "sk-typed" not in warning
+    run = RunStore(tmp_path / "runs").create(config, "configs/tiny.yaml")
+    assert (run.path / "config.yaml").stat().st_mode & 0o777 == 0o600
+    set_key(config, "teacher.closed.base_url", "http://me:hunter2hunter2@llm.example/v1")
+    assert "teacher.closed.base_url" in config_secret_warning(config, "configs/tiny.yaml")

@@ -18,7 +18,7 @@ from engine.runner import launcher
 from engine.store.events import FINAL_STATES, EventTail
 from engine.store.lineage import REUSABLE_STAGES, ReuseRefused, reuse_teacher
 from engine.store.render import event_line, number
-from engine.store.runs import Run, RunStore, remove_run, runs_root
+from engine.store.runs import Run, RunStore, config_secret_warning, remove_run, runs_root
 
 
 def add_parser(sub, common: argparse.ArgumentParser) -> None:
@@ -47,7 +47,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if reuse:
             raise ReuseRefused("--reuse applies to a new run only; start one without --run")
     else:
-        run = store.create(load_config(args.config), args.config, name=args.name, note=args.note)
+        config = load_config(args.config)
+        run = store.create(config, args.config, name=args.name, note=args.note)
+        if warning := config_secret_warning(config, args.config):
+            console.print(f"[yellow]warning:[/] {escape(warning)}")
         for stage, source_ref in reuse.items():
             source = store.get(source_ref)
             try:

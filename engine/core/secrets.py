@@ -193,6 +193,32 @@ def redact_data(value: Any, name: str = "") -> Any:
     return value
 
 
+def secret_keys(data: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of plain data (a config as a dict) whose value holds a secret: what `redact_data`
+    would change. A secret typed into a config file instead of `.env` is copied into every run's frozen
+    config, which the workers read: `tas run` and the panel name the key so that it can move."""
+    found = []
+    for key, value in data.items() if isinstance(data, dict) else ():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            found += secret_keys(value, dotted)
+        elif _holds_secret(str(key), value):
+            found.append(dotted)
+    return found
+
+
+def _holds_secret(name: str, value: Any) -> bool:
+    """A config value that holds a secret: its text has one (a known value, a URL password, `--api-key X`),
+    or it sits under an environment variable's name (`HF_TOKEN:` in an env mapping). Lower-case config
+    names are schema fields (`key: instruction` names a dataset column, `pad_token` a token), not secrets."""
+    if isinstance(value, str):
+        return redact(value) != value or (name.isupper() and bool(value) and is_secret_name(name))
+    if isinstance(value, list):  # flags and their values (`--api-key X`); records by their own keys
+        texts = [item for item in value if not isinstance(item, dict)]
+        return redact_data(texts) != texts or any(secret_keys(item) for item in value if isinstance(item, dict))
+    return False
+
+
 def clip(text: str, limit: int) -> str:
     """Redact, then cut to `limit` characters (never the other way round)."""
     text = redact(text)

@@ -31,6 +31,7 @@ from engine.config.load import load_config
 from engine.config.schema import TASConfig
 from engine.core.fsio import atomic_write, file_lock, read_json
 from engine.core.process import ProcessRecord
+from engine.core.secrets import secret_keys
 from engine.pipeline.stages import PIPELINE
 from engine.store.events import FINAL_STATES, read_events
 from engine.store.lineage import resolve_outputs
@@ -282,6 +283,18 @@ class Run:
 
 class RunNotFound(LookupError):
     pass
+
+
+def config_secret_warning(config: TASConfig, source: str) -> str | None:
+    """What to tell a user whose config file holds a secret (a key, a password in a URL, `--api-key X`):
+    the run's frozen copy keeps it (0600, as `atomic_write` creates files), so the advice is to move it to `.env`. None without one."""
+    keys = secret_keys(config.model_dump(mode="json"))
+    if not keys:
+        return None
+    return (
+        f"{source}: {', '.join(keys)} holds a secret, which the run's frozen config keeps (readable by you "
+        "only); put it in .env instead (OPENAI_API_KEY, VLLM_API_KEY, HF_TOKEN…), where runs do not copy it"
+    )
 
 
 class RunStore:

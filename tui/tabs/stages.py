@@ -383,10 +383,14 @@ class StagesTab(Vertical):
         from engine.config.errors import ConfigError
         from engine.config.load import load_config
         from engine.runner import launcher
+        from engine.store.runs import config_secret_warning
 
         try:
             if run_id is None:
-                run = self.store.create(load_config(config_path), config_path)
+                config = load_config(config_path)
+                run = self.store.create(config, config_path)
+                if warning := config_secret_warning(config, config_path):
+                    self.app.call_from_thread(self.notify, warning, title="secret in config", severity="warning")
             else:
                 run = self.store.get(run_id)
             launcher.start(run, stages)
