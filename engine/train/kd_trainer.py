@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from engine.train.kd_loss import chunked_kd_loss
+from engine.train.kd_loss import chunked_kd_loss, sparse_kd_loss
 
 
 class KDCollator:
@@ -108,6 +108,20 @@ class KDTrainer(Trainer):
         student_hidden = last_hidden_state(model, inputs)
         student_head = whole_head_weight(self.accelerator.unwrap_model(model))
         teacher_hidden = teacher_head = None
+        if "teacher_ids" in inputs:  # a cached teacher (engine/train/teacher_cache.py): its sparse rows
+            out = sparse_kd_loss(
+                student_hidden,
+                student_head,
+                inputs["teacher_ids"],
+                inputs["teacher_logprobs"],
+                inputs["teacher_weights"],
+                labels,
+                weight=self.kd_weight,
+                temperature=self.temperature,
+                reduction=self.reduction if num_items_in_batch is None else "sum",
+                chunk_size=self.chunk_size,
+            )
+            return self._reported(model, out, num_items_in_batch, return_outputs)
         if self.kd_weight > 0:
             with torch.no_grad():
                 teacher_hidden = last_hidden_state(self.kd_teacher, inputs)
@@ -124,6 +138,10 @@ class KDTrainer(Trainer):
             chunk_size=self.chunk_size,
             vocab_size=self.vocab_size,
         )
+        return self._reported(model, out, num_items_in_batch, return_outputs)
+
+    def _reported(self, model, out, num_items_in_batch, return_outputs):
+        """This micro-batch's share of the step's loss; its parts summed for the next log."""
         scale = self._share_of_step(num_items_in_batch)
         loss = out.loss * scale
         if model.training:
