@@ -127,3 +127,22 @@ def test_config_names_the_key_of_what_a_cache_cannot_do():
     data["train"]["distillation"]["knowledgedistillation"]["teacher_cache"] = {"mode": "topk", "k": 8}
     with pytest.raises(ValidationError, match="teacher_cache.mode.*student_init"):
         type(config).model_validate(data)
+
+
+def test_the_memory_plan_drops_the_assistant_and_sizes_the_cache():
+    """`tas plan distill` with a cache: no assistant weights, forward or head; the cache's size per token."""
+    from engine.config.keys import set_key
+    from engine.plan.dims import load_dims
+    from engine.plan.memory import distill_plan
+
+    config = load_config(TINY_CONFIG)
+    live = distill_plan(config, load_dims)
+    set_key(config, "train.distillation.knowledgedistillation.teacher_cache.mode", "topk")
+    set_key(config, "train.distillation.knowledgedistillation.teacher_cache.k", 64)
+    cached = distill_plan(config, load_dims)
+    assert any(t.what.startswith("assistant") for t in live.terms)
+    assert not any(t.what.startswith("assistant") for t in cached.terms)
+    assert cached.peak < live.peak
+    tokens = config.train.distillation.per_device_train_batch_size * 256
+    assert next(t.bytes for t in cached.terms if t.what.startswith("cached teacher")) == tokens * 64 * 12
+    assert "516 B per answer token" in cached.note  # 64 x (4 B id + 4 B log-prob) + 4 B mass
