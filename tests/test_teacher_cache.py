@@ -146,3 +146,18 @@ def test_the_memory_plan_drops_the_assistant_and_sizes_the_cache():
     tokens = config.train.distillation.per_device_train_batch_size * 256
     assert next(t.bytes for t in cached.terms if t.what.startswith("cached teacher")) == tokens * 64 * 12
     assert "516 B per answer token" in cached.note  # 64 x (4 B id + 4 B log-prob) + 4 B mass
+
+
+def test_a_run_that_reused_another_runs_outputs_copies_its_matching_cache(tmp_path):
+    """`tas run --reuse teacher=RUN`: RUN's cache is copied when made the same way, never when not."""
+    from types import SimpleNamespace
+
+    parts = {"format": 1, "mode": "topk", "k": 1, "data": "abc"}
+    tensors = {"offsets": torch.tensor([0, 1]), "ids": torch.tensor([[3]]), "logprobs": torch.zeros(1, 1)}
+    teacher_cache.write(tmp_path / "A" / "distill" / "teacher_cache", {**tensors, "mass": torch.ones(1)}, parts, V)
+    run = SimpleNamespace(reused={"teacher": "A"}, path=tmp_path / "B")
+    ctx = SimpleNamespace(run=run, stage="distill")
+    ours = tmp_path / "B" / "distill" / "teacher_cache"
+    assert teacher_cache.copy_from_reused_run(ctx, ours, {**parts, "k": 2}) is None
+    assert teacher_cache.copy_from_reused_run(ctx, ours, parts) == "A"
+    assert teacher_cache.check(ours, parts)[1] == []

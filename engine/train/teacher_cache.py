@@ -191,17 +191,24 @@ def cache_dir(ctx: StageContext) -> Path:
     return ctx.stage_dir / "teacher_cache"
 
 
-def load(directory: Path, parts: dict[str, Any]) -> tuple[TeacherCache | None, list[str]]:
-    """The complete cache in `directory` when it was made with `parts`, else (None, why not)."""
-    from safetensors.torch import load_file
-
+def check(directory: Path, parts: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
+    """(manifest, []) when `directory` holds a complete cache made with `parts`, else (None, why not)."""
     manifest = read_json(directory / MANIFEST)
     diff = differences(parts, manifest and manifest.get("fingerprint"))
     data = directory / DATA_FILE
     if not diff and (not data.exists() or data.stat().st_size != manifest["bytes"]):
         diff = [f"{DATA_FILE} is missing or not the size its manifest says"]
-    if diff:
+    return (None, diff) if diff else (manifest, [])
+
+
+def load(directory: Path, parts: dict[str, Any]) -> tuple[TeacherCache | None, list[str]]:
+    """The complete cache in `directory` when it was made with `parts`, else (None, why not)."""
+    from safetensors.torch import load_file
+
+    manifest, diff = check(directory, parts)
+    if manifest is None:
         return None, diff
+    data = directory / DATA_FILE
     cache = TeacherCache(
         mode=parts["mode"],
         samples=parts["samples"] or 0,
@@ -231,6 +238,20 @@ def write(directory: Path, tensors: dict[str, torch.Tensor], parts: dict[str, An
     return manifest
 
 
+def copy_from_reused_run(ctx: StageContext, directory: Path, parts: dict[str, Any]) -> str | None:
+    """Copy a cache made with `parts` from a run this run reused outputs of (`tas run --reuse teacher=RUN`,
+    then an identical SFT adapter); returns that run's id, or None when none has one."""
+    for source in dict.fromkeys(ctx.run.reused.values()):
+        theirs = ctx.run.path.parent / source / ctx.stage / directory.name
+        manifest, _ = check(theirs, parts)
+        if manifest is not None:
+            (directory / MANIFEST).unlink(missing_ok=True)
+            atomic_write(directory / DATA_FILE, (theirs / DATA_FILE).read_bytes(), key=KEY)
+            atomic_write_json(directory / MANIFEST, manifest, key=KEY)
+            return source
+    return None
+
+
 def assistant_stand_in(name: str):
     """What `build_student` reads of the assistant (config, generation_config) without loading its weights."""
     from transformers import AutoConfig, GenerationConfig
@@ -243,43 +264,51 @@ def assistant_stand_in(name: str):
     return SimpleNamespace(config=AutoConfig.from_pretrained(path), generation_config=generation)
 
 
+def build_and_write(ctx: StageContext, directory: Path, parts, tokenizer, examples, vocab: int, device) -> dict:
+    """Load the tuned assistant, run it once over `examples`, free it, and write the cache; returns the manifest."""
+    kd = ctx.config.train.distillation
+    settings = kd.knowledgedistillation.teacher_cache
+    teacher, _ = load_tuned_assistant(ctx, device)
+    tensors = build(
+        teacher,
+        examples,
+        tokenizer.pad_token_id,
+        vocab,
+        kd.knowledgedistillation.loss.temperature,
+        settings.mode,
+        settings.k if settings.mode == "topk" else settings.samples,
+        batch_size=kd.per_device_train_batch_size,
+        chunk_size=kd.loss_chunk_size,
+        device=device,
+        seed=kd.effective_seed,
+    )
+    rows = embedding_rows(teacher)
+    del teacher  # training never needs it again: its memory goes back before the student is built
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return write(directory, tensors, parts, rows)
+
+
 def prepare_cache(
     ctx: StageContext, tokenizer, examples: list[dict[str, list[int]]], vocab: int, device
 ) -> TeacherCache:
     """The run's cache for `examples` (train, then eval): reused when its fingerprint matches, else built by
     rank 0 (the others wait at a barrier) with the assistant loaded for this pass only, then freed."""
-    kd = ctx.config.train.distillation
-    settings = kd.knowledgedistillation.teacher_cache
+    settings = ctx.config.train.distillation.knowledgedistillation.teacher_cache
     parts = fingerprint(ctx, tokenizer, examples, vocab)
     directory = cache_dir(ctx)
     init_distributed()
     if ctx.is_main:
-        cache, why = load(directory, parts)
-        if cache is None:
-            ctx.events.log(f"teacher cache ({settings.mode}): building in {directory} ({'; '.join(why)})")
-            teacher, _ = load_tuned_assistant(ctx, device)
-            tensors = build(
-                teacher,
-                examples,
-                tokenizer.pad_token_id,
-                vocab,
-                kd.knowledgedistillation.loss.temperature,
-                settings.mode,
-                settings.k if settings.mode == "topk" else settings.samples,
-                batch_size=kd.per_device_train_batch_size,
-                chunk_size=kd.loss_chunk_size,
-                device=device,
-                seed=kd.effective_seed,
-            )
-            rows = embedding_rows(teacher)
-            del teacher
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            manifest = write(directory, tensors, parts, rows)
-            ctx.events.artifact(directory / DATA_FILE, f"teacher cache: {manifest['rows']} answer tokens")
-        else:
+        _, why = check(directory, parts)
+        if not why:
             ctx.events.log(f"teacher cache ({settings.mode}): reused {directory / DATA_FILE} (same fingerprint)")
+        elif (source := copy_from_reused_run(ctx, directory, parts)) is not None:
+            ctx.events.log(f"teacher cache ({settings.mode}): copied from run {source} (same fingerprint)")
+        else:
+            ctx.events.log(f"teacher cache ({settings.mode}): building in {directory} ({'; '.join(why)})")
+            manifest = build_and_write(ctx, directory, parts, tokenizer, examples, vocab, device)
+            ctx.events.artifact(directory / DATA_FILE, f"teacher cache: {manifest['rows']} answer tokens")
     barrier()
     cache, why = load(directory, parts)
     if cache is None:
