@@ -17,6 +17,11 @@ Recipe, top to bottom:
 5. the student (+ tokenizer) saved to `train.distillation.output_dir` as a plain model folder (LoRA
    adapters merged in), which `eval` and the chat load like any checkpoint.
 
+With `train.distillation.knowledgedistillation.teacher_cache.mode` topk or sampled the assistant is not loaded
+to train: one pass of it over the answers writes its sparse distribution under the run (engine/train/
+teacher_cache.py, reused on resume while its fingerprint holds) and the KD term reads that
+(engine.train.kd_loss.sparse_kd_loss).
+
 With `train.distillation.ce_only_control`, the same student (same init, data, steps) is then trained
 with CE only into `<output_dir>_ce`: the control that says whether KD helped. Checkpoints live in
 `<output_dir>/checkpoints`; re-running resumes (a stage stopped during the control keeps the KD student
