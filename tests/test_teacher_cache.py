@@ -67,14 +67,15 @@ def test_sampled_tokens_average_to_the_dense_forward_kl():
     h_s, w_s, h_t, w_t, labels = batch(seed=1)
     dense = float(kd_loss_reference(h_s @ w_s.T, h_t @ w_t.T, labels, weight=1.0, temperature=T).kd_loss)
     g = torch.Generator().manual_seed(0)
-    draws = torch.tensor(
-        [
-            float(sparse_kd_loss(h_s, w_s, *cached_rows(h_t, w_t, labels, "sampled", 4, g), labels, 1.0, T).kd_loss)
-            for _ in range(2000)
-        ]
-    )
+    with torch.no_grad():
+        draws = torch.tensor(
+            [
+                float(sparse_kd_loss(h_s, w_s, *cached_rows(h_t, w_t, labels, "sampled", 4, g), labels, 1.0, T).kd_loss)
+                for _ in range(500)
+            ]
+        )
     error = abs(float(draws.mean()) - dense)
-    assert error < 4 * float(draws.std()) / 2000**0.5 and error < 0.02 * dense, (float(draws.mean()), dense)
+    assert error < 4 * float(draws.std()) / 500**0.5 and error < 0.05 * dense, (float(draws.mean()), dense)
     assert draws.std() > 0  # it is an estimate, not the dense value in disguise
 
 
