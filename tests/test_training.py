@@ -393,3 +393,65 @@ def test_pick_device_fixes_the_cpu_threads_when_the_config_says(monkeypatch):
     cfg.device.cpu_threads = None
     pick_device(cfg)
     assert calls == [2]
+
+
+@pytest.mark.train
+def test_a_cached_teacher_is_built_once_on_two_gloo_ranks_reused_on_resume_rebuilt_when_made_differently(
+    trained, tmp_path, monkeypatch
+):
+    """teacher_cache.mode topk: rank 0 builds the cache while rank 1 waits and both train from it; the stage
+    again (resume, 1 rank) reuses the file and never loads the assistant; a changed k rebuilds it, saying why,
+    and distill trains without loading the assistant beyond the cache's one pass."""
+    from engine.runner import launcher
+    from engine.runner.context import StageContext
+    from engine.store.events import EventWriter
+    from engine.store.runs import RunStore
+    from engine.train import teacher_cache
+
+    from .helpers import wait_for
+
+    cfg, _, root = trained
+    cfg = cfg.model_copy(deep=True)
+    kd = cfg.train.distillation
+    kd.max_steps, kd.logging_steps, kd.ce_only_control = 2, 1, False
+    kd.output_dir = str(tmp_path / "student")
+    kd.knowledgedistillation.teacher_cache.mode = "topk"
+    kd.knowledgedistillation.teacher_cache.k = 8
+    cfg.launch.nproc_per_node, cfg.device.cpu_threads = 2, 1
+    run = RunStore(root / "runs").create(cfg, "test.yaml", workdir=str(root))
+    launcher.start(run, ["distill"])
+    wait_for(lambda: not run.is_live(), timeout=600, interval=1, what="the 2-rank distill to end")
+    events = read_events(run.stage_dir("distill") / "events.jsonl")
+    status = [e for e in events if e["kind"] == "status"][-1]
+    assert status["state"] == "done", (run.stage_dir("distill") / "worker.log").read_text()[-3000:]
+    assert [e["world_size"] for e in events if e.get("state") == "running"] == [2]
+    assert read_events(run.stage_dir("distill") / "events.rank1.jsonl")[-1]["state"] == "done"
+    assert any(e["kind"] == "log" and "teacher cache (topk): building" in e["msg"] for e in events)
+    mass = [e["value"] for e in events if e["kind"] == "metric" and e["name"] == "teacher_cache_mass"]
+    assert len(mass) == 1 and 0 < mass[0] <= 1
+    assert any(e["kind"] == "metric" and e["name"] == "kd_loss" and e["value"] > 0 for e in events)
+    data_file = run.stage_dir("distill") / "teacher_cache" / teacher_cache.DATA_FILE
+    built = data_file.stat().st_mtime_ns
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the assistant was loaded")
+
+    real = teacher_cache.load_tuned_assistant
+    monkeypatch.setattr(distill, "load_tuned_assistant", refuse)
+    monkeypatch.setattr(teacher_cache, "load_tuned_assistant", refuse)
+    cfg.launch.nproc_per_node = 1
+    ctx = StageContext("distill", run, cfg, EventWriter(run.stage_dir("distill") / "events.jsonl"))
+    distill.run(ctx)  # the stage again, as a resume runs it: the cache is reused
+    assert data_file.stat().st_mtime_ns == built
+    assert any(e["kind"] == "log" and "reused" in e["msg"] for e in read_events(ctx.stage_dir / "events.jsonl"))
+
+    monkeypatch.setattr(teacher_cache, "load_tuned_assistant", real)  # the cache pass alone may load it
+    kd.knowledgedistillation.teacher_cache.k = 4
+    kd.max_steps = 1
+    distill.run(ctx)
+    assert data_file.stat().st_mtime_ns != built
+    assert any(
+        e["kind"] == "log" and "building" in e["msg"] and "k 8 -> 4" in e["msg"]
+        for e in read_events(ctx.stage_dir / "events.jsonl")
+    )
+    assert (tmp_path / "student" / "model.safetensors").exists()

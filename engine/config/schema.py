@@ -417,10 +417,44 @@ class OnPolicyConfig(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student's answers.")
 
 
+class TeacherCache(Section):
+    """The cached-teacher mode (engine/train/teacher_cache.py): the assistant runs once over the training
+    answers and distill reads its sparse distribution from a file instead of loading it."""
+
+    mode: Literal["off", "topk", "sampled"] = Field(
+        "off",
+        description="off: the assistant runs beside the student on every batch; topk: its k most likely tokens "
+        "per answer token, renormalised (biased: the tail is dropped); sampled: tokens drawn from it, an "
+        "unbiased estimate of the full KL.",
+    )
+    k: int = Field(64, gt=0, description="Tokens kept per answer token in topk mode.")
+    samples: int = Field(64, gt=0, description="Tokens drawn per answer token in sampled mode.")
+
+
 class KnowledgeDistillation(Section):
     weight: float = Field(0.3, ge=0, le=1, description="w in (1 - w)·CE + w·T²·D (D: loss.divergence).")
     loss: KdLoss = Field(default_factory=KdLoss)
     on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
+    teacher_cache: TeacherCache = Field(default_factory=TeacherCache)
+
+    @model_validator(mode="after")
+    def _cache_supports_forward_kl_only(self) -> KnowledgeDistillation:
+        """A cache holds a sparse teacher distribution of the teacher's answers: forward KL is the divergence
+        estimated from it, and the student's own samples (on_policy) need the live assistant to score them."""
+        divergence = self.loss.divergence
+        if self.teacher_cache.mode != "off" and self.on_policy.lmbda > 0:
+            raise ValueError(
+                "train.distillation.knowledgedistillation.teacher_cache.mode "
+                f"{self.teacher_cache.mode!r} and on_policy.lmbda {self.on_policy.lmbda} do not go together: "
+                "on-policy batches need the live assistant to score the student's samples; set one of them off"
+            )
+        if self.teacher_cache.mode != "off" and divergence != "forward_kl":
+            raise ValueError(
+                f"train.distillation.knowledgedistillation.teacher_cache.mode {self.teacher_cache.mode!r} supports "
+                f"the forward_kl divergence only, not {divergence!r}: set teacher_cache.mode to off or the "
+                "divergence to forward_kl"
+            )
+        return self
 
 
 class DistillationConfig(TrainerSection):
@@ -474,6 +508,17 @@ class DistillationConfig(TrainerSection):
             raise ValueError(
                 "train.distillation.fsdp shards a fully trained student; train.distillation.peft (LoRA) trains "
                 "adapters only: unset one of them"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cache_needs_no_assistant_weights(self) -> DistillationConfig:
+        """assistant_layers copies the assistant's weights, which a cached-teacher distill never loads."""
+        if self.knowledgedistillation.teacher_cache.mode != "off" and self.student_init == "assistant_layers":
+            raise ValueError(
+                "train.distillation.knowledgedistillation.teacher_cache.mode: a cached teacher means distill never "
+                "loads the assistant, so train.distillation.student_init cannot be assistant_layers (use pretrained "
+                "or random, or teacher_cache.mode: off)"
             )
         return self
 

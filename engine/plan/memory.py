@@ -306,15 +306,39 @@ def distill_plan(config: TASConfig, dims_of: DimsOf) -> StagePlan:
             )
         )
     terms.append(Term("student activations" + (" (checkpointed)" if checkpointing else ""), kept, how))
-    terms += _assistant_weights(config, a, trainable_copies=False)
-    copies = _saved_copies(a, config.train.sft.peft.lora.modules_to_save)
-    adapters = lora_params(a, config.train.sft.peft.lora.r, config.train.sft.peft.lora.target_modules)
-    if copies or adapters:
+    note = f"{kd.per_device_train_batch_size} × {length} tokens per rank"
+    cache = kd.knowledgedistillation.teacher_cache
+    if cache.mode == "off":
+        terms += _assistant_weights(config, a, trainable_copies=False)
+        copies = _saved_copies(a, config.train.sft.peft.lora.modules_to_save)
+        adapters = lora_params(a, config.train.sft.peft.lora.r, config.train.sft.peft.lora.target_modules)
+        if copies or adapters:
+            terms.append(
+                Term("assistant's SFT adapter", copies * 2 + adapters * 4, "LoRA (float32) and modules_to_save copies")
+            )
+    else:
+        width = cache.k if cache.mode == "topk" else cache.samples
         terms.append(
-            Term("assistant's SFT adapter", copies * 2 + adapters * 4, "LoRA (float32) and modules_to_save copies")
+            Term(
+                "cached teacher rows of a batch",
+                tokens * width * 12,
+                f"{tokens} tokens × {width} ids, log-probs and weights × 4 B (no assistant weights or forward)",
+            )
         )
+        note += "; " + _cache_note(cache.mode, width)
     terms.append(_kd_working_set(config, s, a, tokens, mixed))
-    return StagePlan("distill", terms, note=f"{kd.per_device_train_batch_size} × {length} tokens per rank")
+    return StagePlan("distill", terms, note=note)
+
+
+def _cache_note(mode: str, width: int) -> str:
+    """The teacher cache's size on disk (and in host RAM while distill trains), per answer token: `width`
+    int32 ids and float32 log-probs (+ int32 counts when sampled) and a float32 mass (engine/train/teacher_cache.py)."""
+    per_token = width * (12 if mode == "sampled" else 8) + 4
+    return (
+        f"the assistant is not loaded to train (teacher_cache.mode {mode}); its cache holds {per_token} B per answer "
+        f"token on disk and in host RAM ({gib(per_token * 1e6)} per million answer tokens), made by one pass of "
+        "the assistant alone before training"
+    )
 
 
 def _kd_working_set(config: TASConfig, s: ModelDims, a: ModelDims, tokens: int, mixed: bool) -> Term:
@@ -324,6 +348,15 @@ def _kd_working_set(config: TASConfig, s: ModelDims, a: ModelDims, tokens: int, 
     kd = config.train.distillation
     t_size = 2 if config.assistant.model.bfloat16 or config.assistant.quantization.load_in_4bit else 4
     chunk = min(kd.loss_chunk_size, tokens)
+    if kd.knowledgedistillation.teacher_cache.mode != "off":  # no teacher hidden states, head or forward
+        return Term(
+            "KD loss chunk",
+            tokens * s.hidden * 4
+            + s.vocab * s.hidden * (4 + (2 if mixed else 0))
+            + chunk * s.vocab * 4 * CHUNK_TENSORS,
+            f"{chunk} positions (train.distillation.loss_chunk_size) × {s.vocab} × 4 B × {CHUNK_TENSORS}, the "
+            "gathered hidden states, one more lm-head gradient",
+        )
     candidates = [
         Term(
             "KD loss chunk",

@@ -17,6 +17,11 @@ Recipe, top to bottom:
 5. the student (+ tokenizer) saved to `train.distillation.output_dir` as a plain model folder (LoRA
    adapters merged in), which `eval` and the chat load like any checkpoint.
 
+With `train.distillation.knowledgedistillation.teacher_cache.mode` topk or sampled the assistant is not loaded
+to train: one pass of it over the answers writes its sparse distribution under the run (engine/train/
+teacher_cache.py, reused on resume while its fingerprint holds) and the KD term reads that
+(engine.train.kd_loss.sparse_kd_loss).
+
 With `train.distillation.ce_only_control`, the same student (same init, data, steps) is then trained
 with CE only into `<output_dir>_ce`: the control that says whether KD helped. Checkpoints live in
 `<output_dir>/checkpoints`; re-running resumes (a stage stopped during the control keeps the KD student
@@ -48,9 +53,11 @@ from engine.train.student import (
     check_vocab_compatibility,
     embedding_rows,
     special_token_differences,
+    token_columns,
     trained_student,
     with_lora,
 )
+from engine.train.teacher_cache import CachedKDCollator, TeacherCache, assistant_stand_in, prepare_cache
 
 
 def run(ctx: StageContext) -> None:
@@ -64,8 +71,14 @@ def run(ctx: StageContext) -> None:
     # 3. data, split as sft split it; read first, so a missing answers file fails before any model loads
     train_pairs, eval_pairs, system = load_split_pairs(ctx)
 
-    # 1. KD teacher (the fine-tuned assistant) and the tokenizer check
-    teacher, tokenizer = load_tuned_assistant(ctx, device)
+    # 1. KD teacher (the fine-tuned assistant) and the tokenizer check; a cached teacher (teacher_cache.mode)
+    # is read from a file made once per run, and the assistant is not loaded for training
+    cached = kd.knowledgedistillation.teacher_cache.mode != "off"
+    if cached:
+        teacher = None
+        tokenizer = load_tokenizer(config.assistant.model.name, key="assistant.model.name", padding_side="right")
+    else:
+        teacher, tokenizer = load_tuned_assistant(ctx, device)
     student_tokenizer = load_tokenizer(config.student.base_model_name, key="student.base_model_name")
     try:
         check_same_tokenizer(tokenizer, student_tokenizer)
@@ -85,6 +98,14 @@ def run(ctx: StageContext) -> None:
         * kd.gradient_accumulation_steps
     )
 
+    cache = None
+    if cached:
+        cache = prepare_cache(ctx, tokenizer, train_set + eval_set, token_columns(tokenizer), device)
+        for row, example in enumerate(train_set + eval_set):
+            example["cache_row"] = row
+    assistant = teacher if teacher is not None else assistant_stand_in(config.assistant.model.name)
+    assistant_rows = embedding_rows(teacher) if teacher is not None else cache.assistant_rows
+
     runs = [(STUDENT_KD.title, STUDENT_KD.output(config), kd.knowledgedistillation.weight, "")]
     if STUDENT_CE.enabled(config):
         runs.append((STUDENT_CE.title, STUDENT_CE.output(config), 0.0, "control/"))
@@ -99,11 +120,9 @@ def run(ctx: StageContext) -> None:
             continue
         # 2. a fresh student, the same one for both runs
         try:
-            student = build_student(config.student, teacher, tokenizer, init=kd.student_init)
+            student = build_student(config.student, assistant, tokenizer, init=kd.student_init)
             # each model's own embedding size: padded vocabularies differ across model sizes
-            vocab = check_vocab_compatibility(
-                tokenizer, student_tokenizer, embedding_rows(teacher), embedding_rows(student)
-            )
+            vocab = check_vocab_compatibility(tokenizer, student_tokenizer, assistant_rows, embedding_rows(student))
             if kd.peft is not None:
                 student = with_lora(student, kd.peft.lora)
         except ValueError as exc:
@@ -130,6 +149,7 @@ def run(ctx: StageContext) -> None:
             device,
             prefix,
             (index, len(runs)),
+            cache,
         )
 
 
@@ -191,8 +211,10 @@ def train_one(
     device: torch.device,
     prefix: str,
     part: tuple[int, int] = (0, 1),
+    cache: TeacherCache | None = None,
 ) -> None:
-    """4 + 5: train one student into output_dir, resuming from its newest checkpoint."""
+    """4 + 5: train one student into output_dir, resuming from its newest checkpoint; with a `cache` the KD
+    term reads the cached teacher (teacher is None) and the CE-only control runs as without one."""
     kd = ctx.config.train.distillation
     checkpoints = output_dir / "checkpoints"
     shared, tracking = trainer_arguments(
@@ -214,7 +236,9 @@ def train_one(
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set if kd.eval_strategy != "no" else None,
-        data_collator=KDCollator(tokenizer.pad_token_id),
+        data_collator=CachedKDCollator(tokenizer.pad_token_id, cache)
+        if cache is not None and weight > 0
+        else KDCollator(tokenizer.pad_token_id),
         callbacks=[EventsCallback(ctx, tokens_per_step, prefix, part), cancel, *tracking],
         kd_teacher=teacher,
         kd_weight=weight,

@@ -483,3 +483,72 @@ def chunked_kd_loss_from_logits(
     chunks = zip(z_student.split(chunk_size), targets.split(chunk_size), rows.split(chunk_size))
     ce_sum, kl_sum = _sum_over_chunks(chunk_sums, chunks, checkpointed)
     return _combine(ce_sum, kl_sum, tokens, weight, temperature, reduction)
+
+
+# ------------------------------------------------------------------------------------ cached teacher
+
+
+def sparse_kd_loss(
+    student_hidden: Tensor,
+    student_lm_head_weight: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_weights: Tensor,
+    labels: Tensor,
+    weight: float,
+    temperature: float,
+    reduction: str = "batchmean",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> KDLossOutput:
+    """The forward-KL loss against a *sparse* teacher: a few (token id, log-prob, weight) per response token.
+
+    What a cached teacher gives (engine/train/teacher_cache.py). teacher_ids, teacher_logprobs and
+    teacher_weights are (N, k), one row per response token in `response_positions(labels)` order; a slot
+    with weight 0 is padding. Per response token the KD term is
+
+        Σ_j w_j · (log p_j - log q_T(id_j))       q_T: the student's softmax at T over all its columns
+
+    and CE, reductions, T² and chunking are `chunked_kd_loss`'s. The two cache modes fill the slots so:
+
+    * top-k: the teacher's k most likely tokens at T, renormalised to their mass m: log p_j = log p_T(id_j)
+      - log m and w_j = p_j. This is the exact KL to the teacher *truncated* to its top k, not to the
+      teacher: the tail (1 - m) is dropped and the kept mass scaled up by 1/m, so the student is pulled
+      toward a sharper distribution than the teacher's (a bias that grows as m falls; the cache logs the
+      mean m). With k = V (m = 1) it equals the dense forward KL.
+    * sampled (Sparse Logit Sampling, Anshumann et al., ACL 2025): S tokens drawn from p_T, each distinct
+      token once with w_j = count_j / S and log p_j = log p_T(id_j) unnormalised. E[count_j / S] = p_T(id_j),
+      so the term and its gradient are unbiased estimates of the dense forward KL's; the variance falls as 1/S.
+    """
+    _check_args(weight, temperature, reduction, chunk_size)
+    _check_positions(student_hidden, None, labels, "hidden states")
+    rows, targets = response_positions(labels)
+    tokens = int(rows.numel())
+    if weight > 0 and teacher_ids.shape[0] != tokens:
+        raise ValueError(
+            f"the cached teacher has {teacher_ids.shape[0]} rows for {tokens} response tokens: the cache was "
+            "made for other data"
+        )
+    if tokens == 0:
+        return _no_tokens(student_hidden, student_lm_head_weight)
+    h_student = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, rows)
+    w_student = student_lm_head_weight
+
+    def chunk_sums(h_s: Tensor, w_s: Tensor, y: Tensor, ids: Tensor | None, lp: Tensor | None, w: Tensor | None):
+        z_s = _as_float(h_s @ w_s.T)
+        ce_sum = F.cross_entropy(z_s, y, reduction="sum")
+        if ids is None:
+            return ce_sum, z_s.new_zeros(())
+        log_q = F.log_softmax(z_s / temperature, dim=-1).gather(1, ids.long())
+        return ce_sum, (_as_float(w) * (_as_float(lp) - log_q)).sum()
+
+    if weight > 0:
+        teacher = zip(
+            teacher_ids.split(chunk_size), teacher_logprobs.split(chunk_size), teacher_weights.split(chunk_size)
+        )
+    else:
+        teacher = itertools.repeat((None, None, None))
+    args = (
+        (h_s, w_student, y, *t) for h_s, y, t in zip(h_student.split(chunk_size), targets.split(chunk_size), teacher)
+    )
+    ce_sum, kl_sum = _sum_over_chunks(chunk_sums, args, _needs_checkpoint(h_student, w_student))
+    return _combine(ce_sum, kl_sum, tokens, weight, temperature, reduction)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from engine.train.kd_loss import FORWARD_KL, Divergence, chunked_kd_loss
+from engine.train.kd_loss import FORWARD_KL, Divergence, chunked_kd_loss, sparse_kd_loss
 from engine.train.on_policy import OnPolicy, generate_answers, response_tokens
 
 BALANCE_FLOOR = 0.01
@@ -163,24 +163,38 @@ class KDTrainer(Trainer):
         # autocast of bf16/fp16 training live there, not in the inner `model.model`
         student_hidden = last_hidden_state(model, inputs)
         student_head = whole_head_weight(self.accelerator.unwrap_model(model))
-        teacher_hidden = teacher_head = None
-        if weight > 0:
-            with torch.no_grad():
-                teacher_hidden = last_hidden_state(self.kd_teacher, inputs)
-            teacher_head = self.kd_teacher.get_output_embeddings().weight
-        out = chunked_kd_loss(
-            student_hidden,
-            student_head,
-            teacher_hidden,
-            teacher_head,
-            labels,
-            weight=weight,
-            temperature=self.temperature,
-            reduction=self.reduction if num_items_in_batch is None else "sum",
-            chunk_size=self.chunk_size,
-            vocab_size=self.vocab_size,
-            divergence=self.divergence,
-        )
+        if "teacher_ids" in inputs:  # a cached teacher (engine/train/teacher_cache.py): its sparse rows
+            out = sparse_kd_loss(
+                student_hidden,
+                student_head,
+                inputs["teacher_ids"],
+                inputs["teacher_logprobs"],
+                inputs["teacher_weights"],
+                labels,
+                weight=weight,
+                temperature=self.temperature,
+                reduction=self.reduction if num_items_in_batch is None else "sum",
+                chunk_size=self.chunk_size,
+            )
+        else:
+            teacher_hidden = teacher_head = None
+            if weight > 0:
+                with torch.no_grad():
+                    teacher_hidden = last_hidden_state(self.kd_teacher, inputs)
+                teacher_head = self.kd_teacher.get_output_embeddings().weight
+            out = chunked_kd_loss(
+                student_hidden,
+                student_head,
+                teacher_hidden,
+                teacher_head,
+                labels,
+                weight=weight,
+                temperature=self.temperature,
+                reduction=self.reduction if num_items_in_batch is None else "sum",
+                chunk_size=self.chunk_size,
+                vocab_size=self.vocab_size,
+                divergence=self.divergence,
+            )
         step_share = self._share_of_step(num_items_in_batch)
         scale = step_share * (share if num_items_in_batch is not None else 1.0)
         loss = out.loss * scale
