@@ -144,3 +144,23 @@ def test_on_policy_steps_run_on_two_gloo_ranks(tmp_path, flags):
     for step in steps:
         assert step["on_policy_share"] == 1.0 and step["on_policy_gen_s"] > 0
         assert step["loss"] == step["loss"] and step["loss"] > 0
+
+
+def test_on_policy_batches_and_a_cached_teacher_refuse_each_other():
+    """The student's own samples need the live assistant to score them; a cache holds the teacher answers'."""
+    import yaml
+
+    from engine.config.errors import ConfigError
+    from engine.config.load import parse_config
+
+    data = yaml.safe_load(TINY_CONFIG.read_text())
+    kd = data["train"]["distillation"]["knowledgedistillation"]
+    kd["on_policy"] = {"lmbda": 0.5}
+    kd["teacher_cache"] = {"mode": "topk"}
+    with pytest.raises(ConfigError, match=r"teacher_cache\.mode 'topk' and on_policy\.lmbda 0\.5 do not go together"):
+        parse_config(yaml.safe_dump(data), source="tiny.yaml")
+    kd["teacher_cache"] = {"mode": "off"}
+    assert (
+        parse_config(yaml.safe_dump(data), source="tiny.yaml").train.distillation.knowledgedistillation.on_policy.lmbda
+        == 0.5
+    )
