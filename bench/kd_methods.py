@@ -69,14 +69,15 @@ def distill_figures(run_dir: Path) -> dict[str, float]:
     return {"seconds": round(done[-1].get("seconds", 0.0), 1), "peak_rss_mib": round(rss / 2**20)}
 
 
-def one(project: Path, run_dir: Path, method: str, seed: int) -> dict[str, float]:
-    """distill + eval of `method` at `seed` in the base run; its KD student's figures."""
+def one(project: Path, run_dir: Path, base: Path, method: str, seed: int) -> dict[str, float]:
+    """distill + eval of `method` at `seed` in the base run (its config: `base`, the run's as the base run
+    froze it, plus the method's keys); its KD student's figures."""
     from engine.config.keys import set_key
     from engine.config.load import load_config
     from engine.pipeline.models import STUDENT_KD
 
     frozen = run_dir / "config.yaml"
-    config = load_config(frozen)
+    config = load_config(base)  # never the previous method's: its keys would carry over
     set_key(config, "train.distillation.ce_only_control", False)
     set_key(config, "eval.include_base_assistant", False)  # the same for every method: scored once, by the base run
     set_key(config, "eval.code.include_teacher", False)
@@ -119,10 +120,12 @@ def main() -> None:
     began = time.perf_counter()
     tas(project, "run", "data", "teacher", "sft", "--config", "configs/tiny.yaml", "--name", "kd-methods")
     run_dir = sorted((project / "runs").iterdir())[-1]
+    base = work / "base-config.yaml"
+    shutil.copy(run_dir / "config.yaml", base)
     runs: dict[str, list[dict]] = {}
     for method in args.methods:
         for seed in args.seeds:
-            runs.setdefault(method, []).append({"seed": seed, **one(project, run_dir, method, seed)})
+            runs.setdefault(method, []).append({"seed": seed, **one(project, run_dir, base, method, seed)})
     table = {
         method: {
             "pass@1": spread([r["pass@1"] for r in rows]),
