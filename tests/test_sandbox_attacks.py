@@ -137,10 +137,11 @@ def eval_code(
     return done.returncode, summary, rows, done.stdout + done.stderr
 
 
-def assert_no_sandbox_processes(within_s: float = 5.0) -> None:
+def assert_no_sandbox_processes(within_s: float = 15.0) -> None:
     """No sandbox process outlives its eval. A leftover is an orphan: the top of its tree of sandbox
     processes has no live eval above it (its parent is init, pid 1). A sandbox with a live eval above it
-    belongs to a run still going on, such as another test's in a parallel pytest worker."""
+    belongs to a run still going on, such as another test's in a parallel pytest worker. The grace covers
+    the kernel's teardown of a killed sandbox's PID namespace on a loaded machine (seen over 5 s at load 10)."""
 
     def is_sandbox(proc: psutil.Process) -> bool:
         try:

@@ -152,13 +152,17 @@ class TASPanel(App):
             await event.pane.build()
 
     async def action_show_tab(self, tab: str) -> None:
-        """Switch tab and focus its first widget (focus left in a hidden pane would switch back)."""
+        """Switch tab and focus its first widget, or the one its content names in `AUTO_FOCUS` (a selector,
+        as on Textual's screens): focus left in a hidden pane would switch back, and a tab's own `on_show`
+        focus may run before or after this, depending on how long the pane took to build."""
         tabbed = self.query_one(TabbedContent)
         tabbed.active = tab
         pane = tabbed.get_pane(tab)
         if isinstance(pane, LazyPane):
             await pane.build()
-        focusable = [w for w in pane.query("*") if w.focusable]
+        named = [getattr(child, "AUTO_FOCUS", None) for child in pane.children]
+        focusable = [w for selector in named if selector for w in pane.query(selector) if w.focusable]
+        focusable = focusable or [w for w in pane.query("*") if w.focusable]
         if focusable:
             focusable[0].focus()
 

@@ -97,6 +97,7 @@ class ChatSaved(Message):
 
 
 class ChatTab(Vertical):
+    AUTO_FOCUS = "#chat-input"  # typing goes to the message box when the tab is switched to (tui.app)
     DEFAULT_CSS = """
     ChatTab {
         height: 1fr;
