@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.tiny_profile import print_result, tas, tiny_project  # noqa: E402  (after the path)
 
 KD = "train.distillation.knowledgedistillation"
 METHODS: dict[str, dict[str, object]] = {
@@ -40,16 +39,6 @@ METHODS: dict[str, dict[str, object]] = {
     "on_policy_0.5": {f"{KD}.on_policy.lmbda": 0.5},
     "cached_topk": {f"{KD}.teacher_cache.mode": "topk"},
 }
-
-
-def tas(project: Path, *args: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", *args],
-        cwd=project,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 def last_attempt(events_file: Path) -> list[dict]:
@@ -112,11 +101,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary project (its path is printed)")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="tas-kd-methods-"))
-    project = work / "project"
-    (project / "configs").mkdir(parents=True)
-    shutil.copy(ROOT / "configs" / "tiny.yaml", project / "configs" / "tiny.yaml")
-    shutil.copy(ROOT / "prompt.yaml", project / "prompt.yaml")
+    work, project = tiny_project("tas-kd-methods-")
     began = time.perf_counter()
     tas(project, "run", "data", "teacher", "sft", "--config", "configs/tiny.yaml", "--name", "kd-methods")
     run_dir = sorted((project / "runs").iterdir())[-1]
@@ -143,14 +128,8 @@ def main() -> None:
         "reference_pass@1": {name: numbers.get("pass@1") for name, numbers in report["models"].items()},
         "problems": report.get("code", {}).get("problems"),
         "bench_seconds": round(time.perf_counter() - began, 1),
-        "cpus": os.cpu_count(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
-    if args.keep:
-        result["project"] = str(project)
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(result, indent=2))
+    print_result(result, work, project, args.keep)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,38 @@ def build_models(into: Path) -> dict[str, float]:
     return times
 
 
+def tiny_project(prefix: str) -> tuple[Path, Path]:
+    """A temporary folder and, inside it, a project made of this checkout's configs/tiny.yaml and prompt.yaml."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    project = work / "project"
+    (project / "configs").mkdir(parents=True)
+    shutil.copy(ROOT / "configs" / "tiny.yaml", project / "configs" / "tiny.yaml")
+    shutil.copy(ROOT / "prompt.yaml", project / "prompt.yaml")
+    return work, project
+
+
+def tas(project: Path, *args: str) -> None:
+    """`tas ARGS` in `project`, quietly; a failure raises."""
+    subprocess.run(
+        [sys.executable, "-m", "engine.cli.main", *args],
+        cwd=project,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def print_result(result: dict, work: Path, project: Path, keep: bool) -> None:
+    """Print the bench's JSON, with the machine's CPUs and load (on a shared machine they explain a slow
+    figure); the temporary project is kept (its path printed) or removed."""
+    result = {**result, "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()]}
+    if keep:
+        result["project"] = str(project)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+
+
 def stage_seconds(run_dir: Path) -> dict[str, float]:
     seconds = {}
     for stage in ("data", "teacher", "sft", "distill", "eval"):
@@ -59,20 +91,10 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary project (its path is printed)")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="tas-tiny-bench-"))
+    work, project = tiny_project("tas-tiny-bench-")
     build = build_models(work / "built") if args.build else None
-    project = work / "project"
-    (project / "configs").mkdir(parents=True)
-    shutil.copy(ROOT / "configs" / "tiny.yaml", project / "configs" / "tiny.yaml")
-    shutil.copy(ROOT / "prompt.yaml", project / "prompt.yaml")
     began = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "engine.cli.main", "run", "all", "--config", "configs/tiny.yaml"],
-        cwd=project,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    tas(project, "run", "all", "--config", "configs/tiny.yaml")
     pipeline = round(time.perf_counter() - began, 1)
     run_dir = sorted((project / "runs").iterdir())[-1]
     report = json.loads((run_dir / "eval" / "report.json").read_text())
@@ -87,14 +109,8 @@ def main() -> None:
             if "kl_to_assistant" in numbers
         },
         "problems": report.get("code", {}).get("problems"),
-        "cpus": os.cpu_count(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
-    if args.keep:
-        result["project"] = str(project)
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(result, indent=2))
+    print_result(result, work, project, args.keep)
 
 
 if __name__ == "__main__":
