@@ -70,7 +70,7 @@ def main() -> None:
     from engine.train.arguments import sharding
     from engine.train.on_policy import OnPolicy
     from engine.train.student import trained_student
-    from tests.helpers import tiny_kd_trainer
+    from tests.helpers import kd_examples, tiny_kd_trainer
     from tests.test_kd_accumulation import ANSWERS
 
     torch.manual_seed(0)
@@ -81,11 +81,7 @@ def main() -> None:
         head = student.get_output_embeddings()
         head.weight = torch.nn.Parameter(head.weight.detach().clone())
         student.config.tie_word_embeddings = False
-    prompt = tokenizer("def f(xs):\n    ")["input_ids"]
-    examples = []
-    for answer in ANSWERS:
-        ids = prompt + tokenizer(answer)["input_ids"]
-        examples.append({"input_ids": ids, "labels": [-100] * len(prompt) + ids[len(prompt) :]})
+    examples = kd_examples(tokenizer, ANSWERS)
 
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     on_policy = None

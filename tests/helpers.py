@@ -111,6 +111,16 @@ def make_context(config, stage: str, root: Path):
     return StageContext(stage, run, config, EventWriter(run.stage_dir(stage) / "events.jsonl"))
 
 
+def kd_examples(tokenizer, answers, prompt: str = "def f(xs):\n    ") -> list[dict[str, list[int]]]:
+    """Tokenized KD examples as the collator takes them: `prompt` then each answer, the answer labelled."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    examples = []
+    for answer in answers:
+        ids = prompt_ids + tokenizer(answer)["input_ids"]
+        examples.append({"input_ids": ids, "labels": [-100] * len(prompt_ids) + ids[len(prompt_ids) :]})
+    return examples
+
+
 def tiny_kd_trainer(output_dir: Path, examples: list[dict], student, teacher, pad_token_id: int, **options: Any):
     """A KDTrainer over `examples` on CPU that saves and reports nothing: the in-process KD step tests build.
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.models.loading import load_causal_lm, load_tokenizer
-from tests.helpers import tiny_kd_trainer
+from tests.helpers import kd_examples, tiny_kd_trainer
 
 ANSWERS = [
     "return a + b",
@@ -32,11 +32,7 @@ def one_step(tmp_path, per_device: int, accumulation: int, kd_weight: float) -> 
     tokenizer = load_tokenizer("tiny:assistant", padding_side="right")
     student = load_causal_lm("tiny:student", dtype=torch.float32)
     teacher = load_causal_lm("tiny:assistant", dtype=torch.float32).eval().requires_grad_(False)
-    examples = []
-    for answer in ANSWERS:
-        prompt = tokenizer("def f(xs):\n    ")["input_ids"]
-        ids = prompt + tokenizer(answer)["input_ids"]
-        examples.append({"input_ids": ids, "labels": [-100] * len(prompt) + ids[len(prompt) :]})
+    examples = kd_examples(tokenizer, ANSWERS)
     trainer = tiny_kd_trainer(
         tmp_path / f"{per_device}x{accumulation}",
         examples,

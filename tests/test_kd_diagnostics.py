@@ -71,15 +71,11 @@ def test_a_kd_step_with_a_chosen_divergence_logs_its_terms_and_their_ratio(tmp_p
 
     from engine.models.loading import load_causal_lm, load_tokenizer
     from engine.train.kd_loss import Divergence
-    from tests.helpers import tiny_kd_trainer
+    from tests.helpers import kd_examples, tiny_kd_trainer
 
     tokenizer = load_tokenizer("tiny:assistant", padding_side="right")
     teacher = load_causal_lm("tiny:assistant", dtype=torch.float32).eval().requires_grad_(False)
-    prompt = tokenizer("def f(xs):\n    ")["input_ids"]
-    examples = []
-    for answer in ("return sorted(xs)", "return xs[::-1]", "return max(xs)", "return len(xs)"):
-        ids = prompt + tokenizer(answer)["input_ids"]
-        examples.append({"input_ids": ids, "labels": [-100] * len(prompt) + ids[len(prompt) :]})
+    examples = kd_examples(tokenizer, ("return sorted(xs)", "return xs[::-1]", "return max(xs)", "return len(xs)"))
     logs = {}
     for name in ("forward_kl", "jsd"):
         torch.manual_seed(0)

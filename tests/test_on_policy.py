@@ -11,7 +11,7 @@ from engine.config.load import load_config
 from engine.train import kd_trainer
 from engine.train.on_policy import OnPolicy, answer_tokens, prompts, response_tokens
 
-from .helpers import TINY_CONFIG, tiny_kd_trainer
+from .helpers import TINY_CONFIG, kd_examples, tiny_kd_trainer
 from .test_fsdp import kd_steps
 
 
@@ -77,10 +77,7 @@ def test_an_on_policy_step_is_the_kd_term_on_the_students_own_answers(tmp_path, 
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in on_policy.stop_ids  # ends where a chat reply does
 
     prompt = tokenizer("def f(xs):\n    ")["input_ids"]
-    examples = []
-    for answer in ANSWERS[:4]:
-        ids = prompt + tokenizer(answer)["input_ids"]
-        examples.append({"input_ids": ids, "labels": [-100] * len(prompt) + ids[len(prompt) :]})
+    examples = kd_examples(tokenizer, ANSWERS[:4])
 
     sampled = []
 
