@@ -163,6 +163,7 @@ class KDTrainer(Trainer):
         # autocast of bf16/fp16 training live there, not in the inner `model.model`
         student_hidden = last_hidden_state(model, inputs)
         student_head = whole_head_weight(self.accelerator.unwrap_model(model))
+        reduction = self.reduction if num_items_in_batch is None else "sum"  # sums: see the class docstring
         if "teacher_ids" in inputs:  # a cached teacher (engine/train/teacher_cache.py): its sparse rows
             out = sparse_kd_loss(
                 student_hidden,
@@ -173,7 +174,7 @@ class KDTrainer(Trainer):
                 labels,
                 weight=weight,
                 temperature=self.temperature,
-                reduction=self.reduction if num_items_in_batch is None else "sum",
+                reduction=reduction,
                 chunk_size=self.chunk_size,
             )
         else:
@@ -190,7 +191,7 @@ class KDTrainer(Trainer):
                 labels,
                 weight=weight,
                 temperature=self.temperature,
-                reduction=self.reduction if num_items_in_batch is None else "sum",
+                reduction=reduction,
                 chunk_size=self.chunk_size,
                 vocab_size=self.vocab_size,
                 divergence=self.divergence,
