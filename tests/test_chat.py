@@ -1044,4 +1044,9 @@ def test_chat_tab_snapshot(project, tmp_path, snap_compare, size):
     from tui.app import TASPanel
 
     app = TASPanel(config_path="configs/tiny.yaml", runs_dir=tmp_path / "runs", gpu_interval=3600)
-    assert snap_compare(app, terminal_size=size, press=["f4"])
+
+    async def show_chat(pilot) -> None:
+        await pilot.press("f4")
+        app.query_one("#chat-input").cursor_blink = False  # a snapshot must not catch the cursor mid-blink
+
+    assert snap_compare(app, terminal_size=size, run_before=show_chat)
